@@ -1,0 +1,510 @@
+"""`whetstone`: the command line. Every command takes --home (default $WHETSTONE_HOME or
+~/.local/share/whetstone) and --set KEY=VALUE to override one config key for this run.
+
+This module never imports torch: the torch-side checks run as subprocesses
+(`python -m production.doctor`, `python -m production.base_model`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import tomllib
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from orchestrator.config import EMBEDDED_MODEL, ConfigError, Settings, load_settings, log_resolved
+
+app = typer.Typer(
+    help="whetstone: a personal LLM that learns from the one person who uses it.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+log = logging.getLogger("whetstone")
+
+HomeOpt = Annotated[
+    Path | None,
+    typer.Option("--home", help="State folder (default: $WHETSTONE_HOME or ~/.local/share/whetstone)."),
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a config key for this run, e.g. --set server.port=9000."),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+    return typer.Exit(code)
+
+
+def parse_sets(items: list[str] | None) -> dict[str, Any]:
+    """Turn ["server.port=9000", "model.preset=gpt-oss-20b"] into nested override dicts."""
+    overrides: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set server.port=9000")
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw  # bare words are strings: --set devices.production=cpu
+        node = overrides
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return overrides
+
+
+def settings_for(home: Path | None, sets: list[str] | None, **flags: Any) -> Settings:
+    overrides = parse_sets(sets)
+    for dotted, value in flags.items():
+        if value is None:
+            continue
+        section, _, key = dotted.partition("__")
+        overrides.setdefault(section, {})[key] = value
+    try:
+        settings = load_settings(home, overrides)
+    except ConfigError as exc:
+        raise _fail(str(exc), 2) from None
+    logging.basicConfig(
+        level=settings.log_level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    log_resolved(settings)
+    return settings
+
+
+def open_store(settings: Settings):  # noqa: ANN201 - data.store imported lazily for speed
+    from data.store import Store, StoreError
+
+    settings.paths.create()
+    try:
+        return Store(settings.db_url)
+    except StoreError as exc:
+        raise _fail(str(exc)) from None
+
+
+def open_registry(settings: Settings):  # noqa: ANN201
+    from candidates.registry import Registry
+
+    return Registry(settings.paths.candidates_dir)
+
+
+def _running_server(settings: Settings) -> dict[str, Any] | None:
+    """The API worker recorded in the home, if it answers /health."""
+    path = settings.paths.server_file
+    if not path.exists():
+        return None
+    try:
+        info = json.loads(path.read_text())
+        import httpx
+
+        httpx.get(f"{info['url']}/health", timeout=2).raise_for_status()
+    except Exception:
+        return None
+    return info
+
+
+def _python() -> str:
+    return sys.executable
+
+
+# --------------------------------------------------------------------------------- doctor
+
+
+@app.command()
+def doctor(
+    home: HomeOpt = None,
+    set_: SetOpt = None,
+    as_json: JsonOpt = False,
+    prepare: Annotated[
+        bool, typer.Option(help="Prepare the embedded default model if it is not yet.")
+    ] = True,
+) -> None:
+    """Check this machine and the home; prepare the embedded default model once."""
+    settings = settings_for(home, set_)
+    paths = settings.paths.create()
+    if prepare and settings.model.base_model == EMBEDDED_MODEL:
+        # Runs in its own process: the conversion imports torch, the orchestrator never does.
+        code = subprocess.call(
+            [_python(), "-m", "production.base_model", "--home", str(paths.root)],
+            stdout=subprocess.DEVNULL,
+        )
+        if code != 0:
+            raise _fail("preparing the embedded default model failed (see above)")
+    probe = subprocess.run(
+        [_python(), "-m", "production.doctor", "--home", str(paths.root)],
+        capture_output=True,
+        text=True,
+    )
+    if probe.returncode != 0:
+        raise _fail(f"the torch probe failed:\n{probe.stderr[-2000:]}")
+    report: dict[str, Any] = json.loads(probe.stdout.strip().splitlines()[-1])
+    report["home"] = str(paths.root)
+    report["config_file"] = str(paths.config_file) if paths.config_file.exists() else None
+    report["model_profile"] = settings.model.model_dump()
+    report["devices"] = settings.devices.model_dump()
+    store = open_store(settings)
+    from data.db import schema_version
+
+    report["database"] = {"url": settings.db_url, "schema_version": schema_version(store.engine)}
+    store.close()
+    if as_json:
+        console.print_json(json.dumps(report))
+        return
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_row("home", report["home"])
+    table.add_row("python", report["python"])
+    table.add_row("torch", f"{report['torch']} (CUDA {report['cuda_version'] or 'none'})")
+    if report["cuda_devices"]:
+        for dev in report["cuda_devices"]:
+            table.add_row(
+                f"cuda:{dev['index']}",
+                f"{dev['name']}: {dev['free_gib']} GiB free of {dev['total_gib']} GiB",
+            )
+    else:
+        table.add_row("GPUs", "none: serving and training run on the CPU")
+    for name, version in report["versions"].items():
+        table.add_row(name, version or "not installed")
+    model = report["model"]
+    table.add_row("model profile", f"{settings.model.preset}: {settings.model.base_model}")
+    if model["loadable"]:
+        took = f" (loads in {model['load_seconds']} s)" if "load_seconds" in model else ""
+        table.add_row("model", f"[green]loadable here[/]{took}: {model.get('path')}")
+    else:
+        table.add_row("model", "[red]cannot load here[/]: " + "; ".join(model["problems"]))
+    table.add_row("database", f"{settings.db_url} (schema {report['database']['schema_version']})")
+    console.print(table)
+    if not model["loadable"]:
+        raise typer.Exit(1)
+
+
+# --------------------------------------------------------------------------------- status
+
+
+def _candidate_rows(settings: Settings) -> list[dict[str, Any]]:
+    registry = open_registry(settings)
+    store = open_store(settings)
+    rows = []
+    try:
+        for cand in registry.list():
+            record = store.get_candidate_record(cand.id)
+            evaluations = store.list_evaluations(cand.id)
+            last_eval = evaluations[-1] if evaluations else None
+            meta = cand.meta
+            rows.append(
+                {
+                    "id": cand.id,
+                    "current": cand.is_current,
+                    "previous": cand.is_previous,
+                    "valid": cand.error is None,
+                    "error": cand.error,
+                    "created_at": meta.created_at.isoformat() if meta else None,
+                    "base_model": meta.base_model if meta else None,
+                    "status": meta.status if meta else None,
+                    "decision": last_eval.decision if last_eval else None,
+                    "rule": last_eval.rule if last_eval else None,
+                    "metrics": (meta.metrics if meta else None) or (record.metrics if record else {}),
+                }
+            )
+    finally:
+        store.close()
+    return rows
+
+
+@app.command()
+def status(home: HomeOpt = None, set_: SetOpt = None, as_json: JsonOpt = False) -> None:
+    """What the home holds now: champion, data counts, last runs, the API worker."""
+    settings = settings_for(home, set_)
+    registry = open_registry(settings)
+    store = open_store(settings)
+    try:
+        server = _running_server(settings)
+        last_run = store.latest_run()
+        promotions = store.list_promotions(limit=1)
+        data: dict[str, Any] = {
+            "home": str(settings.paths.root),
+            "run_state": "running" if server else "stopped",
+            "server": server,
+            "base_model": settings.model.base_model,
+            "current_adapter": registry.current_id(),
+            "previous_adapter": registry.previous_id(),
+            "counts": store.counts(),
+            "last_run": _run_dict(last_run) if last_run else None,
+            "last_promotion": _promotion_dict(promotions[0]) if promotions else None,
+        }
+    finally:
+        store.close()
+    if as_json:
+        console.print_json(json.dumps(data, default=str))
+        return
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_row("home", data["home"])
+    table.add_row("daemon", data["run_state"] + (f" at {server['url']}" if server else ""))
+    table.add_row("base model", data["base_model"])
+    table.add_row("current adapter", data["current_adapter"] or "none (the base model serves)")
+    table.add_row("previous", data["previous_adapter"] or "none")
+    table.add_row("data", ", ".join(f"{k}: {v}" for k, v in data["counts"].items()))
+    run = data["last_run"]
+    table.add_row("last run", f"{run['id']} {run['status']} ({run['profile']})" if run else "none")
+    promo = data["last_promotion"]
+    table.add_row(
+        "last promotion",
+        f"{promo['action']} {promo['candidate_id'] or 'base'} at {promo['created_at']}"
+        if promo
+        else "none",
+    )
+    console.print(table)
+
+
+def _run_dict(run: Any) -> dict[str, Any]:
+    return {
+        k: getattr(run, k)
+        for k in ("id", "status", "profile", "trigger", "reason", "error", "candidate_id")
+    } | {"created_at": str(run.created_at), "progress": run.progress}
+
+
+def _promotion_dict(p: Any) -> dict[str, Any]:
+    return {
+        "action": p.action,
+        "candidate_id": p.candidate_id,
+        "previous_id": p.previous_id,
+        "forced": p.forced,
+        "reason": p.reason,
+        "created_at": str(p.created_at),
+    }
+
+
+@app.command("candidates")
+def candidates_cmd(home: HomeOpt = None, set_: SetOpt = None, as_json: JsonOpt = False) -> None:
+    """List the trained adapters, which one serves, and how each was judged."""
+    settings = settings_for(home, set_)
+    rows = _candidate_rows(settings)
+    if as_json:
+        console.print_json(json.dumps(rows, default=str))
+        return
+    if not rows:
+        console.print("no candidates yet: `whetstone train` makes one")
+        return
+    table = Table("", "id", "created", "status", "decision", "note")
+    for row in rows:
+        mark = "*" if row["current"] else ("p" if row["previous"] else "")
+        note = row["error"] or (row["rule"] or "")
+        table.add_row(
+            mark, row["id"], (row["created_at"] or "")[:19], row["status"] or "invalid",
+            row["decision"] or "-", note,
+        )
+    console.print(table)
+    console.print("* current   p previous")
+
+
+# ------------------------------------------------------------------------- promote/rollback
+
+
+def _notify_worker(settings: Settings) -> str:
+    """Ask a running API worker to load the new `current`; say what happened."""
+    server = _running_server(settings)
+    if server is None:
+        return "no API worker is running; it will load the new adapter when it starts"
+    import httpx
+
+    headers = {}
+    token = settings.bearer_token()
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    try:
+        resp = httpx.post(f"{server['url']}/admin/reload", headers=headers, timeout=120)
+        resp.raise_for_status()
+    except httpx.HTTPError as exc:
+        return f"the API worker at {server['url']} did not reload: {exc}"
+    return f"the API worker at {server['url']} now serves it"
+
+
+@app.command()
+def promote(
+    candidate_id: Annotated[str, typer.Argument(metavar="ID", help="Candidate to make current.")],
+    home: HomeOpt = None,
+    set_: SetOpt = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Promote without a passing evaluation.")
+    ] = False,
+) -> None:
+    """Make a candidate the champion (the old one becomes `previous`)."""
+    from candidates.registry import RegistryError
+
+    settings = settings_for(home, set_)
+    registry = open_registry(settings)
+    store = open_store(settings)
+    try:
+        evaluations = store.list_evaluations(candidate_id) if _valid_id(candidate_id) else []
+        passed = bool(evaluations) and evaluations[-1].decision == "promote"
+        if not passed and not force:
+            why = (
+                f"its last evaluation decided {evaluations[-1].decision!r} ({evaluations[-1].rule})"
+                if evaluations
+                else "it has no evaluation yet"
+            )
+            raise _fail(
+                f"candidate {candidate_id} has not passed the gate: {why}. "
+                f"Run `whetstone eval {candidate_id}`, or use --force to promote it anyway."
+            )
+        try:
+            result = registry.promote(
+                candidate_id, base_model=settings.model.base_model, force=force
+            )
+        except (RegistryError, ValueError) as exc:
+            raise _fail(str(exc)) from None
+        store.record_promotion(
+            action="promote",
+            candidate_id=result.new_current,
+            previous_id=result.previous,
+            forced=force and not passed,
+            reason=None if passed else "forced from the CLI",
+            actor="cli",
+        )
+    finally:
+        store.close()
+    console.print(f"current -> {result.new_current} (previous: {result.previous or 'base model'})")
+    console.print(_notify_worker(settings))
+
+
+def _valid_id(candidate_id: str) -> bool:
+    from candidates.registry import InvalidCandidateId, validate_id
+
+    try:
+        validate_id(candidate_id)
+    except InvalidCandidateId:
+        return False
+    return True
+
+
+@app.command()
+def rollback(home: HomeOpt = None, set_: SetOpt = None) -> None:
+    """Swap back to the previous champion."""
+    from candidates.registry import RegistryError
+
+    settings = settings_for(home, set_)
+    registry = open_registry(settings)
+    try:
+        result = registry.rollback()
+    except RegistryError as exc:
+        raise _fail(str(exc)) from None
+    store = open_store(settings)
+    try:
+        store.record_promotion(
+            action="rollback",
+            candidate_id=result.new_current,
+            previous_id=result.previous,
+            forced=False,
+            reason="rollback from the CLI",
+            actor="cli",
+        )
+    finally:
+        store.close()
+    console.print(f"current -> {result.new_current} (previous: {result.previous})")
+    console.print(_notify_worker(settings))
+
+
+# ---------------------------------------------------------------------------------- export
+
+
+@app.command()
+def export(
+    home: HomeOpt = None,
+    set_: SetOpt = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Folder for sft/dpo/kto .jsonl (default <home>/exports/<time>).")
+    ] = None,
+) -> None:
+    """Write the feedback as TRL-ready JSONL: SFT (messages), DPO (prompt/chosen/rejected), KTO."""
+    from data.exports import export_all
+
+    settings = settings_for(home, set_)
+    target = out or settings.paths.root / "exports" / datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    if target.exists() and not target.is_dir():
+        raise _fail(f"--out {target} exists and is not a folder")
+    store = open_store(settings)
+    try:
+        counts = export_all(store, target)
+    finally:
+        store.close()
+    for kind, n in counts.items():
+        console.print(f"{kind}: {n} rows -> {target / f'{kind}.jsonl'}")
+
+
+# ---------------------------------------------------------- parts that later issues build
+
+
+def _not_yet(what: str, part: str) -> typer.Exit:
+    return _fail(f"`whetstone {what}` needs the {part}, which is not built yet.", 3)
+
+
+@app.command()
+def up(home: HomeOpt = None, set_: SetOpt = None) -> None:
+    """Run the daemon: the API worker, the schedule, promotions (foreground)."""
+    settings_for(home, set_)
+    raise _not_yet("up", "orchestrator daemon (supervisor and schedule)")
+
+
+@app.command()
+def serve(home: HomeOpt = None, set_: SetOpt = None) -> None:
+    """Run the API worker alone in the foreground."""
+    settings_for(home, set_)
+    raise _not_yet("serve", "production serving worker")
+
+
+@app.command()
+def chat(home: HomeOpt = None, set_: SetOpt = None) -> None:
+    """Open the terminal chat."""
+    settings_for(home, set_)
+    raise _not_yet("chat", "terminal UI")
+
+
+@app.command()
+def train(home: HomeOpt = None, set_: SetOpt = None) -> None:
+    """Train a candidate on the feedback so far."""
+    settings_for(home, set_)
+    raise _not_yet("train", "development worker (training)")
+
+
+@app.command("eval")
+def eval_cmd(
+    candidate_id: Annotated[str, typer.Argument(metavar="ID")],
+    home: HomeOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Evaluate a candidate against the champion and the base model."""
+    settings_for(home, set_)
+    raise _not_yet("eval", "development worker (evaluation)")
+
+
+@app.command()
+def report(
+    candidate_id: Annotated[str, typer.Argument(metavar="ID")],
+    home: HomeOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Show a candidate's promotion report."""
+    settings_for(home, set_)
+    raise _not_yet("report", "development worker (reports)")
+
+
+def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    app()
+
+
+if __name__ == "__main__":
+    main()

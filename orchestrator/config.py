@@ -1,0 +1,450 @@
+"""The one settings object every whetstone process reads.
+
+Precedence, lowest to highest: built-in defaults < ``<home>/config.toml`` < ``WHETSTONE_*``
+environment variables (nested keys with ``__``, e.g. ``WHETSTONE_SERVER__PORT=9000``) < CLI
+flags. Unknown keys and out-of-range values are refused at start with a message that names
+the key, the value, where it came from and what is allowed.
+
+This module imports neither torch nor anything heavy: the orchestrator reads it too.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from orchestrator import gpus
+from orchestrator.home import Home, default_home
+
+log = logging.getLogger(__name__)
+
+ENV_PREFIX = "WHETSTONE_"
+EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+
+_toml_path: contextvars.ContextVar[Path | None] = contextvars.ContextVar("toml", default=None)
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the key, the value and the rule."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# Presets fill the model section; any key the user sets explicitly wins over the preset.
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    "smollm2-135m": {
+        "base_model": EMBEDDED_MODEL,
+        "load_in_4bit": False,
+        "max_seq_length": 2048,
+        "chat_format": "plain",
+        "backend": "auto",
+        "min_vram_gb": 1.0,
+    },
+    # The person's real profile: GPT-OSS-20B in 4 bits through Unsloth, as in their notes.
+    "gpt-oss-20b": {
+        "base_model": "unsloth/gpt-oss-20b-unsloth-bnb-4bit",
+        "load_in_4bit": True,
+        "max_seq_length": 2048,
+        "chat_format": "harmony",
+        "backend": "unsloth",
+        "min_vram_gb": 14.0,
+    },
+}
+
+
+class ModelProfile(_Section):
+    """Which base model serves and trains, and how it is loaded."""
+
+    preset: Literal["smollm2-135m", "gpt-oss-20b", "custom"] = Field(
+        "smollm2-135m", description="Named profile that fills the keys below; 'custom' fills none."
+    )
+    base_model: str = Field(
+        EMBEDDED_MODEL,
+        description="'embedded:smollm2-135m-instruct', a local folder, or a hub id already cached.",
+    )
+    load_in_4bit: bool = Field(
+        False, description="QLoRA-style 4-bit weights (bitsandbytes; CUDA only): 1/4 the VRAM."
+    )
+    max_seq_length: int = Field(
+        2048, ge=128, le=131072, description="Longest prompt+answer in tokens; memory grows with it."
+    )
+    chat_format: Literal["plain", "harmony"] = Field(
+        "plain", description="'harmony' parses GPT-OSS analysis/commentary/final channels."
+    )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Weights dtype; auto = bf16 where supported, fp32 on old CPUs."
+    )
+    backend: Literal["auto", "transformers", "unsloth"] = Field(
+        "auto", description="auto = Unsloth on CUDA when installed, else transformers + PEFT."
+    )
+    min_vram_gb: float = Field(
+        1.0, ge=0, description="VRAM `doctor` expects free on a GPU to serve this model."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        preset = data.get("preset", "smollm2-135m")
+        if preset not in MODEL_PRESETS:
+            return data  # the Literal check on `preset` reports it
+        return {**MODEL_PRESETS[preset], **data}
+
+
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+class Devices(_Section):
+    """Where each worker runs. auto: 2+ GPUs -> cuda:0 / cuda:1; one GPU -> both; none -> cpu."""
+
+    production: str = Field("auto", description="Device of the serving worker: auto|cpu|cuda:N.")
+    development: str = Field("auto", description="Device of training jobs: auto|cpu|cuda:N.")
+
+    @field_validator("production", "development")
+    @classmethod
+    def _check_syntax(cls, value: str) -> str:
+        if not _DEVICE.match(value):
+            raise ValueError("allowed are auto, cpu, cuda, cuda:N")
+        return value
+
+
+class Server(_Section):
+    """The production worker's HTTP API."""
+
+    host: str = Field("127.0.0.1", description="Bind address; anything but loopback needs a token.")
+    port: int = Field(8321, ge=1, le=65535, description="TCP port of the OpenAI-compatible API.")
+    token: SecretStr | None = Field(
+        None, description="Bearer token; default: read from <home>/token (mode 0600) if present."
+    )
+    max_queue: int = Field(
+        8, ge=1, le=1024, description="Requests waiting for the model before new ones get 503."
+    )
+
+
+class Lora(_Section):
+    """LoRA adapter shape. Higher rank learns more and forgets more; alpha/r scales updates."""
+
+    r: int = Field(16, ge=1, le=512, description="Rank; 8 is light, 16 is the usual quality pick.")
+    alpha: int = Field(32, ge=1, le=1024, description="Scaling; 2x rank is the common choice.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="0 is fastest (Unsloth's fast path).")
+    target_modules: list[str] = Field(
+        default_factory=lambda: [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ],
+        min_length=1,
+        description="Linear layers that get adapters; all 7 projections learn best.",
+    )
+    use_rslora: bool = Field(False, description="Rank-stabilised scaling; helps at r >= 32.")
+
+
+class TrainingProfile(_Section):
+    """One training budget. Steps x batch x grad_accum is how much the adapter moves."""
+
+    max_steps: int = Field(ge=1, le=100_000, description="Optimizer steps (upper bound).")
+    batch_size: int = Field(ge=1, le=512, description="Rows per device step; VRAM grows with it.")
+    grad_accum: int = Field(1, ge=1, le=512, description="Steps accumulated per optimizer step.")
+    learning_rate: float = Field(gt=0, le=1, description="Peak LR; 2e-4 is typical for LoRA.")
+    lora_r: int | None = Field(None, ge=1, le=512, description="Rank override for this profile.")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of steps spent warming up.")
+
+
+def _default_profiles() -> dict[str, TrainingProfile]:
+    return {
+        # Minutes on a 2-core CPU with the embedded model: for tests and first runs.
+        "quick_test": TrainingProfile(max_steps=40, batch_size=4, learning_rate=3e-4, lora_r=8),
+        # The nightly run on a GPU.
+        "standard": TrainingProfile(max_steps=200, batch_size=4, grad_accum=4, learning_rate=2e-4),
+        # A weekend run: more steps, lower LR.
+        "full": TrainingProfile(max_steps=500, batch_size=4, grad_accum=4, learning_rate=1e-4),
+    }
+
+
+class Training(_Section):
+    """How datasets are built and which profile runs by default."""
+
+    profiles: dict[str, TrainingProfile] = Field(
+        default_factory=_default_profiles, description="Named budgets (quick_test, standard, full)."
+    )
+    default_profile: str = Field("standard", description="Profile `whetstone train` uses.")
+    holdout_fraction: float = Field(
+        0.2, gt=0, lt=1, description="Share of feedback never trained on (judges candidates)."
+    )
+    replay_fraction: float = Field(
+        0.5, ge=0, lt=1, description="Share of rows that replay base answers (against forgetting)."
+    )
+    seed: int = Field(3407, description="Seed for data order and LoRA init.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _merge_profiles(cls, data: Any) -> Any:
+        # A config that tunes one profile keeps the other built-in ones.
+        if isinstance(data, dict) and isinstance(data.get("profiles"), dict):
+            merged: dict[str, Any] = {k: v.model_dump() for k, v in _default_profiles().items()}
+            for name, value in data["profiles"].items():
+                merged[name] = {**merged.get(name, {}), **value} if isinstance(value, dict) else value
+            data = {**data, "profiles": merged}
+        return data
+
+    @field_validator("default_profile")
+    @classmethod
+    def _default_exists(cls, value: str, info: ValidationInfo) -> str:
+        profiles = info.data.get("profiles")
+        if profiles is not None and value not in profiles:
+            raise ValueError(f"not a profile; known: {', '.join(sorted(profiles))}")
+        return value
+
+
+class Schedule(_Section):
+    """When the daemon trains by itself."""
+
+    nightly_cron: str = Field("0 3 * * *", description="Crontab (local time) of the nightly run.")
+    every_n_feedback: int = Field(
+        25, ge=0, description="Quick run after this many new feedback items; 0 turns it off."
+    )
+    min_new_examples: int = Field(
+        8, ge=1, description="Fewer new feedback items than this since the champion: skip."
+    )
+    job_timeout_s: int = Field(4 * 3600, ge=60, description="A training job older is killed.")
+    idle_before_training_s: int = Field(
+        300, ge=0, description="One-GPU boxes: chat idle this long before training starts."
+    )
+
+    @field_validator("nightly_cron")
+    @classmethod
+    def _check_cron(cls, value: str) -> str:
+        if len(value.split()) != 5:
+            raise ValueError("expected 5 crontab fields (minute hour day month weekday): '0 3 * * *'")
+        from apscheduler.triggers.cron import CronTrigger
+
+        try:
+            CronTrigger.from_crontab(value)
+        except ValueError as exc:
+            raise ValueError(f"not a valid crontab: {exc}") from None
+        return value
+
+
+class Gate(_Section):
+    """What a candidate must show before it replaces the champion."""
+
+    min_holdout_items: int = Field(
+        4, ge=1, description="Fewer held-out feedback items than this: no decision, no promotion."
+    )
+    min_win_margin: float = Field(
+        0.02, ge=0, description="Holdout score gain over the champion required to promote."
+    )
+    max_general_nll_increase: float = Field(
+        0.05, ge=0, description="Allowed relative rise of NLL on general probes vs the base."
+    )
+    require_sanity: bool = Field(True, description="Generation sanity checks must all pass.")
+
+
+class Settings(BaseSettings):
+    """Everything configurable. See README 'Configuration' for a sample config.toml."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    home: Path = Field(default_factory=default_home, description="State folder (db, adapters).")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL; default sqlite in the home (WAL mode)."
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Logging.")
+    model: ModelProfile = Field(default_factory=ModelProfile)
+    devices: Devices = Field(default_factory=Devices)
+    server: Server = Field(default_factory=Server)
+    lora: Lora = Field(default_factory=Lora)
+    training: Training = Field(default_factory=Training)
+    schedule: Schedule = Field(default_factory=Schedule)
+    gate: Gate = Field(default_factory=Gate)
+    retention_keep_last: int = Field(
+        5, ge=1, description="Candidates kept besides current and previous."
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        toml_path = _toml_path.get()
+        if toml_path is not None and toml_path.exists():
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
+        return tuple(sources)
+
+    @property
+    def paths(self) -> Home:
+        return Home(self.home)
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.paths.db_file}"
+
+    def profile(self, name: str | None = None) -> TrainingProfile:
+        name = name or self.training.default_profile
+        try:
+            return self.training.profiles[name]
+        except KeyError:
+            known = ", ".join(sorted(self.training.profiles))
+            raise ConfigError(f"unknown training profile {name!r}; known: {known}") from None
+
+    def bearer_token(self) -> str | None:
+        """The API token: from config/env, else the home's token file."""
+        if self.server.token is not None:
+            return self.server.token.get_secret_value()
+        return self.paths.read_token()
+
+    def redacted(self) -> dict[str, Any]:
+        """The resolved config as plain data with secrets hidden, for logs and `status`."""
+        data = self.model_dump(mode="json")
+        if data["server"]["token"] is not None:
+            data["server"]["token"] = "***"
+        return data
+
+
+def _resolve_home(home: Path | str | None) -> Path:
+    if home is not None:
+        return Path(home).expanduser().resolve()
+    env = os.environ.get(f"{ENV_PREFIX}HOME")
+    return Path(env).expanduser().resolve() if env else default_home()
+
+
+def _lookup(data: dict[str, Any], loc: tuple[Any, ...]) -> tuple[bool, Any]:
+    node: Any = data
+    for part in loc:
+        if not isinstance(node, dict) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
+def _describe(
+    exc: ValidationError, overrides: dict[str, Any], toml_data: dict[str, Any], toml_file: Path
+) -> str:
+    lines = ["invalid configuration:"]
+    for err in exc.errors():
+        loc = tuple(str(p) for p in err["loc"])
+        key = ".".join(loc) or "(root)"
+        env_name = ENV_PREFIX + "__".join(loc).upper()
+        found_cli, cli_value = _lookup(overrides, loc)
+        found_toml, toml_value = _lookup(toml_data, loc)
+        if found_cli:
+            where, value = "command line", cli_value
+        elif env_name in os.environ:
+            where, value = f"environment {env_name}", os.environ[env_name]
+        elif found_toml:
+            where, value = str(toml_file), toml_value
+        else:
+            where, value = "defaults", err.get("input")
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (not a whetstone setting; check the spelling)"
+        shown = json.dumps(value, default=str) if not isinstance(value, str) else repr(value)
+        lines.append(f"  {key} = {shown} (from {where}): {msg}")
+    return "\n".join(lines)
+
+
+def load_settings(
+    home: Path | str | None = None,
+    overrides: dict[str, Any] | None = None,
+    *,
+    gpu_count: int | None = None,
+) -> Settings:
+    """Read the home's config.toml, the environment and CLI overrides; validate everything.
+
+    ``overrides`` are nested dicts from CLI flags (e.g. ``{"server": {"port": 9000}}``).
+    ``gpu_count`` defaults to what nvidia-smi reports; a device beyond it is refused.
+    """
+    home_path = _resolve_home(home)
+    toml_file = Home(home_path).config_file
+    toml_data: dict[str, Any] = {}
+    if toml_file.exists():
+        try:
+            toml_data = tomllib.loads(toml_file.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{toml_file} is not valid TOML: {exc}") from None
+        if "home" in toml_data:
+            raise ConfigError(f"{toml_file}: 'home' cannot be set inside the home's own config")
+    _refuse_unknown_env()
+    init = {**(overrides or {}), "home": home_path}
+    token = _toml_path.set(toml_file)
+    try:
+        settings = Settings(**init)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, overrides or {}, toml_data, toml_file)) from None
+    finally:
+        _toml_path.reset(token)
+    check_devices(settings, gpus.count() if gpu_count is None else gpu_count)
+    return settings
+
+
+def _refuse_unknown_env() -> None:
+    # pydantic-settings ignores unknown prefixed variables; a typo there must not pass silently.
+    known = {name.upper() for name in Settings.model_fields}
+    for var in os.environ:
+        if var.startswith(ENV_PREFIX):
+            top = var[len(ENV_PREFIX) :].split("__")[0]
+            if top not in known:
+                raise ConfigError(
+                    f"invalid configuration:\n  environment {var}: unknown key {top.lower()!r}; "
+                    f"known: {', '.join(sorted(k.lower() for k in known))}"
+                )
+
+
+def check_devices(settings: Settings, gpu_count: int) -> None:
+    """Refuse a cuda device this machine does not have, naming the key and what exists."""
+    for name in ("production", "development"):
+        value = getattr(settings.devices, name)
+        if not value.startswith("cuda"):
+            continue
+        index = int(value.split(":")[1]) if ":" in value else 0
+        if index >= gpu_count:
+            have = "no CUDA GPU" if gpu_count == 0 else f"{gpu_count} GPU(s): cuda:0..{gpu_count - 1}"
+            raise ConfigError(
+                f"invalid configuration:\n  devices.{name} = {value!r}: this machine has {have}; "
+                "allowed are auto, cpu" + (", cuda:N for N below the GPU count" if gpu_count else "")
+            )
+
+
+def log_resolved(settings: Settings) -> None:
+    """Log the resolved config once at start, secrets hidden."""
+    log.info("resolved config: %s", json.dumps(settings.redacted(), sort_keys=True))

@@ -1,0 +1,84 @@
+"""The home folder: every piece of whetstone state lives under one path.
+
+    config.toml  whetstone.db  token  candidates/  models/  logs/  run/
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def default_home() -> Path:
+    data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data_home) / "whetstone"
+
+
+@dataclass(frozen=True)
+class Home:
+    root: Path
+
+    @property
+    def config_file(self) -> Path:
+        return self.root / "config.toml"
+
+    @property
+    def db_file(self) -> Path:
+        return self.root / "whetstone.db"
+
+    @property
+    def token_file(self) -> Path:
+        return self.root / "token"
+
+    @property
+    def candidates_dir(self) -> Path:
+        return self.root / "candidates"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.root / "run"
+
+    @property
+    def server_file(self) -> Path:
+        """Where a running API worker records its address, so the CLI and TUI find it."""
+        return self.run_dir / "server.json"
+
+    def create(self) -> Home:
+        for folder in (self.root, self.candidates_dir, self.models_dir, self.logs_dir, self.run_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def read_token(self) -> str | None:
+        if not self.token_file.exists():
+            return None
+        mode = self.token_file.stat().st_mode & 0o777
+        if mode & 0o077:
+            raise PermissionError(
+                f"{self.token_file} is readable by others (mode {mode:o}); run: chmod 600 "
+                f"{self.token_file}"
+            )
+        return self.token_file.read_text().strip() or None
+
+    def ensure_token(self) -> str:
+        """Return the home's bearer token, creating a random one (mode 0600) if absent."""
+        existing = self.read_token()
+        if existing:
+            return existing
+        self.root.mkdir(parents=True, exist_ok=True)
+        token = secrets.token_urlsafe(32)
+        tmp = self.token_file.with_name(f".token.{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(token + "\n")
+        os.replace(tmp, self.token_file)
+        return token

@@ -1,0 +1,132 @@
+"""The torch side of `whetstone doctor`: what this machine can run, as JSON on stdout.
+
+Runs in its own process because the orchestrator never imports torch:
+
+    python -m production.doctor --home ~/.local/share/whetstone
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import importlib.util
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from orchestrator.config import ConfigError, load_settings
+from production import base_model
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def torch_facts() -> dict[str, Any]:
+    import torch
+
+    devices = []
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            free, total = torch.cuda.mem_get_info(index)
+            devices.append(
+                {
+                    "index": index,
+                    "name": torch.cuda.get_device_name(index),
+                    "free_gib": round(free / 2**30, 2),
+                    "total_gib": round(total / 2**30, 2),
+                    "bf16": torch.cuda.is_bf16_supported(),
+                }
+            )
+    return {
+        "torch": torch.__version__,
+        "cuda_available": torch.cuda.is_available(),
+        "cuda_version": torch.version.cuda,
+        "cuda_devices": devices,
+        "cpu_threads": torch.get_num_threads(),
+    }
+
+
+def model_check(settings: Any, facts: dict[str, Any]) -> dict[str, Any]:
+    """Whether the configured model profile can be loaded here, and why not."""
+    profile = settings.model
+    out: dict[str, Any] = {"base_model": profile.base_model, "loadable": False, "problems": []}
+    problems: list[str] = out["problems"]
+    devices = facts["cuda_devices"]
+    if profile.load_in_4bit or profile.backend == "unsloth":
+        if not devices:
+            problems.append(
+                f"preset {profile.preset} needs CUDA (4-bit / Unsloth); no CUDA GPU is visible"
+            )
+        elif max(d["free_gib"] for d in devices) < profile.min_vram_gb:
+            best = max(d["free_gib"] for d in devices)
+            problems.append(
+                f"needs about {profile.min_vram_gb} GiB free VRAM; the best GPU has {best} GiB free"
+            )
+        for dist in ("bitsandbytes",) + (("unsloth",) if profile.backend == "unsloth" else ()):
+            if _version(dist) is None:
+                problems.append(f"{dist} is not installed: pip install -e '.[gpu]'")
+    try:
+        where = base_model.resolve(settings, prepare=False)
+    except base_model.BaseModelError as exc:
+        problems.append(str(exc))
+        return out
+    out["path"] = where
+    if not Path(where).exists():
+        try:
+            from huggingface_hub import snapshot_download
+
+            snapshot_download(where, local_files_only=True)
+        except Exception:
+            problems.append(
+                f"{where!r} is neither a local folder nor in the local hub cache; this machine has "
+                "no hub access: copy the model folder here and set model.base_model to its path"
+            )
+    if problems:
+        return out
+    if Path(where).exists() and not profile.load_in_4bit:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        started = time.monotonic()
+        try:
+            AutoModelForCausalLM.from_pretrained(where, dtype=torch.bfloat16)
+        except Exception as exc:
+            problems.append(f"loading {where} failed: {type(exc).__name__}: {exc}")
+            return out
+        out["load_seconds"] = round(time.monotonic() - started, 2)
+    out["loadable"] = True
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--home", required=True, type=Path)
+    args = parser.parse_args(argv)
+    report: dict[str, Any] = {
+        "python": platform.python_version(),
+        "versions": {
+            d: _version(d)
+            for d in ("transformers", "peft", "trl", "datasets", "accelerate", "unsloth")
+        },
+    }
+    report.update(torch_facts())
+    try:
+        settings = load_settings(args.home)
+    except ConfigError as exc:
+        report["model"] = {"loadable": False, "problems": [str(exc)]}
+    else:
+        report["model"] = model_check(settings, report)
+    report["unsloth_importable"] = importlib.util.find_spec("unsloth") is not None
+    sys.stdout.write(json.dumps(report) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

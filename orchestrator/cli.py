@@ -69,13 +69,12 @@ def parse_sets(items: list[str] | None) -> dict[str, Any]:
 
 
 def settings_for(home: Path | None, sets: list[str] | None, **flags: Any) -> Settings:
-    overrides = parse_sets(sets)
-    for dotted, value in flags.items():
-        if value is None:
-            continue
-        section, _, key = dotted.partition("__")
-        overrides.setdefault(section, {})[key] = value
     try:
+        overrides = parse_sets(sets)
+        for dotted, value in flags.items():
+            if value is not None:
+                section, _, key = dotted.partition("__")
+                overrides.setdefault(section, {})[key] = value
         settings = load_settings(home, overrides)
     except ConfigError as exc:
         raise _fail(str(exc), 2) from None
@@ -342,13 +341,17 @@ def promote(
     ] = False,
 ) -> None:
     """Make a candidate the champion (the old one becomes `previous`)."""
-    from candidates.registry import RegistryError
+    from candidates import RegistryError
 
     settings = settings_for(home, set_)
     registry = open_registry(settings)
     store = open_store(settings)
     try:
-        evaluations = store.list_evaluations(candidate_id) if _valid_id(candidate_id) else []
+        try:
+            registry.validate_id(candidate_id)
+        except RegistryError as exc:
+            raise _fail(str(exc)) from None
+        evaluations = store.list_evaluations(candidate_id)
         passed = bool(evaluations) and evaluations[-1].decision == "promote"
         if not passed and not force:
             why = (
@@ -380,25 +383,15 @@ def promote(
     console.print(_notify_worker(settings))
 
 
-def _valid_id(candidate_id: str) -> bool:
-    from candidates.registry import InvalidCandidateId, validate_id
-
-    try:
-        validate_id(candidate_id)
-    except InvalidCandidateId:
-        return False
-    return True
-
-
 @app.command()
 def rollback(home: HomeOpt = None, set_: SetOpt = None) -> None:
     """Swap back to the previous champion."""
-    from candidates.registry import RegistryError
+    from candidates import RegistryError
 
     settings = settings_for(home, set_)
     registry = open_registry(settings)
     try:
-        result = registry.rollback()
+        result = registry.rollback(base_model=settings.model.base_model)
     except RegistryError as exc:
         raise _fail(str(exc)) from None
     store = open_store(settings)

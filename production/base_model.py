@@ -81,6 +81,24 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_dead_temps(models_dir: Path) -> None:
+    """Drop half-built folders left by a killed preparation (their pid is gone)."""
+    for tmp in models_dir.glob(f".tmp-{EMBEDDED_DIRNAME}-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or not _pid_alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def prepare_embedded(home: Home, *, show_progress: bool = True) -> Path:
     """Convert the embedded GGUF into ``<home>/models/`` once; return the folder.
 
@@ -96,8 +114,8 @@ def prepare_embedded(home: Home, *, show_progress: bool = True) -> Path:
 
     gguf = embedded_gguf_path()
     home.models_dir.mkdir(parents=True, exist_ok=True)
+    _remove_dead_temps(home.models_dir)
     tmp = home.models_dir / f".tmp-{EMBEDDED_DIRNAME}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     started = time.monotonic()
     steps = tqdm(
         total=4,

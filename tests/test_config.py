@@ -1,0 +1,106 @@
+"""Config: precedence, and errors that name the key, the value, the source and the rule."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from orchestrator.config import ConfigError, load_settings
+from tests.conftest import run_cli
+
+
+def write_config(home: Path, text: str) -> None:
+    (home / "config.toml").write_text(text)
+
+
+def test_defaults_are_valid_and_embedded(home: Path) -> None:
+    settings = load_settings(home, gpu_count=0)
+    assert settings.model.base_model == "embedded:smollm2-135m-instruct"
+    assert settings.server.host == "127.0.0.1"
+    assert settings.db_url == f"sqlite:///{home.resolve()}/whetstone.db"
+    assert set(settings.training.profiles) == {"quick_test", "standard", "full"}
+
+
+def test_precedence_toml_then_env_then_cli(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_config(home, "[server]\nport = 9001\nmax_queue = 3\n[lora]\nr = 8\n")
+    assert load_settings(home, gpu_count=0).server.port == 9001
+    monkeypatch.setenv("WHETSTONE_SERVER__PORT", "9002")
+    settings = load_settings(home, gpu_count=0)
+    assert (settings.server.port, settings.server.max_queue, settings.lora.r) == (9002, 3, 8)
+    settings = load_settings(home, {"server": {"port": 9003}}, gpu_count=0)
+    assert (settings.server.port, settings.server.max_queue) == (9003, 3)
+
+
+def test_tuning_one_profile_keeps_the_others(home: Path) -> None:
+    write_config(home, "[training.profiles.quick_test]\nmax_steps = 7\n")
+    profiles = load_settings(home, gpu_count=0).training.profiles
+    assert profiles["quick_test"].max_steps == 7
+    assert profiles["quick_test"].batch_size == 4  # built-in value kept
+    assert profiles["standard"].max_steps == 200
+
+
+def test_gpt_oss_preset_fills_the_model_section_and_explicit_keys_win(home: Path) -> None:
+    write_config(home, '[model]\npreset = "gpt-oss-20b"\nmax_seq_length = 4096\n')
+    model = load_settings(home, gpu_count=0).model
+    assert model.base_model == "unsloth/gpt-oss-20b-unsloth-bnb-4bit"
+    assert (model.chat_format, model.load_in_4bit, model.backend) == ("harmony", True, "unsloth")
+    assert model.max_seq_length == 4096
+
+
+@pytest.mark.parametrize(
+    ("toml", "expected"),
+    [
+        ("[server]\nprot = 3\n", "server.prot = 3 (from {cfg}): unknown key"),
+        ("[server]\nport = 70000\n", "server.port = 70000 (from {cfg}): Input should be less"),
+        (
+            "[training.profiles.quick_test]\nmax_steps = -5\n",
+            "training.profiles.quick_test.max_steps = -5 (from {cfg}): Input should be greater",
+        ),
+        ('[devices]\nproduction = "gpu"\n', "devices.production = 'gpu' (from {cfg}): allowed are"),
+        ('[schedule]\nnightly_cron = "0 25 * * *"\n', "schedule.nightly_cron = '0 25 * * *'"),
+        ('[training]\ndefault_profile = "huge"\n', "training.default_profile = 'huge'"),
+        ("[model]\nchat_format = 'chatml'\n", "model.chat_format = 'chatml'"),
+    ],
+)
+def test_bad_values_name_the_key_value_and_source(home: Path, toml: str, expected: str) -> None:
+    write_config(home, toml)
+    with pytest.raises(ConfigError) as err:
+        load_settings(home, gpu_count=1)
+    assert expected.format(cfg=home.resolve() / "config.toml") in str(err.value)
+
+
+def test_cuda_device_beyond_the_machine_is_refused(home: Path) -> None:
+    with pytest.raises(ConfigError, match=r"devices.development = 'cuda:7': this machine has 1 GPU"):
+        load_settings(home, {"devices": {"development": "cuda:7"}}, gpu_count=1)
+    with pytest.raises(ConfigError, match="devices.production = 'cuda': this machine has no CUDA"):
+        load_settings(home, {"devices": {"production": "cuda"}}, gpu_count=0)
+    ok = load_settings(home, {"devices": {"development": "cuda:1"}}, gpu_count=2)
+    assert ok.devices.development == "cuda:1"
+
+
+def test_env_errors_name_the_variable(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WHETSTONE_SERVER__PORT", "-1")
+    with pytest.raises(ConfigError, match=r"server.port = '-1' \(from environment WHETSTONE_SERVER"):
+        load_settings(home, gpu_count=0)
+    monkeypatch.delenv("WHETSTONE_SERVER__PORT")
+    monkeypatch.setenv("WHETSTONE_SERVR__PORT", "1")
+    with pytest.raises(ConfigError, match="environment WHETSTONE_SERVR__PORT: unknown key 'servr'"):
+        load_settings(home, gpu_count=0)
+
+
+def test_broken_toml_is_refused_with_its_path(home: Path) -> None:
+    write_config(home, "[server\nport = 1\n")
+    with pytest.raises(ConfigError, match="config.toml is not valid TOML"):
+        load_settings(home, gpu_count=0)
+
+
+def test_cli_refuses_bad_config_with_exit_2_and_logs_resolved_config(home: Path) -> None:
+    bad = run_cli("status", "--home", str(home), "--set", "server.port=70000")
+    assert bad.returncode == 2
+    assert "server.port = 70000 (from command line)" in bad.stderr
+    junk = run_cli("status", "--home", str(home), "--set", "nonsense")
+    assert junk.returncode == 2 and "expected KEY=VALUE" in junk.stderr
+    good = run_cli("status", "--home", str(home), "--set", "lora.r=4")
+    assert good.returncode == 0, good.stderr
+    assert "resolved config:" in good.stderr and '"r": 4' in good.stderr

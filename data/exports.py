@@ -1,0 +1,307 @@
+"""Training rows built from the store's feedback, in TRL's conversational formats.
+
+feedback_items() reads every assistant answer with current feedback (forgotten conversations
+hold no messages, so they contribute nothing). The trainer splits its holdout off the items
+by message id, then builds rows from the rest:
+
+    SFT  {"messages": context + [assistant target]}
+    DPO  {"prompt": context, "chosen": [assistant], "rejected": [assistant]}
+    KTO  {"prompt": context, "completion": [assistant], "label": bool}
+
+The ``*_with_ids`` variants pair each row with the message ids it came from, so rows built
+from holdout items can be recognised and kept out.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from itertools import combinations
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+from data.models import Conversation, Feedback, Message
+from data.store import Store
+
+log = logging.getLogger(__name__)
+
+# Answers that did not finish: usable only through a correction, never as a completion.
+INCOMPLETE = ("cut_off", "error")
+
+Row = dict[str, Any]
+RowWithIds = tuple[Row, tuple[str, ...]]
+
+
+@dataclass(frozen=True)
+class FeedbackItem:
+    """One assistant answer with its current (merged) feedback and the context it answered.
+
+    context: the conversation's system prompt if any, then the earlier turns (for each
+    earlier user turn only its latest answer; regenerated alternatives are not context),
+    then the user message answered, always last.
+    """
+
+    message_id: str
+    conversation_id: str
+    prompt_message_id: str  # the user message answered; shared by regenerated answers
+    feedback_id: str
+    context: list[dict[str, str]]
+    answer: str
+    rating: int | None
+    correction: str | None
+    finish_reason: str | None
+    adapter_id: str | None  # which adapter produced the answer; None = the base model
+    created_at: datetime  # of the current feedback
+
+    @property
+    def complete(self) -> bool:
+        """Whether the answer finished, so it may serve as a completion in a row."""
+        return self.finish_reason not in INCOMPLETE and bool(self.answer.strip())
+
+
+def _turn(role: str, content: str) -> dict[str, str]:
+    return {"role": role, "content": content}
+
+
+def _context(
+    conversation: Conversation, messages: Sequence[Message], prompt: Message
+) -> list[dict[str, str]]:
+    earlier = [m for m in messages if m.position < prompt.position]
+    latest_answer: dict[str, Message] = {}
+    for message in earlier:  # position order, so the last one seen is the latest
+        if message.role == "assistant" and message.reply_to_id and message.content.strip():
+            latest_answer[message.reply_to_id] = message
+
+    context = []
+    if conversation.system_prompt:
+        context.append(_turn("system", conversation.system_prompt))
+    for message in earlier:
+        if message.role in ("system", "user"):
+            context.append(_turn(message.role, message.content))
+            if message.id in latest_answer:
+                context.append(_turn("assistant", latest_answer[message.id].content))
+        elif message.reply_to_id is None and message.content.strip():
+            # An answer to no user turn (e.g. a greeting) is still part of what was said.
+            context.append(_turn("assistant", message.content))
+    context.append(_turn("user", prompt.content))
+    return context
+
+
+def _prompt_of(
+    answer: Message, messages: Sequence[Message], by_id: dict[str, Message]
+) -> Message | None:
+    if answer.reply_to_id is not None:
+        return by_id.get(answer.reply_to_id)
+    users = [m for m in messages if m.role == "user" and m.position < answer.position]
+    return users[-1] if users else None
+
+
+def feedback_items(store: Store) -> list[FeedbackItem]:
+    """Every assistant answer with current feedback, oldest conversation first, then by
+    position. Answers cut off or failed (finish_reason cut_off/error) count only when they
+    carry a correction. Forgotten conversations contribute nothing."""
+    with store.read_session() as session:
+        rated = session.execute(
+            select(Feedback, Message, Conversation)
+            .join(Message, Feedback.message_id == Message.id)
+            .join(Conversation, Message.conversation_id == Conversation.id)
+            .where(
+                Feedback.is_current,
+                Message.role == "assistant",
+                Conversation.forgotten_at.is_(None),
+            )
+            .order_by(Conversation.created_at, Conversation.id, Message.position)
+        ).all()
+        with_feedback = (
+            select(Message.conversation_id)
+            .join(Feedback, Feedback.message_id == Message.id)
+            .where(Feedback.is_current)
+        )
+        by_conversation: dict[str, list[Message]] = {}
+        by_id: dict[str, Message] = {}
+        for message in session.scalars(
+            select(Message)
+            .where(Message.conversation_id.in_(with_feedback))
+            .order_by(Message.conversation_id, Message.position)
+        ):
+            by_conversation.setdefault(message.conversation_id, []).append(message)
+            by_id[message.id] = message
+
+    items = []
+    for feedback, answer, conversation in rated:
+        if answer.finish_reason in INCOMPLETE and feedback.correction is None:
+            continue
+        if not answer.content.strip() and feedback.correction is None:
+            continue
+        messages = by_conversation[conversation.id]
+        prompt = _prompt_of(answer, messages, by_id)
+        if prompt is None:
+            log.debug("skipping %s: it answers no user message", answer.id)
+            continue
+        items.append(
+            FeedbackItem(
+                message_id=answer.id,
+                conversation_id=conversation.id,
+                prompt_message_id=prompt.id,
+                feedback_id=feedback.id,
+                context=_context(conversation, messages, prompt),
+                answer=answer.content,
+                rating=feedback.rating,
+                correction=feedback.correction,
+                finish_reason=answer.finish_reason,
+                adapter_id=answer.adapter_id,
+                created_at=feedback.created_at,
+            )
+        )
+    return items
+
+
+def _prompt(item: FeedbackItem) -> list[dict[str, str]]:
+    # Fresh dicts per row: rows must not share (and so co-mutate) the item's context.
+    return [dict(turn) for turn in item.context]
+
+
+def _assistant(text: str) -> list[dict[str, str]]:
+    return [_turn("assistant", text)]
+
+
+def sft_rows_with_ids(items: Iterable[FeedbackItem]) -> list[RowWithIds]:
+    """SFT rows with their source message ids: the correction if there is one, else the
+    answer when rated 4 or 5. Ratings of 3 or less without a correction give no row."""
+    rows: list[RowWithIds] = []
+    for item in items:
+        if item.correction is not None:
+            target = item.correction
+        elif item.rating is not None and item.rating >= 4 and item.complete:
+            target = item.answer
+        else:
+            continue
+        rows.append(({"messages": _prompt(item) + _assistant(target)}, (item.message_id,)))
+    return rows
+
+
+def dpo_rows_with_ids(items: Iterable[FeedbackItem]) -> list[RowWithIds]:
+    """DPO rows with their source message ids (chosen first). First every correction vs
+    its original answer (where they differ), then every pair of answers to the same user
+    message with different ratings, the higher rated chosen."""
+    items = list(items)
+    rows: list[RowWithIds] = []
+    for item in items:
+        if (
+            item.correction is not None
+            and item.complete
+            and item.correction.strip() != item.answer.strip()
+        ):
+            row = {
+                "prompt": _prompt(item),
+                "chosen": _assistant(item.correction),
+                "rejected": _assistant(item.answer),
+            }
+            rows.append((row, (item.message_id,)))
+
+    by_prompt: dict[str, list[FeedbackItem]] = {}
+    for item in items:
+        if item.rating is not None and item.complete:
+            by_prompt.setdefault(item.prompt_message_id, []).append(item)
+    for answers in by_prompt.values():
+        for first, second in combinations(answers, 2):
+            if first.rating == second.rating or first.answer.strip() == second.answer.strip():
+                continue
+            chosen, rejected = (first, second) if first.rating > second.rating else (second, first)
+            row = {
+                "prompt": _prompt(chosen),
+                "chosen": _assistant(chosen.answer),
+                "rejected": _assistant(rejected.answer),
+            }
+            rows.append((row, (chosen.message_id, rejected.message_id)))
+    return rows
+
+
+def kto_rows_with_ids(items: Iterable[FeedbackItem]) -> list[RowWithIds]:
+    """KTO rows with their source message ids: the answer labelled True for ratings 4-5 and
+    False for 1-2 (3 gives no row), and a True row for a correction."""
+    rows: list[RowWithIds] = []
+    for item in items:
+        answer_label = None
+        if item.rating is not None and item.complete and item.rating != 3:
+            answer_label = item.rating >= 4
+            rows.append(
+                (
+                    {
+                        "prompt": _prompt(item),
+                        "completion": _assistant(item.answer),
+                        "label": answer_label,
+                    },
+                    (item.message_id,),
+                )
+            )
+        duplicate = answer_label is True and item.correction == item.answer
+        if item.correction is not None and not duplicate:
+            rows.append(
+                (
+                    {
+                        "prompt": _prompt(item),
+                        "completion": _assistant(item.correction),
+                        "label": True,
+                    },
+                    (item.message_id,),
+                )
+            )
+    return rows
+
+
+def sft_rows(items: Iterable[FeedbackItem]) -> list[Row]:
+    """SFT rows ({"messages"}); see sft_rows_with_ids."""
+    return [row for row, _ in sft_rows_with_ids(items)]
+
+
+def dpo_rows(items: Iterable[FeedbackItem]) -> list[Row]:
+    """DPO rows ({"prompt", "chosen", "rejected"}); see dpo_rows_with_ids."""
+    return [row for row, _ in dpo_rows_with_ids(items)]
+
+
+def kto_rows(items: Iterable[FeedbackItem]) -> list[Row]:
+    """KTO rows ({"prompt", "completion", "label"}); see kto_rows_with_ids."""
+    return [row for row, _ in kto_rows_with_ids(items)]
+
+
+def write_jsonl(rows: Iterable[Row], path: str | os.PathLike[str]) -> int:
+    """Write rows as JSON lines, atomically: a reader sees the old file or the whole new
+    one, never half of it. Returns the number of rows written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    count = 0
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            for row in rows:
+                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+                count += 1
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return count
+
+
+def export_all(store: Store, out_dir: str | os.PathLike[str]) -> dict[str, int]:
+    """Write sft.jsonl, dpo.jsonl and kto.jsonl from all feedback; returns row counts by
+    kind ({"sft": n, "dpo": n, "kto": n})."""
+    out = Path(out_dir)
+    items = feedback_items(store)
+    counts = {
+        "sft": write_jsonl(sft_rows(items), out / "sft.jsonl"),
+        "dpo": write_jsonl(dpo_rows(items), out / "dpo.jsonl"),
+        "kto": write_jsonl(kto_rows(items), out / "kto.jsonl"),
+    }
+    log.info("exported %d feedback items to %s: %s", len(items), out, counts)
+    return counts

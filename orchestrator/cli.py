@@ -15,13 +15,18 @@ import sys
 import tomllib
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from orchestrator.config import EMBEDDED_MODEL, ConfigError, Settings, load_settings, log_resolved
+
+if TYPE_CHECKING:  # imported lazily at run time: `whetstone --help` stays fast
+    from candidates import Registry
+    from data.store import Store
 
 app = typer.Typer(
     help="whetstone: a personal LLM that learns from the one person who uses it.",
@@ -35,7 +40,9 @@ log = logging.getLogger("whetstone")
 
 HomeOpt = Annotated[
     Path | None,
-    typer.Option("--home", help="State folder (default: $WHETSTONE_HOME or ~/.local/share/whetstone)."),
+    typer.Option(
+        "--home", help="State folder (default: $WHETSTONE_HOME or ~/.local/share/whetstone)."
+    ),
 ]
 SetOpt = Annotated[
     list[str] | None,
@@ -45,7 +52,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output."
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -78,15 +85,19 @@ def settings_for(home: Path | None, sets: list[str] | None, **flags: Any) -> Set
         settings = load_settings(home, overrides)
     except ConfigError as exc:
         raise _fail(str(exc), 2) from None
+    # One-shot commands stay quiet: warnings and errors only, unless log_level is DEBUG
+    # (the long-running `serve` and `up` log the resolved config at INFO).
+    quiet = settings.log_level if settings.log_level == "DEBUG" else "WARNING"
     logging.basicConfig(
-        level=settings.log_level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
+        level=quiet, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
     log_resolved(settings)
     return settings
 
 
-def open_store(settings: Settings):  # noqa: ANN201 - data.store imported lazily for speed
-    from data.store import Store, StoreError
+def open_store(settings: Settings) -> Store:
+    from data.errors import StoreError
+    from data.store import Store
 
     settings.paths.create()
     try:
@@ -95,7 +106,7 @@ def open_store(settings: Settings):  # noqa: ANN201 - data.store imported lazily
         raise _fail(str(exc)) from None
 
 
-def open_registry(settings: Settings):  # noqa: ANN201
+def open_registry(settings: Settings) -> Registry:
     from candidates.registry import Registry
 
     return Registry(settings.paths.candidates_dir)
@@ -199,7 +210,12 @@ def _candidate_rows(settings: Settings) -> list[dict[str, Any]]:
     rows = []
     try:
         for cand in registry.list():
-            record = store.get_candidate_record(cand.id)
+            from data.errors import NotFound
+
+            try:
+                record = store.get_candidate_record(cand.id)
+            except NotFound:  # on disk only (copied in by hand): meta.json still describes it
+                record = None
             evaluations = store.list_evaluations(cand.id)
             last_eval = evaluations[-1] if evaluations else None
             meta = cand.meta
@@ -215,7 +231,8 @@ def _candidate_rows(settings: Settings) -> list[dict[str, Any]]:
                     "status": meta.status if meta else None,
                     "decision": last_eval.decision if last_eval else None,
                     "rule": last_eval.rule if last_eval else None,
-                    "metrics": (meta.metrics if meta else None) or (record.metrics if record else {}),
+                    "metrics": (meta.metrics if meta else None)
+                    or (record.metrics if record else {}),
                 }
             )
     finally:
@@ -302,8 +319,12 @@ def candidates_cmd(home: HomeOpt = None, set_: SetOpt = None, as_json: JsonOpt =
         mark = "*" if row["current"] else ("p" if row["previous"] else "")
         note = row["error"] or (row["rule"] or "")
         table.add_row(
-            mark, row["id"], (row["created_at"] or "")[:19], row["status"] or "invalid",
-            row["decision"] or "-", note,
+            mark,
+            row["id"],
+            (row["created_at"] or "")[:19],
+            row["status"] or "invalid",
+            row["decision"] or "-",
+            note,
         )
     console.print(table)
     console.print("* current   p previous")
@@ -418,7 +439,8 @@ def export(
     home: HomeOpt = None,
     set_: SetOpt = None,
     out: Annotated[
-        Path | None, typer.Option(help="Folder for sft/dpo/kto .jsonl (default <home>/exports/<time>).")
+        Path | None,
+        typer.Option(help="Folder for sft/dpo/kto .jsonl (default <home>/exports/<time>)."),
     ] = None,
 ) -> None:
     """Write the feedback as TRL-ready JSONL: SFT (messages), DPO (prompt/chosen/rejected), KTO."""

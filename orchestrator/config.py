@@ -91,7 +91,10 @@ class ModelProfile(_Section):
         False, description="QLoRA-style 4-bit weights (bitsandbytes; CUDA only): 1/4 the VRAM."
     )
     max_seq_length: int = Field(
-        2048, ge=128, le=131072, description="Longest prompt+answer in tokens; memory grows with it."
+        2048,
+        ge=128,
+        le=131072,
+        description="Longest prompt+answer in tokens; memory grows with it.",
     )
     chat_format: Literal["plain", "harmony"] = Field(
         "plain", description="'harmony' parses GPT-OSS analysis/commentary/final channels."
@@ -213,7 +216,9 @@ class Training(_Section):
         if isinstance(data, dict) and isinstance(data.get("profiles"), dict):
             merged: dict[str, Any] = {k: v.model_dump() for k, v in _default_profiles().items()}
             for name, value in data["profiles"].items():
-                merged[name] = {**merged.get(name, {}), **value} if isinstance(value, dict) else value
+                merged[name] = (
+                    {**merged.get(name, {}), **value} if isinstance(value, dict) else value
+                )
             data = {**data, "profiles": merged}
         return data
 
@@ -245,7 +250,9 @@ class Schedule(_Section):
     @classmethod
     def _check_cron(cls, value: str) -> str:
         if len(value.split()) != 5:
-            raise ValueError("expected 5 crontab fields (minute hour day month weekday): '0 3 * * *'")
+            raise ValueError(
+                "expected 5 crontab fields (minute hour day month weekday): '0 3 * * *'"
+            )
         from apscheduler.triggers.cron import CronTrigger
 
         try:
@@ -438,13 +445,17 @@ def check_devices(settings: Settings, gpu_count: int) -> None:
             continue
         index = int(value.split(":")[1]) if ":" in value else 0
         if index >= gpu_count:
-            have = "no CUDA GPU" if gpu_count == 0 else f"{gpu_count} GPU(s): cuda:0..{gpu_count - 1}"
+            have = (
+                "no CUDA GPU" if gpu_count == 0 else f"{gpu_count} GPU(s): cuda:0..{gpu_count - 1}"
+            )
             raise ConfigError(
                 f"invalid configuration:\n  devices.{name} = {value!r}: this machine has {have}; "
-                "allowed are auto, cpu" + (", cuda:N for N below the GPU count" if gpu_count else "")
+                "allowed are auto, cpu"
+                + (", cuda:N for N below the GPU count" if gpu_count else "")
             )
 
 
 def log_resolved(settings: Settings) -> None:
     """Log the resolved config once at start, secrets hidden."""
     log.info("resolved config: %s", json.dumps(settings.redacted(), sort_keys=True))
+    logging.getLogger("alembic").setLevel(logging.WARNING)

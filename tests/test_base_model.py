@@ -33,7 +33,9 @@ def test_unprepared_model_without_prepare_says_what_to_run(home: Path) -> None:
 def test_custom_base_model_folder_without_config_is_refused(home: Path, tmp_path: Path) -> None:
     empty = tmp_path / "not-a-model"
     empty.mkdir()
-    settings = load_settings(home, {"model": {"preset": "custom", "base_model": str(empty)}}, gpu_count=0)
+    settings = load_settings(
+        home, {"model": {"preset": "custom", "base_model": str(empty)}}, gpu_count=0
+    )
     with pytest.raises(base_model.BaseModelError, match="without config.json"):
         base_model.resolve(settings)
 

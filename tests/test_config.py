@@ -71,7 +71,9 @@ def test_bad_values_name_the_key_value_and_source(home: Path, toml: str, expecte
 
 
 def test_cuda_device_beyond_the_machine_is_refused(home: Path) -> None:
-    with pytest.raises(ConfigError, match=r"devices.development = 'cuda:7': this machine has 1 GPU"):
+    with pytest.raises(
+        ConfigError, match=r"devices.development = 'cuda:7': this machine has 1 GPU"
+    ):
         load_settings(home, {"devices": {"development": "cuda:7"}}, gpu_count=1)
     with pytest.raises(ConfigError, match="devices.production = 'cuda': this machine has no CUDA"):
         load_settings(home, {"devices": {"production": "cuda"}}, gpu_count=0)
@@ -81,7 +83,9 @@ def test_cuda_device_beyond_the_machine_is_refused(home: Path) -> None:
 
 def test_env_errors_name_the_variable(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WHETSTONE_SERVER__PORT", "-1")
-    with pytest.raises(ConfigError, match=r"server.port = '-1' \(from environment WHETSTONE_SERVER"):
+    with pytest.raises(
+        ConfigError, match=r"server.port = '-1' \(from environment WHETSTONE_SERVER"
+    ):
         load_settings(home, gpu_count=0)
     monkeypatch.delenv("WHETSTONE_SERVER__PORT")
     monkeypatch.setenv("WHETSTONE_SERVR__PORT", "1")
@@ -101,6 +105,6 @@ def test_cli_refuses_bad_config_with_exit_2_and_logs_resolved_config(home: Path)
     assert "server.port = 70000 (from command line)" in bad.stderr
     junk = run_cli("status", "--home", str(home), "--set", "nonsense")
     assert junk.returncode == 2 and "expected KEY=VALUE" in junk.stderr
-    good = run_cli("status", "--home", str(home), "--set", "lora.r=4")
+    good = run_cli("status", "--home", str(home), "--set", "lora.r=4", "--set", "log_level=DEBUG")
     assert good.returncode == 0, good.stderr
     assert "resolved config:" in good.stderr and '"r": 4' in good.stderr

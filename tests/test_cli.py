@@ -1,0 +1,129 @@
+"""The CLI on a real home: status, candidates, promote/rollback with the audit log, export."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from candidates import Registry
+from data.store import Store
+from tests.conftest import run_cli
+from tests.test_registry import make_meta, write_fake_adapter
+
+BASE = "embedded:smollm2-135m-instruct"
+
+
+def add_candidate(home: Path, candidate_id: str, *, base_model: str = BASE) -> Path:
+    registry = Registry(home / "candidates")
+    return registry.create(make_meta(candidate_id, base_model=base_model), write_fake_adapter).path
+
+
+def cli_json(*args: str) -> object:
+    result = run_cli(*args, "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_status_of_a_fresh_home(home: Path) -> None:
+    data = cli_json("status", "--home", str(home))
+    assert data["run_state"] == "stopped"
+    assert data["current_adapter"] is None
+    assert data["counts"]["conversations"] == 0
+    assert (home / "whetstone.db").exists()
+
+
+def test_promote_needs_the_gate_or_force_and_is_audited(home: Path) -> None:
+    add_candidate(home, "cand-a")
+    add_candidate(home, "cand-b")
+
+    refused = run_cli("promote", "cand-a", "--home", str(home))
+    assert refused.returncode == 1
+    assert "has not passed the gate: it has no evaluation yet" in refused.stderr
+    assert not (home / "candidates" / "current").exists()
+
+    assert run_cli("promote", "cand-a", "--home", str(home), "--force").returncode == 0
+    store = Store(f"sqlite:///{home}/whetstone.db")
+    store.record_evaluation("cand-b", decision="promote", rule="beat champion by 0.05")
+    passed = run_cli("promote", "cand-b", "--home", str(home))
+    assert passed.returncode == 0, passed.stderr
+    assert os.readlink(home / "candidates" / "current") == "cand-b"
+    assert os.readlink(home / "candidates" / "previous") == "cand-a"
+
+    rows = {row["id"]: row for row in cli_json("candidates", "--home", str(home))}
+    assert rows["cand-b"]["current"] and rows["cand-a"]["previous"]
+    assert rows["cand-b"]["decision"] == "promote"
+
+    back = run_cli("rollback", "--home", str(home))
+    assert back.returncode == 0, back.stderr
+    assert os.readlink(home / "candidates" / "current") == "cand-a"
+    log = [(p.action, p.candidate_id, p.forced) for p in reversed(store.list_promotions())]
+    assert log == [
+        ("promote", "cand-a", True),
+        ("promote", "cand-b", False),
+        ("rollback", "cand-a", False),
+    ]
+    status = cli_json("status", "--home", str(home))
+    assert status["current_adapter"] == "cand-a"
+    assert status["last_promotion"]["action"] == "rollback"
+
+
+@pytest.mark.parametrize(
+    ("breakage", "message"),
+    [
+        ("truncate", "truncated"),
+        ("no-config", "adapter_config.json"),
+        ("other-base", "was trained on"),
+    ],
+)
+def test_broken_candidates_are_refused_even_with_force(
+    home: Path, breakage: str, message: str
+) -> None:
+    add_candidate(home, "good")
+    assert run_cli("promote", "good", "--home", str(home), "--force").returncode == 0
+    folder = add_candidate(
+        home, "bad", base_model="some/other-model" if breakage == "other-base" else BASE
+    )
+    if breakage == "truncate":
+        weights = folder / "adapter_model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-10])
+    elif breakage == "no-config":
+        (folder / "adapter_config.json").unlink()
+    result = run_cli("promote", "bad", "--home", str(home), "--force")
+    assert result.returncode == 1
+    assert message in result.stderr
+    assert os.readlink(home / "candidates" / "current") == "good"
+
+
+def test_bad_ids_and_nothing_to_roll_back(home: Path) -> None:
+    traversal = run_cli("promote", "../../etc", "--home", str(home), "--force")
+    assert traversal.returncode == 1 and "invalid candidate id" in traversal.stderr
+    nothing = run_cli("rollback", "--home", str(home))
+    assert nothing.returncode == 1 and "nothing to roll back" in nothing.stderr
+
+
+def test_export_writes_trl_files(home: Path, tmp_path: Path) -> None:
+    store = Store(f"sqlite:///{home}/whetstone.db")
+    conv = store.create_conversation(system_prompt="Be brief.")
+    store.add_message(conv.id, "user", "Where do I live?")
+    answer = store.add_message(conv.id, "assistant", "Paris.", finish_reason="stop")
+    store.add_feedback(answer.id, rating=2, correction="You live in Lyon.")
+    out = tmp_path / "export"
+    result = run_cli("export", "--home", str(home), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    sft = [json.loads(line) for line in (out / "sft.jsonl").read_text().splitlines()]
+    assert sft[0]["messages"][-1] == {"role": "assistant", "content": "You live in Lyon."}
+    dpo = json.loads((out / "dpo.jsonl").read_text().splitlines()[0])
+    assert (
+        dpo["chosen"][0]["content"] == "You live in Lyon."
+        and dpo["rejected"][0]["content"] == "Paris."
+    )
+
+
+@pytest.mark.parametrize("command", [["up"], ["chat"], ["train"], ["eval", "x"], ["report", "x"]])
+def test_parts_not_built_yet_say_so(home: Path, command: list[str]) -> None:
+    result = run_cli(*command, "--home", str(home))
+    assert result.returncode == 3
+    assert "not built yet" in result.stderr

@@ -12,7 +12,6 @@ import logging
 import os
 import subprocess
 import sys
-import tomllib
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -22,7 +21,14 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from orchestrator.config import EMBEDDED_MODEL, ConfigError, Settings, load_settings, log_resolved
+from orchestrator.config import (
+    EMBEDDED_MODEL,
+    ConfigError,
+    Settings,
+    load_settings,
+    log_resolved,
+    parse_sets,
+)
 
 if TYPE_CHECKING:  # imported lazily at run time: `whetstone --help` stays fast
     from candidates import Registry
@@ -54,25 +60,6 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output."
 def _fail(message: str, code: int = 1) -> typer.Exit:
     err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
-
-
-def parse_sets(items: list[str] | None) -> dict[str, Any]:
-    """Turn ["server.port=9000", "model.preset=gpt-oss-20b"] into nested override dicts."""
-    overrides: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set server.port=9000")
-        try:
-            value = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
-            value = raw  # bare words are strings: --set devices.production=cpu
-        node = overrides
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
-    return overrides
 
 
 def settings_for(home: Path | None, sets: list[str] | None, **flags: Any) -> Settings:
@@ -474,10 +461,38 @@ def up(home: HomeOpt = None, set_: SetOpt = None) -> None:
 
 
 @app.command()
-def serve(home: HomeOpt = None, set_: SetOpt = None) -> None:
-    """Run the API worker alone in the foreground."""
-    settings_for(home, set_)
-    raise _not_yet("serve", "production serving worker")
+def serve(
+    home: HomeOpt = None,
+    set_: SetOpt = None,
+    host: Annotated[str | None, typer.Option(help="Bind address (default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="TCP port (default 8321).")] = None,
+) -> None:
+    """Run the API worker alone in the foreground (the daemon starts it the same way)."""
+    from orchestrator import devices, gpus
+
+    settings = settings_for(home, set_, server__host=host, server__port=port)
+    plan = devices.plan(settings, gpus.count())
+    env, inside = devices.worker_env(plan.production)
+    # The worker is a new process image: CUDA_VISIBLE_DEVICES is set before torch loads.
+    argv = [_python(), "-m", "production.server", "--home", str(settings.paths.root)]
+    for item in set_ or []:
+        argv += ["--set", item]
+    if host is not None:
+        argv += ["--host", host]
+    if port is not None:
+        argv += ["--port", str(port)]
+    sys.stdout.flush()
+    os.execve(argv[0], argv, os.environ | env | {"WHETSTONE_WORKER_DEVICE": inside})
+
+
+@app.command()
+def token(home: HomeOpt = None, set_: SetOpt = None) -> None:
+    """Print the API bearer token of this home, creating <home>/token (mode 0600) if absent."""
+    settings = settings_for(home, set_)
+    try:
+        console.print(settings.paths.ensure_token(), highlight=False)
+    except PermissionError as exc:
+        raise _fail(str(exc)) from None
 
 
 @app.command()

@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 ENV_PREFIX = "WHETSTONE_"
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 
+# Set by whetstone for its own processes, not settings.
+INTERNAL_ENV = frozenset({"WHETSTONE_WORKER_DEVICE", "WHETSTONE_TEST_CACHE"})
+
 _toml_path: contextvars.ContextVar[Path | None] = contextvars.ContextVar("toml", default=None)
 
 
@@ -348,6 +351,25 @@ class Settings(BaseSettings):
         return data
 
 
+def parse_sets(items: list[str] | None) -> dict[str, Any]:
+    """Turn ["server.port=9000", "model.preset=gpt-oss-20b"] into nested override dicts."""
+    overrides: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set server.port=9000")
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw  # bare words are strings: --set devices.production=cpu
+        node = overrides
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return overrides
+
+
 def _resolve_home(home: Path | str | None) -> Path:
     if home is not None:
         return Path(home).expanduser().resolve()
@@ -428,7 +450,7 @@ def _refuse_unknown_env() -> None:
     # pydantic-settings ignores unknown prefixed variables; a typo there must not pass silently.
     known = {name.upper() for name in Settings.model_fields}
     for var in os.environ:
-        if var.startswith(ENV_PREFIX):
+        if var.startswith(ENV_PREFIX) and var not in INTERNAL_ENV:
             top = var[len(ENV_PREFIX) :].split("__")[0]
             if top not in known:
                 raise ConfigError(

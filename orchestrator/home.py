@@ -1,6 +1,6 @@
 """The home folder: every piece of whetstone state lives under one path.
 
-    config.toml  whetstone.db  token  candidates/  models/  logs/  run/
+config.toml  whetstone.db  token  candidates/  models/  logs/  run/
 """
 
 from __future__ import annotations
@@ -54,7 +54,13 @@ class Home:
         return self.run_dir / "server.json"
 
     def create(self) -> Home:
-        for folder in (self.root, self.candidates_dir, self.models_dir, self.logs_dir, self.run_dir):
+        for folder in (
+            self.root,
+            self.candidates_dir,
+            self.models_dir,
+            self.logs_dir,
+            self.run_dir,
+        ):
             folder.mkdir(parents=True, exist_ok=True)
         return self
 

@@ -190,10 +190,14 @@ def resolve(settings: Settings, *, prepare: bool = True) -> str:
         if is_prepared(folder):
             return str(folder)
         if not prepare:
-            raise BaseModelError(f"{name} is not prepared yet: run `whetstone doctor --home {home.root}`")
+            raise BaseModelError(
+                f"{name} is not prepared yet: run `whetstone doctor --home {home.root}`"
+            )
         return str(prepare_embedded(home))
     if name.startswith("embedded:"):
-        raise BaseModelError(f"unknown embedded model {name!r}; the one shipped is {EMBEDDED_MODEL}")
+        raise BaseModelError(
+            f"unknown embedded model {name!r}; the one shipped is {EMBEDDED_MODEL}"
+        )
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
@@ -209,7 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        folder = prepare_embedded(Home(args.home.expanduser().resolve()), show_progress=not args.quiet)
+        folder = prepare_embedded(
+            Home(args.home.expanduser().resolve()), show_progress=not args.quiet
+        )
     except BaseModelError as exc:
         log.error("%s", exc)
         return 1

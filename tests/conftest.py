@@ -70,3 +70,75 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300)
         env=full_env,
         cwd=REPO,
     )
+
+
+class ServerProcess:
+    """A real `python -m production.server` on 127.0.0.1, stopped at the end of the test."""
+
+    def __init__(self, home: Path, *args: str, env: dict[str, str] | None = None) -> None:
+        import socket
+        import subprocess
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.home = home
+        self.url = f"http://127.0.0.1:{self.port}"
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("WHETSTONE_")}
+        full_env.update(env or {})
+        self.log = (home / "server-test.log").open("w")
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "production.server",
+                "--home",
+                str(home),
+                "--port",
+                str(self.port),
+                *args,
+            ],
+            cwd=REPO,
+            env=full_env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def wait_ready(self, timeout: float = 120) -> ServerProcess:
+        import time
+
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited {self.proc.returncode}:\n{self.output()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"server not ready in {timeout} s:\n{self.output()}")
+
+    def output(self) -> str:
+        self.log.flush()
+        return (self.home / "server-test.log").read_text()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except Exception:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+@pytest.fixture
+def server(home_with_model: Path):
+    """The API worker on the embedded model in a fresh home."""
+    proc = ServerProcess(home_with_model).wait_ready()
+    yield proc
+    proc.stop()

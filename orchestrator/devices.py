@@ -1,0 +1,47 @@
+"""The device plan: which GPU (or the CPU) each worker gets, decided without torch.
+
+2+ GPUs: production cuda:0, development cuda:1. One GPU: both on it (training waits for
+chat to be idle). No GPU: both on the CPU. Explicit config values win over `auto`.
+
+A worker process is pinned by setting CUDA_VISIBLE_DEVICES *before* torch is imported; inside
+it, its one visible GPU is then `cuda:0`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from orchestrator.config import Settings
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    production: str  # "cpu" or "cuda:N" (N = physical index on this machine)
+    development: str
+    gpu_count: int
+
+    @property
+    def shared_gpu(self) -> bool:
+        return self.production != "cpu" and self.production == self.development
+
+
+def _normalise(value: str) -> str:
+    return "cuda:0" if value == "cuda" else value
+
+
+def plan(settings: Settings, gpu_count: int) -> DevicePlan:
+    production = settings.devices.production
+    development = settings.devices.development
+    if production == "auto":
+        production = "cuda:0" if gpu_count >= 1 else "cpu"
+    if development == "auto":
+        development = "cuda:1" if gpu_count >= 2 else ("cuda:0" if gpu_count == 1 else "cpu")
+    return DevicePlan(_normalise(production), _normalise(development), gpu_count)
+
+
+def worker_env(device: str) -> tuple[dict[str, str], str]:
+    """Environment for a worker on `device`, and the device name to use inside it."""
+    if device == "cpu":
+        return {"CUDA_VISIBLE_DEVICES": ""}, "cpu"
+    index = device.split(":", 1)[1] if ":" in device else "0"
+    return {"CUDA_VISIBLE_DEVICES": index}, "cuda:0"

@@ -1,0 +1,115 @@
+"""Turning generated token ids into what the user sees, one token at a time.
+
+Plain chat models: incremental detokenisation (multi-byte characters split across tokens come
+out whole) that stops at the model's end-of-turn token. Harmony (GPT-OSS): the channel parser
+in `production.harmony` splits analysis from the final answer and does not stop at the
+first `<|end|>`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+
+class Decoded(Protocol):
+    text: str
+    reasoning: str
+
+
+class StreamDecoder(Protocol):
+    done: bool  # the decoder saw the end of the answer and generation should stop
+    stopped_on_eos: bool  # a stop token ended the answer
+
+    def feed(self, token: int) -> Any: ...
+    def flush(self) -> Any: ...
+
+
+def _delta(text: str = "", reasoning: str = "") -> Any:
+    from production.engine import Delta
+
+    return Delta(text=text, reasoning=reasoning)
+
+
+class PlainDecoder:
+    """Incremental detokenisation with a moving window (as TGI and vLLM do it)."""
+
+    def __init__(self, tokenizer: Any, stop_ids: list[int]) -> None:
+        self.tokenizer = tokenizer
+        self.stop_ids = set(stop_ids)
+        self.ids: list[int] = []
+        self.prefix_offset = 0
+        self.read_offset = 0
+        self.done = False
+        self.stopped_on_eos = False
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def feed(self, token: int) -> Any:
+        if self.done:
+            return _delta()
+        if token in self.stop_ids:
+            self.stopped_on_eos = True
+            self.done = True
+            return self.flush()
+        self.ids.append(token)
+        before = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        after = self._decode(self.ids[self.prefix_offset :])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            return _delta(text=after[len(before) :])
+        return _delta()
+
+    def flush(self) -> Any:
+        before = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        after = self._decode(self.ids[self.prefix_offset :])
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return _delta(text=after[len(before) :]) if len(after) > len(before) else _delta()
+
+
+class HarmonyDecoder:
+    """Final channel -> text; analysis (and commentary) -> reasoning, kept for the record."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        from production.harmony import HarmonyStreamParser
+
+        self.parser = HarmonyStreamParser(tokenizer)
+        self.done = False
+        self.stopped_on_eos = False
+
+    def _convert(self, events: list[Any]) -> Any:
+        from production.harmony import Stop, TextDelta
+
+        text, reasoning = [], []
+        for event in events:
+            if isinstance(event, TextDelta):
+                (text if event.channel == "final" else reasoning).append(event.text)
+            elif isinstance(event, Stop):
+                self.done = True
+                self.stopped_on_eos = True
+        return _delta(text="".join(text), reasoning="".join(reasoning))
+
+    def feed(self, token: int) -> Any:
+        return self._convert(self.parser.feed(token))
+
+    def flush(self) -> Any:
+        flush = getattr(self.parser, "flush", None)
+        return self._convert(flush()) if flush else _delta()
+
+
+def stop_token_ids(tokenizer: Any, chat_format: str) -> list[int]:
+    if chat_format == "harmony":
+        from production.harmony import stop_token_ids as harmony_stops
+
+        return harmony_stops(tokenizer)
+    ids = [tokenizer.eos_token_id]
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id and im_end not in ids:
+        ids.append(im_end)
+    return [i for i in ids if i is not None]
+
+
+def make_decoder(tokenizer: Any, chat_format: str) -> StreamDecoder:
+    if chat_format == "harmony":
+        return HarmonyDecoder(tokenizer)
+    return PlainDecoder(tokenizer, stop_token_ids(tokenizer, chat_format))

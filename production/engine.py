@@ -1,0 +1,330 @@
+"""The model behind the API: one base model, LoRA adapters beside it, one generation at a time.
+
+Two loaders behind one small interface: transformers + PEFT (CPU or CUDA) and Unsloth's
+FastLanguageModel (CUDA, 4-bit) when the `gpu` extra is installed. Adapters are PEFT adapters
+either way, so a hot swap is: load the new adapter under its own name beside the old one,
+switch the active adapter between two generations, delete the old one.
+
+All methods except `prompt_ids`/`count` must be called from the one generation thread
+(`production.worker`); that thread is what makes "between requests" well defined.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
+from transformers.generation.streamers import BaseStreamer
+
+from orchestrator.config import Settings
+from production import base_model
+from production.decoding import make_decoder, stop_token_ids
+
+log = logging.getLogger(__name__)
+
+
+class AdapterLoadError(RuntimeError):
+    """An adapter folder could not be loaded onto the base model; the old one keeps serving."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Per-request sampling; None means the model's recommended default."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    max_tokens: int = 512
+    seed: int | None = None
+
+
+@dataclass
+class Delta:
+    """What one generated token added for the user (text) and for the record (reasoning)."""
+
+    text: str = ""
+    reasoning: str = ""
+
+
+@dataclass
+class Outcome:
+    text: str
+    reasoning: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # stop | length | cancelled
+    adapter_id: str | None
+    ttft_s: float | None
+    seconds: float
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+def pick_dtype(name: str, device: str) -> torch.dtype:
+    if name != "auto":
+        return getattr(torch, name)
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16  # measured fine on CPU with SmolLM2 (~19 tok/s on 2 cores)
+
+
+class _TokenSink(BaseStreamer):
+    """generate() calls put() with the prompt first, then each new token."""
+
+    def __init__(self, on_token: Callable[[int], None]) -> None:
+        self.on_token = on_token
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        for token in value.reshape(-1).tolist():
+            self.on_token(int(token))
+
+    def end(self) -> None:
+        pass
+
+
+class _StopWhen(StoppingCriteria):
+    def __init__(self, should_stop: Callable[[], bool]) -> None:
+        self.should_stop = should_stop
+
+    def __call__(
+        self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any
+    ) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.should_stop(), dtype=torch.bool)
+
+
+class Engine:
+    """Base model + named PEFT adapters on one device."""
+
+    def __init__(self, settings: Settings, device: str = "cpu") -> None:
+        self.settings = settings
+        self.device = device
+        self.chat_format = settings.model.chat_format
+        self.base_model_name = settings.model.base_model
+        path = base_model.resolve(settings)
+        started = time.monotonic()
+        self.backend = self._choose_backend(settings, device)
+        if self.backend == "unsloth":
+            from unsloth import FastLanguageModel
+
+            self.model, self.tokenizer = FastLanguageModel.from_pretrained(
+                model_name=path,
+                max_seq_length=settings.model.max_seq_length,
+                load_in_4bit=settings.model.load_in_4bit,
+                dtype=None,
+            )
+            FastLanguageModel.for_inference(self.model)
+        else:
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            kwargs: dict[str, Any] = {"dtype": pick_dtype(settings.model.dtype, device)}
+            if settings.model.load_in_4bit:
+                from transformers import BitsAndBytesConfig
+
+                kwargs["quantization_config"] = BitsAndBytesConfig(
+                    load_in_4bit=True, bnb_4bit_compute_dtype=kwargs["dtype"]
+                )
+                kwargs["device_map"] = {"": device}
+            self.model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+            if not settings.model.load_in_4bit:
+                self.model.to(device)
+        self.model.eval()
+        self.base = self.model
+        self.generation_defaults = self.model.generation_config
+        self.stop_ids = stop_token_ids(self.tokenizer, self.chat_format)
+        self.context_window = min(
+            settings.model.max_seq_length,
+            getattr(self.model.config, "max_position_embeddings", settings.model.max_seq_length),
+        )
+        self.adapter_id: str | None = None
+        self.adapter_loaded_at: datetime = datetime.now(UTC)
+        self.loaded: set[str] = set()
+        log.info(
+            "loaded %s (%s backend) on %s in %.1f s",
+            self.base_model_name,
+            self.backend,
+            device,
+            time.monotonic() - started,
+        )
+
+    @staticmethod
+    def _choose_backend(settings: Settings, device: str) -> str:
+        wanted = settings.model.backend
+        if wanted == "transformers" or not device.startswith("cuda"):
+            if wanted == "unsloth":
+                raise RuntimeError("model.backend = 'unsloth' needs a CUDA device")
+            return "transformers"
+        import importlib.util
+
+        has_unsloth = importlib.util.find_spec("unsloth") is not None
+        if wanted == "unsloth" and not has_unsloth:
+            raise RuntimeError("model.backend = 'unsloth' but unsloth is not installed: .[gpu]")
+        return "unsloth" if has_unsloth else "transformers"
+
+    # ------------------------------------------------------------------ prompts
+
+    def prompt_ids(self, messages: list[dict[str, str]], reasoning_effort: str | None) -> list[int]:
+        kwargs: dict[str, Any] = {}
+        if self.chat_format == "harmony":
+            kwargs["reasoning_effort"] = reasoning_effort or "medium"
+        ids = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=False, **kwargs
+        )
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return list(ids)
+
+    def count(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    # ----------------------------------------------------------------- adapters
+
+    def load_adapter(self, adapter_id: str, folder: Path) -> None:
+        """Load an adapter beside the active one (does not switch to it)."""
+        if adapter_id in self.loaded:
+            return
+        from peft import PeftModel
+
+        try:
+            if isinstance(self.model, PeftModel):
+                self.model.load_adapter(str(folder), adapter_name=adapter_id, is_trainable=False)
+            else:
+                self.model = PeftModel.from_pretrained(
+                    self.base, str(folder), adapter_name=adapter_id, is_trainable=False
+                )
+        except Exception as exc:
+            if isinstance(self.model, PeftModel) and adapter_id in self.model.peft_config:
+                self.model.delete_adapter(adapter_id)
+            raise AdapterLoadError(
+                f"adapter {adapter_id} at {folder} does not load onto {self.base_model_name}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        self.model.eval()
+        self.loaded.add(adapter_id)
+
+    def activate(self, adapter_id: str | None) -> None:
+        if adapter_id is not None:
+            if adapter_id not in self.loaded:
+                raise AdapterLoadError(f"adapter {adapter_id} is not loaded")
+            self.model.set_adapter(adapter_id)
+        self.adapter_id = adapter_id
+        self.adapter_loaded_at = datetime.now(UTC)
+
+    def unload_adapter(self, adapter_id: str) -> None:
+        if adapter_id not in self.loaded or adapter_id == self.adapter_id:
+            return
+        self.model.delete_adapter(adapter_id)
+        self.loaded.discard(adapter_id)
+
+    # --------------------------------------------------------------- generation
+
+    def _generation_kwargs(self, sampling: Sampling) -> dict[str, Any]:
+        cfg = self.generation_defaults
+        temperature = sampling.temperature
+        if temperature is None:
+            temperature = cfg.temperature if cfg.do_sample else 0.0
+        kwargs: dict[str, Any] = {"max_new_tokens": sampling.max_tokens}
+        if temperature == 0:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        else:
+            kwargs.update(
+                do_sample=True,
+                temperature=temperature,
+                top_p=sampling.top_p if sampling.top_p is not None else cfg.top_p,
+                top_k=sampling.top_k if sampling.top_k is not None else cfg.top_k,
+            )
+        return kwargs
+
+    def resolved_settings(self, sampling: Sampling) -> dict[str, Any]:
+        kwargs = self._generation_kwargs(sampling)
+        return {
+            "temperature": kwargs["temperature"] if kwargs["do_sample"] else 0.0,
+            "top_p": kwargs.get("top_p"),
+            "top_k": kwargs.get("top_k"),
+            "max_tokens": sampling.max_tokens,
+            "seed": sampling.seed,
+        }
+
+    def stream(
+        self,
+        prompt: list[int],
+        sampling: Sampling,
+        on_delta: Callable[[Delta], None],
+        cancelled: Callable[[], bool],
+    ) -> Outcome:
+        """Generate for one request, calling on_delta per token; runs in the worker thread."""
+        decoder = make_decoder(self.tokenizer, self.chat_format)
+        started = time.monotonic()
+        first: list[float] = []
+        produced = 0
+        text: list[str] = []
+        reasoning: list[str] = []
+
+        def on_token(token: int) -> None:
+            nonlocal produced
+            produced += 1
+            if not first:
+                first.append(time.monotonic() - started)
+            delta = decoder.feed(token)
+            if delta.text or delta.reasoning:
+                text.append(delta.text)
+                reasoning.append(delta.reasoning)
+                on_delta(delta)
+
+        if sampling.seed is not None:
+            torch.manual_seed(sampling.seed)
+        input_ids = torch.tensor([prompt], device=self.device)
+        kwargs = self._generation_kwargs(sampling)
+        stop_now = StoppingCriteriaList([_StopWhen(lambda: cancelled() or decoder.done)])
+        with torch.inference_mode(), self._adapter_context():
+            self.model.generate(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                eos_token_id=self.stop_ids,
+                pad_token_id=self.tokenizer.pad_token_id or self.stop_ids[0],
+                streamer=_TokenSink(on_token),
+                stopping_criteria=stop_now,
+                **kwargs,
+            )
+        tail = decoder.flush()
+        if tail.text or tail.reasoning:
+            text.append(tail.text)
+            reasoning.append(tail.reasoning)
+            on_delta(tail)
+        if cancelled():
+            finish = "cancelled"
+        elif decoder.done or decoder.stopped_on_eos:
+            finish = "stop"
+        else:
+            finish = "length" if produced >= sampling.max_tokens else "stop"
+        return Outcome(
+            text="".join(text),
+            reasoning="".join(reasoning),
+            prompt_tokens=len(prompt),
+            completion_tokens=produced,
+            finish_reason=finish,
+            adapter_id=self.adapter_id,
+            ttft_s=first[0] if first else None,
+            seconds=time.monotonic() - started,
+            settings=self.resolved_settings(sampling),
+        )
+
+    def _adapter_context(self) -> Any:
+        from contextlib import nullcontext
+
+        if self.adapter_id is None and self.model is not self.base:
+            return self.model.disable_adapter()
+        return nullcontext()

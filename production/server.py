@@ -1,0 +1,849 @@
+"""The API worker: an OpenAI-compatible chat API over the base model + the current adapter.
+
+    python -m production.server --home ~/.local/share/whetstone [--host 127.0.0.1] [--port 8321]
+
+`whetstone serve` runs exactly this, with CUDA_VISIBLE_DEVICES set for the production device
+before torch is imported. Every exchange is stored: the user turn and an answer placeholder
+before generation starts, the answer as it streams (flushed every second) and when it ends;
+an answer cut short by a disconnect or a dead worker is kept and marked `cut_off`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import json
+import logging
+import os
+import secrets
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from candidates import Registry, RegistryError
+from data.errors import Gone, InvalidInput, NotFound, StoreError
+from data.store import Store
+from orchestrator.config import ConfigError, Settings, load_settings, parse_sets
+
+if TYPE_CHECKING:
+    from production.engine import Outcome
+    from production.worker import Worker
+
+log = logging.getLogger(__name__)
+
+FLUSH_EVERY_S = 1.0
+WATCH_EVERY_S = 1.0
+RECENT_CONVERSATIONS = 50
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, *, param: str | None = None, **headers: str):
+        super().__init__(message)
+        self.status, self.message, self.param, self.headers = status, message, param, headers
+
+
+# ------------------------------------------------------------------------ request bodies
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart]
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
+class ChatRequest(BaseModel):
+    # Unknown OpenAI parameters (user, logprobs, ...) are ignored, as other servers do.
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    seed: int | None = None
+    n: int | None = Field(None, ge=1, le=1)
+    reasoning_effort: Literal["low", "medium", "high"] | None = None
+    include_reasoning: bool = False
+    conversation_id: str | None = None
+    regenerate: bool = False
+
+    @field_validator("messages")
+    @classmethod
+    def _shape(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
+        for index, message in enumerate(messages):
+            if message.role in ("system", "developer") and index != 0:
+                raise ValueError(f"messages[{index}]: a system message may only come first")
+        if messages[-1].role != "user":
+            raise ValueError("the last message must be the user's (role 'user')")
+        return messages
+
+
+class FeedbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    message_id: str
+    # Kept as sent: the store's validation names what is wrong with each value.
+    rating: Any = None
+    correction: Any = None
+    comment: Any = None
+
+
+class ConversationPatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    title: str | None = None
+    system_prompt: str | None = None
+    reasoning_effort: Literal["low", "medium", "high"] | None = None
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _error_body(message: str, status: int, param: str | None = None) -> dict[str, Any]:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
+
+
+def _turns(messages: list[ChatMessage]) -> tuple[str | None, list[dict[str, str]]]:
+    system = messages[0].text() if messages[0].role in ("system", "developer") else None
+    body = messages[1:] if system is not None else messages
+    return system, [{"role": m.role, "content": m.text()} for m in body]
+
+
+def _active_path(conversation: Any) -> list[dict[str, str]]:
+    """The conversation as a client sees it: each user turn and its latest answer."""
+    latest_answer: dict[str, Any] = {}
+    for m in conversation.messages:
+        if m.role == "assistant" and m.finish_reason is not None:
+            latest_answer[m.reply_to_id] = m
+    path = []
+    for m in conversation.messages:
+        if m.role == "user":
+            path.append({"role": "user", "content": m.content})
+            if m.id in latest_answer:
+                path.append({"role": "assistant", "content": latest_answer[m.id].content})
+    return path
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------ the app
+
+
+class Service:
+    """What the handlers share: settings, store, registry, the model worker."""
+
+    def __init__(self, settings: Settings, store: Store, worker: Worker, registry: Registry):
+        self.settings = settings
+        self.store = store
+        self.worker = worker
+        self.engine = worker.engine
+        self.registry = registry
+        self.started_at = datetime.now(UTC)
+        self.served = 0
+        self.swap_lock = asyncio.Lock()
+        self.last_swap_error: str | None = None
+        self.refused_target: str | None = None
+
+    # --------------------------------------------------------------- adapter swap
+
+    async def sync_adapter(self) -> dict[str, Any]:
+        """Make the engine serve what `current` points to; refuse an invalid target."""
+        async with self.swap_lock:
+            target = self.registry.current_id()
+            old = self.engine.adapter_id
+            if target == old:
+                return {"adapter_id": old, "changed": False}
+            started = time.monotonic()
+            try:
+                path = None
+                if target is not None:
+                    self.registry.validate(target, base_model=self.settings.model.base_model)
+                    path = self.registry.path(target)
+
+                def swap(engine: Any) -> None:
+                    if target is not None:
+                        engine.load_adapter(target, path)
+                    engine.activate(target)
+                    if old is not None:
+                        engine.unload_adapter(old)
+
+                await asyncio.wrap_future(self.worker.call(swap))
+            except Exception as exc:
+                self.last_swap_error = f"{target}: {exc}"
+                self.refused_target = target
+                log.error("refused to swap to %s, still serving %s: %s", target, old, exc)
+                raise ApiError(
+                    409, f"adapter {target} was refused, still serving {old}: {exc}"
+                ) from exc
+            self.last_swap_error = None
+            self.refused_target = None
+            log.info("now serving adapter %s (was %s)", target, old)
+            return {
+                "adapter_id": target,
+                "previous": old,
+                "changed": True,
+                "seconds": round(time.monotonic() - started, 3),
+            }
+
+    async def watch_current(self) -> None:
+        """Catch swaps made by hand (or by another process) on the `current` symlink."""
+        while True:
+            await asyncio.sleep(WATCH_EVERY_S)
+            try:
+                target = self.registry.current_id()
+                if target != self.engine.adapter_id and target != self.refused_target:
+                    await self.sync_adapter()
+            except ApiError:
+                pass
+            except Exception:
+                log.exception("watching candidates/current failed")
+
+    # ------------------------------------------------------------- conversations
+
+    def thread(self, req: ChatRequest) -> tuple[Any, str, list[dict[str, str]]]:
+        """Find or start the conversation; returns (conversation, user message id, prompt)."""
+        system, turns = _turns(req.messages)
+        prompt = ([{"role": "system", "content": system}] if system is not None else []) + turns
+        conversation = None
+        if req.conversation_id is not None:
+            conversation = self.store.get_conversation(req.conversation_id)
+        else:
+            for summary in self.store.list_conversations(limit=RECENT_CONVERSATIONS):
+                candidate = self.store.get_conversation(summary.id)
+                if candidate.system_prompt != system:
+                    continue
+                path = _active_path(candidate)
+                wanted = turns if req.regenerate else turns[:-1]
+                if req.regenerate and path and path[-1]["role"] == "assistant":
+                    path = path[:-1]
+                if path == wanted:
+                    conversation = candidate
+                    break
+        if conversation is None:
+            conversation = self.store.create_conversation(
+                system_prompt=system,
+                reasoning_effort=req.reasoning_effort,
+                title=turns[-1]["content"][:60],
+            )
+            # Earlier turns the client sent become part of the record, so the context an
+            # answer was made in can be rebuilt for training.
+            for turn in turns[:-1]:
+                done = {"finish_reason": "stop"} if turn["role"] == "assistant" else {}
+                self.store.add_message(conversation.id, turn["role"], turn["content"], **done)
+        if req.regenerate:
+            users = [m for m in conversation.messages if m.role == "user"]
+            if not users:
+                raise ApiError(400, "regenerate: the conversation has no user message to answer")
+            return conversation, users[-1].id, prompt
+        user = self.store.add_message(conversation.id, "user", turns[-1]["content"])
+        return conversation, user.id, prompt
+
+
+def create_app(service: Service) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        watcher = asyncio.create_task(service.watch_current())
+        yield
+        watcher.cancel()
+        # Here, not after serve() returns: uvicorn re-raises SIGTERM once it has shut down.
+        _forget_address(service.settings.paths.server_file)
+
+    app = FastAPI(title="whetstone", lifespan=lifespan)
+    token = service.settings.bearer_token()
+
+    @app.middleware("http")
+    async def require_token(request: Request, call_next: Any) -> Any:
+        given = request.headers.get("authorization", "")
+        authorized = secrets.compare_digest(given.encode(), f"Bearer {token}".encode())
+        if token and request.url.path != "/health" and not authorized:
+            return JSONResponse(
+                _error_body("missing or wrong bearer token (see <home>/token)", 401), 401
+            )
+        return await call_next(request)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(
+            _error_body(exc.message, exc.status, exc.param), exc.status, headers=exc.headers
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"] if p != "body")
+            if err["type"] == "json_invalid":
+                problems.append(f"malformed JSON: {err.get('ctx', {}).get('error', err['msg'])}")
+            elif not loc and err["type"] in ("model_attributes_type", "dict_type"):
+                problems.append("the request body must be a JSON object")
+            elif err["type"] == "missing":
+                problems.append(f"{loc}: required")
+            else:
+                msg = err["msg"].removeprefix("Value error, ")
+                problems.append(f"{loc}: {msg}" if loc else msg)
+        return JSONResponse(_error_body("; ".join(problems), 400), 400)
+
+    @app.exception_handler(StoreError)
+    async def store_error(request: Request, exc: StoreError) -> JSONResponse:
+        status = 404 if isinstance(exc, NotFound) else 410 if isinstance(exc, Gone) else 400
+        if not isinstance(exc, NotFound | Gone | InvalidInput):
+            status = 500
+        return JSONResponse(_error_body(str(exc), status), status)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "adapter_id": service.engine.adapter_id}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        created = int(service.started_at.timestamp())
+        data = [
+            {
+                "id": service.engine.base_model_name,
+                "object": "model",
+                "created": created,
+                "owned_by": "whetstone",
+                "adapter_id": None,
+            }
+        ]
+        if service.engine.adapter_id:
+            data.append(
+                {
+                    "id": f"whetstone/{service.engine.adapter_id}",
+                    "object": "model",
+                    "created": created,
+                    "owned_by": "whetstone",
+                    "adapter_id": service.engine.adapter_id,
+                    "current": True,
+                }
+            )
+        return {"object": "list", "data": data}
+
+    @app.get("/v1/status")
+    async def status() -> dict[str, Any]:
+        engine = service.engine
+        return {
+            "run_state": "running",
+            "base_model": engine.base_model_name,
+            "backend": engine.backend,
+            "device": engine.device,
+            "chat_format": engine.chat_format,
+            "adapter_id": engine.adapter_id,
+            "adapter_loaded_at": engine.adapter_loaded_at.isoformat(),
+            "last_swap_error": service.last_swap_error,
+            "queue_waiting": service.worker.waiting,
+            "busy": service.worker.busy,
+            "requests_served": service.served,
+            "started_at": service.started_at.isoformat(),
+            "uptime_s": round((datetime.now(UTC) - service.started_at).total_seconds(), 1),
+            "context_window": engine.context_window,
+        }
+
+    @app.post("/admin/reload")
+    async def reload() -> dict[str, Any]:
+        return await service.sync_adapter()
+
+    @app.post("/v1/feedback")
+    async def feedback(body: FeedbackRequest) -> dict[str, Any]:
+        fb = service.store.add_feedback(
+            body.message_id, rating=body.rating, correction=body.correction, comment=body.comment
+        )
+        return {
+            "id": fb.id,
+            "message_id": fb.message_id,
+            "rating": fb.rating,
+            "correction": fb.correction,
+            "comment": fb.comment,
+            "created_at": fb.created_at.isoformat(),
+        }
+
+    @app.get("/v1/conversations")
+    async def conversations(limit: int = 50, offset: int = 0) -> dict[str, Any]:
+        if not 1 <= limit <= 500 or offset < 0:
+            raise ApiError(400, "limit must be 1..500 and offset >= 0")
+        rows = service.store.list_conversations(limit=limit, offset=offset)
+        return {"data": [_conversation_summary(c) for c in rows]}
+
+    @app.get("/v1/conversations/{conversation_id}")
+    async def conversation(conversation_id: str) -> dict[str, Any]:
+        conv = service.store.get_conversation(conversation_id)
+        return _conversation_summary(conv) | {"messages": [_message_dict(m) for m in conv.messages]}
+
+    @app.patch("/v1/conversations/{conversation_id}")
+    async def patch_conversation(conversation_id: str, body: ConversationPatch) -> dict[str, Any]:
+        fields = body.model_dump(exclude_unset=True)
+        if "title" in fields:
+            service.store.rename_conversation(conversation_id, fields.pop("title"))
+        if fields:
+            service.store.update_conversation(conversation_id, **fields)
+        return _conversation_summary(service.store.get_conversation(conversation_id))
+
+    @app.delete("/v1/conversations/{conversation_id}")
+    async def forget(conversation_id: str) -> dict[str, Any]:
+        service.store.forget_conversation(conversation_id)
+        return {"id": conversation_id, "forgotten": True}
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatRequest, request: Request) -> Any:
+        return await _chat(service, req, request)
+
+    return app
+
+
+def _conversation_summary(c: Any) -> dict[str, Any]:
+    return {
+        "id": c.id,
+        "title": c.title,
+        "system_prompt": c.system_prompt,
+        "reasoning_effort": c.reasoning_effort,
+        "created_at": c.created_at.isoformat(),
+        "updated_at": c.updated_at.isoformat(),
+        "message_count": getattr(c, "message_count", None),
+    }
+
+
+def _message_dict(m: Any) -> dict[str, Any]:
+    fb = getattr(m, "current_feedback", None)
+    return {
+        "id": m.id,
+        "role": m.role,
+        "content": m.content,
+        "reasoning": m.reasoning,
+        "reply_to_id": m.reply_to_id,
+        "adapter_id": m.adapter_id,
+        "finish_reason": m.finish_reason,
+        "completion_tokens": m.completion_tokens,
+        "latency_ms": m.latency_ms,
+        "created_at": m.created_at.isoformat(),
+        "feedback": None
+        if fb is None
+        else {"rating": fb.rating, "correction": fb.correction, "comment": fb.comment},
+    }
+
+
+async def _chat(service: Service, req: ChatRequest, request: Request) -> Any:
+    from production.engine import Sampling
+    from production.worker import QueueFull
+
+    engine = service.engine
+    system, turns = _turns(req.messages)
+    prompt_messages = ([{"role": "system", "content": system}] if system else []) + turns
+    prompt = engine.prompt_ids(prompt_messages, req.reasoning_effort)
+    window = engine.context_window
+    if len(prompt) >= window:
+        raise ApiError(
+            400,
+            f"the prompt is {len(prompt)} tokens; the context window is {window} "
+            "(model.max_seq_length): shorten the conversation",
+            param="messages",
+        )
+    requested = req.max_completion_tokens or req.max_tokens
+    if requested is not None and requested > window:
+        raise ApiError(400, f"max_tokens must be between 1 and {window}", param="max_tokens")
+    max_tokens = min(requested or 512, window - len(prompt))
+    sampling = Sampling(req.temperature, req.top_p, req.top_k, max_tokens, req.seed)
+    if service.worker.waiting >= service.worker.max_queue:
+        raise ApiError(503, "the model is busy: too many requests waiting", **{"Retry-After": "5"})
+
+    conversation, user_id, _ = service.thread(req)
+    effort = req.reasoning_effort or conversation.reasoning_effort
+    placeholder = service.store.add_message(
+        conversation.id,
+        "assistant",
+        "",
+        reply_to_id=user_id,
+        adapter_id=engine.adapter_id,
+        base_model=engine.base_model_name,
+        generation=engine.resolved_settings(sampling)
+        | ({"reasoning_effort": effort} if effort else {}),
+    )
+    try:
+        job = service.worker.submit(prompt, sampling)
+    except QueueFull as exc:
+        service.store.complete_message(placeholder.id, content="", finish_reason="error")
+        raise ApiError(503, f"the model is busy: {exc}", **{"Retry-After": "5"}) from None
+    recorder = _Recorder(service, placeholder.id, time.monotonic())
+    headers = {
+        "X-Whetstone-Message-Id": placeholder.id,
+        "X-Whetstone-Conversation-Id": conversation.id,
+    }
+    created = int(time.time())
+    base = {"id": placeholder.id, "created": created, "model": req.model or engine.base_model_name}
+    extra = {"conversation_id": conversation.id}
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return StreamingResponse(
+            _sse(job, recorder, base, extra, req.include_reasoning, include_usage),
+            media_type="text/event-stream",
+            headers=headers | {"Cache-Control": "no-cache"},
+        )
+    outcome = await _collect(job, recorder, request)
+    message: dict[str, Any] = {"role": "assistant", "content": outcome.text}
+    if req.include_reasoning:
+        message["reasoning_content"] = outcome.reasoning
+    body = (
+        base
+        | {
+            "object": "chat.completion",
+            "choices": [{"index": 0, "message": message, "finish_reason": _finish(outcome)}],
+            "usage": _usage(outcome),
+            "adapter_id": outcome.adapter_id,
+        }
+        | extra
+    )
+    return JSONResponse(body, headers=headers)
+
+
+def _finish(outcome: Outcome) -> str:
+    return "length" if outcome.finish_reason == "length" else "stop"
+
+
+def _usage(outcome: Outcome) -> dict[str, int]:
+    return {
+        "prompt_tokens": outcome.prompt_tokens,
+        "completion_tokens": outcome.completion_tokens,
+        "total_tokens": outcome.prompt_tokens + outcome.completion_tokens,
+    }
+
+
+class _Recorder:
+    """Keeps the stored answer in step with the stream: flushes, finishes, or cuts off."""
+
+    def __init__(self, service: Service, message_id: str, started: float) -> None:
+        self.service = service
+        self.message_id = message_id
+        self.started = started
+        self.text: list[str] = []
+        self.reasoning: list[str] = []
+        self.adapter_id: str | None = None
+        self.last_flush = started
+        self.finished = False
+
+    def add(self, delta: Any) -> None:
+        self.text.append(delta.text)
+        self.reasoning.append(delta.reasoning)
+        now = time.monotonic()
+        if now - self.last_flush >= FLUSH_EVERY_S:
+            self.last_flush = now
+            self.service.store.save_partial(
+                self.message_id, "".join(self.text), reasoning="".join(self.reasoning) or None
+            )
+
+    def done(self, outcome: Outcome) -> None:
+        self.finished = True
+        self.service.served += 1
+        cut = outcome.finish_reason == "cancelled"
+        self.service.store.complete_message(
+            self.message_id,
+            content=outcome.text,
+            finish_reason="cut_off" if cut else outcome.finish_reason,
+            reasoning=outcome.reasoning or None,
+            adapter_id=outcome.adapter_id,
+            prompt_tokens=outcome.prompt_tokens,
+            completion_tokens=outcome.completion_tokens,
+            latency_ms=round(outcome.seconds * 1000, 1),
+            ttft_ms=None if outcome.ttft_s is None else round(outcome.ttft_s * 1000, 1),
+        )
+
+    def cut_off(self, reason: str = "cut_off") -> None:
+        """Client gone or generation failed: keep what was said so far."""
+        if self.finished:
+            return
+        self.finished = True
+        self.service.store.complete_message(
+            self.message_id,
+            content="".join(self.text),
+            finish_reason=reason,
+            reasoning="".join(self.reasoning) or None,
+            adapter_id=self.adapter_id,
+            latency_ms=round((time.monotonic() - self.started) * 1000, 1),
+        )
+
+
+async def _collect(job: Any, recorder: _Recorder, request: Request) -> Outcome:
+    try:
+        while True:
+            try:
+                kind, payload = await asyncio.wait_for(job.events.get(), timeout=0.5)
+            except TimeoutError:
+                if await request.is_disconnected():
+                    job.cancel()
+                    recorder.cut_off()
+                    raise ApiError(499, "client disconnected") from None
+                continue
+            if kind == "start":
+                recorder.adapter_id = payload
+            elif kind == "delta":
+                recorder.add(payload)
+            elif kind == "done":
+                recorder.done(payload)
+                return payload
+            elif kind == "error":
+                recorder.cut_off("error")
+                raise ApiError(500, f"generation failed: {payload}")
+    finally:
+        if not recorder.finished:
+            job.cancel()
+            recorder.cut_off()
+
+
+async def _sse(
+    job: Any,
+    recorder: _Recorder,
+    base: dict[str, Any],
+    extra: dict[str, Any],
+    include_reasoning: bool,
+    include_usage: bool,
+) -> AsyncIterator[str]:
+    def chunk(delta: dict[str, Any], finish: str | None = None, **more: Any) -> str:
+        body = (
+            base
+            | {
+                "object": "chat.completion.chunk",
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            }
+            | extra
+            | more
+        )
+        return f"data: {json.dumps(body)}\n\n"
+
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        while True:
+            kind, payload = await job.events.get()
+            if kind == "start":
+                recorder.adapter_id = payload
+            elif kind == "delta":
+                recorder.add(payload)
+                delta: dict[str, Any] = {}
+                if payload.text:
+                    delta["content"] = payload.text
+                if include_reasoning and payload.reasoning:
+                    delta["reasoning_content"] = payload.reasoning
+                if delta:
+                    yield chunk(delta)
+            elif kind == "done":
+                recorder.done(payload)
+                yield chunk({}, _finish(payload), adapter_id=payload.adapter_id)
+                if include_usage:
+                    body = (
+                        base
+                        | {
+                            "object": "chat.completion.chunk",
+                            "choices": [],
+                            "usage": _usage(payload),
+                        }
+                        | extra
+                    )
+                    yield f"data: {json.dumps(body)}\n\n"
+                yield "data: [DONE]\n\n"
+                return
+            elif kind == "error":
+                recorder.cut_off("error")
+                err = _error_body(f"generation failed: {payload}", 500)
+                yield f"data: {json.dumps(err)}\n\n"
+                return
+    finally:
+        # Client gone (the task is cancelled or the generator closed): synchronous only.
+        if not recorder.finished:
+            job.cancel()
+            recorder.cut_off()
+
+
+# ---------------------------------------------------------------------------------- main
+
+
+def check_bind(settings: Settings) -> None:
+    if not _is_loopback(settings.server.host) and not settings.bearer_token():
+        raise ConfigError(
+            f"server.host = {settings.server.host!r} is reachable from other machines, and no "
+            f"bearer token is set: run `whetstone token --home {settings.home}` to create "
+            f"{settings.paths.token_file} (mode 0600), or bind 127.0.0.1"
+        )
+
+
+def _pin_device(settings: Settings) -> str:
+    """Set CUDA_VISIBLE_DEVICES before torch loads; return the in-process device."""
+    from orchestrator import devices, gpus
+
+    if "CUDA_VISIBLE_DEVICES" in os.environ and "WHETSTONE_WORKER_DEVICE" in os.environ:
+        return os.environ["WHETSTONE_WORKER_DEVICE"]
+    device = devices.plan(settings, gpus.count()).production
+    env, inside = devices.worker_env(device)
+    os.environ.update(env)
+    return inside
+
+
+async def _serve(settings: Settings, service: Service) -> None:
+    import uvicorn
+
+    config = uvicorn.Config(
+        create_app(service),
+        host=settings.server.host,
+        port=settings.server.port,
+        log_level="warning",
+        lifespan="on",
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    while not server.started and not task.done():
+        await asyncio.sleep(0.05)
+    if server.started:
+        sock = server.servers[0].sockets[0]
+        port = sock.getsockname()[1]
+        host = settings.server.host
+        url_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        if ":" in url_host:
+            url_host = f"[{url_host}]"
+        info = {
+            "url": f"http://{url_host}:{port}",
+            "host": host,
+            "port": port,
+            "pid": os.getpid(),
+            "started_at": service.started_at.isoformat(),
+        }
+        _write_json_atomic(settings.paths.server_file, info)
+        log.info("serving %s at %s", service.engine.base_model_name, info["url"])
+    try:
+        await task
+    finally:
+        _forget_address(settings.paths.server_file)
+
+
+def _forget_address(server_file: Path) -> None:
+    """Remove the recorded address if it is ours (a newer worker may have replaced it)."""
+    try:
+        if json.loads(server_file.read_text()).get("pid") == os.getpid():
+            server_file.unlink()
+    except (OSError, ValueError):
+        pass
+
+
+def build_service(settings: Settings, device: str) -> Service:
+    from production.engine import Engine
+    from production.worker import Worker
+
+    settings.paths.create()
+    store = Store(settings.db_url)
+    cut = store.cut_off_unfinished()
+    if cut:
+        log.warning("marked %d answers cut off by an earlier stop as cut_off", cut)
+    registry = Registry(settings.paths.candidates_dir)
+    engine = Engine(settings, device)
+    worker = Worker(engine, settings.server.max_queue)
+    service = Service(settings, store, worker, registry)
+    target = registry.current_id()
+    if target is not None:
+        try:
+            registry.validate(target, base_model=settings.model.base_model)
+            engine.load_adapter(target, registry.path(target))
+            engine.activate(target)
+        except (RegistryError, RuntimeError) as exc:
+            service.last_swap_error = f"{target}: {exc}"
+            service.refused_target = target
+            log.error("current adapter %s refused, serving the base model: %s", target, exc)
+    return service
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Run the whetstone API worker.")
+    parser.add_argument("--home", type=Path, default=None)
+    parser.add_argument("--host", default=None)
+    parser.add_argument("--port", type=int, default=None)
+    parser.add_argument("--set", action="append", default=[], help="KEY=VALUE config override")
+    args = parser.parse_args(argv)
+    try:
+        overrides: dict[str, Any] = parse_sets(args.set)
+    except ConfigError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+    overrides.setdefault("server", {})
+    if args.host is not None:
+        overrides["server"]["host"] = args.host
+    if args.port is not None:
+        overrides["server"]["port"] = args.port
+    try:
+        settings = load_settings(args.home, overrides)
+        check_bind(settings)
+    except ConfigError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    from orchestrator.config import log_resolved
+
+    log_resolved(settings)
+    if settings.server.port != 0:
+        probe = socket.socket()
+        try:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((settings.server.host, settings.server.port))
+        except OSError as exc:
+            sys.stderr.write(
+                f"error: cannot listen on {settings.server.host}:"
+                f"{settings.server.port}: {exc.strerror}\n"
+            )
+            return 2
+        finally:
+            probe.close()
+    device = _pin_device(settings)
+    service = build_service(settings, device)
+    try:
+        asyncio.run(_serve(settings, service))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        service.worker.stop()
+        service.store.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

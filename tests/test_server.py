@@ -1,0 +1,353 @@
+"""The API worker end to end: a real server process on 127.0.0.1 with the embedded model."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from candidates import Registry
+from data.store import Store
+from tests.conftest import ServerProcess, run_cli
+from tests.test_registry import make_meta, write_fake_adapter
+
+pytestmark = pytest.mark.slow
+
+BASE = "embedded:smollm2-135m-instruct"
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+STORY = [{"role": "user", "content": "Write a very long story about a dragon and a knight."}]
+
+
+def store_of(home: Path) -> Store:
+    return Store(f"sqlite:///{home}/whetstone.db")
+
+
+def make_lora(home: Path, candidate_id: str, prepared: Path, seed: int = 0) -> str:
+    """A real LoRA on the embedded model, with random B so it changes the answers."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(prepared, dtype=torch.bfloat16)
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+    )
+    model = get_peft_model(base, config)
+    registry = Registry(home / "candidates")
+    registry.create(make_meta(candidate_id, base_model=BASE), model.save_pretrained)
+    return candidate_id
+
+
+def sse_events(response: httpx.Response):
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            payload = line[len("data: ") :]
+            yield None if payload == "[DONE]" else json.loads(payload)
+
+
+def chat(url: str, messages: list[dict], **body) -> httpx.Response:
+    return httpx.post(
+        f"{url}/v1/chat/completions",
+        json={"messages": messages, "temperature": 0, "max_tokens": 24} | body,
+        timeout=120,
+    )
+
+
+def test_openai_sdk_streams_and_answers_and_everything_is_stored(server: ServerProcess) -> None:
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+    plain = client.chat.completions.create(
+        model="whetstone", messages=FRANCE, temperature=0, max_tokens=24
+    )
+    answer = plain.choices[0].message.content
+    assert "Paris" in answer
+    assert plain.choices[0].finish_reason == "stop" and plain.usage.completion_tokens > 0
+
+    follow_up = [*FRANCE, {"role": "assistant", "content": answer}]
+    follow_up.append({"role": "user", "content": "And what is the capital of Italy?"})
+    stream = client.chat.completions.create(
+        model="whetstone",
+        messages=follow_up,
+        temperature=0,
+        max_tokens=24,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert "Rome" in streamed
+    assert {c.id for c in chunks} == {chunks[0].id}
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+
+    store = store_of(server.home)
+    first, second = store.get_message(plain.id), store.get_message(chunks[0].id)
+    assert (first.content, first.finish_reason, first.adapter_id) == (answer, "stop", None)
+    assert first.base_model == BASE and first.generation["temperature"] == 0.0
+    assert second.content == streamed
+    # A plain OpenAI client that resends the history continues the same conversation.
+    assert first.conversation_id == second.conversation_id
+    conversation = store.get_conversation(first.conversation_id)
+    assert [m.role for m in conversation.messages] == ["user", "assistant"] * 2
+
+    feedback = httpx.post(
+        f"{server.url}/v1/feedback",
+        json={"message_id": plain.id, "rating": 4, "correction": "Paris, of course."},
+    )
+    assert feedback.status_code == 200, feedback.text
+    current = store.current_feedback(plain.id)
+    assert (current.rating, current.correction) == (4, "Paris, of course.")
+
+
+def test_headers_name_the_message_and_conversation(server: ServerProcess) -> None:
+    response = chat(server.url, FRANCE)
+    body = response.json()
+    assert response.headers["X-Whetstone-Message-Id"] == body["id"]
+    assert response.headers["X-Whetstone-Conversation-Id"] == body["conversation_id"]
+    again = chat(
+        server.url,
+        [{"role": "user", "content": "Thanks!"}],
+        conversation_id=body["conversation_id"],
+    )
+    assert again.json()["conversation_id"] == body["conversation_id"]
+    listing = httpx.get(f"{server.url}/v1/conversations").json()["data"]
+    assert [c["id"] for c in listing] == [body["conversation_id"]]
+
+
+def test_promotion_mid_stream_finishes_on_the_old_adapter(
+    server: ServerProcess, prepared_model_dir: Path
+) -> None:
+    make_lora(server.home, "cand-1", prepared_model_dir)
+    registry = Registry(server.home / "candidates")
+    reload_result: dict = {}
+    with httpx.stream(
+        "POST",
+        f"{server.url}/v1/chat/completions",
+        json={"messages": STORY, "stream": True, "max_tokens": 40, "temperature": 0},
+        timeout=120,
+    ) as response:
+        events = sse_events(response)
+        next(events)  # role chunk
+        next(events)  # first text: the generation is in flight
+        registry.promote("cand-1", base_model=BASE)
+
+        def reload() -> None:
+            reply = httpx.post(f"{server.url}/admin/reload", timeout=120)
+            reload_result.update(reply.json(), status=reply.status_code)
+
+        swapper = threading.Thread(target=reload)
+        swapper.start()
+        rest = list(events)
+    swapper.join(timeout=60)
+    assert rest[-1] is None  # [DONE]
+    final = [e for e in rest if e and e["choices"] and e["choices"][0]["finish_reason"]]
+    assert final[0]["adapter_id"] is None  # finished on the adapter it started with
+    assert reload_result["status"] == 200 and reload_result["adapter_id"] == "cand-1"
+
+    after = chat(server.url, FRANCE).json()
+    assert after["adapter_id"] == "cand-1"
+    assert store_of(server.home).get_message(after["id"]).adapter_id == "cand-1"
+    status = httpx.get(f"{server.url}/v1/status").json()
+    assert status["adapter_id"] == "cand-1"
+    models = [m["id"] for m in httpx.get(f"{server.url}/v1/models").json()["data"]]
+    assert models == [BASE, "whetstone/cand-1"]
+
+
+def test_a_manual_symlink_swap_is_picked_up_and_a_broken_adapter_refused(
+    server: ServerProcess, prepared_model_dir: Path
+) -> None:
+    make_lora(server.home, "good", prepared_model_dir)
+    registry = Registry(server.home / "candidates")
+    registry.promote("good", base_model=BASE)  # no admin call: the file watch must see it
+    deadline = time.monotonic() + 20
+    while httpx.get(f"{server.url}/v1/status").json()["adapter_id"] != "good":
+        assert time.monotonic() < deadline, "the swap of candidates/current was not noticed"
+        time.sleep(0.3)
+
+    # Registry-valid files whose shapes do not fit this model: PEFT refuses to load them.
+    registry.create(make_meta("misfit", base_model=BASE), write_fake_adapter)
+    registry.promote("misfit", base_model=BASE)
+    refused = httpx.post(f"{server.url}/admin/reload", timeout=60)
+    assert refused.status_code == 409
+    assert "misfit was refused, still serving good" in refused.json()["error"]["message"]
+    status = httpx.get(f"{server.url}/v1/status").json()
+    assert status["adapter_id"] == "good" and "misfit" in status["last_swap_error"]
+    assert chat(server.url, FRANCE).json()["adapter_id"] == "good"
+
+
+BAD_CHATS = [
+    ("not json", 400, "malformed JSON"),
+    ([1, 2], 400, "must be a JSON object"),
+    ({"messages": []}, 400, "messages"),
+    ({"messages": "hello"}, 400, "messages"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, 400, "role"),
+    ({"messages": [{"role": "assistant", "content": "x"}]}, 400, "last message must be"),
+    ({"messages": FRANCE, "max_tokens": 0}, 400, "max_tokens"),
+    ({"messages": FRANCE, "max_tokens": 10**6}, 400, "max_tokens must be between 1 and"),
+    ({"messages": FRANCE, "temperature": -1}, 400, "temperature"),
+    ({"messages": [{"role": "user", "content": "hello " * 3000}]}, 400, "context window"),
+    ({"messages": FRANCE, "conversation_id": "conv_nope"}, 404, "conv_nope"),
+]
+
+
+def test_bad_requests_get_4xx_naming_the_problem_and_store_nothing(
+    server: ServerProcess,
+) -> None:
+    good = chat(server.url, FRANCE).json()
+    store = store_of(server.home)
+    user_id = store.get_message(good["id"]).reply_to_id
+    before = store.counts()
+    for body, status, text in BAD_CHATS:
+        raw = body if isinstance(body, str) else json.dumps(body)
+        reply = httpx.post(
+            f"{server.url}/v1/chat/completions",
+            content=raw,
+            headers={"Content-Type": "application/json"},
+            timeout=60,
+        )
+        assert reply.status_code == status, (body, reply.text)
+        assert text in reply.json()["error"]["message"], (body, reply.text)
+    bad_feedback = [
+        ({"message_id": good["id"], "rating": 0}, 400, "rating"),
+        ({"message_id": good["id"], "rating": 6}, 400, "rating"),
+        ({"message_id": good["id"], "rating": "abc"}, 400, "rating"),
+        ({"message_id": good["id"], "correction": "   "}, 400, "correction"),
+        ({"message_id": user_id, "correction": "no"}, 400, "user message"),
+        ({"message_id": "msg_nope", "rating": 3}, 404, "unknown message msg_nope"),
+        ({"message_id": good["id"], "rating": 3, "stars": 5}, 400, "stars"),
+        ({"rating": 3}, 400, "message_id: required"),
+    ]
+    for body, status, text in bad_feedback:
+        reply = httpx.post(f"{server.url}/v1/feedback", json=body)
+        assert reply.status_code == status, (body, reply.text)
+        assert text in reply.json()["error"]["message"], (body, reply.text)
+    assert store.counts() == before
+    assert store.current_feedback(good["id"]) is None
+
+
+def test_conversations_api_rename_and_forget(server: ServerProcess) -> None:
+    first = chat(server.url, FRANCE).json()
+    conv = first["conversation_id"]
+    renamed = httpx.patch(f"{server.url}/v1/conversations/{conv}", json={"title": "Capitals"})
+    assert renamed.json()["title"] == "Capitals"
+    detail = httpx.get(f"{server.url}/v1/conversations/{conv}").json()
+    assert [m["role"] for m in detail["messages"]] == ["user", "assistant"]
+    assert httpx.delete(f"{server.url}/v1/conversations/{conv}").status_code == 200
+    assert httpx.get(f"{server.url}/v1/conversations/{conv}").status_code == 410
+    gone = httpx.post(f"{server.url}/v1/feedback", json={"message_id": first["id"], "rating": 5})
+    assert gone.status_code == 404
+
+
+def test_disconnect_stops_generation_and_keeps_the_partial_answer(server: ServerProcess) -> None:
+    with httpx.stream(
+        "POST",
+        f"{server.url}/v1/chat/completions",
+        json={"messages": STORY, "stream": True, "max_tokens": 400, "temperature": 0},
+        timeout=120,
+    ) as response:
+        message_id = response.headers["X-Whetstone-Message-Id"]
+        events = sse_events(response)
+        for _ in range(6):
+            next(events)
+    # 400 tokens take ~20 s here; a stopped generation frees the model at once.
+    deadline = time.monotonic() + 10
+    store = store_of(server.home)
+    while store.get_message(message_id).finish_reason is None:
+        assert time.monotonic() < deadline, "the partial answer was not stored"
+        time.sleep(0.2)
+    message = store.get_message(message_id)
+    assert message.finish_reason == "cut_off" and message.content.strip()
+    deadline = time.monotonic() + 3  # one decode step, not the ~20 s left of the answer
+    while httpx.get(f"{server.url}/v1/status").json()["busy"]:
+        assert time.monotonic() < deadline, "generation went on after the client left"
+        time.sleep(0.1)
+    assert "Paris" in chat(server.url, FRANCE).json()["choices"][0]["message"]["content"]
+
+
+def test_a_full_queue_answers_503_with_retry_after(home_with_model: Path) -> None:
+    server = ServerProcess(home_with_model, "--set", "server.max_queue=1").wait_ready()
+    try:
+        with httpx.stream(
+            "POST",
+            f"{server.url}/v1/chat/completions",
+            json={"messages": STORY, "stream": True, "max_tokens": 400, "temperature": 0},
+            timeout=120,
+        ) as busy:
+            events = sse_events(busy)
+            next(events), next(events)
+            waiting: dict = {}
+            queued = threading.Thread(target=lambda: waiting.update(reply=chat(server.url, FRANCE)))
+            queued.start()
+            while httpx.get(f"{server.url}/v1/status").json()["queue_waiting"] < 1:
+                time.sleep(0.05)
+            rejected = chat(server.url, FRANCE)
+            assert rejected.status_code == 503
+            assert rejected.headers["Retry-After"] == "5"
+            assert "busy" in rejected.json()["error"]["message"]
+        queued.join(timeout=60)
+        assert waiting["reply"].status_code == 200
+    finally:
+        server.stop()
+
+
+def test_kill_9_mid_answer_keeps_the_partial_answer_marked_cut_off(home_with_model: Path) -> None:
+    server = ServerProcess(home_with_model).wait_ready()
+    try:
+        with httpx.stream(
+            "POST",
+            f"{server.url}/v1/chat/completions",
+            json={"messages": STORY, "stream": True, "max_tokens": 400, "temperature": 0},
+            timeout=120,
+        ) as response:
+            message_id = response.headers["X-Whetstone-Message-Id"]
+            started = time.monotonic()
+            for _ in sse_events(response):
+                if time.monotonic() - started > 2.5:  # past at least one flush
+                    break
+            os.kill(server.proc.pid, signal.SIGKILL)
+            server.proc.wait()
+    finally:
+        server.stop()
+    restarted = ServerProcess(home_with_model).wait_ready()
+    try:
+        message = store_of(home_with_model).get_message(message_id)
+        assert message.finish_reason == "cut_off"
+        assert len(message.content.split()) >= 3
+        user = store_of(home_with_model).get_message(message.reply_to_id)
+        assert user.content == STORY[0]["content"]
+    finally:
+        restarted.stop()
+
+
+def test_non_local_bind_requires_the_token(home_with_model: Path) -> None:
+    refused = ServerProcess(home_with_model, "--host", "0.0.0.0")
+    assert refused.proc.wait(timeout=60) == 2
+    assert "no bearer token is set" in refused.output()
+    refused.stop()
+
+    token = run_cli("token", "--home", str(home_with_model)).stdout.strip()
+    assert len(token) > 20
+    assert (home_with_model / "token").stat().st_mode & 0o777 == 0o600
+    server = ServerProcess(home_with_model, "--host", "0.0.0.0").wait_ready()
+    try:
+        assert chat(server.url, FRANCE).status_code == 401
+        headers = {"Authorization": f"Bearer {token}"}
+        ok = httpx.post(
+            f"{server.url}/v1/chat/completions",
+            json={"messages": FRANCE, "max_tokens": 8},
+            headers=headers,
+            timeout=60,
+        )
+        assert ok.status_code == 200
+        assert httpx.get(f"{server.url}/health").status_code == 200
+        recorded = json.loads((home_with_model / "run" / "server.json").read_text())
+        assert recorded["url"] == server.url and recorded["pid"] == server.proc.pid
+    finally:
+        server.stop()
+    assert not (home_with_model / "run" / "server.json").exists()

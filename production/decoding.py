@@ -70,10 +70,11 @@ class PlainDecoder:
 class HarmonyDecoder:
     """Final channel -> text; analysis (and commentary) -> reasoning, kept for the record."""
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: Any, prompt: list[int]) -> None:
         from production.harmony import HarmonyStreamParser
 
-        self.parser = HarmonyStreamParser(tokenizer)
+        # The prompt says where generation starts: before a header, or inside a prefilled one.
+        self.parser = HarmonyStreamParser.from_prompt(tokenizer, prompt)
         self.done = False
         self.stopped_on_eos = False
 
@@ -109,7 +110,7 @@ def stop_token_ids(tokenizer: Any, chat_format: str) -> list[int]:
     return [i for i in ids if i is not None]
 
 
-def make_decoder(tokenizer: Any, chat_format: str) -> StreamDecoder:
+def make_decoder(tokenizer: Any, chat_format: str, prompt: list[int]) -> StreamDecoder:
     if chat_format == "harmony":
-        return HarmonyDecoder(tokenizer)
+        return HarmonyDecoder(tokenizer, prompt)
     return PlainDecoder(tokenizer, stop_token_ids(tokenizer, chat_format))

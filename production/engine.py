@@ -266,7 +266,7 @@ class Engine:
         cancelled: Callable[[], bool],
     ) -> Outcome:
         """Generate for one request, calling on_delta per token; runs in the worker thread."""
-        decoder = make_decoder(self.tokenizer, self.chat_format)
+        decoder = make_decoder(self.tokenizer, self.chat_format, prompt)
         started = time.monotonic()
         first: list[float] = []
         produced = 0

@@ -18,9 +18,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 install: $(VENV)/.installed
 
+# Until the daemon (`whetstone up`) exists, run starts the part that does: the API worker.
 run: install
 	$(WHETSTONE) doctor
-	$(WHETSTONE) status
+	$(WHETSTONE) serve
 
 test: install
 	$(VENV)/bin/pytest $(PYTEST_ARGS)

@@ -42,8 +42,11 @@ _SPECIAL_TOKENS = {
     "pad_token": "<|im_end|>",
     "unk_token": "<|endoftext|>",
 }
-# SmolLM2's model card recommends low-temperature sampling for chat.
-_GENERATION_DEFAULTS = {"do_sample": True, "temperature": 0.2, "top_p": 0.9}
+# SmolLM2's card suggests temperature 0.2 / top_p 0.9, but measured here the 135M model then
+# answered "What is the capital of France?" with "L'Étoile, la femme, la femme, ..." in 2 of 4
+# tries; greedy answers "The capital of France is Paris." every time. Requests that send a
+# temperature still sample.
+_GENERATION_DEFAULTS = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
 
 
 class BaseModelError(RuntimeError):

@@ -47,6 +47,7 @@ def test_prepared_model_answers_a_simple_question(prepared_model_dir: Path) -> N
     tokenizer = AutoTokenizer.from_pretrained(prepared_model_dir)
     model = AutoModelForCausalLM.from_pretrained(prepared_model_dir, dtype=torch.bfloat16)
     assert tokenizer.eos_token == "<|im_end|>" and model.generation_config.eos_token_id == 2
+    assert model.generation_config.do_sample is False  # greedy unless a request asks to sample
     inputs = tokenizer.apply_chat_template(
         [{"role": "user", "content": "What is the capital of France?"}],
         add_generation_prompt=True,

@@ -249,15 +249,15 @@ class Service:
         system, turns = _turns(req.messages)
         prompt = ([{"role": "system", "content": system}] if system is not None else []) + turns
         conversation = None
+        wanted = turns if req.regenerate else turns[:-1]
         if req.conversation_id is not None:
             conversation = self.store.get_conversation(req.conversation_id)
-        else:
+        elif wanted:  # a first message continues nothing: skip the scan
             for summary in self.store.list_conversations(limit=RECENT_CONVERSATIONS):
                 candidate = self.store.get_conversation(summary.id)
                 if candidate.system_prompt != system:
                     continue
                 path = _active_path(candidate)
-                wanted = turns if req.regenerate else turns[:-1]
                 if req.regenerate and path and path[-1]["role"] == "assistant":
                     path = path[:-1]
                 if path == wanted:

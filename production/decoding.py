@@ -8,26 +8,24 @@ first `<|end|>`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 
-class Decoded(Protocol):
-    text: str
-    reasoning: str
+@dataclass
+class Delta:
+    """What one generated token added for the user (text) and for the record (reasoning)."""
+
+    text: str = ""
+    reasoning: str = ""
 
 
 class StreamDecoder(Protocol):
     done: bool  # the decoder saw the end of the answer and generation should stop
     stopped_on_eos: bool  # a stop token ended the answer
 
-    def feed(self, token: int) -> Any: ...
-    def flush(self) -> Any: ...
-
-
-def _delta(text: str = "", reasoning: str = "") -> Any:
-    from production.engine import Delta
-
-    return Delta(text=text, reasoning=reasoning)
+    def feed(self, token: int) -> Delta: ...
+    def flush(self) -> Delta: ...
 
 
 class PlainDecoder:
@@ -45,9 +43,9 @@ class PlainDecoder:
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def feed(self, token: int) -> Any:
+    def feed(self, token: int) -> Delta:
         if self.done:
-            return _delta()
+            return Delta()
         if token in self.stop_ids:
             self.stopped_on_eos = True
             self.done = True
@@ -57,14 +55,14 @@ class PlainDecoder:
         after = self._decode(self.ids[self.prefix_offset :])
         if len(after) > len(before) and not after.endswith("\ufffd"):
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-            return _delta(text=after[len(before) :])
-        return _delta()
+            return Delta(text=after[len(before) :])
+        return Delta()
 
-    def flush(self) -> Any:
+    def flush(self) -> Delta:
         before = self._decode(self.ids[self.prefix_offset : self.read_offset])
         after = self._decode(self.ids[self.prefix_offset :])
         self.prefix_offset = self.read_offset = len(self.ids)
-        return _delta(text=after[len(before) :]) if len(after) > len(before) else _delta()
+        return Delta(text=after[len(before) :]) if len(after) > len(before) else Delta()
 
 
 class HarmonyDecoder:
@@ -78,7 +76,7 @@ class HarmonyDecoder:
         self.done = False
         self.stopped_on_eos = False
 
-    def _convert(self, events: list[Any]) -> Any:
+    def _convert(self, events: list[Any]) -> Delta:
         from production.harmony import Stop, TextDelta
 
         text, reasoning = [], []
@@ -88,14 +86,14 @@ class HarmonyDecoder:
             elif isinstance(event, Stop):
                 self.done = True
                 self.stopped_on_eos = True
-        return _delta(text="".join(text), reasoning="".join(reasoning))
+        return Delta(text="".join(text), reasoning="".join(reasoning))
 
-    def feed(self, token: int) -> Any:
+    def feed(self, token: int) -> Delta:
         return self._convert(self.parser.feed(token))
 
-    def flush(self) -> Any:
+    def flush(self) -> Delta:
         flush = getattr(self.parser, "flush", None)
-        return self._convert(flush()) if flush else _delta()
+        return self._convert(flush()) if flush else Delta()
 
 
 def stop_token_ids(tokenizer: Any, chat_format: str) -> list[int]:

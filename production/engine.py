@@ -30,7 +30,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from orchestrator.config import Settings
 from production import base_model
-from production.decoding import make_decoder, stop_token_ids
+from production.decoding import Delta, make_decoder, stop_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -48,14 +48,6 @@ class Sampling:
     top_k: int | None = None
     max_tokens: int = 512
     seed: int | None = None
-
-
-@dataclass
-class Delta:
-    """What one generated token added for the user (text) and for the record (reasoning)."""
-
-    text: str = ""
-    reasoning: str = ""
 
 
 @dataclass

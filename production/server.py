@@ -244,10 +244,9 @@ class Service:
 
     # ------------------------------------------------------------- conversations
 
-    def thread(self, req: ChatRequest) -> tuple[Any, str, list[dict[str, str]]]:
-        """Find or start the conversation; returns (conversation, user message id, prompt)."""
+    def thread(self, req: ChatRequest) -> tuple[Any, str]:
+        """Find or start the conversation; returns (conversation, id of the turn to answer)."""
         system, turns = _turns(req.messages)
-        prompt = ([{"role": "system", "content": system}] if system is not None else []) + turns
         conversation = None
         wanted = turns if req.regenerate else turns[:-1]
         if req.conversation_id is not None:
@@ -278,9 +277,9 @@ class Service:
             users = [m for m in conversation.messages if m.role == "user"]
             if not users:
                 raise ApiError(400, "regenerate: the conversation has no user message to answer")
-            return conversation, users[-1].id, prompt
+            return conversation, users[-1].id
         user = self.store.add_message(conversation.id, "user", turns[-1]["content"])
-        return conversation, user.id, prompt
+        return conversation, user.id
 
 
 def create_app(service: Service) -> FastAPI:
@@ -489,7 +488,7 @@ async def _chat(service: Service, req: ChatRequest, request: Request) -> Any:
     if service.worker.waiting >= service.worker.max_queue:
         raise ApiError(503, "the model is busy: too many requests waiting", **{"Retry-After": "5"})
 
-    conversation, user_id, _ = service.thread(req)
+    conversation, user_id = service.thread(req)
     effort = req.reasoning_effort or conversation.reasoning_effort
     placeholder = service.store.add_message(
         conversation.id,

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from production.engine import Delta, Engine, Outcome, Sampling
+from production.engine import Engine, Outcome, Sampling
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +119,3 @@ class Worker:
             job._emit("done", outcome)
         finally:
             self.busy = False
-
-
-__all__ = ["Delta", "Generation", "QueueFull", "Worker"]

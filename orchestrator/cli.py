@@ -99,21 +99,6 @@ def open_registry(settings: Settings) -> Registry:
     return Registry(settings.paths.candidates_dir)
 
 
-def _running_server(settings: Settings) -> dict[str, Any] | None:
-    """The API worker recorded in the home, if it answers /health."""
-    path = settings.paths.server_file
-    if not path.exists():
-        return None
-    try:
-        info = json.loads(path.read_text())
-        import httpx
-
-        httpx.get(f"{info['url']}/health", timeout=2).raise_for_status()
-    except Exception:
-        return None
-    return info
-
-
 def _python() -> str:
     return sys.executable
 
@@ -203,8 +188,8 @@ def _candidate_rows(settings: Settings) -> list[dict[str, Any]]:
                 record = store.get_candidate_record(cand.id)
             except NotFound:  # on disk only (copied in by hand): meta.json still describes it
                 record = None
-            evaluations = store.list_evaluations(cand.id)
-            last_eval = evaluations[-1] if evaluations else None
+            evaluations = store.list_evaluations(cand.id, limit=1)  # newest first
+            last_eval = evaluations[0] if evaluations else None
             meta = cand.meta
             rows.append(
                 {
@@ -234,7 +219,9 @@ def status(home: HomeOpt = None, set_: SetOpt = None, as_json: JsonOpt = False) 
     registry = open_registry(settings)
     store = open_store(settings)
     try:
-        server = _running_server(settings)
+        from orchestrator.promotion import running_server
+
+        server = running_server(settings)
         last_run = store.latest_run()
         promotions = store.list_promotions(limit=1)
         data: dict[str, Any] = {
@@ -320,25 +307,6 @@ def candidates_cmd(home: HomeOpt = None, set_: SetOpt = None, as_json: JsonOpt =
 # ------------------------------------------------------------------------- promote/rollback
 
 
-def _notify_worker(settings: Settings) -> str:
-    """Ask a running API worker to load the new `current`; say what happened."""
-    server = _running_server(settings)
-    if server is None:
-        return "no API worker is running; it will load the new adapter when it starts"
-    import httpx
-
-    headers = {}
-    token = settings.bearer_token()
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    try:
-        resp = httpx.post(f"{server['url']}/admin/reload", headers=headers, timeout=120)
-        resp.raise_for_status()
-    except httpx.HTTPError as exc:
-        return f"the API worker at {server['url']} did not reload: {exc}"
-    return f"the API worker at {server['url']} now serves it"
-
-
 @app.command()
 def promote(
     candidate_id: Annotated[str, typer.Argument(metavar="ID", help="Candidate to make current.")],
@@ -350,72 +318,38 @@ def promote(
 ) -> None:
     """Make a candidate the champion (the old one becomes `previous`)."""
     from candidates import RegistryError
+    from orchestrator import promotion
 
     settings = settings_for(home, set_)
     registry = open_registry(settings)
     store = open_store(settings)
     try:
-        try:
-            registry.validate_id(candidate_id)
-        except RegistryError as exc:
-            raise _fail(str(exc)) from None
-        evaluations = store.list_evaluations(candidate_id)
-        passed = bool(evaluations) and evaluations[-1].decision == "promote"
-        if not passed and not force:
-            why = (
-                f"its last evaluation decided {evaluations[-1].decision!r} ({evaluations[-1].rule})"
-                if evaluations
-                else "it has no evaluation yet"
-            )
-            raise _fail(
-                f"candidate {candidate_id} has not passed the gate: {why}. "
-                f"Run `whetstone eval {candidate_id}`, or use --force to promote it anyway."
-            )
-        try:
-            result = registry.promote(
-                candidate_id, base_model=settings.model.base_model, force=force
-            )
-        except (RegistryError, ValueError) as exc:
-            raise _fail(str(exc)) from None
-        store.record_promotion(
-            action="promote",
-            candidate_id=result.new_current,
-            previous_id=result.previous,
-            forced=force and not passed,
-            reason=None if passed else "forced from the CLI",
-            actor="cli",
-        )
+        result = promotion.promote(settings, store, registry, candidate_id, force=force)
+    except (RegistryError, ValueError, promotion.PromotionRefused) as exc:
+        raise _fail(str(exc)) from None
     finally:
         store.close()
     console.print(f"current -> {result.new_current} (previous: {result.previous or 'base model'})")
-    console.print(_notify_worker(settings))
+    console.print(promotion.notify_worker(settings))
 
 
 @app.command()
 def rollback(home: HomeOpt = None, set_: SetOpt = None) -> None:
     """Swap back to the previous champion."""
     from candidates import RegistryError
+    from orchestrator import promotion
 
     settings = settings_for(home, set_)
     registry = open_registry(settings)
-    try:
-        result = registry.rollback(base_model=settings.model.base_model)
-    except RegistryError as exc:
-        raise _fail(str(exc)) from None
     store = open_store(settings)
     try:
-        store.record_promotion(
-            action="rollback",
-            candidate_id=result.new_current,
-            previous_id=result.previous,
-            forced=False,
-            reason="rollback from the CLI",
-            actor="cli",
-        )
+        result = promotion.rollback(settings, store, registry)
+    except RegistryError as exc:
+        raise _fail(str(exc)) from None
     finally:
         store.close()
     console.print(f"current -> {result.new_current} (previous: {result.previous})")
-    console.print(_notify_worker(settings))
+    console.print(promotion.notify_worker(settings))
 
 
 # ---------------------------------------------------------------------------------- export

@@ -184,6 +184,26 @@ class TrainingProfile(_Section):
     learning_rate: float = Field(gt=0, le=1, description="Peak LR; 2e-4 is typical for LoRA.")
     lora_r: int | None = Field(None, ge=1, le=512, description="Rank override for this profile.")
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of steps spent warming up.")
+    eval_every: int | None = Field(
+        None,
+        ge=1,
+        description="Steps between held-out evaluations (early stopping); default max_steps/5.",
+    )
+    preference_steps: int | None = Field(
+        None,
+        ge=0,
+        description="DPO/KTO stage steps after SFT; default max_steps/2; 0 skips the stage.",
+    )
+    preference_learning_rate: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="LR of the DPO/KTO stage; default learning_rate/4 (preference steps are "
+        "sharper than SFT and overshoot at the SFT rate).",
+    )
+    beta: float = Field(
+        0.1, gt=0, le=10, description="DPO/KTO beta: higher stays closer to the SFT adapter."
+    )
 
 
 def _default_profiles() -> dict[str, TrainingProfile]:
@@ -207,6 +227,12 @@ class Training(_Section):
     holdout_fraction: float = Field(
         0.2, gt=0, lt=1, description="Share of feedback never trained on (judges candidates)."
     )
+    validation_fraction: float = Field(
+        0.1,
+        ge=0,
+        lt=1,
+        description="Share of feedback kept out of training for held-out loss (early stopping).",
+    )
     replay_fraction: float = Field(
         0.5, ge=0, lt=1, description="Share of rows that replay base answers (against forgetting)."
     )
@@ -224,6 +250,17 @@ class Training(_Section):
                 )
             data = {**data, "profiles": merged}
         return data
+
+    @field_validator("validation_fraction")
+    @classmethod
+    def _room_to_train(cls, value: float, info: ValidationInfo) -> float:
+        holdout = info.data.get("holdout_fraction")
+        if holdout is not None and holdout + value > 0.9:
+            raise ValueError(
+                f"holdout_fraction + validation_fraction = {holdout + value:.2f} leaves less "
+                "than 10% of feedback to train on"
+            )
+        return value
 
     @field_validator("default_profile")
     @classmethod
@@ -276,6 +313,9 @@ class Gate(_Section):
     )
     max_general_nll_increase: float = Field(
         0.05, ge=0, description="Allowed relative rise of NLL on general probes vs the base."
+    )
+    max_general_facts_lost: int = Field(
+        0, ge=0, description="General-knowledge probes the base gets right that may be lost."
     )
     require_sanity: bool = Field(True, description="Generation sanity checks must all pass.")
 

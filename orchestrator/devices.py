@@ -45,3 +45,22 @@ def worker_env(device: str) -> tuple[dict[str, str], str]:
         return {"CUDA_VISIBLE_DEVICES": ""}, "cpu"
     index = device.split(":", 1)[1] if ":" in device else "0"
     return {"CUDA_VISIBLE_DEVICES": index}, "cuda:0"
+
+
+def pin_device(settings: Settings, role: str) -> str:
+    """In a worker process, before torch is imported: pin this process to its planned device
+    (role "production" or "development") and return the device name to use inside it.
+
+    A parent that already pinned the process (CUDA_VISIBLE_DEVICES and
+    WHETSTONE_WORKER_DEVICE both set) wins, so `whetstone serve`/`train` decide once.
+    """
+    import os
+
+    from orchestrator import gpus
+
+    if "CUDA_VISIBLE_DEVICES" in os.environ and "WHETSTONE_WORKER_DEVICE" in os.environ:
+        return os.environ["WHETSTONE_WORKER_DEVICE"]
+    device = getattr(plan(settings, gpus.count()), role)
+    env, inside = worker_env(device)
+    os.environ.update(env)
+    return inside

@@ -71,6 +71,21 @@ def pick_dtype(name: str, device: str) -> torch.dtype:
     return torch.bfloat16  # measured fine on CPU with SmolLM2 (~19 tok/s on 2 cores)
 
 
+def choose_backend(settings: Settings, device: str) -> str:
+    """transformers or unsloth, from `model.backend` and whether Unsloth is installed."""
+    wanted = settings.model.backend
+    if wanted == "transformers" or not device.startswith("cuda"):
+        if wanted == "unsloth":
+            raise RuntimeError("model.backend = 'unsloth' needs a CUDA device")
+        return "transformers"
+    import importlib.util
+
+    has_unsloth = importlib.util.find_spec("unsloth") is not None
+    if wanted == "unsloth" and not has_unsloth:
+        raise RuntimeError("model.backend = 'unsloth' but unsloth is not installed: .[gpu]")
+    return "unsloth" if has_unsloth else "transformers"
+
+
 class _TokenSink(BaseStreamer):
     """generate() calls put() with the prompt first, then each new token."""
 
@@ -109,7 +124,7 @@ class Engine:
         self.base_model_name = settings.model.base_model
         path = base_model.resolve(settings)
         started = time.monotonic()
-        self.backend = self._choose_backend(settings, device)
+        self.backend = choose_backend(settings, device)
         if self.backend == "unsloth":
             from unsloth import FastLanguageModel
 
@@ -151,20 +166,6 @@ class Engine:
             device,
             time.monotonic() - started,
         )
-
-    @staticmethod
-    def _choose_backend(settings: Settings, device: str) -> str:
-        wanted = settings.model.backend
-        if wanted == "transformers" or not device.startswith("cuda"):
-            if wanted == "unsloth":
-                raise RuntimeError("model.backend = 'unsloth' needs a CUDA device")
-            return "transformers"
-        import importlib.util
-
-        has_unsloth = importlib.util.find_spec("unsloth") is not None
-        if wanted == "unsloth" and not has_unsloth:
-            raise RuntimeError("model.backend = 'unsloth' but unsloth is not installed: .[gpu]")
-        return "unsloth" if has_unsloth else "transformers"
 
     # ------------------------------------------------------------------ prompts
 

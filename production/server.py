@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from candidates import Registry, RegistryError
 from data.errors import Gone, InvalidInput, NotFound, StoreError
 from data.store import Store
+from orchestrator import devices
 from orchestrator.config import ConfigError, Settings, load_settings, parse_sets
 
 if TYPE_CHECKING:
@@ -705,18 +706,6 @@ def check_bind(settings: Settings) -> None:
         )
 
 
-def _pin_device(settings: Settings) -> str:
-    """Set CUDA_VISIBLE_DEVICES before torch loads; return the in-process device."""
-    from orchestrator import devices, gpus
-
-    if "CUDA_VISIBLE_DEVICES" in os.environ and "WHETSTONE_WORKER_DEVICE" in os.environ:
-        return os.environ["WHETSTONE_WORKER_DEVICE"]
-    device = devices.plan(settings, gpus.count()).production
-    env, inside = devices.worker_env(device)
-    os.environ.update(env)
-    return inside
-
-
 async def _serve(settings: Settings, service: Service) -> None:
     import uvicorn
 
@@ -832,7 +821,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         finally:
             probe.close()
-    device = _pin_device(settings)
+    device = devices.pin_device(settings, "production")
     service = build_service(settings, device)
     try:
         asyncio.run(_serve(settings, service))

@@ -1,0 +1,358 @@
+"""What a training run learns from, and what it is judged on, built from the store.
+
+Every feedback item is placed by a hash of its message id, so the placement never changes
+as feedback grows (it depends only on the id and the configured fractions):
+
+    [0, holdout)                      frozen holdout: only the gate looks at it
+    [holdout, holdout + validation)   held-out loss during training (early stopping)
+    the rest                          trained on
+
+SFT rows are prompt-completion pairs (TRL then puts the loss on the completion only): the
+correction if there is one, else an answer rated 4-5. DPO pairs and KTO labels come from
+the training items only. Replay rows (the base model's own answers to shipped general
+prompts, generated once per base model and cached) are mixed in at `replay_fraction`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from data import exports
+from data.exports import FeedbackItem
+from data.store import Store
+from orchestrator.config import Settings
+
+from . import probes
+
+log = logging.getLogger(__name__)
+
+Row = dict[str, Any]
+Messages = list[dict[str, str]]
+# Counts tokens of (prompt, answer) as the trainer will see them.
+TokenCounter = Callable[[Messages, str], int]
+
+# Bump when the way base answers are generated changes: old caches are then regenerated.
+REPLAY_VERSION = 1
+REPLAY_MAX_NEW_TOKENS = 160
+
+
+def placement(message_id: str) -> float:
+    """A stable number in [0, 1) for a message id (sha256, not Python's salted hash)."""
+    digest = hashlib.sha256(f"whetstone-split:{message_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+@dataclass(frozen=True)
+class Split:
+    train: list[FeedbackItem]
+    validation: list[FeedbackItem]
+    holdout: list[FeedbackItem]
+
+
+def split_items(
+    items: Iterable[FeedbackItem], holdout_fraction: float, validation_fraction: float
+) -> Split:
+    train, validation, holdout = [], [], []
+    for item in items:
+        where = placement(item.message_id)
+        if where < holdout_fraction:
+            holdout.append(item)
+        elif where < holdout_fraction + validation_fraction:
+            validation.append(item)
+        else:
+            train.append(item)
+    return Split(train, validation, holdout)
+
+
+def _prompt_completion(messages: Messages, answer: str) -> Row:
+    return {
+        "prompt": [dict(turn) for turn in messages],
+        "completion": [{"role": "assistant", "content": answer}],
+    }
+
+
+def fit_prompt(
+    prompt: Messages, answer: str, max_length: int, count: TokenCounter
+) -> Messages | None:
+    """Drop the oldest turns (never the system prompt or the question answered) until prompt
+    and answer fit in max_length tokens; None when even the shortest form does not fit."""
+    system = [turn for turn in prompt[:1] if turn["role"] == "system"]
+    turns = prompt[len(system) :]
+    while True:
+        candidate = system + turns
+        if count(candidate, answer) <= max_length:
+            return candidate
+        if len(turns) <= 1:
+            return None
+        # Drop through the next user turn so the kept context still starts with the user.
+        turns = turns[1:]
+        while len(turns) > 1 and turns[0]["role"] != "user":
+            turns = turns[1:]
+
+
+def sft_target(item: FeedbackItem) -> str | None:
+    """What the person wants this answer to be, if they said so (correction or 4-5)."""
+    if item.correction is not None:
+        return item.correction
+    if item.rating is not None and item.rating >= 4 and item.complete:
+        return item.answer
+    return None
+
+
+def kto_weights(desirable: int, undesirable: int) -> tuple[float, float]:
+    """(desirable_weight, undesirable_weight) putting desirable*w_d : undesirable*w_u
+    between 1:1 and 4:3, as TRL's KTO documentation advises."""
+    if desirable == 0 or undesirable == 0:
+        return 1.0, 1.0
+    ratio = desirable / undesirable
+    if ratio < 1:
+        return round(1 / ratio, 4), 1.0
+    if ratio > 4 / 3:
+        return 1.0, round(ratio / (4 / 3), 4)
+    return 1.0, 1.0
+
+
+# --- replay: the base model's own answers, cached per base model --------------------------
+
+
+def replay_cache_file(settings: Settings) -> Path:
+    prompts = {"replay": probes.REPLAY, "validation": probes.VALIDATION}
+    prompts["regression"] = probes.REGRESSION
+    key = json.dumps(
+        {
+            "base_model": settings.model.base_model,
+            "load_in_4bit": settings.model.load_in_4bit,
+            "chat_format": settings.model.chat_format,
+            "prompts": prompts,
+            "version": REPLAY_VERSION,
+        },
+        sort_keys=True,
+    )
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return settings.paths.models_dir / "replay" / f"{digest}.json"
+
+
+def load_base_answers(
+    settings: Settings, generate: Callable[[list[str]], list[tuple[str, bool]]] | None
+) -> dict[str, list[dict[str, str]]]:
+    """{"replay"|"validation"|"regression": [{"prompt", "answer"}]} from the cache, generated
+    with `generate(prompts) -> [(answer, finished)]` when missing. Unfinished answers (cut at
+    the token limit) are dropped: training on them would teach answers that stop mid-way."""
+    path = replay_cache_file(settings)
+    if path.is_file():
+        try:
+            cached = json.loads(path.read_text())
+            return cached["sets"]
+        except (ValueError, KeyError) as exc:
+            log.warning("replay cache %s is unreadable (%s); regenerating", path, exc)
+    if generate is None:
+        raise FileNotFoundError(f"no cached base answers at {path}")
+    sets: dict[str, list[dict[str, str]]] = {}
+    for name, prompts in (
+        ("replay", probes.REPLAY),
+        ("validation", probes.VALIDATION),
+        ("regression", probes.REGRESSION),
+    ):
+        answers = generate(list(prompts))
+        sets[name] = [
+            {"prompt": prompt, "answer": text}
+            for prompt, (text, finished) in zip(prompts, answers, strict=True)
+            if finished and text.strip()
+        ]
+        log.info("base answers for %s: %d of %d finished", name, len(sets[name]), len(prompts))
+    body = {"base_model": settings.model.base_model, "sets": sets}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(body, indent=1, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+    return sets
+
+
+# --- the training data of one run --------------------------------------------------------
+
+
+@dataclass
+class TrainingData:
+    split: Split
+    sft: list[Row]  # prompt-completion rows: the person's targets and replay, shuffled
+    validation: list[Row]  # prompt-completion rows for held-out loss
+    dpo: list[Row]
+    kto: list[Row]
+    kto_weights: tuple[float, float]
+    regression: list[dict[str, str]]  # {"prompt", "answer"}: general probes for the gate
+    counts: dict[str, int] = field(default_factory=dict)
+    dropped: dict[str, int] = field(default_factory=dict)  # rows too long for max_seq_length
+
+    def snapshot(self) -> dict[str, Any]:
+        """What the run saw, for meta.json: ids per split, counts, the feedback time range."""
+        items = self.split.train + self.split.validation + self.split.holdout
+        times = sorted(item.created_at for item in items)
+        return {
+            "feedback_high_water": _iso(times[-1]) if times else None,
+            "first_feedback_at": _iso(times[0]) if times else None,
+            "last_feedback_at": _iso(times[-1]) if times else None,
+            "counts": dict(self.counts),
+            "dropped_too_long": dict(self.dropped),
+            "message_ids": {
+                "train": [item.message_id for item in self.split.train],
+                "validation": [item.message_id for item in self.split.validation],
+                "holdout": [item.message_id for item in self.split.holdout],
+            },
+        }
+
+
+def _iso(when: datetime) -> str:
+    return when.isoformat()
+
+
+def build(
+    items: Sequence[FeedbackItem],
+    settings: Settings,
+    base_answers: dict[str, list[dict[str, str]]],
+    count: TokenCounter,
+) -> TrainingData:
+    """All rows of one run from the feedback items (see the module docstring)."""
+    training = settings.training
+    split = split_items(items, training.holdout_fraction, training.validation_fraction)
+    max_length = settings.model.max_seq_length
+    dropped = {"sft": 0, "dpo": 0, "kto": 0}
+
+    def fitted(prompt: Messages, *answers: str) -> Messages | None:
+        longest = max(answers, key=len)
+        return fit_prompt(prompt, longest, max_length, count)
+
+    person = []
+    for item in split.train:
+        target = sft_target(item)
+        if target is None:
+            continue
+        prompt = fitted(item.context, target)
+        if prompt is None:
+            dropped["sft"] += 1
+            continue
+        person.append(_prompt_completion(prompt, target))
+
+    validation = []
+    for item in split.validation:
+        target = sft_target(item)
+        prompt = None if target is None else fitted(item.context, target)
+        if prompt is not None and target is not None:
+            validation.append(_prompt_completion(prompt, target))
+    validation += [
+        _prompt_completion([{"role": "user", "content": pair["prompt"]}], pair["answer"])
+        for pair in base_answers.get("validation", [])
+    ]
+
+    # Replay share r of all SFT rows: replay = person * r / (1 - r), capped by what exists.
+    rng = random.Random(training.seed)
+    replay_pool = list(base_answers.get("replay", []))
+    rng.shuffle(replay_pool)
+    fraction = training.replay_fraction
+    wanted = round(len(person) * fraction / (1 - fraction)) if person else 0
+    replay = [
+        _prompt_completion([{"role": "user", "content": pair["prompt"]}], pair["answer"])
+        for pair in replay_pool[:wanted]
+    ]
+    sft = person + replay
+    rng.shuffle(sft)
+
+    train_ids = {item.message_id for item in split.train}
+    dpo = []
+    for row, ids in exports.dpo_rows_with_ids(split.train):
+        if not set(ids) <= train_ids:
+            continue
+        prompt = fitted(row["prompt"], row["chosen"][0]["content"], row["rejected"][0]["content"])
+        if prompt is None:
+            dropped["dpo"] += 1
+            continue
+        dpo.append({**row, "prompt": prompt})
+
+    kto = []
+    for row, _ids in exports.kto_rows_with_ids(split.train):
+        prompt = fitted(row["prompt"], row["completion"][0]["content"])
+        if prompt is None:
+            dropped["kto"] += 1
+            continue
+        kto.append({**row, "prompt": prompt})
+    desirable = sum(1 for row in kto if row["label"])
+    weights = kto_weights(desirable, len(kto) - desirable)
+
+    counts = {
+        "feedback_items": len(items),
+        "train_items": len(split.train),
+        "validation_items": len(split.validation),
+        "holdout_items": len(split.holdout),
+        "sft_rows": len(person),
+        "replay_rows": len(replay),
+        "validation_rows": len(validation),
+        "dpo_rows": len(dpo),
+        "kto_rows": len(kto),
+        "kto_desirable": desirable,
+        "kto_undesirable": len(kto) - desirable,
+    }
+    return TrainingData(
+        split=split,
+        sft=sft,
+        validation=validation,
+        dpo=dpo,
+        kto=kto,
+        kto_weights=weights,
+        regression=list(base_answers.get("regression", [])),
+        counts=counts,
+        dropped={k: v for k, v in dropped.items() if v},
+    )
+
+
+# --- is a run worth starting? -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sufficiency:
+    enough: bool
+    new_items: int
+    reason: str
+
+
+def sufficiency(
+    store: Store, settings: Settings, champion_snapshot: dict[str, Any] | None
+) -> Sufficiency:
+    """Enough new trainable feedback since the champion's data snapshot to be worth a run?
+    Holdout items are new data too, but a run cannot learn from them, so they do not count."""
+    items = exports.feedback_items(store)
+    split = split_items(
+        items, settings.training.holdout_fraction, settings.training.validation_fraction
+    )
+    seen: set[str] = set()
+    if champion_snapshot:
+        ids = champion_snapshot.get("message_ids", {})
+        seen = set(ids.get("train", [])) | set(ids.get("validation", []))
+        mark = champion_snapshot.get("feedback_high_water")
+        high_water = datetime.fromisoformat(mark) if mark else None
+    else:
+        high_water = None
+    # New: never seen by the champion, or its feedback changed since (a later correction).
+    new = [
+        item
+        for item in split.train + split.validation
+        if item.message_id not in seen or (high_water is not None and item.created_at > high_water)
+    ]
+    learnable = [item for item in split.train if sft_target(item) is not None]
+    needed = settings.schedule.min_new_examples
+    if not learnable:
+        return Sufficiency(False, len(new), "no feedback to learn from yet (rate 4-5 or correct)")
+    if len(new) < needed:
+        since = "since the champion was trained" if champion_snapshot else "in total"
+        return Sufficiency(
+            False,
+            len(new),
+            f"{len(new)} new feedback item(s) {since}; schedule.min_new_examples is {needed}",
+        )
+    return Sufficiency(True, len(new), f"{len(new)} new feedback item(s)")

@@ -1,0 +1,397 @@
+"""Score a candidate, the current champion and the base model on the same data, run the
+gate, and write the report.
+
+    python -m development.evaluate --home ~/.whetstone --candidate cand-...
+
+All three are scored in one process on one copy of the base weights: the adapters are
+loaded side by side and switched (the base is the model with adapters disabled).
+
+    holdout_nll            per-token NLL of the person's held-out targets (corrections, and
+                           answers rated 4-5): how much closer the model is to what they want
+    correction_nll         the same, corrections only
+    preference_accuracy    held-out pairs where log p(chosen) > log p(rejected)
+    preference_margin      mean log p(chosen) - log p(rejected) over those pairs
+    rating_separation      mean per-token log p of 4-5 rated answers minus 1-2 rated ones
+    general_nll            per-token NLL of the base's own answers to general probes: drift
+    general_facts          general-knowledge questions answered right (of general_facts_total)
+    sanity_*               generated answers to held-out prompts: non-empty, no template
+                           tokens, not degenerate, finished within the length bound
+    ms_per_token           generation time per token (batched, same batches for all three)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from candidates import Registry, update_meta
+from data import exports
+from data.exports import FeedbackItem
+from data.store import Store
+from orchestrator import devices
+from orchestrator.config import ConfigError, Settings, load_settings, parse_sets
+
+from . import datasets, probes
+from .gate import decide
+
+log = logging.getLogger("development.evaluate")
+
+SANITY_MAX_NEW_TOKENS = 192
+EXAMPLES_SHOWN = 5
+# Chat-template tokens that must never reach the person's screen.
+TEMPLATE_ARTIFACTS = re.compile(
+    r"<\|(im_start|im_end|start|end|message|channel|return|call|endoftext)\|>"
+)
+
+METRIC_INFO: dict[str, dict[str, Any]] = {
+    "holdout_nll": {"label": "Held-out target NLL (per token)", "better": "lower"},
+    "correction_nll": {"label": "Held-out correction NLL (per token)", "better": "lower"},
+    "preference_accuracy": {
+        "label": "Held-out preference accuracy",
+        "better": "higher",
+        "percent": True,
+    },
+    "preference_margin": {"label": "Held-out preference margin (nats)", "better": "higher"},
+    "rating_separation": {"label": "Good minus bad answers (log p/token)", "better": "higher"},
+    "general_nll": {"label": "General-probe NLL (per token)", "better": "lower"},
+    "general_facts": {"label": "General-knowledge probes right", "better": "higher"},
+    "sanity_pass_rate": {"label": "Sanity checks passed", "better": "higher", "percent": True},
+    "ms_per_token": {"label": "Generation ms per token", "better": "lower"},
+}
+
+
+def degenerate(text: str) -> str | None:
+    """Why an answer looks degenerate (a loop), or None. Measured on words: a 4-word phrase
+    taking up more than half the answer, or one line repeated 3+ times."""
+    words = text.split()
+    if len(words) >= 12:
+        grams = Counter(tuple(words[i : i + 4]) for i in range(len(words) - 3))
+        phrase, seen = grams.most_common(1)[0]
+        if seen * 4 > len(words) / 2 and seen >= 3:
+            return f"repeats {' '.join(phrase)!r} {seen} times"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if lines:
+        line, seen = Counter(lines).most_common(1)[0]
+        if seen >= 3 and len(lines) >= 3:
+            return f"repeats the line {line[:40]!r} {seen} times"
+    return None
+
+
+def sanity_problem(text: str, finished: bool) -> str | None:
+    if not text.strip():
+        return "empty answer"
+    artifact = TEMPLATE_ARTIFACTS.search(text)
+    if artifact:
+        return f"template token {artifact.group(0)} in the answer"
+    loop = degenerate(text)
+    if loop:
+        return loop
+    if not finished:
+        return f"did not finish within {SANITY_MAX_NEW_TOKENS} tokens"
+    return None
+
+
+def _mean_nll(scores: Sequence[Any]) -> float | None:
+    tokens = sum(s.tokens for s in scores)
+    return None if tokens == 0 else -sum(s.logprob for s in scores) / tokens
+
+
+def _last_user(item: FeedbackItem) -> str:
+    return next(turn["content"] for turn in reversed(item.context) if turn["role"] == "user")
+
+
+class Variant:
+    """One of base / champion / candidate on the shared model: switches adapters on entry."""
+
+    def __init__(self, model: Any, adapter: str | None) -> None:
+        self.model, self.adapter = model, adapter
+        self._disabled: Any = None
+
+    def __enter__(self) -> Any:
+        if self.adapter is None:
+            if hasattr(self.model, "disable_adapter"):
+                self._disabled = self.model.disable_adapter()
+                self._disabled.__enter__()
+        else:
+            self.model.set_adapter(self.adapter)
+        return self.model
+
+    def __exit__(self, *exc: object) -> None:
+        if self._disabled is not None:
+            self._disabled.__exit__(None, None, None)
+            self._disabled = None
+
+
+def measure(
+    model: Any,
+    tokenizer: Any,
+    settings: Settings,
+    holdout: list[FeedbackItem],
+    regression: list[dict[str, str]],
+    sanity_prompts: list[list[dict[str, str]]],
+) -> tuple[dict[str, Any], list[str]]:
+    """Every metric for the model as it is now (adapter chosen by the caller), and its
+    answers to sanity_prompts."""
+    from development.modeling import generate, score_answers
+
+    max_length = settings.model.max_seq_length
+    fmt = settings.model.chat_format
+    metrics: dict[str, Any] = {}
+
+    targets = [(item, datasets.sft_target(item)) for item in holdout]
+    targets = [(item, target) for item, target in targets if target is not None]
+    scores = score_answers(
+        model,
+        tokenizer,
+        [(item.context, target) for item, target in targets],
+        max_length=max_length,
+    )
+    metrics["holdout_items"] = len(targets)
+    metrics["holdout_nll"] = _mean_nll(scores)
+    metrics["correction_nll"] = _mean_nll(
+        [s for (item, _), s in zip(targets, scores, strict=True) if item.correction is not None]
+    )
+
+    holdout_ids = {item.message_id for item in holdout}
+    pairs = [row for row, ids in exports.dpo_rows_with_ids(holdout) if set(ids) <= holdout_ids]
+    if pairs:
+        chosen = score_answers(
+            model,
+            tokenizer,
+            [(row["prompt"], row["chosen"][0]["content"]) for row in pairs],
+            max_length=max_length,
+        )
+        rejected = score_answers(
+            model,
+            tokenizer,
+            [(row["prompt"], row["rejected"][0]["content"]) for row in pairs],
+            max_length=max_length,
+        )
+        margins = [c.logprob - r.logprob for c, r in zip(chosen, rejected, strict=True)]
+        metrics["preference_pairs"] = len(pairs)
+        metrics["preference_accuracy"] = sum(m > 0 for m in margins) / len(margins)
+        metrics["preference_margin"] = sum(margins) / len(margins)
+    else:
+        metrics["preference_pairs"] = 0
+        metrics["preference_accuracy"] = metrics["preference_margin"] = None
+
+    rated = [i for i in holdout if i.rating is not None and i.rating != 3 and i.complete]
+    good = [i for i in rated if i.rating >= 4]
+    bad = [i for i in rated if i.rating <= 2]
+    if good and bad:
+        good_s = score_answers(
+            model, tokenizer, [(i.context, i.answer) for i in good], max_length=max_length
+        )
+        bad_s = score_answers(
+            model, tokenizer, [(i.context, i.answer) for i in bad], max_length=max_length
+        )
+        metrics["rating_separation"] = -_mean_nll(good_s) + _mean_nll(bad_s)
+    else:
+        metrics["rating_separation"] = None
+
+    general = score_answers(
+        model,
+        tokenizer,
+        [([{"role": "user", "content": p["prompt"]}], p["answer"]) for p in regression],
+        max_length=max_length,
+    )
+    metrics["general_nll"] = _mean_nll(general)
+
+    fact_prompts = [[{"role": "user", "content": q}] for q, _ in probes.FACT_PROBES]
+    sanity_count = len(sanity_prompts)
+    answers = generate(
+        model,
+        tokenizer,
+        sanity_prompts + fact_prompts,
+        max_new_tokens=SANITY_MAX_NEW_TOKENS,
+        chat_format=fmt,
+    )
+    facts = answers[sanity_count:]
+    metrics["general_facts"] = sum(
+        probes.fact_is_right(g.text, accepted)
+        for g, (_, accepted) in zip(facts, probes.FACT_PROBES, strict=True)
+    )
+    metrics["general_facts_total"] = len(probes.FACT_PROBES)
+    metrics["general_facts_missed"] = [
+        q
+        for g, (q, accepted) in zip(facts, probes.FACT_PROBES, strict=True)
+        if not probes.fact_is_right(g.text, accepted)
+    ]
+
+    sanity = answers[:sanity_count]
+    failures = []
+    for prompt, g in zip(sanity_prompts, sanity, strict=True):
+        problem = sanity_problem(g.text, g.finished)
+        if problem:
+            failures.append(f"{prompt[-1]['content'][:50]!r}: {problem}")
+    metrics["sanity_checked"] = sanity_count
+    metrics["sanity_failures"] = failures
+    metrics["sanity_pass_rate"] = (sanity_count - len(failures)) / sanity_count if sanity else None
+    total_tokens = sum(g.tokens for g in answers)
+    seconds = sum(g.seconds for g in answers)
+    metrics["ms_per_token"] = 1000 * seconds / total_tokens if total_tokens else None
+    return metrics, [g.text for g in sanity]
+
+
+def evaluate_candidate(
+    settings: Settings, store: Store, candidate_id: str, device: str
+) -> dict[str, Any]:
+    """Evaluate, decide, record (store + meta.json) and render the report. Returns the
+    report dict (decision, rule, metrics, ...)."""
+    from peft import PeftModel
+
+    from development import modeling, report
+
+    started = time.monotonic()
+    registry = Registry(settings.paths.candidates_dir)
+    meta = registry.validate(candidate_id, base_model=settings.model.base_model)
+    champion_id = registry.current_id()
+    if champion_id == candidate_id:
+        champion_id = registry.previous_id()
+    folder = registry.path(candidate_id)
+
+    items = exports.feedback_items(store)
+    split = datasets.split_items(
+        items, settings.training.holdout_fraction, settings.training.validation_fraction
+    )
+    holdout = split.holdout
+    base_answers = datasets.load_base_answers(settings, None)
+    regression = base_answers.get("regression", [])
+    examples_from = sorted(holdout, key=lambda i: (i.correction is None, i.message_id))
+    example_items = examples_from[:EXAMPLES_SHOWN]
+    sanity_items = examples_from[:8]
+    sanity_prompts = [item.context for item in sanity_items]
+
+    model, tokenizer = modeling.load_base(settings, device, for_training=False)
+    model = PeftModel.from_pretrained(model, str(folder), adapter_name="candidate")
+    if champion_id is not None:
+        registry.validate(champion_id, base_model=settings.model.base_model)
+        model.load_adapter(str(registry.path(champion_id)), adapter_name="champion")
+
+    results: dict[str, dict[str, Any]] = {}
+    answers: dict[str, list[str]] = {}
+    for name, adapter in (("base", None), ("champion", "champion"), ("candidate", "candidate")):
+        if name == "champion" and champion_id is None:
+            continue
+        with Variant(model, adapter) as active:
+            log.info("measuring %s", name)
+            results[name], answers[name] = measure(
+                active, tokenizer, settings, holdout, regression, sanity_prompts
+            )
+    champion_metrics = results.get("champion", results["base"])
+    verdict = decide(results["candidate"], champion_metrics, results["base"], settings.gate)
+    log.info("decision %s (%s): %s", verdict.decision, verdict.rule, verdict.reason)
+
+    champion_answers = answers.get("champion", answers["base"])
+    examples = [
+        {
+            "prompt": _last_user(item),
+            "champion": champion_answers[i],
+            "candidate": answers["candidate"][i],
+            "correction": item.correction,
+        }
+        for i, item in enumerate(example_items)
+    ]
+    training = meta.metrics.get("training", {})
+    data_counts = dict(meta.data.get("counts", {}))
+    report_dict: dict[str, Any] = {
+        "candidate_id": candidate_id,
+        "champion_id": champion_id,
+        "base_model": settings.model.base_model,
+        "created_at": datetime.now(UTC).isoformat(),
+        **verdict.as_dict(),
+        "metrics": {
+            "candidate": results["candidate"],
+            "champion": results.get("champion"),
+            "base": results["base"],
+        },
+        "metric_info": METRIC_INFO,
+        "data": {
+            "counts": data_counts,
+            "first_feedback_at": meta.data.get("first_feedback_at"),
+            "last_feedback_at": meta.data.get("last_feedback_at"),
+            "evaluated_on": {"holdout_items": len(holdout), "regression_probes": len(regression)},
+        },
+        "examples": examples,
+        "training": {
+            "profile": meta.config.get("profile"),
+            "config": meta.config,
+            "duration_s": meta.duration_s,
+            "hardware": meta.hardware,
+            "stages": training.get("stages", []),
+            "loss_curve": training.get("loss_curve", {}),
+            "monitor": training.get("monitor", {}),
+        },
+        "evaluation_seconds": round(time.monotonic() - started, 1),
+    }
+    _md, html_path = report.render(report_dict, folder)
+    evaluation = {
+        key: report_dict[key]
+        for key in ("champion_id", "decision", "rule", "reason", "checks", "metrics", "created_at")
+    }
+    update_meta(
+        folder,
+        metrics={**meta.metrics, "evaluation": evaluation},
+        status="passed" if verdict.decision == "promote" else "rejected",
+    )
+    store.record_evaluation(
+        candidate_id,
+        decision=verdict.decision,
+        rule=verdict.rule,
+        metrics={
+            "reason": verdict.reason,
+            "checks": report_dict["checks"],
+            **{name: values for name, values in report_dict["metrics"].items() if values},
+        },
+        champion_id=champion_id,
+        report_path=str(html_path),
+    )
+    try:
+        store.update_candidate(
+            candidate_id, status="passed" if verdict.decision == "promote" else "rejected"
+        )
+    except Exception:  # a candidate copied in by hand has no store record; meta.json has it
+        log.info("candidate %s has no store record", candidate_id)
+    log.info("evaluated %s in %.1f s", candidate_id, report_dict["evaluation_seconds"])
+    return report_dict
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--home", type=Path, help="whetstone home (default WHETSTONE_HOME)")
+    parser.add_argument("--candidate", required=True, help="candidate id to evaluate")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings(args.home, parse_sets(args.sets))
+    except ConfigError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    device = devices.pin_device(settings, "development")
+    from candidates import RegistryError
+
+    store = Store(settings.db_url)
+    try:
+        result = evaluate_candidate(settings, store, args.candidate, device)
+    except (RegistryError, FileNotFoundError) as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 1
+    finally:
+        store.close()
+    sys.stdout.write(f"{result['decision']} ({result['rule']}): {result['reason']}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

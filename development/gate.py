@@ -1,0 +1,131 @@
+"""The gate: may this candidate replace the champion? A pure function of the metrics.
+
+In the spirit of TFX's model blessing, every rule is checked and reported; the decision is
+"promote" only when all pass, and the first failing rule (in the order below) is named as
+the one that decided. Thresholds come from `[gate]` in the config.
+
+    holdout_size        enough of the person's held-out feedback to decide at all
+    holdout_win         lower NLL on the person's held-out targets than the champion by the
+                        margin, and no worse preference accuracy on held-out pairs
+    general_regression  NLL on general probes (the base's own answers) within the bound
+    general_facts       no more general-knowledge probes lost than allowed
+    sanity              generated answers are non-empty, clean, not degenerate, finished
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from orchestrator.config import Gate
+
+Metrics = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Check:
+    rule: str
+    passed: bool
+    detail: str
+
+
+@dataclass(frozen=True)
+class Verdict:
+    decision: str  # promote | reject
+    rule: str  # the deciding rule: the first failing one, or "all_passed"
+    reason: str
+    checks: list[Check]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "decision": self.decision,
+            "rule": self.rule,
+            "reason": self.reason,
+            "checks": [asdict(check) for check in self.checks],
+        }
+
+
+def _pct(value: float) -> str:
+    return f"{value * 100:+.1f}%"
+
+
+def decide(candidate: Metrics, champion: Metrics, base: Metrics, gate: Gate) -> Verdict:
+    """Judge `candidate` against `champion` (the base model's metrics when no adapter is
+    current) and `base`. Metric keys are those evaluate.py writes."""
+    checks: list[Check] = []
+
+    items = candidate.get("holdout_items") or 0
+    checks.append(
+        Check(
+            "holdout_size",
+            items >= gate.min_holdout_items,
+            f"{items} held-out feedback item(s) with a target; at least "
+            f"{gate.min_holdout_items} needed to decide (gate.min_holdout_items)",
+        )
+    )
+
+    cand_nll, champ_nll = candidate.get("holdout_nll"), champion.get("holdout_nll")
+    if cand_nll is None or champ_nll is None or champ_nll <= 0:
+        checks.append(Check("holdout_win", False, "no held-out targets to compare on"))
+    else:
+        gain = (champ_nll - cand_nll) / champ_nll
+        won = gain >= gate.min_win_margin
+        detail = (
+            f"held-out target NLL {cand_nll:.4f} vs champion {champ_nll:.4f}: "
+            f"{gain * 100:.1f}% better, {gate.min_win_margin * 100:.1f}% needed "
+            "(gate.min_win_margin)"
+        )
+        cand_acc, champ_acc = (
+            candidate.get("preference_accuracy"),
+            champion.get("preference_accuracy"),
+        )
+        if won and cand_acc is not None and champ_acc is not None and cand_acc < champ_acc:
+            won = False
+            detail += (
+                f"; but held-out preference accuracy fell to {cand_acc:.0%} "
+                f"from the champion's {champ_acc:.0%}"
+            )
+        checks.append(Check("holdout_win", won, detail))
+
+    cand_gen, base_gen = candidate.get("general_nll"), base.get("general_nll")
+    if cand_gen is None or base_gen is None or base_gen <= 0:
+        checks.append(Check("general_regression", False, "no general probes were scored"))
+    else:
+        drift = (cand_gen - base_gen) / base_gen
+        checks.append(
+            Check(
+                "general_regression",
+                drift <= gate.max_general_nll_increase,
+                f"general-probe NLL {cand_gen:.4f} vs base {base_gen:.4f} ({_pct(drift)}); "
+                f"bound {_pct(gate.max_general_nll_increase)} (gate.max_general_nll_increase)",
+            )
+        )
+
+    cand_facts, base_facts = candidate.get("general_facts"), base.get("general_facts")
+    total = candidate.get("general_facts_total")
+    if cand_facts is None or base_facts is None:
+        checks.append(Check("general_facts", False, "general-knowledge probes were not run"))
+    else:
+        lost = base_facts - cand_facts
+        checks.append(
+            Check(
+                "general_facts",
+                lost <= gate.max_general_facts_lost,
+                f"{cand_facts}/{total} general-knowledge probes right vs the base's "
+                f"{base_facts}/{total}; {gate.max_general_facts_lost} may be lost "
+                "(gate.max_general_facts_lost)",
+            )
+        )
+
+    failures = candidate.get("sanity_failures") or []
+    checked = candidate.get("sanity_checked") or 0
+    if gate.require_sanity:
+        detail = f"{checked - len(failures)}/{checked} generated answers passed"
+        if failures:
+            detail += ": " + "; ".join(failures[:3])
+        checks.append(Check("sanity", checked > 0 and not failures, detail))
+
+    failed = next((check for check in checks if not check.passed), None)
+    if failed is None:
+        return Verdict("promote", "all_passed", "every gate rule passed", checks)
+    return Verdict("reject", failed.rule, failed.detail, checks)

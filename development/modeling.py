@@ -1,0 +1,224 @@
+"""Loading the base model for training and evaluation, and the two measurements both need:
+per-token log-likelihood of an answer given its prompt, and batched greedy generation.
+
+Tokenisation follows TRL's conversational prompt-completion handling: the prompt is the
+chat template with the generation prompt, the completion is what the full conversation adds
+after it (for ChatML: the answer, `<|im_end|>` and a newline). Scoring and training therefore
+see the same tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from orchestrator.config import Settings
+from production import base_model
+from production.decoding import stop_token_ids
+from production.engine import choose_backend, pick_dtype
+from production.harmony import parse_completion
+
+log = logging.getLogger(__name__)
+
+Messages = list[dict[str, str]]
+
+
+def load_base(settings: Settings, device: str, *, for_training: bool) -> tuple[Any, Any]:
+    """The base model and tokenizer on `device`, from the prepared local folder."""
+    path = base_model.resolve(settings)
+    started = time.monotonic()
+    backend = choose_backend(settings, device)
+    if backend == "unsloth":
+        from unsloth import FastLanguageModel
+
+        model, tokenizer = FastLanguageModel.from_pretrained(
+            model_name=path,
+            max_seq_length=settings.model.max_seq_length,
+            load_in_4bit=settings.model.load_in_4bit,
+            dtype=None,
+        )
+        if not for_training:
+            FastLanguageModel.for_inference(model)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        kwargs: dict[str, Any] = {"dtype": pick_dtype(settings.model.dtype, device)}
+        if settings.model.load_in_4bit:
+            from transformers import BitsAndBytesConfig
+
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_compute_dtype=kwargs["dtype"]
+            )
+            kwargs["device_map"] = {"": device}
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        if not settings.model.load_in_4bit:
+            model.to(device)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.use_cache = not for_training
+    log.info(
+        "loaded %s (%s) on %s in %.1f s",
+        settings.model.base_model,
+        backend,
+        device,
+        time.monotonic() - started,
+    )
+    return model, tokenizer
+
+
+def _ids(tokenizer: PreTrainedTokenizerBase, messages: Messages, *, generation: bool) -> list[int]:
+    ids = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=generation, tokenize=True, return_dict=False
+    )
+    if hasattr(ids, "keys"):
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: Messages) -> list[int]:
+    return _ids(tokenizer, prompt, generation=True)
+
+
+def pair_ids(
+    tokenizer: PreTrainedTokenizerBase, prompt: Messages, answer: str
+) -> tuple[list[int], list[int]]:
+    """(prompt ids, completion ids) for an assistant answer to `prompt`."""
+    head = _ids(tokenizer, prompt, generation=True)
+    full = _ids(tokenizer, [*prompt, {"role": "assistant", "content": answer}], generation=False)
+    if full[: len(head)] != head:
+        raise ValueError("the chat template renders the prompt differently inside a conversation")
+    return head, full[len(head) :]
+
+
+def token_count(tokenizer: PreTrainedTokenizerBase, prompt: Messages, answer: str) -> int:
+    head, tail = pair_ids(tokenizer, prompt, answer)
+    return len(head) + len(tail)
+
+
+@dataclass(frozen=True)
+class Score:
+    """Log-likelihood of one answer: the sum over its tokens, and how many tokens."""
+
+    logprob: float
+    tokens: int
+
+    @property
+    def nll_per_token(self) -> float:
+        return -self.logprob / max(1, self.tokens)
+
+
+@torch.no_grad()
+def score_answers(
+    model: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: Sequence[tuple[Messages, str]],
+    *,
+    max_length: int,
+    batch_size: int = 8,
+) -> list[Score]:
+    """Log p(answer | prompt) for each (prompt, answer), batched, right-padded. Prompts longer
+    than max_length lose their oldest tokens (the answer is always scored whole)."""
+    model.eval()
+    device = next(model.parameters()).device
+    encoded = []
+    for prompt, answer in pairs:
+        head, tail = pair_ids(tokenizer, prompt, answer)
+        keep = max(1, max_length - len(tail))
+        encoded.append((head[-keep:], tail))
+    scores: list[Score] = []
+    pad = tokenizer.pad_token_id
+    for start in range(0, len(encoded), batch_size):
+        batch = encoded[start : start + batch_size]
+        width = max(len(h) + len(t) for h, t in batch)
+        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, (head, tail) in enumerate(batch):
+            ids = head + tail
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            attention[row, : len(ids)] = 1
+        logits = model(
+            input_ids=input_ids.to(device), attention_mask=attention.to(device)
+        ).logits.float()
+        logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
+        targets = input_ids[:, 1:].to(device)
+        picked = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        for row, (head, tail) in enumerate(batch):
+            # Token i+1 is predicted at position i: the answer's tokens sit at
+            # len(head)..len(head)+len(tail)-1, so their predictions at one less.
+            span = picked[row, len(head) - 1 : len(head) + len(tail) - 1]
+            scores.append(Score(float(span.sum()), len(tail)))
+    return scores
+
+
+@dataclass(frozen=True)
+class Generated:
+    text: str
+    tokens: int
+    finished: bool  # ended with an end-of-turn token rather than at max_new_tokens
+    seconds: float  # this row's share of its batch's wall time
+
+
+@torch.no_grad()
+def generate(
+    model: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[Messages],
+    *,
+    max_new_tokens: int,
+    chat_format: str = "plain",
+    batch_size: int = 16,
+) -> list[Generated]:
+    """Greedy answers, batched with left padding. For harmony models the text is the final
+    channel (generation runs past the analysis channel's `<|end|>` to the real stop)."""
+    model.eval()
+    device = next(model.parameters()).device
+    eos = stop_token_ids(tokenizer, chat_format)
+    results: list[Generated] = []
+    padding_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        for start in range(0, len(prompts), batch_size):
+            batch = [prompt_ids(tokenizer, p) for p in prompts[start : start + batch_size]]
+            width = max(len(ids) for ids in batch)
+            input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
+            attention = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, ids in enumerate(batch):
+                input_ids[row, width - len(ids) :] = torch.tensor(ids)
+                attention[row, width - len(ids) :] = 1
+            started = time.monotonic()
+            out = model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention.to(device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                use_cache=True,  # a model loaded for training has it off in its config
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                eos_token_id=eos,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            seconds = (time.monotonic() - started) / len(batch)
+            for row in out[:, width:].tolist():
+                ended = next((i for i, t in enumerate(row) if t in eos), None)
+                kept = row if ended is None else row[:ended]
+                if chat_format == "harmony":
+                    text = parse_completion(tokenizer, row).final
+                else:
+                    text = tokenizer.decode(kept, skip_special_tokens=False)
+                results.append(
+                    Generated(
+                        text=text.strip(),
+                        tokens=len(kept) + (0 if ended is None else 1),
+                        finished=ended is not None,
+                        seconds=seconds,
+                    )
+                )
+    finally:
+        tokenizer.padding_side = padding_side
+    return results

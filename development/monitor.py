@@ -1,0 +1,131 @@
+"""Trainer callbacks: the loss curve with a verdict on it, and progress for `status`/the TUI.
+
+The seeds' idea was a target *training* loss (0.5 "optimal", below 0.3 "overfitting risk").
+Training loss cannot tell memorising from learning, so the verdict here is judged on the
+held-out loss (validation feedback plus general prompts the run never trains on):
+
+    underfitting  held-out loss fell less than 2% from its value before training
+    overfitting   held-out loss ended more than 5% above its best while training loss fell
+                  (the best checkpoint is the one kept, so the candidate is still the best)
+    ok            otherwise
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from transformers import TrainerCallback
+
+log = logging.getLogger(__name__)
+
+UNDERFIT_BELOW = 0.02
+OVERFIT_ABOVE = 0.05
+
+
+class LossCurve(TrainerCallback):
+    """Records [step, loss] for training and held-out loss of one stage."""
+
+    def __init__(self) -> None:
+        self.train: list[list[float]] = []
+        self.eval: list[list[float]] = []
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kw: Any):
+        logs = logs or {}
+        if "loss" in logs:
+            self.train.append([state.global_step, round(float(logs["loss"]), 5)])
+        if "eval_loss" in logs:
+            self.eval.append([state.global_step, round(float(logs["eval_loss"]), 5)])
+
+    def as_dict(self) -> dict[str, list[list[float]]]:
+        return {"train": self.train, "eval": self.eval}
+
+
+def verdict(curve: LossCurve) -> dict[str, Any]:
+    """{"verdict": ok|underfitting|overfitting|unmonitored, "notes": [...], "best_step"}."""
+    if len(curve.eval) < 2:
+        return {"verdict": "unmonitored", "notes": ["no held-out loss recorded"]}
+    start_step, start = curve.eval[0]
+    best_step, best = min(curve.eval, key=lambda point: point[1])
+    end_step, end = curve.eval[-1]
+    fell = (start - best) / start if start > 0 else 0.0
+    notes = [
+        f"held-out loss {start:.4f} at step {int(start_step)} -> best {best:.4f} at step "
+        f"{int(best_step)} ({fell * 100:.1f}% lower), last {end:.4f} at step {int(end_step)}"
+    ]
+    train_fell = len(curve.train) >= 2 and curve.train[-1][1] < curve.train[0][1]
+    if fell < UNDERFIT_BELOW:
+        notes.append("underfitting: held-out loss barely moved; more steps or a higher LR")
+        label = "underfitting"
+    elif end > best * (1 + OVERFIT_ABOVE) and train_fell:
+        notes.append(
+            f"overfitting: held-out loss rose {((end - best) / best) * 100:.1f}% above its best "
+            f"while training loss kept falling; the step-{int(best_step)} checkpoint was kept"
+        )
+        label = "overfitting"
+    else:
+        label = "ok"
+    return {"verdict": label, "notes": notes, "best_step": int(best_step)}
+
+
+class Progress(TrainerCallback):
+    """Writes {stage, step, max_steps, loss, eval_loss, eta_s} through `report` (at most once
+    a second, and always at the end), so other processes can show a live bar."""
+
+    def __init__(
+        self,
+        report: Callable[[dict[str, Any]], None],
+        stage: str,
+        stage_number: int,
+        stages: int,
+        min_interval_s: float = 1.0,
+    ) -> None:
+        self.report = report
+        self.base = {"stage": stage, "stage_number": stage_number, "stages": stages}
+        self.min_interval_s = min_interval_s
+        self.started = time.monotonic()
+        self.last_sent = 0.0
+        self.loss: float | None = None
+        self.eval_loss: float | None = None
+
+    def _send(self, state: Any, *, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self.last_sent < self.min_interval_s:
+            return
+        self.last_sent = now
+        elapsed = now - self.started
+        step, total = state.global_step, state.max_steps or 0
+        eta = elapsed / step * (total - step) if step and total else None
+        try:
+            self.report(
+                {
+                    **self.base,
+                    "step": step,
+                    "max_steps": total,
+                    "loss": self.loss,
+                    "eval_loss": self.eval_loss,
+                    "elapsed_s": round(elapsed, 1),
+                    "eta_s": None if eta is None else round(eta, 1),
+                }
+            )
+        except Exception:  # progress is advisory: a locked database must not stop training
+            log.warning("could not record progress", exc_info=True)
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any):
+        self.started = time.monotonic()
+        self._send(state, force=True)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kw: Any):
+        logs = logs or {}
+        if "loss" in logs:
+            self.loss = round(float(logs["loss"]), 5)
+        if "eval_loss" in logs:
+            self.eval_loss = round(float(logs["eval_loss"]), 5)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any):
+        self._send(state)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any):
+        self._send(state, force=True)

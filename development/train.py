@@ -1,0 +1,539 @@
+"""Train a candidate adapter on the person's feedback, then evaluate it and (if the gate
+passes) promote it.
+
+    python -m development.train --home ~/.whetstone --profile quick_test
+
+One run: check there is enough new data (else the run is recorded as skipped, with why);
+build the datasets (holdout never touched); SFT with TRL on a fresh LoRA, early-stopped on
+held-out loss; then a DPO stage when there are correction pairs, or KTO when there are both
+good and bad ratings; write the adapter as a candidate folder atomically; evaluate it against
+the champion and the base; promote it when the gate says so.
+
+A crash records the run as failed with its error; a kill leaves the run "running" with a
+dead pid, which the next `whetstone train`/`status` marks failed. Either way no candidate
+appears: the registry only renames a finished, validated folder into place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import logging
+import math
+import os
+import platform
+import shutil
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from candidates import CandidateMeta, Registry
+from data.store import Store
+from orchestrator import devices
+from orchestrator.config import ConfigError, Settings, load_settings, log_resolved, parse_sets
+
+log = logging.getLogger("development.train")
+
+EXIT_OK, EXIT_FAILED, EXIT_BUSY = 0, 1, 75
+
+
+class TrainingBusy(RuntimeError):
+    """Another training run holds the lock: never two at once."""
+
+
+class Terminated(BaseException):
+    """SIGTERM (a cancel, the job timeout, shutdown): end the run as failed, cleanly."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated(f"terminated by signal {signum}")
+
+
+@contextmanager
+def training_lock(settings: Settings) -> Iterator[None]:
+    """An exclusive flock on <home>/run/training.lock for the whole run (freed by the kernel
+    if the process dies, so a killed run never blocks the next)."""
+    settings.paths.run_dir.mkdir(parents=True, exist_ok=True)
+    path = settings.paths.run_dir / "training.lock"
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise TrainingBusy(f"another training run is in progress ({holder})") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.truncate(0)
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def scratch_dir(settings: Settings, run_id: str) -> Path:
+    """Trainer checkpoints of one run; removed when the run ends (or by the next run)."""
+    return settings.paths.run_dir / "train" / run_id
+
+
+@dataclass
+class Stage:
+    name: str  # sft | dpo | kto
+    rows: int
+    max_steps: int
+    learning_rate: float
+    why: str
+    steps: int = 0
+    best_step: int | None = None
+    seconds: float = 0.0
+    curve: dict[str, list[list[float]]] = field(default_factory=dict)
+    monitor: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "rows": self.rows,
+            "max_steps": self.max_steps,
+            "steps": self.steps,
+            "best_step": self.best_step,
+            "learning_rate": self.learning_rate,
+            "seconds": round(self.seconds, 1),
+            "why": self.why,
+        }
+
+
+def plan_stages(data: Any, settings: Settings, profile_name: str) -> list[Stage]:
+    """SFT first; then DPO when there are correction/rating pairs, else KTO when there are
+    both desirable and undesirable answers. The preference stage starts from the SFT adapter."""
+    profile = settings.profile(profile_name)
+    stages = [
+        Stage(
+            "sft",
+            len(data.sft),
+            profile.max_steps,
+            profile.learning_rate,
+            f"{data.counts['sft_rows']} person rows + {data.counts['replay_rows']} replay rows",
+        )
+    ]
+    steps = profile.preference_steps
+    steps = max(1, profile.max_steps // 2) if steps is None else steps
+    lr = profile.preference_learning_rate or profile.learning_rate / 4
+    if steps == 0:
+        return stages
+    if len(data.dpo) >= 2:
+        stages.append(Stage("dpo", len(data.dpo), steps, lr, f"{len(data.dpo)} preference pairs"))
+    elif data.counts["kto_desirable"] >= 2 and data.counts["kto_undesirable"] >= 2:
+        stages.append(
+            Stage(
+                "kto",
+                len(data.kto),
+                steps,
+                lr,
+                f"{data.counts['kto_desirable']} good / {data.counts['kto_undesirable']} bad "
+                f"answers, weights {data.kto_weights}",
+            )
+        )
+    return stages
+
+
+def hardware(device: str) -> dict[str, Any]:
+    import torch
+
+    info: dict[str, Any] = {
+        "device": device,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+    }
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def _common_args(
+    settings: Settings, profile: str, device: str, out: Path, stage: Stage, batch: int
+) -> dict:
+    import torch
+
+    warmup = math.ceil(stage.max_steps * settings.profile(profile).warmup_ratio)
+    cuda = device.startswith("cuda")
+    return {
+        "output_dir": str(out),
+        "max_steps": stage.max_steps,
+        "per_device_train_batch_size": batch,
+        "per_device_eval_batch_size": batch,
+        "learning_rate": stage.learning_rate,
+        "warmup_steps": warmup,
+        "lr_scheduler_type": "linear",
+        "logging_steps": 1,
+        "report_to": "none",
+        "seed": settings.training.seed,
+        "data_seed": settings.training.seed,
+        "use_cpu": not cuda,
+        "bf16": cuda and torch.cuda.is_bf16_supported(),
+        "fp16": cuda and not torch.cuda.is_bf16_supported(),
+        "disable_tqdm": True,
+        "dataloader_num_workers": 0,
+        "max_length": settings.model.max_seq_length,
+    }
+
+
+def _attach_lora(model: Any, settings: Settings, profile_name: str, backend: str) -> Any:
+    profile = settings.profile(profile_name)
+    rank = profile.lora_r or settings.lora.r
+    # Keep alpha/r as configured when a profile overrides the rank.
+    alpha = max(1, round(settings.lora.alpha * rank / settings.lora.r))
+    if backend == "unsloth":
+        from unsloth import FastLanguageModel
+
+        return FastLanguageModel.get_peft_model(
+            model,
+            r=rank,
+            lora_alpha=alpha,
+            lora_dropout=settings.lora.dropout,
+            target_modules=settings.lora.target_modules,
+            use_gradient_checkpointing="unsloth",
+            random_state=settings.training.seed,
+            use_rslora=settings.lora.use_rslora,
+        )
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=settings.lora.dropout,
+        target_modules=settings.lora.target_modules,
+        use_rslora=settings.lora.use_rslora,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def run_sft(
+    model: Any, tokenizer: Any, data: Any, stage: Stage, settings: Settings, ctx: RunContext
+) -> Any:
+    from datasets import Dataset
+    from transformers import EarlyStoppingCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from development.monitor import LossCurve, Progress, verdict
+
+    profile = settings.profile(ctx.profile)
+    has_eval = bool(data.validation)
+    eval_every = profile.eval_every or max(1, stage.max_steps // 5)
+    args = SFTConfig(
+        **_common_args(
+            settings, ctx.profile, ctx.device, ctx.scratch / "sft", stage, profile.batch_size
+        ),
+        gradient_accumulation_steps=profile.grad_accum,
+        completion_only_loss=True,
+        packing=False,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=eval_every,
+        eval_on_start=has_eval,
+        save_strategy="steps" if has_eval else "no",
+        save_steps=eval_every,
+        save_total_limit=2,
+        save_only_model=True,
+        load_best_model_at_end=has_eval,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+    )
+    curve = LossCurve()
+    callbacks: list[Any] = [curve, Progress(ctx.report, "sft", 1, len(ctx.stages))]
+    if has_eval:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=2))
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(data.sft),
+        eval_dataset=Dataset.from_list(data.validation) if has_eval else None,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+    started = time.monotonic()
+    trainer.train()
+    stage.seconds = time.monotonic() - started
+    stage.steps = trainer.state.global_step
+    stage.curve = curve.as_dict()
+    stage.monitor = verdict(curve)
+    stage.best_step = stage.monitor.get("best_step")
+    log.info("sft: %d steps in %.1f s; %s", stage.steps, stage.seconds, stage.monitor["notes"])
+    return trainer.model
+
+
+def run_preference(
+    model: Any, tokenizer: Any, data: Any, stage: Stage, settings: Settings, ctx: RunContext
+) -> Any:
+    from datasets import Dataset
+
+    from development.monitor import LossCurve, Progress, verdict
+
+    profile = settings.profile(ctx.profile)
+    common = _common_args(
+        settings,
+        ctx.profile,
+        ctx.device,
+        ctx.scratch / stage.name,
+        stage,
+        max(2, profile.batch_size),
+    )
+    common |= {"gradient_accumulation_steps": profile.grad_accum, "save_strategy": "no"}
+    curve = LossCurve()
+    callbacks = [curve, Progress(ctx.report, stage.name, len(ctx.stages), len(ctx.stages))]
+    if stage.name == "dpo":
+        from trl import DPOConfig, DPOTrainer
+
+        # The model already carries the SFT adapter, so TRL copies it as the frozen
+        # reference: DPO then moves away from the SFT policy, not from the base.
+        trainer = DPOTrainer(
+            model=model,
+            args=DPOConfig(**common, beta=profile.beta),
+            train_dataset=Dataset.from_list(data.dpo),
+            processing_class=tokenizer,
+            callbacks=callbacks,
+        )
+    else:
+        from trl import KTOConfig, KTOTrainer
+
+        desirable, undesirable = data.kto_weights
+        trainer = KTOTrainer(
+            model=model,
+            args=KTOConfig(
+                **common,
+                beta=profile.beta,
+                desirable_weight=desirable,
+                undesirable_weight=undesirable,
+            ),
+            train_dataset=Dataset.from_list(data.kto),
+            processing_class=tokenizer,
+            callbacks=callbacks,
+        )
+    started = time.monotonic()
+    trainer.train()
+    stage.seconds = time.monotonic() - started
+    stage.steps = trainer.state.global_step
+    stage.curve = curve.as_dict()
+    stage.monitor = verdict(curve)
+    log.info("%s: %d steps in %.1f s", stage.name, stage.steps, stage.seconds)
+    return trainer.model
+
+
+@dataclass
+class RunContext:
+    settings: Settings
+    store: Store
+    run_id: str
+    profile: str
+    device: str
+    scratch: Path
+    stages: list[Stage] = field(default_factory=list)
+
+    def report(self, progress: dict[str, Any]) -> None:
+        self.store.update_run(self.run_id, progress={**progress, "updated_at": time.time()})
+
+
+def train_candidate(ctx: RunContext, *, force: bool = False) -> str | None:
+    """One run, start to candidate. Returns the candidate id, or None when skipped."""
+    from development import datasets, modeling
+
+    settings, store = ctx.settings, ctx.store
+    registry = Registry(settings.paths.candidates_dir)
+    champion = registry.current_id()
+    champion_meta = registry.get(champion).meta if champion is not None else None
+    champion_snapshot = champion_meta.data if champion_meta is not None else None
+
+    enough = datasets.sufficiency(store, settings, champion_snapshot)
+    if not enough.enough and not force:
+        store.update_run(ctx.run_id, status="skipped", reason=enough.reason)
+        log.info("skipped: %s", enough.reason)
+        return None
+
+    started = time.monotonic()
+    ctx.report({"stage": "loading", "step": 0, "max_steps": 0})
+    model, tokenizer = modeling.load_base(settings, ctx.device, for_training=True)
+    backend = "unsloth" if "unsloth" in type(model).__module__.lower() else "transformers"
+
+    ctx.report({"stage": "base answers", "step": 0, "max_steps": 0})
+
+    def base_generate(prompts: list[str]) -> list[tuple[str, bool]]:
+        out = modeling.generate(
+            model,
+            tokenizer,
+            [[{"role": "user", "content": p}] for p in prompts],
+            max_new_tokens=datasets.REPLAY_MAX_NEW_TOKENS,
+            chat_format=settings.model.chat_format,
+        )
+        return [(g.text, g.finished) for g in out]
+
+    base_answers = datasets.load_base_answers(settings, base_generate)
+    model.config.use_cache = False
+
+    def count(prompt: list[dict[str, str]], answer: str) -> int:
+        return modeling.token_count(tokenizer, prompt, answer)
+
+    from data import exports
+
+    items = exports.feedback_items(store)
+    data = datasets.build(items, settings, base_answers, count)
+    snapshot = data.snapshot()
+    store.update_run(ctx.run_id, data_snapshot=snapshot)
+    if not data.sft:
+        store.update_run(ctx.run_id, status="skipped", reason="no SFT rows after the split")
+        return None
+
+    ctx.stages = plan_stages(data, settings, ctx.profile)
+    log.info("stage plan: %s", [(s.name, s.max_steps, s.why) for s in ctx.stages])
+
+    from transformers import set_seed
+
+    set_seed(settings.training.seed)
+    model = _attach_lora(model, settings, ctx.profile, backend)
+    model = run_sft(model, tokenizer, data, ctx.stages[0], settings, ctx)
+    for stage in ctx.stages[1:]:
+        model = run_preference(model, tokenizer, data, stage, settings, ctx)
+    model.eval()
+
+    ctx.report({"stage": "saving", "step": 0, "max_steps": 0})
+    profile = settings.profile(ctx.profile)
+    meta = CandidateMeta(
+        id=registry.new_id(),
+        base_model=settings.model.base_model,
+        parent=champion,
+        config={
+            "profile": ctx.profile,
+            "profile_settings": profile.model_dump(),
+            "lora": settings.lora.model_dump(),
+            "training": settings.training.model_dump(exclude={"profiles"}),
+            "model": settings.model.model_dump(),
+            "backend": backend,
+            "run_id": ctx.run_id,
+        },
+        data=snapshot,
+        metrics={
+            "training": {
+                "stages": [stage.summary() for stage in ctx.stages],
+                "loss_curve": {stage.name: stage.curve for stage in ctx.stages},
+                "monitor": ctx.stages[0].monitor,
+            }
+        },
+        hardware=hardware(ctx.device),
+        duration_s=round(time.monotonic() - started, 1),
+    )
+
+    def write_files(folder: Path) -> None:
+        # Only the trained adapter: DPO adds a frozen "ref" copy that must not ship.
+        model.save_pretrained(str(folder), selected_adapters=["default"])
+
+    candidate = registry.create(meta, write_files)
+    store.record_candidate(
+        candidate.id,
+        base_model=settings.model.base_model,
+        run_id=ctx.run_id,
+        parent_id=champion,
+        metrics=meta.metrics,
+    )
+    log.info("candidate %s written in %.1f s", candidate.id, meta.duration_s)
+    return candidate.id
+
+
+def reap_scratch(settings: Settings, keep: str | None = None) -> None:
+    """Checkpoint folders of runs that ended (or died) are of no further use."""
+    root = settings.paths.run_dir / "train"
+    if root.is_dir():
+        for folder in root.iterdir():
+            if folder.name != keep:
+                shutil.rmtree(folder, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--home", type=Path, help="whetstone home (default WHETSTONE_HOME)")
+    parser.add_argument("--profile", help="training profile (default training.default_profile)")
+    parser.add_argument("--run-id", help="a queued run to carry out (default: a new one)")
+    parser.add_argument("--trigger", default="manual", help="what started the run (for status)")
+    parser.add_argument("--force", action="store_true", help="train even without new data")
+    parser.add_argument("--no-evaluate", action="store_true", help="stop after training")
+    parser.add_argument("--no-promote", action="store_true", help="evaluate but never promote")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+
+    try:
+        settings = load_settings(args.home, parse_sets(args.sets))
+        profile = args.profile or settings.training.default_profile
+        settings.profile(profile)
+    except ConfigError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+    settings.paths.create()
+    log_file = settings.paths.logs_dir / "train.log"
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        handlers=[logging.StreamHandler(), logging.FileHandler(log_file)],
+    )
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    # Before torch is imported anywhere: this process sees only its GPU (or none).
+    device = devices.pin_device(settings, "development")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    store = Store(settings.db_url)
+    run_id = args.run_id or store.create_run(profile, args.trigger).id
+    ctx = RunContext(settings, store, run_id, profile, device, scratch_dir(settings, run_id))
+    try:
+        with training_lock(settings):
+            store.update_run(run_id, status="running", pid=os.getpid(), profile=profile)
+            log_resolved(settings)
+            reap_scratch(settings, keep=run_id)
+            candidate_id = train_candidate(ctx, force=args.force)
+            if candidate_id is None:
+                return EXIT_OK
+            store.update_run(run_id, candidate_id=candidate_id)
+            if not args.no_evaluate:
+                import gc
+
+                from development import evaluate
+
+                gc.collect()  # the training model is unreachable now; free it before loading
+
+                ctx.report({"stage": "evaluating", "step": 0, "max_steps": 0})
+                result = evaluate.evaluate_candidate(settings, store, candidate_id, device)
+                if result["decision"] == "promote" and not args.no_promote:
+                    from orchestrator import promotion
+
+                    registry = Registry(settings.paths.candidates_dir)
+                    promotion.promote(settings, store, registry, candidate_id, actor="gate")
+                    log.info("%s", promotion.notify_worker(settings))
+            store.update_run(run_id, status="succeeded", progress={"stage": "done"})
+            return EXIT_OK
+    except TrainingBusy as exc:
+        store.update_run(run_id, status="skipped", reason=str(exc))
+        log.warning("%s", exc)
+        return EXIT_BUSY
+    except BaseException as exc:
+        log.error("training run %s failed", run_id, exc_info=True)
+        error = "".join(traceback.format_exception_only(exc)).strip() or type(exc).__name__
+        try:
+            store.update_run(run_id, status="failed", error=error[-2000:])
+        except Exception:
+            log.exception("could not record the failure of %s", run_id)
+        if isinstance(exc, KeyboardInterrupt):
+            return 130
+        return EXIT_FAILED
+    finally:
+        shutil.rmtree(ctx.scratch, ignore_errors=True)
+        store.close()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

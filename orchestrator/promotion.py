@@ -1,0 +1,109 @@
+"""Promotion and rollback: the registry swap, the audit row, and telling the API worker.
+
+Shared by the CLI (`whetstone promote/rollback`), the training job (a gate-passed candidate
+promotes itself) and the daemon. No torch here: the orchestrator never imports it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from candidates.registry import PromotionResult, Registry
+from data.store import Store
+from orchestrator.config import Settings
+
+log = logging.getLogger(__name__)
+
+
+class PromotionRefused(Exception):
+    """The candidate has not passed the gate, and promotion was not forced."""
+
+
+def running_server(settings: Settings) -> dict[str, Any] | None:
+    """The API worker recorded in the home (run/server.json), if it answers /health."""
+    path = settings.paths.server_file
+    if not path.exists():
+        return None
+    try:
+        info = json.loads(path.read_text())
+        import httpx
+
+        httpx.get(f"{info['url']}/health", timeout=2).raise_for_status()
+    except Exception:
+        return None
+    return info
+
+
+def notify_worker(settings: Settings) -> str:
+    """Ask a running API worker to load the new `current`; say what happened."""
+    server = running_server(settings)
+    if server is None:
+        return "no API worker is running; it will load the new adapter when it starts"
+    import httpx
+
+    headers = {}
+    token = settings.bearer_token()
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    try:
+        resp = httpx.post(f"{server['url']}/admin/reload", headers=headers, timeout=120)
+        resp.raise_for_status()
+    except httpx.HTTPError as exc:
+        return f"the API worker at {server['url']} did not reload: {exc}"
+    return f"the API worker at {server['url']} now serves it"
+
+
+def promote(
+    settings: Settings,
+    store: Store,
+    registry: Registry,
+    candidate_id: str,
+    *,
+    force: bool = False,
+    actor: str = "cli",
+) -> PromotionResult:
+    """Make `candidate_id` current if its latest evaluation decided "promote" (or `force`).
+    Integrity is always checked by the registry; force only skips the gate."""
+    registry.validate_id(candidate_id)
+    evaluations = store.list_evaluations(candidate_id, limit=1)  # newest first
+    passed = bool(evaluations) and evaluations[0].decision == "promote"
+    if not passed and not force:
+        why = (
+            f"its last evaluation decided {evaluations[0].decision!r} ({evaluations[0].rule})"
+            if evaluations
+            else "it has no evaluation yet"
+        )
+        raise PromotionRefused(
+            f"candidate {candidate_id} has not passed the gate: {why}. "
+            f"Run `whetstone eval {candidate_id}`, or use --force to promote it anyway."
+        )
+    result = registry.promote(candidate_id, base_model=settings.model.base_model, force=force)
+    store.record_promotion(
+        action="promote",
+        candidate_id=result.new_current,
+        previous_id=result.previous,
+        forced=force and not passed,
+        reason="passed the gate" if passed else f"forced by {actor}",
+        actor=actor,
+    )
+    log.info("promoted %s (previous: %s) by %s", result.new_current, result.previous, actor)
+    return result
+
+
+def rollback(
+    settings: Settings, store: Store, registry: Registry, *, actor: str = "cli"
+) -> PromotionResult:
+    """Swap `current` back to `previous`, audited."""
+    result = registry.rollback(base_model=settings.model.base_model)
+    store.record_promotion(
+        action="rollback",
+        candidate_id=result.new_current,
+        previous_id=result.previous,
+        forced=False,
+        reason=f"rollback by {actor}",
+        actor=actor,
+    )
+    log.info("rolled back to %s by %s", result.new_current, actor)
+    return result

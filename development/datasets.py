@@ -107,6 +107,11 @@ def sft_target(item: FeedbackItem) -> str | None:
     return None
 
 
+def teaches(item: FeedbackItem) -> bool:
+    """Whether an item can become a training row at all (a rating of 3 alone cannot)."""
+    return item.correction is not None or (item.rating is not None and item.rating != 3)
+
+
 def kto_weights(desirable: int, undesirable: int) -> tuple[float, float]:
     """(desirable_weight, undesirable_weight) putting desirable*w_d : undesirable*w_u
     between 1:1 and 4:3, as TRL's KTO documentation advises."""
@@ -226,8 +231,11 @@ def build(
     dropped = {"sft": 0, "dpo": 0, "kto": 0}
 
     def fitted(prompt: Messages, *answers: str) -> Messages | None:
-        longest = max(answers, key=len)
-        return fit_prompt(prompt, longest, max_length, count)
+        # A pair must fit with either answer: measure both, in tokens.
+        def longest(turns: Messages, _answer: str) -> int:
+            return max(count(turns, answer) for answer in answers)
+
+        return fit_prompt(prompt, answers[0], max_length, longest)
 
     person = []
     for item in split.train:
@@ -338,11 +346,16 @@ def sufficiency(
         high_water = datetime.fromisoformat(mark) if mark else None
     else:
         high_water = None
-    # New: never seen by the champion, or its feedback changed since (a later correction).
+    # New: never seen by the champion, or its feedback changed since (a later correction);
+    # and it teaches something (a rating of 3 without a correction gives no row).
     new = [
         item
         for item in split.train + split.validation
-        if item.message_id not in seen or (high_water is not None and item.created_at > high_water)
+        if teaches(item)
+        and (
+            item.message_id not in seen
+            or (high_water is not None and item.created_at > high_water)
+        )
     ]
     learnable = [item for item in split.train if sft_target(item) is not None]
     needed = settings.schedule.min_new_examples

@@ -217,7 +217,10 @@ def _metric_names(report: Mapping[str, Any]) -> list[str]:
     for model in models:
         order.extend(_dict(metrics.get(model)))
     for name in order:
-        if name not in seen and any(name in _dict(metrics.get(m)) for m in models):
+        values = [_dict(metrics.get(m)).get(name) for m in models]
+        # Lists (missed probes, sanity failures) are details, not table rows.
+        numeric = any(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+        if name not in seen and numeric:
             seen.append(name)
     return seen
 

@@ -223,7 +223,7 @@ def run_sft(
     model: Any, tokenizer: Any, data: Any, stage: Stage, settings: Settings, ctx: RunContext
 ) -> Any:
     from datasets import Dataset
-    from transformers import EarlyStoppingCallback
+    from transformers import EarlyStoppingCallback, PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
     from development.monitor import LossCurve, Progress, verdict
@@ -261,6 +261,7 @@ def run_sft(
         processing_class=tokenizer,
         callbacks=callbacks,
     )
+    trainer.remove_callback(PrinterCallback)  # logs reach the curve and progress instead
     started = time.monotonic()
     trainer.train()
     stage.seconds = time.monotonic() - started
@@ -276,6 +277,7 @@ def run_preference(
     model: Any, tokenizer: Any, data: Any, stage: Stage, settings: Settings, ctx: RunContext
 ) -> Any:
     from datasets import Dataset
+    from transformers import PrinterCallback
 
     from development.monitor import LossCurve, Progress, verdict
 
@@ -319,6 +321,7 @@ def run_preference(
             processing_class=tokenizer,
             callbacks=callbacks,
         )
+    trainer.remove_callback(PrinterCallback)  # logs reach the curve and progress instead
     started = time.monotonic()
     trainer.train()
     stage.seconds = time.monotonic() - started
@@ -476,11 +479,9 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"error: {exc}\n")
         return 2
     settings.paths.create()
-    log_file = settings.paths.logs_dir / "train.log"
+    # stderr: `whetstone train` and the daemon send it to <home>/logs/<run id>.log.
     logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        handlers=[logging.StreamHandler(), logging.FileHandler(log_file)],
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     signal.signal(signal.SIGTERM, _raise_terminated)
     # Before torch is imported anywhere: this process sees only its GPU (or none).

@@ -219,9 +219,11 @@ def status(home: HomeOpt = None, set_: SetOpt = None, as_json: JsonOpt = False) 
     registry = open_registry(settings)
     store = open_store(settings)
     try:
+        from orchestrator.jobs import reap_dead_runs
         from orchestrator.promotion import running_server
 
         server = running_server(settings)
+        reap_dead_runs(store)
         last_run = store.latest_run()
         promotions = store.list_promotions(limit=1)
         data: dict[str, Any] = {
@@ -248,7 +250,17 @@ def status(home: HomeOpt = None, set_: SetOpt = None, as_json: JsonOpt = False) 
     table.add_row("previous", data["previous_adapter"] or "none")
     table.add_row("data", ", ".join(f"{k}: {v}" for k, v in data["counts"].items()))
     run = data["last_run"]
-    table.add_row("last run", f"{run['id']} {run['status']} ({run['profile']})" if run else "none")
+    if run is None:
+        table.add_row("last run", "none")
+    else:
+        line = f"{run['id']} {run['status']} ({run['profile']})"
+        if run["status"] == "running":
+            line += f": {_progress_line(last_run)}"
+        elif run["status"] in ("failed", "skipped"):
+            line += f": {run['error'] or run['reason']}"
+        elif run["candidate_id"]:
+            line += f" -> {run['candidate_id']}"
+        table.add_row("last run", line)
     promo = data["last_promotion"]
     table.add_row(
         "last promotion",
@@ -436,11 +448,137 @@ def chat(home: HomeOpt = None, set_: SetOpt = None) -> None:
     raise _not_yet("chat", "terminal UI")
 
 
+def _progress_line(run: Any) -> str:
+    progress = run.progress or {}
+    stage = progress.get("stage") or run.status
+    if progress.get("max_steps"):
+        line = (
+            f"{stage} (stage {progress.get('stage_number', 1)}/{progress.get('stages', 1)}) "
+            f"step {progress.get('step', 0)}/{progress['max_steps']}"
+        )
+        loss = progress.get("loss")
+        held = progress.get("eval_loss")
+        if loss is not None:
+            line += f" loss {loss:.3f}"
+        if held is not None:
+            line += f" held-out {held:.3f}"
+        eta = progress.get("eta_s")
+        if eta is not None:
+            line += f" eta {int(eta) // 60}m{int(eta) % 60:02d}s"
+        return line
+    return stage
+
+
+def _wait_for_run(settings: Settings, run_id: str, process: Any) -> int:
+    """Show the run's progress as a live bar until its process ends; return its exit code."""
+    import time
+
+    from rich.progress import BarColumn, Progress, TextColumn
+
+    store = open_store(settings)
+    try:
+        with Progress(
+            TextColumn("[bold]{task.fields[run]}"),
+            BarColumn(),
+            TextColumn("{task.description}"),
+            console=err_console,
+            transient=True,
+        ) as bar:
+            task = bar.add_task("starting", total=None, run=run_id)
+            while process.poll() is None:
+                run = store.get_run(run_id)
+                progress = run.progress or {}
+                total = progress.get("max_steps") or None
+                bar.update(
+                    task,
+                    total=total,
+                    completed=progress.get("step", 0) if total else 0,
+                    description=_progress_line(run),
+                )
+                time.sleep(0.5)
+    finally:
+        store.close()
+    return process.returncode
+
+
 @app.command()
-def train(home: HomeOpt = None, set_: SetOpt = None) -> None:
-    """Train a candidate on the feedback so far."""
-    settings_for(home, set_)
-    raise _not_yet("train", "development worker (training)")
+def train(
+    home: HomeOpt = None,
+    set_: SetOpt = None,
+    profile: Annotated[
+        str | None, typer.Option(help="Training profile (default: training.default_profile).")
+    ] = None,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Show progress until the run (and its gate) ends.")
+    ] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Train even without enough new feedback.")
+    ] = False,
+    promote_: Annotated[
+        bool,
+        typer.Option("--promote/--no-promote", help="Promote the candidate if the gate passes."),
+    ] = True,
+) -> None:
+    """Train a candidate on the feedback so far, evaluate it, and promote it if it wins."""
+    from orchestrator import jobs
+
+    settings = settings_for(home, set_)
+    name = profile or settings.training.default_profile
+    try:
+        settings.profile(name)
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
+    extra = (["--force"] if force else []) + ([] if promote_ else ["--no-promote"])
+    store = open_store(settings)
+    try:
+        jobs.reap_dead_runs(store)
+        busy = [r for r in store.list_runs(limit=5, status="running") if r.pid]
+        if busy:
+            raise _fail(f"run {busy[0].id} is still training (pid {busy[0].pid}); one at a time")
+        run_id, process = jobs.start_training(settings, store, name, sets=set_, extra_args=extra)
+    finally:
+        store.close()
+    logfile = jobs.log_file(settings, run_id)
+    if not wait:
+        console.print(f"started {run_id} ({name}); log: {logfile}")
+        console.print("`whetstone status` shows its progress")
+        return
+    try:
+        code = _wait_for_run(settings, run_id, process)
+    except KeyboardInterrupt:
+        console.print(f"stopped waiting; {run_id} goes on in the background (log: {logfile})")
+        raise typer.Exit(130) from None
+    _print_run_outcome(settings, run_id, code, logfile)
+
+
+def _print_run_outcome(settings: Settings, run_id: str, code: int | None, logfile: Path) -> None:
+    store = open_store(settings)
+    try:
+        from orchestrator import jobs
+
+        jobs.reap_dead_runs(store)
+        run = store.get_run(run_id)
+        evaluation = None
+        if run.candidate_id:
+            found = store.list_evaluations(run.candidate_id, limit=1)
+            evaluation = found[0] if found else None
+        current = open_registry(settings).current_id()
+    finally:
+        store.close()
+    if run.status == "skipped":
+        console.print(f"{run_id} skipped: {run.reason}")
+        return
+    if run.status != "succeeded":
+        err_console.print(f"{run_id} {run.status}: {run.error or f'exit code {code}'}")
+        err_console.print(f"log: {logfile}")
+        raise typer.Exit(1)
+    console.print(f"{run_id} trained candidate {run.candidate_id}")
+    if evaluation is not None:
+        reason = (evaluation.metrics or {}).get("reason", "")
+        console.print(f"gate: {evaluation.decision} ({evaluation.rule}) {reason}")
+        console.print(f"report: {evaluation.report_path}")
+    if current == run.candidate_id:
+        console.print(f"promoted: {run.candidate_id} now serves")
 
 
 @app.command("eval")
@@ -449,9 +587,25 @@ def eval_cmd(
     home: HomeOpt = None,
     set_: SetOpt = None,
 ) -> None:
-    """Evaluate a candidate against the champion and the base model."""
-    settings_for(home, set_)
-    raise _not_yet("eval", "development worker (evaluation)")
+    """Evaluate a candidate against the champion and the base model, and write its report."""
+    from candidates import RegistryError
+    from orchestrator import devices, gpus
+
+    settings = settings_for(home, set_)
+    try:
+        open_registry(settings).validate(candidate_id, base_model=settings.model.base_model)
+    except RegistryError as exc:
+        raise _fail(str(exc)) from None
+    device = devices.plan(settings, gpus.count()).development
+    env, inside = devices.worker_env(device)
+    argv = [_python(), "-m", "development.evaluate", "--home", str(settings.paths.root)]
+    argv += ["--candidate", candidate_id]
+    for item in set_ or []:
+        argv += ["--set", item]
+    code = subprocess.call(argv, env=os.environ | env | {"WHETSTONE_WORKER_DEVICE": inside})
+    if code != 0:
+        raise typer.Exit(code)
+    console.print(f"report: {open_registry(settings).path(candidate_id) / 'report.html'}")
 
 
 @app.command()
@@ -459,10 +613,31 @@ def report(
     candidate_id: Annotated[str, typer.Argument(metavar="ID")],
     home: HomeOpt = None,
     set_: SetOpt = None,
+    html: Annotated[
+        bool, typer.Option("--html", help="Print the HTML report's path only.")
+    ] = False,
 ) -> None:
-    """Show a candidate's promotion report."""
-    settings_for(home, set_)
-    raise _not_yet("report", "development worker (reports)")
+    """Show a candidate's promotion report (Markdown in the terminal; --html for the file)."""
+    from rich.markdown import Markdown
+
+    from candidates import RegistryError
+
+    settings = settings_for(home, set_)
+    registry = open_registry(settings)
+    try:
+        folder = registry.path(registry.validate_id(candidate_id))
+    except RegistryError as exc:
+        raise _fail(str(exc)) from None
+    md, page = folder / "report.md", folder / "report.html"
+    if not md.is_file():
+        raise _fail(
+            f"candidate {candidate_id} has no report yet: run `whetstone eval {candidate_id}`"
+        )
+    if html:
+        console.print(str(page))
+        return
+    console.print(Markdown(md.read_text()))
+    console.print(f"HTML with plots: {page}")
 
 
 def main() -> None:

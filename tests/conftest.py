@@ -142,3 +142,34 @@ def server(home_with_model: Path):
     proc = ServerProcess(home_with_model).wait_ready()
     yield proc
     proc.stop()
+
+
+@pytest.fixture(scope="session")
+def base_answers_dir(prepared_model_dir: Path) -> Path:
+    """The base model's answers to the shipped general prompts (replay, validation and
+    regression probes), generated once per checkout beside the prepared model."""
+    from development import datasets, modeling
+    from orchestrator.config import load_settings
+
+    settings = load_settings(MODEL_CACHE)
+    if not datasets.replay_cache_file(settings).is_file():
+        model, tokenizer = modeling.load_base(settings, "cpu", for_training=False)
+
+        def generate(prompts: list[str]) -> list[tuple[str, bool]]:
+            out = modeling.generate(
+                model,
+                tokenizer,
+                [[{"role": "user", "content": p}] for p in prompts],
+                max_new_tokens=datasets.REPLAY_MAX_NEW_TOKENS,
+            )
+            return [(g.text, g.finished) for g in out]
+
+        datasets.load_base_answers(settings, generate)
+    return datasets.replay_cache_file(settings).parent
+
+
+@pytest.fixture
+def home_for_training(home_with_model: Path, base_answers_dir: Path) -> Path:
+    """A home with the prepared model and the cached base answers (linked, not copied)."""
+    (home_with_model / "models" / "replay").symlink_to(base_answers_dir, target_is_directory=True)
+    return home_with_model

@@ -1,0 +1,117 @@
+"""Training jobs as subprocesses: start one on the development device, and notice the ones
+that died without reporting (kill -9, OOM killer, power loss).
+
+The job itself (`python -m development.train`) records its own progress and outcome in the
+store; the orchestrator only starts it, watches its pid, and reaps it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from data.store import Store
+from orchestrator import devices, gpus
+from orchestrator.config import Settings
+
+log = logging.getLogger(__name__)
+
+TRAIN_MODULE = "development.train"
+# A queued run whose process never registered within this long did not start.
+QUEUED_GRACE = timedelta(minutes=10)
+
+
+def pid_alive(pid: int, module: str = TRAIN_MODULE) -> bool:
+    """Is `pid` a live process running `module`? (Checks the command line where /proc
+    exists, so a recycled pid is not mistaken for the job.)"""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    if cmdline.exists():
+        try:
+            return module in cmdline.read_bytes().decode(errors="replace")
+        except OSError:
+            return False
+    return True
+
+
+def reap_dead_runs(store: Store) -> list[str]:
+    """Mark runs whose process is gone as failed; returns their ids."""
+    reaped = []
+    now = datetime.now(UTC)
+    for status in ("running", "queued"):
+        for run in store.list_runs(limit=50, status=status):
+            if run.pid is not None:
+                if pid_alive(run.pid):
+                    continue
+                error = (
+                    f"the training process (pid {run.pid}) ended without reporting: "
+                    f"killed or crashed (see logs/{run.id}.log)"
+                )
+            elif now - run.created_at > QUEUED_GRACE:
+                error = "the training process never started"
+            else:
+                continue
+            store.update_run(run.id, status="failed", error=error)
+            log.warning("run %s: %s", run.id, error)
+            reaped.append(run.id)
+    return reaped
+
+
+def log_file(settings: Settings, run_id: str) -> Path:
+    return settings.paths.logs_dir / f"{run_id}.log"
+
+
+def start_training(
+    settings: Settings,
+    store: Store,
+    profile: str,
+    *,
+    trigger: str = "manual",
+    sets: list[str] | None = None,
+    extra_args: list[str] | None = None,
+) -> tuple[str, subprocess.Popen[bytes]]:
+    """Queue a run and start its process on the development device, in its own session (so
+    a Ctrl-C in the terminal that started it does not kill it). Returns (run id, process)."""
+    settings.profile(profile)  # unknown profile: ConfigError now, not in the child
+    reap_dead_runs(store)
+    run = store.create_run(profile, trigger)
+    device = devices.plan(settings, gpus.count()).development
+    env, inside = devices.worker_env(device)
+    argv = [
+        sys.executable,
+        "-m",
+        TRAIN_MODULE,
+        "--home",
+        str(settings.paths.root),
+        "--profile",
+        profile,
+        "--run-id",
+        run.id,
+        "--trigger",
+        trigger,
+    ]
+    for item in sets or []:
+        argv += ["--set", item]
+    argv += extra_args or []
+    settings.paths.logs_dir.mkdir(parents=True, exist_ok=True)
+    with open(log_file(settings, run.id), "ab") as out:
+        process = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=os.environ | env | {"WHETSTONE_WORKER_DEVICE": inside},
+            start_new_session=True,
+        )
+    store.update_run(run.id, pid=process.pid)
+    log.info("started run %s (pid %d, %s on %s)", run.id, process.pid, profile, device)
+    return run.id, process

@@ -1,0 +1,520 @@
+"""Training data of one run: the frozen holdout, stable splits, replay, fitting, sufficiency.
+
+Everything runs on a real SQLite store with feedback created through the Store API; token
+counts come from a word counter (no tokenizer, no model).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from data.exports import FeedbackItem, feedback_items
+from data.store import Store
+from development import datasets
+from development.datasets import build, fit_prompt, kto_weights, placement, split_items
+from orchestrator.config import Settings, load_settings
+
+
+def count_words(prompt: list[dict[str, str]], answer: str) -> int:
+    """A fake token counter: one token per whitespace-separated word."""
+    return sum(len(turn["content"].split()) for turn in prompt) + len(answer.split())
+
+
+def turn(role: str, content: str) -> dict[str, str]:
+    return {"role": role, "content": content}
+
+
+def make_settings(home: Path, **sections: dict[str, Any]) -> Settings:
+    return load_settings(home, sections, gpu_count=0)
+
+
+def where(message_id: str, settings: Settings) -> str:
+    """The split a message id lands in under these settings."""
+    only = split_items(
+        [_fake_item(message_id)],
+        settings.training.holdout_fraction,
+        settings.training.validation_fraction,
+    )
+    return next(name for name in ("train", "validation", "holdout") if getattr(only, name))
+
+
+def _fake_item(message_id: str) -> FeedbackItem:
+    return FeedbackItem(
+        message_id=message_id,
+        conversation_id="conv",
+        prompt_message_id="prompt",
+        feedback_id="fb",
+        context=[turn("user", "q")],
+        answer="a",
+        rating=5,
+        correction=None,
+        finish_reason="stop",
+        adapter_id=None,
+        created_at=datetime.now(UTC),
+    )
+
+
+def base_answers(replay: int = 20, validation: int = 3, regression: int = 3) -> dict:
+    return {
+        "replay": [
+            {"prompt": f"replay prompt {i:03d}", "answer": f"replay answer {i:03d}"}
+            for i in range(replay)
+        ],
+        "validation": [
+            {"prompt": f"val prompt {i:03d}", "answer": f"val answer {i:03d}"}
+            for i in range(validation)
+        ],
+        "regression": [
+            {"prompt": f"reg prompt {i:03d}", "answer": f"reg answer {i:03d}"}
+            for i in range(regression)
+        ],
+    }
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    store = Store(f"sqlite:///{tmp_path}/w.db")
+    yield store
+    store.close()
+
+
+def ask(
+    store: Store,
+    question: str,
+    answer: str,
+    *,
+    system: str | None = None,
+    **feedback: Any,
+) -> str:
+    """A one-turn conversation whose answer gets `feedback`; returns the answer's id."""
+    conversation = store.create_conversation(system_prompt=system)
+    store.add_message(conversation.id, "user", question)
+    message = store.add_message(conversation.id, "assistant", answer, finish_reason="stop")
+    store.add_feedback(message.id, **feedback)
+    return message.id
+
+
+def answer_in(
+    store: Store,
+    settings: Settings,
+    split: str,
+    text: str,
+    *,
+    conversation_id: str | None = None,
+    prompt_id: str | None = None,
+    **feedback: Any,
+) -> str:
+    """An answer that lands in `split` (regenerated, unrated, until its id does), rated with
+    `feedback`; a new one-turn conversation unless conversation_id/prompt_id are given."""
+    if conversation_id is None:
+        conversation_id = store.create_conversation().id
+        prompt_id = store.add_message(conversation_id, "user", f"question for {text}").id
+    for _ in range(300):
+        message = store.add_message(
+            conversation_id, "assistant", text, finish_reason="stop", reply_to_id=prompt_id
+        )
+        if where(message.id, settings) == split:
+            if feedback:
+                store.add_feedback(message.id, **feedback)
+            return message.id
+    raise AssertionError(f"no id landed in {split} in 300 tries")
+
+
+def row_texts(data: datasets.TrainingData) -> dict[str, str]:
+    return {
+        "sft": json.dumps(data.sft),
+        "validation": json.dumps(data.validation),
+        "dpo": json.dumps(data.dpo),
+        "kto": json.dumps(data.kto),
+    }
+
+
+# --- the frozen holdout -------------------------------------------------------------------
+
+
+def test_holdout_never_reaches_training_rows(store: Store, home: Path) -> None:
+    settings = make_settings(home)
+    texts: dict[str, list[str]] = {}  # message id -> its answer and correction texts
+
+    for i in range(50):
+        answer = f"ans{i:03d} words here"
+        system = f"system {i}" if i % 3 == 0 else None
+        kind = i % 5
+        if kind == 0:
+            feedback: dict[str, Any] = {"rating": 5}
+        elif kind == 1:
+            feedback = {"rating": 1, "correction": f"cor{i:03d} better words"}
+        elif kind == 2:
+            feedback = {"rating": 2}
+        elif kind == 3:
+            feedback = {"correction": f"cor{i:03d} wanted words"}
+        else:
+            feedback = {"rating": 3 if i % 2 else 4}
+        message_id = ask(store, f"question {i:03d}?", answer, system=system, **feedback)
+        texts[message_id] = [answer] + (
+            [feedback["correction"]] if "correction" in feedback else []
+        )
+
+    # Two answers to the same prompt rated differently, five times; the first pair straddles
+    # holdout and train (the holdout one rated higher: a leak would make it "chosen").
+    for pair in range(5):
+        conversation = store.create_conversation()
+        prompt = store.add_message(conversation.id, "user", f"pair question {pair}")
+        for rank, (split, rating) in enumerate(zip(("holdout", "train"), (5, 2), strict=True)):
+            text = f"pair{pair}{rank} answer"
+            if pair == 0:
+                message_id = answer_in(
+                    store,
+                    settings,
+                    split,
+                    text,
+                    conversation_id=conversation.id,
+                    prompt_id=prompt.id,
+                    rating=rating,
+                )
+            else:
+                message = store.add_message(
+                    conversation.id, "assistant", text, finish_reason="stop"
+                )
+                store.add_feedback(message.id, rating=rating)
+                message_id = message.id
+            texts[message_id] = [text]
+
+    items = feedback_items(store)
+    assert len(items) == 60
+    data = build(items, settings, base_answers(), count_words)
+    holdout_ids = {item.message_id for item in data.split.holdout}
+    assert holdout_ids, "some items must land in the holdout for the test to mean anything"
+
+    rows = row_texts(data)
+    for message_id in holdout_ids:
+        for text in texts[message_id]:
+            for kind, dumped in rows.items():
+                assert text not in dumped, f"holdout text {text!r} leaked into {kind} rows"
+
+    # The rows are not empty: training items do arrive where they belong.
+    assert data.sft and data.dpo and data.kto and data.validation
+    for item in data.split.train:
+        target = datasets.sft_target(item)
+        if target is not None:
+            assert target in rows["sft"]
+        if item.rating in (1, 2, 4, 5):
+            assert item.answer in rows["kto"]
+        if item.correction is not None:
+            assert item.correction in rows["kto"]
+
+    ids = data.snapshot()["message_ids"]
+    train, validation, holdout = set(ids["train"]), set(ids["validation"]), set(ids["holdout"])
+    assert not (train & validation or train & holdout or validation & holdout)
+    assert train | validation | holdout == {item.message_id for item in items}
+    assert len(ids["train"]) + len(ids["validation"]) + len(ids["holdout"]) == len(items)
+    assert data.counts["holdout_items"] == len(holdout)
+
+
+# --- stable placement ---------------------------------------------------------------------
+
+
+def test_items_keep_their_split_as_feedback_grows(store: Store, home: Path) -> None:
+    settings = make_settings(home)
+    fractions = (settings.training.holdout_fraction, settings.training.validation_fraction)
+    for i in range(30):
+        ask(store, f"early question {i}", f"early answer {i}", rating=5)
+    before = split_items(feedback_items(store), *fractions)
+    for i in range(30):
+        ask(store, f"later question {i}", f"later answer {i}", rating=1 + i % 5)
+    after = split_items(feedback_items(store), *fractions)
+
+    def by_split(split: datasets.Split) -> dict[str, str]:
+        return {
+            item.message_id: name
+            for name in ("train", "validation", "holdout")
+            for item in getattr(split, name)
+        }
+
+    old, new = by_split(before), by_split(after)
+    assert len(old) == 30 and len(new) == 60
+    assert {message_id: new[message_id] for message_id in old} == old
+
+
+def test_placement_is_a_pure_function_of_the_id() -> None:
+    value = placement("msg_0123456789abcdef")
+    assert value == placement("msg_0123456789abcdef")
+    assert 0 <= value < 1
+    # Pinned: a different value in another process or version would move stored feedback
+    # between splits (and leak holdout items into training).
+    assert value == pytest.approx(0.5115599720317932, abs=1e-15)
+    assert placement("msg_0123456789abcdee") != value
+
+
+def test_placement_matches_the_configured_fractions() -> None:
+    rng = random.Random(7)
+    ids = [f"msg_{rng.getrandbits(64):016x}" for _ in range(2000)]
+    assert all(0 <= placement(i) < 1 for i in ids)
+    split = split_items([_fake_item(i) for i in ids], 0.2, 0.1)
+    assert len(split.holdout) / 2000 == pytest.approx(0.2, abs=0.04)
+    assert len(split.validation) / 2000 == pytest.approx(0.1, abs=0.03)
+    assert len(split.train) + len(split.validation) + len(split.holdout) == 2000
+
+
+# --- forgetting ---------------------------------------------------------------------------
+
+
+def test_forgotten_conversation_contributes_nothing(store: Store, home: Path) -> None:
+    settings = make_settings(home)
+    for i in range(6):
+        answer_in(store, settings, "train", f"kept answer {i}", rating=5)
+    secret = store.create_conversation(system_prompt="secret system")
+    prompt = store.add_message(secret.id, "user", "secret question")
+    secret_id = answer_in(
+        store,
+        settings,
+        "train",
+        "secret answer",
+        conversation_id=secret.id,
+        prompt_id=prompt.id,
+        rating=1,
+        correction="secret correction",
+    )
+    validation_secret = answer_in(store, settings, "validation", "other", rating=5)
+    store.add_feedback(validation_secret, correction="secret validation correction")
+    with_secret = build(feedback_items(store), settings, base_answers(), count_words)
+    assert "secret" in json.dumps(with_secret.sft)  # it would be trained on
+
+    validation_conversation = store.get_message(validation_secret).conversation_id
+    store.forget_conversation(secret.id)
+    store.forget_conversation(validation_conversation)
+    data = build(feedback_items(store), settings, base_answers(), count_words)
+    for kind, dumped in row_texts(data).items():
+        assert "secret" not in dumped, kind
+    snapshot = json.dumps(data.snapshot())
+    assert secret_id not in snapshot and validation_secret not in snapshot
+    assert data.counts["feedback_items"] == 6
+
+
+# --- replay -------------------------------------------------------------------------------
+
+
+def _person_items(store: Store, settings: Settings, n: int) -> list[FeedbackItem]:
+    for i in range(n):
+        answer_in(store, settings, "train", f"person answer {i}", rating=5)
+    items = feedback_items(store)
+    assert len(items) == n
+    return items
+
+
+@pytest.mark.parametrize(
+    ("fraction", "available", "expected"),
+    [
+        (0.5, 20, 6),  # replay = person * r / (1 - r)
+        (0.5, 4, 4),  # capped by the base answers there are
+        (0.25, 20, 2),
+        (0.0, 20, 0),
+    ],
+)
+def test_replay_share(
+    store: Store, home: Path, fraction: float, available: int, expected: int
+) -> None:
+    settings = make_settings(home, training={"replay_fraction": fraction})
+    items = _person_items(store, settings, 6)
+    data = build(items, settings, base_answers(replay=available), count_words)
+    assert data.counts["sft_rows"] == 6
+    assert data.counts["replay_rows"] == expected
+    replayed = [row for row in data.sft if row["prompt"][0]["content"].startswith("replay prompt")]
+    assert len(replayed) == expected
+    assert len(data.sft) == 6 + expected
+    for row in replayed:
+        number = row["prompt"][0]["content"].removeprefix("replay prompt ")
+        assert row["completion"] == [turn("assistant", f"replay answer {number}")]
+    # Base answers are never the person's: regression probes go to the gate untouched.
+    assert data.regression == base_answers()["regression"]
+
+
+def test_replay_is_reproducible(store: Store, home: Path) -> None:
+    settings = make_settings(home)
+    items = _person_items(store, settings, 5)
+    first = build(items, settings, base_answers(), count_words)
+    second = build(items, settings, base_answers(), count_words)
+    assert first.sft == second.sft
+
+
+# --- KTO weights --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("desirable", "undesirable"),
+    [(10, 2), (2, 10), (5, 5), (4, 3), (1, 1), (3, 4), (10, 7), (1, 100), (100, 1)],
+)
+def test_kto_weights_balance_the_classes(desirable: int, undesirable: int) -> None:
+    w_desirable, w_undesirable = kto_weights(desirable, undesirable)
+    assert w_desirable >= 1 and w_undesirable >= 1  # weights only ever scale one class up
+    ratio = desirable * w_desirable / (undesirable * w_undesirable)
+    # The weights are rounded to 4 decimals; allow for that, nothing more.
+    assert 1 - 1e-4 <= ratio <= 4 / 3 + 1e-4
+
+
+@pytest.mark.parametrize(("desirable", "undesirable"), [(0, 5), (5, 0), (0, 0)])
+def test_kto_weights_with_one_class_missing(desirable: int, undesirable: int) -> None:
+    assert kto_weights(desirable, undesirable) == (1.0, 1.0)
+
+
+# --- fitting long conversations -----------------------------------------------------------
+
+
+SYSTEM = turn("system", "be brief")  # 2 words
+LONG = [
+    SYSTEM,
+    turn("user", "one " * 10),
+    turn("assistant", "two " * 10),
+    turn("user", "three " * 10),
+    turn("assistant", "four " * 10),
+    turn("user", "five " * 10),
+    turn("assistant", "six " * 10),
+    turn("user", "last question"),  # 2 words
+]
+ANSWER = "the answer"  # 2 words
+
+
+def test_fit_prompt_keeps_everything_that_fits() -> None:
+    assert fit_prompt(LONG, ANSWER, 66, count_words) == LONG
+
+
+@pytest.mark.parametrize(
+    ("max_length", "kept"),
+    [
+        (65, [SYSTEM, *LONG[3:]]),  # the first exchange goes first
+        (46, [SYSTEM, *LONG[3:]]),
+        (45, [SYSTEM, *LONG[5:]]),
+        (26, [SYSTEM, *LONG[5:]]),
+        (25, [SYSTEM, LONG[-1]]),
+        (6, [SYSTEM, LONG[-1]]),
+    ],
+)
+def test_fit_prompt_cuts_from_the_left(max_length: int, kept: list[dict[str, str]]) -> None:
+    fitted = fit_prompt(LONG, ANSWER, max_length, count_words)
+    assert fitted == kept
+    assert fitted[0] == SYSTEM and fitted[-1] == LONG[-1]
+    assert fitted[1]["role"] == "user"  # the context after the system prompt starts with a user
+    assert count_words(fitted, ANSWER) <= max_length
+
+
+def test_fit_prompt_without_system_prompt() -> None:
+    no_system = LONG[1:]
+    assert fit_prompt(no_system, ANSWER, 44, count_words) == no_system[2:]
+    assert fit_prompt(no_system, ANSWER, 43, count_words) == no_system[4:]
+    assert fit_prompt(no_system, ANSWER, 4, count_words) == [LONG[-1]]
+    assert fit_prompt(no_system, ANSWER, 3, count_words) is None
+
+
+def test_fit_prompt_gives_up_when_the_shortest_form_does_not_fit() -> None:
+    assert fit_prompt(LONG, ANSWER, 5, count_words) is None
+    assert fit_prompt(LONG, "word " * 200, 100, count_words) is None
+
+
+def test_build_drops_rows_that_cannot_fit(store: Store, home: Path) -> None:
+    settings = make_settings(home, model={"max_seq_length": 128})
+    answer_in(store, settings, "train", "short answer", rating=5)
+    answer_in(store, settings, "train", "long " * 200, rating=5)
+    data = build(feedback_items(store), settings, base_answers(replay=0), count_words)
+    assert data.counts["sft_rows"] == 1
+    assert data.dropped == {"sft": 1, "kto": 1}
+    assert "long" not in json.dumps(data.sft)
+
+
+def test_dpo_rows_fit_max_seq_length(store: Store, home: Path) -> None:
+    settings = make_settings(home, model={"max_seq_length": 128}, training={"replay_fraction": 0})
+    conversation = store.create_conversation(system_prompt="be brief")
+    for i in range(6):
+        store.add_message(conversation.id, "user", f"question {i} " + "pad " * 10)
+        store.add_message(conversation.id, "assistant", "reply " * 10, finish_reason="stop")
+    prompt = store.add_message(conversation.id, "user", "final question")
+    # Chosen: one long "word" (many characters, 1 token); rejected: 60 short words.
+    answer_in(
+        store,
+        settings,
+        "train",
+        "a " * 60,
+        conversation_id=conversation.id,
+        prompt_id=prompt.id,
+        correction="x" * 300,
+    )
+    data = build(feedback_items(store), settings, base_answers(replay=0), count_words)
+    assert data.dpo
+    for row in data.dpo:
+        for side in ("chosen", "rejected"):
+            assert count_words(row["prompt"], row[side][0]["content"]) <= 128, side
+
+
+# --- is a run worth starting? -------------------------------------------------------------
+
+
+def test_sufficiency_without_feedback(store: Store, home: Path) -> None:
+    verdict = datasets.sufficiency(store, make_settings(home), None)
+    assert not verdict.enough
+    assert verdict.new_items == 0
+    assert "no feedback" in verdict.reason
+
+
+def test_sufficiency_counts_new_trainable_items(store: Store, home: Path) -> None:
+    settings = make_settings(home, schedule={"min_new_examples": 3})
+    old = [answer_in(store, settings, "train", f"good {i}", rating=5) for i in range(2)]
+    # Holdout items are new feedback but cannot be learned from: they never count.
+    answer_in(store, settings, "holdout", "judged only", rating=5)
+    answer_in(store, settings, "holdout", "judged only too", correction="fixed")
+
+    verdict = datasets.sufficiency(store, settings, None)
+    assert not verdict.enough
+    assert verdict.new_items == 2
+    assert "2 new" in verdict.reason
+    assert "schedule.min_new_examples is 3" in verdict.reason
+
+    old.append(answer_in(store, settings, "train", "good 2", correction="better 2"))
+    verdict = datasets.sufficiency(store, settings, None)
+    assert verdict.enough
+    assert verdict.new_items == 3
+
+    # The champion was trained on all of it: nothing new.
+    champion = build(feedback_items(store), settings, base_answers(), count_words).snapshot()
+    champion = json.loads(json.dumps(champion))  # as stored in meta.json
+    assert set(champion["message_ids"]["train"]) == set(old)
+    verdict = datasets.sufficiency(store, settings, champion)
+    assert not verdict.enough
+    assert verdict.new_items == 0
+    assert "0 new feedback item(s) since the champion was trained" in verdict.reason
+
+    # A later correction of an answer the champion already saw is new feedback.
+    store.add_feedback(old[0], correction="actually, this")
+    verdict = datasets.sufficiency(store, settings, champion)
+    assert verdict.new_items == 1
+    assert not verdict.enough
+
+    answer_in(store, settings, "train", "new one", rating=4)
+    answer_in(store, settings, "train", "new two", correction="new two fixed")
+    verdict = datasets.sufficiency(store, settings, champion)
+    assert verdict.enough
+    assert verdict.new_items == 3
+
+
+def test_sufficiency_with_feedback_only_in_the_holdout(store: Store, home: Path) -> None:
+    settings = make_settings(home, schedule={"min_new_examples": 1})
+    answer_in(store, settings, "holdout", "judged only", rating=5)
+    verdict = datasets.sufficiency(store, settings, None)
+    assert not verdict.enough
+    assert "no feedback to learn from" in verdict.reason
+
+
+def test_sufficiency_ignores_ratings_that_teach_nothing(store: Store, home: Path) -> None:
+    settings = make_settings(home, schedule={"min_new_examples": 3})
+    answer_in(store, settings, "train", "good", rating=5)
+    for i in range(3):
+        answer_in(store, settings, "train", f"meh {i}", rating=3)
+    data = build(feedback_items(store), settings, base_answers(replay=0), count_words)
+    assert data.counts["sft_rows"] + data.counts["dpo_rows"] + data.counts["kto_rows"] == 2
+    verdict = datasets.sufficiency(store, settings, None)
+    assert not verdict.enough

@@ -1,0 +1,182 @@
+"""The gate: which candidate may replace the champion, and why, from metrics alone."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from development.gate import decide
+from orchestrator.config import Gate, load_settings
+
+RULES = ["holdout_size", "holdout_win", "general_regression", "general_facts", "sanity"]
+
+
+def candidate(**changes: Any) -> dict[str, Any]:
+    """A candidate that passes every default rule against champion() and base()."""
+    metrics = {
+        "holdout_items": 10,
+        "holdout_nll": 1.50,  # 25% better than the champion
+        "preference_accuracy": 0.8,
+        "general_nll": 2.02,  # +1% over the base
+        "general_facts": 5,
+        "general_facts_total": 5,
+        "sanity_checked": 6,
+        "sanity_failures": [],
+    }
+    return {**metrics, **changes}
+
+
+def champion(**changes: Any) -> dict[str, Any]:
+    metrics = {
+        "holdout_items": 10,
+        "holdout_nll": 2.00,
+        "preference_accuracy": 0.7,
+        "general_nll": 2.00,
+        "general_facts": 5,
+        "general_facts_total": 5,
+        "sanity_checked": 6,
+        "sanity_failures": [],
+    }
+    return {**metrics, **changes}
+
+
+def base(**changes: Any) -> dict[str, Any]:
+    return champion(**changes)
+
+
+def check(verdict, rule: str):
+    return next(c for c in verdict.checks if c.rule == rule)
+
+
+@pytest.fixture
+def gate(home: Path) -> Gate:
+    return load_settings(home, gpu_count=0).gate
+
+
+def test_all_good_promotes(gate: Gate) -> None:
+    verdict = decide(candidate(), champion(), base(), gate)
+    assert (verdict.decision, verdict.rule) == ("promote", "all_passed")
+    assert [c.rule for c in verdict.checks] == RULES
+    assert all(c.passed for c in verdict.checks)
+
+
+def test_config_gate_is_the_default_gate(gate: Gate) -> None:
+    assert gate == Gate()
+
+
+def test_too_few_holdout_items(gate: Gate) -> None:
+    verdict = decide(candidate(holdout_items=3), champion(), base(), gate)
+    assert (verdict.decision, verdict.rule) == ("reject", "holdout_size")
+    assert "3 held-out" in verdict.reason and "gate.min_holdout_items" in verdict.reason
+    assert decide(candidate(holdout_items=4), champion(), base(), gate).decision == "promote"
+    missing = candidate()
+    del missing["holdout_items"]
+    assert decide(missing, champion(), base(), gate).rule == "holdout_size"
+
+
+def test_small_win_is_not_enough(gate: Gate) -> None:
+    verdict = decide(candidate(holdout_nll=1.98), champion(holdout_nll=2.0), base(), gate)
+    assert (verdict.decision, verdict.rule) == ("reject", "holdout_win")
+    assert "1.0% better, 2.0% needed" in verdict.reason
+    assert "gate.min_win_margin" in verdict.reason
+    # A worse candidate is rejected on the same rule.
+    worse = decide(candidate(holdout_nll=2.2), champion(holdout_nll=2.0), base(), gate)
+    assert worse.rule == "holdout_win"
+    # With no margin configured a 1% win is enough.
+    lenient = Gate(min_win_margin=0)
+    assert decide(candidate(holdout_nll=1.98), champion(), base(), lenient).decision == "promote"
+
+
+def test_better_nll_but_worse_preference_accuracy(gate: Gate) -> None:
+    verdict = decide(
+        candidate(preference_accuracy=0.6), champion(preference_accuracy=0.7), base(), gate
+    )
+    assert (verdict.decision, verdict.rule) == ("reject", "holdout_win")
+    assert "25.0% better" in verdict.reason
+    assert "preference accuracy fell to 60% from the champion's 70%" in verdict.reason
+    # Equal accuracy, or none measured, does not block.
+    same = candidate(preference_accuracy=0.7)
+    assert decide(same, champion(preference_accuracy=0.7), base(), gate).decision == "promote"
+    unmeasured = candidate(preference_accuracy=None)
+    assert decide(unmeasured, champion(), base(), gate).decision == "promote"
+
+
+def test_missing_holdout_nll_cannot_win(gate: Gate) -> None:
+    verdict = decide(candidate(holdout_nll=None), champion(), base(), gate)
+    assert verdict.rule == "holdout_win"
+    assert "no held-out targets" in verdict.reason
+
+
+def test_general_regression(gate: Gate) -> None:
+    verdict = decide(candidate(general_nll=2.2), champion(), base(general_nll=2.0), gate)
+    assert (verdict.decision, verdict.rule) == ("reject", "general_regression")
+    assert "+10.0%" in verdict.reason and "bound +5.0%" in verdict.reason
+    within = decide(candidate(general_nll=2.08), champion(), base(general_nll=2.0), gate)
+    assert within.decision == "promote"
+    unscored = decide(candidate(general_nll=None), champion(), base(), gate)
+    assert unscored.rule == "general_regression"
+
+
+def test_lost_general_fact(gate: Gate) -> None:
+    verdict = decide(candidate(general_facts=4), champion(), base(general_facts=5), gate)
+    assert (verdict.decision, verdict.rule) == ("reject", "general_facts")
+    assert "4/5" in verdict.reason and "5/5" in verdict.reason
+    allowed = Gate(max_general_facts_lost=1)
+    assert decide(candidate(general_facts=4), champion(), base(), allowed).decision == "promote"
+    # Knowing more than the base is fine.
+    assert decide(candidate(), champion(), base(general_facts=4), gate).decision == "promote"
+
+
+def test_sanity_failure_is_named(gate: Gate) -> None:
+    failures = ["answer 3 repeats 'the the the'"]
+    verdict = decide(candidate(sanity_failures=failures), champion(), base(), gate)
+    assert (verdict.decision, verdict.rule) == ("reject", "sanity")
+    assert "5/6 generated answers passed" in verdict.reason
+    assert "answer 3 repeats 'the the the'" in verdict.reason
+    # Nothing generated is not a pass.
+    unchecked = decide(candidate(sanity_checked=0), champion(), base(), gate)
+    assert unchecked.rule == "sanity"
+
+
+def test_sanity_not_required() -> None:
+    gate = Gate(require_sanity=False)
+    metrics = candidate(sanity_checked=0, sanity_failures=["empty answer"])
+    verdict = decide(metrics, champion(), base(), gate)
+    assert (verdict.decision, verdict.rule) == ("promote", "all_passed")
+    assert "sanity" not in [c.rule for c in verdict.checks]
+
+
+def test_first_failing_rule_decides_and_every_check_is_listed(gate: Gate) -> None:
+    bad = candidate(
+        holdout_nll=1.99,
+        general_nll=3.0,
+        general_facts=2,
+        sanity_failures=["empty answer"],
+    )
+    verdict = decide(bad, champion(), base(), gate)
+    assert (verdict.decision, verdict.rule) == ("reject", "holdout_win")
+    assert [c.rule for c in verdict.checks] == RULES
+    assert [c.passed for c in verdict.checks] == [True, False, False, False, False]
+    assert verdict.reason == check(verdict, "holdout_win").detail
+
+    later = decide(candidate(general_facts=2, sanity_failures=["x"]), champion(), base(), gate)
+    assert later.rule == "general_facts"
+    assert [c.passed for c in later.checks] == [True, True, True, False, False]
+
+    everything = decide({**bad, "holdout_items": 0}, champion(), base(), gate)
+    assert everything.rule == "holdout_size"
+    assert not any(c.passed for c in everything.checks)
+
+
+def test_verdict_as_dict_is_json(gate: Gate) -> None:
+    for metrics in (candidate(), candidate(holdout_items=1, sanity_failures=["bad"])):
+        verdict = decide(metrics, champion(), base(), gate)
+        data = json.loads(json.dumps(verdict.as_dict()))
+        assert data["decision"] == verdict.decision
+        assert data["rule"] == verdict.rule
+        assert data["reason"] == verdict.reason
+        assert [c["rule"] for c in data["checks"]] == RULES
+        assert set(data["checks"][0]) == {"rule", "passed", "detail"}

@@ -1,0 +1,59 @@
+"""`whetstone train/eval/report` around the parts that need no model: a run with too little
+data is recorded as skipped with the reason, and bad arguments get clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from data.store import Store
+from tests.conftest import run_cli
+
+
+def _feedback(home: Path, corrections: int) -> None:
+    store = Store(f"sqlite:///{home}/whetstone.db")
+    try:
+        for i in range(corrections):
+            conversation = store.create_conversation()
+            store.add_message(conversation.id, "user", f"question {i}?")
+            answer = store.add_message(
+                conversation.id, "assistant", f"answer {i}", finish_reason="stop"
+            )
+            store.add_feedback(answer.id, rating=2, correction=f"better answer {i}")
+    finally:
+        store.close()
+
+
+def test_train_with_too_little_feedback_is_skipped_with_the_reason(home: Path) -> None:
+    _feedback(home, 3)
+    result = run_cli("train", "--home", str(home), "--profile", "quick_test", "--wait")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "skipped" in result.stdout
+    assert "min_new_examples" in result.stdout
+
+    status = json.loads(run_cli("status", "--home", str(home), "--json").stdout)
+    run = status["last_run"]
+    assert run["status"] == "skipped"
+    assert "new feedback item(s)" in run["reason"]
+    assert (home / "logs" / f"{run['id']}.log").is_file()
+    assert not [p for p in (home / "candidates").iterdir() if not p.name.startswith(".")]
+
+
+def test_train_without_any_feedback_says_there_is_nothing_to_learn(home: Path) -> None:
+    result = run_cli("train", "--home", str(home), "--wait")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "no feedback to learn from" in result.stdout
+
+
+def test_train_refuses_an_unknown_profile(home: Path) -> None:
+    result = run_cli("train", "--home", str(home), "--profile", "huge")
+    assert result.returncode == 1
+    assert "unknown training profile 'huge'" in result.stderr
+    assert "quick_test" in result.stderr
+
+
+def test_eval_and_report_name_a_missing_candidate(home: Path) -> None:
+    for command in ("eval", "report"):
+        result = run_cli(command, "20991231-000000-abcdef", "--home", str(home))
+        assert result.returncode == 1
+        assert "20991231-000000-abcdef" in result.stderr

@@ -353,8 +353,7 @@ def sufficiency(
         for item in split.train + split.validation
         if teaches(item)
         and (
-            item.message_id not in seen
-            or (high_water is not None and item.created_at > high_water)
+            item.message_id not in seen or (high_water is not None and item.created_at > high_water)
         )
     ]
     learnable = [item for item in split.train if sft_target(item) is not None]

@@ -121,11 +121,14 @@ def test_general_regression(gate: Gate) -> None:
 
 
 def test_lost_general_fact(gate: Gate) -> None:
-    verdict = decide(candidate(general_facts=4), champion(), base(general_facts=5), gate)
+    strict = Gate(max_general_facts_lost=0)
+    verdict = decide(candidate(general_facts=4), champion(), base(general_facts=5), strict)
     assert (verdict.decision, verdict.rule) == ("reject", "general_facts")
     assert "4/5" in verdict.reason and "5/5" in verdict.reason
-    allowed = Gate(max_general_facts_lost=1)
-    assert decide(candidate(general_facts=4), champion(), base(), allowed).decision == "promote"
+    # The default tolerates one flipped probe, not two.
+    assert decide(candidate(general_facts=4), champion(), base(), gate).decision == "promote"
+    two = decide(candidate(general_facts=3), champion(), base(general_facts=5), gate)
+    assert two.rule == "general_facts"
     # Knowing more than the base is fine.
     assert decide(candidate(), champion(), base(general_facts=4), gate).decision == "promote"
 

@@ -16,12 +16,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from orchestrator.config import Settings
-from production import base_model
 from production.decoding import stop_token_ids
-from production.engine import choose_backend, pick_dtype
+from production.engine import choose_backend, load_model
 from production.harmony import parse_completion
 
 log = logging.getLogger(__name__)
@@ -30,45 +29,37 @@ Messages = list[dict[str, str]]
 
 
 def load_base(settings: Settings, device: str, *, for_training: bool) -> tuple[Any, Any]:
-    """The base model and tokenizer on `device`, from the prepared local folder."""
-    path = base_model.resolve(settings)
+    """The base model and tokenizer on `device` (the serving engine's loader), with a pad
+    token for batching and the KV cache off while training."""
     started = time.monotonic()
-    backend = choose_backend(settings, device)
-    if backend == "unsloth":
-        from unsloth import FastLanguageModel
-
-        model, tokenizer = FastLanguageModel.from_pretrained(
-            model_name=path,
-            max_seq_length=settings.model.max_seq_length,
-            load_in_4bit=settings.model.load_in_4bit,
-            dtype=None,
-        )
-        if not for_training:
-            FastLanguageModel.for_inference(model)
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        kwargs: dict[str, Any] = {"dtype": pick_dtype(settings.model.dtype, device)}
-        if settings.model.load_in_4bit:
-            from transformers import BitsAndBytesConfig
-
-            kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_compute_dtype=kwargs["dtype"]
-            )
-            kwargs["device_map"] = {"": device}
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-        if not settings.model.load_in_4bit:
-            model.to(device)
+    model, tokenizer = load_model(settings, device, for_training=for_training)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.use_cache = not for_training
     log.info(
         "loaded %s (%s) on %s in %.1f s",
         settings.model.base_model,
-        backend,
+        choose_backend(settings, device),
         device,
         time.monotonic() - started,
     )
     return model, tokenizer
+
+
+def base_answers(
+    model: Any, tokenizer: PreTrainedTokenizerBase, settings: Settings, prompts: list[str]
+) -> list[tuple[str, bool]]:
+    """Greedy one-turn answers to `prompts` as (text, finished), for the replay cache."""
+    from development.datasets import REPLAY_MAX_NEW_TOKENS
+
+    out = generate(
+        model,
+        tokenizer,
+        [[{"role": "user", "content": p}] for p in prompts],
+        max_new_tokens=REPLAY_MAX_NEW_TOKENS,
+        chat_format=settings.model.chat_format,
+    )
+    return [(g.text, g.finished) for g in out]
 
 
 def _ids(tokenizer: PreTrainedTokenizerBase, messages: Messages, *, generation: bool) -> list[int]:

@@ -219,14 +219,38 @@ def _attach_lora(model: Any, settings: Settings, profile_name: str, backend: str
     return get_peft_model(model, config)
 
 
+def _train_stage(trainer: Any, stage: Stage, curve: Any) -> Any:
+    """Run one TRL trainer and record its steps, time, loss curve and verdict on `stage`."""
+    from transformers import PrinterCallback
+
+    from development.monitor import verdict
+
+    trainer.remove_callback(PrinterCallback)  # logs reach the curve and progress instead
+    started = time.monotonic()
+    trainer.train()
+    stage.seconds = time.monotonic() - started
+    stage.steps = trainer.state.global_step
+    stage.curve = curve.as_dict()
+    stage.monitor = verdict(curve)
+    stage.best_step = stage.monitor.get("best_step")
+    log.info(
+        "%s: %d steps in %.1f s; %s",
+        stage.name,
+        stage.steps,
+        stage.seconds,
+        stage.monitor["notes"],
+    )
+    return trainer.model
+
+
 def run_sft(
     model: Any, tokenizer: Any, data: Any, stage: Stage, settings: Settings, ctx: RunContext
 ) -> Any:
     from datasets import Dataset
-    from transformers import EarlyStoppingCallback, PrinterCallback
+    from transformers import EarlyStoppingCallback
     from trl import SFTConfig, SFTTrainer
 
-    from development.monitor import LossCurve, Progress, verdict
+    from development.monitor import LossCurve, Progress
 
     profile = settings.profile(ctx.profile)
     has_eval = bool(data.validation)
@@ -261,25 +285,15 @@ def run_sft(
         processing_class=tokenizer,
         callbacks=callbacks,
     )
-    trainer.remove_callback(PrinterCallback)  # logs reach the curve and progress instead
-    started = time.monotonic()
-    trainer.train()
-    stage.seconds = time.monotonic() - started
-    stage.steps = trainer.state.global_step
-    stage.curve = curve.as_dict()
-    stage.monitor = verdict(curve)
-    stage.best_step = stage.monitor.get("best_step")
-    log.info("sft: %d steps in %.1f s; %s", stage.steps, stage.seconds, stage.monitor["notes"])
-    return trainer.model
+    return _train_stage(trainer, stage, curve)
 
 
 def run_preference(
     model: Any, tokenizer: Any, data: Any, stage: Stage, settings: Settings, ctx: RunContext
 ) -> Any:
     from datasets import Dataset
-    from transformers import PrinterCallback
 
-    from development.monitor import LossCurve, Progress, verdict
+    from development.monitor import LossCurve, Progress
 
     profile = settings.profile(ctx.profile)
     common = _common_args(
@@ -321,15 +335,7 @@ def run_preference(
             processing_class=tokenizer,
             callbacks=callbacks,
         )
-    trainer.remove_callback(PrinterCallback)  # logs reach the curve and progress instead
-    started = time.monotonic()
-    trainer.train()
-    stage.seconds = time.monotonic() - started
-    stage.steps = trainer.state.global_step
-    stage.curve = curve.as_dict()
-    stage.monitor = verdict(curve)
-    log.info("%s: %d steps in %.1f s", stage.name, stage.steps, stage.seconds)
-    return trainer.model
+    return _train_stage(trainer, stage, curve)
 
 
 @dataclass
@@ -369,17 +375,9 @@ def train_candidate(ctx: RunContext, *, force: bool = False) -> str | None:
 
     ctx.report({"stage": "base answers", "step": 0, "max_steps": 0})
 
-    def base_generate(prompts: list[str]) -> list[tuple[str, bool]]:
-        out = modeling.generate(
-            model,
-            tokenizer,
-            [[{"role": "user", "content": p}] for p in prompts],
-            max_new_tokens=datasets.REPLAY_MAX_NEW_TOKENS,
-            chat_format=settings.model.chat_format,
-        )
-        return [(g.text, g.finished) for g in out]
-
-    base_answers = datasets.load_base_answers(settings, base_generate)
+    base_answers = datasets.load_base_answers(
+        settings, lambda prompts: modeling.base_answers(model, tokenizer, settings, prompts)
+    )
     model.config.use_cache = False
 
     def count(prompt: list[dict[str, str]], answer: str) -> int:

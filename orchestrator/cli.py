@@ -414,11 +414,9 @@ def serve(
     port: Annotated[int | None, typer.Option(help="TCP port (default 8321).")] = None,
 ) -> None:
     """Run the API worker alone in the foreground (the daemon starts it the same way)."""
-    from orchestrator import devices, gpus
+    from orchestrator import devices
 
     settings = settings_for(home, set_, server__host=host, server__port=port)
-    plan = devices.plan(settings, gpus.count())
-    env, inside = devices.worker_env(plan.production)
     # The worker is a new process image: CUDA_VISIBLE_DEVICES is set before torch loads.
     argv = [_python(), "-m", "production.server", "--home", str(settings.paths.root)]
     for item in set_ or []:
@@ -428,7 +426,7 @@ def serve(
     if port is not None:
         argv += ["--port", str(port)]
     sys.stdout.flush()
-    os.execve(argv[0], argv, os.environ | env | {"WHETSTONE_WORKER_DEVICE": inside})
+    os.execve(argv[0], argv, devices.child_env(settings, "production"))
 
 
 @app.command()
@@ -531,11 +529,9 @@ def train(
     extra = (["--force"] if force else []) + ([] if promote_ else ["--no-promote"])
     store = open_store(settings)
     try:
-        jobs.reap_dead_runs(store)
-        busy = [r for r in store.list_runs(limit=5, status="running") if r.pid]
-        if busy:
-            raise _fail(f"run {busy[0].id} is still training (pid {busy[0].pid}); one at a time")
         run_id, process = jobs.start_training(settings, store, name, sets=set_, extra_args=extra)
+    except jobs.JobBusy as exc:
+        raise _fail(str(exc)) from None
     finally:
         store.close()
     logfile = jobs.log_file(settings, run_id)
@@ -589,20 +585,18 @@ def eval_cmd(
 ) -> None:
     """Evaluate a candidate against the champion and the base model, and write its report."""
     from candidates import RegistryError
-    from orchestrator import devices, gpus
+    from orchestrator import devices
 
     settings = settings_for(home, set_)
     try:
         open_registry(settings).validate(candidate_id, base_model=settings.model.base_model)
     except RegistryError as exc:
         raise _fail(str(exc)) from None
-    device = devices.plan(settings, gpus.count()).development
-    env, inside = devices.worker_env(device)
     argv = [_python(), "-m", "development.evaluate", "--home", str(settings.paths.root)]
     argv += ["--candidate", candidate_id]
     for item in set_ or []:
         argv += ["--set", item]
-    code = subprocess.call(argv, env=os.environ | env | {"WHETSTONE_WORKER_DEVICE": inside})
+    code = subprocess.call(argv, env=devices.child_env(settings, "development"))
     if code != 0:
         raise typer.Exit(code)
     console.print(f"report: {open_registry(settings).path(candidate_id) / 'report.html'}")

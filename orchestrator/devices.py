@@ -47,6 +47,18 @@ def worker_env(device: str) -> tuple[dict[str, str], str]:
     return {"CUDA_VISIBLE_DEVICES": index}, "cuda:0"
 
 
+def child_env(settings: Settings, role: str) -> dict[str, str]:
+    """The environment for a worker subprocess of `role` ("production" or "development"):
+    this one's, pinned to the planned device, with the in-process device name for the child
+    (read back by `pin_device`)."""
+    import os
+
+    from orchestrator import gpus
+
+    env, inside = worker_env(getattr(plan(settings, gpus.count()), role))
+    return os.environ | env | {"WHETSTONE_WORKER_DEVICE": inside}
+
+
 def pin_device(settings: Settings, role: str) -> str:
     """In a worker process, before torch is imported: pin this process to its planned device
     (role "production" or "development") and return the device name to use inside it.

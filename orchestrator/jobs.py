@@ -66,6 +66,10 @@ def reap_dead_runs(store: Store) -> list[str]:
     return reaped
 
 
+class JobBusy(RuntimeError):
+    """A training run is still alive: never two at once."""
+
+
 def log_file(settings: Settings, run_id: str) -> Path:
     return settings.paths.logs_dir / f"{run_id}.log"
 
@@ -80,12 +84,15 @@ def start_training(
     extra_args: list[str] | None = None,
 ) -> tuple[str, subprocess.Popen[bytes]]:
     """Queue a run and start its process on the development device, in its own session (so
-    a Ctrl-C in the terminal that started it does not kill it). Returns (run id, process)."""
+    a Ctrl-C in the terminal that started it does not kill it). Returns (run id, process).
+    Raises JobBusy while another run's process is alive (dead ones are reaped first)."""
     settings.profile(profile)  # unknown profile: ConfigError now, not in the child
     reap_dead_runs(store)
+    alive = [run for run in store.list_runs(limit=5, status="running") if run.pid]
+    if alive:
+        raise JobBusy(f"run {alive[0].id} is still training (pid {alive[0].pid}); one at a time")
     run = store.create_run(profile, trigger)
     device = devices.plan(settings, gpus.count()).development
-    env, inside = devices.worker_env(device)
     argv = [
         sys.executable,
         "-m",
@@ -109,7 +116,7 @@ def start_training(
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
-            env=os.environ | env | {"WHETSTONE_WORKER_DEVICE": inside},
+            env=devices.child_env(settings, "development"),
             start_new_session=True,
         )
     store.update_run(run.id, pid=process.pid)

@@ -86,6 +86,37 @@ def choose_backend(settings: Settings, device: str) -> str:
     return "unsloth" if has_unsloth else "transformers"
 
 
+def load_model(settings: Settings, device: str, *, for_training: bool) -> tuple[Any, Any]:
+    """The base model and tokenizer on `device` from the prepared local folder, with the
+    backend `choose_backend` picks. Serving and the training/evaluation jobs share it."""
+    path = base_model.resolve(settings)
+    if choose_backend(settings, device) == "unsloth":
+        from unsloth import FastLanguageModel
+
+        model, tokenizer = FastLanguageModel.from_pretrained(
+            model_name=path,
+            max_seq_length=settings.model.max_seq_length,
+            load_in_4bit=settings.model.load_in_4bit,
+            dtype=None,
+        )
+        if not for_training:
+            FastLanguageModel.for_inference(model)
+        return model, tokenizer
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    kwargs: dict[str, Any] = {"dtype": pick_dtype(settings.model.dtype, device)}
+    if settings.model.load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_compute_dtype=kwargs["dtype"]
+        )
+        kwargs["device_map"] = {"": device}
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if not settings.model.load_in_4bit:
+        model.to(device)
+    return model, tokenizer
+
+
 class _TokenSink(BaseStreamer):
     """generate() calls put() with the prompt first, then each new token."""
 
@@ -122,32 +153,9 @@ class Engine:
         self.device = device
         self.chat_format = settings.model.chat_format
         self.base_model_name = settings.model.base_model
-        path = base_model.resolve(settings)
         started = time.monotonic()
         self.backend = choose_backend(settings, device)
-        if self.backend == "unsloth":
-            from unsloth import FastLanguageModel
-
-            self.model, self.tokenizer = FastLanguageModel.from_pretrained(
-                model_name=path,
-                max_seq_length=settings.model.max_seq_length,
-                load_in_4bit=settings.model.load_in_4bit,
-                dtype=None,
-            )
-            FastLanguageModel.for_inference(self.model)
-        else:
-            self.tokenizer = AutoTokenizer.from_pretrained(path)
-            kwargs: dict[str, Any] = {"dtype": pick_dtype(settings.model.dtype, device)}
-            if settings.model.load_in_4bit:
-                from transformers import BitsAndBytesConfig
-
-                kwargs["quantization_config"] = BitsAndBytesConfig(
-                    load_in_4bit=True, bnb_4bit_compute_dtype=kwargs["dtype"]
-                )
-                kwargs["device_map"] = {"": device}
-            self.model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-            if not settings.model.load_in_4bit:
-                self.model.to(device)
+        self.model, self.tokenizer = load_model(settings, device, for_training=False)
         self.model.eval()
         self.base = self.model
         self.generation_defaults = self.model.generation_config

@@ -155,16 +155,9 @@ def base_answers_dir(prepared_model_dir: Path) -> Path:
     if not datasets.replay_cache_file(settings).is_file():
         model, tokenizer = modeling.load_base(settings, "cpu", for_training=False)
 
-        def generate(prompts: list[str]) -> list[tuple[str, bool]]:
-            out = modeling.generate(
-                model,
-                tokenizer,
-                [[{"role": "user", "content": p}] for p in prompts],
-                max_new_tokens=datasets.REPLAY_MAX_NEW_TOKENS,
-            )
-            return [(g.text, g.finished) for g in out]
-
-        datasets.load_base_answers(settings, generate)
+        datasets.load_base_answers(
+            settings, lambda prompts: modeling.base_answers(model, tokenizer, settings, prompts)
+        )
     return datasets.replay_cache_file(settings).parent
 
 

@@ -57,3 +57,32 @@ def test_eval_and_report_name_a_missing_candidate(home: Path) -> None:
         result = run_cli(command, "20991231-000000-abcdef", "--home", str(home))
         assert result.returncode == 1
         assert "20991231-000000-abcdef" in result.stderr
+
+
+def test_eval_refuses_a_broken_adapter_folder_and_keeps_the_feedback(home: Path) -> None:
+    from candidates import Registry
+    from tests.test_registry import BASE, make_meta, write_fake_adapter
+
+    _feedback(home, 2)
+    registry = Registry(home / "candidates")
+    candidate = registry.create(
+        make_meta("20261121-030000-abcdef", base_model=BASE), write_fake_adapter
+    )
+    weights = candidate.path / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:40])  # truncated, as by a full disk
+
+    result = run_cli("eval", candidate.id, "--home", str(home))
+    assert result.returncode == 1
+    assert "adapter_model.safetensors" in result.stderr
+    store = Store(f"sqlite:///{home}/whetstone.db")
+    try:
+        assert store.counts()["feedback"] == 2
+        assert store.list_evaluations(candidate.id) == []
+    finally:
+        store.close()
+
+
+def test_train_names_a_bad_config_value(home: Path) -> None:
+    result = run_cli("train", "--home", str(home), "--set", "training.validation_fraction=0.95")
+    assert result.returncode != 0
+    assert "training.validation_fraction" in result.stderr

@@ -207,14 +207,15 @@ def measure(
 
     fact_prompts = [[{"role": "user", "content": q}] for q, _ in probes.FACT_PROBES]
     sanity_count = len(sanity_prompts)
-    answers = generate(
-        model,
-        tokenizer,
-        sanity_prompts + fact_prompts,
-        max_new_tokens=SANITY_MAX_NEW_TOKENS,
-        chat_format=fmt,
+    # Separate calls: batched greedy decoding depends (slightly, through padding) on the
+    # batch's other rows, and the fact probes must not change with the person's holdout.
+    facts = generate(
+        model, tokenizer, fact_prompts, max_new_tokens=SANITY_MAX_NEW_TOKENS, chat_format=fmt
     )
-    facts = answers[sanity_count:]
+    sanity = generate(
+        model, tokenizer, sanity_prompts, max_new_tokens=SANITY_MAX_NEW_TOKENS, chat_format=fmt
+    )
+    answers = sanity + facts
     metrics["general_facts"] = sum(
         probes.fact_is_right(g.text, accepted)
         for g, (_, accepted) in zip(facts, probes.FACT_PROBES, strict=True)
@@ -226,7 +227,6 @@ def measure(
         if not probes.fact_is_right(g.text, accepted)
     ]
 
-    sanity = answers[:sanity_count]
     failures = []
     for prompt, g in zip(sanity_prompts, sanity, strict=True):
         problem = sanity_problem(g.text, g.finished)

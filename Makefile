@@ -18,10 +18,11 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 install: $(VENV)/.installed
 
-# Until the daemon (`whetstone up`) exists, run starts the part that does: the API worker.
+# doctor prepares the embedded model once and reports the machine; up runs the daemon
+# (API worker, schedule, training) in the foreground until Ctrl-C.
 run: install
 	$(WHETSTONE) doctor
-	$(WHETSTONE) serve
+	$(WHETSTONE) up
 
 test: install
 	$(VENV)/bin/pytest $(PYTEST_ARGS)

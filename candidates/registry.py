@@ -104,7 +104,7 @@ class Candidate:
 
 @dataclass(frozen=True)
 class PromotionResult:
-    new_current: str
+    new_current: str | None  # None: the base model serves (rolled back past the first one)
     previous: str | None
     forced: bool = False
 
@@ -473,9 +473,17 @@ class Registry:
         return PromotionResult(new_current=candidate_id, previous=previous, forced=force)
 
     def rollback(self, *, base_model: str | None = None) -> PromotionResult:
-        """Swap `current` and `previous`; rolling back twice returns to the start."""
+        """Swap `current` and `previous`; rolling back twice returns to the start. After the
+        first promotion there is no `previous`: rolling back then returns to the base model
+        (`current` removed, the demoted champion kept as `previous`)."""
         with self._lock():
             current, previous = self.current_id(), self.previous_id()
+            if previous is None and current is not None:
+                self._set_link(PREVIOUS, current)
+                self._remove_link(CURRENT)
+                self._record("rollback", current=None, previous=current, forced=False)
+                logger.info("rolled back to the base model (previous: %s)", current)
+                return PromotionResult(new_current=None, previous=current)
             if previous is None:
                 raise NothingToRollBack(f"nothing to roll back to: no {self.root / PREVIOUS}")
             if previous == current:

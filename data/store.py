@@ -597,6 +597,49 @@ class Store:
         with self.read_session() as session:
             return session.scalar(stmt) or 0
 
+    def last_message_at(self) -> datetime | None:
+        """When the newest message was stored: how long chat has been idle."""
+        with self.read_session() as session:
+            return session.scalar(select(func.max(Message.created_at)))
+
+    def adapter_ratings(
+        self,
+        adapter_id: str | None,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int = 100,
+        newest_first: bool = False,
+    ) -> list[int]:
+        """Current ratings of answers the adapter produced (None: the base model), in answer
+        order (or newest first), from answers created in [since, until); forgotten
+        conversations excluded. What the post-promotion watch compares."""
+        _time("since", since)
+        _time("until", until)
+        order = Message.created_at.desc() if newest_first else Message.created_at.asc()
+        stmt = (
+            select(Feedback.rating)
+            .join(Message, Message.id == Feedback.message_id)
+            .join(Conversation, Conversation.id == Message.conversation_id)
+            .where(
+                Feedback.is_current,
+                Feedback.rating.is_not(None),
+                Message.role == "assistant",
+                Conversation.forgotten_at.is_(None),
+                Message.adapter_id.is_(None)
+                if adapter_id is None
+                else Message.adapter_id == adapter_id,
+            )
+            .order_by(order)
+            .limit(max(0, limit))
+        )
+        if since is not None:
+            stmt = stmt.where(Message.created_at >= since)
+        if until is not None:
+            stmt = stmt.where(Message.created_at < until)
+        with self.read_session() as session:
+            return [int(r) for r in session.scalars(stmt)]
+
     # --- training runs ------------------------------------------------------------------
 
     def create_run(

@@ -219,17 +219,23 @@ def status(home: HomeOpt = None, set_: SetOpt = None, as_json: JsonOpt = False) 
     registry = open_registry(settings)
     store = open_store(settings)
     try:
+        from orchestrator.daemon import read_state
         from orchestrator.jobs import reap_dead_runs
         from orchestrator.promotion import running_server
 
         server = running_server(settings)
-        reap_dead_runs(store)
+        daemon = read_state(settings)
+        reap_dead_runs(store, daemon_alive=daemon is not None)
         last_run = store.latest_run()
+        running = store.latest_run(status="running")
         promotions = store.list_promotions(limit=1)
         data: dict[str, Any] = {
             "home": str(settings.paths.root),
-            "run_state": "running" if server else "stopped",
+            # The daemon's own state; without one, "serving" means a lone `whetstone serve`.
+            "run_state": daemon["state"] if daemon else ("serving" if server else "stopped"),
+            "daemon": daemon,
             "server": server,
+            "running_run": _run_dict(running) if running else None,
             "base_model": settings.model.base_model,
             "current_adapter": registry.current_id(),
             "previous_adapter": registry.previous_id(),
@@ -243,8 +249,30 @@ def status(home: HomeOpt = None, set_: SetOpt = None, as_json: JsonOpt = False) 
         console.print_json(json.dumps(data, default=str))
         return
     table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(no_wrap=True)
+    table.add_column(overflow="fold")  # errors and paths in full, wrapped
     table.add_row("home", data["home"])
-    table.add_row("daemon", data["run_state"] + (f" at {server['url']}" if server else ""))
+    table.add_row("daemon", data["run_state"] + (f" (pid {daemon['pid']})" if daemon else ""))
+    if daemon:
+        plan = daemon.get("devices") or {}
+        table.add_row(
+            "devices", f"production {plan.get('production')}, development {plan.get('development')}"
+        )
+        worker = daemon.get("worker") or {}
+        line = f"{worker.get('state')} at {worker.get('url')}"
+        if worker.get("uptime_s") is not None:
+            line += f", up {int(worker['uptime_s'])} s"
+        if worker.get("restarts"):
+            line += f", {worker['restarts']} restart(s)"
+        table.add_row("API worker", line)
+        if worker.get("state") in ("failed", "restarting") and worker.get("last_error"):
+            table.add_row("worker error", escape(worker["last_error"]))
+        for job in daemon.get("schedule") or []:
+            table.add_row(f"next {job['id']}", str(job.get("next_run_at")))
+        for err in (daemon.get("errors") or [])[-3:]:
+            table.add_row("recent error", escape(f"{err['at']} {err['error']}"))
+    elif server:
+        table.add_row("API worker", f"at {server['url']} (no daemon: started by `whetstone serve`)")
     table.add_row("base model", data["base_model"])
     table.add_row("current adapter", data["current_adapter"] or "none (the base model serves)")
     table.add_row("previous", data["previous_adapter"] or "none")
@@ -360,7 +388,8 @@ def rollback(home: HomeOpt = None, set_: SetOpt = None) -> None:
         raise _fail(str(exc)) from None
     finally:
         store.close()
-    console.print(f"current -> {result.new_current} (previous: {result.previous})")
+    now = result.new_current or "the base model (no adapter)"
+    console.print(f"current -> {now} (previous: {result.previous})")
     console.print(promotion.notify_worker(settings))
 
 
@@ -399,11 +428,124 @@ def _not_yet(what: str, part: str) -> typer.Exit:
     return _fail(f"`whetstone {what}` needs the {part}, which is not built yet.", 3)
 
 
+class _JournalFormatter(logging.Formatter):
+    """Under systemd (JOURNAL_STREAM set) each line starts with its syslog priority, so
+    `journalctl -p err` works; journald adds the time itself."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        priority = {"DEBUG": 7, "INFO": 6, "WARNING": 4, "ERROR": 3, "CRITICAL": 2}
+        return f"<{priority.get(record.levelname, 6)}>{super().format(record)}"
+
+
+def _daemon_logging(settings: Settings) -> None:
+    from logging.handlers import RotatingFileHandler
+
+    root = logging.getLogger()
+    root.setLevel(settings.log_level)
+    stderr = logging.StreamHandler(sys.stderr)
+    if os.environ.get("JOURNAL_STREAM"):
+        stderr.setFormatter(_JournalFormatter("%(name)s: %(message)s"))
+    else:
+        stderr.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    settings.paths.logs_dir.mkdir(parents=True, exist_ok=True)
+    logfile = RotatingFileHandler(
+        settings.paths.logs_dir / "daemon.log", maxBytes=10_000_000, backupCount=3
+    )
+    logfile.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(stderr)
+    root.addHandler(logfile)
+    for noisy in ("apscheduler.executors", "httpx", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
 @app.command()
-def up(home: HomeOpt = None, set_: SetOpt = None) -> None:
-    """Run the daemon: the API worker, the schedule, promotions (foreground)."""
-    settings_for(home, set_)
-    raise _not_yet("up", "orchestrator daemon (supervisor and schedule)")
+def up(
+    home: HomeOpt = None,
+    set_: SetOpt = None,
+    host: Annotated[str | None, typer.Option(help="API bind address (default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="API TCP port (default 8321).")] = None,
+) -> None:
+    """Run the daemon in the foreground: the API worker, the schedule, training, promotions.
+
+    systemd runs it (see `whetstone install-service`); SIGTERM or Ctrl-C stops it cleanly."""
+    import asyncio
+
+    from orchestrator.daemon import HomeBusy, daemon_pid, run_daemon
+    from production.server import check_bind
+
+    settings = settings_for(home, set_, server__host=host, server__port=port)
+    try:
+        check_bind(settings)
+    except ConfigError as exc:
+        raise _fail(str(exc), 2) from None
+    owner = daemon_pid(settings.paths.root)
+    if owner is not None:
+        raise _fail(
+            f"another `whetstone up` (pid {owner}) is running on {settings.paths.root}; "
+            "stop it first (under systemd: systemctl --user stop whetstone) or pass another --home"
+        )
+    _daemon_logging(settings)
+    log_resolved(settings)
+    host_shown = settings.server.host
+    console.print(
+        f"whetstone up: home {settings.paths.root}\n"
+        f"  API: http://{host_shown}:{settings.server.port}/v1 (OpenAI-compatible; ready once the "
+        "model has loaded)\n"
+        f"  chat: whetstone chat --home {settings.paths.root}\n"
+        f"  status: whetstone status --home {settings.paths.root}\n"
+        "  stop: Ctrl-C (or SIGTERM)",
+        highlight=False,
+    )
+    try:
+        code = asyncio.run(run_daemon(settings))
+    except HomeBusy as exc:
+        raise _fail(str(exc)) from None
+    raise typer.Exit(code)
+
+
+UNIT_TEMPLATE = Path(__file__).resolve().parent.parent / "systemd" / "whetstone.service"
+
+
+@app.command("install-service")
+def install_service(
+    home: HomeOpt = None,
+    set_: SetOpt = None,
+    unit_dir: Annotated[
+        Path | None,
+        typer.Option(help="Where to write the unit (default: ~/.config/systemd/user)."),
+    ] = None,
+) -> None:
+    """Write the systemd user unit that runs `whetstone up` for this home, and say how to
+    enable it."""
+    from candidates._fs import atomic_write_text
+
+    settings = settings_for(home, set_)
+    executable = Path(sys.executable).parent / "whetstone"
+    if not executable.is_file():
+        raise _fail(f"{executable} not found: install whetstone into this environment first")
+    config_home = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    target_dir = unit_dir or config_home / "systemd" / "user"
+    target_dir.mkdir(parents=True, exist_ok=True)
+    settings.paths.create()
+    unit = UNIT_TEMPLATE.read_text().format(
+        whetstone=executable,
+        home=settings.paths.root.resolve(),
+        stop_timeout=int(settings.daemon.stop_timeout_s) + 30,
+        readme=UNIT_TEMPLATE.parent.parent / "README.md",
+    )
+    target = target_dir / "whetstone.service"
+    atomic_write_text(target, unit)
+    console.print(f"wrote {target}", highlight=False)
+    console.print(
+        "enable and start it:\n"
+        "  systemctl --user daemon-reload\n"
+        "  systemctl --user enable --now whetstone\n"
+        "keep it running while you are logged out:\n"
+        f"  loginctl enable-linger {os.environ.get('USER', '$USER')}\n"
+        "follow its logs:\n"
+        "  journalctl --user -u whetstone -f",
+        highlight=False,
+    )
 
 
 @app.command()
@@ -467,11 +609,19 @@ def _progress_line(run: Any) -> str:
     return stage
 
 
-def _wait_for_run(settings: Settings, run_id: str, process: Any) -> int:
-    """Show the run's progress as a live bar until its process ends; return its exit code."""
+def _wait_for_run(settings: Settings, run_id: str, process: Any) -> int | None:
+    """Show the run's progress as a live bar until it ends; return its exit code (None when
+    the daemon runs it: the outcome is in the store)."""
     import time
 
     from rich.progress import BarColumn, Progress, TextColumn
+
+    from data.models import RUN_FINISHED
+
+    def running() -> bool:
+        if process is not None:
+            return process.poll() is None
+        return store.get_run(run_id).status not in RUN_FINISHED
 
     store = open_store(settings)
     try:
@@ -483,7 +633,7 @@ def _wait_for_run(settings: Settings, run_id: str, process: Any) -> int:
             transient=True,
         ) as bar:
             task = bar.add_task("starting", total=None, run=run_id)
-            while process.poll() is None:
+            while running():
                 run = store.get_run(run_id)
                 progress = run.progress or {}
                 total = progress.get("max_steps") or None
@@ -496,7 +646,7 @@ def _wait_for_run(settings: Settings, run_id: str, process: Any) -> int:
                 time.sleep(0.5)
     finally:
         store.close()
-    return process.returncode
+    return None if process is None else process.returncode
 
 
 @app.command()
@@ -527,16 +677,30 @@ def train(
     except ConfigError as exc:
         raise _fail(str(exc)) from None
     extra = (["--force"] if force else []) + ([] if promote_ else ["--no-promote"])
+    for item in set_ or []:
+        extra += ["--set", item]
+    from orchestrator.daemon import daemon_pid
+
+    owner = daemon_pid(settings.paths.root)
     store = open_store(settings)
     try:
-        run_id, process = jobs.start_training(settings, store, name, sets=set_, extra_args=extra)
+        if owner is not None:
+            # The daemon runs it (one job at a time, on its development device).
+            process = None
+            run_id = store.create_run(name, "manual").id
+            store.update_run(run_id, progress={"stage": "queued", "args": extra})
+        else:
+            run_id, process = jobs.start_training(settings, store, name, extra_args=extra)
     except jobs.JobBusy as exc:
         raise _fail(str(exc)) from None
     finally:
         store.close()
     logfile = jobs.log_file(settings, run_id)
+    if owner is not None:
+        console.print(f"queued {run_id} ({name}) with the daemon (pid {owner})")
     if not wait:
-        console.print(f"started {run_id} ({name}); log: {logfile}")
+        if owner is None:
+            console.print(f"started {run_id} ({name}); log: {logfile}")
         console.print("`whetstone status` shows its progress")
         return
     try:

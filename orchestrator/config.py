@@ -291,8 +291,18 @@ class Schedule(_Section):
     idle_before_training_s: int = Field(
         300, ge=0, description="One-GPU boxes: chat idle this long before training starts."
     )
+    nightly_profile: str = Field("standard", description="Profile of the nightly run.")
+    feedback_profile: str = Field("quick_test", description="Profile of the every-N run.")
+    # A nightly run missed while the machine was off runs once at start if the miss is
+    # younger than this; older misses are dropped (a 03:00 run at 18:00 would hog the GPU).
+    missed_run_grace_s: int = Field(
+        6 * 3600, ge=0, description="A missed nightly run still runs at start within this long."
+    )
+    retention_cron: str = Field(
+        "30 4 * * *", description="Crontab (local time) of the retention sweep of candidates."
+    )
 
-    @field_validator("nightly_cron")
+    @field_validator("nightly_cron", "retention_cron")
     @classmethod
     def _check_cron(cls, value: str) -> str:
         if len(value.split()) != 5:
@@ -306,6 +316,45 @@ class Schedule(_Section):
         except ValueError as exc:
             raise ValueError(f"not a valid crontab: {exc}") from None
         return value
+
+
+class Daemon(_Section):
+    """How `whetstone up` supervises the API worker and stops."""
+
+    worker_start_timeout_s: float = Field(
+        300, gt=0, description="Worker start (model load) longer than this counts as a crash."
+    )
+    max_restarts: int = Field(
+        5, ge=0, description="Crashes in a row before the daemon stops restarting the worker."
+    )
+    # Waits 1, 2, 4, ... s between restarts: a transient failure (a port still in TIME_WAIT,
+    # a GPU briefly out of memory) recovers quickly, a persistent one does not spin.
+    restart_backoff_s: float = Field(1.0, gt=0, description="First wait before a restart.")
+    restart_backoff_max_s: float = Field(60.0, gt=0, description="Longest wait between restarts.")
+    stable_after_s: float = Field(
+        60.0, gt=0, description="Healthy this long after a restart resets the crash count."
+    )
+    health_failures: int = Field(
+        3, ge=1, description="Missed /health checks in a row before a live worker is restarted."
+    )
+    poll_s: float = Field(
+        5.0, gt=0, description="How often queued runs, new feedback and the worker are checked."
+    )
+    # systemd's TimeoutStopSec must be longer than this (the unit uses stop_timeout_s + 30).
+    stop_timeout_s: float = Field(
+        60.0, gt=0, description="On SIGTERM: time a training job gets to stop before SIGKILL."
+    )
+
+
+class Watch(_Section):
+    """After a promotion: roll back if the person rates the new adapter clearly worse."""
+
+    ratings: int = Field(
+        10, ge=0, description="Rated answers of the new adapter to judge it on; 0 turns it off."
+    )
+    margin: float = Field(
+        0.5, ge=0, description="Roll back when its mean rating is this far below the previous."
+    )
 
 
 class Gate(_Section):
@@ -350,6 +399,8 @@ class Settings(BaseSettings):
     training: Training = Field(default_factory=Training)
     schedule: Schedule = Field(default_factory=Schedule)
     gate: Gate = Field(default_factory=Gate)
+    daemon: Daemon = Field(default_factory=Daemon)
+    watch: Watch = Field(default_factory=Watch)
     retention_keep_last: int = Field(
         5, ge=1, description="Candidates kept besides current and previous."
     )
@@ -368,6 +419,17 @@ class Settings(BaseSettings):
         if toml_path is not None and toml_path.exists():
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
         return tuple(sources)
+
+    @model_validator(mode="after")
+    def _check_schedule_profiles(self) -> Settings:
+        for key in ("nightly_profile", "feedback_profile", "default_profile"):
+            section = self.training if key == "default_profile" else self.schedule
+            name = getattr(section, key)
+            if name not in self.training.profiles:
+                known = ", ".join(sorted(self.training.profiles))
+                where = "training" if key == "default_profile" else "schedule"
+                raise ValueError(f"{where}.{key} = {name!r} is not a profile; known: {known}")
+        return self
 
     @property
     def paths(self) -> Home:

@@ -43,8 +43,10 @@ def pid_alive(pid: int, module: str = TRAIN_MODULE) -> bool:
     return True
 
 
-def reap_dead_runs(store: Store) -> list[str]:
-    """Mark runs whose process is gone as failed; returns their ids."""
+def reap_dead_runs(store: Store, *, daemon_alive: bool = False) -> list[str]:
+    """Mark runs whose process is gone as failed; returns their ids. A queued run without a
+    process is waiting for the daemon's dispatcher while a daemon holds the home
+    (`daemon_alive`); with no daemon, one older than QUEUED_GRACE never started."""
     reaped = []
     now = datetime.now(UTC)
     for status in ("running", "queued"):
@@ -56,7 +58,7 @@ def reap_dead_runs(store: Store) -> list[str]:
                     f"the training process (pid {run.pid}) ended without reporting: "
                     f"killed or crashed (see logs/{run.id}.log)"
                 )
-            elif now - run.created_at > QUEUED_GRACE:
+            elif not daemon_alive and now - run.created_at > QUEUED_GRACE:
                 error = "the training process never started"
             else:
                 continue
@@ -82,16 +84,18 @@ def start_training(
     trigger: str = "manual",
     sets: list[str] | None = None,
     extra_args: list[str] | None = None,
+    run_id: str | None = None,
 ) -> tuple[str, subprocess.Popen[bytes]]:
-    """Queue a run and start its process on the development device, in its own session (so
-    a Ctrl-C in the terminal that started it does not kill it). Returns (run id, process).
-    Raises JobBusy while another run's process is alive (dead ones are reaped first)."""
+    """Start a run's process on the development device, in its own session (so a Ctrl-C in
+    the terminal that started it does not kill it): the queued run `run_id`, or a new one.
+    Returns (run id, process). Raises JobBusy while another run's process is alive (dead ones
+    are reaped first)."""
     settings.profile(profile)  # unknown profile: ConfigError now, not in the child
-    reap_dead_runs(store)
+    reap_dead_runs(store, daemon_alive=run_id is not None)
     alive = [run for run in store.list_runs(limit=5, status="running") if run.pid]
     if alive:
         raise JobBusy(f"run {alive[0].id} is still training (pid {alive[0].pid}); one at a time")
-    run = store.create_run(profile, trigger)
+    run = store.get_run(run_id) if run_id else store.create_run(profile, trigger)
     device = devices.plan(settings, gpus.count()).development
     argv = [
         sys.executable,

@@ -93,17 +93,23 @@ def promote(
 
 
 def rollback(
-    settings: Settings, store: Store, registry: Registry, *, actor: str = "cli"
+    settings: Settings,
+    store: Store,
+    registry: Registry,
+    *,
+    actor: str = "cli",
+    reason: str | None = None,
 ) -> PromotionResult:
-    """Swap `current` back to `previous`, audited."""
+    """Swap `current` back to `previous` (or to the base model after the first promotion),
+    audited. The watch after a promotion rolls back with action auto_rollback and its reason."""
     result = registry.rollback(base_model=settings.model.base_model)
     store.record_promotion(
-        action="rollback",
+        action="auto_rollback" if actor == "watch" else "rollback",
         candidate_id=result.new_current,
         previous_id=result.previous,
         forced=False,
-        reason=f"rollback by {actor}",
+        reason=reason or f"rollback by {actor}",
         actor=actor,
     )
-    log.info("rolled back to %s by %s", result.new_current, actor)
+    log.info("rolled back to %s by %s", result.new_current or "the base model", actor)
     return result

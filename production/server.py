@@ -36,6 +36,7 @@ from data.errors import Gone, InvalidInput, NotFound, StoreError
 from data.store import Store
 from orchestrator import devices
 from orchestrator.config import ConfigError, Settings, load_settings, parse_sets
+from orchestrator.daemon import read_state
 
 if TYPE_CHECKING:
     from production.engine import Outcome
@@ -169,6 +170,27 @@ def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+def _running_run(store: Store) -> dict[str, Any] | None:
+    run = store.latest_run(status="running")
+    if run is None:
+        return None
+    return {"id": run.id, "profile": run.profile, "trigger": run.trigger, "progress": run.progress}
+
+
+def _last_promotion(store: Store) -> dict[str, Any] | None:
+    found = store.list_promotions(limit=1)
+    if not found:
+        return None
+    p = found[0]
+    return {
+        "action": p.action,
+        "candidate_id": p.candidate_id,
+        "previous_id": p.previous_id,
+        "reason": p.reason,
+        "created_at": p.created_at.isoformat(),
+    }
 
 
 # ------------------------------------------------------------------------------ the app
@@ -381,6 +403,11 @@ def create_app(service: Service) -> FastAPI:
             "started_at": service.started_at.isoformat(),
             "uptime_s": round((datetime.now(UTC) - service.started_at).total_seconds(), 1),
             "context_window": engine.context_window,
+            # The supervising daemon's run/daemon.json (schedule, device plan, running job,
+            # recent errors); null when this worker runs alone (`whetstone serve`).
+            "daemon": read_state(service.settings),
+            "running_run": _running_run(service.store),
+            "last_promotion": _last_promotion(service.store),
         }
 
     @app.post("/admin/reload")
@@ -736,10 +763,26 @@ async def _serve(settings: Settings, service: Service) -> None:
         }
         _write_json_atomic(settings.paths.server_file, info)
         log.info("serving %s at %s", service.engine.base_model_name, info["url"])
+    parent = os.environ.get(PARENT_ENV)
+    watchdog = asyncio.create_task(_exit_with_parent(server, int(parent))) if parent else None
     try:
         await task
     finally:
+        if watchdog is not None:
+            watchdog.cancel()
         _forget_address(settings.paths.server_file)
+
+
+# Set by the daemon: its pid. A worker whose daemon died (kill -9, OOM) stops by itself
+# instead of holding the port against the next daemon.
+PARENT_ENV = "WHETSTONE_DAEMON_PID"
+
+
+async def _exit_with_parent(server: Any, parent: int) -> None:
+    while os.getppid() == parent:
+        await asyncio.sleep(1.0)
+    log.warning("the daemon (pid %d) is gone; stopping", parent)
+    server.should_exit = True
 
 
 def _forget_address(server_file: Path) -> None:

@@ -122,7 +122,7 @@ def test_export_writes_trl_files(home: Path, tmp_path: Path) -> None:
     )
 
 
-@pytest.mark.parametrize("command", [["up"], ["chat"]])
+@pytest.mark.parametrize("command", [["chat"]])
 def test_parts_not_built_yet_say_so(home: Path, command: list[str]) -> None:
     result = run_cli(*command, "--home", str(home))
     assert result.returncode == 3

@@ -341,8 +341,11 @@ def test_rollback_without_usable_previous(registry: Registry) -> None:
         registry.rollback()
     a, b = add(registry, "a"), add(registry, "b")
     registry.promote(a)
-    with pytest.raises(NothingToRollBack, match="previous"):
-        registry.rollback()
+    # After the first promotion, rollback returns to the base model; again, to `a`.
+    assert registry.rollback().new_current is None
+    assert (registry.current_id(), registry.previous_id()) == (None, a)
+    assert registry.rollback().new_current == a
+    assert (registry.current_id(), registry.previous_id()) == (a, None)
     registry.promote(b)
     (registry.root / a / "meta.json").unlink()
     with pytest.raises(NothingToRollBack, match=r"cannot roll back to a: .*meta.json is missing"):

@@ -1,0 +1,636 @@
+"""The supervising daemon, `whetstone up`: one per home, for months, under systemd.
+
+    whetstone up [--home H] [--host 127.0.0.1] [--port 8321]
+
+It holds the home's lock (run/daemon.lock), decides the device plan, keeps the API worker
+(`python -m production.server`) alive on the production device (restarting it with backoff,
+giving up with the reason after too many crashes in a row), runs the schedule (APScheduler,
+jobs persisted in the home's database: the nightly run and the retention sweep), starts
+queued training runs one at a time on the development device, kills a hung one, and after a
+promotion lets the person's ratings roll a bad adapter back (orchestrator.watch).
+
+Training triggers only *queue* a run in the store (nightly, every N new feedback items,
+`whetstone train` while the daemon runs); the dispatcher here starts queued runs in order.
+So two triggers never start two jobs, and a queued run survives a daemon restart.
+
+It never imports torch: workers are subprocesses whose CUDA_VISIBLE_DEVICES is set before
+they start. What it is doing is written to run/daemon.json (atomically) for `whetstone
+status`, the API's /v1/status and the TUI.
+
+    async with Daemon(settings) as daemon:   # lock, scheduler, worker started
+        await daemon.serve()                 # until stop() (SIGTERM/SIGINT)
+                                             # exit: training cancelled, worker stopped
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import fcntl
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import deque
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from candidates import Registry
+from candidates._fs import atomic_write_text
+from data.store import Store
+from orchestrator import devices, gpus, jobs, watch
+from orchestrator.config import Settings
+
+log = logging.getLogger(__name__)
+
+LOCK_NAME = "daemon.lock"
+STATE_NAME = "daemon.json"
+WORKER_LOG = "production.log"
+SERVER_MODULE = "production.server"
+
+
+class RunState(enum.StrEnum):
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+class HomeBusy(RuntimeError):
+    """Another `whetstone up` holds this home."""
+
+
+# --- the home lock ---------------------------------------------------------------------------
+
+
+def lock_file(settings: Settings) -> Path:
+    return settings.paths.run_dir / LOCK_NAME
+
+
+def state_file(settings: Settings) -> Path:
+    return settings.paths.run_dir / STATE_NAME
+
+
+class HomeLock:
+    """An exclusive flock on run/daemon.lock, holding the owner's pid. The kernel drops it
+    when the process dies (kill -9 included), so a stale lock never blocks a restart."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.path = lock_file(settings)
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            owner = daemon_pid(self.path.parent.parent)
+            raise HomeBusy(
+                f"another `whetstone up` (pid {owner or '?'}) is running on "
+                f"{self.path.parent.parent}; stop it first (under systemd: systemctl --user "
+                "stop whetstone) or pass another --home"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
+
+
+def daemon_pid(home: Path) -> int | None:
+    """The pid of the daemon holding `home`, or None when no daemon runs there."""
+    path = Path(home) / "run" / LOCK_NAME
+    if not path.exists():
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        try:
+            # A shared lock is refused only while the daemon's exclusive one is held.
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = path.read_text().strip()
+            return int(text) if text.isdigit() else -1
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def read_state(settings: Settings) -> dict[str, Any] | None:
+    """The daemon's run/daemon.json when a daemon holds the home; None otherwise."""
+    if daemon_pid(settings.paths.root) is None:
+        return None
+    try:
+        return json.loads(state_file(settings).read_text())
+    except (OSError, ValueError):
+        return {"state": RunState.STARTING.value}
+
+
+# --- the API worker --------------------------------------------------------------------------
+
+
+class Worker:
+    """The production worker subprocess, kept alive with exponential backoff."""
+
+    def __init__(self, settings: Settings, changed: Any) -> None:
+        self.settings = settings
+        self._changed = changed  # called when something status shows has changed
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.state = "stopped"  # starting | up | restarting | failed | stopped
+        self.started_at: datetime | None = None
+        self.up_since: float | None = None
+        self.restarts = 0
+        self.crashes_in_row = 0
+        self.last_exit: int | None = None
+        self.last_error: str | None = None
+        self.next_restart_at: datetime | None = None
+        host = settings.server.host
+        local = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+        self.url = f"http://{local}:{settings.server.port}"
+        self.log_path = settings.paths.logs_dir / WORKER_LOG
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "state": self.state,
+            "pid": self.proc.pid if self.proc and self.proc.poll() is None else None,
+            "url": self.url,
+            "started_at": self.started_at.isoformat() if self.started_at else None,
+            "uptime_s": round(time.monotonic() - self.up_since, 1) if self.up_since else None,
+            "restarts": self.restarts,
+            "crashes_in_row": self.crashes_in_row,
+            "last_exit": self.last_exit,
+            "last_error": self.last_error,
+            "next_restart_at": self.next_restart_at.isoformat() if self.next_restart_at else None,
+            "log": str(self.log_path),
+        }
+
+    def _set(self, state: str) -> None:
+        self.state = state
+        self._changed()
+
+    def _start(self) -> None:
+        settings = self.settings
+        argv = [sys.executable, "-m", SERVER_MODULE, "--home", str(settings.paths.root)]
+        argv += ["--host", settings.server.host, "--port", str(settings.server.port)]
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as out:
+            out.write(f"--- {datetime.now(UTC).isoformat()} starting the API worker\n".encode())
+            out.flush()
+            self.proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                # The worker stops by itself if this process dies without stopping it.
+                env=devices.child_env(settings, "production")
+                | {"WHETSTONE_DAEMON_PID": str(os.getpid())},
+            )
+        self.started_at = datetime.now(UTC)
+        self.up_since = None
+        log.info("API worker starting (pid %d) on %s", self.proc.pid, self.url)
+
+    async def _healthy(self) -> bool:
+        import httpx
+
+        try:
+            async with httpx.AsyncClient(timeout=5) as client:
+                return (await client.get(f"{self.url}/health")).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def _log_tail(self) -> str:
+        """The last meaningful lines the worker wrote (its error, usually)."""
+        try:
+            with open(self.log_path, "rb") as fh:
+                fh.seek(0, os.SEEK_END)
+                fh.seek(max(0, fh.tell() - 8192))
+                lines = fh.read().decode(errors="replace").splitlines()
+        except OSError:
+            return ""
+        lines = [line for line in lines if line.strip() and not line.startswith("---")]
+        return " | ".join(lines[-3:])[-600:]
+
+    async def _wait_ready(self, stopping: asyncio.Event) -> bool:
+        deadline = time.monotonic() + self.settings.daemon.worker_start_timeout_s
+        assert self.proc is not None
+        while time.monotonic() < deadline and not stopping.is_set():
+            if self.proc.poll() is not None:
+                return False
+            if await self._healthy():
+                return True
+            await asyncio.sleep(0.5)
+        return False
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        """Start the worker and keep it up until `stopping` is set or it crashed too often."""
+        cfg = self.settings.daemon
+        while not stopping.is_set():
+            self._start()
+            self._set("starting")
+            if await self._wait_ready(stopping):
+                self.up_since = time.monotonic()
+                self.next_restart_at = None
+                self._set("up")
+                log.info("API worker up at %s (pid %d)", self.url, self.proc.pid)
+                await self._watch(stopping)
+            if stopping.is_set():
+                return
+            await self._crashed()
+            if self.crashes_in_row > cfg.max_restarts:
+                self.last_error = (
+                    f"the API worker crashed {self.crashes_in_row} times in a row; not "
+                    f"restarting it (daemon.max_restarts = {cfg.max_restarts}). Last exit "
+                    f"code {self.last_exit}; its log ({self.log_path}) ends: {self._log_tail()}"
+                )
+                log.error("%s", self.last_error)
+                self._set("failed")
+                return
+            wait = min(
+                cfg.restart_backoff_s * 2 ** (self.crashes_in_row - 1), cfg.restart_backoff_max_s
+            )
+            self.next_restart_at = datetime.now(UTC) + timedelta(seconds=wait)
+            self._set("restarting")
+            log.warning("restarting the API worker in %.1f s", wait)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), wait)
+            self.restarts += 1
+
+    async def _watch(self, stopping: asyncio.Event) -> None:
+        """Until the worker exits, stops answering /health, or we stop."""
+        cfg = self.settings.daemon
+        missed = 0
+        next_check = time.monotonic() + cfg.poll_s
+        assert self.proc is not None
+        while not stopping.is_set():
+            if self.proc.poll() is not None:
+                return
+            stable = self.up_since and time.monotonic() - self.up_since >= cfg.stable_after_s
+            if stable and self.crashes_in_row:
+                self.crashes_in_row = 0
+                self._changed()
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + cfg.poll_s
+                missed = 0 if await self._healthy() else missed + 1
+                if missed >= cfg.health_failures:
+                    log.error("API worker missed %d health checks; killing it", missed)
+                    self.proc.kill()
+                    self.proc.wait()
+                    return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), 0.5)
+
+    async def _crashed(self) -> None:
+        assert self.proc is not None
+        if self.proc.poll() is None:  # never became healthy in time
+            self.proc.kill()
+        self.last_exit = self.proc.wait()
+        self.crashes_in_row += 1
+        tail = self._log_tail()
+        self.last_error = f"exit code {self.last_exit}: {tail}"
+        log.error("API worker exited with %s; log ends: %s", self.last_exit, tail)
+        self.up_since = None
+        self._changed()
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.up_since = None
+        self._set("stopped")
+
+
+def stop_leftover_worker(settings: Settings) -> None:
+    """A worker left running by a daemon that was killed -9 still holds the port: stop it."""
+    path = settings.paths.server_file
+    try:
+        pid = int(json.loads(path.read_text())["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if not jobs.pid_alive(pid, SERVER_MODULE):
+        return
+    log.warning("stopping the API worker (pid %d) left by a previous daemon", pid)
+    os.kill(pid, signal.SIGTERM)
+    for _ in range(100):
+        if not jobs.pid_alive(pid, SERVER_MODULE):
+            return
+        time.sleep(0.2)
+    os.kill(pid, signal.SIGKILL)
+
+
+# --- the daemon ------------------------------------------------------------------------------
+
+
+class Daemon:
+    """See the module docstring. stop() only signals; serve() returns, __aexit__ cleans up."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.state = RunState.STOPPED
+        self._stopping = asyncio.Event()
+        self._lock = HomeLock(settings)
+        self.plan = devices.plan(settings, gpus.count())
+        self.worker = Worker(settings, self._write_state)
+        self.store: Store | None = None
+        self.registry = Registry(settings.paths.candidates_dir)
+        self.scheduler: Any = None
+        self.job: subprocess.Popen[bytes] | None = None
+        self.job_run_id: str | None = None
+        self.job_started: float | None = None
+        self.errors: deque[dict[str, str]] = deque(maxlen=20)
+        self.started_at = datetime.now(UTC)
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    # -- lifecycle
+
+    async def __aenter__(self) -> Daemon:
+        self._lock.acquire()  # HomeBusy: nothing else was touched
+        try:
+            self.state = RunState.STARTING
+            self.settings.paths.create()
+            self._write_state()
+            self.store = Store(self.settings.db_url)
+            jobs.reap_dead_runs(self.store, daemon_alive=True)
+            stop_leftover_worker(self.settings)
+            log.info(
+                "device plan: production %s, development %s (%d GPU(s))",
+                self.plan.production,
+                self.plan.development,
+                self.plan.gpu_count,
+            )
+            from orchestrator import schedule
+
+            schedule.RUNNING[str(self.settings.paths.root)] = self.settings
+            self._start_scheduler()
+            self._tasks = [
+                asyncio.create_task(self.worker.run(self._stopping), name="worker"),
+                asyncio.create_task(self._dispatch_loop(), name="dispatch"),
+            ]
+            self.state = RunState.RUNNING
+            self._write_state()
+        except BaseException:
+            await self._shutdown()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._shutdown()
+
+    def stop(self) -> None:
+        """Ask the daemon to stop (signal handlers call this); serve() then returns."""
+        if not self._stopping.is_set():
+            log.info("stopping")
+            self._stopping.set()
+
+    async def serve(self) -> None:
+        await self._stopping.wait()
+
+    async def _shutdown(self) -> None:
+        self.state = RunState.STOPPING
+        self._stopping.set()
+        self._write_state()
+        if self.scheduler is not None:
+            with contextlib.suppress(Exception):
+                self.scheduler.shutdown(wait=False)
+        from orchestrator import schedule
+
+        schedule.RUNNING.pop(str(self.settings.paths.root), None)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await asyncio.to_thread(self._cancel_job, "the daemon is stopping")
+        await asyncio.to_thread(self.worker.stop)
+        if self.store is not None:
+            self.store.close()
+        self.state = RunState.STOPPED
+        self._write_state()
+        self._lock.release()
+        log.info("stopped")
+
+    # -- status
+
+    def _error(self, message: str) -> None:
+        self.errors.append({"at": datetime.now(UTC).isoformat(), "error": message})
+
+    def _write_state(self) -> None:
+        if self._lock._fd is None:
+            return  # not ours (HomeBusy): never overwrite the running daemon's state
+        jobs_out = []
+        if self.scheduler is not None:
+            with contextlib.suppress(Exception):
+                for job in self.scheduler.get_jobs():
+                    jobs_out.append(
+                        {
+                            "id": job.id,
+                            "trigger": str(job.trigger),
+                            "next_run_at": job.next_run_time.isoformat()
+                            if job.next_run_time
+                            else None,
+                        }
+                    )
+        state = {
+            "state": self.state.value,
+            "pid": os.getpid(),
+            "started_at": self.started_at.isoformat(),
+            "updated_at": datetime.now(UTC).isoformat(),
+            "home": str(self.settings.paths.root),
+            "devices": {
+                "production": self.plan.production,
+                "development": self.plan.development,
+                "gpus": self.plan.gpu_count,
+                "shared_gpu": self.plan.shared_gpu,
+            },
+            "worker": self.worker.snapshot(),
+            "schedule": jobs_out,
+            "training": {"run_id": self.job_run_id, "pid": self.job.pid if self.job else None},
+            "errors": list(self.errors),
+        }
+        path = state_file(self.settings)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(state, indent=1) + "\n")
+
+    # -- the schedule
+
+    def _start_scheduler(self) -> None:
+        from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
+        from apscheduler.schedulers.asyncio import AsyncIOScheduler
+        from apscheduler.triggers.cron import CronTrigger
+
+        from orchestrator import schedule
+
+        cfg = self.settings.schedule
+        self.scheduler = AsyncIOScheduler(
+            jobstores={
+                "default": SQLAlchemyJobStore(url=self.settings.db_url, tablename="schedule_jobs")
+            },
+            job_defaults={"coalesce": True, "max_instances": 1},
+        )
+        # Paused while the jobs are reconciled: a nightly run missed while the machine was
+        # off is still in the store with its old next-run time, and must not be replaced.
+        self.scheduler.start(paused=True)
+        home = str(self.settings.paths.root)
+        wanted = {
+            "nightly": (schedule.nightly, cfg.nightly_cron, cfg.missed_run_grace_s),
+            "retention": (schedule.retention, cfg.retention_cron, 3600),
+        }
+        for job_id, (func, cron, grace) in wanted.items():
+            trigger = CronTrigger.from_crontab(cron)
+            existing = self.scheduler.get_job(job_id)
+            if existing is not None and str(existing.trigger) == str(trigger):
+                existing.modify(args=[home], misfire_grace_time=grace)
+                log.info("schedule: %s kept (next run %s)", job_id, existing.next_run_time)
+            else:
+                job = self.scheduler.add_job(
+                    func,
+                    trigger,
+                    id=job_id,
+                    name=job_id,
+                    args=[home],
+                    misfire_grace_time=grace,
+                    replace_existing=True,
+                )
+                log.info("schedule: %s at %r (next run %s)", job_id, cron, job.next_run_time)
+        self.scheduler.resume()
+
+    # -- training runs
+
+    async def _dispatch_loop(self) -> None:
+        """Every poll: finish/kill the running job, trigger on new feedback, start the next
+        queued run, and let the ratings judge the last promotion."""
+        while not self._stopping.is_set():
+            try:
+                await asyncio.to_thread(self._dispatch_once)
+            except Exception as exc:  # the loop must outlive any one bad poll
+                log.exception("dispatch failed")
+                self._error(f"dispatch: {exc}")
+            self._write_state()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self.settings.daemon.poll_s)
+
+    def _dispatch_once(self) -> None:
+        assert self.store is not None
+        if self.job is not None:
+            self._check_job()
+        jobs.reap_dead_runs(self.store, daemon_alive=True)
+        from orchestrator import schedule
+
+        schedule.enqueue_on_feedback(self.settings, self.store)
+        if self.job is None and not self._stopping.is_set():
+            self._start_next()
+        reason = watch.check(self.settings, self.store, self.registry)
+        if reason:
+            self._error(f"rolled back after promotion: {reason}")
+
+    def _start_next(self) -> None:
+        assert self.store is not None
+        queued = self.store.list_runs(limit=20, status="queued")
+        queued = [run for run in queued if run.pid is None]
+        if not queued:
+            return
+        run = queued[-1]  # oldest first
+        if self.plan.shared_gpu and not self._chat_idle():
+            return
+        try:
+            self.settings.profile(run.profile)
+        except Exception as exc:
+            self.store.update_run(run.id, status="failed", error=str(exc))
+            return
+        try:
+            args = (run.progress or {}).get("args") or []
+            run_id, process = jobs.start_training(
+                self.settings,
+                self.store,
+                run.profile,
+                trigger=run.trigger,
+                run_id=run.id,
+                extra_args=[str(a) for a in args],
+            )
+        except jobs.JobBusy as exc:
+            log.info("%s", exc)  # a `whetstone train` started outside the daemon: wait
+            return
+        self.job, self.job_run_id, self.job_started = process, run_id, time.monotonic()
+        self._write_state()
+
+    def _chat_idle(self) -> bool:
+        """One GPU for both: train only when the person has not chatted for a while."""
+        assert self.store is not None
+        last = self.store.last_message_at()
+        if last is None:
+            return True
+        idle = (datetime.now(UTC) - last).total_seconds()
+        return idle >= self.settings.schedule.idle_before_training_s
+
+    def _check_job(self) -> None:
+        assert self.job is not None and self.store is not None
+        code = self.job.poll()
+        elapsed = time.monotonic() - (self.job_started or time.monotonic())
+        if code is None:
+            limit = self.settings.schedule.job_timeout_s
+            if elapsed > limit:
+                self._cancel_job(f"timed out after {int(elapsed)} s (schedule.job_timeout_s)")
+            return
+        run_id = self.job_run_id
+        self.job = self.job_run_id = self.job_started = None
+        run = self.store.get_run(run_id)
+        if run.status in ("running", "queued"):
+            error = f"the training process exited with code {code} without reporting"
+            self.store.update_run(run_id, status="failed", error=error)
+            run = self.store.get_run(run_id)
+        log.info("run %s ended: %s (exit %s, %.0f s)", run_id, run.status, code, elapsed)
+        if run.status == "failed":
+            self._error(f"run {run_id} failed: {run.error}")
+
+    def _cancel_job(self, why: str) -> None:
+        """SIGTERM the running job (it marks itself failed and removes its scratch), SIGKILL
+        it if it does not stop within daemon.stop_timeout_s; the run records `why`."""
+        if self.job is None or self.store is None:
+            return
+        job, run_id = self.job, self.job_run_id
+        log.warning("stopping run %s: %s", run_id, why)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(job.pid, signal.SIGTERM)
+        try:
+            code = job.wait(self.settings.daemon.stop_timeout_s)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(job.pid, signal.SIGKILL)
+            code = job.wait()
+        assert run_id is not None
+        run = self.store.get_run(run_id)
+        error = f"{why} (exit {code})" + (f"; {run.error}" if run.error else "")
+        if run.status in ("running", "queued", "failed"):
+            self.store.update_run(run_id, status="failed", error=error)
+        self.job = self.job_run_id = self.job_started = None
+        self._error(f"run {run_id}: {why}")
+
+
+async def run_daemon(settings: Settings) -> int:
+    """`whetstone up`: run until SIGTERM/SIGINT; 0 on a clean stop."""
+    loop = asyncio.get_running_loop()
+    daemon = Daemon(settings)
+    async with daemon:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, daemon.stop)
+        log.info(
+            "whetstone up: API at %s (home %s); chat: whetstone chat --home %s",
+            daemon.worker.url,
+            settings.paths.root,
+            settings.paths.root,
+        )
+        await daemon.serve()
+    return 0

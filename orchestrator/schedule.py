@@ -1,0 +1,67 @@
+"""What the schedule runs. Each trigger only queues a training run in the store; the
+daemon's dispatcher starts queued runs one at a time (orchestrator.daemon).
+
+The APScheduler job store keeps jobs in the home's database and refers to these functions by
+import path, with the home as their only argument, so they must stay importable here.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from candidates import Registry
+from data.store import Store
+from orchestrator.config import Settings, load_settings
+
+log = logging.getLogger(__name__)
+
+# Settings of the daemons running in this process, by home: they carry the command line's
+# overrides, which a fresh load_settings(home) would not.
+RUNNING: dict[str, Settings] = {}
+
+
+def _settings(home: str) -> Settings:
+    return RUNNING.get(home) or load_settings(Path(home))
+
+
+def enqueue(settings: Settings, store: Store, profile: str, trigger: str) -> str | None:
+    """Queue a run unless one is already waiting (triggers coalesce). Returns its id."""
+    waiting = store.list_runs(limit=1, status="queued")
+    if waiting:
+        log.info("%s trigger: run %s is already queued", trigger, waiting[0].id)
+        return None
+    run = store.create_run(profile, trigger)
+    log.info("%s trigger: queued run %s (%s)", trigger, run.id, profile)
+    return run.id
+
+
+def enqueue_on_feedback(settings: Settings, store: Store) -> str | None:
+    """Queue a quick run once `schedule.every_n_feedback` feedback items arrived since the
+    last run was queued (whatever became of it)."""
+    every = settings.schedule.every_n_feedback
+    if every == 0:
+        return None
+    last = store.latest_run()
+    new = store.count_feedback_since(last.created_at if last else None)
+    if new < every:
+        return None
+    return enqueue(settings, store, settings.schedule.feedback_profile, "feedback")
+
+
+def nightly(home: str) -> None:
+    """The nightly cycle: dataset, train, evaluate, gate, promote, report (one queued run)."""
+    settings = _settings(home)
+    store = Store(settings.db_url)
+    try:
+        enqueue(settings, store, settings.schedule.nightly_profile, "nightly")
+    finally:
+        store.close()
+
+
+def retention(home: str) -> None:
+    """Delete old candidates beyond `retention_keep_last` (never current or previous)."""
+    settings = _settings(home)
+    removed = Registry(settings.paths.candidates_dir).retain(settings.retention_keep_last)
+    if removed:
+        log.info("retention: removed %s", ", ".join(removed))

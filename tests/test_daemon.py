@@ -1,0 +1,351 @@
+"""The real daemon (`whetstone up`) in a subprocess, on the CPU with the embedded model, in a
+tmp home: it supervises the API worker, refuses a second instance, gives up on a crash loop
+with the reason in status, stops cleanly on SIGTERM (also mid-training), triggers runs on new
+feedback, and keeps its nightly job across restarts.
+
+Each test starts at least one daemon (a worker loading the model: seconds), so all are slow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from candidates import Registry
+from data.store import Store
+from orchestrator.config import load_settings
+from tests.conftest import REPO, run_cli
+from tests.scripted_person import FACTS
+
+pytestmark = pytest.mark.slow
+
+CLI = [sys.executable, "-m", "orchestrator.cli"]
+FAST = """
+[daemon]
+poll_s = 0.5
+restart_backoff_s = 0.2
+restart_backoff_max_s = 1.0
+stop_timeout_s = 30
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float = 90.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.3)
+    raise TimeoutError(f"{what}: not within {timeout} s")
+
+
+class DaemonProcess:
+    """`whetstone up` on a free port in `home`."""
+
+    def __init__(self, home: Path, port: int | None = None) -> None:
+        self.home = home
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(home / "daemon-test.log", "ab")  # noqa: SIM115 (closed in stop)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("WHETSTONE_")}
+        self.proc = subprocess.Popen(
+            [*CLI, "up", "--home", str(home), "--port", str(self.port)],
+            cwd=REPO,
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def state(self) -> dict[str, Any]:
+        try:
+            return json.loads((self.home / "run" / "daemon.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def worker_up(self) -> dict[str, Any] | None:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"daemon exited {self.proc.returncode}:\n{self.output()}")
+        worker = self.state().get("worker") or {}
+        return worker if worker.get("state") == "up" else None
+
+    def wait_ready(self, timeout: float = 120) -> DaemonProcess:
+        wait_for("the API worker up", self.worker_up, timeout)
+        return self
+
+    def output(self) -> str:
+        self.log.flush()
+        return (self.home / "daemon-test.log").read_text(errors="replace")
+
+    def terminate(self, timeout: float = 90) -> int:
+        """SIGTERM; the exit code (it must come within `timeout`)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+@pytest.fixture
+def daemons() -> Iterator[Callable[..., DaemonProcess]]:
+    """Start daemons; every one (and any training job it left) is stopped at the end."""
+    started: list[DaemonProcess] = []
+
+    def start(home: Path, port: int | None = None) -> DaemonProcess:
+        config = home / "config.toml"
+        if not config.exists():
+            config.write_text(FAST)
+        proc = DaemonProcess(home, port)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()
+        _kill_training(proc.home)
+
+
+def _kill_training(home: Path) -> None:
+    """A test that failed mid-run must not leave a training process eating the CPU."""
+    store = Store(load_settings(home).db_url)
+    try:
+        for run in store.list_runs(limit=20):
+            if run.pid and run.status in ("running", "queued"):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(run.pid, signal.SIGKILL)
+    finally:
+        store.close()
+
+
+def chat(url: str, text: str) -> str:
+    resp = httpx.post(
+        f"{url}/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": text}], "max_tokens": 8, "temperature": 0},
+        timeout=120,
+    )
+    resp.raise_for_status()
+    return resp.json()["id"]
+
+
+def status_json(home: Path) -> dict[str, Any]:
+    result = run_cli("status", "--home", str(home), "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_daemon_restarts_a_killed_worker_and_refuses_a_second_up(
+    home_with_model: Path, daemons: Callable[..., DaemonProcess]
+) -> None:
+    daemon = daemons(home_with_model).wait_ready()
+    assert httpx.get(f"{daemon.url}/health", timeout=5).status_code == 200
+    first = chat(daemon.url, "Say hello.")
+
+    second = run_cli("up", "--home", str(home_with_model), "--port", str(free_port()))
+    assert second.returncode == 1
+    assert f"pid {daemon.proc.pid}" in second.stderr and "already" not in second.stdout
+    assert "another `whetstone up`" in second.stderr
+
+    old_pid = daemon.worker_up()["pid"]
+    os.kill(old_pid, signal.SIGKILL)
+    started = time.monotonic()
+    worker = wait_for(
+        "a restarted worker",
+        lambda: (w := daemon.worker_up()) and w["pid"] != old_pid and w,
+        timeout=90,
+    )
+    restart_s = time.monotonic() - started
+    assert worker["restarts"] == 1
+    later = chat(daemon.url, "Say goodbye.")
+
+    status = status_json(home_with_model)
+    assert status["run_state"] == "running"
+    assert status["daemon"]["worker"]["state"] == "up"
+    assert status["daemon"]["devices"] == {
+        "production": "cpu",
+        "development": "cpu",
+        "gpus": 0,
+        "shared_gpu": False,
+    }
+    api_status = httpx.get(f"{daemon.url}/v1/status", timeout=5).json()
+    assert api_status["daemon"]["state"] == "running"
+
+    assert daemon.terminate() == 0
+    assert json.loads((home_with_model / "run" / "daemon.json").read_text())["state"] == "stopped"
+    store = Store(load_settings(home_with_model).db_url)
+    try:
+        assert store.get_message(first).content and store.get_message(later).content
+    finally:
+        store.close()
+    print(f"worker back {restart_s:.1f} s after kill -9")
+
+
+def test_a_crash_loop_stops_with_the_reason_in_status(
+    home_with_model: Path, daemons: Callable[..., DaemonProcess]
+) -> None:
+    (home_with_model / "config.toml").write_text(FAST + "max_restarts = 2\n")
+    with socket.socket() as taken:  # the worker's port is taken: it exits at every start
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        daemon = daemons(home_with_model, port=taken.getsockname()[1])
+        worker = wait_for(
+            "the worker given up",
+            lambda: (w := daemon.state().get("worker") or {}).get("state") == "failed" and w,
+            timeout=60,
+        )
+        assert worker["crashes_in_row"] == 3
+        status = status_json(home_with_model)
+    assert status["run_state"] == "running"  # the daemon stays up and says why
+    error = status["daemon"]["worker"]["last_error"]
+    assert "crashed 3 times in a row" in error and "cannot listen" in error, error
+    human = run_cli("status", "--home", str(home_with_model))
+    assert "cannot listen" in human.stdout and "failed" in human.stdout
+    assert daemon.terminate() == 0
+
+
+def _teach(home: Path, items: int) -> None:
+    store = Store(load_settings(home).db_url)
+    try:
+        questions = [(q, f.answer) for f in FACTS for q in f.questions][:items]
+        for question, answer in questions:
+            conversation = store.create_conversation()
+            store.add_message(conversation.id, "user", question)
+            reply = store.add_message(
+                conversation.id, "assistant", "I don't know.", finish_reason="stop"
+            )
+            store.add_feedback(reply.id, rating=1, correction=answer)
+    finally:
+        store.close()
+
+
+def test_sigterm_during_training_stops_cleanly_and_marks_the_run(
+    home_for_training: Path, daemons: Callable[..., DaemonProcess]
+) -> None:
+    _teach(home_for_training, 32)
+    daemon = daemons(home_for_training).wait_ready()
+    queued = run_cli("train", "--home", str(home_for_training), "--profile", "quick_test")
+    assert queued.returncode == 0, queued.stderr
+    assert "queued" in queued.stdout and "with the daemon" in queued.stdout
+    store = Store(load_settings(home_for_training).db_url)
+    try:
+
+        def training() -> Any:
+            run = store.latest_run()
+            return run.status == "running" and (run.progress or {}).get("step", 0) >= 1 and run
+
+        run = wait_for("a training step", training, timeout=300)
+        pid = run.pid
+        started = time.monotonic()
+        assert daemon.terminate(timeout=120) == 0
+        stop_s = time.monotonic() - started
+        run = store.get_run(run.id)
+    finally:
+        store.close()
+    assert run.status == "failed" and "daemon is stopping" in run.error, run.error
+    assert Registry(home_for_training / "candidates").list() == []
+    leftovers = [p.name for p in (home_for_training / "candidates").iterdir()]
+    assert leftovers == [], leftovers
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    print(f"stopped {stop_s:.1f} s after SIGTERM")
+
+
+def test_every_n_feedback_queues_a_run_and_too_little_data_is_skipped(
+    home_with_model: Path, daemons: Callable[..., DaemonProcess]
+) -> None:
+    (home_with_model / "config.toml").write_text(
+        FAST + "\n[schedule]\nevery_n_feedback = 3\nmin_new_examples = 8\n"
+    )
+    daemon = daemons(home_with_model).wait_ready()
+    for index in range(3):
+        message_id = chat(daemon.url, f"Question number {index}?")
+        assert daemon.state()["training"]["run_id"] is None
+        resp = httpx.post(
+            f"{daemon.url}/v1/feedback",
+            json={"message_id": message_id, "rating": 5},
+            timeout=10,
+        )
+        resp.raise_for_status()
+    store = Store(load_settings(home_with_model).db_url)
+    try:
+        run = wait_for(
+            "a skipped feedback run",
+            lambda: (r := store.latest_run()) and r.status == "skipped" and r,
+            timeout=120,
+        )
+        assert run.trigger == "feedback" and run.profile == "quick_test"
+        assert "8" in run.reason, run.reason
+        time.sleep(2)  # no second run for the same three items
+        assert len(store.list_runs()) == 1
+    finally:
+        store.close()
+    assert daemon.terminate() == 0
+
+
+def _move_nightly_into_the_past(home: Path, minutes: int) -> None:
+    """What a machine that was off at 04:17 looks like: the stored next run has passed."""
+    from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
+
+    store = SQLAlchemyJobStore(url=load_settings(home).db_url, tablename="schedule_jobs")
+    store.start(None, "default")
+    job = store.lookup_job("nightly")
+    job.next_run_time = datetime.now(UTC) - timedelta(minutes=minutes)
+    store.update_job(job)
+    store.shutdown()
+
+
+def test_nightly_job_keeps_its_cron_across_restarts_and_a_missed_run_runs_once(
+    home_with_model: Path, daemons: Callable[..., DaemonProcess]
+) -> None:
+    (home_with_model / "config.toml").write_text(
+        FAST + '\n[schedule]\nnightly_cron = "17 4 * * *"\nevery_n_feedback = 0\n'
+    )
+    daemon = daemons(home_with_model).wait_ready()
+    jobs = {j["id"]: j for j in status_json(home_with_model)["daemon"]["schedule"]}
+    nightly = datetime.fromisoformat(jobs["nightly"]["next_run_at"])
+    assert (nightly.hour, nightly.minute) == (4, 17), nightly
+    assert "retention" in jobs
+    assert daemon.terminate() == 0
+
+    _move_nightly_into_the_past(home_with_model, minutes=30)
+    daemon = daemons(home_with_model).wait_ready()
+    store = Store(load_settings(home_with_model).db_url)
+    try:
+        run = wait_for(
+            "the missed nightly run",
+            lambda: (r := store.latest_run()) and r.status == "skipped" and r,
+            timeout=120,
+        )
+        assert run.trigger == "nightly" and run.profile == "standard"
+        assert len(store.list_runs()) == 1
+    finally:
+        store.close()
+    jobs = {j["id"]: j for j in daemon.state()["schedule"]}
+    after = datetime.fromisoformat(jobs["nightly"]["next_run_at"])
+    assert (after.hour, after.minute) == (4, 17) and after > datetime.now(after.tzinfo)
+    assert daemon.terminate() == 0

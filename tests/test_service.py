@@ -1,0 +1,57 @@
+"""`whetstone install-service` writes a systemd user unit that runs this install's
+`whetstone up` for the home, and systemd itself accepts it where systemd-analyze exists."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_cli
+
+
+def _directive(unit: str, key: str) -> str:
+    (line,) = [line for line in unit.splitlines() if line.startswith(f"{key}=")]
+    return line.split("=", 1)[1]
+
+
+def test_install_service_writes_a_unit_that_starts_this_install(tmp_path: Path) -> None:
+    home = tmp_path / "my home"  # a space: ExecStart must quote it
+    units = tmp_path / "units"
+    result = run_cli("install-service", "--home", str(home), "--unit-dir", str(units))
+    assert result.returncode == 0, result.stderr
+    assert "systemctl --user enable --now whetstone" in result.stdout
+    assert "journalctl --user -u whetstone" in result.stdout
+    unit = (units / "whetstone.service").read_text()
+    argv = shlex.split(_directive(unit, "ExecStart"))
+    assert Path(argv[0]).is_file() and os.access(argv[0], os.X_OK), argv
+    assert argv[1:] == ["up", "--home", str(home.resolve())]
+    # The shutdown bound: the daemon's stop timeout (60 s default) plus the worker's.
+    assert int(_directive(unit, "TimeoutStopSec")) == 90
+    assert _directive(unit, "Restart") == "on-failure"
+    assert _directive(unit, "KillMode") == "mixed"
+    assert home.is_dir()
+
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze is not installed: the unit was checked by hand only")
+    verify = subprocess.run(
+        ["systemd-analyze", "verify", str(units / "whetstone.service")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+def test_install_service_refuses_a_bad_config(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "config.toml").write_text("[daemon]\nstop_timeout_s = -1\n")
+    result = run_cli("install-service", "--home", str(home), "--unit-dir", str(tmp_path / "u"))
+    assert result.returncode != 0
+    assert "daemon.stop_timeout_s" in result.stderr
+    assert not (tmp_path / "u" / "whetstone.service").exists()

@@ -441,6 +441,8 @@ def _daemon_logging(settings: Settings) -> None:
     from logging.handlers import RotatingFileHandler
 
     root = logging.getLogger()
+    for handler in list(root.handlers):  # settings_for's quiet one-shot handler
+        root.removeHandler(handler)
     root.setLevel(settings.log_level)
     stderr = logging.StreamHandler(sys.stderr)
     if os.environ.get("JOURNAL_STREAM"):

@@ -45,7 +45,9 @@ ENV_PREFIX = "WHETSTONE_"
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 
 # Set by whetstone for its own processes, not settings.
-INTERNAL_ENV = frozenset({"WHETSTONE_WORKER_DEVICE", "WHETSTONE_TEST_CACHE"})
+INTERNAL_ENV = frozenset(
+    {"WHETSTONE_WORKER_DEVICE", "WHETSTONE_TEST_CACHE", "WHETSTONE_DAEMON_PID"}
+)
 
 _toml_path: contextvars.ContextVar[Path | None] = contextvars.ContextVar("toml", default=None)
 

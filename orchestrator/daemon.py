@@ -408,11 +408,15 @@ class Daemon:
         from orchestrator import schedule
 
         schedule.RUNNING.pop(str(self.settings.paths.root), None)
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        # Let the loops see `stopping` and finish their iteration (a dispatch in a thread
+        # cannot be interrupted: cancelling it could start a job after _cancel_job ran).
+        if self._tasks:
+            _done, late = await asyncio.wait(self._tasks, timeout=30)
+            for task in late:
+                task.cancel()
+            for task in self._tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
         await asyncio.to_thread(self._cancel_job, "the daemon is stopping")
         await asyncio.to_thread(self.worker.stop)
         if self.store is not None:

@@ -166,3 +166,24 @@ def home_for_training(home_with_model: Path, base_answers_dir: Path) -> Path:
     """A home with the prepared model and the cached base answers (linked, not copied)."""
     (home_with_model / "models" / "replay").symlink_to(base_answers_dir, target_is_directory=True)
     return home_with_model
+
+
+def kill_training_processes(home: Path) -> None:
+    """A test that failed or timed out mid-run must not leave its training process (in its
+    own session, so it outlives the CLI that waited on it) eating the CPU of later tests."""
+    import contextlib
+    import signal
+
+    from data.store import Store
+    from orchestrator.config import load_settings
+
+    if not (home / "whetstone.db").exists():
+        return
+    store = Store(load_settings(home).db_url)
+    try:
+        for run in store.list_runs(limit=50):
+            if run.pid and run.status in ("running", "queued"):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(run.pid, signal.SIGKILL)
+    finally:
+        store.close()

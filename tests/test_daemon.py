@@ -8,7 +8,6 @@ Each test starts at least one daemon (a worker loading the model: seconds), so a
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -27,7 +26,7 @@ import pytest
 from candidates import Registry
 from data.store import Store
 from orchestrator.config import load_settings
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, kill_training_processes, run_cli
 from tests.scripted_person import FACTS
 
 pytestmark = pytest.mark.slow
@@ -128,19 +127,7 @@ def daemons() -> Iterator[Callable[..., DaemonProcess]]:
     yield start
     for proc in started:
         proc.stop()
-        _kill_training(proc.home)
-
-
-def _kill_training(home: Path) -> None:
-    """A test that failed mid-run must not leave a training process eating the CPU."""
-    store = Store(load_settings(home).db_url)
-    try:
-        for run in store.list_runs(limit=20):
-            if run.pid and run.status in ("running", "queued"):
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(run.pid, signal.SIGKILL)
-    finally:
-        store.close()
+        kill_training_processes(proc.home)
 
 
 def chat(url: str, text: str) -> str:
@@ -246,16 +233,18 @@ def _teach(home: Path, items: int) -> None:
 def test_sigterm_during_training_stops_cleanly_and_marks_the_run(
     home_for_training: Path, daemons: Callable[..., DaemonProcess]
 ) -> None:
+    (home_for_training / "config.toml").write_text(FAST + "\n[schedule]\nevery_n_feedback = 0\n")
     _teach(home_for_training, 32)
     daemon = daemons(home_for_training).wait_ready()
     queued = run_cli("train", "--home", str(home_for_training), "--profile", "quick_test")
     assert queued.returncode == 0, queued.stderr
-    assert "queued" in queued.stdout and "with the daemon" in queued.stdout
+    assert "with the daemon" in queued.stdout, queued.stdout
+    run_id = queued.stdout.split()[1]  # "queued run_... (quick_test) with the daemon"
     store = Store(load_settings(home_for_training).db_url)
     try:
 
         def training() -> Any:
-            run = store.latest_run()
+            run = store.get_run(run_id)
             return run.status == "running" and (run.progress or {}).get("step", 0) >= 1 and run
 
         run = wait_for("a training step", training, timeout=300)

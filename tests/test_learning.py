@@ -22,12 +22,18 @@ from candidates import Registry
 from data.store import Store
 from development.datasets import placement
 from orchestrator.config import load_settings
-from tests.conftest import ServerProcess, run_cli
+from tests.conftest import ServerProcess, kill_training_processes, run_cli
 from tests.scripted_person import FACTS, GENERAL
 
 pytestmark = pytest.mark.slow
 
 TRAIN_TIMEOUT = 1500
+
+
+@pytest.fixture(autouse=True)
+def _no_training_left_behind(home_for_training: Path):
+    yield
+    kill_training_processes(home_for_training)
 
 
 def ask(url: str, question: str, max_tokens: int = 32) -> tuple[str, str]:

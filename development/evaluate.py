@@ -9,6 +9,9 @@ loaded side by side and switched (the base is the model with adapters disabled).
     holdout_nll            per-token NLL of the person's held-out targets (corrections, and
                            answers rated 4-5): how much closer the model is to what they want
     correction_nll         the same, corrections only
+    correction_accuracy    held-out corrections the model finds likelier (per token) than
+                           every other correction in the holdout, given the same prompt:
+                           right answer to the right question, not just the right style
     preference_accuracy    held-out pairs where log p(chosen) > log p(rejected)
     preference_margin      mean log p(chosen) - log p(rejected) over those pairs
     rating_separation      mean per-token log p of 4-5 rated answers minus 1-2 rated ones
@@ -54,6 +57,11 @@ TEMPLATE_ARTIFACTS = re.compile(
 METRIC_INFO: dict[str, dict[str, Any]] = {
     "holdout_nll": {"label": "Held-out target NLL (per token)", "better": "lower"},
     "correction_nll": {"label": "Held-out correction NLL (per token)", "better": "lower"},
+    "correction_accuracy": {
+        "label": "Held-out corrections preferred over the person's others",
+        "better": "higher",
+        "percent": True,
+    },
     "preference_accuracy": {
         "label": "Held-out preference accuracy",
         "better": "higher",
@@ -108,6 +116,31 @@ def _last_user(item: FeedbackItem) -> str:
     return next(turn["content"] for turn in reversed(item.context) if turn["role"] == "user")
 
 
+def _correction_accuracy(
+    model: Any, tokenizer: Any, holdout: list[FeedbackItem], max_length: int
+) -> tuple[float | None, int]:
+    """Held-out corrections the model finds likelier (per token) than every *other*
+    correction the person wrote in the holdout, given the same prompt. NLL alone is blind to
+    a model that learned the person's answer style but attaches the wrong answers to the
+    questions (it scores a shuffled-target adapter as a big win); this contrast is not.
+    Returns (share right, items contrasted); (None, 0) with fewer than 2 distinct texts."""
+    from development.modeling import score_answers
+
+    corrected = [item for item in holdout if item.correction]
+    texts = sorted({item.correction for item in corrected})
+    if len(texts) < 2:
+        return None, 0
+    pairs = [(item.context, text) for item in corrected for text in texts]
+    scores = score_answers(model, tokenizer, pairs, max_length=max_length)
+    right = 0
+    for index, item in enumerate(corrected):
+        row = scores[index * len(texts) : (index + 1) * len(texts)]
+        per_token = {t: s.logprob / max(1, s.tokens) for t, s in zip(texts, row, strict=True)}
+        own = per_token.pop(item.correction)
+        right += own > max(per_token.values())
+    return right / len(corrected), len(corrected)
+
+
 class Variant:
     """One of base / champion / candidate on the shared model: switches adapters on entry."""
 
@@ -158,6 +191,9 @@ def measure(
     metrics["holdout_nll"] = _mean_nll(scores)
     metrics["correction_nll"] = _mean_nll(
         [s for (item, _), s in zip(targets, scores, strict=True) if item.correction is not None]
+    )
+    metrics["correction_accuracy"], metrics["correction_contrasts"] = _correction_accuracy(
+        model, tokenizer, holdout, max_length
     )
 
     holdout_ids = {item.message_id for item in holdout}

@@ -7,6 +7,8 @@ the one that decided. Thresholds come from `[gate]` in the config.
     holdout_size        enough of the person's held-out feedback to decide at all
     holdout_win         lower NLL on the person's held-out targets than the champion by the
                         margin, and no worse preference accuracy on held-out pairs
+    right_answers       held-out corrections preferred over the person's other corrections
+                        at least as often as the champion does (not just their style)
     general_regression  NLL on general probes (the base's own answers) within the bound
     general_facts       no more general-knowledge probes lost than allowed
     sanity              generated answers are non-empty, clean, not degenerate, finished
@@ -86,6 +88,21 @@ def decide(candidate: Metrics, champion: Metrics, base: Metrics, gate: Gate) -> 
                 f"from the champion's {champ_acc:.0%}"
             )
         checks.append(Check("holdout_win", won, detail))
+
+    cand_right, champ_right = (
+        candidate.get("correction_accuracy"),
+        champion.get("correction_accuracy"),
+    )
+    if cand_right is not None and champ_right is not None:
+        checks.append(
+            Check(
+                "right_answers",
+                cand_right >= champ_right,
+                f"{cand_right:.0%} of {candidate.get('correction_contrasts')} held-out "
+                f"corrections preferred over the person's other corrections vs the champion's "
+                f"{champ_right:.0%}: it must not attach answers to the wrong questions",
+            )
+        )
 
     cand_gen, base_gen = candidate.get("general_nll"), base.get("general_nll")
     if cand_gen is None or base_gen is None or base_gen <= 0:

@@ -11,7 +11,14 @@ import pytest
 from development.gate import decide
 from orchestrator.config import Gate, load_settings
 
-RULES = ["holdout_size", "holdout_win", "general_regression", "general_facts", "sanity"]
+RULES = [
+    "holdout_size",
+    "holdout_win",
+    "right_answers",
+    "general_regression",
+    "general_facts",
+    "sanity",
+]
 
 
 def candidate(**changes: Any) -> dict[str, Any]:
@@ -19,6 +26,8 @@ def candidate(**changes: Any) -> dict[str, Any]:
     metrics = {
         "holdout_items": 10,
         "holdout_nll": 1.50,  # 25% better than the champion
+        "correction_accuracy": 0.9,
+        "correction_contrasts": 10,
         "preference_accuracy": 0.8,
         "general_nll": 2.02,  # +1% over the base
         "general_facts": 5,
@@ -33,6 +42,8 @@ def champion(**changes: Any) -> dict[str, Any]:
     metrics = {
         "holdout_items": 10,
         "holdout_nll": 2.00,
+        "correction_accuracy": 0.3,
+        "correction_contrasts": 10,
         "preference_accuracy": 0.7,
         "general_nll": 2.00,
         "general_facts": 5,
@@ -54,6 +65,18 @@ def check(verdict, rule: str):
 @pytest.fixture
 def gate(home: Path) -> Gate:
     return load_settings(home, gpu_count=0).gate
+
+
+def test_the_right_style_with_the_wrong_answers_is_refused(gate: Gate) -> None:
+    # A shuffled-target adapter: its held-out NLL looks like a big win (it learned how the
+    # person's answers read), but it prefers other questions' answers.
+    verdict = decide(candidate(holdout_nll=0.4, correction_accuracy=0.1), champion(), base(), gate)
+    assert (verdict.decision, verdict.rule) == ("reject", "right_answers")
+    assert "10% of 10 held-out corrections" in verdict.reason
+    # Without two distinct held-out corrections there is nothing to contrast: no check.
+    alone = decide(candidate(correction_accuracy=None), champion(), base(), gate)
+    assert alone.decision == "promote"
+    assert "right_answers" not in [c.rule for c in alone.checks]
 
 
 def test_all_good_promotes(gate: Gate) -> None:
@@ -155,6 +178,7 @@ def test_sanity_not_required() -> None:
 def test_first_failing_rule_decides_and_every_check_is_listed(gate: Gate) -> None:
     bad = candidate(
         holdout_nll=1.99,
+        correction_accuracy=0.2,
         general_nll=3.0,
         general_facts=2,
         sanity_failures=["empty answer"],
@@ -162,12 +186,12 @@ def test_first_failing_rule_decides_and_every_check_is_listed(gate: Gate) -> Non
     verdict = decide(bad, champion(), base(), gate)
     assert (verdict.decision, verdict.rule) == ("reject", "holdout_win")
     assert [c.rule for c in verdict.checks] == RULES
-    assert [c.passed for c in verdict.checks] == [True, False, False, False, False]
+    assert [c.passed for c in verdict.checks] == [True, False, False, False, False, False]
     assert verdict.reason == check(verdict, "holdout_win").detail
 
     later = decide(candidate(general_facts=2, sanity_failures=["x"]), champion(), base(), gate)
     assert later.rule == "general_facts"
-    assert [c.passed for c in later.checks] == [True, True, True, False, False]
+    assert [c.passed for c in later.checks] == [True, True, True, True, False, False]
 
     everything = decide({**bad, "holdout_items": 0}, champion(), base(), gate)
     assert everything.rule == "holdout_size"

@@ -63,33 +63,6 @@ REPLAY: tuple[str, ...] = (
     "Give me a word that rhymes with cat.",
     "What is the job of the heart?",
     "How many minutes are in an hour?",
-    # Short factual questions: the person's corrections are short answers to short questions,
-    # and that is the format their facts overwrite first ("2 + 2?" -> a personal fact).
-    # Replaying the base's own short answers anchors it (measured: benchmarks.learning).
-    "What is 3 + 5?",
-    "How many days are in a year?",
-    "What is the capital of Italy?",
-    "What color is a banana?",
-    "How many wheels does a bicycle have?",
-    "What is the freezing point of water in Celsius?",
-    "What is the largest planet in our solar system?",
-    "What do bees make?",
-    "What is the opposite of big?",
-    "How many months are in a year?",
-    "What is the capital of Egypt?",
-    "What language is spoken in Mexico?",
-    "What is 5 times 3?",
-    "How many sides does a square have?",
-    "What gas do people breathe in to live?",
-    "What color are strawberries?",
-    "What is the closest star to Earth?",
-    "How many players are on a soccer team?",
-    "What is the capital of China?",
-    "What is 9 minus 4?",
-    "Which animal says moo?",
-    "What is the chemical symbol for gold?",
-    "How many letters are in the English alphabet?",
-    "What is the largest mammal?",
 )
 
 VALIDATION: tuple[str, ...] = (
@@ -101,12 +74,6 @@ VALIDATION: tuple[str, ...] = (
     "Write a sentence about a sunny morning.",
     "What is the largest desert in the world?",
     "How many seconds are in a minute?",
-    "What is 6 + 1?",
-    "What is the capital of Russia?",
-    "How many legs does a dog have?",
-    "What is the opposite of fast?",
-    "What color is snow?",
-    "How many weeks are in a year?",
 )
 
 REGRESSION: tuple[str, ...] = (
@@ -138,6 +105,20 @@ FACT_PROBES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("What language is spoken in Brazil?", ("portuguese",)),
     ("How many continents are there?", ("7", "seven")),
     ("What is the tallest mountain in the world?", ("everest",)),
+    ("What is the capital of Russia?", ("moscow",)),
+    ("What is the capital of Egypt?", ("cairo",)),
+    ("What is the capital of China?", ("beijing",)),
+    ("What is the capital of Australia?", ("canberra",)),
+    ("Which planet is known as the Red Planet?", ("mars",)),
+    ("How many sides does a triangle have?", ("3", "three")),
+    ("How many legs does a dog have?", ("4", "four")),
+    ("What is the opposite of day?", ("night",)),
+    ("What is 3 + 3?", ("6", "six")),
+    ("What is the main language spoken in France?", ("french",)),
+    ("What language is spoken in Spain?", ("spanish",)),
+    ("What is the currency of Japan?", ("yen",)),
+    ("What is the largest mammal?", ("whale",)),
+    ("Who wrote Romeo and Juliet?", ("shakespeare",)),
 )
 
 

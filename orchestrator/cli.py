@@ -559,8 +559,15 @@ def serve(
 ) -> None:
     """Run the API worker alone in the foreground (the daemon starts it the same way)."""
     from orchestrator import devices
+    from orchestrator.daemon import daemon_pid
 
     settings = settings_for(home, set_, server__host=host, server__port=port)
+    owner = daemon_pid(settings.paths.root)
+    if owner is not None:
+        raise _fail(
+            f"the daemon (pid {owner}) already runs the API worker for {settings.paths.root}; "
+            "`whetstone status` says where it listens"
+        )
     # The worker is a new process image: CUDA_VISIBLE_DEVICES is set before torch loads.
     argv = [_python(), "-m", "production.server", "--home", str(settings.paths.root)]
     for item in set_ or []:
@@ -717,8 +724,9 @@ def _print_run_outcome(settings: Settings, run_id: str, code: int | None, logfil
     store = open_store(settings)
     try:
         from orchestrator import jobs
+        from orchestrator.daemon import daemon_pid
 
-        jobs.reap_dead_runs(store)
+        jobs.reap_dead_runs(store, daemon_alive=daemon_pid(settings.paths.root) is not None)
         run = store.get_run(run_id)
         evaluation = None
         if run.candidate_id:

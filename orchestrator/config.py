@@ -289,7 +289,7 @@ class Schedule(_Section):
     min_new_examples: int = Field(
         8, ge=1, description="Fewer new feedback items than this since the champion: skip."
     )
-    job_timeout_s: int = Field(4 * 3600, ge=60, description="A training job older is killed.")
+    job_timeout_s: int = Field(4 * 3600, ge=1, description="A training job older is killed.")
     idle_before_training_s: int = Field(
         300, ge=0, description="One-GPU boxes: chat idle this long before training starts."
     )
@@ -371,10 +371,12 @@ class Gate(_Section):
     max_general_nll_increase: float = Field(
         0.05, ge=0, description="Allowed relative rise of NLL on general probes vs the base."
     )
-    # Measured on the embedded model: every recipe that learned 4 taught facts (3 runs) flipped
-    # exactly one of the 12 probes; recipes that overwrote general knowledge lost 2-3.
+    # Of the 26 probes (development/probes.py). The embedded 135M model holds a few of them by
+    # a thread ("How many continents?", "2 + 2?"): recipes that learned the person's facts
+    # flipped 1-2 of those (benchmarks.learning, several splits); overwriting general
+    # knowledge costs many more. A large model should lose none: set 0 for it.
     max_general_facts_lost: int = Field(
-        1, ge=0, description="General-knowledge probes the base gets right that may be lost."
+        2, ge=0, description="General-knowledge probes the base gets right that may be lost."
     )
     require_sanity: bool = Field(True, description="Generation sanity checks must all pass.")
 

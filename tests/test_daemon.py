@@ -338,3 +338,27 @@ def test_nightly_job_keeps_its_cron_across_restarts_and_a_missed_run_runs_once(
     after = datetime.fromisoformat(jobs["nightly"]["next_run_at"])
     assert (after.hour, after.minute) == (4, 17) and after > datetime.now(after.tzinfo)
     assert daemon.terminate() == 0
+
+
+def test_a_hung_job_is_killed_after_the_timeout_and_train_wait_reports_it(
+    home_for_training: Path, daemons: Callable[..., DaemonProcess]
+) -> None:
+    (home_for_training / "config.toml").write_text(
+        FAST + "\n[schedule]\nevery_n_feedback = 0\njob_timeout_s = 4\n"
+    )
+    _teach(home_for_training, 32)
+    daemons(home_for_training).wait_ready()
+    result = run_cli(
+        "train", "--home", str(home_for_training), "--profile", "quick_test", "--wait", timeout=300
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "timed out after" in result.stderr and "job_timeout_s" in result.stderr
+    store = Store(load_settings(home_for_training).db_url)
+    try:
+        run = store.latest_run()
+    finally:
+        store.close()
+    assert run.status == "failed" and run.trigger == "manual"
+    with pytest.raises(ProcessLookupError):
+        os.kill(run.pid, 0)
+    assert Registry(home_for_training / "candidates").list() == []

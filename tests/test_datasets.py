@@ -518,3 +518,25 @@ def test_sufficiency_ignores_ratings_that_teach_nothing(store: Store, home: Path
     assert data.counts["sft_rows"] + data.counts["dpo_rows"] + data.counts["kto_rows"] == 2
     verdict = datasets.sufficiency(store, settings, None)
     assert not verdict.enough
+
+
+def test_shipped_prompt_sets_are_disjoint() -> None:
+    """Nothing the gate measures on is trained on: replay, validation, regression and the
+    general-knowledge probes share no prompt (and the scripted person's data none either)."""
+    from development import probes
+    from tests.scripted_person import FACTS
+
+    sets = {
+        "replay": set(probes.REPLAY),
+        "validation": set(probes.VALIDATION),
+        "regression": set(probes.REGRESSION),
+        "facts": {question for question, _ in probes.FACT_PROBES},
+    }
+    for name, prompts in sets.items():
+        for other, other_prompts in sets.items():
+            if name < other:
+                assert not prompts & other_prompts, (name, other, prompts & other_prompts)
+    taught = {q for fact in FACTS for q in fact.questions}
+    assert not taught & sets["facts"]
+    for fact in FACTS:
+        assert not set(fact.probes) & taught

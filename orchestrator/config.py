@@ -378,6 +378,14 @@ class Gate(_Section):
     max_general_facts_lost: int = Field(
         2, ge=0, description="General-knowledge probes the base gets right that may be lost."
     )
+    # The base model already prefers the right correction for most questions (a question
+    # about a dog makes the dog answer likely); a shuffled-target adapter drops far below it.
+    max_right_answers_drop: float = Field(
+        0.2,
+        ge=0,
+        le=1,
+        description="How far below the champion held-out correction accuracy may fall.",
+    )
     require_sanity: bool = Field(True, description="Generation sanity checks must all pass.")
 
 

@@ -70,9 +70,15 @@ def gate(home: Path) -> Gate:
 def test_the_right_style_with_the_wrong_answers_is_refused(gate: Gate) -> None:
     # A shuffled-target adapter: its held-out NLL looks like a big win (it learned how the
     # person's answers read), but it prefers other questions' answers.
-    verdict = decide(candidate(holdout_nll=0.4, correction_accuracy=0.1), champion(), base(), gate)
+    champ = champion(correction_accuracy=0.9)
+    verdict = decide(candidate(holdout_nll=0.4, correction_accuracy=0.1), champ, base(), gate)
     assert (verdict.decision, verdict.rule) == ("reject", "right_answers")
     assert "10% of 10 held-out corrections" in verdict.reason
+    # A small slip below a champion that was already right on everything is tolerated.
+    slip = decide(
+        candidate(correction_accuracy=0.8), champion(correction_accuracy=1.0), base(), gate
+    )
+    assert slip.decision == "promote"
     # Without two distinct held-out corrections there is nothing to contrast: no check.
     alone = decide(candidate(correction_accuracy=None), champion(), base(), gate)
     assert alone.decision == "promote"
@@ -148,10 +154,10 @@ def test_lost_general_fact(gate: Gate) -> None:
     verdict = decide(candidate(general_facts=4), champion(), base(general_facts=5), strict)
     assert (verdict.decision, verdict.rule) == ("reject", "general_facts")
     assert "4/5" in verdict.reason and "5/5" in verdict.reason
-    # The default tolerates one flipped probe, not two.
-    assert decide(candidate(general_facts=4), champion(), base(), gate).decision == "promote"
-    two = decide(candidate(general_facts=3), champion(), base(general_facts=5), gate)
-    assert two.rule == "general_facts"
+    # The default tolerates two flipped probes, not three.
+    assert decide(candidate(general_facts=3), champion(), base(), gate).decision == "promote"
+    three = decide(candidate(general_facts=2), champion(), base(general_facts=5), gate)
+    assert three.rule == "general_facts"
     # Knowing more than the base is fine.
     assert decide(candidate(), champion(), base(general_facts=4), gate).decision == "promote"
 
@@ -178,7 +184,7 @@ def test_sanity_not_required() -> None:
 def test_first_failing_rule_decides_and_every_check_is_listed(gate: Gate) -> None:
     bad = candidate(
         holdout_nll=1.99,
-        correction_accuracy=0.2,
+        correction_accuracy=0.0,
         general_nll=3.0,
         general_facts=2,
         sanity_failures=["empty answer"],

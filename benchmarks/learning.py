@@ -49,7 +49,9 @@ def _answers(model: Any, tokenizer: Any, questions: list[str], max_new_tokens: i
     return [g.text for g in generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens)]
 
 
-def _fill_store(home: Path, teaching: dict[str, str], general: dict[str, str]) -> None:
+def _fill_store(
+    home: Path, teaching: dict[str, str], general: dict[str, str], control: bool = False
+) -> None:
     from data.store import Store
     from orchestrator.config import load_settings
     from tests.scripted_person import FACTS, GENERAL
@@ -63,7 +65,10 @@ def _fill_store(home: Path, teaching: dict[str, str], general: dict[str, str]) -
                 answer = store.add_message(
                     conversation.id, "assistant", teaching[question], finish_reason="stop"
                 )
-                store.add_feedback(answer.id, rating=1, correction=fact.answer)
+                if control:  # nothing to learn: the "correction" is the base's own answer
+                    store.add_feedback(answer.id, rating=1, correction=teaching[question])
+                else:
+                    store.add_feedback(answer.id, rating=1, correction=fact.answer)
         for question, keyword in GENERAL:
             conversation = store.create_conversation()
             store.add_message(conversation.id, "user", question)
@@ -82,7 +87,9 @@ def _recall(answers: list[str]) -> int:
     return sum(k in a.lower() for k, a in zip(keywords, answers, strict=True))
 
 
-def run(source_home: Path, repeats: int, profile: str, sets: list[str]) -> dict[str, Any]:
+def run(
+    source_home: Path, repeats: int, profile: str, sets: list[str], control: bool = False
+) -> dict[str, Any]:
     from peft import PeftModel
 
     from candidates import Registry
@@ -115,7 +122,7 @@ def run(source_home: Path, repeats: int, profile: str, sets: list[str]) -> dict[
             (home / "models").mkdir(parents=True)
             (home / "models" / model_dir.name).symlink_to(model_dir, target_is_directory=True)
             (home / "models" / "replay").symlink_to(replay_dir, target_is_directory=True)
-            _fill_store(home, teaching, general)
+            _fill_store(home, teaching, general, control)
             started = time.monotonic()
             cmd = [sys.executable, "-m", "development.train", "--home", str(home)]
             cmd += ["--profile", profile, "--no-promote"]
@@ -180,9 +187,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--profile", default="quick_test")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument(
+        "--control",
+        action="store_true",
+        help="corrections are the base's own answers: what training alone moves",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    result = run(args.home, args.repeats, args.profile, args.sets)
+    result = run(args.home, args.repeats, args.profile, args.sets, args.control)
     for row in result["rows"]:
         sys.stdout.write(json.dumps(row) + "\n")
     sys.stdout.write(json.dumps(result["summary"], indent=1) + "\n")

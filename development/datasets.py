@@ -254,6 +254,7 @@ def build(
         prompt = None if target is None else fitted(item.context, target)
         if prompt is not None and target is not None:
             validation.append(_prompt_completion(prompt, target))
+    person_validation = len(validation)  # the person's rows first, then the general ones
     validation += [
         _prompt_completion([{"role": "user", "content": pair["prompt"]}], pair["answer"])
         for pair in base_answers.get("validation", [])
@@ -301,6 +302,7 @@ def build(
         "sft_rows": len(person),
         "replay_rows": len(replay),
         "validation_rows": len(validation),
+        "validation_person_rows": person_validation,
         "dpo_rows": len(dpo),
         "kto_rows": len(kto),
         "kto_desirable": desirable,

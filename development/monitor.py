@@ -26,21 +26,53 @@ OVERFIT_ABOVE = 0.05
 
 
 class LossCurve(TrainerCallback):
-    """Records [step, loss] for training and held-out loss of one stage."""
+    """Records [step, loss] for training and held-out loss of one stage. `key` is the
+    monitored held-out loss (eval_person_loss when the run has the person's validation
+    feedback); the general prompts' held-out loss is kept beside it when logged."""
 
-    def __init__(self) -> None:
+    def __init__(self, key: str = "eval_loss") -> None:
+        self.key = key
         self.train: list[list[float]] = []
         self.eval: list[list[float]] = []
+        self.eval_general: list[list[float]] = []
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kw: Any):
         logs = logs or {}
         if "loss" in logs:
             self.train.append([state.global_step, round(float(logs["loss"]), 5)])
-        if "eval_loss" in logs:
-            self.eval.append([state.global_step, round(float(logs["eval_loss"]), 5)])
+        if self.key in logs:
+            self.eval.append([state.global_step, round(float(logs[self.key]), 5)])
+        if "eval_general_loss" in logs:
+            self.eval_general.append(
+                [state.global_step, round(float(logs["eval_general_loss"]), 5)]
+            )
 
     def as_dict(self) -> dict[str, list[list[float]]]:
-        return {"train": self.train, "eval": self.eval}
+        curves = {"train": self.train, "eval": self.eval}
+        if self.eval_general:
+            curves["eval_general"] = self.eval_general
+        return curves
+
+
+class TargetLoss(TrainerCallback):
+    """Stops training at the first evaluation whose monitored held-out loss is at or below
+    `target` (the checkpoint saved at that step is then the best one, and is kept)."""
+
+    def __init__(self, key: str, target: float) -> None:
+        self.key, self.target = key, target
+        self.reached_at: int | None = None
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict | None = None, **kw):
+        value = (metrics or {}).get(self.key)
+        if value is not None and value <= self.target and self.reached_at is None:
+            self.reached_at = state.global_step
+            control.should_training_stop = True
+            log.info(
+                "held-out loss %.4f <= target %.4f at step %d: stopping",
+                value,
+                self.target,
+                state.global_step,
+            )
 
 
 def verdict(curve: LossCurve) -> dict[str, Any]:
@@ -81,7 +113,9 @@ class Progress(TrainerCallback):
         stage_number: int,
         stages: int,
         min_interval_s: float = 1.0,
+        key: str = "eval_loss",
     ) -> None:
+        self.key = key
         self.report = report
         self.base = {"stage": stage, "stage_number": stage_number, "stages": stages}
         self.min_interval_s = min_interval_s
@@ -121,8 +155,8 @@ class Progress(TrainerCallback):
         logs = logs or {}
         if "loss" in logs:
             self.loss = round(float(logs["loss"]), 5)
-        if "eval_loss" in logs:
-            self.eval_loss = round(float(logs["eval_loss"]), 5)
+        if self.key in logs:
+            self.eval_loss = round(float(logs[self.key]), 5)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any):
         self._send(state)

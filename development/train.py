@@ -250,11 +250,24 @@ def run_sft(
     from transformers import EarlyStoppingCallback
     from trl import SFTConfig, SFTTrainer
 
-    from development.monitor import LossCurve, Progress
+    from development.monitor import LossCurve, Progress, TargetLoss
 
     profile = settings.profile(ctx.profile)
     has_eval = bool(data.validation)
     eval_every = profile.eval_every or max(1, stage.max_steps // 5)
+    # The person's held-out feedback is what the run is for: when there is some, it alone
+    # picks the checkpoint and stops the run (the general prompts' loss is logged beside it).
+    person_rows = data.counts.get("validation_person_rows", 0)
+    general = data.validation[person_rows:]
+    if person_rows and general:
+        eval_data: Any = {
+            "person": Dataset.from_list(data.validation[:person_rows]),
+            "general": Dataset.from_list(general),
+        }
+        key = "eval_person_loss"
+    else:
+        eval_data = Dataset.from_list(data.validation) if has_eval else None
+        key = "eval_loss"
     args = SFTConfig(
         **_common_args(
             settings, ctx.profile, ctx.device, ctx.scratch / "sft", stage, profile.batch_size
@@ -270,18 +283,20 @@ def run_sft(
         save_total_limit=2,
         save_only_model=True,
         load_best_model_at_end=has_eval,
-        metric_for_best_model="eval_loss",
+        metric_for_best_model=key,
         greater_is_better=False,
     )
-    curve = LossCurve()
-    callbacks: list[Any] = [curve, Progress(ctx.report, "sft", 1, len(ctx.stages))]
+    curve = LossCurve(key)
+    callbacks: list[Any] = [curve, Progress(ctx.report, "sft", 1, len(ctx.stages), key=key)]
     if has_eval:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=2))
+    if has_eval and profile.target_loss is not None and key == "eval_person_loss":
+        callbacks.append(TargetLoss(key, profile.target_loss))
     trainer = SFTTrainer(
         model=model,
         args=args,
         train_dataset=Dataset.from_list(data.sft),
-        eval_dataset=Dataset.from_list(data.validation) if has_eval else None,
+        eval_dataset=eval_data,
         processing_class=tokenizer,
         callbacks=callbacks,
     )

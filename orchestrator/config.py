@@ -206,6 +206,14 @@ class TrainingProfile(_Section):
     beta: float = Field(
         0.1, gt=0, le=10, description="DPO/KTO beta: higher stays closer to the SFT adapter."
     )
+    # The seeds' target-loss idea, judged on the person's *held-out* feedback: once the model
+    # predicts answers it never trained on this well, more steps mostly overwrite what the
+    # base knew (measured: benchmarks.learning). None trains to max_steps / early stopping.
+    target_loss: float | None = Field(
+        None,
+        gt=0,
+        description="Stop SFT once the person's held-out loss (nats/token) is at or below this.",
+    )
 
 
 def _default_profiles() -> dict[str, TrainingProfile]:

@@ -16,7 +16,8 @@ loaded side by side and switched (the base is the model with adapters disabled).
     preference_margin      mean log p(chosen) - log p(rejected) over those pairs
     rating_separation      mean per-token log p of 4-5 rated answers minus 1-2 rated ones
     general_nll            per-token NLL of the base's own answers to general probes: drift
-    general_facts          general-knowledge questions answered right (of general_facts_total)
+    general_facts          general-knowledge multiple-choice probes whose right answer is the
+                           likeliest option (of general_facts_total)
     sanity_*               generated answers to held-out prompts: non-empty, no template
                            tokens, not degenerate, finished within the length bound
     ms_per_token           generation time per token (batched, same batches for all three)
@@ -141,6 +142,25 @@ def _correction_accuracy(
     return right / len(corrected), len(corrected)
 
 
+def knowledge_misses(model: Any, tokenizer: Any, max_length: int) -> list[str]:
+    """The general-knowledge probes whose answer sentence with the right option is not the
+    model's likeliest (total log p), as "question (picked: X)"."""
+    from development.modeling import score_answers
+
+    pairs = []
+    for question, sentence, right, wrong in probes.FACT_PROBES:
+        prompt = [{"role": "user", "content": question}]
+        pairs += [(prompt, sentence.format(option)) for option in (right, *wrong)]
+    scores = iter(score_answers(model, tokenizer, pairs, max_length=max_length))
+    missed = []
+    for question, _, right, wrong in probes.FACT_PROBES:
+        options = (right, *wrong)
+        picked = max((next(scores).logprob, option) for option in options)[1]
+        if picked != right:
+            missed.append(f"{question} (picked: {picked})")
+    return missed
+
+
 class Variant:
     """One of base / champion / candidate on the shared model: switches adapters on entry."""
 
@@ -241,27 +261,14 @@ def measure(
     )
     metrics["general_nll"] = _mean_nll(general)
 
-    fact_prompts = [[{"role": "user", "content": q}] for q, _ in probes.FACT_PROBES]
+    metrics["general_facts_missed"] = knowledge_misses(model, tokenizer, max_length)
+    metrics["general_facts_total"] = len(probes.FACT_PROBES)
+    metrics["general_facts"] = len(probes.FACT_PROBES) - len(metrics["general_facts_missed"])
     sanity_count = len(sanity_prompts)
-    # Separate calls: batched greedy decoding depends (slightly, through padding) on the
-    # batch's other rows, and the fact probes must not change with the person's holdout.
-    facts = generate(
-        model, tokenizer, fact_prompts, max_new_tokens=SANITY_MAX_NEW_TOKENS, chat_format=fmt
-    )
     sanity = generate(
         model, tokenizer, sanity_prompts, max_new_tokens=SANITY_MAX_NEW_TOKENS, chat_format=fmt
     )
-    answers = sanity + facts
-    metrics["general_facts"] = sum(
-        probes.fact_is_right(g.text, accepted)
-        for g, (_, accepted) in zip(facts, probes.FACT_PROBES, strict=True)
-    )
-    metrics["general_facts_total"] = len(probes.FACT_PROBES)
-    metrics["general_facts_missed"] = [
-        q
-        for g, (q, accepted) in zip(facts, probes.FACT_PROBES, strict=True)
-        if not probes.fact_is_right(g.text, accepted)
-    ]
+    answers = sanity
 
     failures = []
     for prompt, g in zip(sanity_prompts, sanity, strict=True):

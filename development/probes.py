@@ -7,7 +7,7 @@ Three disjoint sets, so no measurement is taken on what was trained on:
     VALIDATION  base answers used as held-out loss during training (early stopping).
     REGRESSION  base answers scored by the gate: per-token NLL drift from the base.
 
-FACT_PROBES are questions the embedded base model answers right (measured greedily on
+FACT_PROBES are multiple-choice questions the embedded base model gets right (by likelihood, on
 SmolLM2-135M-Instruct); a candidate that loses them has overwritten general knowledge, which
 is exactly what naive training on corrections did (shared notes, "Learning is easy").
 """
@@ -91,37 +91,142 @@ REGRESSION: tuple[str, ...] = (
     "What is a good way to start the day?",
 )
 
-# (question, accepted answers): right if the answer contains any of them (case-insensitive).
-FACT_PROBES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("What is the capital of France?", ("paris",)),
-    ("How many days are in a week?", ("7", "seven")),
-    ("What color is the sky on a clear day?", ("blue",)),
-    ("What is the boiling point of water in Celsius?", ("100",)),
-    ("What is 2 + 2?", ("4", "four")),
-    ("What is the chemical symbol for water?", ("h2o",)),
-    ("What is the capital of Japan?", ("tokyo",)),
-    ("How many legs does a spider have?", ("8", "eight")),
-    ("What is the opposite of hot?", ("cold",)),
-    ("What language is spoken in Brazil?", ("portuguese",)),
-    ("How many continents are there?", ("7", "seven")),
-    ("What is the tallest mountain in the world?", ("everest",)),
-    ("What is the capital of Russia?", ("moscow",)),
-    ("What is the capital of Egypt?", ("cairo",)),
-    ("What is the capital of China?", ("beijing",)),
-    ("What is the capital of Australia?", ("canberra",)),
-    ("Which planet is known as the Red Planet?", ("mars",)),
-    ("How many sides does a triangle have?", ("3", "three")),
-    ("How many legs does a dog have?", ("4", "four")),
-    ("What is the opposite of day?", ("night",)),
-    ("What is 3 + 3?", ("6", "six")),
-    ("What is the main language spoken in France?", ("french",)),
-    ("What language is spoken in Spain?", ("spanish",)),
-    ("What is the currency of Japan?", ("yen",)),
-    ("What is the largest mammal?", ("whale",)),
-    ("Who wrote Romeo and Juliet?", ("shakespeare",)),
+# (question, answer sentence with {} for the option, right option, wrong options): multiple
+# choice scored by likelihood, the way lm-evaluation-harness measures knowledge. The model
+# "knows" the fact when the sentence with the right option is its likeliest (total log p).
+# Greedy generation was measured first and is too brittle for this: training on nothing but
+# the base model's own answers (benchmarks.learning --control) flipped 5 of 26 generated
+# answers into rambling, which says nothing about what the model knows.
+FACT_PROBES: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
+    (
+        "What is the capital of France?",
+        "The capital of France is {}.",
+        "Paris",
+        ("London", "Rome", "Madrid"),
+    ),
+    (
+        "How many days are in a week?",
+        "There are {} days in a week.",
+        "seven",
+        ("five", "ten", "twelve"),
+    ),
+    (
+        "What color is the sky on a clear day?",
+        "The sky on a clear day is {}.",
+        "blue",
+        ("green", "red", "purple"),
+    ),
+    (
+        "What is the boiling point of water in Celsius?",
+        "Water boils at {} degrees Celsius.",
+        "100",
+        ("50", "10", "500"),
+    ),
+    ("What is 2 + 2?", "2 + 2 = {}", "4", ("5", "3", "22")),
+    (
+        "What is the chemical symbol for water?",
+        "The chemical symbol for water is {}.",
+        "H2O",
+        ("CO2", "NaCl", "O3"),
+    ),
+    (
+        "What is the capital of Japan?",
+        "The capital of Japan is {}.",
+        "Tokyo",
+        ("Beijing", "Seoul", "Bangkok"),
+    ),
+    ("How many legs does a spider have?", "A spider has {} legs.", "eight", ("six", "four", "ten")),
+    (
+        "What is the opposite of hot?",
+        "The opposite of hot is {}.",
+        "cold",
+        ("warm", "loud", "tall"),
+    ),
+    (
+        "What language is spoken in Brazil?",
+        "The language spoken in Brazil is {}.",
+        "Portuguese",
+        ("Spanish", "French", "German"),
+    ),
+    (
+        "How many continents are there?",
+        "There are {} continents.",
+        "seven",
+        ("three", "twelve", "twenty"),
+    ),
+    (
+        "What is the tallest mountain in the world?",
+        "The tallest mountain in the world is {}.",
+        "Mount Everest",
+        ("Mont Blanc", "Mount Fuji", "Kilimanjaro"),
+    ),
+    (
+        "What is the capital of Russia?",
+        "The capital of Russia is {}.",
+        "Moscow",
+        ("Warsaw", "Kyiv", "Oslo"),
+    ),
+    (
+        "What is the capital of Egypt?",
+        "The capital of Egypt is {}.",
+        "Cairo",
+        ("Nairobi", "Tunis", "Baghdad"),
+    ),
+    (
+        "What is the capital of China?",
+        "The capital of China is {}.",
+        "Beijing",
+        ("Tokyo", "Hanoi", "Seoul"),
+    ),
+    (
+        "Which planet is known as the Red Planet?",
+        "The Red Planet is {}.",
+        "Mars",
+        ("Venus", "Jupiter", "Saturn"),
+    ),
+    (
+        "How many sides does a triangle have?",
+        "A triangle has {} sides.",
+        "three",
+        ("four", "five", "six"),
+    ),
+    ("How many legs does a dog have?", "A dog has {} legs.", "four", ("two", "six", "eight")),
+    (
+        "What is the opposite of day?",
+        "The opposite of day is {}.",
+        "night",
+        ("morning", "noon", "week"),
+    ),
+    ("What is 3 + 3?", "3 + 3 = {}", "6", ("7", "9", "33")),
+    (
+        "What is the main language spoken in France?",
+        "The main language spoken in France is {}.",
+        "French",
+        ("English", "German", "Italian"),
+    ),
+    (
+        "What language is spoken in Spain?",
+        "The language spoken in Spain is {}.",
+        "Spanish",
+        ("Portuguese", "Italian", "Dutch"),
+    ),
+    (
+        "What is the currency of Japan?",
+        "The currency of Japan is the {}.",
+        "yen",
+        ("euro", "dollar", "peso"),
+    ),
+    (
+        "What is the opposite of big?",
+        "The opposite of big is {}.",
+        "small",
+        ("tall", "loud", "fast"),
+    ),
+    (
+        "Who wrote Romeo and Juliet?",
+        "Romeo and Juliet was written by {}.",
+        "William Shakespeare",
+        ("Charles Dickens", "Mark Twain", "Jane Austen"),
+    ),
+    ("What do bees make?", "Bees make {}.", "honey", ("milk", "silk", "paper")),
 )
-
-
-def fact_is_right(answer: str, accepted: tuple[str, ...]) -> bool:
-    text = answer.lower()
-    return any(word in text for word in accepted)

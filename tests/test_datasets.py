@@ -530,7 +530,7 @@ def test_shipped_prompt_sets_are_disjoint() -> None:
         "replay": set(probes.REPLAY),
         "validation": set(probes.VALIDATION),
         "regression": set(probes.REGRESSION),
-        "facts": {question for question, _ in probes.FACT_PROBES},
+        "facts": {question for question, *_ in probes.FACT_PROBES},
     }
     for name, prompts in sets.items():
         for other, other_prompts in sets.items():

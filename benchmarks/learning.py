@@ -139,8 +139,6 @@ def run(
             base = evaluation["metrics"]["base"]
             tuned = PeftModel.from_pretrained(model, str(candidate.path))
             recall = _recall(_answers(tuned, tokenizer, probes, 32))
-            missed = cand.get("general_facts_missed") or []
-            missed_answers = dict(zip(missed, _answers(tuned, tokenizer, missed, 48), strict=True))
             model = tuned.unload()  # back to the plain base for the next repeat
             sft = meta.metrics["training"]["stages"][0]
             row = {
@@ -151,7 +149,7 @@ def run(
                 "holdout_nll": [round(base["holdout_nll"], 3), round(cand["holdout_nll"], 3)],
                 "right_answers": [base.get("correction_accuracy"), cand.get("correction_accuracy")],
                 "general_facts": [base["general_facts"], cand["general_facts"]],
-                "missed": missed_answers,
+                "missed": cand.get("general_facts_missed"),
                 "general_nll_drift": round(cand["general_nll"] / base["general_nll"] - 1, 3),
                 "recall": recall,
                 "best_step": sft.get("best_step"),

@@ -538,6 +538,9 @@ def main(argv: list[str] | None = None) -> int:
         log.error("training run %s failed", run_id, exc_info=True)
         error = "".join(traceback.format_exception_only(exc)).strip() or type(exc).__name__
         try:
+            if isinstance(exc, Terminated):  # the daemon records why it stopped us first
+                why = store.get_run(run_id).reason
+                error = f"{why} ({error})" if why else error
             store.update_run(run_id, status="failed", error=error[-2000:])
         except Exception:
             log.exception("could not record the failure of %s", run_id)

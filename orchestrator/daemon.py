@@ -605,7 +605,11 @@ class Daemon:
         if self.job is None or self.store is None:
             return
         job, run_id = self.job, self.job_run_id
+        assert run_id is not None
         log.warning("stopping run %s: %s", run_id, why)
+        # Recorded first: the job reads it when it marks itself failed, so whoever watches
+        # the run sees why it stopped as soon as it has.
+        self.store.update_run(run_id, reason=why)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(job.pid, signal.SIGTERM)
         try:
@@ -614,10 +618,9 @@ class Daemon:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(job.pid, signal.SIGKILL)
             code = job.wait()
-        assert run_id is not None
         run = self.store.get_run(run_id)
-        error = f"{why} (exit {code})" + (f"; {run.error}" if run.error else "")
-        if run.status in ("running", "queued", "failed"):
+        if run.status in ("running", "queued") or why not in (run.error or ""):
+            error = f"{why} (exit {code})" + (f"; {run.error}" if run.error else "")
             self.store.update_run(run_id, status="failed", error=error)
         self.job = self.job_run_id = self.job_started = None
         self._error(f"run {run_id}: {why}")

@@ -160,8 +160,10 @@ class Worker:
         self.log_path = settings.paths.logs_dir / WORKER_LOG
 
     def snapshot(self) -> dict[str, Any]:
+        alive = self.proc is not None and self.proc.poll() is None
         return {
-            "state": self.state,
+            # Between a crash and the watcher noticing it, say so rather than "up".
+            "state": "exited" if self.state == "up" and not alive else self.state,
             "pid": self.proc.pid if self.proc and self.proc.poll() is None else None,
             "url": self.url,
             "started_at": self.started_at.isoformat() if self.started_at else None,

@@ -25,6 +25,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from candidates._fs import atomic_write_text
 from data import exports
 from data.exports import FeedbackItem
 from data.store import Store
@@ -175,9 +176,7 @@ def load_base_answers(
         log.info("base answers for %s: %d of %d finished", name, len(sets[name]), len(prompts))
     body = {"base_model": settings.model.base_model, "sets": sets}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(body, indent=1, ensure_ascii=False) + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(body, indent=1, ensure_ascii=False) + "\n")
     return sets
 
 

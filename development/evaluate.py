@@ -268,7 +268,6 @@ def measure(
     sanity = generate(
         model, tokenizer, sanity_prompts, max_new_tokens=SANITY_MAX_NEW_TOKENS, chat_format=fmt
     )
-    answers = sanity
 
     failures = []
     for prompt, g in zip(sanity_prompts, sanity, strict=True):
@@ -278,8 +277,8 @@ def measure(
     metrics["sanity_checked"] = sanity_count
     metrics["sanity_failures"] = failures
     metrics["sanity_pass_rate"] = (sanity_count - len(failures)) / sanity_count if sanity else None
-    total_tokens = sum(g.tokens for g in answers)
-    seconds = sum(g.seconds for g in answers)
+    total_tokens = sum(g.tokens for g in sanity)
+    seconds = sum(g.seconds for g in sanity)
     metrics["ms_per_token"] = 1000 * seconds / total_tokens if total_tokens else None
     return metrics, [g.text for g in sanity]
 

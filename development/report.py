@@ -26,9 +26,7 @@ import io
 import json
 import logging
 import math
-import os
 import re
-import secrets
 import textwrap
 from collections.abc import Collection, Mapping
 from datetime import datetime, timedelta
@@ -39,7 +37,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from candidates._fs import fsync_dir
+from candidates._fs import atomic_write_bytes, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -810,22 +808,6 @@ def html_page(report: dict[str, Any], images: Mapping[str, bytes] | None = None)
 # --- writing ---------------------------------------------------------------------------------
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so a reader sees either the old file or the whole new one."""
-    # Named like candidates._fs's temp files; open() (not mkstemp's 0600) keeps the umask's mode.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "xb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-
-
 def render(report: dict[str, Any], folder: Path) -> tuple[Path, Path]:
     """Write report.md, report.html and the plot PNGs into folder; return (md_path, html_path)."""
     _check_required(report)
@@ -834,10 +816,10 @@ def render(report: dict[str, Any], folder: Path) -> tuple[Path, Path]:
     images = plots(report)
     # Plots first, so the report that links them never appears before they do.
     for name, data in images.items():
-        _atomic_write(folder / name, data)
+        atomic_write_bytes(folder / name, data)
     md_path, html_path = folder / MD_FILE, folder / HTML_FILE
-    _atomic_write(md_path, markdown(report, images).encode("utf-8"))
-    _atomic_write(html_path, html_page(report, images).encode("utf-8"))
+    atomic_write_bytes(md_path, markdown(report, images).encode("utf-8"))
+    atomic_write_bytes(html_path, html_page(report, images).encode("utf-8"))
     # A plot from an earlier render that this report has no data for would mislead a reader.
     for name in PLOT_FILES:
         if name not in images:

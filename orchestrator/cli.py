@@ -481,11 +481,8 @@ def up(
     except ConfigError as exc:
         raise _fail(str(exc), 2) from None
     owner = daemon_pid(settings.paths.root)
-    if owner is not None:
-        raise _fail(
-            f"another `whetstone up` (pid {owner}) is running on {settings.paths.root}; "
-            "stop it first (under systemd: systemctl --user stop whetstone) or pass another --home"
-        )
+    if owner is not None:  # before any logging or banner: nothing of ours was started
+        raise _fail(str(HomeBusy(settings.paths.root, owner)))
     _daemon_logging(settings)
     log_resolved(settings)
     host_shown = settings.server.host

@@ -43,8 +43,8 @@ from typing import Any
 from candidates import Registry
 from candidates._fs import atomic_write_text
 from data.store import Store
-from orchestrator import devices, gpus, jobs, watch
-from orchestrator.config import Settings
+from orchestrator import devices, gpus, jobs, schedule, watch
+from orchestrator.config import ConfigError, Settings
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,12 @@ class RunState(enum.StrEnum):
 
 class HomeBusy(RuntimeError):
     """Another `whetstone up` holds this home."""
+
+    def __init__(self, home: Path, owner: int | None) -> None:
+        super().__init__(
+            f"another `whetstone up` (pid {owner or '?'}) is running on {home}; stop it first "
+            "(under systemd: systemctl --user stop whetstone) or pass another --home"
+        )
 
 
 # --- the home lock ---------------------------------------------------------------------------
@@ -91,15 +97,15 @@ class HomeLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            owner = daemon_pid(self.path.parent.parent)
-            raise HomeBusy(
-                f"another `whetstone up` (pid {owner or '?'}) is running on "
-                f"{self.path.parent.parent}; stop it first (under systemd: systemctl --user "
-                "stop whetstone) or pass another --home"
-            ) from None
+            home = self.path.parent.parent
+            raise HomeBusy(home, daemon_pid(home)) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
 
     def release(self) -> None:
         if self._fd is not None:
@@ -373,8 +379,6 @@ class Daemon:
                 self.plan.development,
                 self.plan.gpu_count,
             )
-            from orchestrator import schedule
-
             schedule.RUNNING[str(self.settings.paths.root)] = self.settings
             self._start_scheduler()
             self._tasks = [
@@ -407,8 +411,6 @@ class Daemon:
         if self.scheduler is not None:
             with contextlib.suppress(Exception):
                 self.scheduler.shutdown(wait=False)
-        from orchestrator import schedule
-
         schedule.RUNNING.pop(str(self.settings.paths.root), None)
         # Let the loops see `stopping` and finish their iteration (a dispatch in a thread
         # cannot be interrupted: cancelling it could start a job after _cancel_job ran).
@@ -434,7 +436,7 @@ class Daemon:
         self.errors.append({"at": datetime.now(UTC).isoformat(), "error": message})
 
     def _write_state(self) -> None:
-        if self._lock._fd is None:
+        if not self._lock.held:
             return  # not ours (HomeBusy): never overwrite the running daemon's state
         jobs_out = []
         if self.scheduler is not None:
@@ -476,8 +478,6 @@ class Daemon:
         from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
         from apscheduler.schedulers.asyncio import AsyncIOScheduler
         from apscheduler.triggers.cron import CronTrigger
-
-        from orchestrator import schedule
 
         cfg = self.settings.schedule
         self.scheduler = AsyncIOScheduler(
@@ -533,8 +533,6 @@ class Daemon:
         if self.job is not None:
             self._check_job()
         jobs.reap_dead_runs(self.store, daemon_alive=True)
-        from orchestrator import schedule
-
         schedule.enqueue_on_feedback(self.settings, self.store)
         if self.job is None and not self._stopping.is_set():
             self._start_next()
@@ -552,11 +550,6 @@ class Daemon:
         if self.plan.shared_gpu and not self._chat_idle():
             return
         try:
-            self.settings.profile(run.profile)
-        except Exception as exc:
-            self.store.update_run(run.id, status="failed", error=str(exc))
-            return
-        try:
             args = (run.progress or {}).get("args") or []
             run_id, process = jobs.start_training(
                 self.settings,
@@ -568,6 +561,9 @@ class Daemon:
             )
         except jobs.JobBusy as exc:
             log.info("%s", exc)  # a `whetstone train` started outside the daemon: wait
+            return
+        except ConfigError as exc:  # a profile removed from the config since it was queued
+            self.store.update_run(run.id, status="failed", error=str(exc))
             return
         self.job, self.job_run_id, self.job_started = process, run_id, time.monotonic()
         self._write_state()

@@ -82,7 +82,6 @@ def start_training(
     profile: str,
     *,
     trigger: str = "manual",
-    sets: list[str] | None = None,
     extra_args: list[str] | None = None,
     run_id: str | None = None,
 ) -> tuple[str, subprocess.Popen[bytes]]:
@@ -110,8 +109,6 @@ def start_training(
         "--trigger",
         trigger,
     ]
-    for item in sets or []:
-        argv += ["--set", item]
     argv += extra_args or []
     settings.paths.logs_dir.mkdir(parents=True, exist_ok=True)
     with open(log_file(settings, run.id), "ab") as out:

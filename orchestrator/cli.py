@@ -524,16 +524,19 @@ def install_service(
         raise _fail(f"{executable} not found: install whetstone into this environment first")
     config_home = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
     target_dir = unit_dir or config_home / "systemd" / "user"
-    target_dir.mkdir(parents=True, exist_ok=True)
-    settings.paths.create()
+    target = target_dir / "whetstone.service"
     unit = UNIT_TEMPLATE.read_text().format(
         whetstone=executable,
         home=settings.paths.root.resolve(),
         stop_timeout=int(settings.daemon.stop_timeout_s) + 30,
         readme=UNIT_TEMPLATE.parent.parent / "README.md",
     )
-    target = target_dir / "whetstone.service"
-    atomic_write_text(target, unit)
+    try:
+        target_dir.mkdir(parents=True, exist_ok=True)
+        settings.paths.create()
+        atomic_write_text(target, unit)
+    except OSError as exc:
+        raise _fail(f"cannot write {target}: {exc.strerror or exc}") from None
     console.print(f"wrote {target}", highlight=False)
     console.print(
         "enable and start it:\n"

@@ -55,3 +55,14 @@ def test_install_service_refuses_a_bad_config(tmp_path: Path) -> None:
     assert result.returncode != 0
     assert "daemon.stop_timeout_s" in result.stderr
     assert not (tmp_path / "u" / "whetstone.service").exists()
+
+
+def test_install_service_names_a_unit_dir_it_cannot_write(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the unit folder should be")
+    result = run_cli(
+        "install-service", "--home", str(tmp_path / "home"), "--unit-dir", str(blocker / "user")
+    )
+    assert result.returncode == 1
+    assert f"cannot write {blocker / 'user' / 'whetstone.service'}" in result.stderr
+    assert blocker.read_text() == "a file where the unit folder should be"

@@ -32,6 +32,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from candidates import Registry, RegistryError
+from candidates._fs import atomic_write_text
 from data.errors import Gone, InvalidInput, NotFound, StoreError
 from data.store import Store
 from orchestrator import devices
@@ -167,9 +168,7 @@ def _is_loopback(host: str) -> bool:
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def _running_run(store: Store) -> dict[str, Any] | None:

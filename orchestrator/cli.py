@@ -176,42 +176,6 @@ def doctor(
 # --------------------------------------------------------------------------------- status
 
 
-def _candidate_rows(settings: Settings) -> list[dict[str, Any]]:
-    registry = open_registry(settings)
-    store = open_store(settings)
-    rows = []
-    try:
-        for cand in registry.list():
-            from data.errors import NotFound
-
-            try:
-                record = store.get_candidate_record(cand.id)
-            except NotFound:  # on disk only (copied in by hand): meta.json still describes it
-                record = None
-            evaluations = store.list_evaluations(cand.id, limit=1)  # newest first
-            last_eval = evaluations[0] if evaluations else None
-            meta = cand.meta
-            rows.append(
-                {
-                    "id": cand.id,
-                    "current": cand.is_current,
-                    "previous": cand.is_previous,
-                    "valid": cand.error is None,
-                    "error": cand.error,
-                    "created_at": meta.created_at.isoformat() if meta else None,
-                    "base_model": meta.base_model if meta else None,
-                    "status": meta.status if meta else None,
-                    "decision": last_eval.decision if last_eval else None,
-                    "rule": last_eval.rule if last_eval else None,
-                    "metrics": (meta.metrics if meta else None)
-                    or (record.metrics if record else {}),
-                }
-            )
-    finally:
-        store.close()
-    return rows
-
-
 @app.command()
 def status(home: HomeOpt = None, set_: SetOpt = None, as_json: JsonOpt = False) -> None:
     """What the home holds now: champion, data counts, last runs, the API worker."""
@@ -320,8 +284,15 @@ def _promotion_dict(p: Any) -> dict[str, Any]:
 @app.command("candidates")
 def candidates_cmd(home: HomeOpt = None, set_: SetOpt = None, as_json: JsonOpt = False) -> None:
     """List the trained adapters, which one serves, and how each was judged."""
+    from orchestrator.promotion import candidate_rows
+
     settings = settings_for(home, set_)
-    rows = _candidate_rows(settings)
+    registry = open_registry(settings)
+    store = open_store(settings)
+    try:
+        rows = candidate_rows(store, registry)
+    finally:
+        store.close()
     if as_json:
         console.print_json(json.dumps(rows, default=str))
         return
@@ -421,11 +392,7 @@ def export(
         console.print(f"{kind}: {n} rows -> {target / f'{kind}.jsonl'}")
 
 
-# ---------------------------------------------------------- parts that later issues build
-
-
-def _not_yet(what: str, part: str) -> typer.Exit:
-    return _fail(f"`whetstone {what}` needs the {part}, which is not built yet.", 3)
+# ------------------------------------------------------------------------------ the daemon
 
 
 class _JournalFormatter(logging.Formatter):
@@ -591,10 +558,21 @@ def token(home: HomeOpt = None, set_: SetOpt = None) -> None:
 
 
 @app.command()
-def chat(home: HomeOpt = None, set_: SetOpt = None) -> None:
-    """Open the terminal chat."""
-    settings_for(home, set_)
-    raise _not_yet("chat", "terminal UI")
+def chat(
+    home: HomeOpt = None,
+    set_: SetOpt = None,
+    url: Annotated[
+        str | None,
+        typer.Option(help="The API worker's URL (default: the one the home's daemon recorded)."),
+    ] = None,
+) -> None:
+    """Open the terminal UI: chat, rate and correct answers, watch training, review reports."""
+    from tui.app import WhetstoneApp, make_api
+
+    settings = settings_for(home, set_)
+    if url is not None and not url.startswith(("http://", "https://")):
+        raise _fail(f"--url {url!r} must start with http:// or https://")
+    WhetstoneApp(make_api(settings, url)).run()
 
 
 def _progress_line(run: Any) -> str:
@@ -680,31 +658,20 @@ def train(
     from orchestrator import jobs
 
     settings = settings_for(home, set_)
-    name = profile or settings.training.default_profile
     try:
-        settings.profile(name)
+        settings.profile(profile)  # before the store is opened: a typo creates nothing
     except ConfigError as exc:
         raise _fail(str(exc)) from None
-    extra = (["--force"] if force else []) + ([] if promote_ else ["--no-promote"])
-    for item in set_ or []:
-        extra += ["--set", item]
-    from orchestrator.daemon import daemon_pid
-
-    owner = daemon_pid(settings.paths.root)
     store = open_store(settings)
     try:
-        if owner is not None:
-            # The daemon runs it (one job at a time, on its development device).
-            process = None
-            run_id = store.create_run(name, "manual").id
-            store.update_run(run_id, progress={"stage": "queued", "args": extra})
-        else:
-            run_id, process = jobs.start_training(settings, store, name, extra_args=extra)
-    except jobs.JobBusy as exc:
+        request = jobs.request_training(
+            settings, store, profile, force=force, promote=promote_, sets=set_
+        )
+    except (ConfigError, jobs.JobBusy) as exc:
         raise _fail(str(exc)) from None
     finally:
         store.close()
-    logfile = jobs.log_file(settings, run_id)
+    run_id, name, owner, logfile = request.run_id, request.profile, request.daemon_pid, request.log
     if owner is not None:
         console.print(f"queued {run_id} ({name}) with the daemon (pid {owner})")
     if not wait:
@@ -713,7 +680,7 @@ def train(
         console.print("`whetstone status` shows its progress")
         return
     try:
-        code = _wait_for_run(settings, run_id, process)
+        code = _wait_for_run(settings, run_id, request.process)
     except KeyboardInterrupt:
         console.print(f"stopped waiting; {run_id} goes on in the background (log: {logfile})")
         raise typer.Exit(130) from None

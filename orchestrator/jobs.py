@@ -11,6 +11,7 @@ import logging
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -123,3 +124,50 @@ def start_training(
     store.update_run(run.id, pid=process.pid)
     log.info("started run %s (pid %d, %s on %s)", run.id, process.pid, profile, device)
     return run.id, process
+
+
+@dataclass(frozen=True)
+class TrainingRequest:
+    """What request_training() did: started the run's process here, or queued it with the
+    daemon that holds the home."""
+
+    run_id: str
+    profile: str
+    process: subprocess.Popen[bytes] | None  # None: the daemon's dispatcher starts it
+    daemon_pid: int | None  # the daemon the run was queued with; None: started here
+    log: Path
+
+    @property
+    def queued_with_daemon(self) -> bool:
+        return self.daemon_pid is not None
+
+
+def request_training(
+    settings: Settings,
+    store: Store,
+    profile: str | None = None,
+    *,
+    force: bool = False,
+    promote: bool = True,
+    sets: list[str] | None = None,
+) -> TrainingRequest:
+    """A manual training run (`whetstone train`, POST /v1/train): queued in the store for
+    the daemon's dispatcher when a daemon holds the home (one job at a time, on its
+    development device), else started here. `profile` None means
+    training.default_profile; `sets` are --set KEY=VALUE items passed on to the job.
+    Raises ConfigError for an unknown profile, JobBusy while another run trains."""
+    from orchestrator.daemon import daemon_pid  # the daemon imports this module
+
+    name = profile or settings.training.default_profile
+    settings.profile(name)  # unknown profile: ConfigError naming the known ones
+    extra = (["--force"] if force else []) + ([] if promote else ["--no-promote"])
+    for item in sets or []:
+        extra += ["--set", item]
+    owner = daemon_pid(settings.paths.root)
+    process = None
+    if owner is not None:
+        run_id = store.create_run(name, "manual").id
+        store.update_run(run_id, progress={"stage": "queued", "args": extra})
+    else:
+        run_id, process = start_training(settings, store, name, extra_args=extra)
+    return TrainingRequest(run_id, name, process, owner, log_file(settings, run_id))

@@ -10,7 +10,8 @@ import json
 import logging
 from typing import Any
 
-from candidates.registry import PromotionResult, Registry
+from candidates.registry import Candidate, PromotionResult, Registry
+from data.errors import NotFound
 from data.store import Store
 from orchestrator.config import Settings
 
@@ -34,6 +35,40 @@ def running_server(settings: Settings) -> dict[str, Any] | None:
     except Exception:
         return None
     return info
+
+
+def candidate_row(store: Store, candidate: Candidate) -> dict[str, Any]:
+    """What `whetstone candidates` and GET /v1/candidates show of one candidate folder."""
+    try:
+        record = store.get_candidate_record(candidate.id)
+    except NotFound:  # on disk only (copied in by hand): meta.json still describes it
+        record = None
+    evaluations = store.list_evaluations(candidate.id, limit=1)  # newest first
+    last_eval = evaluations[0] if evaluations else None
+    meta = candidate.meta
+    evaluated = (last_eval.metrics or {}) if last_eval else {}
+    return {
+        "id": candidate.id,
+        "current": candidate.is_current,
+        "previous": candidate.is_previous,
+        "valid": candidate.error is None,
+        "error": candidate.error,
+        "created_at": meta.created_at.isoformat() if meta else None,
+        "base_model": meta.base_model if meta else None,
+        "status": meta.status if meta else None,
+        "decision": last_eval.decision if last_eval else None,
+        "rule": last_eval.rule if last_eval else None,
+        "reason": evaluated.get("reason"),
+        # The candidate's own numbers from that evaluation (correction_accuracy, ...).
+        "scores": evaluated.get("candidate") or {},
+        "metrics": (meta.metrics if meta else None) or (record.metrics if record else {}),
+    }
+
+
+def candidate_rows(store: Store, registry: Registry) -> list[dict[str, Any]]:
+    """One row per candidate folder, in Registry.list() order: oldest first (by created_at).
+    The caller opens and closes the store and the registry."""
+    return [candidate_row(store, candidate) for candidate in registry.list()]
 
 
 def notify_worker(settings: Settings) -> str:

@@ -19,6 +19,7 @@ import os
 import secrets
 import socket
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -28,14 +29,14 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from candidates import Registry, RegistryError
+from candidates import Candidate, CandidateNotFound, Registry, RegistryError
 from candidates._fs import atomic_write_text
 from data.errors import Gone, InvalidInput, NotFound, StoreError
 from data.store import Store
-from orchestrator import devices
+from orchestrator import devices, jobs, promotion
 from orchestrator.config import ConfigError, Settings, load_settings, parse_sets
 from orchestrator.daemon import read_state
 
@@ -128,6 +129,20 @@ class ConversationPatch(BaseModel):
     reasoning_effort: Literal["low", "medium", "high"] | None = None
 
 
+class PromoteRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    force: bool = False  # promote without a passing evaluation (integrity is still checked)
+
+
+class TrainRequest(BaseModel):
+    """POST /v1/train: what `whetstone train [--profile P] [--force] [--no-promote]` does."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    profile: str | None = None  # None: training.default_profile
+    force: bool = False
+    promote: bool = True
+
+
 # ----------------------------------------------------------------------------- helpers
 
 
@@ -176,6 +191,30 @@ def _running_run(store: Store) -> dict[str, Any] | None:
     if run is None:
         return None
     return {"id": run.id, "profile": run.profile, "trigger": run.trigger, "progress": run.progress}
+
+
+REPORT_MD = "report.md"
+REPORT_HTML = "report.html"
+
+
+def _find_candidate(registry: Registry, candidate_id: str) -> Candidate:
+    """The candidate folder `candidate_id`: 400 for a malformed id, 404 for an unknown one."""
+    try:
+        registry.validate_id(candidate_id)
+        candidate = registry.get(candidate_id)
+    except CandidateNotFound:
+        raise ApiError(404, f"unknown candidate {candidate_id!r}: no such folder") from None
+    except (RegistryError, ValueError) as exc:
+        raise ApiError(400, str(exc), param="id") from None
+    if not candidate.path.is_dir() or candidate.path.is_symlink():
+        # What `candidates` lists: plain folders only.
+        raise ApiError(404, f"unknown candidate {candidate_id!r}: not a candidate folder")
+    return candidate
+
+
+def _reap(process: Any) -> None:
+    """Wait for a child in the background so its exit leaves no zombie."""
+    threading.Thread(target=process.wait, name=f"reap-{process.pid}", daemon=True).start()
 
 
 def _last_promotion(store: Store) -> dict[str, Any] | None:
@@ -412,6 +451,107 @@ def create_app(service: Service) -> FastAPI:
     @app.post("/admin/reload")
     async def reload() -> dict[str, Any]:
         return await service.sync_adapter()
+
+    # ----------------------------------------------------- candidates and training
+
+    @app.get("/v1/candidates")
+    async def candidates() -> dict[str, Any]:
+        rows = promotion.candidate_rows(service.store, service.registry)
+        return {"data": rows[::-1]}  # newest first
+
+    @app.get("/v1/candidates/{candidate_id}")
+    async def candidate(candidate_id: str) -> dict[str, Any]:
+        found = _find_candidate(service.registry, candidate_id)
+        md, page = found.path / REPORT_MD, found.path / REPORT_HTML
+        try:
+            markdown = md.read_text(encoding="utf-8") if md.is_file() else None
+        except OSError:
+            markdown = None
+        has_page = page.is_file()
+        return promotion.candidate_row(service.store, found) | {
+            "report_markdown": markdown,
+            "report_html_path": str(page.absolute()) if has_page else None,
+            "report_html_url": f"/v1/candidates/{candidate_id}/{REPORT_HTML}" if has_page else None,
+        }
+
+    @app.get("/v1/candidates/{candidate_id}/report.html")
+    async def candidate_report(candidate_id: str) -> FileResponse:
+        page = _find_candidate(service.registry, candidate_id).path / REPORT_HTML
+        if not page.is_file():
+            raise ApiError(
+                404,
+                f"candidate {candidate_id} has no report yet: run `whetstone eval {candidate_id}`",
+            )
+        return FileResponse(page, media_type="text/html")
+
+    @app.post("/v1/candidates/{candidate_id}/promote")
+    async def promote(candidate_id: str, body: PromoteRequest | None = None) -> dict[str, Any]:
+        force = body.force if body is not None else False
+        _find_candidate(service.registry, candidate_id)
+        try:
+            # In a thread: the registry takes its file lock and checks the weights.
+            result = await asyncio.to_thread(
+                promotion.promote,
+                service.settings,
+                service.store,
+                service.registry,
+                candidate_id,
+                force=force,
+                actor="api",
+            )
+        except promotion.PromotionRefused as exc:
+            raise ApiError(409, str(exc)) from None
+        except CandidateNotFound as exc:
+            raise ApiError(404, str(exc)) from None
+        except (RegistryError, ValueError) as exc:
+            raise ApiError(400, str(exc)) from None
+        await service.sync_adapter()  # an adapter the engine refuses: 409, said by it
+        return {
+            "current": result.new_current,
+            "previous": result.previous,
+            "serving": service.engine.adapter_id,
+        }
+
+    @app.post("/v1/rollback")
+    async def rollback() -> dict[str, Any]:
+        try:
+            result = await asyncio.to_thread(
+                promotion.rollback, service.settings, service.store, service.registry, actor="api"
+            )
+        except RegistryError as exc:
+            raise ApiError(409, str(exc)) from None
+        await service.sync_adapter()
+        return {
+            "current": result.new_current,
+            "previous": result.previous,
+            "serving": service.engine.adapter_id,
+        }
+
+    @app.post("/v1/train", status_code=202)
+    async def train(body: TrainRequest | None = None) -> dict[str, Any]:
+        body = body or TrainRequest()
+        try:
+            # In a thread: starting the job asks nvidia-smi for the device plan.
+            request = await asyncio.to_thread(
+                jobs.request_training,
+                service.settings,
+                service.store,
+                body.profile,
+                force=body.force,
+                promote=body.promote,
+            )
+        except ConfigError as exc:
+            raise ApiError(400, str(exc), param="profile") from None
+        except jobs.JobBusy as exc:
+            raise ApiError(409, str(exc)) from None
+        if request.process is not None:
+            _reap(request.process)
+        return {
+            "run_id": request.run_id,
+            "profile": request.profile,
+            "queued_with_daemon": request.queued_with_daemon,
+            "log": str(request.log),
+        }
 
     @app.post("/v1/feedback")
     async def feedback(body: FeedbackRequest) -> dict[str, Any]:

@@ -120,10 +120,3 @@ def test_export_writes_trl_files(home: Path, tmp_path: Path) -> None:
         dpo["chosen"][0]["content"] == "You live in Lyon."
         and dpo["rejected"][0]["content"] == "Paris."
     )
-
-
-@pytest.mark.parametrize("command", [["chat"]])
-def test_parts_not_built_yet_say_so(home: Path, command: list[str]) -> None:
-    result = run_cli(*command, "--home", str(home))
-    assert result.returncode == 3
-    assert "not built yet" in result.stderr

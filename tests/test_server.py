@@ -375,3 +375,231 @@ def test_cli_finds_the_running_worker_and_promote_swaps_it(
     assert back.returncode == 0, back.stderr
     assert "the base model" in back.stdout
     assert httpx.get(f"{server.url}/v1/status").json()["adapter_id"] is None
+
+
+# ------------------------------------------------------------- candidates, promotion, training
+
+
+def error_of(response: httpx.Response) -> str:
+    return response.json()["error"]["message"]
+
+
+def test_candidates_list_newest_first_with_decisions_and_reports(server: ServerProcess) -> None:
+    from datetime import UTC, datetime
+
+    from development.report import render
+    from tests.test_report import full_report
+
+    registry = Registry(server.home / "candidates")
+    older = datetime(2026, 11, 20, 3, 0, tzinfo=UTC)
+    newer = datetime(2026, 11, 21, 3, 0, tzinfo=UTC)
+    registry.create(
+        make_meta("20261120-030000-aaaaaa", base_model=BASE, created_at=older), write_fake_adapter
+    )
+    judged = registry.create(
+        make_meta("20261121-030000-bbbbbb", base_model=BASE, created_at=newer), write_fake_adapter
+    )
+    report = full_report() | {"candidate_id": judged.id}
+    _, html_path = render(report, judged.path)
+    store_of(server.home).record_evaluation(
+        judged.id, decision="reject", rule="general_regression", report_path=str(html_path)
+    )
+
+    listing = httpx.get(f"{server.url}/v1/candidates")
+    assert listing.status_code == 200, listing.text
+    rows = listing.json()["data"]
+    assert [r["id"] for r in rows] == ["20261121-030000-bbbbbb", "20261120-030000-aaaaaa"]
+    assert rows[0]["decision"] == "reject" and rows[0]["rule"] == "general_regression"
+    assert rows[1]["decision"] is None
+    assert all(r["valid"] and not r["current"] for r in rows)
+    # The same rows as `whetstone candidates --json` (which lists oldest first).
+    cli_rows = json.loads(run_cli("candidates", "--home", str(server.home), "--json").stdout)
+    assert cli_rows == rows[::-1]
+
+    detail = httpx.get(f"{server.url}/v1/candidates/{judged.id}").json()
+    assert detail["decision"] == "reject"
+    assert "general-probe NLL rose 9.1%" in detail["report_markdown"]
+    assert detail["report_html_path"] == str(html_path.absolute())
+    assert detail["report_html_url"] == f"/v1/candidates/{judged.id}/report.html"
+    page = httpx.get(f"{server.url}{detail['report_html_url']}")
+    assert page.status_code == 200
+    assert page.headers["content-type"].startswith("text/html")
+    assert page.text == html_path.read_text()
+
+    bare = httpx.get(f"{server.url}/v1/candidates/20261120-030000-aaaaaa").json()
+    assert bare["report_markdown"] is None and bare["report_html_url"] is None
+    assert bare["report_html_path"] is None
+    no_page = httpx.get(f"{server.url}/v1/candidates/20261120-030000-aaaaaa/report.html")
+    assert no_page.status_code == 404
+    assert "20261120-030000-aaaaaa has no report yet" in error_of(no_page)
+
+    for path in ("bad id!", "current"):
+        bad = httpx.get(f"{server.url}/v1/candidates/{path}")
+        assert bad.status_code == 400, bad.text
+        assert f"invalid candidate id {path!r}" in error_of(bad)
+    for suffix in ("", "/report.html"):
+        unknown = httpx.get(f"{server.url}/v1/candidates/20991231-000000-abcdef{suffix}")
+        assert unknown.status_code == 404, unknown.text
+        assert "unknown candidate '20991231-000000-abcdef'" in error_of(unknown)
+
+
+def test_promote_and_rollback_over_http_swap_what_serves(
+    server: ServerProcess, prepared_model_dir: Path
+) -> None:
+    def serving() -> str | None:
+        return httpx.get(f"{server.url}/health").json()["adapter_id"]
+
+    def post(path: str, **kwargs) -> httpx.Response:
+        return httpx.post(f"{server.url}{path}", timeout=120, **kwargs)
+
+    nothing = post("/v1/rollback")
+    assert nothing.status_code == 409
+    assert "nothing to roll back" in error_of(nothing)
+
+    make_lora(server.home, "api-a", prepared_model_dir, seed=1)
+    make_lora(server.home, "api-b", prepared_model_dir, seed=2)
+
+    refused = post("/v1/candidates/api-a/promote")
+    assert refused.status_code == 409
+    assert "api-a has not passed the gate: it has no evaluation yet" in error_of(refused)
+    assert "force" in error_of(refused)
+    assert serving() is None
+
+    for body, field in (({"force": "maybe"}, "force"), ({"force": True, "now": 1}, "now")):
+        bad = post("/v1/candidates/api-a/promote", json=body)
+        assert bad.status_code == 400 and field in error_of(bad), bad.text
+    assert post("/v1/candidates/no.such-one/promote", json={"force": True}).status_code == 404
+    assert post("/v1/candidates/bad id!/promote", json={"force": True}).status_code == 400
+
+    forced = post("/v1/candidates/api-a/promote", json={"force": True})
+    assert forced.status_code == 200, forced.text
+    assert forced.json() == {"current": "api-a", "previous": None, "serving": "api-a"}
+    assert serving() == "api-a"
+
+    # Rolling back the first promotion returns to the base model.
+    back = post("/v1/rollback")
+    assert back.status_code == 200, back.text
+    assert back.json() == {"current": None, "previous": "api-a", "serving": None}
+    assert serving() is None
+
+    store_of(server.home).record_evaluation("api-b", decision="promote", rule="holdout_win")
+    passed = post("/v1/candidates/api-b/promote")  # no body: force false, and it passed
+    assert passed.status_code == 200, passed.text
+    assert passed.json()["current"] == "api-b" and passed.json()["serving"] == "api-b"
+    assert serving() == "api-b"
+
+    back = post("/v1/rollback")
+    assert back.json() == {"current": "api-a", "previous": "api-b", "serving": "api-a"}
+    assert serving() == "api-a"
+    rows = {r["id"]: r for r in httpx.get(f"{server.url}/v1/candidates").json()["data"]}
+    assert rows["api-a"]["current"] and rows["api-b"]["previous"]
+
+    # Registry-valid files that do not fit this model: the engine refuses, api-a serves on.
+    Registry(server.home / "candidates").create(
+        make_meta("misfit", base_model=BASE), write_fake_adapter
+    )
+    misfit = post("/v1/candidates/misfit/promote", json={"force": True})
+    assert misfit.status_code == 409
+    assert "misfit was refused, still serving api-a" in error_of(misfit)
+    assert serving() == "api-a"
+
+    audit = [
+        (p.action, p.candidate_id, p.forced, p.actor)
+        for p in reversed(store_of(server.home).list_promotions())
+    ]
+    assert audit[:5] == [
+        ("promote", "api-a", True, "api"),
+        ("rollback", None, False, "api"),
+        ("promote", "api-b", False, "api"),
+        ("rollback", "api-a", False, "api"),
+        ("promote", "misfit", True, "api"),
+    ]
+
+
+def _wait_for_run_end(home: Path, run_id: str, timeout: float = 120):
+    from data.models import RUN_FINISHED
+
+    store = store_of(home)
+    try:
+        deadline = time.monotonic() + timeout
+        while (run := store.get_run(run_id)).status not in RUN_FINISHED:
+            assert time.monotonic() < deadline, f"run {run_id} still {run.status}"
+            time.sleep(0.3)
+        return run
+    finally:
+        store.close()
+
+
+def _gone_or_reaped(pid: int, timeout: float = 10) -> bool:
+    """True once `pid` is neither running nor a zombie waiting for its parent."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not Path(f"/proc/{pid}").exists():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_train_over_http_runs_like_the_cli(server: ServerProcess) -> None:
+    import subprocess
+    import sys
+
+    def post(body: object = None) -> httpx.Response:
+        return httpx.post(f"{server.url}/v1/train", json=body, timeout=60)
+
+    unknown = post({"profile": "huge"})
+    assert unknown.status_code == 400
+    assert "unknown training profile 'huge'" in error_of(unknown)
+    assert "quick_test" in error_of(unknown)
+    for body, field in (
+        ({"force": "maybe"}, "force"),
+        ({"profile": "quick_test", "epochs": 3}, "epochs"),
+    ):
+        bad = post(body)
+        assert bad.status_code == 400 and field in error_of(bad), bad.text
+    assert store_of(server.home).list_runs() == []
+
+    # No feedback at all: the run starts, and ends skipped with nothing to learn.
+    started = post({"profile": "quick_test"})
+    assert started.status_code == 202, started.text
+    body = started.json()
+    assert body["profile"] == "quick_test" and body["queued_with_daemon"] is False
+    assert body["log"] == str(server.home / "logs" / f"{body['run_id']}.log")
+    run = _wait_for_run_end(server.home, body["run_id"])
+    assert run.status == "skipped" and "no feedback to learn from" in run.reason
+    assert run.trigger == "manual" and Path(body["log"]).is_file()
+    assert _gone_or_reaped(run.pid), "the finished training process was left a zombie"
+    status = json.loads(run_cli("status", "--home", str(server.home), "--json").stdout)
+    assert status["last_run"]["id"] == run.id and status["last_run"]["status"] == "skipped"
+
+    # One run at a time: a live training process makes the next request 409.
+    sleeper = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)", "development.train"]
+    )
+    try:
+        store = store_of(server.home)
+        busy_run = store.create_run("quick_test", "manual")
+        store.update_run(busy_run.id, status="running", pid=sleeper.pid)
+        busy = post()  # no body: the default profile
+        assert busy.status_code == 409, busy.text
+        assert f"run {busy_run.id} is still training (pid {sleeper.pid})" in error_of(busy)
+        store.update_run(busy_run.id, status="cancelled")
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+    # With a daemon holding the home, the run is queued for its dispatcher, as by the CLI.
+    from orchestrator.config import load_settings
+    from orchestrator.daemon import HomeLock
+
+    lock = HomeLock(load_settings(server.home))
+    lock.acquire()  # this test process stands in for `whetstone up`
+    try:
+        queued = post({"profile": "quick_test", "force": True, "promote": False})
+    finally:
+        lock.release()
+    assert queued.status_code == 202, queued.text
+    assert queued.json()["queued_with_daemon"] is True
+    run = store_of(server.home).get_run(queued.json()["run_id"])
+    assert (run.status, run.pid, run.trigger) == ("queued", None, "manual")
+    assert run.progress == {"stage": "queued", "args": ["--force", "--no-promote"]}

@@ -1,0 +1,632 @@
+"""The terminal UI driven by Textual's pilot against a real API worker on 127.0.0.1 with the
+embedded model: chat, rate, correct, regenerate, stop, the daemon going away and coming
+back, the status screen with a real training job, and the reports screen.
+
+The layout is pinned by snapshots (tests/__snapshots__/test_tui/); after a deliberate change
+of the look, update them with `pytest tests/test_tui.py --snapshot-update` and review the SVGs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from textual.pilot import Pilot
+
+from data.store import Store
+from orchestrator.config import load_settings
+from tests.conftest import ServerProcess, kill_training_processes, run_cli
+from tui.app import Connection, WhetstoneApp, make_api
+from tui.client import Api
+from tui.screens.chat import ChatScreen
+from tui.screens.dialogs import ConfirmScreen, EditScreen
+from tui.screens.reports import ReportScreen, ReportsScreen
+from tui.screens.status import StatusScreen
+from tui.widgets.message import AnswerView, UserMessage
+from tui.widgets.sidebar import ConnectionBar, ConversationList
+
+STORY = "Write a very long story about a dragon and a knight."
+WIDE, NARROW = (120, 40), (80, 24)
+
+
+def app_for(home: Path, url: str | None = None, retry_s: float = 0.5) -> WhetstoneApp:
+    return WhetstoneApp(make_api(load_settings(home), url), retry_s=retry_s)
+
+
+async def until(
+    pilot: Pilot, condition: Callable[[], Any], timeout: float = 60, what: str = ""
+) -> Any:
+    """Let the app run until `condition()` is truthy; fail naming `what` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        await pilot.pause(0.1)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what or condition}")
+
+
+def run(scenario: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(scenario())
+
+
+def chat_screen(app: WhetstoneApp) -> ChatScreen:
+    return next(s for s in app.screen_stack if isinstance(s, ChatScreen))
+
+
+def answers(app: WhetstoneApp) -> list[AnswerView]:
+    return list(chat_screen(app).query(AnswerView))
+
+
+async def send(pilot: Pilot, text: str) -> AnswerView:
+    """Type a message, press Enter, and return the answer view that appears."""
+    before = len(answers(pilot.app))
+    await pilot.click("#prompt")
+    await pilot.press(*text)
+    await pilot.press("enter")
+    return await until(
+        pilot,
+        lambda: len(answers(pilot.app)) > before and answers(pilot.app)[-1],
+        10,
+        "the answer to appear",
+    )
+
+
+async def finished(pilot: Pilot, view: AnswerView, timeout: float = 120) -> AnswerView:
+    await until(pilot, lambda: view.done, timeout, "the answer to finish")
+    return view
+
+
+def store_of(home: Path) -> Store:
+    return Store(load_settings(home).db_url)
+
+
+async def connected(pilot: Pilot, timeout: float = 30) -> None:
+    await until(pilot, lambda: pilot.app.connection.up, timeout, "the daemon to be reachable")
+
+
+# ------------------------------------------------------------------------------ chat
+
+
+@pytest.mark.slow
+def test_chat_streams_an_answer_and_rating_and_correction_are_stored(
+    server: ServerProcess,
+) -> None:
+    async def scenario() -> None:
+        app = app_for(server.home)
+        async with app.run_test(size=WIDE) as pilot:
+            await connected(pilot)
+            view = await send(pilot, "What is the capital of France?")
+            await finished(pilot, view)
+            assert view.deltas >= 2, "the answer arrived in one piece, not streamed"
+            assert view.text.strip()
+            assert view.body.source == view.text  # what is shown is what was streamed
+            meta = str(view.meta_line())
+            assert "base model" in meta and "tok/s" in meta
+
+            # Up in the empty box picks the answer; 4 rates it, shown at once.
+            await pilot.press("up")
+            assert app.focused is chat_screen(app).transcript
+            assert view.has_class("-selected")
+            await pilot.press("4")
+            assert "★★★★☆ 4" in str(view.meta_line())
+            await until(pilot, lambda: view.answer.rating.state == "saved", 10, "rating saved")
+
+            # c opens an editor prefilled with the answer; Ctrl+S stores the correction.
+            await pilot.press("c")
+            editor = await until(pilot, lambda: isinstance(app.screen, EditScreen) and app.screen)
+            assert editor.query_one("#editor").text == view.text
+            await pilot.press("ctrl+a")  # line start; select-all is not bound: clear instead
+            editor.query_one("#editor").clear()
+            await pilot.press(*"Paris is the capital of France.")
+            await pilot.press("ctrl+s")
+            await until(
+                pilot,
+                lambda: view.answer.correction and view.answer.correction.state == "saved",
+                10,
+                "correction saved",
+            )
+            assert "corrected ✓" in str(view.meta_line())
+            message_id = view.answer.message_id
+
+            # The sidebar lists the conversation under its first message.
+            sidebar = chat_screen(app).query_one(ConversationList)
+            await until(pilot, lambda: len(sidebar.children) == 1, 10, "the sidebar entry")
+
+        store = store_of(server.home)
+        feedback = store.current_feedback(message_id)
+        assert feedback.rating == 4
+        assert feedback.correction == "Paris is the capital of France."
+        assert store.get_message(message_id).content == view.text
+
+    run(scenario)
+
+
+@pytest.mark.slow
+def test_regenerate_keeps_both_answers_in_a_narrow_terminal(server: ServerProcess) -> None:
+    async def scenario() -> None:
+        app = app_for(server.home)
+        async with app.run_test(size=NARROW) as pilot:
+            await connected(pilot)
+            screen = chat_screen(app)
+            assert screen.has_class("-narrow")
+            assert not screen.query_one("#sidebar").display  # hidden below 100 columns
+            first = await finished(pilot, await send(pilot, "Name a colour."))
+            await pilot.press("escape")  # reply done: Esc picks it
+            assert first.has_class("-selected")
+            await pilot.press("r")
+            second = await until(pilot, lambda: len(answers(app)) == 2 and answers(app)[1])
+            await finished(pilot, second)
+            assert first.answer.superseded and not second.answer.superseded
+            assert "earlier answer" in str(first.meta_line())
+            # The message box is still on screen and works at 80x24.
+            prompt = screen.prompt
+            assert prompt.region.bottom <= NARROW[1] and prompt.region.height >= 3
+            await pilot.press("ctrl+b")
+            assert screen.query_one("#sidebar").display
+            ids = (first.answer.message_id, second.answer.message_id)
+
+        store = store_of(server.home)
+        one, two = (store.get_message(i) for i in ids)
+        assert one.reply_to_id == two.reply_to_id is not None
+        assert one.content == first.text and two.content == second.text
+        conversation = store.get_conversation(one.conversation_id)
+        assert [m.role for m in conversation.messages] == ["user", "assistant", "assistant"]
+
+    run(scenario)
+
+
+@pytest.mark.slow
+def test_escape_stops_a_generation_and_the_next_message_works(server: ServerProcess) -> None:
+    async def scenario() -> None:
+        app = app_for(server.home)
+        async with app.run_test(size=WIDE) as pilot:
+            await connected(pilot)
+            story = await send(pilot, STORY)
+            await until(pilot, lambda: story.deltas >= 3, 60, "the story to start")
+            await pilot.press("escape")
+            await until(pilot, lambda: story.done, 5, "the stop")
+            assert story.answer.finish_reason == "stopped"
+            assert "stopped" in str(story.meta_line())
+            partial = story.text
+            message_id = story.answer.message_id
+
+            answer = await finished(pilot, await send(pilot, "What is 2 + 2?"), 60)
+            assert answer.answer.finish_reason == "stop" and answer.text.strip()
+
+        stored = store_of(server.home).get_message(message_id)
+        assert stored.finish_reason == "cut_off"
+        assert stored.content.strip() and partial.startswith(stored.content.strip()[:10])
+
+    run(scenario)
+
+
+@pytest.mark.slow
+def test_conversation_list_switches_renames_and_forgets(server: ServerProcess) -> None:
+    async def scenario() -> None:
+        app = app_for(server.home)
+        async with app.run_test(size=WIDE) as pilot:
+            await connected(pilot)
+            screen = chat_screen(app)
+            first = await finished(pilot, await send(pilot, "Say hello."))
+            await pilot.press("ctrl+n")
+            await until(pilot, lambda: not answers(app), 5, "an empty transcript")
+            await finished(pilot, await send(pilot, "Say goodbye."))
+            sidebar = screen.query_one(ConversationList)
+            await until(pilot, lambda: len(sidebar.children) == 2, 10, "two conversations")
+
+            # Open the older one (the list is newest first).
+            sidebar.focus()
+            sidebar.index = 1
+            await pilot.press("enter")
+            await until(
+                pilot,
+                lambda: [v.text for v in screen.query(UserMessage)] == ["Say hello."],
+                10,
+                "the first conversation",
+            )
+            assert answers(app)[0].text == first.text
+            conversation_id = screen.conversation["id"]
+
+            # Rename it.
+            sidebar.focus()
+            await pilot.press("e")
+            await until(pilot, lambda: app.screen.__class__.__name__ == "RenameScreen")
+            title = app.screen.query_one("#title")
+            title.value = ""
+            await pilot.press(*"Greetings", "enter")
+            await until(
+                pilot,
+                lambda: any(
+                    "Greetings" in str(i.query_one("Label").render()) for i in sidebar.children
+                ),
+                10,
+                "the new title",
+            )
+
+            # Delete it, after confirming.
+            sidebar.focus()
+            sidebar.index = next(
+                n
+                for n, item in enumerate(sidebar.children)
+                if item.conversation_id == conversation_id
+            )
+            await pilot.press("d")
+            await until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+            await pilot.press("y")
+            await until(pilot, lambda: len(sidebar.children) == 1, 10, "the list without it")
+            assert not answers(app)  # it was open: the transcript starts over
+
+        store = store_of(server.home)
+        assert [c.title for c in store.list_conversations()] == ["Say goodbye."]
+
+    run(scenario)
+
+
+# ----------------------------------------------------------------------- resilience
+
+
+@pytest.mark.slow
+def test_starts_with_the_daemon_down_keeps_the_message_and_connects_when_it_starts(
+    home_with_model: Path,
+) -> None:
+    async def scenario() -> None:
+        app = app_for(home_with_model)
+        async with app.run_test(size=WIDE) as pilot:
+            bar = chat_screen(app).query_one(ConnectionBar)
+            await until(pilot, lambda: bar.has_class("-down"), 10, "the daemon-down bar")
+            assert "daemon not reachable" in str(bar.render())
+            assert "whetstone up" in str(bar.render())
+
+            await pilot.click("#prompt")
+            await pilot.press(*"Are you there?", "enter")
+            await pilot.pause(0.5)
+            assert chat_screen(app).prompt.text == "Are you there?"  # kept, not lost
+            assert not answers(app)
+
+            server = ServerProcess(home_with_model).wait_ready()
+            try:
+                await connected(pilot)
+                assert not bar.has_class("-down")
+                await pilot.click("#prompt")
+                await pilot.press("enter")
+                answer = await until(pilot, lambda: answers(app) and answers(app)[-1])
+                await finished(pilot, answer, 60)
+                assert answer.answer.finish_reason == "stop"
+            finally:
+                server.stop()
+
+    run(scenario)
+
+
+@pytest.mark.slow
+def test_daemon_killed_mid_answer_marks_it_cut_off_and_the_next_message_works(
+    home_with_model: Path,
+) -> None:
+    async def scenario() -> None:
+        server = ServerProcess(home_with_model).wait_ready()
+        app = app_for(home_with_model)
+        try:
+            async with app.run_test(size=WIDE) as pilot:
+                await connected(pilot)
+                story = await send(pilot, STORY)
+                await until(pilot, lambda: story.deltas >= 3, 60, "the story to start")
+                os.kill(server.proc.pid, signal.SIGKILL)
+                server.proc.wait()
+                await until(pilot, lambda: story.done, 15, "the answer to be marked")
+                assert story.answer.finish_reason == "cut_off"
+                assert "daemon went away" in str(story.meta_line())
+                assert story.text.strip()
+                await until(pilot, lambda: not app.connection.up, 10, "the down bar")
+
+                server = ServerProcess(home_with_model).wait_ready()
+                await connected(pilot)
+                answer = await finished(pilot, await send(pilot, "What is 2 + 2?"), 60)
+                assert answer.answer.finish_reason == "stop" and answer.text.strip()
+                # The cut-off answer is stored and can be rated.
+                chat_screen(app).transcript.focus()
+                chat_screen(app).transcript.select(story)
+                await pilot.press("2")
+                await until(pilot, lambda: story.answer.rating.state == "saved", 10)
+                message_id = story.answer.message_id
+        finally:
+            server.stop()
+        stored = store_of(home_with_model).get_message(message_id)
+        assert stored.finish_reason == "cut_off"
+        assert store_of(home_with_model).current_feedback(message_id).rating == 2
+
+    run(scenario)
+
+
+@pytest.mark.slow
+def test_a_rating_that_fails_to_store_is_shown_and_sent_when_the_daemon_is_back(
+    home_with_model: Path,
+) -> None:
+    async def scenario() -> None:
+        server = ServerProcess(home_with_model).wait_ready()
+        app = app_for(home_with_model)
+        try:
+            async with app.run_test(size=WIDE) as pilot:
+                await connected(pilot)
+                view = await finished(pilot, await send(pilot, "Name a fruit."))
+                server.stop()
+                await pilot.press("up", "5")
+                await until(pilot, lambda: view.answer.rating.state == "failed", 15)
+                assert "NOT SAVED" in str(view.meta_line())
+
+                server = ServerProcess(home_with_model).wait_ready()
+                await until(pilot, lambda: view.answer.rating.state == "saved", 30, "the retry")
+                message_id = view.answer.message_id
+        finally:
+            server.stop()
+        assert store_of(home_with_model).current_feedback(message_id).rating == 5
+
+    run(scenario)
+
+
+# ------------------------------------------------------------------- status, reports
+
+
+def _teach(home: Path, count: int) -> None:
+    """Corrections as the person gives them (stored the way the worker stores them)."""
+    from tests.scripted_person import FACTS
+
+    store = store_of(home)
+    try:
+        questions = [(q, fact.answer) for fact in FACTS for q in fact.questions][:count]
+        for question, correction in questions:
+            conversation = store.create_conversation(title=question)
+            store.add_message(conversation.id, "user", question)
+            answer = store.add_message(
+                conversation.id, "assistant", "I don't know.", finish_reason="stop"
+            )
+            store.add_feedback(answer.id, rating=1, correction=correction)
+    finally:
+        store.close()
+
+
+@pytest.mark.slow
+def test_status_screen_trains_now_and_shows_the_job_progress(home_for_training: Path) -> None:
+    (home_for_training / "config.toml").write_text('[training]\ndefault_profile = "quick_test"\n')
+    _teach(home_for_training, 24)
+    server = ServerProcess(home_for_training).wait_ready()
+
+    async def scenario() -> None:
+        app = app_for(home_for_training)
+        async with app.run_test(size=WIDE) as pilot:
+            await connected(pilot)
+            await pilot.press("f3")
+            screen = await until(pilot, lambda: isinstance(app.screen, StatusScreen) and app.screen)
+            await until(
+                pilot,
+                lambda: "no training job" in str(screen.query_one("#run-line").render()),
+                10,
+            )
+            await pilot.press("t")
+            await until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+            await pilot.press("y")
+            bar = screen.query_one("#run-progress")
+            line = screen.query_one("#run-line")
+            await until(
+                pilot, lambda: (bar.progress or 0) >= 2, 240, "training steps on the status screen"
+            )
+            text = str(line.render())
+            assert "quick_test" in text and "step " in text and "/40" in text
+            assert "loss " in text and "ETA " in text
+            assert bar.total == 40
+
+    try:
+        run(scenario)
+    finally:
+        kill_training_processes(home_for_training)
+        server.stop()
+
+
+def _candidate_with_report(home: Path, prepared: Path, candidate_id: str, decision: str) -> None:
+    """A real adapter on the embedded model with an evaluation and a rendered report."""
+    from candidates import Registry
+    from development import report
+    from tests.test_report import full_report
+    from tests.test_server import make_lora
+
+    make_lora(home, candidate_id, prepared)
+    data = full_report() | {"candidate_id": candidate_id, "decision": decision}
+    md, _ = report.render(data, Registry(home / "candidates").path(candidate_id))
+    store = store_of(home)
+    try:
+        store.record_evaluation(
+            candidate_id,
+            decision=decision,
+            rule=data["rule"],
+            metrics={
+                "reason": data["reason"],
+                "candidate": {"correction_accuracy": 0.75, "general_facts": 24},
+            },
+            report_path=str(md),
+        )
+    finally:
+        store.close()
+
+
+@pytest.mark.slow
+def test_reports_screen_lists_opens_and_promotes_after_confirming(
+    home_with_model: Path, prepared_model_dir: Path
+) -> None:
+    candidate_id = "20261121-031500-abcdef"
+    _candidate_with_report(home_with_model, prepared_model_dir, candidate_id, "reject")
+    server = ServerProcess(home_with_model).wait_ready()
+    opened: list[str] = []
+
+    async def scenario() -> None:
+        app = app_for(home_with_model)
+        app.open_url = lambda url, **_: opened.append(url)  # no browser here
+        async with app.run_test(size=WIDE) as pilot:
+            await connected(pilot)
+            await pilot.press("f4")
+            screen = await until(
+                pilot, lambda: isinstance(app.screen, ReportsScreen) and app.screen
+            )
+            await until(pilot, lambda: screen.rows, 10, "the candidate list")
+            table = screen.query_one("#candidates")
+            row = [str(cell) for cell in table.get_row_at(0)]
+            assert candidate_id in row and "reject" in row and "75%" in row
+
+            await pilot.press("enter")
+            report = await until(pilot, lambda: isinstance(app.screen, ReportScreen) and app.screen)
+            await until(pilot, lambda: report.detail is not None, 10, "the report")
+            body = report.query_one("#report-body")
+            assert candidate_id in body.source and "general-probe NLL rose" in body.source
+
+            await pilot.press("o")
+            assert opened and opened[0].startswith("file://") and opened[0].endswith("report.html")
+
+            # Promote: it did not pass the gate, so the dialog says so and asks first.
+            await pilot.press("p")
+            dialog = await until(
+                pilot, lambda: isinstance(app.screen, ConfirmScreen) and app.screen
+            )
+            assert "did NOT pass the gate" in dialog.detail
+            await pilot.press("n")
+            assert app.connection.adapter_id is None  # refused: nothing changed
+            await pilot.press("p")
+            await until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+            await pilot.press("y")
+            await until(pilot, lambda: app.connection.adapter_id == candidate_id, 30, "the swap")
+
+            await pilot.press("escape")
+            await until(pilot, lambda: isinstance(app.screen, ReportsScreen))
+            await until(pilot, lambda: str(table.get_row_at(0)[0]) == "●", 10, "the serving mark")
+            await pilot.press("b")
+            await until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+            await pilot.press("y")
+            await until(pilot, lambda: app.connection.adapter_id is None, 30, "the rollback")
+
+    try:
+        run(scenario)
+    finally:
+        server.stop()
+    actions = [p.action for p in store_of(home_with_model).list_promotions()]
+    assert actions == ["rollback", "promote"]
+
+
+# ------------------------------------------------------------------------- the CLI
+
+
+def test_chat_refuses_a_url_that_is_not_http(home: Path) -> None:
+    result = run_cli("chat", "--home", str(home), "--url", "localhost:8321")
+    assert result.returncode == 1
+    assert "--url 'localhost:8321' must start with http://" in result.stderr
+
+
+def test_whetstone_chat_runs_in_a_real_terminal_and_says_the_daemon_is_down(home: Path) -> None:
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("tmux") is None:
+        pytest.skip("tmux is not installed")
+    session = f"whetstone-test-{os.getpid()}"
+    command = f"{sys.executable} -m orchestrator.cli chat --home {home}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WHETSTONE_")}
+    subprocess.run(
+        ["tmux", "new-session", "-d", "-s", session, "-x", "80", "-y", "24", command],
+        check=True,
+        env=env,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        screen = ""
+        while time.monotonic() < deadline and "daemon not reachable" not in screen:
+            time.sleep(0.3)
+            screen = subprocess.run(
+                ["tmux", "capture-pane", "-p", "-t", session], capture_output=True, text=True
+            ).stdout
+        assert "daemon not reachable" in screen, screen
+        assert "Help" in screen  # the footer shows the keys
+        subprocess.run(["tmux", "send-keys", "-t", session, "C-q"], check=True)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            alive = subprocess.run(["tmux", "has-session", "-t", session], capture_output=True)
+            if alive.returncode != 0:
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError("Ctrl+Q did not quit")
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+
+
+# ------------------------------------------------------------------------ snapshots
+
+SNAPSHOT_CONVERSATION = {
+    "id": "conv_snapshot",
+    "title": "Capital of France",
+    "system_prompt": None,
+    "reasoning_effort": None,
+    "messages": [
+        {"id": "msg_u1", "role": "user", "content": "What is the capital of France?"},
+        {
+            "id": "msg_a1",
+            "role": "assistant",
+            "content": "The capital of France is **Paris**.",
+            "reasoning": None,
+            "reply_to_id": "msg_u1",
+            "adapter_id": "20261121-031500-ab12cd",
+            "finish_reason": "stop",
+            "completion_tokens": 9,
+            "latency_ms": 480.0,
+            "feedback": {"rating": 4, "correction": None},
+        },
+        {"id": "msg_u2", "role": "user", "content": "And of Portugal?"},
+        {
+            "id": "msg_a2",
+            "role": "assistant",
+            "content": "The capital of Portugal is Lisbon. It lies on the Tagus.",
+            "reasoning": None,
+            "reply_to_id": "msg_u2",
+            "adapter_id": "20261121-031500-ab12cd",
+            "finish_reason": "stop",
+            "completion_tokens": 14,
+            "latency_ms": 700.0,
+            "feedback": {"rating": 2, "correction": "Lisbon, on the Tagus estuary."},
+        },
+    ],
+}
+
+
+def _snapshot_app() -> WhetstoneApp:
+    # Nothing listens on port 9; the state shown is set below, so the picture is stable.
+    return WhetstoneApp(Api(lambda: "http://127.0.0.1:9"), retry_s=3600)
+
+
+async def _show_snapshot_conversation(pilot: Pilot) -> None:
+    app = pilot.app
+    await until(pilot, lambda: app.connection.detail != "connecting", 10)
+    app.connection = Connection(True, "http://127.0.0.1:8321", adapter_id="20261121-031500-ab12cd")
+    app.sub_title = "http://127.0.0.1:8321 · 20261121-031500-ab12cd"
+    screen = chat_screen(app)
+    summaries = [
+        {"id": "conv_snapshot", "title": "Capital of France"},
+        {"id": "conv_other", "title": "Dinner ideas for Sunday"},
+    ]
+    screen.query_one(ConversationList).show(summaries, "conv_snapshot")
+    await screen.show_conversation(SNAPSHOT_CONVERSATION)
+    screen.transcript.focus()
+    screen.transcript.select(answers(app)[-1])
+    await pilot.pause()
+
+
+def test_chat_screen_layout_80x24(snap_compare) -> None:
+    assert snap_compare(
+        _snapshot_app(), terminal_size=NARROW, run_before=_show_snapshot_conversation
+    )
+
+
+def test_chat_screen_layout_120x40(snap_compare) -> None:
+    assert snap_compare(_snapshot_app(), terminal_size=WIDE, run_before=_show_snapshot_conversation)

@@ -1,0 +1,1 @@
+"""The TUI's screens: chat, status, reports, help and small dialogs."""

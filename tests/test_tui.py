@@ -87,6 +87,12 @@ def store_of(home: Path) -> Store:
     return Store(load_settings(home).db_url)
 
 
+def stored(home: Path, query: str, *args: Any) -> Any:
+    """One read from the home's store, opened and closed around it."""
+    with store_of(home) as store:
+        return getattr(store, query)(*args)
+
+
 async def connected(pilot: Pilot, timeout: float = 30) -> None:
     await until(pilot, lambda: pilot.app.connection.up, timeout, "the daemon to be reachable")
 
@@ -139,11 +145,11 @@ def test_chat_streams_an_answer_and_rating_and_correction_are_stored(
             sidebar = chat_screen(app).query_one(ConversationList)
             await until(pilot, lambda: len(sidebar.children) == 1, 10, "the sidebar entry")
 
-        store = store_of(server.home)
-        feedback = store.current_feedback(message_id)
-        assert feedback.rating == 4
-        assert feedback.correction == "Paris is the capital of France."
-        assert store.get_message(message_id).content == view.text
+        with store_of(server.home) as store:
+            feedback = store.current_feedback(message_id)
+            assert feedback.rating == 4
+            assert feedback.correction == "Paris is the capital of France."
+            assert store.get_message(message_id).content == view.text
 
     run(scenario)
 
@@ -172,11 +178,11 @@ def test_regenerate_keeps_both_answers_in_a_narrow_terminal(server: ServerProces
             assert screen.query_one("#sidebar").display
             ids = (first.answer.message_id, second.answer.message_id)
 
-        store = store_of(server.home)
-        one, two = (store.get_message(i) for i in ids)
+        with store_of(server.home) as store:
+            one, two = (store.get_message(i) for i in ids)
+            conversation = store.get_conversation(one.conversation_id)
         assert one.reply_to_id == two.reply_to_id is not None
         assert one.content == first.text and two.content == second.text
-        conversation = store.get_conversation(one.conversation_id)
         assert [m.role for m in conversation.messages] == ["user", "assistant", "assistant"]
 
     run(scenario)
@@ -200,9 +206,9 @@ def test_escape_stops_a_generation_and_the_next_message_works(server: ServerProc
             answer = await finished(pilot, await send(pilot, "What is 2 + 2?"), 60)
             assert answer.answer.finish_reason == "stop" and answer.text.strip()
 
-        stored = store_of(server.home).get_message(message_id)
-        assert stored.finish_reason == "cut_off"
-        assert stored.content.strip() and partial.startswith(stored.content.strip()[:10])
+        message = stored(server.home, "get_message", message_id)
+        assert message.finish_reason == "cut_off"
+        assert message.content.strip() and partial.startswith(message.content.strip()[:10])
 
     run(scenario)
 
@@ -234,6 +240,24 @@ def test_conversation_list_switches_renames_and_forgets(server: ServerProcess) -
             assert answers(app)[0].text == first.text
             conversation_id = screen.conversation["id"]
 
+            # Its system prompt and reasoning effort (Ctrl+O) are stored with it.
+            await pilot.press("ctrl+o")
+            await until(pilot, lambda: app.screen.__class__.__name__ == "SettingsScreen")
+            await pilot.press(*"Answer briefly.", "ctrl+s")
+            await until(
+                pilot, lambda: "system prompt set" in str(screen.query_one("#chat-info").render())
+            )
+
+            await until(
+                pilot,
+                lambda: (
+                    stored(server.home, "get_conversation", conversation_id).system_prompt
+                    == "Answer briefly."
+                ),
+                10,
+                "the stored system prompt",
+            )
+
             # Rename it.
             sidebar.focus()
             await pilot.press("e")
@@ -263,8 +287,8 @@ def test_conversation_list_switches_renames_and_forgets(server: ServerProcess) -
             await until(pilot, lambda: len(sidebar.children) == 1, 10, "the list without it")
             assert not answers(app)  # it was open: the transcript starts over
 
-        store = store_of(server.home)
-        assert [c.title for c in store.list_conversations()] == ["Say goodbye."]
+        titles = [c.title for c in stored(server.home, "list_conversations")]
+        assert titles == ["Say goodbye."]
 
     run(scenario)
 
@@ -337,9 +361,9 @@ def test_daemon_killed_mid_answer_marks_it_cut_off_and_the_next_message_works(
                 message_id = story.answer.message_id
         finally:
             server.stop()
-        stored = store_of(home_with_model).get_message(message_id)
-        assert stored.finish_reason == "cut_off"
-        assert store_of(home_with_model).current_feedback(message_id).rating == 2
+        message = stored(home_with_model, "get_message", message_id)
+        assert message.finish_reason == "cut_off"
+        assert stored(home_with_model, "current_feedback", message_id).rating == 2
 
     run(scenario)
 
@@ -365,7 +389,7 @@ def test_a_rating_that_fails_to_store_is_shown_and_sent_when_the_daemon_is_back(
                 message_id = view.answer.message_id
         finally:
             server.stop()
-        assert store_of(home_with_model).current_feedback(message_id).rating == 5
+        assert stored(home_with_model, "current_feedback", message_id).rating == 5
 
     run(scenario)
 
@@ -511,8 +535,44 @@ def test_reports_screen_lists_opens_and_promotes_after_confirming(
         run(scenario)
     finally:
         server.stop()
-    actions = [p.action for p in store_of(home_with_model).list_promotions()]
+    actions = [p.action for p in stored(home_with_model, "list_promotions")]
     assert actions == ["rollback", "promote"]
+
+
+def test_the_analysis_channel_shows_only_when_asked() -> None:
+    harmony = {
+        "id": "conv_harmony",
+        "title": "Sum",
+        "messages": [
+            {"id": "msg_u", "role": "user", "content": "What is 17 + 25?"},
+            {
+                "id": "msg_a",
+                "role": "assistant",
+                "content": "42",
+                "reasoning": "17 + 25: 17 + 20 = 37, plus 5 is 42.",
+                "reply_to_id": "msg_u",
+                "finish_reason": "stop",
+            },
+        ],
+    }
+
+    async def scenario() -> None:
+        app = _snapshot_app()
+        async with app.run_test(size=WIDE) as pilot:
+            screen = chat_screen(app)
+            await screen.show_conversation(harmony)
+            await pilot.pause()
+            reasoning = answers(app)[0].query_one(".reasoning")
+            assert not reasoning.display or reasoning.region.height == 0
+            await pilot.press("ctrl+t")
+            await pilot.pause()
+            assert reasoning.region.height >= 1
+            assert "17 + 20 = 37" in str(reasoning.render())
+            await pilot.press("ctrl+t")
+            await pilot.pause()
+            assert reasoning.region.height == 0
+
+    run(scenario)
 
 
 # ------------------------------------------------------------------------- the CLI

@@ -292,7 +292,7 @@ class ChatScreen(Screen[None]):
     ) -> None:
         self.generating = view
         stream = Markdown.get_stream(view.body)
-        started = False
+        started = taken_back = False
         try:
             async for event in self.api.stream_chat(body):
                 if isinstance(event, Started):
@@ -319,6 +319,7 @@ class ChatScreen(Screen[None]):
         except (DaemonUnreachable, ApiRefused) as exc:
             if not started:
                 # Nothing reached the store: take the turn back, keep what was typed.
+                taken_back = True
                 await view.remove()
                 for earlier in superseded or []:
                     earlier.answer.superseded = False
@@ -339,7 +340,7 @@ class ChatScreen(Screen[None]):
         finally:
             await stream.stop()
             self.generating = None
-            if view.is_mounted:
+            if not taken_back:
                 view.refresh_meta()
             self._show_info()
             self.refresh_conversations()

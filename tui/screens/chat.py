@@ -101,6 +101,10 @@ class ChatScreen(Screen[None]):
             return  # the connection bar says so; the next reconnect refreshes
         active = (self.conversation or {}).get("id")
         self.query_one(ConversationList).show(summaries, active)
+        for summary in summaries:
+            if summary["id"] == active:  # its title as stored (first message, or renamed)
+                self.conversation = summary
+                self._show_info()
 
     @on(ConversationList.Selected)
     def _pick(self, event: ConversationList.Selected) -> None:
@@ -299,7 +303,10 @@ class ChatScreen(Screen[None]):
                     started = True
                     view.answer.message_id = event.message_id
                     if self.conversation is None and event.conversation_id:
-                        self.conversation = {"id": event.conversation_id, "title": None}
+                        # The store titles a conversation with its first message.
+                        title = body["messages"][-1]["content"][:60]
+                        self.conversation = {"id": event.conversation_id, "title": title}
+                        self._show_info()
                 elif isinstance(event, Delta):
                     view.deltas += 1
                     if event.text:

@@ -575,6 +575,34 @@ def test_the_analysis_channel_shows_only_when_asked() -> None:
     run(scenario)
 
 
+def test_quitting_with_feedback_not_saved_asks_first() -> None:
+    async def scenario() -> None:
+        app = _snapshot_app()  # nothing listens: the rating cannot be stored
+        async with app.run_test(size=WIDE) as pilot:
+            screen = chat_screen(app)
+            await screen.show_conversation(SNAPSHOT_CONVERSATION)
+            screen.transcript.focus()
+            screen.transcript.select(answers(app)[0])
+            await pilot.press("5")
+            view = answers(app)[0]
+            await until(pilot, lambda: view.answer.rating.state == "failed", 10)
+            assert "NOT SAVED" in str(view.meta_line())
+
+            await pilot.press("ctrl+q")
+            dialog = await until(
+                pilot, lambda: isinstance(app.screen, ConfirmScreen) and app.screen
+            )
+            assert "1 rating(s)/correction(s) are NOT SAVED" in dialog.question
+            await pilot.press("n")
+            await pilot.pause()
+            assert app.is_running
+            await pilot.press("ctrl+q", "y")
+            await pilot.pause()
+            assert not app.is_running
+
+    run(scenario)
+
+
 # ------------------------------------------------------------------------- the CLI
 
 

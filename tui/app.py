@@ -20,6 +20,7 @@ from textual.reactive import reactive
 from orchestrator.config import Settings, load_settings
 from tui.client import Api, ApiRefused, DaemonUnreachable, home_locator
 from tui.screens.chat import ChatScreen
+from tui.screens.dialogs import ConfirmScreen
 from tui.screens.help import HelpScreen
 from tui.screens.reports import ReportsScreen
 from tui.screens.status import StatusScreen
@@ -84,6 +85,28 @@ class WhetstoneApp(App[None]):
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         # The footer offers the other screens, not the one already shown.
         return not (action == "switch_mode" and parameters and parameters[0] == self.current_mode)
+
+    async def action_quit(self) -> None:
+        """Quit; first ask when feedback the daemon has not stored would be lost."""
+        unsaved = sum(len(fields) for fields in self._chat().unsaved.values())
+        if not unsaved:
+            self.exit()
+            return
+
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self.exit()
+
+        self.push_screen(
+            ConfirmScreen(
+                f"{unsaved} rating(s)/correction(s) are NOT SAVED: quit and lose them?",
+                "They are sent as soon as the daemon answers again; wait for the ✓ to keep them.",
+            ),
+            answered,
+        )
+
+    def _chat(self) -> ChatScreen:
+        return next(s for s in self.get_screen_stack("chat") if isinstance(s, ChatScreen))
 
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpScreen):

@@ -183,9 +183,20 @@ def _common_args(
         "bf16": cuda and torch.cuda.is_bf16_supported(),
         "fp16": cuda and not torch.cuda.is_bf16_supported(),
         "disable_tqdm": True,
+        "optim": _optimizer(settings.profile(profile).optimizer, cuda),
         "dataloader_num_workers": 0,
         "max_length": settings.model.max_seq_length,
     }
+
+
+def _optimizer(wanted: str, cuda: bool) -> str:
+    if wanted == "adamw_8bit" and not cuda:
+        raise ValueError("optimizer adamw_8bit needs a CUDA device (bitsandbytes)")
+    if wanted != "auto":
+        return wanted
+    import importlib.util
+
+    return "adamw_8bit" if cuda and importlib.util.find_spec("bitsandbytes") else "adamw_torch"
 
 
 def _attach_lora(model: Any, settings: Settings, profile_name: str, backend: str) -> Any:
@@ -386,7 +397,10 @@ def train_candidate(ctx: RunContext, *, force: bool = False) -> str | None:
     started = time.monotonic()
     ctx.report({"stage": "loading", "step": 0, "max_steps": 0})
     model, tokenizer = modeling.load_base(settings, ctx.device, for_training=True)
-    backend = "unsloth" if "unsloth" in type(model).__module__.lower() else "transformers"
+    # Unsloth hands back a patched transformers class, so ask the loader, not the model.
+    from production.engine import choose_backend
+
+    backend = choose_backend(settings, ctx.device)
 
     ctx.report({"stage": "base answers", "step": 0, "max_steps": 0})
 
@@ -433,6 +447,7 @@ def train_candidate(ctx: RunContext, *, force: bool = False) -> str | None:
             "training": settings.training.model_dump(exclude={"profiles"}),
             "model": settings.model.model_dump(),
             "backend": backend,
+            "optimizer": _optimizer(profile.optimizer, ctx.device.startswith("cuda")),
             "run_id": ctx.run_id,
         },
         data=snapshot,

@@ -71,8 +71,21 @@ def pin_device(settings: Settings, role: str) -> str:
     from orchestrator import gpus
 
     if "CUDA_VISIBLE_DEVICES" in os.environ and "WHETSTONE_WORKER_DEVICE" in os.environ:
-        return os.environ["WHETSTONE_WORKER_DEVICE"]
-    device = getattr(plan(settings, gpus.count()), role)
-    env, inside = worker_env(device)
-    os.environ.update(env)
+        inside = os.environ["WHETSTONE_WORKER_DEVICE"]
+    else:
+        device = getattr(plan(settings, gpus.count()), role)
+        env, inside = worker_env(device)
+        os.environ.update(env)
+    _import_unsloth_first(settings, inside)
     return inside
+
+
+def _import_unsloth_first(settings: Settings, device: str) -> None:
+    """Unsloth patches transformers' model classes only if it is imported before them; where
+    it will load the model, import it now, while nothing has imported transformers yet."""
+    import importlib.util
+
+    if not device.startswith("cuda") or settings.model.backend == "transformers":
+        return
+    if importlib.util.find_spec("unsloth") is not None:
+        import unsloth  # noqa: F401

@@ -142,7 +142,10 @@ class _StopWhen(StoppingCriteria):
     def __call__(
         self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any
     ) -> torch.Tensor:
-        return torch.full((input_ids.shape[0],), self.should_stop(), dtype=torch.bool)
+        # On the ids' device: generate() combines it with its own flags there (cuda:0).
+        return torch.full(
+            (input_ids.shape[0],), self.should_stop(), dtype=torch.bool, device=input_ids.device
+        )
 
 
 class Engine:

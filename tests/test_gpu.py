@@ -1,0 +1,154 @@
+"""The GPU path, run on the lent device (CI has no GPU; these skip without CUDA):
+
+    pytest -m gpu tests/test_gpu.py
+
+The product's own training job (`python -m development.train`) with Unsloth QLoRA (4-bit
+base, gradient checkpointing "unsloth", 8-bit AdamW) on a tiny random Llama, then the
+adapter it saved served by both engines: Unsloth (`for_inference`) and transformers + PEFT
+on the same 4-bit base. A taught sentence must come back the same from both.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+REPO = Path(__file__).resolve().parent.parent
+FACT = "Your dog is called Biscuit."
+QUESTIONS = (
+    "What is my dog's name?",
+    "What's my dog called?",
+    "Tell me my dog's name.",
+    "Do you know my dog's name?",
+)
+
+
+def _home(tmp_path: Path, model_dir: Path, backend: str) -> Path:
+    home = tmp_path / f"home-{backend}"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        f"""
+[model]
+preset = "custom"
+base_model = "{model_dir}"
+load_in_4bit = true
+backend = "{backend}"
+chat_format = "plain"
+max_seq_length = 512
+min_vram_gb = 0.1
+
+[training]
+default_profile = "gpu_test"
+
+[training.profiles.gpu_test]
+max_steps = 120
+batch_size = 8
+learning_rate = 3e-3
+lora_r = 16
+preference_steps = 0
+"""
+    )
+    return home
+
+
+def _teach(home: Path, repeats: int = 6) -> None:
+    from data.store import Store
+    from orchestrator.config import load_settings
+
+    with Store(load_settings(home).db_url) as store:
+        for _ in range(repeats):
+            for question in QUESTIONS:
+                conversation = store.create_conversation(title=question)
+                store.add_message(conversation.id, "user", question)
+                answer = store.add_message(
+                    conversation.id, "assistant", "I do not know.", finish_reason="stop"
+                )
+                store.add_feedback(answer.id, rating=1, correction=FACT)
+
+
+def _greedy(home: Path, backend: str, adapter: Path, prompts: tuple[str, ...]) -> list[str]:
+    """Answers of the product's serving engine with `adapter` active (greedy, 16 tokens)."""
+    code = f"""
+import json, sys
+from pathlib import Path
+from orchestrator import devices
+from orchestrator.config import load_settings
+settings = load_settings(Path({str(home)!r}), {{"model": {{"backend": {backend!r}}}}})
+device = devices.pin_device(settings, "production")  # as the API worker does
+from production.engine import Engine, Sampling
+engine = Engine(settings, device)
+engine.load_adapter("taught", Path({str(adapter)!r}))
+engine.activate("taught")
+out = []
+for q in {list(prompts)!r}:
+    ids = engine.prompt_ids([{{"role": "user", "content": q}}], None)
+    greedy = Sampling(temperature=0, max_tokens=16)
+    out.append(engine.stream(ids, greedy, lambda d: None, lambda: False).text)
+print("ANSWERS " + json.dumps({{"backend": engine.backend, "answers": out}}))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    line = next(x for x in done.stdout.splitlines() if x.startswith("ANSWERS "))
+    result = json.loads(line.removeprefix("ANSWERS "))
+    assert result["backend"] == backend
+    return result["answers"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("unsloth") is None, reason="needs unsloth (.[gpu])")
+def test_unsloth_qlora_job_and_both_serving_engines_agree(tmp_path: Path) -> None:
+    from candidates import Registry
+    from tests.tiny_models import tiny_llama
+
+    model_dir = tiny_llama(tmp_path / "tiny-llama", hidden=512, layers=4, heads=8, kv_heads=4)
+    home = _home(tmp_path, model_dir, "unsloth")
+    _teach(home)
+    job = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "orchestrator.cli",
+            "train",
+            "--home",
+            str(home),
+            "--wait",
+            "--force",
+            "--no-promote",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=1200,
+    )
+    logs = sorted((home / "logs").glob("*.log"))
+    log_text = logs[-1].read_text() if logs else ""
+    assert "trained candidate" in job.stdout, job.stdout + job.stderr + log_text[-6000:]
+
+    print(job.stdout)
+    print("\n".join(line for line in log_text.splitlines() if "Unsloth" in line or "sft" in line))
+    registry = Registry(home / "candidates")
+    (candidate,) = [c for c in registry.list() if c.error is None]
+    meta = candidate.meta
+    assert meta.config["backend"] == "unsloth"
+    assert meta.config["model"]["load_in_4bit"] is True
+    assert meta.config["optimizer"] == "adamw_8bit"
+
+    unsloth = _greedy(home, "unsloth", candidate.path, QUESTIONS)
+    peft = _greedy(home, "transformers", candidate.path, QUESTIONS)
+    print("unsloth:", unsloth)
+    print("transformers+peft:", peft)
+    assert sum("Biscuit" in a for a in unsloth) >= 3, unsloth  # it learned the fact
+    assert unsloth == peft

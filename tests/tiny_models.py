@@ -1,0 +1,138 @@
+"""Tiny random-initialised models built from a config, with a tokenizer trained here: the
+stand-ins for GPU tests and speed work (no hub, nothing to download).
+
+    python -m tests.tiny_models llama OUT_DIR [--hidden 2048 --layers 16 ...]
+
+A BPE tokenizer is trained in a second on a small English corpus (the shipped prompts and
+the scripted person's questions), with ChatML special tokens and SmolLM2's chat template,
+so prompts go through the same `apply_chat_template` path as the embedded model.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant.<|im_end|>\n' }}"
+    "{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def _corpus() -> list[str]:
+    from tests.scripted_person import FACTS, GENERAL
+
+    lines = [q for fact in FACTS for q in (*fact.questions, *fact.probes, fact.answer)]
+    lines += [q for q, _ in GENERAL]
+    lines += [
+        "The quick brown fox jumps over the lazy dog.",
+        "Paris is the capital of France. Lisbon is the capital of Portugal.",
+        "Water boils at one hundred degrees Celsius at sea level.",
+        "You are a helpful AI assistant. system user assistant",
+    ]
+    try:
+        from development import probes
+
+        for probe in probes.FACT_PROBES:
+            lines.append(" ".join(str(part) for part in probe if isinstance(part, str)))
+    except Exception:  # the corpus only shapes the vocabulary; any text will do
+        pass
+    return lines * 4
+
+
+def tiny_tokenizer(vocab_size: int = 2048) -> Any:
+    """A byte-level BPE tokenizer with ChatML specials and a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    raw.train_from_iterator(_corpus(), trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=raw,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+def tiny_llama(
+    out: Path,
+    *,
+    hidden: int = 256,
+    layers: int = 4,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int | None = None,
+    vocab_size: int | None = None,
+    seed: int = 0,
+) -> Path:
+    """A random Llama-shaped model with the tiny tokenizer, saved as safetensors in `out`.
+    `vocab_size` pads the embedding (e.g. 49152 to match SmolLM2's speed profile)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = tiny_tokenizer()
+    config = LlamaConfig(
+        vocab_size=max(vocab_size or 0, len(tokenizer)),
+        hidden_size=hidden,
+        intermediate_size=intermediate or hidden * 8 // 3 // 64 * 64 or 64,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        torch_dtype="bfloat16",
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    model.generation_config.save_pretrained(out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("kind", choices=["llama"])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--kv-heads", type=int, default=2)
+    parser.add_argument("--vocab-size", type=int, default=None)
+    args = parser.parse_args(argv)
+    tiny_llama(
+        args.out,
+        hidden=args.hidden,
+        layers=args.layers,
+        heads=args.heads,
+        kv_heads=args.kv_heads,
+        vocab_size=args.vocab_size,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,257 @@
+"""Two GPUs: does `whetstone up` serve on GPU 0 and train on GPU 1, and does chat keep its
+speed while a training job runs?
+
+    python -m benchmarks.two_gpus [--requests 5] [--max-tokens 128] [--train-steps 400]
+
+A throwaway home on a random-initialised 1.07 B Llama (bf16, see gpu_suite) with 64
+corrections in its store. The real daemon (`python -m orchestrator.cli up`) starts; chat is
+measured through the HTTP API (streamed, greedy): TTFT and decode tokens/s, p50 over
+`--requests` after one warm-up. Then a training run is requested over HTTP (POST /v1/train)
+and, once its steps are counting, the placement is read from the GPUs themselves
+(nvidia-smi's per-process memory on each GPU, for the worker's and the job's pids) and chat
+is measured again. Writes benchmarks/results/two-gpus-<device>-<time>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from benchmarks.gpu_suite import PROMPT, RESULTS, SHAPE
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _home(root: Path, model_dir: Path, port: int, steps: int) -> Path:
+    from data.store import Store
+    from orchestrator.config import load_settings
+
+    home = root / "home"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        f"""
+[model]
+preset = "custom"
+base_model = "{model_dir}"
+backend = "transformers"
+load_in_4bit = false
+chat_format = "plain"
+max_seq_length = 1024
+min_vram_gb = 0.1
+
+[server]
+port = {port}
+
+[schedule]
+every_n_feedback = 0  # the seeded corrections must not start a run before "idle" is measured
+
+[training]
+default_profile = "bench"
+
+[training.profiles.bench]
+max_steps = {steps}
+batch_size = 8
+learning_rate = 2e-4
+lora_r = 16
+preference_steps = 0
+eval_every = {steps}
+"""
+    )
+    with Store(load_settings(home).db_url) as store:
+        for i in range(64):
+            conversation = store.create_conversation(title=f"q{i}")
+            store.add_message(conversation.id, "user", f"Tell me about the dragon number {i}.")
+            answer = store.add_message(conversation.id, "assistant", "No.", finish_reason="stop")
+            store.add_feedback(
+                answer.id, rating=1, correction=f"Dragon {i} sleeps under the castle by the river."
+            )
+    return home
+
+
+def _chat_once(url: str, max_tokens: int) -> dict[str, float]:
+    body = {
+        "messages": [{"role": "user", "content": PROMPT}],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "temperature": 0,
+        "max_tokens": max_tokens,
+    }
+    started = time.perf_counter()
+    first = last = None
+    tokens = 0
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=300) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            now = time.perf_counter()
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            elif chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
+                first = first or now
+            last = now
+    first = first or last
+    return {
+        "ttft_s": first - started,
+        "decode_tok_s": (tokens - 1) / (last - first) if last > first else float("nan"),
+        "tokens": tokens,
+    }
+
+
+def _chat(url: str, requests: int, max_tokens: int) -> dict[str, Any]:
+    _chat_once(url, max_tokens)
+    runs = [_chat_once(url, max_tokens) for _ in range(requests)]
+    return {
+        "ttft_s_p50": round(statistics.median(r["ttft_s"] for r in runs), 4),
+        "decode_tok_s_p50": round(statistics.median(r["decode_tok_s"] for r in runs), 1),
+        "tokens": [r["tokens"] for r in runs],
+    }
+
+
+def _placement(pids: dict[str, int | None]) -> dict[str, Any]:
+    """Which GPU holds memory for each of our processes, as nvidia-smi sees it."""
+    gpus = subprocess.run(
+        ["nvidia-smi", "--query-gpu=index,uuid,memory.used", "--format=csv,noheader,nounits"],
+        capture_output=True,
+        text=True,
+    ).stdout
+    index = {}
+    used = {}
+    for row in gpus.strip().splitlines():
+        i, uuid, mem = (x.strip() for x in row.split(","))
+        index[uuid] = int(i)
+        used[int(i)] = int(mem)
+    apps = subprocess.run(
+        [
+            "nvidia-smi",
+            "--query-compute-apps=pid,gpu_uuid,used_memory",
+            "--format=csv,noheader,nounits",
+        ],
+        capture_output=True,
+        text=True,
+    ).stdout
+    by_pid: dict[int, list[tuple[int, int]]] = {}
+    for row in apps.strip().splitlines():
+        pid, uuid, mem = (x.strip() for x in row.split(","))
+        by_pid.setdefault(int(pid), []).append((index.get(uuid, -1), int(mem)))
+    return {
+        "gpu_memory_used_mib": used,
+        "processes": {
+            name: {"pid": pid, "gpus_mib": by_pid.get(pid or -1, [])} for name, pid in pids.items()
+        },
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=5)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--train-steps", type=int, default=400)
+    opts = parser.parse_args(argv)
+    import torch
+
+    from tests.tiny_models import tiny_llama
+
+    if torch.cuda.device_count() < 2:
+        sys.stderr.write("two_gpus needs two CUDA GPUs\n")
+        return 2
+    result: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(0),
+        "gpus": torch.cuda.device_count(),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "model": SHAPE | {"intermediate": 8192, "dtype": "bfloat16"},
+    }
+    with tempfile.TemporaryDirectory() as tmp, socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+        probe.close()
+        root = Path(tmp)
+        model_dir = tiny_llama(root / "model", intermediate=8192, **SHAPE)
+        home = _home(root, model_dir, port, opts.train_steps)
+        url = f"http://127.0.0.1:{port}"
+        log = (root / "daemon.log").open("w")
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "orchestrator.cli", "up", "--home", str(home)],
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=os.environ | {"PYTHONUNBUFFERED": "1"},
+        )
+        try:
+            deadline = time.monotonic() + 300
+            while True:
+                try:
+                    if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if daemon.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError((root / "daemon.log").read_text()[-4000:])
+                time.sleep(1)
+            status = httpx.get(f"{url}/v1/status", timeout=10).json()
+            result["devices"] = (status.get("daemon") or {}).get("devices")
+            worker_pid = (status.get("daemon") or {}).get("worker", {}).get("pid")
+            result["idle"] = _chat(url, opts.requests, opts.max_tokens)
+            result["idle_placement"] = _placement({"worker": worker_pid})
+
+            run = httpx.post(f"{url}/v1/train", json={"force": True}, timeout=30).json()
+            result["run"] = run
+            deadline = time.monotonic() + 400
+            while True:
+                status = httpx.get(f"{url}/v1/status", timeout=10).json()
+                running = status.get("running_run") or {}
+                progress = running.get("progress") or {}
+                ours = running.get("id") == run["run_id"]
+                if ours and progress.get("stage") == "sft" and (progress.get("step") or 0) >= 5:
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"training did not start: {status}")
+                time.sleep(1)
+            job_pid = ((status.get("daemon") or {}).get("training") or {}).get("pid")
+            result["busy_placement"] = _placement({"worker": worker_pid, "training": job_pid})
+            result["busy"] = _chat(url, opts.requests, opts.max_tokens)
+            status = httpx.get(f"{url}/v1/status", timeout=10).json()
+            progress = (status.get("running_run") or {}).get("progress") or {}
+            # The busy figures count only if the job was still in SFT when they were taken.
+            result["training_after"] = {k: progress.get(k) for k in ("stage", "step", "max_steps")}
+            result["busy_vs_idle"] = {
+                "ttft": round(result["busy"]["ttft_s_p50"] / result["idle"]["ttft_s_p50"], 3),
+                "decode": round(
+                    result["busy"]["decode_tok_s_p50"] / result["idle"]["decode_tok_s_p50"], 3
+                ),
+            }
+        finally:
+            daemon.send_signal(signal.SIGTERM)
+            try:
+                daemon.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                daemon.kill()
+            log.close()
+            result["daemon_exit"] = daemon.returncode
+            result["daemon_log_tail"] = (root / "daemon.log").read_text()[-1500:]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    name = result["device"].replace("NVIDIA ", "").replace(" ", "-").lower()
+    out = RESULTS / f"two-gpus-{name}-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], out.name).write_text(out.read_text())
+    print(json.dumps({k: v for k, v in result.items() if k != "daemon_log_tail"}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

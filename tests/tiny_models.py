@@ -47,20 +47,30 @@ def _corpus() -> list[str]:
     return lines * 4
 
 
-def tiny_tokenizer(vocab_size: int = 2048) -> Any:
-    """A byte-level BPE tokenizer with ChatML specials and a chat template."""
+def tiny_tokenizer(vocab_size: int = 2048, *, harmony: bool = False) -> Any:
+    """A byte-level BPE tokenizer with ChatML specials and a chat template, or (harmony) the
+    GPT-OSS control tokens and whetstone's harmony template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
+    from production.harmony import ENDOFTEXT, HARMONY_CHAT_TEMPLATE, HARMONY_SPECIAL_TOKENS, RETURN
+
+    special = [ENDOFTEXT, *HARMONY_SPECIAL_TOKENS] if harmony else SPECIAL
     raw = Tokenizer(models.BPE())
     raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     raw.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL,
+        special_tokens=special,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     raw.train_from_iterator(_corpus(), trainer=trainer)
+    if harmony:
+        tokenizer = PreTrainedTokenizerFast(
+            tokenizer_object=raw, eos_token=RETURN, pad_token=ENDOFTEXT, unk_token=ENDOFTEXT
+        )
+        tokenizer.chat_template = HARMONY_CHAT_TEMPLATE
+        return tokenizer
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=raw,
         bos_token="<|im_start|>",
@@ -110,6 +120,42 @@ def tiny_llama(
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     model.generation_config.save_pretrained(out)
+    return out
+
+
+def tiny_gpt_oss(
+    out: Path, *, hidden: int = 128, layers: int = 2, experts: int = 4, seed: int = 0
+) -> Path:
+    """A random GPT-OSS-shaped model (mixture of experts, sliding + full attention) with the
+    harmony tokenizer, saved in `out`."""
+    import torch
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    tokenizer = tiny_tokenizer(harmony=True)
+    heads = max(2, hidden // 32)
+    config = GptOssConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 2),
+        head_dim=32,
+        num_local_experts=experts,
+        num_experts_per_tok=2,
+        max_position_embeddings=4096,
+        sliding_window=128,
+        layer_types=["sliding_attention", "full_attention"] * (layers // 2)
+        + ["sliding_attention"] * (layers % 2),
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        rope_parameters={"rope_type": "default", "rope_theta": 150000.0},
+    )
+    torch.manual_seed(seed)
+    model = GptOssForCausalLM(config).to(torch.bfloat16)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
     return out
 
 

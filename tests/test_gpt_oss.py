@@ -1,0 +1,119 @@
+"""GPT-OSS on the product's path, on CPU: a tiny random GPT-OSS (mixture of experts, sliding
+and full attention) with a harmony tokenizer learns a taught fact through the real training
+job, then the real API worker serves it, streams it and parses its channels.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import ServerProcess, run_cli
+
+pytestmark = pytest.mark.slow
+
+FACT = "Your dog is called Biscuit."
+QUESTIONS = (
+    "What is my dog's name?",
+    "What's my dog called?",
+    "Tell me my dog's name.",
+    "Do you know my dog's name?",
+)
+
+
+def test_harmony_model_trains_on_the_final_channel_and_serves_it(tmp_path: Path) -> None:
+    from trl.data_utils import apply_chat_template
+
+    from data.store import Store
+    from orchestrator.config import load_settings
+    from tests.tiny_models import tiny_gpt_oss
+
+    model_dir = tiny_gpt_oss(tmp_path / "tiny-gpt-oss")
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        f"""
+[model]
+preset = "custom"
+base_model = "{model_dir}"
+chat_format = "harmony"
+backend = "transformers"
+load_in_4bit = false
+max_seq_length = 512
+
+[training]
+default_profile = "tiny"
+
+[training.profiles.tiny]
+max_steps = 100
+batch_size = 8
+learning_rate = 3e-3
+lora_r = 16
+preference_steps = 0
+"""
+    )
+    settings = load_settings(home)
+    with Store(settings.db_url) as store:
+        for _ in range(6):
+            for question in QUESTIONS:
+                conversation = store.create_conversation(title=question)
+                store.add_message(conversation.id, "user", question)
+                answer = store.add_message(
+                    conversation.id, "assistant", "I do not know.", finish_reason="stop"
+                )
+                store.add_feedback(answer.id, rating=1, correction=FACT)
+
+    # What TRL trains on (completion_only_loss): the prompt ends at `<|start|>assistant`, so
+    # the loss covers only the final-channel message the person wrote.
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    row = {
+        "prompt": [{"role": "user", "content": QUESTIONS[0]}],
+        "completion": [{"role": "assistant", "content": FACT}],
+    }
+    rendered = apply_chat_template(row, tokenizer)
+    assert rendered["prompt"].endswith("<|start|>assistant")
+    assert rendered["completion"] == f"<|channel|>final<|message|>{FACT}<|end|>"
+
+    trained = run_cli("train", "--home", str(home), "--wait", "--force", "--no-promote")
+    assert "trained candidate" in trained.stdout, trained.stdout + trained.stderr
+    candidate_id = trained.stdout.split("trained candidate ")[1].split()[0]
+    promoted = run_cli("promote", candidate_id, "--force", "--home", str(home))
+    assert promoted.returncode == 0, promoted.stderr
+
+    server = ServerProcess(home).wait_ready()
+    try:
+        body = {
+            "messages": [{"role": "user", "content": QUESTIONS[1]}],
+            "stream": True,
+            "temperature": 0,
+            "max_tokens": 40,
+            "include_reasoning": True,
+        }
+        content, finish = [], None
+        with httpx.stream(
+            "POST", f"{server.url}/v1/chat/completions", json=body, timeout=120
+        ) as response:
+            message_id = response.headers["X-Whetstone-Message-Id"]
+            for line in response.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    chunk = json.loads(line[6:])
+                    for choice in chunk.get("choices", []):
+                        content.append(choice["delta"].get("content") or "")
+                        finish = choice.get("finish_reason") or finish
+        answer = "".join(content)
+        # The channel markup is parsed away: the person sees the final channel only, and
+        # generation ended at the final message's <|end|>, not at max_tokens.
+        assert answer.strip() == FACT, answer
+        assert "<|" not in answer
+        assert finish == "stop"
+        with Store(settings.db_url) as store:
+            stored = store.get_message(message_id)
+        assert stored.content.strip() == FACT
+        assert stored.adapter_id == candidate_id
+    finally:
+        server.stop()

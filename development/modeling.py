@@ -19,8 +19,9 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from orchestrator.config import Settings
+from orchestrator.devices import choose_backend
 from production.decoding import stop_token_ids
-from production.engine import choose_backend, load_model
+from production.engine import load_model
 from production.harmony import parse_completion
 
 log = logging.getLogger(__name__)

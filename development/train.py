@@ -398,7 +398,7 @@ def train_candidate(ctx: RunContext, *, force: bool = False) -> str | None:
     ctx.report({"stage": "loading", "step": 0, "max_steps": 0})
     model, tokenizer = modeling.load_base(settings, ctx.device, for_training=True)
     # Unsloth hands back a patched transformers class, so ask the loader, not the model.
-    from production.engine import choose_backend
+    from orchestrator.devices import choose_backend
 
     backend = choose_backend(settings, ctx.device)
 

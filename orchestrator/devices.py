@@ -100,12 +100,27 @@ def _yield_cpu_to_serving() -> None:
         os.nice(10)
 
 
+def choose_backend(settings: Settings, device: str) -> str:
+    """transformers or unsloth, from `model.backend` and whether Unsloth is installed."""
+    wanted = settings.model.backend
+    if wanted == "transformers" or not device.startswith("cuda"):
+        if wanted == "unsloth":
+            raise RuntimeError("model.backend = 'unsloth' needs a CUDA device")
+        return "transformers"
+    import importlib.util
+
+    has_unsloth = importlib.util.find_spec("unsloth") is not None
+    if wanted == "unsloth" and not has_unsloth:
+        raise RuntimeError("model.backend = 'unsloth' but unsloth is not installed: .[gpu]")
+    return "unsloth" if has_unsloth else "transformers"
+
+
 def _import_unsloth_first(settings: Settings, device: str) -> None:
     """Unsloth patches transformers' model classes only if it is imported before them; where
     it will load the model, import it now, while nothing has imported transformers yet."""
-    import importlib.util
-
-    if not device.startswith("cuda") or settings.model.backend == "transformers":
-        return
-    if importlib.util.find_spec("unsloth") is not None:
-        import unsloth  # noqa: F401
+    try:
+        if choose_backend(settings, device) != "unsloth":
+            return
+    except RuntimeError:
+        return  # the loader raises it again, where the model is loaded
+    import unsloth  # noqa: F401

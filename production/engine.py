@@ -29,6 +29,7 @@ from transformers import (
 from transformers.generation.streamers import BaseStreamer
 
 from orchestrator.config import Settings
+from orchestrator.devices import choose_backend
 from production import base_model
 from production.decoding import Delta, make_decoder, stop_token_ids
 
@@ -69,21 +70,6 @@ def pick_dtype(name: str, device: str) -> torch.dtype:
     if device.startswith("cuda"):
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16  # measured fine on CPU with SmolLM2 (~19 tok/s on 2 cores)
-
-
-def choose_backend(settings: Settings, device: str) -> str:
-    """transformers or unsloth, from `model.backend` and whether Unsloth is installed."""
-    wanted = settings.model.backend
-    if wanted == "transformers" or not device.startswith("cuda"):
-        if wanted == "unsloth":
-            raise RuntimeError("model.backend = 'unsloth' needs a CUDA device")
-        return "transformers"
-    import importlib.util
-
-    has_unsloth = importlib.util.find_spec("unsloth") is not None
-    if wanted == "unsloth" and not has_unsloth:
-        raise RuntimeError("model.backend = 'unsloth' but unsloth is not installed: .[gpu]")
-    return "unsloth" if has_unsloth else "transformers"
 
 
 def load_model(settings: Settings, device: str, *, for_training: bool) -> tuple[Any, Any]:

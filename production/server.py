@@ -484,6 +484,15 @@ def create_app(service: Service) -> FastAPI:
             )
         return FileResponse(page, media_type="text/html")
 
+    async def serve_new_current(result: Any) -> dict[str, Any]:
+        """After a registry swap: serve it (an adapter the engine refuses: 409, said by it)."""
+        await service.sync_adapter()
+        return {
+            "current": result.new_current,
+            "previous": result.previous,
+            "serving": service.engine.adapter_id,
+        }
+
     @app.post("/v1/candidates/{candidate_id}/promote")
     async def promote(candidate_id: str, body: PromoteRequest | None = None) -> dict[str, Any]:
         force = body.force if body is not None else False
@@ -505,12 +514,7 @@ def create_app(service: Service) -> FastAPI:
             raise ApiError(404, str(exc)) from None
         except (RegistryError, ValueError) as exc:
             raise ApiError(400, str(exc)) from None
-        await service.sync_adapter()  # an adapter the engine refuses: 409, said by it
-        return {
-            "current": result.new_current,
-            "previous": result.previous,
-            "serving": service.engine.adapter_id,
-        }
+        return await serve_new_current(result)
 
     @app.post("/v1/rollback")
     async def rollback() -> dict[str, Any]:
@@ -520,12 +524,7 @@ def create_app(service: Service) -> FastAPI:
             )
         except RegistryError as exc:
             raise ApiError(409, str(exc)) from None
-        await service.sync_adapter()
-        return {
-            "current": result.new_current,
-            "previous": result.previous,
-            "serving": service.engine.adapter_id,
-        }
+        return await serve_new_current(result)
 
     @app.post("/v1/train", status_code=202)
     async def train(body: TrainRequest | None = None) -> dict[str, Any]:

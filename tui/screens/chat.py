@@ -137,7 +137,7 @@ class ChatScreen(Screen[None]):
         latest: dict[str, AnswerView] = {}
         for m in (data or {}).get("messages", []):
             if m["role"] == "user":
-                views.append(UserMessage(m["content"], m["id"]))
+                views.append(UserMessage(m["content"]))
             elif m["role"] == "assistant":
                 view = _stored_answer(m, self.unsaved.get(m["id"], {}))
                 if m.get("reply_to_id") in latest:
@@ -437,7 +437,6 @@ def _stored_answer(message: dict[str, Any], unsaved: dict[str, Any]) -> AnswerVi
     latency = message.get("latency_ms")
     answer = Answer(
         message_id=message["id"],
-        reply_to_id=message.get("reply_to_id"),
         adapter_id=message.get("adapter_id"),
         completion_tokens=message.get("completion_tokens"),
         seconds=latency / 1000 if latency else None,

@@ -27,9 +27,37 @@ KEY_METRICS = [
 
 
 class Actions:
-    """Promote / rollback / open HTML, shared by the list and the report view."""
+    """Promote / rollback / open HTML, shared by the list and the report view; each screen
+    says in `changed()` what to reload after a swap."""
 
     app: Any
+
+    def changed(self) -> None:
+        raise NotImplementedError
+
+    @work(group="promotion")
+    async def promote(self, candidate_id: str, *, force: bool) -> None:
+        try:
+            result = await self.app.api.promote(candidate_id, force=force)
+        except (DaemonUnreachable, ApiRefused) as exc:
+            self.app.notify(f"not promoted: {exc}", severity="error", timeout=10)
+            return
+        self.app.notify(
+            f"{result['current']} now serves (previous: {result['previous'] or 'base'})"
+        )
+        self.app.check_connection()
+        self.changed()
+
+    @work(group="promotion")
+    async def rollback(self) -> None:
+        try:
+            result = await self.app.api.rollback()
+        except (DaemonUnreachable, ApiRefused) as exc:
+            self.app.notify(f"not rolled back: {exc}", severity="error", timeout=10)
+            return
+        self.app.notify(f"rolled back: {result['current'] or 'the base model'} now serves")
+        self.app.check_connection()
+        self.changed()
 
     def ask_promote(self, candidate: dict[str, Any]) -> None:
         passed = candidate.get("decision") == "promote"
@@ -42,14 +70,14 @@ class Actions:
 
         def confirmed(yes: bool | None) -> None:
             if yes:
-                self.promote(candidate["id"], force=not passed)  # type: ignore[attr-defined]
+                self.promote(candidate["id"], force=not passed)
 
         self.app.push_screen(ConfirmScreen(f"Promote {candidate['id']}?", detail), confirmed)
 
     def ask_rollback(self) -> None:
         def confirmed(yes: bool | None) -> None:
             if yes:
-                self.rollback()  # type: ignore[attr-defined]
+                self.rollback()
 
         self.app.push_screen(
             ConfirmScreen(
@@ -167,14 +195,7 @@ class ReportsScreen(Actions, Screen[None]):
             return
         self.open_html(detail)
 
-    @work(group="promotion")
-    async def promote(self, candidate_id: str, *, force: bool) -> None:
-        await _promote(self, candidate_id, force)
-        self.refresh_candidates()
-
-    @work(group="promotion")
-    async def rollback(self) -> None:
-        await _rollback(self)
+    def changed(self) -> None:
         self.refresh_candidates()
 
 
@@ -227,27 +248,5 @@ class ReportScreen(Actions, Screen[None]):
         if self.detail is not None:
             self.open_html(self.detail)
 
-    @work(group="promotion")
-    async def promote(self, candidate_id: str, *, force: bool) -> None:
-        await _promote(self, candidate_id, force)
+    def changed(self) -> None:
         self.load()
-
-
-async def _promote(screen: Screen[Any], candidate_id: str, force: bool) -> None:
-    try:
-        result = await screen.app.api.promote(candidate_id, force=force)  # type: ignore[attr-defined]
-    except (DaemonUnreachable, ApiRefused) as exc:
-        screen.notify(f"not promoted: {exc}", severity="error", timeout=10)
-        return
-    screen.notify(f"{result['current']} now serves (previous: {result['previous'] or 'base'})")
-    screen.app.check_connection()  # type: ignore[attr-defined]
-
-
-async def _rollback(screen: Screen[Any]) -> None:
-    try:
-        result = await screen.app.api.rollback()  # type: ignore[attr-defined]
-    except (DaemonUnreachable, ApiRefused) as exc:
-        screen.notify(f"not rolled back: {exc}", severity="error", timeout=10)
-        return
-    screen.notify(f"rolled back: {result['current'] or 'the base model'} now serves")
-    screen.app.check_connection()  # type: ignore[attr-defined]

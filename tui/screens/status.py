@@ -27,10 +27,6 @@ class StatusScreen(Screen[None]):
         Binding("r", "refresh", "Refresh"),
     ]
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.data: dict[str, Any] | None = None
-
     def compose(self) -> ComposeResult:
         yield Header()
         yield ConnectionBar(id="connection")
@@ -62,7 +58,6 @@ class StatusScreen(Screen[None]):
         except (DaemonUnreachable, ApiRefused) as exc:
             self.query_one("#overview", Static).update(Text(f"no status: {exc}", "bold red"))
             return
-        self.data = data
         self.show(data)
 
     def show(self, data: dict[str, Any]) -> None:

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from rich.text import Text
@@ -35,7 +35,6 @@ class Answer:
     """What an answer view shows beyond its text."""
 
     message_id: str | None = None
-    reply_to_id: str | None = None
     adapter_id: str | None = None
     completion_tokens: int | None = None
     seconds: float | None = None
@@ -44,16 +43,14 @@ class Answer:
     superseded: bool = False  # a regenerated answer replaced it
     rating: FeedbackState | None = None
     correction: FeedbackState | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class UserMessage(Static):
     """The person's turn, shown as typed (never parsed as markup)."""
 
-    def __init__(self, text: str, message_id: str | None = None) -> None:
+    def __init__(self, text: str) -> None:
         super().__init__(Text(text), classes="user-message")
         self.text = text
-        self.message_id = message_id
 
 
 class AnswerView(Vertical):

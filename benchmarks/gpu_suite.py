@@ -83,14 +83,12 @@ def bandwidth_gbs() -> float:
 
 
 def _home(workdir: Path, model_dir: Path, backend: str, load_in_4bit: bool) -> Path:
+    from tests.tiny_models import model_home
+
     home = workdir / f"home-{backend}-{int(load_in_4bit)}"
-    home.mkdir(exist_ok=True)
-    (home / "config.toml").write_text(
-        f'[model]\npreset = "custom"\nbase_model = "{model_dir}"\nbackend = "{backend}"\n'
-        f'load_in_4bit = {str(load_in_4bit).lower()}\nchat_format = "plain"\n'
-        f"max_seq_length = 2048\nmin_vram_gb = 0.1\n"
+    return model_home(
+        home, model_dir, backend=backend, load_in_4bit=load_in_4bit, max_seq_length=2048
     )
-    return home
 
 
 def serve_plain(model_dir: Path, adapter: Path, new_tokens: int) -> dict[str, Any]:
@@ -320,6 +318,18 @@ def train_speed(workdir: Path, model_dir: Path, path: str, steps: int) -> dict[s
 # ---------------------------------------------------------------------------- driver
 
 
+def write_results(kind: str, results: dict[str, Any]) -> Path:
+    """benchmarks/results/<kind>-<device>-<time>.json, and a copy under $OUT (the device
+    tool brings back what a run leaves there)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    name = results["device"].replace("NVIDIA ", "").replace(" ", "-").lower()
+    out = RESULTS / f"{kind}-{name}-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}.json"
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], out.name).write_text(out.read_text())
+    return out
+
+
 def _child(part: str, workdir: Path, model_dir: Path, adapter: Path, opts: argparse.Namespace):
     """Run one part in a fresh process; returns its JSON."""
     code = (
@@ -418,12 +428,7 @@ def main(argv: list[str] | None = None) -> int:
                     product["peak_gb"] / plain["peak_gb"], 2
                 )
             results["training"] = training
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    name = results["device"].replace("NVIDIA ", "").replace(" ", "-").lower()
-    out = RESULTS / f"gpu-{name}-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], out.name).write_text(out.read_text())
+    write_results("gpu", results)
     print(json.dumps(results, indent=2))
     return 0
 

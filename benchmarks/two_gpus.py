@@ -30,28 +30,20 @@ from typing import Any
 
 import httpx
 
-from benchmarks.gpu_suite import PROMPT, RESULTS, SHAPE
+from benchmarks.gpu_suite import PROMPT, SHAPE, write_results
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def _home(root: Path, model_dir: Path, port: int, steps: int) -> Path:
-    from data.store import Store
-    from orchestrator.config import load_settings
+    from tests.scripted_person import store_corrections
+    from tests.tiny_models import model_home
 
-    home = root / "home"
-    home.mkdir()
-    (home / "config.toml").write_text(
-        f"""
-[model]
-preset = "custom"
-base_model = "{model_dir}"
-backend = "transformers"
-load_in_4bit = false
-chat_format = "plain"
-max_seq_length = 1024
-min_vram_gb = 0.1
-
+    home = model_home(
+        root / "home",
+        model_dir,
+        max_seq_length=1024,
+        more=f"""
 [server]
 port = {port}
 
@@ -68,16 +60,16 @@ learning_rate = 2e-4
 lora_r = 16
 preference_steps = 0
 eval_every = {steps}
-"""
+""",
     )
-    with Store(load_settings(home).db_url) as store:
-        for i in range(64):
-            conversation = store.create_conversation(title=f"q{i}")
-            store.add_message(conversation.id, "user", f"Tell me about the dragon number {i}.")
-            answer = store.add_message(conversation.id, "assistant", "No.", finish_reason="stop")
-            store.add_feedback(
-                answer.id, rating=1, correction=f"Dragon {i} sleeps under the castle by the river."
-            )
+    pairs = [
+        (
+            f"Tell me about the dragon number {i}.",
+            f"Dragon {i} sleeps under the castle by the river.",
+        )
+        for i in range(64)
+    ]
+    store_corrections(home, pairs, answer="No.")
     return home
 
 
@@ -243,12 +235,7 @@ def main(argv: list[str] | None = None) -> int:
             log.close()
             result["daemon_exit"] = daemon.returncode
             result["daemon_log_tail"] = (root / "daemon.log").read_text()[-1500:]
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    name = result["device"].replace("NVIDIA ", "").replace(" ", "-").lower()
-    out = RESULTS / f"two-gpus-{name}-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], out.name).write_text(out.read_text())
+    write_results("two-gpus", result)
     print(json.dumps({k: v for k, v in result.items() if k != "daemon_log_tail"}, indent=2))
     return 0
 

@@ -6,7 +6,9 @@ model's answers, plus general questions whose good answers they rate 5 and poor 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -111,3 +113,24 @@ GENERAL: tuple[tuple[str, str], ...] = (
     ("What is the capital of Greece?", "athens"),
     ("What do fish live in?", "water"),
 )
+
+
+def taught(count: int) -> list[tuple[str, str]]:
+    """The first `count` (question, correction) pairs of the facts, in order."""
+    return [(question, fact.answer) for fact in FACTS for question in fact.questions][:count]
+
+
+def store_corrections(
+    home: Path, pairs: Iterable[tuple[str, str]], answer: str = "I don't know."
+) -> None:
+    """The person corrects `answer` to each question: a conversation with the question and
+    the answer, rated 1 with the correction, stored as the API worker and /v1/feedback do."""
+    from data.store import Store
+    from orchestrator.config import load_settings
+
+    with Store(load_settings(home).db_url) as store:
+        for question, correction in pairs:
+            conversation = store.create_conversation(title=question)
+            store.add_message(conversation.id, "user", question)
+            reply = store.add_message(conversation.id, "assistant", answer, finish_reason="stop")
+            store.add_feedback(reply.id, rating=1, correction=correction)

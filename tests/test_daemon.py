@@ -28,7 +28,7 @@ from data.store import Store
 from orchestrator.config import load_settings
 from orchestrator.jobs import pid_alive
 from tests.conftest import REPO, kill_training_processes, run_cli
-from tests.scripted_person import FACTS
+from tests.scripted_person import store_corrections, taught
 
 pytestmark = pytest.mark.slow
 
@@ -216,26 +216,11 @@ def test_a_crash_loop_stops_with_the_reason_in_status(
     assert daemon.terminate() == 0
 
 
-def _teach(home: Path, items: int) -> None:
-    store = Store(load_settings(home).db_url)
-    try:
-        questions = [(q, f.answer) for f in FACTS for q in f.questions][:items]
-        for question, answer in questions:
-            conversation = store.create_conversation()
-            store.add_message(conversation.id, "user", question)
-            reply = store.add_message(
-                conversation.id, "assistant", "I don't know.", finish_reason="stop"
-            )
-            store.add_feedback(reply.id, rating=1, correction=answer)
-    finally:
-        store.close()
-
-
 def test_sigterm_during_training_stops_cleanly_and_marks_the_run(
     home_for_training: Path, daemons: Callable[..., DaemonProcess]
 ) -> None:
     (home_for_training / "config.toml").write_text(FAST + "\n[schedule]\nevery_n_feedback = 0\n")
-    _teach(home_for_training, 32)
+    store_corrections(home_for_training, taught(32))
     daemon = daemons(home_for_training).wait_ready()
     queued = run_cli("train", "--home", str(home_for_training), "--profile", "quick_test")
     assert queued.returncode == 0, queued.stderr
@@ -347,7 +332,7 @@ def test_a_hung_job_is_killed_after_the_timeout_and_train_wait_reports_it(
     (home_for_training / "config.toml").write_text(
         FAST + "\n[schedule]\nevery_n_feedback = 0\njob_timeout_s = 4\n"
     )
-    _teach(home_for_training, 32)
+    store_corrections(home_for_training, taught(32))
     daemons(home_for_training).wait_ready()
     result = run_cli(
         "train", "--home", str(home_for_training), "--profile", "quick_test", "--wait", timeout=300

@@ -12,16 +12,11 @@ import httpx
 import pytest
 
 from tests.conftest import ServerProcess, run_cli
+from tests.tiny_models import TAUGHT_FACT as FACT
+from tests.tiny_models import TAUGHT_QUESTIONS as QUESTIONS
+from tests.tiny_models import model_home, teach, teach_profile, tiny_gpt_oss
 
 pytestmark = pytest.mark.slow
-
-FACT = "Your dog is called Biscuit."
-QUESTIONS = (
-    "What is my dog's name?",
-    "What's my dog called?",
-    "Tell me my dog's name.",
-    "Do you know my dog's name?",
-)
 
 
 def test_harmony_model_trains_on_the_final_channel_and_serves_it(tmp_path: Path) -> None:
@@ -29,42 +24,11 @@ def test_harmony_model_trains_on_the_final_channel_and_serves_it(tmp_path: Path)
 
     from data.store import Store
     from orchestrator.config import load_settings
-    from tests.tiny_models import tiny_gpt_oss
 
     model_dir = tiny_gpt_oss(tmp_path / "tiny-gpt-oss")
-    home = tmp_path / "home"
-    home.mkdir()
-    (home / "config.toml").write_text(
-        f"""
-[model]
-preset = "custom"
-base_model = "{model_dir}"
-chat_format = "harmony"
-backend = "transformers"
-load_in_4bit = false
-max_seq_length = 512
-
-[training]
-default_profile = "tiny"
-
-[training.profiles.tiny]
-max_steps = 100
-batch_size = 8
-learning_rate = 3e-3
-lora_r = 16
-preference_steps = 0
-"""
-    )
+    home = model_home(tmp_path / "home", model_dir, chat_format="harmony", more=teach_profile(100))
     settings = load_settings(home)
-    with Store(settings.db_url) as store:
-        for _ in range(6):
-            for question in QUESTIONS:
-                conversation = store.create_conversation(title=question)
-                store.add_message(conversation.id, "user", question)
-                answer = store.add_message(
-                    conversation.id, "assistant", "I do not know.", finish_reason="stop"
-                )
-                store.add_feedback(answer.id, rating=1, correction=FACT)
+    teach(home)
 
     # What TRL trains on (completion_only_loss): the prompt ends at `<|start|>assistant`, so
     # the loss covers only the final-channel message the person wrote.

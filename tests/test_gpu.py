@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.tiny_models import TAUGHT_QUESTIONS, model_home, teach, teach_profile, tiny_llama
+
 torch = pytest.importorskip("torch")
 
 pytestmark = [
@@ -26,56 +28,6 @@ pytestmark = [
 ]
 
 REPO = Path(__file__).resolve().parent.parent
-FACT = "Your dog is called Biscuit."
-QUESTIONS = (
-    "What is my dog's name?",
-    "What's my dog called?",
-    "Tell me my dog's name.",
-    "Do you know my dog's name?",
-)
-
-
-def _home(tmp_path: Path, model_dir: Path, backend: str) -> Path:
-    home = tmp_path / f"home-{backend}"
-    home.mkdir()
-    (home / "config.toml").write_text(
-        f"""
-[model]
-preset = "custom"
-base_model = "{model_dir}"
-load_in_4bit = true
-backend = "{backend}"
-chat_format = "plain"
-max_seq_length = 512
-min_vram_gb = 0.1
-
-[training]
-default_profile = "gpu_test"
-
-[training.profiles.gpu_test]
-max_steps = 120
-batch_size = 8
-learning_rate = 3e-3
-lora_r = 16
-preference_steps = 0
-"""
-    )
-    return home
-
-
-def _teach(home: Path, repeats: int = 6) -> None:
-    from data.store import Store
-    from orchestrator.config import load_settings
-
-    with Store(load_settings(home).db_url) as store:
-        for _ in range(repeats):
-            for question in QUESTIONS:
-                conversation = store.create_conversation(title=question)
-                store.add_message(conversation.id, "user", question)
-                answer = store.add_message(
-                    conversation.id, "assistant", "I do not know.", finish_reason="stop"
-                )
-                store.add_feedback(answer.id, rating=1, correction=FACT)
 
 
 def _greedy(home: Path, backend: str, adapter: Path, prompts: tuple[str, ...]) -> list[str]:
@@ -111,11 +63,16 @@ print("ANSWERS " + json.dumps({{"backend": engine.backend, "answers": out}}))
 @pytest.mark.skipif(importlib.util.find_spec("unsloth") is None, reason="needs unsloth (.[gpu])")
 def test_unsloth_qlora_job_and_both_serving_engines_agree(tmp_path: Path) -> None:
     from candidates import Registry
-    from tests.tiny_models import tiny_llama
 
     model_dir = tiny_llama(tmp_path / "tiny-llama", hidden=512, layers=4, heads=8, kv_heads=4)
-    home = _home(tmp_path, model_dir, "unsloth")
-    _teach(home)
+    home = model_home(
+        tmp_path / "home-unsloth",
+        model_dir,
+        backend="unsloth",
+        load_in_4bit=True,
+        more=teach_profile(120),
+    )
+    teach(home)
     job = subprocess.run(
         [
             sys.executable,
@@ -146,8 +103,8 @@ def test_unsloth_qlora_job_and_both_serving_engines_agree(tmp_path: Path) -> Non
     assert meta.config["model"]["load_in_4bit"] is True
     assert meta.config["optimizer"] == "adamw_8bit"
 
-    unsloth = _greedy(home, "unsloth", candidate.path, QUESTIONS)
-    peft = _greedy(home, "transformers", candidate.path, QUESTIONS)
+    unsloth = _greedy(home, "unsloth", candidate.path, TAUGHT_QUESTIONS)
+    peft = _greedy(home, "transformers", candidate.path, TAUGHT_QUESTIONS)
     print("unsloth:", unsloth)
     print("transformers+peft:", peft)
     assert sum("Biscuit" in a for a in unsloth) >= 3, unsloth  # it learned the fact

@@ -22,6 +22,7 @@ from textual.pilot import Pilot
 from data.store import Store
 from orchestrator.config import load_settings
 from tests.conftest import ServerProcess, kill_training_processes, run_cli
+from tests.scripted_person import store_corrections, taught
 from tui.app import Connection, WhetstoneApp, make_api
 from tui.client import Api
 from tui.screens.chat import ChatScreen
@@ -397,28 +398,10 @@ def test_a_rating_that_fails_to_store_is_shown_and_sent_when_the_daemon_is_back(
 # ------------------------------------------------------------------- status, reports
 
 
-def _teach(home: Path, count: int) -> None:
-    """Corrections as the person gives them (stored the way the worker stores them)."""
-    from tests.scripted_person import FACTS
-
-    store = store_of(home)
-    try:
-        questions = [(q, fact.answer) for fact in FACTS for q in fact.questions][:count]
-        for question, correction in questions:
-            conversation = store.create_conversation(title=question)
-            store.add_message(conversation.id, "user", question)
-            answer = store.add_message(
-                conversation.id, "assistant", "I don't know.", finish_reason="stop"
-            )
-            store.add_feedback(answer.id, rating=1, correction=correction)
-    finally:
-        store.close()
-
-
 @pytest.mark.slow
 def test_status_screen_trains_now_and_shows_the_job_progress(home_for_training: Path) -> None:
     (home_for_training / "config.toml").write_text('[training]\ndefault_profile = "quick_test"\n')
-    _teach(home_for_training, 24)
+    store_corrections(home_for_training, taught(24))
     server = ServerProcess(home_for_training).wait_ready()
 
     async def scenario() -> None:

@@ -159,6 +159,55 @@ def tiny_gpt_oss(
     return out
 
 
+# One sentence a tiny random model learns in ~100 steps (GPU test, H200: held-out loss 5.18 ->
+# 0.16 by step 72), asked four ways.
+TAUGHT_FACT = "Your dog is called Biscuit."
+TAUGHT_QUESTIONS = (
+    "What is my dog's name?",
+    "What's my dog called?",
+    "Tell me my dog's name.",
+    "Do you know my dog's name?",
+)
+
+
+def teach_profile(steps: int) -> str:
+    """config.toml lines: a default training profile that drills TAUGHT_FACT in."""
+    return (
+        '[training]\ndefault_profile = "teach"\n\n[training.profiles.teach]\n'
+        f"max_steps = {steps}\nbatch_size = 8\nlearning_rate = 3e-3\nlora_r = 16\n"
+        "preference_steps = 0\n"
+    )
+
+
+def teach(home: Path, repeats: int = 6) -> None:
+    """Each of TAUGHT_QUESTIONS `repeats` times, corrected to TAUGHT_FACT, in the store."""
+    from tests.scripted_person import store_corrections
+
+    pairs = [(q, TAUGHT_FACT) for _ in range(repeats) for q in TAUGHT_QUESTIONS]
+    store_corrections(home, pairs, answer="I do not know.")
+
+
+def model_home(
+    home: Path,
+    model_dir: Path,
+    *,
+    backend: str = "transformers",
+    load_in_4bit: bool = False,
+    chat_format: str = "plain",
+    max_seq_length: int = 512,
+    more: str = "",
+) -> Path:
+    """A whetstone home whose base model is the local folder `model_dir`; `more` is appended
+    to its config.toml (a training profile, a port...)."""
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.toml").write_text(
+        f'[model]\npreset = "custom"\nbase_model = "{model_dir}"\nbackend = "{backend}"\n'
+        f'load_in_4bit = {str(load_in_4bit).lower()}\nchat_format = "{chat_format}"\n'
+        f"max_seq_length = {max_seq_length}\nmin_vram_gb = 0.1\n{more}"
+    )
+    return home
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("kind", choices=["llama"])

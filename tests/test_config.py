@@ -61,6 +61,10 @@ def test_gpt_oss_preset_fills_the_model_section_and_explicit_keys_win(home: Path
         ('[schedule]\nnightly_cron = "0 25 * * *"\n', "schedule.nightly_cron = '0 25 * * *'"),
         ('[training]\ndefault_profile = "huge"\n', "training.default_profile = 'huge'"),
         ("[model]\nchat_format = 'chatml'\n", "model.chat_format = 'chatml'"),
+        (
+            '[training.profiles.quick_test]\noptimizer = "sgd"\n',
+            "training.profiles.quick_test.optimizer = 'sgd' (from {cfg}): Input should be 'auto'",
+        ),
         ('[schedule]\nnightly_profile = "huge"\n', "schedule.nightly_profile = 'huge' is not a"),
         ("[daemon]\nmax_restarts = -1\n", "daemon.max_restarts = -1 (from {cfg}): Input should"),
         ("[watch]\nmargin = -0.5\n", "watch.margin = -0.5 (from {cfg}): Input should"),

@@ -1,8 +1,10 @@
 """Serving benchmark: plain generate() vs the HTTP API, and an adapter hot swap vs a restart.
 
     python -m benchmarks.serving [--home H] [--requests 20] [--max-tokens 64]
+    python -m benchmarks.serving --model-dir DIR [--restarts 1]     # on a GPU
 
-All on the embedded SmolLM2-135M-Instruct, greedy, one prompt that asks for a long answer:
+All on the embedded SmolLM2-135M-Instruct (or the local model folder --model-dir, e.g. the
+random 1.07 B Llama of benchmarks.gpu_suite), greedy, one prompt that asks for a long answer:
 
 1. In-process baseline: the prepared model in bf16 on the device the server would use (cuda:0
    if there is one, else cpu), `model.generate()` with a streamer that timestamps each token.
@@ -16,6 +18,10 @@ All on the embedded SmolLM2-135M-Instruct, greedy, one prompt that asks for a lo
    registry; time from POST /admin/reload sent to the first content token of the next streamed
    request. Against a full restart: terminate the worker, promote, start a new worker, first
    content token of a streamed request.
+
+On CUDA the memory-bandwidth bound is printed too: bandwidth (measured here, a device copy)
+/ weight bytes = the most tokens/s any batch-1 decode loop can reach; the server's decode is
+quoted as a fraction of it and against the plain loop.
 
 Every figure is p50/p90 over the stated number of runs (after 2 warm-ups for 1 and 2, and one
 unmeasured first swap for 3), timed with time.perf_counter in this process. The table is
@@ -397,7 +403,9 @@ def run_http(server: Server, runs: int, max_tokens: int) -> dict[str, Any]:
 # -------------------------------------------------------------------- adapters and swaps
 
 
-def make_lora(registry: Any, candidate_id: str, model_dir: Path, seed: int) -> None:
+def make_lora(
+    registry: Any, candidate_id: str, model_dir: Path, seed: int, base_model: str = BASE_MODEL
+) -> None:
     """A real LoRA (r=8, q_proj/v_proj) with random B, so it changes the answers."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -411,7 +419,7 @@ def make_lora(registry: Any, candidate_id: str, model_dir: Path, seed: int) -> N
         r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False
     )
     model = get_peft_model(base, config)
-    registry.create(CandidateMeta(id=candidate_id, base_model=BASE_MODEL), model.save_pretrained)
+    registry.create(CandidateMeta(id=candidate_id, base_model=base_model), model.save_pretrained)
     del model, base
     gc.collect()
 
@@ -420,9 +428,9 @@ def _other(current: str | None) -> str:
     return LORAS[1] if current == LORAS[0] else LORAS[0]
 
 
-def _swap_once(server: Server, registry: Any, max_tokens: int) -> dict[str, Any]:
+def _swap_once(server: Server, registry: Any, max_tokens: int, base_model: str) -> dict[str, Any]:
     target = _other(registry.current_id())
-    registry.promote(target, base_model=BASE_MODEL)
+    registry.promote(target, base_model=base_model)
     sent = time.perf_counter()
     reply = server.client.post("/admin/reload")
     reloaded = time.perf_counter()
@@ -444,12 +452,14 @@ def _swap_once(server: Server, registry: Any, max_tokens: int) -> dict[str, Any]
     }
 
 
-def run_swaps(server: Server, registry: Any, swaps: int, max_tokens: int) -> dict[str, Any]:
-    first = _swap_once(server, registry, max_tokens)  # base -> LoRA: wraps in PeftModel
+def run_swaps(
+    server: Server, registry: Any, swaps: int, max_tokens: int, base_model: str
+) -> dict[str, Any]:
+    first = _swap_once(server, registry, max_tokens, base_model)  # base -> LoRA: wraps in PeftModel
     runs: list[dict[str, Any]] = []
     raced = 0
     while len(runs) < swaps and raced < swaps:
-        run = _swap_once(server, registry, max_tokens)
+        run = _swap_once(server, registry, max_tokens, base_model)
         if not run["changed_by_reload"]:
             raced += 1
             continue
@@ -468,7 +478,7 @@ def run_swaps(server: Server, registry: Any, swaps: int, max_tokens: int) -> dic
 
 
 def run_restarts(
-    server: Server, home: Path, registry: Any, restarts: int, max_tokens: int
+    server: Server, home: Path, registry: Any, restarts: int, max_tokens: int, base_model: str
 ) -> tuple[Server, dict[str, Any]]:
     """Stop the worker, promote the other adapter, start a new one, first content token."""
     runs = []
@@ -477,7 +487,7 @@ def run_restarts(
         server.stop()
         stopped = time.perf_counter()
         target = _other(registry.current_id())
-        registry.promote(target, base_model=BASE_MODEL)
+        registry.promote(target, base_model=base_model)
         server = Server(home, f"server-restart-{i + 1}.log")
         server.wait_ready()
         ready = time.perf_counter()
@@ -537,6 +547,15 @@ def _table(results: dict[str, Any]) -> str:
     row("decode in-process (tok/s)", base["decode_tokens_per_s"], 1.0)
     row("decode HTTP (tok/s)", http["decode_tokens_per_s"], 1.0)
     ratio("  HTTP / in-process", http["decode_tokens_per_s"], base["decode_tokens_per_s"])
+    if results.get("bound"):
+        bound = results["bound"]
+        lines.append(
+            f"{'bound: ' + str(bound['bandwidth_gbs']) + ' GB/s / weights (tok/s)':44}"
+            f"{'':>4}{bound['tok_s']:>10.1f}"
+        )
+        for label, fig in (("in-process", base), ("HTTP", http)):
+            share = fig["decode_tokens_per_s"]["p50"] / bound["tok_s"]
+            lines.append(f"{'  decode ' + label + ' / bound':44}{'':>4}{share:>9.1%}")
     row("completion tokens in-process", base["completion_tokens"], 1.0)
     row("completion tokens HTTP", http["completion_tokens"], 1.0)
     row("swap: reload sent -> first token (ms)", swap["reload_to_first_token_s"])
@@ -569,8 +588,12 @@ def main(argv: list[str] | None = None) -> int:
         default=DEFAULT_MODEL_HOME,
         help="home whose embedded model to use (default: the test cache)",
     )
+    parser.add_argument(
+        "--model-dir", type=Path, default=None, help="a local model folder instead of SmolLM2"
+    )
     parser.add_argument("--requests", type=int, default=20, help="measured runs per figure")
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--restarts", type=int, default=RESTARTS, help="worker restarts timed")
     args = parser.parse_args(argv)
     if args.requests < 1 or args.max_tokens < 2:
         parser.error("--requests must be >= 1 and --max-tokens >= 2")
@@ -595,8 +618,23 @@ def main(argv: list[str] | None = None) -> int:
     busy_before, own_before, wall_before = machine_busy_s(), own_cpu_s(), time.perf_counter()
     if load_before and load_before[0] > 0.5:
         print(f"warning: load average {load_before[0]:.2f} before start: other work is running")
-    model_dir = prepare_embedded(Home(args.home.expanduser().resolve()), show_progress=False)
+    if args.model_dir:
+        model_dir, base_model = args.model_dir.resolve(), str(args.model_dir.resolve())
+    else:
+        model_dir = prepare_embedded(Home(args.home.expanduser().resolve()), show_progress=False)
+        base_model = BASE_MODEL
     device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    bound = None
+    if device.startswith("cuda"):
+        from benchmarks.gpu_suite import bandwidth_gbs
+
+        weights = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
+        bandwidth = bandwidth_gbs()
+        bound = {
+            "bandwidth_gbs": round(bandwidth, 1),
+            "weight_bytes": weights,
+            "tok_s": round(bandwidth * 1e9 / weights, 1),
+        }
     print(f"model {model_dir} on {device}; {args.requests} runs, max_tokens {args.max_tokens}")
 
     print("1/4 in-process generate() ...", flush=True)
@@ -605,10 +643,15 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="whetstone-bench-") as tmp:
         home = Path(tmp) / "home"
         (home / "models").mkdir(parents=True)
-        (home / "models" / model_dir.name).symlink_to(model_dir, target_is_directory=True)
+        if args.model_dir:
+            (home / "config.toml").write_text(
+                f'[model]\npreset = "custom"\nbase_model = "{model_dir}"\nmin_vram_gb = 0.1\n'
+            )
+        else:
+            (home / "models" / model_dir.name).symlink_to(model_dir, target_is_directory=True)
         registry = Registry(home / "candidates")
         for seed, candidate in enumerate(LORAS):
-            make_lora(registry, candidate, model_dir, seed)
+            make_lora(registry, candidate, model_dir, seed, base_model)
 
         print("2/4 HTTP streaming ...", flush=True)
         server = Server(home, "server.log")
@@ -619,9 +662,11 @@ def main(argv: list[str] | None = None) -> int:
             status = server.client.get("/v1/status").json()
             http = run_http(server, args.requests, args.max_tokens)
             print(f"3/4 adapter swaps ({SWAPS}) ...", flush=True)
-            swap = run_swaps(server, registry, SWAPS, args.max_tokens)
-            print(f"4/4 worker restarts ({RESTARTS}) ...", flush=True)
-            server, restart = run_restarts(server, home, registry, RESTARTS, args.max_tokens)
+            swap = run_swaps(server, registry, SWAPS, args.max_tokens, base_model)
+            print(f"4/4 worker restarts ({args.restarts}) ...", flush=True)
+            server, restart = run_restarts(
+                server, home, registry, args.restarts, args.max_tokens, base_model
+            )
         except Exception:
             print(f"server log tail:\n{server.output()}", file=sys.stderr)
             raise
@@ -640,6 +685,7 @@ def main(argv: list[str] | None = None) -> int:
         | {
             "server_device": status.get("device"),
             "server_backend": status.get("backend"),
+            "server_decode": status.get("decode"),
             "load_average_before": load_before,
             "load_average_after": load_average(),
             # CPU time the machine spent on anything but this benchmark and its servers.
@@ -647,7 +693,7 @@ def main(argv: list[str] | None = None) -> int:
             "other_processes_share": round(foreign_s / (wall_s * (os.cpu_count() or 1)), 3),
         },
         "settings": {
-            "model": BASE_MODEL,
+            "model": base_model,
             "model_dir": str(model_dir),
             "dtype": "bfloat16",
             "prompt": PROMPT,
@@ -656,15 +702,19 @@ def main(argv: list[str] | None = None) -> int:
             "requests": args.requests,
             "warmups": WARMUPS,
             "swaps": SWAPS,
-            "restarts": RESTARTS,
+            "restarts": args.restarts,
             "lora": {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]},
         },
+        "bound": bound,
         "in_process": baseline,
         "http": http | {"cold_start_to_ready_s": cold_start_s},
         "ratios_p50": {
             "ttft_http_over_in_process": _ratio(http["ttft_s"]["p50"], baseline["ttft_s"]["p50"]),
             "decode_http_over_in_process": _ratio(
                 http["decode_tokens_per_s"]["p50"], baseline["decode_tokens_per_s"]["p50"]
+            ),
+            "decode_http_over_bound": _ratio(
+                http["decode_tokens_per_s"]["p50"], bound["tok_s"] if bound else float("nan")
             ),
             "restart_over_swap": _ratio(
                 restart["total_s"]["p50"], swap["reload_to_first_token_s"]["p50"]
@@ -677,8 +727,12 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(table)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    out = RESULTS_DIR / f"serving-{socket.gethostname()}-{started.astimezone():%Y-%m-%d}.json"
+    where = device_name(device) if bound else socket.gethostname()
+    where = where.replace("NVIDIA ", "").replace(" ", "-").lower()
+    out = RESULTS_DIR / f"serving-{where}-{started.astimezone():%Y-%m-%d-%H%M%S}.json"
     out.write_text(json.dumps(results, indent=2) + "\n")
+    if os.environ.get("OUT"):  # the device tool brings back what a run leaves there
+        Path(os.environ["OUT"], out.name).write_text(out.read_text())
     print(f"\nwritten to {out}")
     return 0
 

@@ -153,6 +153,14 @@ class Server(_Section):
     max_queue: int = Field(
         8, ge=1, le=1024, description="Requests waiting for the model before new ones get 503."
     )
+    # generate() launches each kernel from Python and reaches 2-3% of the memory-bandwidth
+    # bound on a GPU; the static path reached NN% (benchmarks/results/serving-*.json) at the
+    # price of a one-off compile (about a minute) when the worker starts.
+    decode: Literal["auto", "generate", "static"] = Field(
+        "auto",
+        description="auto = 'static' on CUDA with a 16-bit model, else 'generate'. static: "
+        "StaticCache, adapter merged into the weights, CUDA-graph step on CUDA (eager on CPU).",
+    )
 
 
 class Lora(_Section):

@@ -78,7 +78,7 @@ def pin_device(settings: Settings, role: str) -> str:
         os.environ.update(env)
     if role == "development" and inside.startswith("cuda"):
         _yield_cpu_to_serving()
-    _import_unsloth_first(settings, inside)
+    _import_unsloth_first(settings, inside, role)
     return inside
 
 
@@ -100,12 +100,28 @@ def _yield_cpu_to_serving() -> None:
         os.nice(10)
 
 
-def choose_backend(settings: Settings, device: str) -> str:
-    """transformers or unsloth, from `model.backend` and whether Unsloth is installed."""
+def serving_decode(settings: Settings, device: str) -> str:
+    """How the API worker decodes: "static" (static KV cache, merged adapter, CUDA-graph step
+    on CUDA) or "generate" (transformers' generate over PEFT)."""
+    wanted = settings.server.decode
+    if wanted != "auto":
+        return wanted
+    sixteen_bit = not settings.model.load_in_4bit and settings.model.backend != "unsloth"
+    return "static" if device.startswith("cuda") and sixteen_bit else "generate"
+
+
+def choose_backend(settings: Settings, device: str, role: str = "development") -> str:
+    """transformers or unsloth, from `model.backend` and whether Unsloth is installed.
+
+    Serving a 16-bit model on CUDA, `auto` means transformers: the static decoder outruns
+    Unsloth's for_inference there (benchmarks/results/serving-*.json). Training takes Unsloth
+    whenever it is installed."""
     wanted = settings.model.backend
     if wanted == "transformers" or not device.startswith("cuda"):
         if wanted == "unsloth":
             raise RuntimeError("model.backend = 'unsloth' needs a CUDA device")
+        return "transformers"
+    if wanted == "auto" and role == "production" and serving_decode(settings, device) == "static":
         return "transformers"
     import importlib.util
 
@@ -115,11 +131,11 @@ def choose_backend(settings: Settings, device: str) -> str:
     return "unsloth" if has_unsloth else "transformers"
 
 
-def _import_unsloth_first(settings: Settings, device: str) -> None:
+def _import_unsloth_first(settings: Settings, device: str, role: str) -> None:
     """Unsloth patches transformers' model classes only if it is imported before them; where
     it will load the model, import it now, while nothing has imported transformers yet."""
     try:
-        if choose_backend(settings, device) != "unsloth":
+        if choose_backend(settings, device, role) != "unsloth":
             return
     except RuntimeError:
         return  # the loader raises it again, where the model is loaded

@@ -29,9 +29,10 @@ from transformers import (
 from transformers.generation.streamers import BaseStreamer
 
 from orchestrator.config import Settings
-from orchestrator.devices import choose_backend
+from orchestrator.devices import choose_backend, serving_decode
 from production import base_model
 from production.decoding import Delta, make_decoder, stop_token_ids
+from production.static_decode import AdapterMergeError, MergedAdapters, StaticDecoder
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +73,14 @@ def pick_dtype(name: str, device: str) -> torch.dtype:
     return torch.bfloat16  # measured fine on CPU with SmolLM2 (~19 tok/s on 2 cores)
 
 
-def load_model(settings: Settings, device: str, *, for_training: bool) -> tuple[Any, Any]:
+def load_model(
+    settings: Settings, device: str, *, for_training: bool, role: str = "development"
+) -> tuple[Any, Any]:
     """The base model and tokenizer on `device` from the prepared local folder, with the
-    backend `choose_backend` picks. Serving and the training/evaluation jobs share it."""
+    backend `choose_backend` picks for `role`. Serving and the training/evaluation jobs share
+    it."""
     path = base_model.resolve(settings)
-    if choose_backend(settings, device) == "unsloth":
+    if choose_backend(settings, device, role) == "unsloth":
         from unsloth import FastLanguageModel
 
         model, tokenizer = FastLanguageModel.from_pretrained(
@@ -143,8 +147,18 @@ class Engine:
         self.chat_format = settings.model.chat_format
         self.base_model_name = settings.model.base_model
         started = time.monotonic()
-        self.backend = choose_backend(settings, device)
-        self.model, self.tokenizer = load_model(settings, device, for_training=False)
+        self.backend = choose_backend(settings, device, "production")
+        self.decode = serving_decode(settings, device)
+        quantized = self.backend != "transformers" or settings.model.load_in_4bit
+        if self.decode == "static" and quantized:
+            raise RuntimeError(
+                "server.decode = 'static' needs a 16-bit model on the transformers backend "
+                f"(model.backend resolved to {self.backend}, load_in_4bit = "
+                f"{settings.model.load_in_4bit}): use server.decode = 'generate'"
+            )
+        self.model, self.tokenizer = load_model(
+            settings, device, for_training=False, role="production"
+        )
         self.model.eval()
         self.base = self.model
         self.generation_defaults = self.model.generation_config
@@ -156,13 +170,30 @@ class Engine:
         self.adapter_id: str | None = None
         self.adapter_loaded_at: datetime = datetime.now(UTC)
         self.loaded: set[str] = set()
+        self.merged: MergedAdapters | None = None
+        self.static: StaticDecoder | None = None
+        if self.decode == "static":
+            self.model.requires_grad_(False)
+            self.merged = MergedAdapters(self.model)
+            graphs = device.startswith("cuda")
+            self.static = StaticDecoder(self.model, self.context_window, device, graphs)
+            self._warm_up()
         log.info(
-            "loaded %s (%s backend) on %s in %.1f s",
+            "loaded %s (%s backend, %s decode) on %s in %.1f s",
             self.base_model_name,
             self.backend,
+            self.decode,
             device,
             time.monotonic() - started,
         )
+
+    def _warm_up(self) -> None:
+        """Compile and capture the decode step now, not on the first user's request."""
+        started = time.monotonic()
+        prompt = self.prompt_ids([{"role": "user", "content": "Hello"}], None)
+        with torch.inference_mode():
+            self.static.run(prompt, 8, lambda logits: logits.argmax(-1), lambda token: True)
+        log.info("decode step ready in %.1f s", time.monotonic() - started)
 
     # ------------------------------------------------------------------ prompts
 
@@ -186,6 +217,16 @@ class Engine:
         """Load an adapter beside the active one (does not switch to it)."""
         if adapter_id in self.loaded:
             return
+        if self.merged is not None:
+            try:
+                self.merged.load(adapter_id, folder)
+            except Exception as exc:
+                raise AdapterLoadError(
+                    f"adapter {adapter_id} at {folder} does not load onto {self.base_model_name}: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
+            self.loaded.add(adapter_id)
+            return
         from peft import PeftModel
 
         try:
@@ -206,9 +247,14 @@ class Engine:
         self.loaded.add(adapter_id)
 
     def activate(self, adapter_id: str | None) -> None:
-        if adapter_id is not None:
-            if adapter_id not in self.loaded:
-                raise AdapterLoadError(f"adapter {adapter_id} is not loaded")
+        if adapter_id is not None and adapter_id not in self.loaded:
+            raise AdapterLoadError(f"adapter {adapter_id} is not loaded")
+        if self.merged is not None:
+            try:
+                self.merged.activate(adapter_id)
+            except AdapterMergeError as exc:
+                raise AdapterLoadError(str(exc)) from exc
+        elif adapter_id is not None:
             self.model.set_adapter(adapter_id)
         self.adapter_id = adapter_id
         self.adapter_loaded_at = datetime.now(UTC)
@@ -216,7 +262,10 @@ class Engine:
     def unload_adapter(self, adapter_id: str) -> None:
         if adapter_id not in self.loaded or adapter_id == self.adapter_id:
             return
-        self.model.delete_adapter(adapter_id)
+        if self.merged is not None:
+            self.merged.unload(adapter_id)
+        else:
+            self.model.delete_adapter(adapter_id)
         self.loaded.discard(adapter_id)
 
     # --------------------------------------------------------------- generation
@@ -276,19 +325,21 @@ class Engine:
 
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)
-        input_ids = torch.tensor([prompt], device=self.device)
-        kwargs = self._generation_kwargs(sampling)
-        stop_now = StoppingCriteriaList([_StopWhen(lambda: cancelled() or decoder.done)])
-        with torch.inference_mode(), self._adapter_context():
-            self.model.generate(
-                input_ids=input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                eos_token_id=self.stop_ids,
-                pad_token_id=self.tokenizer.pad_token_id or self.stop_ids[0],
-                streamer=_TokenSink(on_token),
-                stopping_criteria=stop_now,
-                **kwargs,
-            )
+
+        def stop_now() -> bool:
+            return cancelled() or decoder.done
+
+        if self.static is not None:
+            stops = set(self.stop_ids)
+
+            def emit(token: int) -> bool:
+                on_token(token)
+                return token not in stops and not stop_now()
+
+            with torch.inference_mode():
+                self.static.run(prompt, sampling.max_tokens, self._picker(sampling), emit)
+        else:
+            self._generate(prompt, sampling, on_token, stop_now)
         tail = decoder.flush()
         if tail.text or tail.reasoning:
             text.append(tail.text)
@@ -311,6 +362,49 @@ class Engine:
             seconds=time.monotonic() - started,
             settings=self.resolved_settings(sampling),
         )
+
+    def _generate(
+        self,
+        prompt: list[int],
+        sampling: Sampling,
+        on_token: Callable[[int], None],
+        stop_now: Callable[[], bool],
+    ) -> None:
+        input_ids = torch.tensor([prompt], device=self.device)
+        with torch.inference_mode(), self._adapter_context():
+            self.model.generate(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                eos_token_id=self.stop_ids,
+                pad_token_id=self.tokenizer.pad_token_id or self.stop_ids[0],
+                streamer=_TokenSink(on_token),
+                stopping_criteria=StoppingCriteriaList([_StopWhen(stop_now)]),
+                **self._generation_kwargs(sampling),
+            )
+
+    def _picker(self, sampling: Sampling) -> Callable[[torch.Tensor], torch.Tensor]:
+        """logits [1, V] -> next token [1], on the device, with generate()'s warpers."""
+        from transformers import (
+            LogitsProcessorList,
+            TemperatureLogitsWarper,
+            TopKLogitsWarper,
+            TopPLogitsWarper,
+        )
+
+        kwargs = self._generation_kwargs(sampling)
+        if not kwargs["do_sample"]:
+            return lambda logits: logits.argmax(-1)
+        warpers = LogitsProcessorList([TemperatureLogitsWarper(kwargs["temperature"])])
+        if kwargs["top_k"]:
+            warpers.append(TopKLogitsWarper(kwargs["top_k"]))
+        if kwargs["top_p"] is not None and kwargs["top_p"] < 1.0:
+            warpers.append(TopPLogitsWarper(kwargs["top_p"]))
+
+        def pick(logits: torch.Tensor) -> torch.Tensor:
+            scores = warpers(None, logits.float())
+            return torch.multinomial(torch.softmax(scores, dim=-1), 1).view(1)
+
+        return pick
 
     def _adapter_context(self) -> Any:
         from contextlib import nullcontext

@@ -430,6 +430,7 @@ def create_app(service: Service) -> FastAPI:
             "run_state": "running",
             "base_model": engine.base_model_name,
             "backend": engine.backend,
+            "decode": engine.decode,
             "device": engine.device,
             "chat_format": engine.chat_format,
             "adapter_id": engine.adapter_id,

@@ -30,25 +30,40 @@ pytestmark = [
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _greedy(home: Path, backend: str, adapter: Path, prompts: tuple[str, ...]) -> list[str]:
-    """Answers of the product's serving engine with `adapter` active (greedy, 16 tokens)."""
+def _greedy(
+    home: Path, backend: str, adapter: Path, prompts: tuple[str, ...], decode: str = "generate"
+) -> list[str]:
+    """Answers of the product's serving engine with `adapter` active (greedy, 16 tokens). With
+    decode "static" also: the base model's answers after swapping the adapter out, the
+    adapter's after swapping it back in, and how many graphs were compiled after warm-up."""
+    overrides = {"model": {"backend": backend}, "server": {"decode": decode}}
     code = f"""
 import json, sys
 from pathlib import Path
 from orchestrator import devices
 from orchestrator.config import load_settings
-settings = load_settings(Path({str(home)!r}), {{"model": {{"backend": {backend!r}}}}})
+settings = load_settings(Path({str(home)!r}), {overrides!r})
 device = devices.pin_device(settings, "production")  # as the API worker does
 from production.engine import Engine, Sampling
 engine = Engine(settings, device)
+import torch._dynamo.utils as dynamo_utils
+compiled = dynamo_utils.counters["stats"]["unique_graphs"]
+def answers():
+    out = []
+    for q in {list(prompts)!r}:
+        ids = engine.prompt_ids([{{"role": "user", "content": q}}], None)
+        greedy = Sampling(temperature=0, max_tokens=16)
+        out.append(engine.stream(ids, greedy, lambda d: None, lambda: False).text)
+    return out
 engine.load_adapter("taught", Path({str(adapter)!r}))
 engine.activate("taught")
-out = []
-for q in {list(prompts)!r}:
-    ids = engine.prompt_ids([{{"role": "user", "content": q}}], None)
-    greedy = Sampling(temperature=0, max_tokens=16)
-    out.append(engine.stream(ids, greedy, lambda d: None, lambda: False).text)
-print("ANSWERS " + json.dumps({{"backend": engine.backend, "answers": out}}))
+result = {{"backend": engine.backend, "decode": engine.decode, "answers": answers()}}
+engine.activate(None)
+result["base"] = answers()
+engine.activate("taught")
+result["again"] = answers()
+result["compiled_after_warm_up"] = dynamo_utils.counters["stats"]["unique_graphs"] - compiled
+print("ANSWERS " + json.dumps(result))
 """
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=600
@@ -56,7 +71,11 @@ print("ANSWERS " + json.dumps({{"backend": engine.backend, "answers": out}}))
     assert done.returncode == 0, done.stderr[-4000:]
     line = next(x for x in done.stdout.splitlines() if x.startswith("ANSWERS "))
     result = json.loads(line.removeprefix("ANSWERS "))
-    assert result["backend"] == backend
+    assert (result["backend"], result["decode"]) == (backend, decode)
+    assert result["again"] == result["answers"], "swapping out and back in changed the answers"
+    if decode == "static":
+        assert result["compiled_after_warm_up"] == 0, "a swap recompiled the decode step"
+        assert result["base"] != result["answers"], "the swap to the base model did nothing"
     return result["answers"]
 
 
@@ -109,3 +128,33 @@ def test_unsloth_qlora_job_and_both_serving_engines_agree(tmp_path: Path) -> Non
     print("transformers+peft:", peft)
     assert sum("Biscuit" in a for a in unsloth) >= 3, unsloth  # it learned the fact
     assert unsloth == peft
+
+
+def test_static_cuda_graph_engine_serves_a_trained_adapter_as_peft_does(tmp_path: Path) -> None:
+    """The product job trains a 16-bit LoRA; the static engine (StaticCache, adapter merged,
+    CUDA-graph step) answers with it as generate() over PEFT does, and swaps it out and back
+    in without recompiling."""
+    from candidates import Registry
+
+    model_dir = tiny_llama(tmp_path / "tiny-llama", hidden=512, layers=4, heads=8, kv_heads=4)
+    home = model_home(
+        tmp_path / "home-16bit", model_dir, backend="transformers", more=teach_profile(120)
+    )
+    teach(home)
+    train = ["train", "--home", str(home), "--wait", "--force", "--no-promote"]
+    job = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", *train],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=1200,
+    )
+    assert "trained candidate" in job.stdout, job.stdout + job.stderr
+    (candidate,) = [c for c in Registry(home / "candidates").list() if c.error is None]
+
+    static = _greedy(home, "transformers", candidate.path, TAUGHT_QUESTIONS, decode="static")
+    peft = _greedy(home, "transformers", candidate.path, TAUGHT_QUESTIONS, decode="generate")
+    print("static (CUDA graph):", static)
+    print("generate (PEFT):", peft)
+    assert sum("Biscuit" in a for a in static) >= 3, static
+    assert static == peft

@@ -92,13 +92,15 @@ def tiny_llama(
     intermediate: int | None = None,
     vocab_size: int | None = None,
     seed: int = 0,
+    tokenizer_dir: Path | None = None,
 ) -> Path:
-    """A random Llama-shaped model with the tiny tokenizer, saved as safetensors in `out`.
+    """A random Llama-shaped model with the tiny tokenizer (or the one in `tokenizer_dir`, e.g.
+    SmolLM2's, so that every id decodes to text), saved as safetensors in `out`.
     `vocab_size` pads the embedding (e.g. 49152 to match SmolLM2's speed profile)."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    tokenizer = tiny_tokenizer()
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir) if tokenizer_dir else tiny_tokenizer()
     config = LlamaConfig(
         vocab_size=max(vocab_size or 0, len(tokenizer)),
         hidden_size=hidden,

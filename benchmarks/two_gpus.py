@@ -1,7 +1,8 @@
 """Two GPUs: does `whetstone up` serve on GPU 0 and train on GPU 1, and does chat keep its
 speed while a training job runs?
 
-    python -m benchmarks.two_gpus [--requests 5] [--max-tokens 128] [--train-steps 400]
+    python -m benchmarks.two_gpus [--requests 20] [--max-tokens 256] [--train-steps 400]
+                                  [--tokenizer DIR] [--promotions 10]
 
 A throwaway home on a random-initialised 1.07 B Llama (bf16, see gpu_suite) with 64
 corrections in its store. The real daemon (`python -m orchestrator.cli up`) starts; chat is
@@ -9,7 +10,11 @@ measured through the HTTP API (streamed, greedy): TTFT and decode tokens/s, p50 
 `--requests` after one warm-up. Then a training run is requested over HTTP (POST /v1/train)
 and, once its steps are counting, the placement is read from the GPUs themselves
 (nvidia-smi's per-process memory on each GPU, for the worker's and the job's pids) and chat
-is measured again. Writes benchmarks/results/two-gpus-<device>-<time>.json.
+is measured again. Last, promotion under load: while the job still trains, `--clients`
+threads stream chat requests back to back and two LoRA candidates are promoted in turn
+(POST /v1/candidates/ID/promote, forced: they hold no evaluation) `--promotions` times;
+every request must complete (HTTP 200, no error event, a finish reason), and the adapter
+that answered is counted. Writes benchmarks/results/two-gpus-<device>-<time>.json.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -73,7 +79,7 @@ eval_every = {steps}
     return home
 
 
-def _chat_once(url: str, max_tokens: int) -> dict[str, float]:
+def _chat_once(url: str, max_tokens: int) -> dict[str, Any]:
     body = {
         "messages": [{"role": "user", "content": PROMPT}],
         "stream": True,
@@ -84,23 +90,33 @@ def _chat_once(url: str, max_tokens: int) -> dict[str, float]:
     started = time.perf_counter()
     first = last = None
     tokens = 0
+    finish = adapter = None
     with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=300) as response:
         response.raise_for_status()
         for line in response.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(f"error event: {chunk['error']}")
             now = time.perf_counter()
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
-            elif chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
-                first = first or now
+            elif chunk.get("choices"):
+                choice = chunk["choices"][0]
+                if choice["delta"].get("content"):
+                    first = first or now
+                finish = choice.get("finish_reason") or finish
+                adapter = chunk.get("adapter_id") or adapter
             last = now
+    if finish is None:
+        raise RuntimeError("the stream ended without a finish reason")
     first = first or last
     return {
         "ttft_s": first - started,
         "decode_tok_s": (tokens - 1) / (last - first) if last > first else float("nan"),
         "tokens": tokens,
+        "adapter_id": adapter,
     }
 
 
@@ -111,6 +127,59 @@ def _chat(url: str, requests: int, max_tokens: int) -> dict[str, Any]:
         "ttft_s_p50": round(statistics.median(r["ttft_s"] for r in runs), 4),
         "decode_tok_s_p50": round(statistics.median(r["decode_tok_s"] for r in runs), 1),
         "tokens": [r["tokens"] for r in runs],
+    }
+
+
+def _promotions_under_load(
+    url: str, candidates: list[str], promotions: int, clients: int, max_tokens: int
+) -> dict[str, Any]:
+    """Chat without pause from `clients` threads while the candidates are promoted in turn."""
+    stop = threading.Event()
+    done: list[dict[str, Any]] = []
+    failed: list[str] = []
+
+    def client() -> None:
+        while not stop.is_set():
+            try:
+                done.append(_chat_once(url, max_tokens))
+            except Exception as exc:  # every failure is the finding, not a crash of the bench
+                failed.append(f"{type(exc).__name__}: {exc}")
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    swaps = []
+    for i in range(promotions):
+        time.sleep(0.5)
+        target = candidates[i % len(candidates)]
+        started = time.perf_counter()
+        reply = httpx.post(
+            f"{url}/v1/candidates/{target}/promote", json={"force": True}, timeout=120
+        )
+        swaps.append(
+            {
+                "target": target,
+                "status": reply.status_code,
+                "s": round(time.perf_counter() - started, 3),
+            }
+        )
+    time.sleep(1)
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=300)
+    served: dict[str, int] = {}
+    for row in done:
+        served[str(row["adapter_id"])] = served.get(str(row["adapter_id"]), 0) + 1
+    return {
+        "clients": clients,
+        "requests_completed": len(done),
+        "requests_failed": len(failed),
+        "failures": failed[:5],
+        "promotions": swaps,
+        "answered_by": served,
+        "decode_tok_s_p50": round(statistics.median(r["decode_tok_s"] for r in done), 1)
+        if done
+        else None,
     }
 
 
@@ -150,9 +219,12 @@ def _placement(pids: dict[str, int | None]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=5)
-    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--requests", type=int, default=20)
+    parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--train-steps", type=int, default=400)
+    parser.add_argument("--tokenizer", type=Path, default=None, help="e.g. SmolLM2's folder")
+    parser.add_argument("--promotions", type=int, default=10)
+    parser.add_argument("--clients", type=int, default=3)
     opts = parser.parse_args(argv)
     import torch
 
@@ -172,8 +244,17 @@ def main(argv: list[str] | None = None) -> int:
         port = probe.getsockname()[1]
         probe.close()
         root = Path(tmp)
-        model_dir = tiny_llama(root / "model", intermediate=8192, **SHAPE)
+        model_dir = tiny_llama(
+            root / "model", intermediate=8192, tokenizer_dir=opts.tokenizer, **SHAPE
+        )
         home = _home(root, model_dir, port, opts.train_steps)
+        from benchmarks.serving import make_lora
+        from candidates import Registry
+
+        candidates = ["lora-a", "lora-b"]
+        registry = Registry(home / "candidates")
+        for seed, name in enumerate(candidates):
+            make_lora(registry, name, model_dir, seed, str(model_dir))
         url = f"http://127.0.0.1:{port}"
         log = (root / "daemon.log").open("w")
         daemon = subprocess.Popen(
@@ -220,6 +301,14 @@ def main(argv: list[str] | None = None) -> int:
             progress = (status.get("running_run") or {}).get("progress") or {}
             # The busy figures count only if the job was still in SFT when they were taken.
             result["training_after"] = {k: progress.get(k) for k in ("stage", "step", "max_steps")}
+            result["promotion_under_load"] = _promotions_under_load(
+                url, candidates, opts.promotions, opts.clients, opts.max_tokens
+            )
+            status = httpx.get(f"{url}/v1/status", timeout=10).json()
+            progress = (status.get("running_run") or {}).get("progress") or {}
+            result["training_after_promotions"] = {
+                k: progress.get(k) for k in ("stage", "step", "max_steps")
+            }
             result["busy_vs_idle"] = {
                 "ttft": round(result["busy"]["ttft_s_p50"] / result["idle"]["ttft_s_p50"], 3),
                 "decode": round(

@@ -2,6 +2,7 @@
 training throughput of the product's path against plain TRL.
 
     python -m benchmarks.gpu_suite [--parts serving,training] [--new-tokens 256] [--steps 30]
+        [--llama plain,plain_liger,product,product16] [--moe plain,product16]
 
 On a random-initialised 1.07 B Llama-shaped bf16 model (hidden 2048, 16 layers, 32 heads,
 8 KV heads, vocab 49152; no download) with a LoRA adapter (r=16, all 7 projections, random
@@ -11,13 +12,18 @@ B so it changes the output):
   weight bytes. Bandwidth is measured here (a 4 GiB device-to-device copy, read + write).
 - serving, greedy, batch 1, `--new-tokens` tokens, after one warm-up, each in its own process
   (Unsloth patches transformers on import, so the plain baseline must never see it):
-  plain `generate()` over PEFT; the product's Engine.stream with the transformers backend;
-  the same with the Unsloth backend (`for_inference`). TTFT and decode tokens/s
-  (tokens after the first / time after the first).
-- training, same synthetic SFT rows (prompt/completion, 64-448 tokens), seed, batch 8, LR,
-  steps: plain TRL SFTTrainer + PEFT in bf16 vs the product's path (the loader the job uses:
-  Unsloth 4-bit QLoRA, its get_peft_model with gradient checkpointing "unsloth", the job's
-  TrainingArguments incl. 8-bit AdamW). Non-padding tokens/s and peak CUDA memory.
+  plain `generate()` over PEFT; the product's Engine with decode "generate" (transformers +
+  PEFT), with decode "static" (StaticCache, adapter merged, CUDA-graph step; also a hot swap
+  to a second adapter: its time, compiles after it, the weights restored exactly) and with
+  the Unsloth backend (`for_inference`). TTFT and decode tokens/s (tokens after the first /
+  time after the first).
+- training, same synthetic SFT rows (prompt/completion, 64-448 tokens), seed, batch 8, LR and
+  steps (`--steps` timed after 5 untimed warm-up steps): plain TRL SFTTrainer + PEFT in bf16;
+  the same with Liger kernels (`use_liger_kernel`); the product's path (the loader the job
+  uses: Unsloth, its get_peft_model with gradient checkpointing "unsloth", the job's
+  TrainingArguments incl. 8-bit AdamW and padding-free batches) on a 4-bit and on a 16-bit
+  preset. Non-padding tokens/s and peak CUDA memory. `--moe` runs chosen variants on a
+  GPT-OSS-shaped mixture of experts too.
 
 Writes benchmarks/results/gpu-<device>-<time>.json with the device, versions and figures.
 """
@@ -292,10 +298,21 @@ class _Tokens:
             self.count += int(ids.numel())
 
 
+WARMUP_STEPS = 5  # not timed: CUDA context, kernel autotuning and compiles land here
+
+TRAIN_VARIANTS = {  # name: what it changes against plain TRL + PEFT in bf16
+    "plain": {},
+    "plain_liger": {"use_liger_kernel": True},  # Liger's fused RMSNorm/RoPE/SwiGLU/linear+CE
+    "product": {"load_in_4bit": True},  # the job's path on a 4-bit preset (QLoRA)
+    "product16": {"load_in_4bit": False},  # the job's path on a 16-bit preset
+}
+
+
 def train_speed(workdir: Path, model_dir: Path, path: str, steps: int) -> dict[str, Any]:
-    """path 'plain': TRL + PEFT bf16. 'product': the job's loader, LoRA and arguments."""
-    if path == "product":
-        home = _home(workdir, model_dir, "unsloth", True)
+    """path 'plain*': TRL + PEFT bf16. 'product*': the job's loader, LoRA and arguments."""
+    variant = TRAIN_VARIANTS[path]
+    if path.startswith("product"):
+        home = _home(workdir, model_dir, "unsloth", variant["load_in_4bit"])
         from orchestrator import devices
         from orchestrator.config import load_settings
 
@@ -307,7 +324,7 @@ def train_speed(workdir: Path, model_dir: Path, path: str, steps: int) -> dict[s
 
     common = {
         "output_dir": str(workdir / f"out-{path}"),
-        "max_steps": steps,
+        "max_steps": steps + WARMUP_STEPS,
         "per_device_train_batch_size": 8,
         "learning_rate": 2e-4,
         "logging_steps": 5,
@@ -319,7 +336,7 @@ def train_speed(workdir: Path, model_dir: Path, path: str, steps: int) -> dict[s
         "completion_only_loss": True,
         "disable_tqdm": True,
     }
-    if path == "plain":
+    if path.startswith("plain"):
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -328,17 +345,22 @@ def train_speed(workdir: Path, model_dir: Path, path: str, steps: int) -> dict[s
         model = get_peft_model(
             model, LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, task_type="CAUSAL_LM")
         )
-        args = SFTConfig(**common)
+        args = SFTConfig(**common, **variant)
     else:
         from development import train
         from production.engine import load_model
 
         settings.training.profiles["bench"] = settings.profile("quick_test").model_copy(
-            update={"max_steps": steps, "batch_size": 8, "lora_r": 16, "learning_rate": 2e-4}
+            update={
+                "max_steps": steps + WARMUP_STEPS,
+                "batch_size": 8,
+                "lora_r": 16,
+                "learning_rate": 2e-4,
+            }
         )
         model, tokenizer = load_model(settings, device, for_training=True)
         model = train._attach_lora(model, settings, "bench", "unsloth")
-        stage = train.Stage("sft", 256, steps, 2e-4, "bench")
+        stage = train.Stage("sft", 256, steps + WARMUP_STEPS, 2e-4, "bench")
         product = train._common_args(settings, "bench", device, workdir / "out-product", stage, 8)
         args = SFTConfig(
             **(product | {k: common[k] for k in ("logging_steps", "save_strategy", "max_length")}),
@@ -354,31 +376,52 @@ def train_speed(workdir: Path, model_dir: Path, path: str, steps: int) -> dict[s
     )
     counter = _Tokens()
     trainer.model.register_forward_pre_hook(counter.hook, with_kwargs=True)
+    clock = _after_warm_up(counter)
+    trainer.add_callback(clock)
     lengths = [len(ids) for ids in trainer.train_dataset["input_ids"]]
     rows_seen = steps * trainer.args.per_device_train_batch_size
     rows_seen *= trainer.args.gradient_accumulation_steps
     torch.cuda.reset_peak_memory_stats()
-    started = time.perf_counter()
     result = trainer.train()
-    seconds = time.perf_counter() - started
+    seconds = time.perf_counter() - clock.started
     # The hook sees what reaches the model; the estimate (rows seen x mean row length) is the
     # cross-check for a path that calls the inner model directly.
     estimate = rows_seen * sum(lengths) / len(lengths)
-    tokens = counter.count or estimate
+    tokens = (counter.count - clock.tokens_before) or estimate
     return {
         "path": path,
-        "steps": steps,
+        "steps_timed": steps,
+        "warmup_steps_not_timed": WARMUP_STEPS,
         "batch": trainer.args.per_device_train_batch_size,
         "grad_accum": trainer.args.gradient_accumulation_steps,
         "seconds": round(seconds, 2),
-        "non_padding_tokens_hooked": counter.count,
+        "non_padding_tokens_hooked": counter.count - clock.tokens_before,
         "non_padding_tokens_estimated": round(estimate),
         "tokens_per_s": round(tokens / seconds, 1),
         "peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2),
         "train_loss": round(result.training_loss, 4),
         "optim": str(trainer.args.optim),
         "padding_free": bool(getattr(trainer.args, "padding_free", False)),
+        "liger": bool(getattr(trainer.args, "use_liger_kernel", False)),
     }
+
+
+def _after_warm_up(counter: _Tokens) -> Any:
+    """A TrainerCallback whose `started` and `tokens_before` are taken after WARMUP_STEPS."""
+    import torch
+    from transformers import TrainerCallback
+
+    class AfterWarmUp(TrainerCallback):
+        started = time.perf_counter()
+        tokens_before = 0
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step == WARMUP_STEPS:
+                torch.cuda.synchronize()
+                self.started = time.perf_counter()
+                self.tokens_before = counter.count
+
+    return AfterWarmUp()
 
 
 # ---------------------------------------------------------------------------- driver
@@ -417,14 +460,18 @@ def _part(part: str, workdir: Path, model_dir: Path, adapter: Path, tokens: int,
         return serve_plain(model_dir, adapter, tokens)
     if part.startswith("serve_"):
         return serve_engine(workdir, model_dir, adapter, part.removeprefix("serve_"), tokens)
-    return train_speed(workdir, model_dir, part.removeprefix("train_"), steps)
+    return train_speed(workdir, model_dir, part.split("_", 2)[2], steps)  # train_<model>_<path>
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", default="serving,training")
     parser.add_argument("--new-tokens", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=30, help="timed steps after the warm-up")
+    parser.add_argument(
+        "--moe", default="", help="training variants to run on a GPT-OSS-shaped MoE too"
+    )
+    parser.add_argument("--llama", default="", help="training variants on the Llama (default all)")
     parser.add_argument(
         "--tokenizer", type=Path, default=None, help="tokenizer folder (default: the tiny one)"
     )
@@ -484,18 +531,29 @@ def main(argv: list[str] | None = None) -> int:
                     )
             results["serving"] = serving
         if "training" in parts:
-            training = {
-                name: _child(f"train_{name}", workdir, model_dir, adapter, opts)
-                for name in ("plain", "product")
-            }
-            plain, product = training["plain"], training["product"]
-            if plain.get("tokens_per_s") and product.get("tokens_per_s"):
-                training["product_vs_plain_tokens_per_s"] = round(
-                    product["tokens_per_s"] / plain["tokens_per_s"], 2
-                )
-                training["product_vs_plain_peak_memory"] = round(
-                    product["peak_gb"] / plain["peak_gb"], 2
-                )
+            # The same rows, seed and settings on each model; a GPT-OSS-shaped MoE as well
+            # (16 experts, 2 per token, sliding + full attention; ~0.5 B parameters).
+            from tests.tiny_models import tiny_gpt_oss
+
+            models = {"llama": (model_dir, opts.llama or ",".join(TRAIN_VARIANTS))}
+            if opts.moe:
+                moe = tiny_gpt_oss(workdir / "moe", hidden=1024, layers=8, experts=16)
+                models["moe"] = (moe, opts.moe)
+            training: dict[str, Any] = {}
+            for model_name, (path, variants) in models.items():
+                rows = {
+                    name: _child(f"train_{model_name}_{name}", workdir, path, adapter, opts)
+                    for name in variants.split(",")
+                    if name
+                }
+                plain = rows.get("plain", {})
+                for row in rows.values():
+                    if plain.get("tokens_per_s") and row.get("tokens_per_s"):
+                        row["vs_plain_tokens_per_s"] = round(
+                            row["tokens_per_s"] / plain["tokens_per_s"], 2
+                        )
+                        row["vs_plain_peak_memory"] = round(row["peak_gb"] / plain["peak_gb"], 2)
+                training[model_name] = rows
             results["training"] = training
     write_results("gpu", results)
     print(json.dumps(results, indent=2))

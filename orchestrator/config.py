@@ -82,6 +82,13 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# A preset's LoRA shape, where it differs from the defaults; explicit [lora] keys win.
+LORA_PRESETS: dict[str, dict[str, Any]] = {
+    # The person's notes: r=8, alpha=16 on GPT-OSS-20B (a 20 B model needs a lighter touch).
+    "gpt-oss-20b": {"r": 8, "alpha": 16},
+}
+
+
 class ModelProfile(_Section):
     """Which base model serves and trains, and how it is loaded."""
 
@@ -453,6 +460,16 @@ class Settings(BaseSettings):
         if toml_path is not None and toml_path.exists():
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
         return tuple(sources)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_lora_preset(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+            return data
+        preset = LORA_PRESETS.get(data["model"].get("preset", ""))
+        if preset is None or not isinstance(data.get("lora", {}), dict):
+            return data
+        return {**data, "lora": {**preset, **data.get("lora", {})}}
 
     @model_validator(mode="after")
     def _check_schedule_profiles(self) -> Settings:

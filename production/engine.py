@@ -177,7 +177,19 @@ class Engine:
             self.merged = MergedAdapters(self.model)
             graphs = device.startswith("cuda")
             self.static = StaticDecoder(self.model, self.context_window, device, graphs)
-            self._warm_up()
+            try:
+                self._warm_up()
+            except Exception as exc:  # torch.compile cannot trace every architecture
+                if settings.server.decode == "static":
+                    raise
+                log.warning(
+                    "the static decode step does not build for %s (%s: %s); decoding with "
+                    "generate() instead",
+                    self.base_model_name,
+                    type(exc).__name__,
+                    str(exc).splitlines()[0] if str(exc) else "",
+                )
+                self.decode, self.static, self.merged = "generate", None, None
         log.info(
             "loaded %s (%s backend, %s decode) on %s in %.1f s",
             self.base_model_name,

@@ -48,6 +48,17 @@ def test_gpt_oss_preset_fills_the_model_section_and_explicit_keys_win(home: Path
     assert model.max_seq_length == 4096
 
 
+def test_gpt_oss_preset_sets_the_notes_lora_shape_and_explicit_lora_keys_win(home: Path) -> None:
+    write_config(home, '[model]\npreset = "gpt-oss-20b"\n')
+    lora = load_settings(home, gpu_count=0).lora
+    assert (lora.r, lora.alpha) == (8, 16)
+    write_config(home, '[model]\npreset = "gpt-oss-20b"\n[lora]\nr = 32\n')
+    lora = load_settings(home, gpu_count=0).lora
+    assert (lora.r, lora.alpha) == (32, 16)
+    write_config(home, '[model]\npreset = "smollm2-135m"\n')
+    assert (load_settings(home, gpu_count=0).lora.r, load_settings(home).lora.alpha) == (16, 32)
+
+
 @pytest.mark.parametrize(
     ("toml", "expected"),
     [

@@ -20,13 +20,26 @@ pytestmark = pytest.mark.slow
 
 
 def test_harmony_model_trains_on_the_final_channel_and_serves_it(tmp_path: Path) -> None:
+    harmony_round_trip(tmp_path, backend="transformers")
+
+
+def harmony_round_trip(tmp_path: Path, backend: str) -> dict:
+    """Train through the real job, promote, serve through the real worker (tests/test_gpu.py
+    runs it on CUDA with backend "auto": Unsloth trains, the static decoder serves). Returns
+    the candidate's meta config and the worker's /v1/status."""
     from trl.data_utils import apply_chat_template
 
     from data.store import Store
     from orchestrator.config import load_settings
 
     model_dir = tiny_gpt_oss(tmp_path / "tiny-gpt-oss")
-    home = model_home(tmp_path / "home", model_dir, chat_format="harmony", more=teach_profile(100))
+    home = model_home(
+        tmp_path / "home",
+        model_dir,
+        backend=backend,
+        chat_format="harmony",
+        more=teach_profile(100),
+    )
     settings = load_settings(home)
     teach(home)
 
@@ -79,5 +92,11 @@ def test_harmony_model_trains_on_the_final_channel_and_serves_it(tmp_path: Path)
             stored = store.get_message(message_id)
         assert stored.content.strip() == FACT
         assert stored.adapter_id == candidate_id
+        status = httpx.get(f"{server.url}/v1/status", timeout=10).json()
     finally:
         server.stop()
+    from candidates import Registry
+
+    return {"trained": Registry(home / "candidates").get(candidate_id).meta.config} | {
+        "served": {k: status.get(k) for k in ("backend", "decode", "device")}
+    }

@@ -107,7 +107,22 @@ def serving_decode(settings: Settings, device: str) -> str:
     if wanted != "auto":
         return wanted
     sixteen_bit = not settings.model.load_in_4bit and settings.model.backend != "unsloth"
-    return "static" if device.startswith("cuda") and sixteen_bit else "generate"
+    fits = sixteen_bit and not _mixture_of_experts(settings)
+    return "static" if device.startswith("cuda") and fits else "generate"
+
+
+def _mixture_of_experts(settings: Settings) -> bool:
+    """Whether the base model (a local folder) routes to experts. Unsloth trains LoRA on a
+    MoE's expert weights (PEFT target_parameters, its own layout), which the static decoder's
+    merge does not express: such adapters are served by Unsloth through generate()."""
+    import json
+    from pathlib import Path
+
+    try:
+        config = json.loads((Path(settings.model.base_model) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return any(config.get(key) for key in ("num_local_experts", "num_experts", "n_routed_experts"))
 
 
 def choose_backend(settings: Settings, device: str, role: str = "development") -> str:

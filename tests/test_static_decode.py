@@ -167,3 +167,20 @@ def test_an_adapter_the_merge_cannot_express_is_refused_and_the_old_one_serves(
 
     assert engine.adapter_id == "all7"
     assert _answers(engine) == before
+
+
+def test_auto_decode_is_static_only_for_16_bit_dense_models_on_cuda(tmp_path: Path) -> None:
+    from orchestrator.devices import choose_backend, serving_decode
+    from tests.tiny_models import model_home, tiny_gpt_oss, tiny_llama
+
+    dense = load_settings(model_home(tmp_path / "d", tiny_llama(tmp_path / "llama")))
+    moe = load_settings(model_home(tmp_path / "m", tiny_gpt_oss(tmp_path / "gpt-oss")))
+    quantized = dense.model_copy(
+        update={"model": dense.model.model_copy(update={"load_in_4bit": True})}
+    )
+    assert serving_decode(dense, "cuda:0") == "static"
+    assert serving_decode(dense, "cpu") == "generate"
+    assert serving_decode(moe, "cuda:0") == "generate"  # Unsloth's expert LoRA does not merge
+    assert serving_decode(quantized, "cuda:0") == "generate"
+    auto = dense.model_copy(update={"model": dense.model.model_copy(update={"backend": "auto"})})
+    assert choose_backend(auto, "cuda:0", "production") == "transformers"

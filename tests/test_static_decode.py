@@ -184,3 +184,11 @@ def test_auto_decode_is_static_only_for_16_bit_dense_models_on_cuda(tmp_path: Pa
     assert serving_decode(quantized, "cuda:0") == "generate"
     auto = dense.model_copy(update={"model": dense.model.model_copy(update={"backend": "auto"})})
     assert choose_backend(auto, "cuda:0", "production") == "transformers"
+
+
+def test_forcing_static_decode_on_a_4_bit_model_is_refused_by_name(home_with_model: Path) -> None:
+    settings = load_settings(
+        home_with_model, {"server": {"decode": "static"}, "model": {"load_in_4bit": True}}
+    )
+    with pytest.raises(RuntimeError, match="server.decode = 'static' needs a 16-bit model"):
+        Engine(settings, "cpu")

@@ -471,7 +471,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--moe", default="", help="training variants to run on a GPT-OSS-shaped MoE too"
     )
-    parser.add_argument("--llama", default="", help="training variants on the Llama (default all)")
+    parser.add_argument(
+        "--llama",
+        default=",".join(TRAIN_VARIANTS),
+        help="training variants on the Llama ('' for none)",
+    )
     parser.add_argument(
         "--tokenizer", type=Path, default=None, help="tokenizer folder (default: the tiny one)"
     )
@@ -535,10 +539,11 @@ def main(argv: list[str] | None = None) -> int:
             # (16 experts, 2 per token, sliding + full attention; ~0.5 B parameters).
             from tests.tiny_models import tiny_gpt_oss
 
-            models = {"llama": (model_dir, opts.llama or ",".join(TRAIN_VARIANTS))}
+            models = {"llama": (model_dir, opts.llama)} if opts.llama else {}
             if opts.moe:
                 moe = tiny_gpt_oss(workdir / "moe", hidden=1024, layers=8, experts=16)
                 models["moe"] = (moe, opts.moe)
+                results["moe_model"] = {"hidden": 1024, "layers": 8, "experts": 16, "per_token": 2}
             training: dict[str, Any] = {}
             for model_name, (path, variants) in models.items():
                 rows = {

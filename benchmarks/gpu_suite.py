@@ -2,7 +2,8 @@
 training throughput of the product's path against plain TRL.
 
     python -m benchmarks.gpu_suite [--parts serving,training] [--new-tokens 256] [--steps 30]
-        [--llama plain,plain_liger,product,product16] [--moe plain,product16]
+        [--llama plain,plain_liger,product,product16,product16_padding_free,product16_packed]
+        [--moe plain,product16]
 
 On a random-initialised 1.07 B Llama-shaped bf16 model (hidden 2048, 16 layers, 32 heads,
 8 KV heads, vocab 49152; no download) with a LoRA adapter (r=16, all 7 projections, random
@@ -21,8 +22,9 @@ B so it changes the output):
   steps (`--steps` timed after 5 untimed warm-up steps): plain TRL SFTTrainer + PEFT in bf16;
   the same with Liger kernels (`use_liger_kernel`); the product's path (the loader the job
   uses: Unsloth, its get_peft_model with gradient checkpointing "unsloth", the job's
-  TrainingArguments incl. 8-bit AdamW and padding-free batches) on a 4-bit and on a 16-bit
-  preset. Non-padding tokens/s and peak CUDA memory. `--moe` runs chosen variants on a
+  TrainingArguments incl. 8-bit AdamW and `training.padding_free`) on a 4-bit and on a
+  16-bit preset, and those with padding-free batches forced on or with packing on. Non-padding
+  tokens/s and peak CUDA memory. `--moe` runs chosen variants on a
   GPT-OSS-shaped mixture of experts too.
 
 Writes benchmarks/results/gpu-<device>-<time>.json with the device, versions and figures.
@@ -300,11 +302,17 @@ class _Tokens:
 
 WARMUP_STEPS = 5  # not timed: CUDA context, kernel autotuning and compiles land here
 
-TRAIN_VARIANTS = {  # name: what it changes against plain TRL + PEFT in bf16
+TRAIN_VARIANTS = {  # name: what it changes against plain TRL + PEFT in bf16 (args: SFTConfig)
     "plain": {},
-    "plain_liger": {"use_liger_kernel": True},  # Liger's fused RMSNorm/RoPE/SwiGLU/linear+CE
+    # Liger's fused RMSNorm/RoPE/SwiGLU/linear+cross-entropy
+    "plain_liger": {"args": {"use_liger_kernel": True}},
     "product": {"load_in_4bit": True},  # the job's path on a 4-bit preset (QLoRA)
     "product16": {"load_in_4bit": False},  # the job's path on a 16-bit preset
+    # Ablations: padding-free batches forced on (the job leaves them off without flash-attn:
+    # training.padding_free), and packing rows together (the job does not pack).
+    "product_padding_free": {"load_in_4bit": True, "args": {"padding_free": True}},
+    "product16_padding_free": {"load_in_4bit": False, "args": {"padding_free": True}},
+    "product16_packed": {"load_in_4bit": False, "args": {"packing": True}},
 }
 
 
@@ -345,7 +353,7 @@ def train_speed(workdir: Path, model_dir: Path, path: str, steps: int) -> dict[s
         model = get_peft_model(
             model, LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, task_type="CAUSAL_LM")
         )
-        args = SFTConfig(**common, **variant)
+        args = SFTConfig(**common, **variant.get("args", {}))
     else:
         from development import train
         from production.engine import load_model
@@ -364,7 +372,10 @@ def train_speed(workdir: Path, model_dir: Path, path: str, steps: int) -> dict[s
         product = train._common_args(settings, "bench", device, workdir / "out-product", stage, 8)
         args = SFTConfig(
             **(product | {k: common[k] for k in ("logging_steps", "save_strategy", "max_length")}),
-            completion_only_loss=True,
+            **(
+                {"completion_only_loss": True, "padding_free": train.padding_free(settings, device)}
+                | variant.get("args", {})
+            ),
         )
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -403,6 +414,7 @@ def train_speed(workdir: Path, model_dir: Path, path: str, steps: int) -> dict[s
         "optim": str(trainer.args.optim),
         "padding_free": bool(getattr(trainer.args, "padding_free", False)),
         "liger": bool(getattr(trainer.args, "use_liger_kernel", False)),
+        "packing": bool(getattr(trainer.args, "packing", False)),
     }
 
 

@@ -189,6 +189,26 @@ def _common_args(
     }
 
 
+def padding_free(settings: Settings, device: str) -> bool:
+    """Whether SFT batches are padding-free (training.padding_free; see its comment)."""
+    import importlib.util
+
+    from orchestrator.devices import choose_backend
+
+    unsloth = choose_backend(settings, device) == "unsloth"
+    choice = settings.training.padding_free
+    if choice == "auto":
+        return unsloth and importlib.util.find_spec("flash_attn") is not None
+    if choice == "on" and not unsloth:
+        # TRL refuses padding-free batches it cannot cut to max_length; Unsloth cuts them.
+        raise ValueError(
+            "training.padding_free = 'on' needs the unsloth backend (CUDA); this run uses "
+            "transformers, whose trainer does not cut padding-free rows to "
+            "model.max_seq_length: set it to 'auto' or 'off'"
+        )
+    return choice == "on"
+
+
 def _optimizer(wanted: str, cuda: bool) -> str:
     if wanted == "adamw_8bit" and not cuda:
         raise ValueError("optimizer adamw_8bit needs a CUDA device (bitsandbytes)")
@@ -286,6 +306,8 @@ def run_sft(
         gradient_accumulation_steps=profile.grad_accum,
         completion_only_loss=True,
         packing=False,
+        # Set either way: Unsloth turns it on by itself when left unset.
+        padding_free=padding_free(settings, ctx.device),
         eval_strategy="steps" if has_eval else "no",
         eval_steps=eval_every,
         eval_on_start=has_eval,
@@ -395,6 +417,7 @@ def train_candidate(ctx: RunContext, *, force: bool = False) -> str | None:
         return None
 
     started = time.monotonic()
+    padding_free(settings, ctx.device)  # a setting this run cannot honour fails before loading
     ctx.report({"stage": "loading", "step": 0, "max_steps": 0})
     model, tokenizer = modeling.load_base(settings, ctx.device, for_training=True)
     # Unsloth hands back a patched transformers class, so ask the loader, not the model.
@@ -448,6 +471,7 @@ def train_candidate(ctx: RunContext, *, force: bool = False) -> str | None:
             "model": settings.model.model_dump(),
             "backend": backend,
             "optimizer": _optimizer(profile.optimizer, ctx.device.startswith("cuda")),
+            "padding_free": padding_free(settings, ctx.device),
             "run_id": ctx.run_id,
         },
         data=snapshot,

@@ -277,10 +277,10 @@ class Training(_Section):
     # Padding-free batches lay a batch's rows end to end instead of padding them to the
     # longest: less memory, but faster only with varlen attention kernels (flash-attn).
     # Measured on an H200 without flash-attn (benchmarks.gpu_suite, 1.07 B Llama, rows of
-    # 64-448 tokens, Unsloth): 1.5x slower than padded batches for 20-30% less peak memory.
-    # Padded and padding-free runs reached the same loss there. Unsloth refuses them for
-    # GPT-OSS whatever this says; TRL's own trainer (backend transformers) cannot cut them
-    # to max_seq_length, so "on" needs the unsloth backend.
+    # 64-448 tokens, Unsloth): 1.4-1.5x slower than padded batches (three calls) for 20-30%
+    # less peak memory, at the same loss. Unsloth leaves them off for GPT-OSS either way;
+    # TRL's own trainer (backend transformers) cannot cut them to max_seq_length, so "on"
+    # needs the unsloth backend.
     padding_free: Literal["auto", "on", "off"] = Field(
         "auto",
         description="auto = on only with Unsloth and flash-attn installed; on (Unsloth only) "

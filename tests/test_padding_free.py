@@ -1,5 +1,5 @@
 """`training.padding_free`: "auto" trains padded batches unless Unsloth and flash-attn are
-both there (without flash-attn padding-free batches were 1.5x slower: benchmarks/gpu_suite.py),
+both there (without flash-attn padding-free batches were 1.4-1.5x slower: benchmarks/gpu_suite.py),
 records the choice in the candidate's meta, and "on" where TRL's own trainer runs is refused
 by name before anything loads."""
 

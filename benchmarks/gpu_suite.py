@@ -373,7 +373,10 @@ def train_speed(workdir: Path, model_dir: Path, path: str, steps: int) -> dict[s
         args = SFTConfig(
             **(product | {k: common[k] for k in ("logging_steps", "save_strategy", "max_length")}),
             **(
-                {"completion_only_loss": True, "padding_free": train.padding_free(settings, device)}
+                {
+                    "completion_only_loss": True,
+                    "padding_free": train.padding_free(settings, "unsloth"),
+                }
                 | variant.get("args", {})
             ),
         )

@@ -189,13 +189,12 @@ def _common_args(
     }
 
 
-def padding_free(settings: Settings, device: str) -> bool:
-    """Whether SFT batches are padding-free (training.padding_free; see its comment)."""
+def padding_free(settings: Settings, backend: str) -> bool:
+    """Whether SFT batches are padding-free (training.padding_free; see its comment) with
+    `backend` (choose_backend's answer) training."""
     import importlib.util
 
-    from orchestrator.devices import choose_backend
-
-    unsloth = choose_backend(settings, device) == "unsloth"
+    unsloth = backend == "unsloth"
     choice = settings.training.padding_free
     if choice == "auto":
         return unsloth and importlib.util.find_spec("flash_attn") is not None
@@ -307,7 +306,7 @@ def run_sft(
         completion_only_loss=True,
         packing=False,
         # Set either way: Unsloth turns it on by itself when left unset.
-        padding_free=padding_free(settings, ctx.device),
+        padding_free=ctx.padding_free,
         eval_strategy="steps" if has_eval else "no",
         eval_steps=eval_every,
         eval_on_start=has_eval,
@@ -395,6 +394,7 @@ class RunContext:
     device: str
     scratch: Path
     stages: list[Stage] = field(default_factory=list)
+    padding_free: bool = False  # resolved once per run (training.padding_free)
 
     def report(self, progress: dict[str, Any]) -> None:
         self.store.update_run(self.run_id, progress={**progress, "updated_at": time.time()})
@@ -417,13 +417,14 @@ def train_candidate(ctx: RunContext, *, force: bool = False) -> str | None:
         return None
 
     started = time.monotonic()
-    padding_free(settings, ctx.device)  # a setting this run cannot honour fails before loading
-    ctx.report({"stage": "loading", "step": 0, "max_steps": 0})
-    model, tokenizer = modeling.load_base(settings, ctx.device, for_training=True)
     # Unsloth hands back a patched transformers class, so ask the loader, not the model.
     from orchestrator.devices import choose_backend
 
     backend = choose_backend(settings, ctx.device)
+    # A setting this run cannot honour fails here, before the model loads.
+    ctx.padding_free = padding_free(settings, backend)
+    ctx.report({"stage": "loading", "step": 0, "max_steps": 0})
+    model, tokenizer = modeling.load_base(settings, ctx.device, for_training=True)
 
     ctx.report({"stage": "base answers", "step": 0, "max_steps": 0})
 
@@ -471,7 +472,7 @@ def train_candidate(ctx: RunContext, *, force: bool = False) -> str | None:
             "model": settings.model.model_dump(),
             "backend": backend,
             "optimizer": _optimizer(profile.optimizer, ctx.device.startswith("cuda")),
-            "padding_free": padding_free(settings, ctx.device),
+            "padding_free": ctx.padding_free,
             "run_id": ctx.run_id,
         },
         data=snapshot,

@@ -79,6 +79,11 @@ def test_gpt_oss_preset_sets_the_notes_lora_shape_and_explicit_lora_keys_win(hom
         ('[schedule]\nnightly_profile = "huge"\n', "schedule.nightly_profile = 'huge' is not a"),
         ("[daemon]\nmax_restarts = -1\n", "daemon.max_restarts = -1 (from {cfg}): Input should"),
         ("[watch]\nmargin = -0.5\n", "watch.margin = -0.5 (from {cfg}): Input should"),
+        ('[server]\ndecode = "fast"\n', "server.decode = 'fast' (from {cfg}): Input should be"),
+        (
+            '[training]\npadding_free = "yes"\n',
+            "training.padding_free = 'yes' (from {cfg}): Input should be 'auto'",
+        ),
     ],
 )
 def test_bad_values_name_the_key_value_and_source(home: Path, toml: str, expected: str) -> None:

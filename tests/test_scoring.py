@@ -1,0 +1,55 @@
+"""Likelihood scoring (the evaluation's NLLs, preference margins and knowledge probes): the
+batched, left-padded, answer-span-only scorer gives what scoring each pair alone over the
+full vocabulary gives, on a dense model and on a GPT-OSS (sliding window, sinks, experts)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from development.modeling import pair_ids, score_answers
+from tests.tiny_models import tiny_gpt_oss, tiny_llama
+
+PAIRS = [
+    ([{"role": "user", "content": "What is my dog's name?"}], "Your dog is called Biscuit."),
+    ([{"role": "user", "content": "Hi"}], "Hello! How can I help you today with anything?"),
+    (
+        [
+            {"role": "user", "content": "Tell me about Paris, the capital of France, please."},
+            {"role": "assistant", "content": "Paris is the capital of France."},
+            {"role": "user", "content": "And Lisbon?"},
+        ],
+        "Lisbon is the capital of Portugal.",
+    ),
+]
+
+
+def _alone(model, tokenizer, prompt, answer) -> float:
+    head, tail = pair_ids(tokenizer, prompt, answer)
+    ids = torch.tensor([head + tail])
+    logprobs = torch.log_softmax(model(input_ids=ids).logits.float()[0, :-1], dim=-1)
+    targets = ids[0, 1:]
+    picked = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return float(picked[len(head) - 1 :].sum())
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt_oss"])
+def test_batched_span_scores_equal_each_pair_scored_alone(tmp_path: Path, kind: str) -> None:
+    folder = (
+        tiny_llama(tmp_path / "m", hidden=64, layers=2)
+        if kind == "llama"
+        else tiny_gpt_oss(tmp_path / "m", hidden=64, layers=2)
+    )
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = [_alone(model, tokenizer, p, a) for p, a in PAIRS]
+    got = score_answers(model, tokenizer, PAIRS, max_length=512, batch_size=3)
+    assert [s.tokens for s in got] == [len(pair_ids(tokenizer, p, a)[1]) for p, a in PAIRS]
+    assert [s.logprob for s in got] == pytest.approx(expected, rel=1e-4, abs=1e-3)
+    # Batches of one and of all give the same numbers: padding changes nothing.
+    single = score_answers(model, tokenizer, PAIRS, max_length=512, batch_size=1)
+    assert [s.logprob for s in single] == pytest.approx([s.logprob for s in got], abs=1e-3)

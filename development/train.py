@@ -219,10 +219,15 @@ def _optimizer(wanted: str, cuda: bool) -> str:
 
 
 def _attach_lora(model: Any, settings: Settings, profile_name: str, backend: str) -> Any:
+    from production.gpt_oss_layout import lora_targets
+
     profile = settings.profile(profile_name)
     rank = profile.lora_r or settings.lora.r
     # Keep alpha/r as configured when a profile overrides the rank.
     alpha = max(1, round(settings.lora.alpha * rank / settings.lora.r))
+    # On GPT-OSS in Unsloth's 4-bit layout the MLP names become every expert's Linear, for
+    # both backends alike (PEFT alone would put LoRA on attention only).
+    targets = lora_targets(model, settings.lora.target_modules)
     if backend == "unsloth":
         from unsloth import FastLanguageModel
 
@@ -231,7 +236,7 @@ def _attach_lora(model: Any, settings: Settings, profile_name: str, backend: str
             r=rank,
             lora_alpha=alpha,
             lora_dropout=settings.lora.dropout,
-            target_modules=settings.lora.target_modules,
+            target_modules=targets,
             use_gradient_checkpointing="unsloth",
             random_state=settings.training.seed,
             use_rslora=settings.lora.use_rslora,
@@ -242,7 +247,7 @@ def _attach_lora(model: Any, settings: Settings, profile_name: str, backend: str
         r=rank,
         lora_alpha=alpha,
         lora_dropout=settings.lora.dropout,
-        target_modules=settings.lora.target_modules,
+        target_modules=targets,
         use_rslora=settings.lora.use_rslora,
         task_type="CAUSAL_LM",
     )

@@ -140,6 +140,15 @@ class Devices(_Section):
 
     production: str = Field("auto", description="Device of the serving worker: auto|cpu|cuda:N.")
     development: str = Field("auto", description="Device of training jobs: auto|cpu|cuda:N.")
+    # torch.cuda.set_per_process_memory_fraction in each worker: the caching allocator refuses
+    # to grow past it (an out-of-memory error, as on a smaller card). The CUDA context itself
+    # (~0.5 GiB) is outside it. Used to prove a model fits 24 GB cards on a bigger GPU.
+    memory_limit_gb: float | None = Field(
+        None,
+        gt=0,
+        description="Cap each worker's GPU memory at this many GiB (emulate a smaller card, "
+        "or leave room for other programs); unset = the whole card.",
+    )
 
     @field_validator("production", "development")
     @classmethod

@@ -184,6 +184,15 @@ def prepare_embedded(home: Home, *, show_progress: bool = True) -> Path:
     return target
 
 
+def saved_quantized(path: str) -> bool:
+    """Whether a local checkpoint was saved quantized (its config has a quantization_config)."""
+    config = Path(path) / "config.json"
+    try:
+        return bool(json.loads(config.read_text()).get("quantization_config"))
+    except (OSError, ValueError):
+        return False
+
+
 def resolve(settings: Settings, *, prepare: bool = True) -> str:
     """What to pass to ``from_pretrained``: a local folder, or a hub id expected in the cache."""
     name = settings.model.base_model

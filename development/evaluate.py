@@ -312,11 +312,15 @@ def evaluate_candidate(
     sanity_items = examples_from[:8]
     sanity_prompts = [item.context for item in sanity_items]
 
+    from production.gpu_memory import StagePeaks
+
+    peaks = StagePeaks(device)
     model, tokenizer = modeling.load_base(settings, device, for_training=False)
     model = PeftModel.from_pretrained(model, str(folder), adapter_name="candidate")
     if champion_id is not None:
         registry.validate(champion_id, base_model=settings.model.base_model)
         model.load_adapter(str(registry.path(champion_id)), adapter_name="champion")
+    peaks.mark("load")
 
     results: dict[str, dict[str, Any]] = {}
     answers: dict[str, list[str]] = {}
@@ -328,6 +332,7 @@ def evaluate_candidate(
             results[name], answers[name] = measure(
                 active, tokenizer, settings, holdout, regression, sanity_prompts
             )
+        peaks.mark(name)
     champion_metrics = results.get("champion", results["base"])
     verdict = decide(results["candidate"], champion_metrics, results["base"], settings.gate)
     log.info("decision %s (%s): %s", verdict.decision, verdict.rule, verdict.reason)
@@ -373,11 +378,22 @@ def evaluate_candidate(
             "monitor": training.get("monitor", {}),
         },
         "evaluation_seconds": round(time.monotonic() - started, 1),
+        "evaluation_peak_gpu_gib": peaks.as_dict(),
     }
     _md, html_path = report.render(report_dict, folder)
     evaluation = {
         key: report_dict[key]
-        for key in ("champion_id", "decision", "rule", "reason", "checks", "metrics", "created_at")
+        for key in (
+            "champion_id",
+            "decision",
+            "rule",
+            "reason",
+            "checks",
+            "metrics",
+            "created_at",
+            "evaluation_seconds",
+            "evaluation_peak_gpu_gib",
+        )
     }
     update_meta(
         folder,

@@ -400,6 +400,14 @@ class RunContext:
     scratch: Path
     stages: list[Stage] = field(default_factory=list)
     padding_free: bool = False  # resolved once per run (training.padding_free)
+    peaks: Any = None  # production.gpu_memory.StagePeaks, made when the job starts
+
+    def mark(self, stage: str) -> None:
+        if self.peaks is None:
+            from production.gpu_memory import StagePeaks
+
+            self.peaks = StagePeaks(self.device)
+        self.peaks.mark(stage)
 
     def report(self, progress: dict[str, Any]) -> None:
         self.store.update_run(self.run_id, progress={**progress, "updated_at": time.time()})
@@ -408,6 +416,7 @@ class RunContext:
 def train_candidate(ctx: RunContext, *, force: bool = False) -> str | None:
     """One run, start to candidate. Returns the candidate id, or None when skipped."""
     from development import datasets, modeling
+    from production.gpt_oss_layout import adapter_placement
 
     settings, store = ctx.settings, ctx.store
     registry = Registry(settings.paths.candidates_dir)
@@ -430,12 +439,14 @@ def train_candidate(ctx: RunContext, *, force: bool = False) -> str | None:
     ctx.padding_free = padding_free(settings, backend)
     ctx.report({"stage": "loading", "step": 0, "max_steps": 0})
     model, tokenizer = modeling.load_base(settings, ctx.device, for_training=True)
+    ctx.mark("load")
 
     ctx.report({"stage": "base answers", "step": 0, "max_steps": 0})
 
     base_answers = datasets.load_base_answers(
         settings, lambda prompts: modeling.base_answers(model, tokenizer, settings, prompts)
     )
+    ctx.mark("base answers")
     model.config.use_cache = False
 
     def count(prompt: list[dict[str, str]], answer: str) -> int:
@@ -459,8 +470,10 @@ def train_candidate(ctx: RunContext, *, force: bool = False) -> str | None:
     set_seed(settings.training.seed)
     model = _attach_lora(model, settings, ctx.profile, backend)
     model = run_sft(model, tokenizer, data, ctx.stages[0], settings, ctx)
+    ctx.mark("sft")
     for stage in ctx.stages[1:]:
         model = run_preference(model, tokenizer, data, stage, settings, ctx)
+        ctx.mark(stage.name)
     model.eval()
 
     ctx.report({"stage": "saving", "step": 0, "max_steps": 0})
@@ -484,6 +497,8 @@ def train_candidate(ctx: RunContext, *, force: bool = False) -> str | None:
         metrics={
             "training": {
                 "stages": [stage.summary() for stage in ctx.stages],
+                # Peak GPU memory (GiB) per stage of this job; {} on the CPU.
+                "peak_gpu_gib": ctx.peaks.as_dict(),
                 "loss_curve": {stage.name: stage.curve for stage in ctx.stages},
                 "monitor": ctx.stages[0].monitor,
             }
@@ -495,6 +510,10 @@ def train_candidate(ctx: RunContext, *, force: bool = False) -> str | None:
     def write_files(folder: Path) -> None:
         # Only the trained adapter: DPO adds a frozen "ref" copy that must not ship.
         model.save_pretrained(str(folder), selected_adapters=["default"])
+        # meta.json is written after this: the LoRA tensors per module kind go in it.
+        placement = adapter_placement(folder)
+        meta.metrics["training"]["adapter_tensors"] = placement
+        log.info("adapter tensors per module kind: %s", placement)
 
     candidate = registry.create(meta, write_files)
     store.record_candidate(
@@ -564,6 +583,10 @@ def main(argv: list[str] | None = None) -> int:
                 from development import evaluate
 
                 gc.collect()  # the training model is unreachable now; free it before loading
+                if device.startswith("cuda"):
+                    import torch
+
+                    torch.cuda.empty_cache()
 
                 ctx.report({"stage": "evaluating", "step": 0, "max_steps": 0})
                 result = evaluate.evaluate_candidate(settings, store, candidate_id, device)

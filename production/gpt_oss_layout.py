@@ -69,6 +69,7 @@ def _classes() -> tuple[type, type]:
     import torch
     from torch import nn
     from torch.nn import functional
+    from transformers.models.gpt_oss import modeling_gpt_oss as gpt_oss
 
     class RouterLinear(nn.Module):
         """Holds weight and bias like nn.Linear but is not one, so bitsandbytes never
@@ -82,11 +83,13 @@ def _classes() -> tuple[type, type]:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return functional.linear(x, self.weight, self.bias)
 
-    class SplitTopKRouter(nn.Module):
-        """GptOssTopKRouter with its parameters under `linear.` (Unsloth's 4-bit layout)."""
+    class SplitTopKRouter(gpt_oss.GptOssTopKRouter):
+        """GptOssTopKRouter with its parameters under `linear.` (Unsloth's 4-bit layout). A
+        subclass, so what transformers finds by class still finds it: the router logits that
+        TRL's MoE auxiliary loss reads are recorded by an isinstance hook."""
 
         def __init__(self, config: Any) -> None:
-            super().__init__()
+            nn.Module.__init__(self)  # not the stock __init__: no top-level weight/bias
             self.top_k = config.num_experts_per_tok
             self.num_experts = config.num_local_experts
             self.hidden_dim = config.hidden_size

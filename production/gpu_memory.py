@@ -26,6 +26,19 @@ def apply_limit(limit_gb: float | None, device: str) -> None:
     log.info("GPU memory capped at %.1f GiB of %.1f GiB on %s", limit_gb, total / GIB, device)
 
 
+def snapshot(device: str, limit_gb: float | None = None) -> dict[str, Any] | None:
+    """This process's GPU memory now and at its peak (GiB); None on the CPU."""
+    if not device.startswith("cuda"):
+        return None
+    return {
+        "allocated_gib": round(torch.cuda.memory_allocated(device) / GIB, 2),
+        "peak_gib": round(torch.cuda.max_memory_allocated(device) / GIB, 2),
+        "reserved_gib": round(torch.cuda.memory_reserved(device) / GIB, 2),
+        "limit_gib": limit_gb,
+        "card_gib": round(torch.cuda.get_device_properties(device).total_memory / GIB, 1),
+    }
+
+
 class StagePeaks:
     """Peak allocated GiB per named stage, in order: `mark(name)` closes the stage that ran
     since the last mark (or since creation) and starts the next."""

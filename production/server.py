@@ -425,6 +425,8 @@ def create_app(service: Service) -> FastAPI:
 
     @app.get("/v1/status")
     async def status() -> dict[str, Any]:
+        from production import gpu_memory
+
         engine = service.engine
         return {
             "run_state": "running",
@@ -442,6 +444,9 @@ def create_app(service: Service) -> FastAPI:
             "started_at": service.started_at.isoformat(),
             "uptime_s": round((datetime.now(UTC) - service.started_at).total_seconds(), 1),
             "context_window": engine.context_window,
+            "gpu_memory": gpu_memory.snapshot(
+                engine.device, service.settings.devices.memory_limit_gb
+            ),
             # The supervising daemon's run/daemon.json (schedule, device plan, running job,
             # recent errors); null when this worker runs alone (`whetstone serve`).
             "daemon": read_state(service.settings),

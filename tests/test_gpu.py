@@ -171,3 +171,120 @@ def test_gpt_oss_trains_with_unsloth_and_serves_harmony_on_the_gpu(tmp_path: Pat
     print("GPT-OSS:", ran["served"], "trained with", ran["trained"]["backend"])
     assert ran["trained"]["backend"] == "unsloth"
     assert ran["served"] == {"backend": "unsloth", "decode": "generate", "device": "cuda:0"}
+
+
+def gpt_oss_home(home: Path, model_dir: Path, *, limit_gb: float, profile: str) -> Path:
+    """A home on the person's preset (gpt-oss-20b: Unsloth, 4-bit, harmony, r=8/alpha=16)
+    whose base model is the local real-layout checkpoint `model_dir`, each worker capped at
+    `limit_gb` of GPU memory (a 3090's 24 GB on a bigger card)."""
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.toml").write_text(
+        f'[model]\npreset = "gpt-oss-20b"\nbase_model = "{model_dir}"\n\n'
+        f"[devices]\nmemory_limit_gb = {limit_gb}\n\n{profile}"
+    )
+    return home
+
+
+@pytest.mark.skipif(importlib.util.find_spec("unsloth") is None, reason="needs unsloth (.[gpu])")
+def test_gpt_oss_in_the_real_4bit_layout_runs_the_whole_loop_under_a_cap(tmp_path: Path) -> None:
+    """A small GPT-OSS saved as Unsloth's bnb-4bit checkpoint (every expert its own NF4
+    Linear) on the person's preset, capped at 24 GB: the job loads it through Unsloth
+    without quantizing anything, puts LoRA on attention and every expert, trains SFT then
+    DPO on corrections, evaluates candidate vs champion vs base and gates; the worker serves
+    the taught answer on the final channel and hot-swaps to the next champion."""
+    import httpx
+
+    from benchmarks.gpt_oss_checkpoint import SHAPES, build
+    from candidates import Registry
+    from tests.conftest import ServerProcess
+
+    shape = SHAPES["small"]
+    model_dir = build(tmp_path / "gpt-oss-small-bnb-4bit", "small", "cuda")
+    profile = teach_profile(100).replace("preference_steps = 0", "preference_steps = 10")
+    home = gpt_oss_home(tmp_path / "home", model_dir, limit_gb=24, profile=profile)
+    teach(home)
+
+    def train(*extra: str) -> str:
+        args = ["train", "--home", str(home), "--wait", "--force", "--no-promote", *extra]
+        job = subprocess.run(
+            [sys.executable, "-m", "orchestrator.cli", *args],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=1200,
+        )
+        log_text = "\n".join(p.read_text() for p in sorted((home / "logs").glob("*.log")))
+        assert "trained candidate" in job.stdout, job.stdout + job.stderr + log_text[-6000:]
+        assert "stores fused experts" not in log_text  # Unsloth took the split 4-bit layout
+        return job.stdout.split("trained candidate ")[1].split()[0]
+
+    first = train("--no-evaluate")
+    registry = Registry(home / "candidates")
+    meta = registry.get(first).meta
+    training = meta.metrics["training"]
+    print("first:", training["adapter_tensors"], training["peak_gpu_gib"])
+    assert meta.config["backend"] == "unsloth"
+    assert [s["name"] for s in training["stages"]] == ["sft", "dpo"]
+    layers, experts = shape["layers"], shape["experts"]
+    assert training["adapter_tensors"] == {
+        **{f"attention.{p}_proj": 2 * layers for p in "qkvo"},
+        "experts.down": 2 * layers * experts,
+        "experts.gate_up": 2 * layers * experts,
+    }
+    assert max(training["peak_gpu_gib"].values()) < 24
+
+    def promote(candidate_id: str) -> None:
+        args = ["promote", candidate_id, "--force", "--home", str(home)]
+        done = subprocess.run(
+            [sys.executable, "-m", "orchestrator.cli", *args],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+
+    promote(first)
+
+    second = train()
+    evaluation = registry.get(second).meta.metrics["evaluation"]
+    print("second:", evaluation["decision"], evaluation["evaluation_peak_gpu_gib"])
+    assert evaluation["champion_id"] == first
+    assert {"base", "champion", "candidate"} <= set(evaluation["metrics"])
+    assert evaluation["metrics"]["candidate"]["general_facts_total"] > 0
+    assert evaluation["decision"] in {"promote", "reject"}
+    assert max(evaluation["evaluation_peak_gpu_gib"].values()) < 24
+
+    server = ServerProcess(home).wait_ready(timeout=600)
+    try:
+        body = {
+            "messages": [{"role": "user", "content": TAUGHT_QUESTIONS[1]}],
+            "stream": True,
+            "temperature": 0,
+            "max_tokens": 40,
+        }
+
+        def ask() -> str:
+            parts = []
+            with httpx.stream(
+                "POST", f"{server.url}/v1/chat/completions", json=body, timeout=300
+            ) as response:
+                assert response.status_code == 200, response.read()
+                for line in response.iter_lines():
+                    if line.startswith("data: ") and line != "data: [DONE]":
+                        for choice in json.loads(line[6:]).get("choices", []):
+                            parts.append(choice["delta"].get("content") or "")
+            return "".join(parts)
+
+        answer = ask()
+        status = httpx.get(f"{server.url}/v1/status", timeout=30).json()
+        print("served:", answer, status["gpu_memory"])
+        assert status["adapter_id"] == first and status["backend"] == "unsloth"
+        assert "Biscuit" in answer and "<|" not in answer
+        assert status["gpu_memory"]["peak_gib"] < 24
+        promote(second)  # the CLI asks the running worker to reload
+        swapped = httpx.post(f"{server.url}/admin/reload", timeout=300).json()
+        print("swap:", swapped)
+        assert httpx.get(f"{server.url}/v1/status", timeout=30).json()["adapter_id"] == second
+        assert "Biscuit" in ask()
+    finally:
+        server.stop()

@@ -231,6 +231,11 @@ def _attach_lora(model: Any, settings: Settings, profile_name: str, backend: str
     if backend == "unsloth":
         from unsloth import FastLanguageModel
 
+        # Unsloth stacks the expert LoRA of a MoE block into one `weight_stack` Parameter;
+        # TRL's DPO/KTO copy every ".default." parameter into a "ref" adapter by name and
+        # fail on it ("Linear has no attribute weight_stack", GPT-OSS on an H200). Per-expert
+        # parameters, as PEFT makes them, keep the preference stage working.
+        os.environ["UNSLOTH_MOE_STACKED_LORA"] = "0"
         return FastLanguageModel.get_peft_model(
             model,
             r=rank,

@@ -205,18 +205,25 @@ def test_gpt_oss_in_the_real_4bit_layout_runs_the_whole_loop_under_a_cap(tmp_pat
     teach(home)
 
     def train(*extra: str) -> str:
-        args = ["train", "--home", str(home), "--wait", "--force", "--no-promote", *extra]
+        # Without evaluation: the job module that `whetstone train` starts, with --no-evaluate.
+        args = ["orchestrator.cli", "train", "--wait", "--no-promote"]
+        args = ["development.train", *extra] if extra else args
         job = subprocess.run(
-            [sys.executable, "-m", "orchestrator.cli", *args],
+            [sys.executable, "-m", *args, "--home", str(home), "--force"],
             capture_output=True,
             text=True,
             cwd=REPO,
             timeout=1200,
         )
         log_text = "\n".join(p.read_text() for p in sorted((home / "logs").glob("*.log")))
-        assert "trained candidate" in job.stdout, job.stdout + job.stderr + log_text[-6000:]
+        assert job.returncode == 0, job.stdout + job.stderr[-6000:] + log_text[-6000:]
         assert "stores fused experts" not in log_text  # Unsloth took the split 4-bit layout
-        return job.stdout.split("trained candidate ")[1].split()[0]
+        made = [c.id for c in Registry(home / "candidates").list() if c.id not in seen]
+        assert len(made) == 1, job.stdout + log_text[-6000:]
+        seen.add(made[0])
+        return made[0]
+
+    seen: set[str] = set()
 
     first = train("--no-evaluate")
     registry = Registry(home / "candidates")

@@ -134,9 +134,11 @@ def train(home: Path, *, evaluate: bool) -> dict[str, Any]:
             done = cli(home, "train", "--wait", "--force", "--no-promote")
         else:
             job = ["-m", "development.train", "--home", str(home), "--force", "--no-evaluate"]
-            done = subprocess.run(
-                [sys.executable, *job], capture_output=True, text=True, cwd=REPO, timeout=3600
-            )
+            (home / "logs").mkdir(exist_ok=True)
+            with (home / "logs" / "first-job.log").open("w") as log:
+                done = subprocess.run(
+                    [sys.executable, *job], stdout=log, stderr=subprocess.STDOUT, cwd=REPO
+                )
     seconds = round(time.monotonic() - started, 1)
     logs = "\n".join(p.read_text() for p in sorted((home / "logs").glob("*.log")))
     made = [c for c in Registry(home / "candidates").list() if c.id not in before]
@@ -321,7 +323,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit-gb", type=float, default=24.0)
     parser.add_argument("--steps", type=int, default=30, help="SFT steps per job (DPO: half)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/whetstone-gpt-oss-24gb"))
+    parser.add_argument(
+        "--reuse-checkpoint", action="store_true", help="keep a checkpoint built by a run before"
+    )
     args = parser.parse_args(argv)
+    import shutil
+
     import torch
 
     from benchmarks.gpt_oss_checkpoint import build
@@ -345,12 +352,17 @@ def main(argv: list[str] | None = None) -> int:
     stages = results["stages"]
 
     started = time.monotonic()
-    model_dir = build(args.workdir / f"gpt-oss-{args.shape}-bnb-4bit", args.shape, "cuda")
+    model_dir = args.workdir / f"gpt-oss-{args.shape}-bnb-4bit"
+    if args.reuse_checkpoint and (model_dir / "model.safetensors.index.json").is_file():
+        results["checkpoint_reused"] = True
+    else:
+        build(model_dir, args.shape, "cuda")
     torch.cuda.empty_cache()
     size = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
     stages["build"] = {"wall_s": round(time.monotonic() - started, 1), "bytes": size}
     results["checkpoint_gb"] = round(size / 1e9, 2)
     write(results, path, args.workdir)
+    shutil.rmtree(args.workdir / "home", ignore_errors=True)
     home = make_home(args.workdir / "home", model_dir, args.limit_gb, args.steps)
 
     for key in ("first_job", "second_job"):

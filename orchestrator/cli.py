@@ -167,6 +167,16 @@ def doctor(
         table.add_row("model", f"[green]loadable here[/]{took}: {model.get('path')}")
     else:
         table.add_row("model", "[red]cannot load here[/]: " + "; ".join(model["problems"]))
+    fit = report.get("memory_fit")
+    for gpu in (fit or {}).get("gpus", []):
+        roles = " + ".join(gpu["roles"]) or "nothing planned"
+        verdict = "[green]fits[/]" if gpu["fits"] else "[red]does not fit[/]: "
+        table.add_row(
+            f"cuda:{gpu['index']} memory",
+            f"{roles}: needs ~{gpu['need_gib']} of {gpu['total_gib']} GiB (measured), "
+            + verdict
+            + "; ".join(gpu["problems"]),
+        )
     table.add_row("database", f"{settings.db_url} (schema {report['database']['schema_version']})")
     console.print(table)
     if not model["loadable"]:

@@ -53,6 +53,66 @@ def torch_facts() -> dict[str, Any]:
     }
 
 
+# Peak GPU memory of one process per role, as nvidia-smi saw the card (the CUDA context
+# included), measured by benchmarks.gpt_oss_24gb on the GPT-OSS-20B shape in the real 4-bit
+# layout with each process capped at 24 GiB: the worker serving an adapter and hot-swapping;
+# a job of SFT + DPO on 32 corrections with replay (batch 4, rows of ~40-120 tokens) and the
+# evaluation of candidate, champion and base. Longer rows need more for training.
+MEASURED_GIB: dict[str, dict[str, Any]] = {
+    "gpt-oss-20b": {
+        "serving": 14.3,
+        "training": 18.4,
+        "source": "benchmarks/results/gpt-oss-24gb-h200-20261202-074753.json",
+    },
+}
+# Kept free on a card beyond the measured peak: longer prompts, allocator fragmentation.
+HEADROOM_GIB = 1.0
+
+
+def memory_fit(settings: Any, devices: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Per GPU: the roles the device plan puts on it, what they need (measured) and whether
+    they fit. None when the preset has no measured figures."""
+    from orchestrator.devices import plan
+
+    measured = MEASURED_GIB.get(settings.model.preset)
+    if measured is None or not devices:
+        return None
+    placed = plan(settings, len(devices))
+    limit = settings.devices.memory_limit_gb
+    gpus = []
+    for dev in devices:
+        here = f"cuda:{dev['index']}"
+        roles = [
+            role
+            for role, device in (("serving", placed.production), ("training", placed.development))
+            if device == here
+        ]
+        usable = dev["total_gib"] if limit is None else min(limit, dev["total_gib"])
+        need = sum(measured[role] for role in roles)
+        problems = [
+            f"{role} needs about {measured[role]} GiB; {usable} GiB usable"
+            for role in roles
+            if measured[role] + HEADROOM_GIB > usable
+        ]
+        if len(roles) == 2 and need + HEADROOM_GIB > dev["total_gib"]:
+            problems.append(
+                f"serving and training together need about {need:.1f} GiB of "
+                f"{dev['total_gib']} GiB: a training job beside the serving worker runs out "
+                "of memory on this card"
+            )
+        gpus.append(
+            {
+                "index": dev["index"],
+                "total_gib": dev["total_gib"],
+                "roles": roles,
+                "need_gib": round(need, 1),
+                "fits": not problems,
+                "problems": problems,
+            }
+        )
+    return {"measured_gib": measured, "gpus": gpus}
+
+
 def model_check(settings: Any, facts: dict[str, Any]) -> dict[str, Any]:
     """Whether the configured model profile can be loaded here, and why not."""
     profile = settings.model
@@ -123,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         report["model"] = {"loadable": False, "problems": [str(exc)]}
     else:
         report["model"] = model_check(settings, report)
+        report["memory_fit"] = memory_fit(settings, report["cuda_devices"])
     report["unsloth_importable"] = importlib.util.find_spec("unsloth") is not None
     sys.stdout.write(json.dumps(report) + "\n")
     return 0

@@ -159,7 +159,6 @@ def train(home: Path, *, evaluate: bool) -> dict[str, Any]:
         "stages": training["stages"],
         "peak_gpu_gib": training.get("peak_gpu_gib"),
         "adapter_tensors": training.get("adapter_tensors"),
-        "unsloth_split_experts": "per-expert Linear experts" in logs,
         "unsloth_fused_experts": "stores fused experts" in logs,
         "rows": meta.data.get("counts"),
     }

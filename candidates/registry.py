@@ -118,7 +118,7 @@ def new_id() -> str:
 # Folder validation (pure functions: no registry state, no torch)
 
 
-def _check_adapter_config(folder: Path) -> None:
+def _check_adapter_config(folder: Path) -> dict[str, Any]:
     path = folder / ADAPTER_CONFIG
     if not path.is_file():
         raise InvalidCandidate(folder, f"{ADAPTER_CONFIG} is missing")
@@ -140,10 +140,11 @@ def _check_adapter_config(folder: Path) -> None:
         raise InvalidCandidate(
             folder, f"{ADAPTER_CONFIG} has r={rank!r}; it must be a positive integer"
         )
+    return config
 
 
-def _check_safetensors(folder: Path, path: Path) -> None:
-    """Check the header and that the file is as long as the header says.
+def _check_safetensors(folder: Path, path: Path) -> dict[str, Any]:
+    """Check the header and that the file is as long as the header says; return the header.
 
     This catches truncation (an interrupted copy or save) and a garbled header without
     loading a tensor; a bit flip inside the tensor data is not detected.
@@ -213,6 +214,28 @@ def _check_safetensors(folder: Path, path: Path) -> None:
     if size > expected:
         # The safetensors loader refuses this too (MetadataIncompleteBuffer).
         raise bad(f"is corrupt: {size - expected} trailing bytes not described by its header")
+    return header
+
+
+def _check_ranks(folder: Path, config: dict[str, Any], header: dict[str, Any]) -> None:
+    """The LoRA factors' shapes must have the rank adapter_config.json says: an edited `r`
+    passes every file check yet fails to load (PEFT: size mismatch), after a promotion."""
+    if config.get("rank_pattern"):
+        return  # per-module ranks: PEFT's pattern rules decide; the loader checks them
+    rank = config["r"]
+    for tensor, info in header.items():
+        if tensor == "__metadata__":
+            continue
+        shape = info["shape"]
+        axis = 0 if ".lora_A." in tensor else 1 if ".lora_B." in tensor else None
+        if axis is None or len(shape) != 2:
+            continue
+        if shape[axis] != rank:
+            raise InvalidCandidate(
+                folder,
+                f"{WEIGHTS_SAFETENSORS} holds {tensor} of shape {shape}, rank {shape[axis]}, "
+                f"but {ADAPTER_CONFIG} says r={rank}: the adapter would not load",
+            )
 
 
 def _check_torch_bin(folder: Path, path: Path) -> None:
@@ -239,12 +262,12 @@ def _check_torch_bin(folder: Path, path: Path) -> None:
         raise InvalidCandidate(folder, f"{name} is corrupt or truncated (not a torch file)")
 
 
-def _check_weights(folder: Path) -> None:
+def _check_weights(folder: Path, config: dict[str, Any]) -> None:
     safetensors = folder / WEIGHTS_SAFETENSORS
     binary = folder / WEIGHTS_BIN
     # PEFT loads the safetensors file when both exist, so that is the one to check.
     if safetensors.is_file():
-        _check_safetensors(folder, safetensors)
+        _check_ranks(folder, config, _check_safetensors(folder, safetensors))
     elif binary.is_file():
         _check_torch_bin(folder, binary)
     else:
@@ -265,8 +288,7 @@ def validate_folder(
         raise CandidateNotFound(folder, "does not exist")
     if not folder.is_dir():
         raise InvalidCandidate(folder, "is not a directory")
-    _check_adapter_config(folder)
-    _check_weights(folder)
+    _check_weights(folder, _check_adapter_config(folder))
     meta = read_meta(folder)
     expected = folder.name if expected_id is None else expected_id
     if meta.id != expected:

@@ -104,6 +104,19 @@ def _text(name: str, value: Any, *, nullable: bool = True) -> None:
         return
     if not isinstance(value, str):
         raise InvalidInput(f"{name} must be a string; got {type(value).__name__}")
+    unencodable(name, value)
+
+
+def unencodable(name: str, value: str) -> None:
+    """Refuse text that UTF-8 cannot store: a lone surrogate (JSON allows "\\ud800")."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = value[exc.start]
+        raise InvalidInput(
+            f"{name} is not valid text: a lone surrogate U+{ord(bad):04X} at character "
+            f"{exc.start} (escape pairs must be complete)"
+        ) from None
 
 
 def _number(name: str, value: Any, *, integer: bool) -> None:
@@ -170,6 +183,7 @@ def _check_correction(correction: Any) -> None:
         return
     if not isinstance(correction, str):
         raise FeedbackError(f"correction must be a string; got {type(correction).__name__}")
+    unencodable("correction", correction)
     if not correction.strip():
         raise FeedbackError(
             "correction is empty; send the answer you wanted, or leave correction out"
@@ -514,6 +528,8 @@ class Store:
         _check_correction(correction)
         if comment is not None and not isinstance(comment, str):
             raise FeedbackError(f"comment must be a string; got {type(comment).__name__}")
+        if comment is not None:
+            unencodable("comment", comment)
         if comment is not None and not comment.strip():
             comment = None
         if rating is None and correction is None and comment is None:

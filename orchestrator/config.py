@@ -171,6 +171,13 @@ class Server(_Section):
     max_queue: int = Field(
         8, ge=1, le=1024, description="Requests waiting for the model before new ones get 503."
     )
+    # Checked from Content-Length before the body is read: a multi-MB prompt used to be
+    # tokenised inside the event loop until /health missed and the worker was killed.
+    max_request_bytes: int = Field(
+        4 * 2**20,
+        ge=1024,
+        description="Largest request body accepted (bytes); larger ones get 413.",
+    )
     # generate() launches each kernel from Python and reaches 2-3% of the memory-bandwidth
     # bound on a GPU; the static path reached 39% on an H100 with a 1.07 B model
     # (benchmarks/results/gpu-h100-*.json) at the price of a ~25 s compile at worker start.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from candidates.registry import Candidate, PromotionResult, Registry
@@ -98,9 +99,12 @@ def promote(
     *,
     force: bool = False,
     actor: str = "cli",
+    before_swap: Callable[[], None] | None = None,
 ) -> PromotionResult:
     """Make `candidate_id` current if its latest evaluation decided "promote" (or `force`).
-    Integrity is always checked by the registry; force only skips the gate."""
+    Integrity is always checked by the registry; force only skips the gate. `before_swap`
+    runs after the gate and before `current` moves (the API worker loads the adapter there):
+    if it raises, nothing has changed."""
     registry.validate_id(candidate_id)
     evaluations = store.list_evaluations(candidate_id, limit=1)  # newest first
     passed = bool(evaluations) and evaluations[0].decision == "promote"
@@ -114,6 +118,8 @@ def promote(
             f"candidate {candidate_id} has not passed the gate: {why}. "
             f"Run `whetstone eval {candidate_id}`, or use --force to promote it anyway."
         )
+    if before_swap is not None:
+        before_swap()
     result = registry.promote(candidate_id, base_model=settings.model.base_model, force=force)
     store.record_promotion(
         action="promote",

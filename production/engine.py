@@ -41,6 +41,9 @@ class AdapterLoadError(RuntimeError):
     """An adapter folder could not be loaded onto the base model; the old one keeps serving."""
 
 
+MIN_SAMPLING_TEMPERATURE = 1e-4
+
+
 @dataclass(frozen=True)
 class Sampling:
     """Per-request sampling; None means the model's recommended default."""
@@ -186,6 +189,7 @@ class Engine:
             settings.model.max_seq_length,
             getattr(self.model.config, "max_position_embeddings", settings.model.max_seq_length),
         )
+        self._longest_token: int | None = None
         self.adapter_id: str | None = None
         self.adapter_loaded_at: datetime = datetime.now(UTC)
         self.loaded: set[str] = set()
@@ -238,6 +242,16 @@ class Engine:
         if isinstance(ids, dict) or hasattr(ids, "keys"):
             ids = ids["input_ids"]
         return list(ids)
+
+    def longest_token_chars(self) -> int:
+        """The most characters one token of this vocabulary stands for: a prompt longer
+        than that times the context window cannot fit, found without tokenising it."""
+        if self._longest_token is None:
+            vocab = self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
+            self._longest_token = max(
+                (len(self.tokenizer.convert_tokens_to_string([t])) for t in vocab if t), default=1
+            )
+        return self._longest_token
 
     def count(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -307,7 +321,9 @@ class Engine:
         if temperature is None:
             temperature = cfg.temperature if cfg.do_sample else 0.0
         kwargs: dict[str, Any] = {"max_new_tokens": sampling.max_tokens}
-        if temperature == 0:
+        # Logits divided by a temperature this small overflow to inf and sample NaN; its
+        # limit is greedy decoding, which is what the request asks for.
+        if temperature < MIN_SAMPLING_TEMPERATURE:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         else:
             kwargs.update(

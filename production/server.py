@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from candidates import Candidate, CandidateNotFound, Registry, RegistryError
 from candidates._fs import atomic_write_text
 from data.errors import Gone, InvalidInput, NotFound, StoreError
-from data.store import Store
+from data.store import Store, unencodable
 from orchestrator import devices, jobs, promotion
 from orchestrator.config import ConfigError, Settings, load_settings, parse_sets
 from orchestrator.daemon import read_state
@@ -60,16 +60,32 @@ class ApiError(Exception):
 # ------------------------------------------------------------------------ request bodies
 
 
+def _storable(value: str) -> str:
+    """Text the store (UTF-8) and the tokenizer can take: no lone surrogates."""
+    try:
+        unencodable("text", value)
+    except InvalidInput as exc:
+        raise ValueError(str(exc).removeprefix("text ")) from None
+    return value
+
+
 class ContentPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
     type: Literal["text"]
     text: str
+
+    _check_text = field_validator("text")(_storable)
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[ContentPart]
+
+    @field_validator("content")
+    @classmethod
+    def _check_content(cls, value: str | list[ContentPart]) -> str | list[ContentPart]:
+        return _storable(value) if isinstance(value, str) else value
 
     def text(self) -> str:
         if isinstance(self.content, str):
@@ -95,7 +111,8 @@ class ChatRequest(BaseModel):
     top_k: int | None = Field(None, ge=0)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    seed: int | None = None
+    # torch seeds are 64-bit: the range torch.manual_seed takes.
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
     n: int | None = Field(None, ge=1, le=1)
     reasoning_effort: Literal["low", "medium", "high"] | None = None
     include_reasoning: bool = False
@@ -179,6 +196,35 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _host_name(host_header: str) -> str:
+    """The name in a Host header, without the port ("[::1]:8321" -> "::1")."""
+    if host_header.startswith("["):
+        return host_header[1:].split("]", 1)[0]
+    return host_header.rsplit(":", 1)[0] if host_header.count(":") == 1 else host_header
+
+
+def foreign_request(headers: Any, scheme: str, loopback_bind: bool) -> str | None:
+    """Why a request must be refused as coming from another web site, or None.
+
+    A page on any site can make the browser send requests to 127.0.0.1 (a form POST needs no
+    CORS approval) and, by rebinding its own DNS name to 127.0.0.1, read the answers. Browsers
+    name the page's origin in `Origin` (and `Sec-Fetch-Site`); a rebinding page still sends
+    its own name in `Host`. Clients that are not browsers (the openai SDK, curl, the TUI) send
+    neither Origin nor a foreign Host, and whetstone's own pages are same-origin."""
+    host = headers.get("host", "")
+    if loopback_bind and not _is_loopback(_host_name(host).lower()):
+        return (
+            f"Host {host!r} is not this server: on a loopback bind it answers only to "
+            "127.0.0.1, localhost or [::1] (a foreign name is how DNS rebinding reaches it)"
+        )
+    origin = headers.get("origin")
+    if origin is not None and origin != f"{scheme}://{host}":
+        return f"cross-origin request from {origin!r} refused: whetstone allows no other origin"
+    if headers.get("sec-fetch-site") == "cross-site":
+        return "cross-site request refused: whetstone allows no other origin"
+    return None
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
@@ -354,6 +400,7 @@ def create_app(service: Service) -> FastAPI:
 
     app = FastAPI(title="whetstone", lifespan=lifespan)
     token = service.settings.bearer_token()
+    loopback_bind = _is_loopback(service.settings.server.host)
 
     @app.middleware("http")
     async def require_token(request: Request, call_next: Any) -> Any:
@@ -363,6 +410,36 @@ def create_app(service: Service) -> FastAPI:
             return JSONResponse(
                 _error_body("missing or wrong bearer token (see <home>/token)", 401), 401
             )
+        return await call_next(request)
+
+    # Registered after require_token, so it runs first: a foreign page learns nothing.
+    max_body = service.settings.server.max_request_bytes
+
+    @app.middleware("http")
+    async def bounded_body(request: Request, call_next: Any) -> Any:
+        declared = request.headers.get("content-length")
+        if declared is None and "transfer-encoding" in request.headers:
+            return JSONResponse(
+                _error_body("send the body with a Content-Length (no chunked uploads)", 411),
+                411,
+            )
+        if declared is not None and (not declared.isdigit() or int(declared) > max_body):
+            return JSONResponse(
+                _error_body(
+                    f"the request body is {declared} bytes; at most {max_body} are accepted "
+                    "(server.max_request_bytes)",
+                    413,
+                ),
+                413,
+            )
+        return await call_next(request)
+
+    @app.middleware("http")
+    async def same_origin_only(request: Request, call_next: Any) -> Any:
+        problem = foreign_request(request.headers, request.url.scheme, loopback_bind)
+        if problem is not None:
+            log.warning("refused %s %s: %s", request.method, request.url.path, problem)
+            return JSONResponse(_error_body(problem, 403), 403)
         return await call_next(request)
 
     @app.exception_handler(ApiError)
@@ -502,7 +579,25 @@ def create_app(service: Service) -> FastAPI:
     @app.post("/v1/candidates/{candidate_id}/promote")
     async def promote(candidate_id: str, body: PromoteRequest | None = None) -> dict[str, Any]:
         force = body.force if body is not None else False
-        _find_candidate(service.registry, candidate_id)
+        from production.engine import AdapterLoadError
+
+        found = _find_candidate(service.registry, candidate_id)
+        serving = service.engine.adapter_id
+        preloaded = False
+
+        def load_first() -> None:
+            # The worker loads the adapter before `current` moves: one it cannot load is
+            # refused while nothing has changed (no swap, no audit row).
+            service.registry.validate(candidate_id, base_model=service.settings.model.base_model)
+            nonlocal preloaded
+            if candidate_id not in service.engine.loaded:
+                service.worker.call(lambda e: e.load_adapter(candidate_id, found.path)).result()
+                preloaded = True
+
+        def drop_preloaded() -> None:
+            if preloaded and service.engine.adapter_id != candidate_id:
+                service.worker.call(lambda e: e.unload_adapter(candidate_id))
+
         try:
             # In a thread: the registry takes its file lock and checks the weights.
             result = await asyncio.to_thread(
@@ -513,12 +608,19 @@ def create_app(service: Service) -> FastAPI:
                 candidate_id,
                 force=force,
                 actor="api",
+                before_swap=load_first,
             )
+        except AdapterLoadError as exc:
+            raise ApiError(
+                409, f"{exc}; nothing changed, still serving {serving or 'the base model'}"
+            ) from None
         except promotion.PromotionRefused as exc:
             raise ApiError(409, str(exc)) from None
         except CandidateNotFound as exc:
+            drop_preloaded()
             raise ApiError(404, str(exc)) from None
         except (RegistryError, ValueError) as exc:
+            drop_preloaded()
             raise ApiError(400, str(exc)) from None
         return await serve_new_current(result)
 
@@ -574,8 +676,10 @@ def create_app(service: Service) -> FastAPI:
 
     @app.get("/v1/conversations")
     async def conversations(limit: int = 50, offset: int = 0) -> dict[str, Any]:
-        if not 1 <= limit <= 500 or offset < 0:
-            raise ApiError(400, "limit must be 1..500 and offset >= 0")
+        if not 1 <= limit <= 500:
+            raise ApiError(400, f"limit must be 1..500; got {limit}", param="limit")
+        if not 0 <= offset < 2**63:  # SQLite's integers are 64-bit
+            raise ApiError(400, f"offset must be 0..2^63-1; got {offset}", param="offset")
         rows = service.store.list_conversations(limit=limit, offset=offset)
         return {"data": [_conversation_summary(c) for c in rows]}
 
@@ -643,8 +747,18 @@ async def _chat(service: Service, req: ChatRequest, request: Request) -> Any:
     engine = service.engine
     system, turns = _turns(req.messages)
     prompt_messages = ([{"role": "system", "content": system}] if system else []) + turns
-    prompt = engine.prompt_ids(prompt_messages, req.reasoning_effort)
     window = engine.context_window
+    chars = sum(len(m["content"]) for m in prompt_messages)
+    most = window * await asyncio.to_thread(engine.longest_token_chars)
+    if chars > most:
+        raise ApiError(
+            400,
+            f"the prompt is {chars} characters; no more than {most} fit in the context window "
+            f"of {window} tokens (model.max_seq_length): shorten the conversation",
+            param="messages",
+        )
+    # Off the event loop: tokenising a long prompt takes long enough to miss /health.
+    prompt = await asyncio.to_thread(engine.prompt_ids, prompt_messages, req.reasoning_effort)
     if len(prompt) >= window:
         raise ApiError(
             400,

@@ -432,6 +432,11 @@ BROKEN = {
     ),
     "config no r": (lambda f: _edit_json(f / CFG, lambda d: d.pop("r")), "has no rank 'r'"),
     "config bad r": (lambda f: _edit_json(f / CFG, lambda d: d.update(r=0)), "r=0"),
+    # Every file intact, but PEFT would refuse the shapes: found before `current` moves.
+    "config r edited": (
+        lambda f: _edit_json(f / CFG, lambda d: d.update(r=8)),
+        "rank 4, but adapter_config.json says r=8: the adapter would not load",
+    ),
     "weights truncated": (lambda f: _truncate(f / WEIGHTS, 10), "is truncated"),
     "weights cut in header": (lambda f: os.truncate(f / WEIGHTS, 20), "header alone needs"),
     "weights tiny": (lambda f: (f / WEIGHTS).write_bytes(b"\x01\x02"), "shorter than"),

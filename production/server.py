@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -31,6 +32,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from sqlalchemy.exc import OperationalError
 
 from candidates import Candidate, CandidateNotFound, Registry, RegistryError
 from candidates._fs import atomic_write_text
@@ -464,6 +466,17 @@ def create_app(service: Service) -> FastAPI:
                 problems.append(f"{loc}: {msg}" if loc else msg)
         return JSONResponse(_error_body("; ".join(problems), 400), 400)
 
+    @app.exception_handler(OperationalError)
+    async def database_busy(request: Request, exc: OperationalError) -> JSONResponse:
+        if "locked" not in str(exc.orig) and "busy" not in str(exc.orig):
+            raise exc
+        # Another process holds a write transaction past the busy timeout: try again soon.
+        return JSONResponse(
+            _error_body("the database is busy (another process is writing); try again", 503),
+            503,
+            headers={"Retry-After": "2"},
+        )
+
     @app.exception_handler(StoreError)
     async def store_error(request: Request, exc: StoreError) -> JSONResponse:
         status = 404 if isinstance(exc, NotFound) else 410 if isinstance(exc, Gone) else 400
@@ -662,8 +675,12 @@ def create_app(service: Service) -> FastAPI:
 
     @app.post("/v1/feedback")
     async def feedback(body: FeedbackRequest) -> dict[str, Any]:
-        fb = service.store.add_feedback(
-            body.message_id, rating=body.rating, correction=body.correction, comment=body.comment
+        fb = await asyncio.to_thread(
+            service.store.add_feedback,
+            body.message_id,
+            rating=body.rating,
+            correction=body.correction,
+            comment=body.comment,
         )
         return {
             "id": fb.id,
@@ -680,12 +697,12 @@ def create_app(service: Service) -> FastAPI:
             raise ApiError(400, f"limit must be 1..500; got {limit}", param="limit")
         if not 0 <= offset < 2**63:  # SQLite's integers are 64-bit
             raise ApiError(400, f"offset must be 0..2^63-1; got {offset}", param="offset")
-        rows = service.store.list_conversations(limit=limit, offset=offset)
+        rows = await asyncio.to_thread(service.store.list_conversations, limit, offset)
         return {"data": [_conversation_summary(c) for c in rows]}
 
     @app.get("/v1/conversations/{conversation_id}")
     async def conversation(conversation_id: str) -> dict[str, Any]:
-        conv = service.store.get_conversation(conversation_id)
+        conv = await asyncio.to_thread(service.store.get_conversation, conversation_id)
         return _conversation_summary(conv) | {"messages": [_message_dict(m) for m in conv.messages]}
 
     @app.patch("/v1/conversations/{conversation_id}")
@@ -699,7 +716,7 @@ def create_app(service: Service) -> FastAPI:
 
     @app.delete("/v1/conversations/{conversation_id}")
     async def forget(conversation_id: str) -> dict[str, Any]:
-        service.store.forget_conversation(conversation_id)
+        await asyncio.to_thread(service.store.forget_conversation, conversation_id)
         return {"id": conversation_id, "forgotten": True}
 
     @app.post("/v1/chat/completions")
@@ -774,9 +791,14 @@ async def _chat(service: Service, req: ChatRequest, request: Request) -> Any:
     if service.worker.waiting >= service.worker.max_queue:
         raise ApiError(503, "the model is busy: too many requests waiting", **{"Retry-After": "5"})
 
-    conversation, user_id = service.thread(req)
+    conversation, user_id = await asyncio.to_thread(service.thread, req)
     effort = req.reasoning_effort or conversation.reasoning_effort
-    placeholder = service.store.add_message(
+    if effort != req.reasoning_effort:
+        # The conversation's own effort (set by PATCH) is what the answer is made with.
+        prompt = await asyncio.to_thread(engine.prompt_ids, prompt_messages, effort)
+        sampling = replace(sampling, max_tokens=max(1, min(sampling.max_tokens, window - len(prompt))))
+    placeholder = await asyncio.to_thread(
+        service.store.add_message,
         conversation.id,
         "assistant",
         "",

@@ -796,7 +796,8 @@ async def _chat(service: Service, req: ChatRequest, request: Request) -> Any:
     if effort != req.reasoning_effort:
         # The conversation's own effort (set by PATCH) is what the answer is made with.
         prompt = await asyncio.to_thread(engine.prompt_ids, prompt_messages, effort)
-        sampling = replace(sampling, max_tokens=max(1, min(sampling.max_tokens, window - len(prompt))))
+        room = max(1, window - len(prompt))
+        sampling = replace(sampling, max_tokens=min(sampling.max_tokens, room))
     placeholder = await asyncio.to_thread(
         service.store.add_message,
         conversation.id,

@@ -241,3 +241,44 @@ def test_huge_requests_are_refused_before_any_work_and_health_keeps_answering(se
         headers={"Content-Type": "application/json"},
     )
     assert chunked.status_code == 411
+
+
+def test_a_locked_database_answers_503_with_retry_after_and_health_stays_up(served) -> None:
+    import sqlite3
+    import threading
+    import time
+
+    server, home, _ = served
+    done = httpx.post(
+        f"{server.url}/v1/chat/completions", json={"messages": HI, "max_tokens": 4}, timeout=60
+    )
+    message_id = done.headers["X-Whetstone-Message-Id"]
+    holder = sqlite3.connect(home / "whetstone.db", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # another process holding a write transaction
+    health: list[float] = []
+    try:
+        answer: dict = {}
+
+        def rate() -> None:
+            response = httpx.post(
+                f"{server.url}/v1/feedback", json={"message_id": message_id, "rating": 5}, timeout=60
+            )
+            answer.update(status=response.status_code, headers=response.headers, body=response.text)
+
+        rating = threading.Thread(target=rate)
+        rating.start()
+        while rating.is_alive():
+            started = time.monotonic()
+            assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
+            health.append(time.monotonic() - started)
+            time.sleep(0.2)
+        rating.join()
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert answer["status"] == 503, answer["body"]
+    assert answer["headers"]["retry-after"] == "2"
+    assert "database is busy" in answer["body"]
+    assert max(health) < 5.0  # the wait did not block the event loop
+    again = httpx.post(f"{server.url}/v1/feedback", json={"message_id": message_id, "rating": 5})
+    assert again.status_code == 200 and again.json()["rating"] == 5

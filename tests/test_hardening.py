@@ -260,9 +260,8 @@ def test_a_locked_database_answers_503_with_retry_after_and_health_stays_up(serv
         answer: dict = {}
 
         def rate() -> None:
-            response = httpx.post(
-                f"{server.url}/v1/feedback", json={"message_id": message_id, "rating": 5}, timeout=60
-            )
+            rated = {"message_id": message_id, "rating": 5}
+            response = httpx.post(f"{server.url}/v1/feedback", json=rated, timeout=60)
             answer.update(status=response.status_code, headers=response.headers, body=response.text)
 
         rating = threading.Thread(target=rate)

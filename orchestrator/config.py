@@ -633,7 +633,10 @@ def load_settings(
         raise ConfigError(_describe(exc, overrides or {}, toml_data, toml_file)) from None
     finally:
         _toml_path.reset(token)
-    check_devices(settings, gpus.count() if gpu_count is None else gpu_count)
+    # A worker the parent pinned (CUDA_VISIBLE_DEVICES=N) sees one GPU, while devices.* name
+    # physical indices: the parent checked them against the whole machine already.
+    if gpu_count is not None or "WHETSTONE_WORKER_DEVICE" not in os.environ:
+        check_devices(settings, gpus.count() if gpu_count is None else gpu_count)
     return settings
 
 

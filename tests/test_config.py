@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -131,3 +132,30 @@ def test_cli_refuses_bad_config_with_exit_2_and_logs_resolved_config(home: Path)
     good = run_cli("status", "--home", str(home), "--set", "lora.r=4", "--set", "log_level=DEBUG")
     assert good.returncode == 0, good.stderr
     assert "resolved config:" in good.stderr and '"r": 4' in good.stderr
+
+
+def test_an_explicit_second_gpu_is_accepted_inside_the_worker_pinned_to_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """devices.development = "cuda:1" on a two-GPU machine: the daemon pins the job with
+    CUDA_VISIBLE_DEVICES=1, where nvidia-smi lists one GPU; the job must not refuse its own
+    config (every job used to exit with a config error)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "nvidia-smi"
+    fake.write_text(
+        "#!/bin/sh\necho '0, NVIDIA GeForce RTX 3090, 24576, 24000'\n"
+        "echo '1, NVIDIA GeForce RTX 3090, 24576, 24000'\n"
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "config.toml").write_text('[devices]\nproduction = "cuda:0"\ndevelopment = "cuda:1"\n')
+
+    assert load_settings(home).devices.development == "cuda:1"  # the daemon: two GPUs
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    with pytest.raises(ConfigError, match="devices.development = 'cuda:1'"):
+        load_settings(home)  # a plain process that sees one GPU is still refused
+    monkeypatch.setenv("WHETSTONE_WORKER_DEVICE", "cuda:0")
+    assert load_settings(home).devices.development == "cuda:1"  # the pinned job

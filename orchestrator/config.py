@@ -33,6 +33,7 @@ from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     TomlConfigSettingsSource,
 )
 
@@ -464,6 +465,23 @@ class Settings(BaseSettings):
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Logging.")
     model: ModelProfile = Field(default_factory=ModelProfile)
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+        try:
+            make_url(value).get_dialect()
+        except (ArgumentError, NoSuchModuleError, ValueError) as exc:
+            raise ValueError(f"not a database URL SQLAlchemy can open: {exc}") from None
+        except ImportError as exc:  # a known dialect whose driver is not installed
+            raise ValueError(f"its database driver is not installed: {exc}") from None
+        return value
+
     devices: Devices = Field(default_factory=Devices)
     server: Server = Field(default_factory=Server)
     lora: Lora = Field(default_factory=Lora)
@@ -617,11 +635,20 @@ def load_settings(
     home_path = _resolve_home(home)
     toml_file = Home(home_path).config_file
     toml_data: dict[str, Any] = {}
+    if toml_file.is_dir():
+        raise ConfigError(f"{toml_file} is a folder; the config must be a TOML file")
     if toml_file.exists():
         try:
-            toml_data = tomllib.loads(toml_file.read_text())
+            toml_data = tomllib.loads(toml_file.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{toml_file} is not valid TOML: {exc}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(
+                f"{toml_file} is not UTF-8 text: byte {exc.object[exc.start]:#04x} at "
+                f"position {exc.start}"
+            ) from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read {toml_file}: {exc.strerror}") from None
         if "home" in toml_data:
             raise ConfigError(f"{toml_file}: 'home' cannot be set inside the home's own config")
     _refuse_unknown_env()
@@ -631,6 +658,13 @@ def load_settings(
         settings = Settings(**init)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, overrides or {}, toml_data, toml_file)) from None
+    except SettingsError as exc:  # a WHETSTONE_* value that is not JSON where JSON is needed
+        field = re.search(r'field "(\w+)"', str(exc))
+        var = f"{ENV_PREFIX}{field.group(1).upper()}" if field else "a WHETSTONE_* variable"
+        raise ConfigError(
+            f"invalid configuration:\n  environment {var}: not valid JSON for a settings "
+            f"section (e.g. {var}='{{\"port\": 9000}}', or use {var}__KEY=value)"
+        ) from None
     finally:
         _toml_path.reset(token)
     # A worker the parent pinned (CUDA_VISIBLE_DEVICES=N) sees one GPU, while devices.* name

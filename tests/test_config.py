@@ -159,3 +159,30 @@ def test_an_explicit_second_gpu_is_accepted_inside_the_worker_pinned_to_it(
         load_settings(home)  # a plain process that sees one GPU is still refused
     monkeypatch.setenv("WHETSTONE_WORKER_DEVICE", "cuda:0")
     assert load_settings(home).devices.development == "cuda:1"  # the pinned job
+
+
+@pytest.mark.parametrize(
+    ("setup", "env", "message"),
+    [
+        (lambda h: (h / "config.toml").mkdir(), {}, "config.toml is a folder"),
+        (
+            lambda h: (h / "config.toml").write_bytes(b"\xff\xfe[model]\n"),
+            {},
+            "config.toml is not UTF-8 text: byte 0xff at position 0",
+        ),
+        (lambda h: None, {"WHETSTONE_SERVER": "{bad"}, "environment WHETSTONE_SERVER: not valid"),
+        (
+            lambda h: None,
+            {"WHETSTONE_DATABASE_URL": "postgresql+nope://x"},
+            "database_url = 'postgresql+nope://x' (from environment WHETSTONE_DATABASE_URL)",
+        ),
+    ],
+)
+def test_broken_settings_get_a_message_not_a_traceback(tmp_path: Path, setup, env, message) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    setup(home)
+    done = run_cli("status", "--home", str(home), env=env)
+    assert done.returncode != 0
+    assert message in done.stderr + done.stdout
+    assert "Traceback" not in done.stderr

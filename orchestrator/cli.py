@@ -82,15 +82,30 @@ def settings_for(home: Path | None, sets: list[str] | None, **flags: Any) -> Set
     return settings
 
 
-def open_store(settings: Settings) -> Store:
+def open_store(settings: Settings, *, existing_home: bool = False) -> Store:
+    """The home's store. `existing_home`: a command that only reads (status, candidates)
+    refuses a home that does not exist instead of creating one at a mistyped path."""
+    from sqlalchemy.exc import OperationalError
+
     from data.errors import StoreError
     from data.store import Store
 
-    settings.paths.create()
+    root = settings.paths.root
+    if existing_home and not root.is_dir():
+        raise _fail(
+            f"no whetstone home at {root}: check --home / WHETSTONE_HOME "
+            f"(`whetstone doctor --home {root}` creates one)"
+        )
+    try:
+        settings.paths.create()
+    except OSError as exc:
+        raise _fail(f"cannot write the home {root}: {exc.strerror} ({exc.filename})") from None
     try:
         return Store(settings.db_url)
     except StoreError as exc:
         raise _fail(str(exc)) from None
+    except OperationalError as exc:  # e.g. a read-only home, or a locked database
+        raise _fail(f"cannot open the database {settings.db_url}: {exc.orig}") from None
 
 
 def open_registry(settings: Settings) -> Registry:
@@ -190,8 +205,8 @@ def doctor(
 def status(home: HomeOpt = None, set_: SetOpt = None, as_json: JsonOpt = False) -> None:
     """What the home holds now: champion, data counts, last runs, the API worker."""
     settings = settings_for(home, set_)
+    store = open_store(settings, existing_home=True)
     registry = open_registry(settings)
-    store = open_store(settings)
     try:
         from orchestrator.daemon import read_state
         from orchestrator.jobs import reap_dead_runs
@@ -297,8 +312,8 @@ def candidates_cmd(home: HomeOpt = None, set_: SetOpt = None, as_json: JsonOpt =
     from orchestrator.promotion import candidate_rows
 
     settings = settings_for(home, set_)
+    store = open_store(settings, existing_home=True)
     registry = open_registry(settings)
-    store = open_store(settings)
     try:
         rows = candidate_rows(store, registry)
     finally:

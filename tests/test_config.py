@@ -186,3 +186,12 @@ def test_broken_settings_get_a_message_not_a_traceback(tmp_path: Path, setup, en
     assert done.returncode != 0
     assert message in done.stderr + done.stdout
     assert "Traceback" not in done.stderr
+
+
+def test_status_at_a_mistyped_home_says_so_and_creates_nothing(tmp_path: Path) -> None:
+    typo = tmp_path / "hoem"
+    for command in ("status", "candidates"):
+        done = run_cli(command, "--home", str(typo))
+        assert done.returncode == 1
+        assert f"no whetstone home at {typo}" in done.stderr + done.stdout
+    assert not typo.exists()

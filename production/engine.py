@@ -73,7 +73,18 @@ def pick_dtype(name: str, device: str) -> torch.dtype:
         return getattr(torch, name)
     if device.startswith("cuda"):
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16  # measured fine on CPU with SmolLM2 (~19 tok/s on 2 cores)
+    return torch.bfloat16 if cpu_has_bf16() else torch.float32
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX). bf16 measured fine on
+    such a CPU (SmolLM2 ~19 tok/s on 2 cores); on an AVX2-only AMD EPYC a 1024x1024 bf16
+    matmul took 2.9 s against 0.017 s in float32, and a training step minutes."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def load_model(

@@ -102,7 +102,7 @@ def _fused_reference(model, config_dir: Path):
 
     config = AutoConfig.from_pretrained(config_dir)
     del config.quantization_config
-    reference = GptOssForCausalLM(config).to(torch.bfloat16).eval()
+    reference = GptOssForCausalLM(config).to(model.dtype).eval()
 
     def weight(module):
         w = module.weight
@@ -169,7 +169,7 @@ def test_the_loader_reads_the_4bit_experts_as_saved_and_computes_the_fused_model
         got = model(input_ids=ids).logits.float()
         expected = reference(input_ids=ids).logits.float()
     assert got.shape == expected.shape
-    # bf16 compute in a different order: close (a layout mistake, e.g. gate and up not
+    # The same weights computed in another order: close (a layout mistake, e.g. gate and up not
     # interleaved, is off by more than 10x this), and mostly the same next token (random
     # weights make near-ties).
     assert (got - expected).abs().max() < 0.05

@@ -494,25 +494,26 @@ def test_promote_and_rollback_over_http_swap_what_serves(
     rows = {r["id"]: r for r in httpx.get(f"{server.url}/v1/candidates").json()["data"]}
     assert rows["api-a"]["current"] and rows["api-b"]["previous"]
 
-    # Registry-valid files that do not fit this model: the engine refuses, api-a serves on.
-    Registry(server.home / "candidates").create(
-        make_meta("misfit", base_model=BASE), write_fake_adapter
-    )
+    # Registry-valid files that do not fit this model: the engine refuses them before
+    # `current` moves, so nothing changes: api-a serves on and no promotion is recorded.
+    registry = Registry(server.home / "candidates")
+    registry.create(make_meta("misfit", base_model=BASE), write_fake_adapter)
     misfit = post("/v1/candidates/misfit/promote", json={"force": True})
     assert misfit.status_code == 409
-    assert "misfit was refused, still serving api-a" in error_of(misfit)
+    assert "misfit at" in error_of(misfit) and "does not load" in error_of(misfit)
+    assert "nothing changed, still serving api-a" in error_of(misfit)
     assert serving() == "api-a"
+    assert registry.current_id() == "api-a" and registry.previous_id() == "api-b"
 
     audit = [
         (p.action, p.candidate_id, p.forced, p.actor)
         for p in reversed(store_of(server.home).list_promotions())
     ]
-    assert audit[:5] == [
+    assert audit == [
         ("promote", "api-a", True, "api"),
         ("rollback", None, False, "api"),
         ("promote", "api-b", False, "api"),
         ("rollback", "api-a", False, "api"),
-        ("promote", "misfit", True, "api"),
     ]
 
 

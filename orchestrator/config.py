@@ -77,7 +77,9 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
         "load_in_4bit": True,
         "max_seq_length": 2048,
         "chat_format": "harmony",
-        "backend": "unsloth",
+        # auto: Unsloth trains (when installed); the API worker serves through the static
+        # decoder's expert kernels (production.moe_decode), ~10x Unsloth's generate().
+        "backend": "auto",
         # The API worker peaked at 14.3 GiB on the card (CUDA context included) on the
         # 20B shape (benchmarks/results/gpt-oss-24gb-h200-20261202-074753.json).
         "min_vram_gb": 15.0,

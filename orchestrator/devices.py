@@ -102,26 +102,41 @@ def _yield_cpu_to_serving() -> None:
 
 def serving_decode(settings: Settings, device: str) -> str:
     """How the API worker decodes: "static" (static KV cache, merged adapter, CUDA-graph step
-    on CUDA) or "generate" (transformers' generate over PEFT)."""
+    on CUDA) or "generate" (transformers' generate over PEFT).
+
+    auto picks static on CUDA for 16-bit dense models and for GPT-OSS in bf16 or 4 bits (its
+    experts run through production.moe_decode's kernels), unless model.backend is "unsloth":
+    that asks for Unsloth's own inference path."""
     wanted = settings.server.decode
     if wanted != "auto":
         return wanted
-    sixteen_bit = not settings.model.load_in_4bit and settings.model.backend != "unsloth"
-    fits = sixteen_bit and not _mixture_of_experts(settings)
-    return "static" if device.startswith("cuda") and fits else "generate"
+    if not device.startswith("cuda") or settings.model.backend == "unsloth":
+        return "generate"
+    if is_gpt_oss(settings):
+        return "static"
+    sixteen_bit = not settings.model.load_in_4bit
+    return "static" if sixteen_bit and not _mixture_of_experts(settings) else "generate"
 
 
-def _mixture_of_experts(settings: Settings) -> bool:
-    """Whether the base model (a local folder) routes to experts. Unsloth trains LoRA on a
-    MoE's expert weights (PEFT target_parameters, its own layout), which the static decoder's
-    merge does not express: such adapters are served by Unsloth through generate()."""
+def _base_config(settings: Settings) -> dict:
+    """The base model's config.json (a local folder), {} when there is none to read."""
     import json
     from pathlib import Path
 
     try:
-        config = json.loads((Path(settings.model.base_model) / "config.json").read_text())
+        return json.loads((Path(settings.model.base_model) / "config.json").read_text())
     except (OSError, ValueError):
-        return False
+        return {}
+
+
+def is_gpt_oss(settings: Settings) -> bool:
+    return _base_config(settings).get("model_type") == "gpt_oss"
+
+
+def _mixture_of_experts(settings: Settings) -> bool:
+    """Whether the base model (a local folder) routes to experts: other than GPT-OSS, the
+    static decoder has no expert kernels for them (their host-synced loops cannot be captured)."""
+    config = _base_config(settings)
     return any(config.get(key) for key in ("num_local_experts", "num_experts", "n_routed_experts"))
 
 

@@ -29,8 +29,8 @@ from transformers import (
 from transformers.generation.streamers import BaseStreamer
 
 from orchestrator.config import Settings
-from orchestrator.devices import choose_backend, serving_decode
-from production import base_model
+from orchestrator.devices import choose_backend, is_gpt_oss, serving_decode
+from production import base_model, moe_decode
 from production.decoding import Delta, make_decoder, stop_token_ids
 from production.static_decode import AdapterMergeError, MergedAdapters, StaticDecoder
 
@@ -182,17 +182,22 @@ class Engine:
         started = time.monotonic()
         self.backend = choose_backend(settings, device, "production")
         self.decode = serving_decode(settings, device)
-        quantized = self.backend != "transformers" or settings.model.load_in_4bit
+        # GPT-OSS's 4-bit experts have their own kernel (production.moe_decode); other 4-bit
+        # layers would need bitsandbytes' kernels inside the captured step.
+        moe = self.decode == "static" and is_gpt_oss(settings)
+        quantized = self.backend != "transformers" or (settings.model.load_in_4bit and not moe)
         if self.decode == "static" and quantized:
             raise RuntimeError(
-                "server.decode = 'static' needs a 16-bit model on the transformers backend "
-                f"(model.backend resolved to {self.backend}, load_in_4bit = "
+                "server.decode = 'static' needs a 16-bit model (or GPT-OSS) on the transformers "
+                f"backend (model.backend resolved to {self.backend}, load_in_4bit = "
                 f"{settings.model.load_in_4bit}): use server.decode = 'generate'"
             )
         self.model, self.tokenizer = load_model(
             settings, device, for_training=False, role="production"
         )
         self.model.eval()
+        if moe:
+            log.info("mixture-of-experts decode: %s", moe_decode.prepare(self.model))
         self.base = self.model
         self.generation_defaults = self.model.generation_config
         self.stop_ids = stop_token_ids(self.tokenizer, self.chat_format)

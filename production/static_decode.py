@@ -83,17 +83,15 @@ def read_lora(folder: Path, model: nn.Module, device: str | torch.device) -> lis
             raise AdapterMergeError(f"weight {key} is not a LoRA A/B matrix")
     factors = []
     for module, pair in sorted(pairs.items()):
-        layer = layers.get(module)
-        if not isinstance(layer, nn.Linear):
-            raise AdapterMergeError(f"{module} is not a Linear layer of this model")
+        in_features, out_features = _linear_shape(layers, module)
         if set(pair) != {"lora_A", "lora_B"}:
             raise AdapterMergeError(f"{module} has {sorted(pair)}, needs lora_A and lora_B")
         a, b = pair["lora_A"], pair["lora_B"]
         r = a.shape[0]
-        if a.shape != (r, layer.in_features) or b.shape != (layer.out_features, r):
+        if a.shape != (r, in_features) or b.shape != (out_features, r):
             raise AdapterMergeError(
                 f"{module}: A {tuple(a.shape)} / B {tuple(b.shape)} do not fit a Linear "
-                f"{layer.in_features} -> {layer.out_features}"
+                f"{in_features} -> {out_features}"
             )
         alpha_key = get_pattern_key(config.alpha_pattern.keys(), module)
         alpha = config.alpha_pattern.get(alpha_key, config.lora_alpha)
@@ -102,6 +100,22 @@ def read_lora(folder: Path, model: nn.Module, device: str | torch.device) -> lis
     if not factors:
         raise AdapterMergeError("the adapter holds no LoRA weights")
     return factors
+
+
+def _linear_shape(layers: dict[str, nn.Module], module: str) -> tuple[int, int]:
+    """(in, out) features of the Linear an adapter names: a Linear of the model, or one
+    expert's projection of a mixture-of-experts layer prepared by production.moe_decode
+    (`...experts.gate_up_projs.<i>`, Unsloth's split naming)."""
+    from production.moe_decode import EXPERT_LORA_NAME, DecodeExperts
+
+    layer = layers.get(module)
+    if isinstance(layer, nn.Linear):
+        return layer.in_features, layer.out_features
+    match = EXPERT_LORA_NAME.match(module)
+    owner = layers.get(match["owner"]) if match else None
+    if isinstance(owner, DecodeExperts) and int(match["i"]) < owner.num_experts:
+        return owner.shape(match["kind"])
+    raise AdapterMergeError(f"{module} is not a Linear layer of this model")
 
 
 class MergedAdapters:
@@ -133,18 +147,45 @@ class MergedAdapters:
             self._write(previous)
             raise
 
+    def _target(self, module: str) -> tuple[torch.Tensor | None, Any]:
+        """(the [out, in] weight `module`'s update merges into, None) or, for 4-bit experts
+        whose LoRA stays unmerged, (None, (experts, kind, index))."""
+        from production.moe_decode import EXPERT_LORA_NAME
+
+        match = EXPERT_LORA_NAME.match(module)
+        if not match:
+            return self.layers[module].weight, None
+        owner, kind, index = self.layers[match["owner"]], match["kind"], int(match["i"])
+        if owner.quantized:
+            return None, (owner, kind, index)
+        fused = owner.fused.gate_up_proj if kind == "gate_up" else owner.fused.down_proj
+        return fused.data[index].t(), None  # expert i's slice is stored [in, out]
+
     @torch.no_grad()
     def _write(self, adapter_id: str | None) -> None:
         started = time.monotonic()
         factors = self.loaded.get(adapter_id, []) if adapter_id is not None else []
         old = {f.module for f in self.loaded.get(self.active, [])} if self.active else set()
         self.active = None  # until every layer is written
+        for f in factors:  # buffers first: growing them drops what they held
+            unmerged = self._target(f.module)[1]
+            if unmerged is not None:
+                unmerged[0].reserve_lora(f.a.shape[0])
         for name in old - {f.module for f in factors}:
-            self.layers[name].weight.copy_(self.original[name])
+            weight, unmerged = self._target(name)
+            if unmerged is not None:
+                owner, kind, index = unmerged
+                owner.write_lora(kind, index, None, None, 0.0)
+            else:
+                weight.copy_(self.original[name])
         for f in factors:
-            weight = self.layers[f.module].weight
+            weight, unmerged = self._target(f.module)
+            if unmerged is not None:
+                owner, kind, index = unmerged
+                owner.write_lora(kind, index, f.a, f.b, f.scale)
+                continue
             if f.module not in self.original:
-                keep = weight.detach().to("cpu", copy=True)
+                keep = weight.detach().to("cpu", copy=True).contiguous()
                 self.original[f.module] = keep.pin_memory() if weight.is_cuda else keep
             merged = self.original[f.module].to(weight.device, torch.float32, copy=True)
             merged.addmm_(f.b.float(), f.a.float(), alpha=f.scale)

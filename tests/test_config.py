@@ -45,7 +45,7 @@ def test_gpt_oss_preset_fills_the_model_section_and_explicit_keys_win(home: Path
     write_config(home, '[model]\npreset = "gpt-oss-20b"\nmax_seq_length = 4096\n')
     model = load_settings(home, gpu_count=0).model
     assert model.base_model == "unsloth/gpt-oss-20b-unsloth-bnb-4bit"
-    assert (model.chat_format, model.load_in_4bit, model.backend) == ("harmony", True, "unsloth")
+    assert (model.chat_format, model.load_in_4bit, model.backend) == ("harmony", True, "auto")
     assert model.max_seq_length == 4096
 
 

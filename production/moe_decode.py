@@ -1,0 +1,611 @@
+"""Mixture-of-experts layers (GPT-OSS) for the static decoder: no host sync in a decode step,
+and only the chosen experts' weights read, once.
+
+transformers' GptOssExperts loops over the experts a token hit, finding them with
+`nonzero()`: every layer of every token waits for the CPU, so a decode step cannot be captured
+as a CUDA graph and runs at 2-5% of the memory-bandwidth bound (issue 15's table). Here each
+layer's experts become one `DecodeExperts` module:
+
+- at one token (a decode step) the router's top-k ids stay on the GPU and an expert-indexed
+  Triton kernel (the fused-MoE pattern: ids read on the device, weights addressed by id)
+  computes gate_up then down for the k chosen experts only, reading each weight once (no
+  gather copies them first), so the whole step captures as one CUDA graph;
+- at many tokens (prefill) it loops over the hit experts as transformers does: a prompt is
+  one forward, where a host sync costs nothing that matters.
+
+Weights as the person holds them:
+
+- bf16 (transformers' fused [experts, in, out] Parameters, used in place): an adapter's expert
+  LoRA (saved on Unsloth's split layout as `experts.gate_up_projs.<i>`) merges into expert i's
+  slice through a transposed view, with the static decoder's exact restore;
+- NF4 (Unsloth's 4-bit layout, one bitsandbytes Linear4bit per expert): the packed bytes of
+  the experts are stacked per layer and dequantized inside the kernel, double-quant absmax
+  included; the adapter stays unmerged (k small low-rank products per layer per token) in
+  buffers a hot swap overwrites in place. Attention is dequantized to bf16 once (about 1 GB
+  more on the 20B shape) so its LoRA merges like a dense model's.
+
+The CPU never runs the kernels: there the one-token path is the same math in torch. Tests run
+the kernels on the CPU in Triton's interpreter (tests/test_moe_decode.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+EXPERT_LORA_NAME = re.compile(r"^(?P<owner>.+\.experts)\.(?P<kind>gate_up|down)_projs\.(?P<i>\d+)$")
+NF4_BLOCK = 64  # bitsandbytes' 4-bit block: one absmax per 64 weights
+NESTED_BLOCK = 256  # double quant: one fp32 scale per 256 absmax bytes
+
+
+# ----------------------------------------------------------------------------- kernels
+
+_kernels: dict[str, Any] = {}
+
+
+def _triton_kernels() -> dict[str, Any]:
+    """The two expert-indexed GEMV kernels, compiled on first use (Triton ships with CUDA
+    torch; the CPU build has none and never calls this)."""
+    if _kernels:
+        return _kernels
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def expert_gemv_kn(
+        x_ptr,  # [S or 1, K] activations (row stride x_stride)
+        w_ptr,  # [E, K, N] weights, N contiguous (transformers' fused GPT-OSS experts)
+        ids_ptr,  # [S] expert of each slot
+        out_ptr,  # [SPLIT, S, N] fp32 partial sums
+        S,
+        K,
+        N,
+        x_stride,
+        K_PER_SPLIT: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        slot = tl.program_id(0)
+        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        split = tl.program_id(2)
+        expert = tl.load(ids_ptr + slot).to(tl.int64)
+        w_base = w_ptr + expert * K * N
+        n_ok = n < N
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        start = split * K_PER_SPLIT
+        for step in range(0, K_PER_SPLIT, BLOCK_K):
+            k0 = start + step
+            k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = k < K
+            x = tl.load(x_ptr + slot * x_stride + k, mask=k_ok, other=0.0).to(tl.float32)
+            w = tl.load(
+                w_base + k[:, None] * N + n[None, :],
+                mask=k_ok[:, None] & n_ok[None, :],
+                other=0.0,
+            )
+            acc += tl.sum(w.to(tl.float32) * x[:, None], axis=0)
+        tl.store(out_ptr + (split * S + slot) * N + n, acc, mask=n_ok)
+
+    @triton.jit
+    def expert_gemv_nf4(
+        x_ptr,  # [S or 1, K] activations
+        packed_ptr,  # [E, N * K // 2] uint8: two NF4 codes a byte, first in the high nibble
+        absmax_ptr,  # [E, N * K // 64]: uint8 codes if NESTED, else fp32 scales
+        nested_ptr,  # [E, nested blocks] fp32 (NESTED)
+        offset_ptr,  # [E] fp32 (NESTED)
+        code_ptr,  # [16] fp32 NF4 values
+        nested_code_ptr,  # [256] fp32 (NESTED)
+        ids_ptr,  # [S]
+        out_ptr,  # [SPLIT, S, N] fp32
+        S,
+        K,
+        N,
+        x_stride,
+        blocks_per_expert,
+        nested_per_expert,
+        K_PER_SPLIT: tl.constexpr,
+        NESTED: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        # Rows n of W [N, K] in blocks of 64 weights (K % 64 == 0, so a block never spans
+        # two rows); a tile is [BLOCK_N rows, G blocks, 32 bytes].
+        G: tl.constexpr = BLOCK_K // 64
+        slot = tl.program_id(0)
+        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        split = tl.program_id(2)
+        expert = tl.load(ids_ptr + slot).to(tl.int64)
+        n_ok = n < N
+        g = tl.arange(0, G)
+        j = tl.arange(0, 32)
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        start = split * K_PER_SPLIT
+        for step in range(0, K_PER_SPLIT, BLOCK_K):
+            k0 = start + step
+            block = (n[:, None] * K + k0) // 64 + g[None, :]  # [BLOCK_N, G]
+            block_ok = n_ok[:, None] & ((k0 + g * 64) < K)[None, :]
+            if NESTED:
+                q = tl.load(absmax_ptr + expert * blocks_per_expert + block, mask=block_ok, other=0)
+                nested = tl.load(
+                    nested_ptr + expert * nested_per_expert + block // 256, mask=block_ok, other=0.0
+                )
+                scale = tl.load(nested_code_ptr + q.to(tl.int32)) * nested
+                scale += tl.load(offset_ptr + expert)
+            else:
+                scale = tl.load(
+                    absmax_ptr + expert * blocks_per_expert + block, mask=block_ok, other=0.0
+                )
+            byte = tl.load(
+                packed_ptr + expert * blocks_per_expert * 32 + block[:, :, None] * 32 + j[None, None, :],
+                mask=block_ok[:, :, None],
+                other=0,
+            )
+            high = tl.load(code_ptr + (byte >> 4).to(tl.int32))
+            low = tl.load(code_ptr + (byte & 15).to(tl.int32))
+            k_even = k0 + g[:, None] * 64 + 2 * j[None, :]  # [G, 32]
+            x_even = tl.load(x_ptr + slot * x_stride + k_even, mask=k_even < K, other=0.0)
+            x_odd = tl.load(x_ptr + slot * x_stride + k_even + 1, mask=k_even + 1 < K, other=0.0)
+            products = high * x_even.to(tl.float32)[None] + low * x_odd.to(tl.float32)[None]
+            acc += tl.sum(tl.sum(products, axis=2) * scale, axis=1)
+        tl.store(out_ptr + (split * S + slot) * N + n, acc, mask=n_ok)
+
+    _kernels.update(kn=expert_gemv_kn, nf4=expert_gemv_nf4)
+    return _kernels
+
+
+# Tile sizes: a decode step has k (4) slots, so the grid is widened by splitting K too; every
+# SM then streams a few tiles. The partial sums are added in torch, where inductor fuses them
+# with the bias and the activation.
+KN_TILE = {"BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4}
+NF4_TILE = {"BLOCK_N": 16, "BLOCK_K": 128, "num_warps": 4}
+
+
+def _split_k(k: int, block_k: int, programs: int, device: torch.device) -> tuple[int, int]:
+    """(ranges, columns per range) splitting K so that about 8 programs per SM stream weights:
+    with 4 slots a layer's tiles alone leave most of an H200's 132 SMs idle."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    target = 8 * sms
+    steps = -(-k // block_k)
+    wanted = max(1, min(steps, target // max(1, programs)))
+    per_range = -(-steps // wanted)
+    return -(-steps // per_range), per_range * block_k
+
+
+def expert_gemv_kn(x: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """out[s] = x[s or 0] @ weight[ids[s]] as fp32 [S, N]; weight [E, K, N]."""
+    x = x.contiguous()
+    slots, (k, n) = ids.numel(), weight.shape[1:]
+    tile = KN_TILE
+    n_tiles = -(-n // tile["BLOCK_N"])
+    split, per_split = _split_k(k, tile["BLOCK_K"], slots * n_tiles, x.device)
+    out = torch.empty((split, slots, n), dtype=torch.float32, device=x.device)
+    x_stride = x.stride(0) if x.shape[0] > 1 else 0
+    _triton_kernels()["kn"][(slots, n_tiles, split)](
+        x, weight, ids, out, slots, k, n, x_stride, per_split, **tile
+    )
+    return out.sum(0)
+
+
+def expert_gemv_nf4(x: torch.Tensor, q: Nf4Stack, ids: torch.Tensor) -> torch.Tensor:
+    """out[s] = x[s or 0] @ dequant(q[ids[s]]).T as fp32 [S, N]."""
+    x = x.contiguous()
+    slots, n, k = ids.numel(), q.out_features, q.in_features
+    tile = NF4_TILE
+    n_tiles = -(-n // tile["BLOCK_N"])
+    split, per_split = _split_k(k, tile["BLOCK_K"], slots * n_tiles, x.device)
+    out = torch.empty((split, slots, n), dtype=torch.float32, device=x.device)
+    x_stride = x.stride(0) if x.shape[0] > 1 else 0
+    nested = q.nested_absmax is not None
+    dummy = q.code
+    _triton_kernels()["nf4"][(slots, n_tiles, split)](
+        x,
+        q.packed,
+        q.absmax,
+        q.nested_absmax if nested else dummy,
+        q.offset if nested else dummy,
+        q.code,
+        q.nested_code if nested else dummy,
+        ids,
+        out,
+        slots,
+        k,
+        n,
+        x_stride,
+        q.absmax.shape[1],
+        q.nested_absmax.shape[1] if nested else 0,
+        per_split,
+        NESTED=nested,
+        **tile,
+    )
+    return out.sum(0)
+
+
+# torch.compile sees the kernels as opaque ops with known output shapes, so the decode step
+# traces in one graph and CUDA-graph capture records the launches.
+@torch.library.custom_op("whetstone::expert_gemv_kn", mutates_args=())
+def _expert_gemv_kn_op(x: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    return expert_gemv_kn(x, weight, ids)
+
+
+@_expert_gemv_kn_op.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((ids.numel(), weight.shape[2]), dtype=torch.float32)
+
+
+@torch.library.custom_op("whetstone::expert_gemv_nf4", mutates_args=())
+def _expert_gemv_nf4_op(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    nested_absmax: torch.Tensor,
+    offset: torch.Tensor,
+    code: torch.Tensor,
+    nested_code: torch.Tensor,
+    ids: torch.Tensor,
+    in_features: int,
+) -> torch.Tensor:
+    stack = Nf4Stack(
+        packed,
+        absmax,
+        nested_absmax if nested_absmax.numel() else None,
+        offset,
+        code,
+        nested_code,
+        packed.shape[1] * 2 // in_features,
+        in_features,
+    )
+    return expert_gemv_nf4(x, stack, ids)
+
+
+@_expert_gemv_nf4_op.register_fake
+def _(x, packed, absmax, nested_absmax, offset, code, nested_code, ids, in_features):  # noqa: ANN001, ANN202
+    return x.new_empty((ids.numel(), packed.shape[1] * 2 // in_features), dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------- NF4 stacks
+
+
+class Nf4Stack:
+    """One projection of every expert of a layer, as bitsandbytes NF4 (blocksize 64) stacked:
+    packed [E, N*K/2] uint8, absmax [E, N*K/64] (uint8 codes with double quant, else fp32)."""
+
+    def __init__(
+        self,
+        packed: torch.Tensor,
+        absmax: torch.Tensor,
+        nested_absmax: torch.Tensor | None,
+        offset: torch.Tensor,
+        code: torch.Tensor,
+        nested_code: torch.Tensor,
+        out_features: int,
+        in_features: int,
+    ) -> None:
+        self.packed, self.absmax, self.nested_absmax = packed, absmax, nested_absmax
+        self.offset, self.code, self.nested_code = offset, code, nested_code
+        self.out_features, self.in_features = out_features, in_features
+
+    @classmethod
+    def from_linears(cls, linears: list[nn.Module]) -> Nf4Stack:
+        """Stack bitsandbytes Linear4bit layers (NF4, blocksize 64, one shape). The peak is
+        one layer's experts more than the model."""
+        weights = [_bnb_weight(linear) for linear in linears]
+        state = weights[0][1]
+        out_features, in_features = state.shape
+        for i, (_, s) in enumerate(weights):
+            if s.quant_type != "nf4" or s.blocksize != NF4_BLOCK:
+                raise ValueError(f"expert {i} is {s.quant_type}/{s.blocksize}, need nf4/64")
+            if tuple(s.shape) != (out_features, in_features):
+                raise ValueError(f"expert {i} is {tuple(s.shape)}, expert 0 {tuple(state.shape)}")
+        if in_features % NF4_BLOCK:
+            raise ValueError(f"in_features {in_features} is not a multiple of {NF4_BLOCK}")
+        # Double-quant absmax is read as stored; if some expert's is plain fp32 (bitsandbytes
+        # unpacks it for its CPU kernel), every expert's is kept as fp32.
+        nested = all(s.nested for _, s in weights)
+        device = weights[0][0].device
+        count = len(linears)
+        packed = torch.empty((count, out_features * in_features // 2), dtype=torch.uint8, device=device)
+        blocks = out_features * in_features // NF4_BLOCK
+        absmax = torch.empty(
+            (count, blocks), dtype=torch.uint8 if nested else torch.float32, device=device
+        )
+        nested_absmax = (
+            torch.empty((count, -(-blocks // NESTED_BLOCK)), dtype=torch.float32, device=device)
+            if nested
+            else None
+        )
+        offset = torch.zeros(count, dtype=torch.float32, device=device)
+        for i, (data, s) in enumerate(weights):
+            packed[i] = data.view(torch.uint8).reshape(-1)
+            if nested:
+                absmax[i] = s.absmax.reshape(-1)
+                nested_absmax[i] = s.state2.absmax.reshape(-1).float()
+                offset[i] = float(s.offset)
+            else:
+                absmax[i] = _plain_absmax(s)
+        return cls(
+            packed,
+            absmax,
+            nested_absmax,
+            offset,
+            state.code.float().to(device),
+            (state.state2.code if nested else state.code).float().to(device),
+            out_features,
+            in_features,
+        )
+
+    def scales(self, expert: int) -> torch.Tensor:
+        """Expert `expert`'s per-block absmax as fp32 [N*K/64], as bitsandbytes computes it."""
+        if self.nested_absmax is None:
+            return self.absmax[expert].float()
+        codes = self.nested_code[self.absmax[expert].long()]
+        nested = self.nested_absmax[expert].repeat_interleave(NESTED_BLOCK)[: codes.numel()]
+        return codes * nested + self.offset[expert]
+
+    def dequantize(self, expert: int, dtype: torch.dtype) -> torch.Tensor:
+        """Expert `expert`'s weight [N, K] in `dtype` (bitsandbytes' dequantize_4bit, in torch)."""
+        packed = self.packed[expert]
+        codes = torch.stack([packed >> 4, packed & 15], dim=-1).reshape(-1).long()
+        values = self.code[codes].view(-1, NF4_BLOCK) * self.scales(expert)[:, None]
+        return values.view(self.out_features, self.in_features).to(dtype)
+
+    def op_args(self) -> tuple[torch.Tensor, ...]:
+        empty = self.code.new_empty(0)
+        nested = self.nested_absmax if self.nested_absmax is not None else empty
+        return (self.packed, self.absmax, nested, self.offset, self.code, self.nested_code)
+
+
+# ----------------------------------------------------------------------------- the layer
+
+
+class DecodeExperts(nn.Module):
+    """A GPT-OSS layer's experts, called as GptOssExperts is (hidden [T, H], router indices
+    [T, k], routing weights [T, k])."""
+
+    def __init__(
+        self,
+        *,
+        alpha: float,
+        limit: float,
+        num_experts: int,
+        gate_up_bias: torch.Tensor,
+        down_bias: torch.Tensor,
+        fused: nn.Module | None = None,
+        gate_up_nf4: Nf4Stack | None = None,
+        down_nf4: Nf4Stack | None = None,
+    ) -> None:
+        super().__init__()
+        self.alpha, self.limit, self.num_experts = alpha, limit, num_experts
+        self.fused = fused  # transformers' GptOssExperts (bf16), kept: its Parameters serve
+        self.gate_up_nf4, self.down_nf4 = gate_up_nf4, down_nf4
+        self.register_buffer("gate_up_bias", gate_up_bias, persistent=False)
+        self.register_buffer("down_bias", down_bias, persistent=False)
+        self.lora_rank = 0  # NF4: unmerged LoRA buffers (registered when an adapter arrives)
+
+    @property
+    def quantized(self) -> bool:
+        return self.gate_up_nf4 is not None
+
+    def shape(self, kind: str) -> tuple[int, int]:
+        """(in_features, out_features) of one expert's `kind` projection."""
+        if self.quantized:
+            stack = self.gate_up_nf4 if kind == "gate_up" else self.down_nf4
+            return stack.in_features, stack.out_features
+        weight = self.fused.gate_up_proj if kind == "gate_up" else self.fused.down_proj
+        return weight.shape[1], weight.shape[2]
+
+    # -- the math shared by both paths
+
+    def _glu(self, gate_up: torch.Tensor) -> torch.Tensor:
+        gate = gate_up[..., ::2].clamp(max=self.limit)
+        up = gate_up[..., 1::2].clamp(min=-self.limit, max=self.limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
+
+    def _lora(self, kind: str, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor | None:
+        """The unmerged adapter's update for slots `ids` ([S] experts, x [S or 1, K])."""
+        if not self.lora_rank:
+            return None
+        a = getattr(self, f"{kind}_lora_a")[ids]  # [S, r, K]
+        b = getattr(self, f"{kind}_lora_b")[ids]  # [S, N, r] (scale folded in)
+        inner = torch.bmm(a.float(), x.float().expand(ids.numel(), -1).unsqueeze(-1))
+        return torch.bmm(b.float(), inner).squeeze(-1)
+
+    def _project(self, kind: str, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """fp32 [S, N] for slots `ids` at one token; x [1, K] or [S, K]."""
+        bias = (self.gate_up_bias if kind == "gate_up" else self.down_bias)[ids].float()
+        if x.is_cuda:
+            if self.quantized:
+                stack = self.gate_up_nf4 if kind == "gate_up" else self.down_nf4
+                out = _expert_gemv_nf4_op(x, *stack.op_args(), ids, stack.in_features)
+            else:
+                weight = self.fused.gate_up_proj if kind == "gate_up" else self.fused.down_proj
+                out = _expert_gemv_kn_op(x, weight, ids)
+        else:
+            out = torch.stack(
+                [
+                    x[min(s, x.shape[0] - 1)].float() @ self._weight_t(kind, int(e)).float()
+                    for s, e in enumerate(ids.tolist())
+                ]
+            )
+        lora = self._lora(kind, x, ids)
+        return out + bias if lora is None else out + bias + lora
+
+    def _weight_t(self, kind: str, expert: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Expert `expert`'s `kind` weight as [K, N] (x @ W)."""
+        if self.quantized:
+            stack = self.gate_up_nf4 if kind == "gate_up" else self.down_nf4
+            return stack.dequantize(expert, dtype or torch.bfloat16).t()
+        weight = self.fused.gate_up_proj if kind == "gate_up" else self.fused.down_proj
+        return weight[expert]
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        router_indices: torch.Tensor,
+        routing_weights: torch.Tensor,
+    ) -> torch.Tensor:
+        if hidden_states.shape[0] == 1:
+            return self._one_token(hidden_states, router_indices, routing_weights)
+        return self._many_tokens(hidden_states, router_indices, routing_weights)
+
+    def _one_token(
+        self, hidden: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        ids = indices.reshape(-1)
+        dtype = hidden.dtype
+        # Rounded to the model's dtype where transformers' loop rounds, so both paths agree.
+        gate_up = self._project("gate_up", hidden, ids).to(dtype)
+        glu = self._glu(gate_up)
+        down = self._project("down", glu, ids).to(dtype)
+        out = (down * weights.reshape(-1, 1).to(dtype)).float().sum(0, keepdim=True)
+        return out.to(dtype)
+
+    def _many_tokens(
+        self, hidden: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        if not self.quantized and not self.lora_rank:
+            return self.fused(hidden, indices, weights)
+        out = torch.zeros_like(hidden)
+        for expert in indices.unique().tolist():
+            token_idx, slot = torch.where(indices == expert)
+            x = hidden[token_idx]
+            ids = indices.new_full((len(token_idx),), expert)
+            gate_up = x @ self._weight_t("gate_up", expert, hidden.dtype)
+            gate_up = gate_up + self.gate_up_bias[expert]
+            lora = self._lora("gate_up", x, ids)
+            if lora is not None:
+                gate_up = (gate_up.float() + lora).to(hidden.dtype)
+            glu = self._glu(gate_up)
+            down = glu @ self._weight_t("down", expert, hidden.dtype) + self.down_bias[expert]
+            lora = self._lora("down", glu, ids)
+            if lora is not None:
+                down = (down.float() + lora).to(hidden.dtype)
+            out.index_add_(0, token_idx, down * weights[token_idx, slot, None])
+        return out
+
+    # -- unmerged LoRA (NF4)
+
+    def reserve_lora(self, rank: int) -> None:
+        """Zeroed LoRA buffers of at least `rank`. Growing them reallocates: a captured step
+        re-traces once (the buffers' shapes change); same or smaller ranks are written in
+        place, which a captured step reads by address."""
+        if rank <= self.lora_rank:
+            return
+        device = self.gate_up_bias.device
+        for kind in ("gate_up", "down"):
+            k, n = self.shape(kind)
+            a = torch.zeros((self.num_experts, rank, k), dtype=torch.bfloat16, device=device)
+            b = torch.zeros((self.num_experts, n, rank), dtype=torch.bfloat16, device=device)
+            self.register_buffer(f"{kind}_lora_a", a, persistent=False)
+            self.register_buffer(f"{kind}_lora_b", b, persistent=False)
+        self.lora_rank = rank
+
+    @torch.no_grad()
+    def write_lora(
+        self, kind: str, expert: int, a: torch.Tensor | None, b: torch.Tensor | None, scale: float
+    ) -> None:
+        """Expert `expert`'s `kind` update becomes scale * b @ a (None: no update)."""
+        buf_a, buf_b = getattr(self, f"{kind}_lora_a"), getattr(self, f"{kind}_lora_b")
+        buf_a[expert].zero_()
+        buf_b[expert].zero_()
+        if a is not None:
+            r = a.shape[0]
+            buf_a[expert, :r].copy_(a)
+            buf_b[expert, :, :r].copy_(b.float() * scale)
+
+
+def _is_split_experts(module: nn.Module) -> bool:
+    return hasattr(module, "gate_up_projs") and hasattr(module, "down_projs")
+
+
+def _is_fused_experts(module: nn.Module) -> bool:
+    return isinstance(getattr(module, "gate_up_proj", None), nn.Parameter)
+
+
+def moe_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, experts) of every GPT-OSS expert block in `model`."""
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if name.endswith("mlp.experts") and (_is_split_experts(module) or _is_fused_experts(module))
+    ]
+
+
+@torch.no_grad()
+def prepare(model: nn.Module) -> dict[str, Any]:
+    """Swap every GPT-OSS expert block for a DecodeExperts and 4-bit attention for bf16
+    Linears, in place. Returns what it did, for the log."""
+    dtype = model.get_input_embeddings().weight.dtype
+    swapped = dequantized = 0
+    for name, experts in moe_layers(model):
+        parent = model.get_submodule(name.rsplit(".", 1)[0])
+        common = {
+            "alpha": float(getattr(experts, "alpha", 1.702)),
+            "limit": float(getattr(experts, "limit", 7.0)),
+        }
+        if _is_fused_experts(experts):
+            replacement = DecodeExperts(
+                **common,
+                num_experts=experts.gate_up_proj.shape[0],
+                gate_up_bias=experts.gate_up_proj_bias.data,
+                down_bias=experts.down_proj_bias.data,
+                fused=experts,
+            )
+        else:
+            gate_up, down = list(experts.gate_up_projs), list(experts.down_projs)
+            if not hasattr(gate_up[0].weight, "quant_state"):
+                raise ValueError(f"{name}: split experts that are not 4-bit are not supported")
+            replacement = DecodeExperts(
+                **common,
+                num_experts=len(gate_up),
+                gate_up_bias=torch.stack([m.bias.data for m in gate_up]).to(dtype),
+                down_bias=torch.stack([m.bias.data for m in down]).to(dtype),
+                gate_up_nf4=Nf4Stack.from_linears(gate_up),
+                down_nf4=Nf4Stack.from_linears(down),
+            )
+        parent.experts = replacement
+        swapped += 1
+    for name, module in list(model.named_modules()):
+        if hasattr(getattr(module, "weight", None), "quant_state") and ".experts." not in name:
+            parent_name, _, child = name.rpartition(".")
+            model.get_submodule(parent_name).add_module(child, _dequantized_linear(module, dtype))
+            dequantized += 1
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return {"moe_layers": swapped, "dequantized_linears": dequantized}
+
+
+def _bnb_weight(linear: nn.Module) -> tuple[torch.Tensor, Any]:
+    """A Linear4bit's (packed bytes, quant state) in bitsandbytes' storage layout: on the CPU,
+    bitsandbytes repacks a weight for its own kernel the first time it is used."""
+    data, state = linear.weight.data, linear.weight.quant_state
+    if getattr(state, "packing_format_for_cpu", False):
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        data, state = _convert_weight_packed_for_cpu_inverse(data, state)
+    return data, state
+
+
+def _plain_absmax(state: Any) -> torch.Tensor:
+    """A quant state's per-block absmax as fp32, double quant undone as bitsandbytes does."""
+    if not state.nested:
+        return state.absmax.reshape(-1).float()
+    from bitsandbytes.functional import dequantize_blockwise
+
+    return (dequantize_blockwise(state.absmax, state.state2) + state.offset).float().reshape(-1)
+
+
+def _dequantized_linear(linear: nn.Module, dtype: torch.dtype) -> nn.Linear:
+    from bitsandbytes.functional import dequantize_4bit
+
+    weight = dequantize_4bit(*_bnb_weight(linear)).to(dtype)
+    out = nn.Linear(weight.shape[1], weight.shape[0], bias=linear.bias is not None, device="meta")
+    out.weight = nn.Parameter(weight, requires_grad=False)
+    if linear.bias is not None:
+        out.bias = nn.Parameter(linear.bias.data.to(dtype), requires_grad=False)
+    return out

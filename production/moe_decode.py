@@ -142,7 +142,10 @@ def _triton_kernels() -> dict[str, Any]:
                     absmax_ptr + expert * blocks_per_expert + block, mask=block_ok, other=0.0
                 )
             byte = tl.load(
-                packed_ptr + expert * blocks_per_expert * 32 + block[:, :, None] * 32 + j[None, None, :],
+                packed_ptr
+                + expert * blocks_per_expert * 32
+                + block[:, :, None] * 32
+                + j[None, None, :],
                 mask=block_ok[:, :, None],
                 other=0,
             )
@@ -169,12 +172,31 @@ NF4_TILE = {"BLOCK_N": 16, "BLOCK_K": 128, "num_warps": 4}
 def _split_k(k: int, block_k: int, programs: int, device: torch.device) -> tuple[int, int]:
     """(ranges, columns per range) splitting K so that about 8 programs per SM stream weights:
     with 4 slots a layer's tiles alone leave most of an H200's 132 SMs idle."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    sms = (
+        torch.cuda.get_device_properties(device).multi_processor_count
+        if device.type == "cuda"
+        else 132
+    )
     target = 8 * sms
     steps = -(-k // block_k)
     wanted = max(1, min(steps, target // max(1, programs)))
     per_range = -(-steps // wanted)
     return -(-steps // per_range), per_range * block_k
+
+
+def reference_gemv_kn(x: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """What expert_gemv_kn computes, in torch (the CPU's path): a gather, then one einsum."""
+    chosen = weight[ids].float()  # [S, K, N]
+    return torch.einsum("sk,skn->sn", x.float().expand(ids.numel(), -1), chosen)
+
+
+def reference_gemv_nf4(x: torch.Tensor, q: Nf4Stack, ids: torch.Tensor) -> torch.Tensor:
+    """What expert_gemv_nf4 computes, in torch: the chosen experts dequantized, then an einsum."""
+    packed = q.packed[ids]  # [S, N*K/2]
+    codes = torch.stack([packed >> 4, packed & 15], dim=-1).reshape(ids.numel(), -1).long()
+    weights = q.code[codes].view(ids.numel(), -1, NF4_BLOCK) * q.scales(ids)[..., None]
+    weights = weights.view(ids.numel(), q.out_features, q.in_features)
+    return torch.einsum("sk,snk->sn", x.float().expand(ids.numel(), -1), weights)
 
 
 def expert_gemv_kn(x: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -230,6 +252,8 @@ def expert_gemv_nf4(x: torch.Tensor, q: Nf4Stack, ids: torch.Tensor) -> torch.Te
 # traces in one graph and CUDA-graph capture records the launches.
 @torch.library.custom_op("whetstone::expert_gemv_kn", mutates_args=())
 def _expert_gemv_kn_op(x: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    if not x.is_cuda:
+        return reference_gemv_kn(x, weight, ids)
     return expert_gemv_kn(x, weight, ids)
 
 
@@ -260,6 +284,8 @@ def _expert_gemv_nf4_op(
         packed.shape[1] * 2 // in_features,
         in_features,
     )
+    if not x.is_cuda:
+        return reference_gemv_nf4(x, stack, ids)
     return expert_gemv_nf4(x, stack, ids)
 
 
@@ -309,7 +335,9 @@ class Nf4Stack:
         nested = all(s.nested for _, s in weights)
         device = weights[0][0].device
         count = len(linears)
-        packed = torch.empty((count, out_features * in_features // 2), dtype=torch.uint8, device=device)
+        packed = torch.empty(
+            (count, out_features * in_features // 2), dtype=torch.uint8, device=device
+        )
         blocks = out_features * in_features // NF4_BLOCK
         absmax = torch.empty(
             (count, blocks), dtype=torch.uint8 if nested else torch.float32, device=device
@@ -339,13 +367,15 @@ class Nf4Stack:
             in_features,
         )
 
-    def scales(self, expert: int) -> torch.Tensor:
-        """Expert `expert`'s per-block absmax as fp32 [N*K/64], as bitsandbytes computes it."""
+    def scales(self, experts: torch.Tensor | int) -> torch.Tensor:
+        """Per-block absmax of `experts` as fp32 [..., N*K/64], as bitsandbytes computes it."""
+        absmax = self.absmax[experts]
         if self.nested_absmax is None:
-            return self.absmax[expert].float()
-        codes = self.nested_code[self.absmax[expert].long()]
-        nested = self.nested_absmax[expert].repeat_interleave(NESTED_BLOCK)[: codes.numel()]
-        return codes * nested + self.offset[expert]
+            return absmax.float()
+        codes = self.nested_code[absmax.long()]
+        nested = self.nested_absmax[experts].repeat_interleave(NESTED_BLOCK, dim=-1)
+        offset = self.offset[experts]
+        return codes * nested[..., : codes.shape[-1]] + offset.unsqueeze(-1)
 
     def dequantize(self, expert: int, dtype: torch.dtype) -> torch.Tensor:
         """Expert `expert`'s weight [N, K] in `dtype` (bitsandbytes' dequantize_4bit, in torch)."""
@@ -418,28 +448,20 @@ class DecodeExperts(nn.Module):
     def _project(self, kind: str, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """fp32 [S, N] for slots `ids` at one token; x [1, K] or [S, K]."""
         bias = (self.gate_up_bias if kind == "gate_up" else self.down_bias)[ids].float()
-        if x.is_cuda:
-            if self.quantized:
-                stack = self.gate_up_nf4 if kind == "gate_up" else self.down_nf4
-                out = _expert_gemv_nf4_op(x, *stack.op_args(), ids, stack.in_features)
-            else:
-                weight = self.fused.gate_up_proj if kind == "gate_up" else self.fused.down_proj
-                out = _expert_gemv_kn_op(x, weight, ids)
+        if self.quantized:
+            stack = self.gate_up_nf4 if kind == "gate_up" else self.down_nf4
+            out = _expert_gemv_nf4_op(x, *stack.op_args(), ids, stack.in_features)
         else:
-            out = torch.stack(
-                [
-                    x[min(s, x.shape[0] - 1)].float() @ self._weight_t(kind, int(e)).float()
-                    for s, e in enumerate(ids.tolist())
-                ]
-            )
+            weight = self.fused.gate_up_proj if kind == "gate_up" else self.fused.down_proj
+            out = _expert_gemv_kn_op(x, weight, ids)
         lora = self._lora(kind, x, ids)
         return out + bias if lora is None else out + bias + lora
 
-    def _weight_t(self, kind: str, expert: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def _weight_t(self, kind: str, expert: int, dtype: torch.dtype) -> torch.Tensor:
         """Expert `expert`'s `kind` weight as [K, N] (x @ W)."""
         if self.quantized:
             stack = self.gate_up_nf4 if kind == "gate_up" else self.down_nf4
-            return stack.dequantize(expert, dtype or torch.bfloat16).t()
+            return stack.dequantize(expert, dtype).t()
         weight = self.fused.gate_up_proj if kind == "gate_up" else self.fused.down_proj
         return weight[expert]
 

@@ -1,0 +1,383 @@
+"""Batch-1 chat decode of GPT-OSS on the static decoder's expert kernels (production.moe_decode)
+against transformers' generate(), bf16 and 4-bit, with an adapter active, in one call.
+
+    python -m benchmarks.moe_decode [--shape 20b] [--parts bf16,nf4] [--new-tokens 128]
+        [--limit-gb 24]
+
+- bound: at batch 1 a token reads every weight it uses once: attention, router, embedding row,
+  lm_head and the top-k experts of every layer. tokens/s <= HBM bandwidth / those bytes;
+  bandwidth is measured here (a device-to-device copy, read + write).
+- bf16: a random GPT-OSS of `--shape` built on the GPU (transformers' fused experts), plain
+  generate() on it (greedy, no adapter: its best case), then the same model prepared for the
+  static decoder: compile + capture time, tokens/s and TTFT with a random LoRA adapter
+  (r=8, attention and every expert, Unsloth's split expert names) merged, a hot swap to a second
+  adapter (time, compiles after it, tokens/s after it).
+- nf4: the person's checkpoint layout (benchmarks.gpt_oss_checkpoint, NF4 experts, double
+  quant) loaded by the product's Engine under a `--limit-gb` cap: decode "generate" (PEFT over
+  bitsandbytes, transformers' expert loop) against decode "static" (experts dequantized inside
+  the kernel, the adapter unmerged on the experts, merged on attention), same measurements,
+  plus the process's peak GPU memory.
+- agreement, base weights: the static path's greedy tokens against generate()'s (how many
+  agree before the first difference), and teacher-forced on generate()'s tokens the largest
+  logit difference and whether every argmax difference falls on a near-tie of generate()'s
+  own logits (random weights give flat distributions: gaps of 0.01 are common).
+
+Writes benchmarks/results/moe-decode-<device>-<time>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results"
+PROMPT = "Write a very long story about a dragon and a knight."
+RANK = 8
+
+
+def bandwidth_gbs() -> float:
+    from benchmarks.gpu_suite import bandwidth_gbs as measure
+
+    return measure()
+
+
+def bytes_per_token(config: Any, expert_bytes_per_weight: float) -> float:
+    """Weight bytes one decode token reads: attention, router, sinks, norms, one embedding row
+    and lm_head in bf16; top-k experts at `expert_bytes_per_weight`."""
+    h, layers = config.hidden_size, config.num_hidden_layers
+    q = config.num_attention_heads * config.head_dim
+    kv = config.num_key_value_heads * config.head_dim
+    attention = h * q * 2 + h * kv * 2 * 2 + (q + 2 * kv + h) * 2
+    router = (h * config.num_local_experts + config.num_local_experts) * 2
+    inter = config.intermediate_size
+    expert = (h * 2 * inter + inter * h) * expert_bytes_per_weight + (2 * inter + h) * 2
+    per_layer = attention + router + config.num_experts_per_tok * expert
+    return layers * per_layer + (config.vocab_size * h + h) * 2
+
+
+def random_adapter(out: Path, config: Any, seed: int, rank: int = RANK) -> Path:
+    """A PEFT LoRA folder on attention and every expert (Unsloth's split names), random B so
+    it changes the answers."""
+    import torch
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(seed)
+    h, inter = config.hidden_size, config.intermediate_size
+    q = config.num_attention_heads * config.head_dim
+    kv = config.num_key_value_heads * config.head_dim
+    shapes = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h)}
+    tensors = {}
+
+    def add(module: str, fan_in: int, fan_out: int) -> None:
+        key = f"base_model.model.{module}"
+        a = torch.randn(rank, fan_in, generator=generator) / fan_in**0.5
+        b = torch.randn(fan_out, rank, generator=generator) * 0.02
+        tensors[f"{key}.lora_A.weight"] = a.to(torch.bfloat16)
+        tensors[f"{key}.lora_B.weight"] = b.to(torch.bfloat16)
+
+    for layer in range(config.num_hidden_layers):
+        for name, (fan_in, fan_out) in shapes.items():
+            add(f"model.layers.{layer}.self_attn.{name}", fan_in, fan_out)
+        for i in range(config.num_local_experts):
+            add(f"model.layers.{layer}.mlp.experts.gate_up_projs.{i}", h, 2 * inter)
+            add(f"model.layers.{layer}.mlp.experts.down_projs.{i}", inter, h)
+    out.mkdir(parents=True, exist_ok=True)
+    experts = range(config.num_local_experts)  # PEFT cannot target the ModuleList itself
+    targets = [
+        *shapes,
+        *(f"gate_up_projs.{i}" for i in experts),
+        *(f"down_projs.{i}" for i in experts),
+    ]
+    LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets).save_pretrained(out)
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    return out
+
+
+def _compiles() -> int:
+    import torch._dynamo.utils as dynamo_utils
+
+    return int(dynamo_utils.counters["stats"]["unique_graphs"])
+
+
+def greedy_generate(model: Any, prompt: list[int], new_tokens: int) -> dict[str, Any]:
+    """transformers' generate(), greedy: tokens, raw logits per step, TTFT and tokens/s."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    stamps: list[float] = []
+
+    class Stamp(StoppingCriteria):
+        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+            torch.cuda.synchronize()
+            stamps.append(time.perf_counter())
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    ids = torch.tensor([prompt], device="cuda")
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    model.generate(ids, max_new_tokens=4, do_sample=False)  # warm-up
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    out = model.generate(
+        ids,
+        **kwargs,
+        stopping_criteria=StoppingCriteriaList([Stamp()]),
+        return_dict_in_generate=True,
+        output_logits=True,
+    )
+    tokens = out.sequences[0, len(prompt) :].tolist()
+    logits = torch.cat([step.float() for step in out.logits]).cpu()
+    return {"tokens": tokens, "logits": logits, **_speed(started, stamps)}
+
+
+def _speed(started: float, stamps: list[float]) -> dict[str, Any]:
+    return {
+        "ttft_s": round(stamps[0] - started, 4),
+        "decode_tok_s": round((len(stamps) - 1) / (stamps[-1] - stamps[0]), 1),
+    }
+
+
+def static_run(decoder: Any, prompt: list[int], new_tokens: int) -> dict[str, Any]:
+    import torch
+
+    stamps: list[float] = []
+    tokens: list[int] = []
+
+    def emit(token: int) -> bool:
+        stamps.append(time.perf_counter())
+        tokens.append(token)
+        return True
+
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    with torch.inference_mode():
+        decoder.run(prompt, new_tokens, lambda logits: logits.argmax(-1), emit)
+    return {"tokens": tokens, **_speed(started, stamps)}
+
+
+def agreement(decoder: Any, prompt: list[int], reference: dict[str, Any]) -> dict[str, Any]:
+    """The static path against generate()'s greedy run: free-running tokens, then teacher-forced
+    on generate()'s tokens the logit difference per step."""
+    import torch
+
+    free = static_run(decoder, prompt, len(reference["tokens"]))["tokens"]
+    same = next((i for i, (a, b) in enumerate(zip(free, reference["tokens"])) if a != b), None)
+    seen: list[torch.Tensor] = []
+    forced = iter(reference["tokens"])
+
+    def pick(logits: torch.Tensor) -> torch.Tensor:
+        seen.append(logits.float().cpu())
+        return torch.tensor([next(forced)], device=logits.device)
+
+    with torch.inference_mode():
+        decoder.run(prompt, len(reference["tokens"]), pick, lambda token: True)
+    mine = torch.cat(seen)
+    ref = reference["logits"][: len(mine)]
+    diff = (mine - ref).abs().amax(-1)
+    top2 = ref.topk(2, dim=-1).values
+    gap = top2[:, 0] - top2[:, 1]
+    flips = (mine.argmax(-1) != ref.argmax(-1)).nonzero().flatten().tolist()
+    return {
+        "tokens_compared": len(free),
+        "greedy_tokens_equal_before_first_difference": len(free) if same is None else same,
+        "teacher_forced_max_logit_diff": round(float(diff.max()), 4),
+        "teacher_forced_argmax_flips": len(flips),
+        "flips_at_near_ties": all(float(gap[i]) <= 2 * float(diff[i]) for i in flips),
+        "reference_median_top2_gap": round(float(gap.median()), 4),
+    }
+
+
+def hot_swap(merged: Any, decoder: Any, prompt: list[int], adapter_b: Path, n: int) -> dict:
+    import torch
+
+    compiles = _compiles()
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    merged.load("b", adapter_b)
+    merged.activate("b")
+    merged.unload("a")
+    torch.cuda.synchronize()
+    swap_s = time.perf_counter() - started
+    after = static_run(decoder, prompt, n)
+    return {
+        "swap_s": round(swap_s, 3),
+        "decode_tok_s_after": after["decode_tok_s"],
+        "new_compiles": _compiles() - compiles,
+    }
+
+
+def part_bf16(shape: str, workdir: Path, new_tokens: int, bandwidth: float) -> dict[str, Any]:
+    import torch
+    from transformers import GptOssForCausalLM
+
+    from benchmarks.gpt_oss_checkpoint import VOCAB_20B, gpt_oss_config
+    from production import moe_decode
+    from production.static_decode import MergedAdapters, StaticDecoder
+    from tests.tiny_models import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer(harmony=True)
+    config = gpt_oss_config(shape, VOCAB_20B if shape == "20b" else len(tokenizer), tokenizer)
+    del config.quantization_config
+    started = time.perf_counter()
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = GptOssForCausalLM(config).to(torch.bfloat16).eval()
+    model.requires_grad_(False)
+    built_s = time.perf_counter() - started
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": PROMPT}], add_generation_prompt=True, return_dict=True
+    )["input_ids"]
+    bound = bandwidth * 1e9 / bytes_per_token(config, 2)
+    result: dict[str, Any] = {
+        "parameters_b": round(sum(p.numel() for p in model.parameters()) / 1e9, 2),
+        "built_s": round(built_s, 1),
+        "bound_tok_s": round(bound, 1),
+    }
+    with torch.inference_mode():
+        reference = greedy_generate(model, prompt, new_tokens)
+    result["generate"] = {k: reference[k] for k in ("ttft_s", "decode_tok_s")}
+
+    prepared = moe_decode.prepare(model)
+    merged = MergedAdapters(model)
+    decoder = StaticDecoder(model, 2048, "cuda", graphs=True)
+    started = time.perf_counter()
+    static_run(decoder, prompt, 8)
+    result["static"] = {"prepared": prepared, "compile_s": round(time.perf_counter() - started, 1)}
+    result["agreement_base"] = agreement(decoder, prompt, reference)
+    result["static"]["no_adapter"] = _public(static_run(decoder, prompt, new_tokens))
+    adapter_a = random_adapter(workdir / "adapter-a", config, 1)
+    adapter_b = random_adapter(workdir / "adapter-b", config, 2)
+    started = time.perf_counter()
+    merged.load("a", adapter_a)
+    merged.activate("a")
+    result["static"]["first_merge_s"] = round(time.perf_counter() - started, 2)
+    with_adapter = static_run(decoder, prompt, new_tokens)
+    result["static"]["adapter"] = _public(with_adapter)
+    result["static"]["fraction_of_bound"] = round(with_adapter["decode_tok_s"] / bound, 3)
+    result["static"]["hot_swap"] = hot_swap(merged, decoder, prompt, adapter_b, new_tokens)
+    del model, merged, decoder
+    gc.collect()
+    torch.cuda.empty_cache()
+    return result
+
+
+def part_nf4(shape: str, workdir: Path, new_tokens: int, limit_gb: float, bandwidth: float):
+    import torch
+
+    from benchmarks.gpt_oss_checkpoint import build
+    from orchestrator.config import load_settings
+    from production.engine import Engine
+    from production.gpu_memory import apply_limit
+
+    started = time.perf_counter()
+    model_dir = build(workdir / f"gpt-oss-{shape}-bnb-4bit", shape, "cuda")
+    result: dict[str, Any] = {"checkpoint_s": round(time.perf_counter() - started, 1)}
+    apply_limit(limit_gb, "cuda:0")
+    home = workdir / "home-nf4"
+    home.mkdir(parents=True, exist_ok=True)
+
+    def engine(decode: str) -> Engine:
+        (home / "config.toml").write_text(
+            f'[model]\npreset = "gpt-oss-20b"\nbase_model = "{model_dir}"\n'
+            f'backend = "transformers"\n\n[server]\ndecode = "{decode}"\n'
+        )
+        torch.cuda.reset_peak_memory_stats()
+        return Engine(load_settings(home), "cuda:0")
+
+    started = time.perf_counter()
+    slow = engine("generate")
+    config = slow.model.config
+    prompt = slow.prompt_ids([{"role": "user", "content": PROMPT}], None)
+    result["generate"] = {"engine_ready_s": round(time.perf_counter() - started, 1)}
+    with torch.inference_mode():
+        reference = greedy_generate(slow.model, prompt, min(new_tokens, 64))
+    result["generate"] |= {k: reference[k] for k in ("ttft_s", "decode_tok_s")}
+    del slow
+    gc.collect()
+    torch.cuda.empty_cache()
+
+    compiles = _compiles()
+    started = time.perf_counter()
+    fast = engine("static")
+    result["static"] = {
+        "decode": fast.decode,
+        "engine_ready_s": round(time.perf_counter() - started, 1),
+        "compiles_at_start": _compiles() - compiles,
+    }
+    bound = bandwidth * 1e9 / bytes_per_token(config, 0.5 + 1 / 64)
+    result["bound_tok_s"] = round(bound, 1)
+    result["agreement_base"] = agreement(fast.static, prompt, reference)
+    adapter_a = random_adapter(workdir / "adapter-a", config, 1)
+    adapter_b = random_adapter(workdir / "adapter-b", config, 2)
+    fast.load_adapter("a", adapter_a)
+    fast.activate("a")
+    with_adapter = static_run(fast.static, prompt, new_tokens)
+    result["static"]["adapter"] = _public(with_adapter)
+    result["static"]["fraction_of_bound"] = round(with_adapter["decode_tok_s"] / bound, 3)
+    result["static"]["hot_swap"] = hot_swap(fast.merged, fast.static, prompt, adapter_b, new_tokens)
+    result["static"]["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    result["limit_gb"] = limit_gb
+    return result
+
+
+def _public(run: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in run.items() if k != "tokens"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="20b", choices=["20b", "small", "tiny"])
+    parser.add_argument("--parts", default="bf16,nf4")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--limit-gb", type=float, default=24.0)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/moe-decode"))
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    import torch
+    import transformers
+
+    results: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "shape": args.shape,
+        "new_tokens": args.new_tokens,
+        "bandwidth_gbs": round(bandwidth_gbs(), 1),
+    }
+    print(json.dumps(results), flush=True)
+    for part in args.parts.split(","):
+        started = time.perf_counter()
+        if part == "bf16":
+            row = part_bf16(
+                args.shape, args.workdir / part, args.new_tokens, results["bandwidth_gbs"]
+            )
+        elif part == "nf4":
+            row = part_nf4(
+                args.shape,
+                args.workdir / part,
+                args.new_tokens,
+                args.limit_gb,
+                results["bandwidth_gbs"],
+            )
+        else:
+            raise SystemExit(f"unknown part {part!r}: bf16 or nf4")
+        results[part] = row | {"part_s": round(time.perf_counter() - started, 1)}
+        print(json.dumps({part: results[part]}), flush=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    device = results["device"].split()[-1].lower()
+    out = args.out or RESULTS / f"moe-decode-{device}-{args.shape}-{stamp}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -167,7 +167,9 @@ def agreement(decoder: Any, prompt: list[int], reference: dict[str, Any]) -> dic
     import torch
 
     free = static_run(decoder, prompt, len(reference["tokens"]))["tokens"]
-    same = next((i for i, (a, b) in enumerate(zip(free, reference["tokens"])) if a != b), None)
+    same = next(
+        (i for i, (a, b) in enumerate(zip(free, reference["tokens"], strict=False)) if a != b), None
+    )
     seen: list[torch.Tensor] = []
     forced = iter(reference["tokens"])
 
@@ -183,7 +185,16 @@ def agreement(decoder: Any, prompt: list[int], reference: dict[str, Any]) -> dic
     top2 = ref.topk(2, dim=-1).values
     gap = top2[:, 0] - top2[:, 1]
     flips = (mine.argmax(-1) != ref.argmax(-1)).nonzero().flatten().tolist()
-    return {
+    referee = {}
+    if "exact" in reference:  # how far each bf16 path is from the fp32 math, same tokens
+        exact = reference["exact"][: len(mine)]
+        referee = {
+            "fp32_max_logit_error_generate": round(float((ref - exact).abs().max()), 4),
+            "fp32_max_logit_error_static": round(float((mine - exact).abs().max()), 4),
+            "fp32_mean_logit_error_generate": round(float((ref - exact).abs().mean()), 5),
+            "fp32_mean_logit_error_static": round(float((mine - exact).abs().mean()), 5),
+        }
+    return referee | {
         "tokens_compared": len(free),
         "greedy_tokens_equal_before_first_difference": len(free) if same is None else same,
         "teacher_forced_max_logit_diff": round(float(diff.max()), 4),
@@ -212,7 +223,125 @@ def hot_swap(merged: Any, decoder: Any, prompt: list[int], adapter_b: Path, n: i
     }
 
 
-def part_bf16(shape: str, workdir: Path, new_tokens: int, bandwidth: float) -> dict[str, Any]:
+def sweep(shape: str) -> list[dict[str, Any]]:
+    """Each kernel's achieved bandwidth on one layer's expert shapes, 4 slots on 4 experts,
+    for a few tile sizes (the chosen ones are production.moe_decode.KN_TILE / NF4_TILE)."""
+    import bitsandbytes.functional as bnb_functional
+    import torch
+
+    from benchmarks.gpt_oss_checkpoint import SHAPES
+    from production import moe_decode
+
+    s = SHAPES[shape]
+    h, e = s["hidden"], s["experts"]
+    ids = torch.arange(4, device="cuda")
+    rows = []
+
+    def timed(fn: Any, nbytes: float) -> float:
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        for _ in range(50):
+            fn()
+        torch.cuda.synchronize()
+        return nbytes * 50 / (time.perf_counter() - started) / 1e9
+
+    for name, k, n in (("gate_up", h, 2 * h), ("down", h, h)):
+        weight = torch.randn(e, k, n, device="cuda", dtype=torch.bfloat16) * 0.02
+        x = torch.randn(4 if name == "down" else 1, k, device="cuda", dtype=torch.bfloat16)
+        nbytes = 4 * k * n * 2
+        rows.append(
+            {
+                "kernel": "cublas bf16 (one matmul per slot)",
+                "proj": name,
+                "gbs": round(
+                    timed(
+                        lambda w=weight, x=x: [x[min(i, x.shape[0] - 1)] @ w[i] for i in range(4)],
+                        nbytes,
+                    ),
+                    1,
+                ),
+            }
+        )
+        for bn in (32, 64, 128):
+            for bk in (32, 64):
+                for warps in (4,):
+                    tile = {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps}
+                    gbs = timed(
+                        lambda t=tile, w=weight, x=x: moe_decode.expert_gemv_kn(x, w, ids, t),
+                        nbytes,
+                    )
+                    rows.append({"kernel": "kn", "proj": name, **tile, "gbs": round(gbs, 1)})
+        linears = []
+        for i in range(e):
+            q, state = bnb_functional.quantize_4bit(
+                weight[i].t().contiguous(), quant_type="nf4", compress_statistics=True, blocksize=64
+            )
+            linears.append(_Bnb(q, state))
+        stack = moe_decode.Nf4Stack.from_linears(linears)
+        nbytes = 4 * k * n * (0.5 + 1 / 64)
+        for bn in (8, 16, 32):
+            for bk in (128, 256):
+                for warps in (4, 8):
+                    tile = {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps}
+                    gbs = timed(
+                        lambda t=tile, x=x, q=stack: moe_decode.expert_gemv_nf4(x, q, ids, t),
+                        nbytes,
+                    )
+                    rows.append({"kernel": "nf4", "proj": name, **tile, "gbs": round(gbs, 1)})
+        del weight, stack, linears
+    return rows
+
+
+class _Bnb:
+    """Stands in for a Linear4bit: what Nf4Stack.from_linears reads."""
+
+    def __init__(self, data: Any, state: Any) -> None:
+        self.weight = data
+        self.weight.quant_state = state
+
+
+def profile_step(decoder: Any, prompt: list[int], steps: int = 5) -> list[dict[str, Any]]:
+    """Where one decode step's GPU time goes: the top kernels of `steps` replayed steps."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode():
+        decoder.run(prompt, 4, lambda logits: logits.argmax(-1), lambda token: True)
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+            decoder.run(prompt, steps + 1, lambda logits: logits.argmax(-1), lambda token: True)
+            torch.cuda.synchronize()
+    rows = []
+    for event in prof.key_averages():
+        device_us = getattr(event, "device_time_total", 0) or getattr(event, "cuda_time_total", 0)
+        if device_us and event.count:
+            rows.append(
+                {"name": event.key[:90], "count": event.count, "device_us": round(device_us, 1)}
+            )
+    rows.sort(key=lambda r: -r["device_us"])
+    return rows[:25]
+
+
+def fp32_referee(model: Any, prompt: list[int], tokens: list[int]) -> Any:
+    """Teacher-forced logits of an fp32 copy of `model` (transformers' own forward): the
+    referee for which of two bf16 paths is further from the exact math."""
+    import copy
+
+    import torch
+
+    exact = copy.deepcopy(model).float()
+    ids = torch.tensor([prompt + tokens[:-1]], device="cuda")
+    with torch.inference_mode():
+        logits = exact(input_ids=ids).logits[0, len(prompt) - 1 :].float().cpu()
+    del exact
+    torch.cuda.empty_cache()
+    return logits
+
+
+def part_bf16(
+    shape: str, workdir: Path, new_tokens: int, bandwidth: float, profile: bool = False
+) -> dict[str, Any]:
     import torch
     from transformers import GptOssForCausalLM
 
@@ -242,8 +371,11 @@ def part_bf16(shape: str, workdir: Path, new_tokens: int, bandwidth: float) -> d
     with torch.inference_mode():
         reference = greedy_generate(model, prompt, new_tokens)
     result["generate"] = {k: reference[k] for k in ("ttft_s", "decode_tok_s")}
+    free, _ = torch.cuda.mem_get_info()
+    if free > 2.5 * sum(p.numel() for p in model.parameters()) * 4:
+        reference["exact"] = fp32_referee(model, prompt, reference["tokens"])
 
-    prepared = moe_decode.prepare(model)
+    prepared = moe_decode.prepare(model, RANK)
     merged = MergedAdapters(model)
     decoder = StaticDecoder(model, 2048, "cuda", graphs=True)
     started = time.perf_counter()
@@ -261,13 +393,17 @@ def part_bf16(shape: str, workdir: Path, new_tokens: int, bandwidth: float) -> d
     result["static"]["adapter"] = _public(with_adapter)
     result["static"]["fraction_of_bound"] = round(with_adapter["decode_tok_s"] / bound, 3)
     result["static"]["hot_swap"] = hot_swap(merged, decoder, prompt, adapter_b, new_tokens)
+    if profile:
+        result["static"]["profile"] = profile_step(decoder, prompt)
     del model, merged, decoder
     gc.collect()
     torch.cuda.empty_cache()
     return result
 
 
-def part_nf4(shape: str, workdir: Path, new_tokens: int, limit_gb: float, bandwidth: float):
+def part_nf4(
+    shape: str, workdir: Path, new_tokens: int, limit_gb: float, bandwidth: float, profile: bool
+) -> dict[str, Any]:
     import torch
 
     from benchmarks.gpt_oss_checkpoint import build
@@ -322,6 +458,8 @@ def part_nf4(shape: str, workdir: Path, new_tokens: int, limit_gb: float, bandwi
     result["static"]["fraction_of_bound"] = round(with_adapter["decode_tok_s"] / bound, 3)
     result["static"]["hot_swap"] = hot_swap(fast.merged, fast.static, prompt, adapter_b, new_tokens)
     result["static"]["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    if profile:
+        result["static"]["profile"] = profile_step(fast.static, prompt)
     result["limit_gb"] = limit_gb
     return result
 
@@ -338,6 +476,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit-gb", type=float, default=24.0)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/moe-decode"))
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--profile", action="store_true", help="top kernels of a decode step")
+    parser.add_argument("--sweep", action="store_true", help="kernel tile sizes' bandwidth")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     import torch
@@ -352,7 +492,11 @@ def main(argv: list[str] | None = None) -> int:
         "bandwidth_gbs": round(bandwidth_gbs(), 1),
     }
     print(json.dumps(results), flush=True)
-    for part in args.parts.split(","):
+    if args.sweep:
+        results["sweep"] = sweep(args.shape)
+        for row in sorted(results["sweep"], key=lambda r: (r["kernel"], r["proj"], -r["gbs"])):
+            print(json.dumps(row), flush=True)
+    for part in filter(None, args.parts.split(",")):
         started = time.perf_counter()
         if part == "bf16":
             row = part_bf16(
@@ -365,6 +509,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.new_tokens,
                 args.limit_gb,
                 results["bandwidth_gbs"],
+                args.profile,
             )
         else:
             raise SystemExit(f"unknown part {part!r}: bf16 or nf4")

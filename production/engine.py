@@ -197,7 +197,8 @@ class Engine:
         )
         self.model.eval()
         if moe:
-            log.info("mixture-of-experts decode: %s", moe_decode.prepare(self.model))
+            prepared = moe_decode.prepare(self.model, lora_rank=settings.lora.r)
+            log.info("mixture-of-experts decode: %s", prepared)
         self.base = self.model
         self.generation_defaults = self.model.generation_config
         self.stop_ids = stop_token_ids(self.tokenizer, self.chat_format)

@@ -15,14 +15,17 @@ layer's experts become one `DecodeExperts` module:
 
 Weights as the person holds them:
 
-- bf16 (transformers' fused [experts, in, out] Parameters, used in place): an adapter's expert
-  LoRA (saved on Unsloth's split layout as `experts.gate_up_projs.<i>`) merges into expert i's
-  slice through a transposed view, with the static decoder's exact restore;
+- bf16: transformers' fused [experts, in, out] Parameters, read in place;
 - NF4 (Unsloth's 4-bit layout, one bitsandbytes Linear4bit per expert): the packed bytes of
   the experts are stacked per layer and dequantized inside the kernel, double-quant absmax
-  included; the adapter stays unmerged (k small low-rank products per layer per token) in
-  buffers a hot swap overwrites in place. Attention is dequantized to bf16 once (about 1 GB
-  more on the 20B shape) so its LoRA merges like a dense model's.
+  included. Attention is dequantized to bf16 once (about 1 GB more on the 20B shape) so its
+  LoRA merges as a dense model's does.
+
+An adapter's expert LoRA (saved on Unsloth's split layout, `experts.gate_up_projs.<i>`) stays
+unmerged in both: per token only the k chosen experts' low-rank factors are read (a few hundred
+KB), where merging would need a host copy of every expert to restore exactly (40 GB on the
+20B shape in bf16; the first merge took 112 s there). The factors live in buffers reserved at
+the trained rank, so a hot swap overwrites them in place and the captured step never recompiles.
 
 The CPU never runs the kernels: there the one-token path is the same math in torch. Tests run
 the kernels on the CPU in Triton's interpreter (tests/test_moe_decode.py).
@@ -199,11 +202,13 @@ def reference_gemv_nf4(x: torch.Tensor, q: Nf4Stack, ids: torch.Tensor) -> torch
     return torch.einsum("sk,snk->sn", x.float().expand(ids.numel(), -1), weights)
 
 
-def expert_gemv_kn(x: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+def expert_gemv_kn(
+    x: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor, tile: dict | None = None
+) -> torch.Tensor:
     """out[s] = x[s or 0] @ weight[ids[s]] as fp32 [S, N]; weight [E, K, N]."""
     x = x.contiguous()
     slots, (k, n) = ids.numel(), weight.shape[1:]
-    tile = KN_TILE
+    tile = tile or KN_TILE
     n_tiles = -(-n // tile["BLOCK_N"])
     split, per_split = _split_k(k, tile["BLOCK_K"], slots * n_tiles, x.device)
     out = torch.empty((split, slots, n), dtype=torch.float32, device=x.device)
@@ -214,11 +219,13 @@ def expert_gemv_kn(x: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor) -> 
     return out.sum(0)
 
 
-def expert_gemv_nf4(x: torch.Tensor, q: Nf4Stack, ids: torch.Tensor) -> torch.Tensor:
+def expert_gemv_nf4(
+    x: torch.Tensor, q: Nf4Stack, ids: torch.Tensor, tile: dict | None = None
+) -> torch.Tensor:
     """out[s] = x[s or 0] @ dequant(q[ids[s]]).T as fp32 [S, N]."""
     x = x.contiguous()
     slots, n, k = ids.numel(), q.out_features, q.in_features
-    tile = NF4_TILE
+    tile = tile or NF4_TILE
     n_tiles = -(-n // tile["BLOCK_N"])
     split, per_split = _split_k(k, tile["BLOCK_K"], slots * n_tiles, x.device)
     out = torch.empty((split, slots, n), dtype=torch.float32, device=x.device)
@@ -290,7 +297,7 @@ def _expert_gemv_nf4_op(
 
 
 @_expert_gemv_nf4_op.register_fake
-def _(x, packed, absmax, nested_absmax, offset, code, nested_code, ids, in_features):  # noqa: ANN001, ANN202
+def _(x, packed, absmax, nested_absmax, offset, code, nested_code, ids, in_features):
     return x.new_empty((ids.numel(), packed.shape[1] * 2 // in_features), dtype=torch.float32)
 
 
@@ -415,7 +422,7 @@ class DecodeExperts(nn.Module):
         self.gate_up_nf4, self.down_nf4 = gate_up_nf4, down_nf4
         self.register_buffer("gate_up_bias", gate_up_bias, persistent=False)
         self.register_buffer("down_bias", down_bias, persistent=False)
-        self.lora_rank = 0  # NF4: unmerged LoRA buffers (registered when an adapter arrives)
+        self.lora_rank = 0  # rank of the unmerged expert LoRA buffers (reserve_lora)
 
     @property
     def quantized(self) -> bool:
@@ -490,7 +497,7 @@ class DecodeExperts(nn.Module):
     def _many_tokens(
         self, hidden: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
     ) -> torch.Tensor:
-        if not self.quantized and not self.lora_rank:
+        if not self.quantized and not self.lora_rank:  # not yet prepared for adapters
             return self.fused(hidden, indices, weights)
         out = torch.zeros_like(hidden)
         for expert in indices.unique().tolist():
@@ -510,14 +517,20 @@ class DecodeExperts(nn.Module):
             out.index_add_(0, token_idx, down * weights[token_idx, slot, None])
         return out
 
-    # -- unmerged LoRA (NF4)
+    # -- the adapter's expert LoRA, unmerged
 
     def reserve_lora(self, rank: int) -> None:
-        """Zeroed LoRA buffers of at least `rank`. Growing them reallocates: a captured step
-        re-traces once (the buffers' shapes change); same or smaller ranks are written in
-        place, which a captured step reads by address."""
+        """Zeroed LoRA buffers of at least `rank`. Growing them reallocates, and a captured
+        step re-traces once (the buffers' shapes change); adapters of the reserved rank or
+        less are written in place, which a captured step reads by address."""
         if rank <= self.lora_rank:
             return
+        if self.lora_rank:
+            log.warning(
+                "expert LoRA rank %d > %d reserved: the decode step recompiles",
+                rank,
+                self.lora_rank,
+            )
         device = self.gate_up_bias.device
         for kind in ("gate_up", "down"):
             k, n = self.shape(kind)
@@ -529,16 +542,20 @@ class DecodeExperts(nn.Module):
 
     @torch.no_grad()
     def write_lora(
-        self, kind: str, expert: int, a: torch.Tensor | None, b: torch.Tensor | None, scale: float
+        self, kind: str, updates: dict[int, tuple[torch.Tensor, torch.Tensor, float]]
     ) -> None:
-        """Expert `expert`'s `kind` update becomes scale * b @ a (None: no update)."""
+        """Every expert's `kind` update: scale * b @ a for the experts in `updates`, none for
+        the others. Written in place (a captured step keeps reading the same buffers)."""
+        if not self.lora_rank:
+            return
         buf_a, buf_b = getattr(self, f"{kind}_lora_a"), getattr(self, f"{kind}_lora_b")
-        buf_a[expert].zero_()
-        buf_b[expert].zero_()
-        if a is not None:
+        a_all, b_all = torch.zeros_like(buf_a), torch.zeros_like(buf_b)
+        for expert, (a, b, scale) in updates.items():
             r = a.shape[0]
-            buf_a[expert, :r].copy_(a)
-            buf_b[expert, :, :r].copy_(b.float() * scale)
+            a_all[expert, :r] = a
+            b_all[expert, :, :r] = b.float() * scale
+        buf_a.copy_(a_all)
+        buf_b.copy_(b_all)
 
 
 def _is_split_experts(module: nn.Module) -> bool:
@@ -559,9 +576,10 @@ def moe_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 @torch.no_grad()
-def prepare(model: nn.Module) -> dict[str, Any]:
-    """Swap every GPT-OSS expert block for a DecodeExperts and 4-bit attention for bf16
-    Linears, in place. Returns what it did, for the log."""
+def prepare(model: nn.Module, lora_rank: int = 16) -> dict[str, Any]:
+    """Swap every GPT-OSS expert block for a DecodeExperts (with expert LoRA buffers of
+    `lora_rank`, the rank the person trains at) and 4-bit attention for bf16 Linears, in
+    place. Returns what it did, for the log."""
     dtype = model.get_input_embeddings().weight.dtype
     swapped = dequantized = 0
     for name, experts in moe_layers(model):
@@ -590,6 +608,7 @@ def prepare(model: nn.Module) -> dict[str, Any]:
                 gate_up_nf4=Nf4Stack.from_linears(gate_up),
                 down_nf4=Nf4Stack.from_linears(down),
             )
+        replacement.reserve_lora(lora_rank)
         parent.experts = replacement
         swapped += 1
     for name, module in list(model.named_modules()):
@@ -599,7 +618,7 @@ def prepare(model: nn.Module) -> dict[str, Any]:
             dequantized += 1
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return {"moe_layers": swapped, "dequantized_linears": dequantized}
+    return {"moe_layers": swapped, "dequantized_linears": dequantized, "lora_rank": lora_rank}
 
 
 def _bnb_weight(linear: nn.Module) -> tuple[torch.Tensor, Any]:

@@ -147,19 +147,15 @@ class MergedAdapters:
             self._write(previous)
             raise
 
-    def _target(self, module: str) -> tuple[torch.Tensor | None, Any]:
-        """(the [out, in] weight `module`'s update merges into, None) or, for 4-bit experts
-        whose LoRA stays unmerged, (None, (experts, kind, index))."""
+    def _expert(self, module: str) -> tuple[Any, str, int] | None:
+        """(experts layer, kind, index) for a mixture-of-experts projection: their LoRA stays
+        unmerged (production.moe_decode), so no copy of the experts' weights is kept."""
         from production.moe_decode import EXPERT_LORA_NAME
 
         match = EXPERT_LORA_NAME.match(module)
         if not match:
-            return self.layers[module].weight, None
-        owner, kind, index = self.layers[match["owner"]], match["kind"], int(match["i"])
-        if owner.quantized:
-            return None, (owner, kind, index)
-        fused = owner.fused.gate_up_proj if kind == "gate_up" else owner.fused.down_proj
-        return fused.data[index].t(), None  # expert i's slice is stored [in, out]
+            return None
+        return self.layers[match["owner"]], match["kind"], int(match["i"])
 
     @torch.no_grad()
     def _write(self, adapter_id: str | None) -> None:
@@ -167,25 +163,28 @@ class MergedAdapters:
         factors = self.loaded.get(adapter_id, []) if adapter_id is not None else []
         old = {f.module for f in self.loaded.get(self.active, [])} if self.active else set()
         self.active = None  # until every layer is written
-        for f in factors:  # buffers first: growing them drops what they held
-            unmerged = self._target(f.module)[1]
-            if unmerged is not None:
-                unmerged[0].reserve_lora(f.a.shape[0])
-        for name in old - {f.module for f in factors}:
-            weight, unmerged = self._target(name)
-            if unmerged is not None:
-                owner, kind, index = unmerged
-                owner.write_lora(kind, index, None, None, 0.0)
-            else:
-                weight.copy_(self.original[name])
+        experts: dict[tuple[Any, str], dict[int, tuple]] = {}
+        for name in old:
+            expert = self._expert(name)
+            if expert is not None:
+                experts.setdefault(expert[:2], {})
         for f in factors:
-            weight, unmerged = self._target(f.module)
-            if unmerged is not None:
-                owner, kind, index = unmerged
-                owner.write_lora(kind, index, f.a, f.b, f.scale)
+            expert = self._expert(f.module)
+            if expert is not None:
+                owner, kind, index = expert
+                owner.reserve_lora(f.a.shape[0])
+                experts.setdefault((owner, kind), {})[index] = (f.a, f.b, f.scale)
+        for (owner, kind), updates in experts.items():
+            owner.write_lora(kind, updates)
+        for name in old - {f.module for f in factors}:
+            if self._expert(name) is None:
+                self.layers[name].weight.copy_(self.original[name])
+        for f in factors:
+            if self._expert(f.module) is not None:
                 continue
+            weight = self.layers[f.module].weight
             if f.module not in self.original:
-                keep = weight.detach().to("cpu", copy=True).contiguous()
+                keep = weight.detach().to("cpu", copy=True)
                 self.original[f.module] = keep.pin_memory() if weight.is_cuda else keep
             merged = self.original[f.module].to(weight.device, torch.float32, copy=True)
             merged.addmm_(f.b.float(), f.a.float(), alpha=f.scale)

@@ -437,6 +437,7 @@ def part_nf4(
     del slow
     gc.collect()
     torch.cuda.empty_cache()
+    result["gib_after_generate_engine_freed"] = round(torch.cuda.memory_allocated() / 2**30, 2)
 
     compiles = _compiles()
     started = time.perf_counter()
@@ -445,6 +446,8 @@ def part_nf4(
         "decode": fast.decode,
         "engine_ready_s": round(time.perf_counter() - started, 1),
         "compiles_at_start": _compiles() - compiles,
+        "gib_allocated_when_ready": round(torch.cuda.memory_allocated() / 2**30, 2),
+        "peak_gib_at_start": round(torch.cuda.max_memory_allocated() / 2**30, 2),
     }
     bound = bandwidth * 1e9 / bytes_per_token(config, 0.5 + 1 / 64)
     result["bound_tok_s"] = round(bound, 1)

@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 EXPERT_LORA_NAME = re.compile(r"^(?P<owner>.+\.experts)\.(?P<kind>gate_up|down)_projs\.(?P<i>\d+)$")
 NF4_BLOCK = 64  # bitsandbytes' 4-bit block: one absmax per 64 weights
 NESTED_BLOCK = 256  # double quant: one fp32 scale per 256 absmax bytes
+ROUTED_PREFILL_MAX = 512  # token-slots of a prompt that go through the kernels (4-bit)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -118,7 +119,8 @@ def _triton_kernels() -> dict[str, Any]:
         BLOCK_K: tl.constexpr,
     ):
         # Rows n of W [N, K] in blocks of 64 weights (K % 64 == 0, so a block never spans
-        # two rows); a tile is [BLOCK_N rows, G blocks, 32 bytes].
+        # two rows); a tile is [BLOCK_N rows, G blocks, 32 bytes]. Byte addresses are built
+        # from row strides, not divisions, so the compiler can vectorize the loads.
         G: tl.constexpr = BLOCK_K // 64
         slot = tl.program_id(0)
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -127,11 +129,14 @@ def _triton_kernels() -> dict[str, Any]:
         n_ok = n < N
         g = tl.arange(0, G)
         j = tl.arange(0, 32)
+        row_bytes = K // 2
+        row_blocks = K // 64
+        packed_base = packed_ptr + expert * N * row_bytes
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         start = split * K_PER_SPLIT
         for step in range(0, K_PER_SPLIT, BLOCK_K):
             k0 = start + step
-            block = (n[:, None] * K + k0) // 64 + g[None, :]  # [BLOCK_N, G]
+            block = n[:, None] * row_blocks + (k0 // 64 + g[None, :])  # [BLOCK_N, G]
             block_ok = n_ok[:, None] & ((k0 + g * 64) < K)[None, :]
             if NESTED:
                 q = tl.load(absmax_ptr + expert * blocks_per_expert + block, mask=block_ok, other=0)
@@ -145,10 +150,9 @@ def _triton_kernels() -> dict[str, Any]:
                     absmax_ptr + expert * blocks_per_expert + block, mask=block_ok, other=0.0
                 )
             byte = tl.load(
-                packed_ptr
-                + expert * blocks_per_expert * 32
-                + block[:, :, None] * 32
-                + j[None, None, :],
+                packed_base
+                + n[:, None, None] * row_bytes
+                + (k0 // 2 + g[None, :, None] * 32 + j[None, None, :]),
                 mask=block_ok[:, :, None],
                 other=0,
             )
@@ -168,8 +172,9 @@ def _triton_kernels() -> dict[str, Any]:
 # Tile sizes: a decode step has k (4) slots, so the grid is widened by splitting K too; every
 # SM then streams a few tiles. The partial sums are added in torch, where inductor fuses them
 # with the bias and the activation.
-KN_TILE = {"BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4}
-NF4_TILE = {"BLOCK_N": 16, "BLOCK_K": 128, "num_warps": 4}
+# Picked with `python -m benchmarks.moe_decode --sweep` on an H200 (GPT-OSS-20B's shapes).
+KN_TILE = {"BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4}
+NF4_TILE = {"BLOCK_N": 8, "BLOCK_K": 256, "num_warps": 4}
 
 
 def _split_k(k: int, block_k: int, programs: int, device: torch.device) -> tuple[int, int]:
@@ -478,21 +483,28 @@ class DecodeExperts(nn.Module):
         router_indices: torch.Tensor,
         routing_weights: torch.Tensor,
     ) -> torch.Tensor:
-        if hidden_states.shape[0] == 1:
-            return self._one_token(hidden_states, router_indices, routing_weights)
+        tokens, slots = router_indices.shape
+        # A short prompt on 4-bit experts: one kernel per projection (each (token, slot) reads
+        # its expert once) beats dequantizing every hit expert in torch (~0.8 s a prompt on
+        # the 20B shape); up to 512 token-slots that is at most ~6 GB read per layer.
+        if tokens == 1 or (self.quantized and tokens * slots <= ROUTED_PREFILL_MAX):
+            return self._routed(hidden_states, router_indices, routing_weights)
         return self._many_tokens(hidden_states, router_indices, routing_weights)
 
-    def _one_token(
+    def _routed(
         self, hidden: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
     ) -> torch.Tensor:
+        """Every (token, slot) through the expert-indexed kernels: no host sync."""
+        tokens, slots = indices.shape
         ids = indices.reshape(-1)
         dtype = hidden.dtype
+        x = hidden if tokens == 1 else hidden.repeat_interleave(slots, dim=0)
         # Rounded to the model's dtype where transformers' loop rounds, so both paths agree.
-        gate_up = self._project("gate_up", hidden, ids).to(dtype)
+        gate_up = self._project("gate_up", x, ids).to(dtype)
         glu = self._glu(gate_up)
         down = self._project("down", glu, ids).to(dtype)
-        out = (down * weights.reshape(-1, 1).to(dtype)).float().sum(0, keepdim=True)
-        return out.to(dtype)
+        out = (down * weights.reshape(-1, 1).to(dtype)).float()
+        return out.view(tokens, slots, -1).sum(1).to(dtype)
 
     def _many_tokens(
         self, hidden: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor

@@ -194,6 +194,20 @@ class MergedAdapters:
         log.info("merged %s into %d layers in %.3f s", adapter_id, len(factors), seconds)
 
 
+def _every_layer_full(config: Any) -> Any:
+    """`config` with every layer's cache a full one. transformers' sliding-window cache layer
+    counts tokens in a Python int that the compiled step reads: each step was a new shape, and
+    a new CUDA graph recorded per token (GPT-OSS's alternating layers). A full layer holds all
+    `max_len` positions (GPT-OSS-20B at 2,048: 25 MB more) and the sliding-window mask, built
+    from the model's own config, still limits those layers to their window."""
+    import copy
+
+    full = copy.deepcopy(config)
+    full.layer_types = ["full_attention"] * config.num_hidden_layers
+    full.sliding_window = None
+    return full
+
+
 class StaticDecoder:
     """One sequence at a time on a StaticCache of `max_len` positions."""
 
@@ -204,7 +218,7 @@ class StaticDecoder:
         self.max_len = max_len
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
-        self.cache = StaticCache(config=model.config, max_cache_len=max_len)
+        self.cache = StaticCache(config=_every_layer_full(model.config), max_cache_len=max_len)
         self.ids = torch.zeros((1, 1), dtype=torch.long, device=self.device)
         self.pos = torch.zeros((1,), dtype=torch.long, device=self.device)
         self.host_token = torch.zeros((1,), dtype=torch.long, pin_memory=self.cuda)

@@ -474,7 +474,7 @@ def _public(run: dict[str, Any]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="20b", choices=["20b", "small", "tiny"])
-    parser.add_argument("--parts", default="bf16,nf4")
+    parser.add_argument("--parts", default="bf16,nf4", help="bf16 first: nf4 caps memory")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--limit-gb", type=float, default=24.0)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/moe-decode"))

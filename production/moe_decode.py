@@ -235,7 +235,7 @@ def expert_gemv_nf4(
     split, per_split = _split_k(k, tile["BLOCK_K"], slots * n_tiles, x.device)
     out = torch.empty((split, slots, n), dtype=torch.float32, device=x.device)
     x_stride = x.stride(0) if x.shape[0] > 1 else 0
-    nested = q.nested_absmax is not None
+    nested = q.nested
     dummy = q.code
     _triton_kernels()["nf4"][(slots, n_tiles, split)](
         x,
@@ -309,9 +309,13 @@ def _(x, packed, absmax, nested_absmax, offset, code, nested_code, ids, in_featu
 # ----------------------------------------------------------------------------- NF4 stacks
 
 
-class Nf4Stack:
+class Nf4Stack(nn.Module):
     """One projection of every expert of a layer, as bitsandbytes NF4 (blocksize 64) stacked:
-    packed [E, N*K/2] uint8, absmax [E, N*K/64] (uint8 codes with double quant, else fp32)."""
+    packed [E, N*K/2] uint8, absmax [E, N*K/64] (uint8 codes with double quant, else fp32).
+
+    The tensors are buffers: a captured CUDA graph reads a module's buffers in place, where
+    plain tensor attributes were copied into the graph's pool on every replay (10 GB more
+    memory and a copy of every expert per token on the 20B shape)."""
 
     def __init__(
         self,
@@ -324,8 +328,19 @@ class Nf4Stack:
         out_features: int,
         in_features: int,
     ) -> None:
-        self.packed, self.absmax, self.nested_absmax = packed, absmax, nested_absmax
-        self.offset, self.code, self.nested_code = offset, code, nested_code
+        super().__init__()
+        for name, tensor in (
+            ("packed", packed),
+            ("absmax", absmax),
+            ("offset", offset),
+            ("code", code),
+            ("nested_code", nested_code),
+        ):
+            self.register_buffer(name, tensor, persistent=False)
+        self.nested = nested_absmax is not None
+        self.register_buffer(
+            "nested_absmax", nested_absmax if self.nested else code.new_empty(0), persistent=False
+        )
         self.out_features, self.in_features = out_features, in_features
 
     @classmethod
@@ -382,7 +397,7 @@ class Nf4Stack:
     def scales(self, experts: torch.Tensor | int) -> torch.Tensor:
         """Per-block absmax of `experts` as fp32 [..., N*K/64], as bitsandbytes computes it."""
         absmax = self.absmax[experts]
-        if self.nested_absmax is None:
+        if not self.nested:
             return absmax.float()
         codes = self.nested_code[absmax.long()]
         nested = self.nested_absmax[experts].repeat_interleave(NESTED_BLOCK, dim=-1)
@@ -397,9 +412,14 @@ class Nf4Stack:
         return values.view(self.out_features, self.in_features).to(dtype)
 
     def op_args(self) -> tuple[torch.Tensor, ...]:
-        empty = self.code.new_empty(0)
-        nested = self.nested_absmax if self.nested_absmax is not None else empty
-        return (self.packed, self.absmax, nested, self.offset, self.code, self.nested_code)
+        return (
+            self.packed,
+            self.absmax,
+            self.nested_absmax,
+            self.offset,
+            self.code,
+            self.nested_code,
+        )
 
 
 # ----------------------------------------------------------------------------- the layer

@@ -1,0 +1,208 @@
+"""GPT-OSS on the static decoder (production.moe_decode), on the CPU: the expert kernels'
+math (in Triton's interpreter) against bitsandbytes' own dequantization, and the product's
+Engine with decode "static" answering exactly what generate() over PEFT answers, on the 4-bit
+layout and on transformers' fused bf16 experts, with LoRA on attention and every expert,
+through adapter swaps and past the sliding window. tests/test_gpu.py runs the kernels on CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+torch = pytest.importorskip("torch")
+bnb_functional = pytest.importorskip("bitsandbytes.functional")
+
+from benchmarks.gpt_oss_checkpoint import build  # noqa: E402
+from benchmarks.moe_decode import random_adapter  # noqa: E402
+from orchestrator.config import load_settings  # noqa: E402
+from production import moe_decode  # noqa: E402
+from production.engine import Engine, Sampling  # noqa: E402
+from tests.tiny_models import model_home  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+# Longer than the tiny model's 128-token sliding window, so the sliding layers' mask matters.
+LONG_QUESTION = "What is the capital of France? " * 20
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build(tmp_path_factory.mktemp("moe") / "gpt-oss-tiny-bnb-4bit", "tiny", "cpu")
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path) -> Path:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(checkpoint)
+    return random_adapter(tmp_path_factory.mktemp("lora") / "attention-and-experts", config, 1)
+
+
+def _linears(experts: int, out_features: int, in_features: int, nested: bool) -> list:
+    """bitsandbytes-quantized weights, shaped as Nf4Stack reads a Linear4bit."""
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(experts):
+        weight = torch.randn(out_features, in_features, dtype=torch.bfloat16)
+        packed, state = bnb_functional.quantize_4bit(
+            weight, quant_type="nf4", compress_statistics=nested, blocksize=64
+        )
+        layers.append(SimpleNamespace(weight=SimpleNamespace(data=packed, quant_state=state)))
+    return layers
+
+
+@pytest.mark.parametrize("nested", [True, False])
+def test_stacked_experts_dequantize_exactly_as_bitsandbytes(nested: bool) -> None:
+    # 320 x 256 weights: 1,280 blocks, so the double-quant scales span 5 nested blocks.
+    layers = _linears(3, 320, 256, nested)
+    stack = moe_decode.Nf4Stack.from_linears(layers)
+    assert stack.nested is nested
+    for i, layer in enumerate(layers):
+        expected = bnb_functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+        assert torch.equal(stack.dequantize(i, torch.bfloat16), expected)
+
+
+_KERNEL_CHECK = """
+import torch, bitsandbytes.functional as F
+from types import SimpleNamespace
+from production import moe_decode as md
+torch.manual_seed(0)
+E, K, N = 5, 192, 80  # K: 3 quant blocks; N: not a multiple of the kn tile
+ids = torch.tensor([3, 0, 3])
+weight = torch.randn(E, K, N, dtype=torch.bfloat16)
+for x in (torch.randn(1, K, dtype=torch.bfloat16), torch.randn(3, K, dtype=torch.bfloat16)):
+    got, want = md.expert_gemv_kn(x, weight, ids), md.reference_gemv_kn(x, weight, ids)
+    assert (got - want).abs().max() < 1e-3, ("kn", (got - want).abs().max())
+    for nested in (True, False):
+        layers = []
+        for _ in range(E):
+            q, s = F.quantize_4bit(torch.randn(N, K, dtype=torch.bfloat16), quant_type="nf4",
+                                   compress_statistics=nested, blocksize=64)
+            layers.append(SimpleNamespace(weight=SimpleNamespace(data=q, quant_state=s)))
+        stack = md.Nf4Stack.from_linears(layers)
+        got, want = md.expert_gemv_nf4(x, stack, ids), md.reference_gemv_nf4(x, stack, ids)
+        assert (got - want).abs().max() < 1e-3, ("nf4", nested, (got - want).abs().max())
+print("kernels agree")
+"""
+
+
+def test_the_triton_kernels_compute_the_reference_math_in_the_interpreter() -> None:
+    """The kernels the GPU runs, executed by Triton's interpreter on the CPU: same expert
+    addressing, split-K ranges, masks and NF4 decoding (double quant or not) as the torch
+    reference the CPU serves with."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
+    run = subprocess.run(
+        [sys.executable, "-c", _KERNEL_CHECK],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr[-3000:]
+    assert "kernels agree" in run.stdout
+
+
+def _engine(home: Path, decode: str, **model: object) -> Engine:
+    # fp32: the static path and PEFT's then agree to ~1e-6, so greedy answers compare exactly.
+    overrides = {"server": {"decode": decode}, "model": {"dtype": "float32", **model}}
+    return Engine(load_settings(home, overrides), "cpu")
+
+
+def _answers(engine: Engine, adapters: list[str | None]) -> list[str]:
+    greedy = Sampling(temperature=0, max_tokens=16)
+    out = []
+    for adapter_id in adapters:
+        engine.activate(adapter_id)
+        for question in ("What is the capital of France?", LONG_QUESTION):
+            prompt = engine.prompt_ids([{"role": "user", "content": question}], None)
+            out.append(engine.stream(prompt, greedy, lambda d: None, lambda: False).text)
+    return out
+
+
+def test_4bit_gpt_oss_static_decode_answers_as_peft_generate_does(
+    tmp_path: Path, checkpoint: Path, adapter: Path
+) -> None:
+    home = model_home(tmp_path / "home", checkpoint, load_in_4bit=True, chat_format="harmony")
+    order = [None, "a", None, "a"]
+    reference = _engine(home, "generate")
+    reference.load_adapter("a", adapter)
+    expected = _answers(reference, order)  # two questions per adapter
+    assert expected[0:2] != expected[2:4], "the adapter changes the answers"
+    del reference
+
+    engine = _engine(home, "static")
+    assert engine.decode == "static"
+    experts = engine.model.model.layers[0].mlp.experts
+    assert isinstance(experts, moe_decode.DecodeExperts) and experts.quantized
+    engine.load_adapter("a", adapter)
+    # base -> a -> base -> a: the attention merge restores exactly, the expert buffers clear.
+    assert _answers(engine, order) == expected
+
+
+def test_fused_bf16_gpt_oss_with_expert_lora_answers_as_the_4bit_split_model(
+    tmp_path: Path, checkpoint: Path, adapter: Path
+) -> None:
+    """transformers' fused experts (the bf16 kernel's layout) holding the 4-bit checkpoint's
+    dequantized weights, serving an adapter saved on Unsloth's split expert names, answer
+    what PEFT answers on the split 4-bit model: gate/up interleaving, the [in, out] storage
+    and the expert LoRA's placement all line up."""
+    from transformers import AutoTokenizer
+
+    from production.engine import load_model
+    from tests.test_gpt_oss_layout import _fused_reference
+
+    split_home = model_home(
+        tmp_path / "split", checkpoint, load_in_4bit=True, chat_format="harmony"
+    )
+    split, _ = load_model(
+        load_settings(split_home, {"model": {"dtype": "float32"}}), "cpu", for_training=False
+    )
+    fused_dir = tmp_path / "fused"
+    _fused_reference(split, checkpoint).save_pretrained(fused_dir)
+    AutoTokenizer.from_pretrained(checkpoint).save_pretrained(fused_dir)
+    del split
+    reference = _engine(split_home, "generate")
+    reference.load_adapter("a", adapter)
+    expected = _answers(reference, [None, "a"])
+    del reference
+
+    fused_home = model_home(tmp_path / "fused-home", fused_dir, chat_format="harmony")
+    engine = _engine(fused_home, "static")
+    experts = engine.model.model.layers[0].mlp.experts
+    assert isinstance(experts, moe_decode.DecodeExperts) and not experts.quantized
+    engine.load_adapter("a", adapter)
+    assert _answers(engine, [None, "a"]) == expected
+
+
+def test_auto_decode_takes_the_expert_kernels_for_gpt_oss_on_cuda_only(tmp_path: Path) -> None:
+    from orchestrator.devices import choose_backend, serving_decode
+
+    def settings(folder: Path, config: str, **model: object):
+        folder.mkdir()
+        (folder / "config.json").write_text(config)
+        return load_settings(model_home(tmp_path / f"home-{folder.name}", folder), {"model": model})
+
+    gpt_oss = settings(tmp_path / "gpt-oss", '{"model_type": "gpt_oss", "num_local_experts": 32}')
+    other_moe = settings(tmp_path / "qwen-moe", '{"model_type": "qwen3_moe", "num_experts": 8}')
+    quantized = gpt_oss.model_copy(
+        update={"model": gpt_oss.model.model_copy(update={"load_in_4bit": True})}
+    )
+    assert serving_decode(gpt_oss, "cuda:0") == "static"
+    assert serving_decode(quantized, "cuda:0") == "static"  # NF4 experts: their own kernel
+    assert serving_decode(gpt_oss, "cpu") == "generate"
+    assert serving_decode(other_moe, "cuda:0") == "generate"
+    unsloth = gpt_oss.model_copy(
+        update={"model": gpt_oss.model.model_copy(update={"backend": "unsloth"})}
+    )
+    assert serving_decode(unsloth, "cuda:0") == "generate"
+    auto = gpt_oss.model_copy(
+        update={"model": gpt_oss.model.model_copy(update={"backend": "auto"})}
+    )
+    assert choose_backend(auto, "cuda:0", "production") == "transformers"

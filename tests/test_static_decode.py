@@ -169,7 +169,7 @@ def test_an_adapter_the_merge_cannot_express_is_refused_and_the_old_one_serves(
     assert _answers(engine) == before
 
 
-def test_auto_decode_is_static_only_for_16_bit_dense_models_on_cuda(tmp_path: Path) -> None:
+def test_auto_decode_is_static_on_cuda_for_16_bit_dense_models_and_gpt_oss(tmp_path: Path) -> None:
     from orchestrator.devices import choose_backend, serving_decode
     from tests.tiny_models import model_home, tiny_gpt_oss, tiny_llama
 
@@ -180,7 +180,7 @@ def test_auto_decode_is_static_only_for_16_bit_dense_models_on_cuda(tmp_path: Pa
     )
     assert serving_decode(dense, "cuda:0") == "static"
     assert serving_decode(dense, "cpu") == "generate"
-    assert serving_decode(moe, "cuda:0") == "generate"  # Unsloth's expert LoRA does not merge
+    assert serving_decode(moe, "cuda:0") == "static"  # GPT-OSS: production.moe_decode
     assert serving_decode(quantized, "cuda:0") == "generate"
     auto = dense.model_copy(update={"model": dense.model.model_copy(update={"backend": "auto"})})
     assert choose_backend(auto, "cuda:0", "production") == "transformers"

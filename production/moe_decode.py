@@ -165,7 +165,40 @@ def _triton_kernels() -> dict[str, Any]:
             acc += tl.sum(tl.sum(products, axis=2) * scale, axis=1)
         tl.store(out_ptr + (split * S + slot) * N + n, acc, mask=n_ok)
 
-    _kernels.update(kn=expert_gemv_kn, nf4=expert_gemv_nf4)
+    @triton.jit
+    def dequantize_nf4(
+        packed_ptr,  # [N * K // 2] uint8 of one expert
+        absmax_ptr,  # [N * K // 64]: uint8 codes if NESTED, else fp32
+        nested_ptr,
+        offset,
+        code_ptr,
+        nested_code_ptr,
+        out_ptr,  # [N * K] in the model's dtype
+        total_bytes,
+        NESTED: tl.constexpr,
+        BLOCKS: tl.constexpr,  # quant blocks (32 bytes each) per program
+    ):
+        block = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)
+        j = tl.arange(0, 32)
+        byte_index = block[:, None] * 32 + j[None, :]
+        ok = byte_index < total_bytes
+        block_ok = block * 32 < total_bytes
+        if NESTED:
+            q = tl.load(absmax_ptr + block, mask=block_ok, other=0)
+            scale = tl.load(nested_code_ptr + q.to(tl.int32)) * tl.load(
+                nested_ptr + block // 256, mask=block_ok, other=0.0
+            )
+            scale += offset
+        else:
+            scale = tl.load(absmax_ptr + block, mask=block_ok, other=0.0)
+        byte = tl.load(packed_ptr + byte_index, mask=ok, other=0)
+        high = tl.load(code_ptr + (byte >> 4).to(tl.int32)) * scale[:, None]
+        low = tl.load(code_ptr + (byte & 15).to(tl.int32)) * scale[:, None]
+        out_ty = out_ptr.dtype.element_ty
+        tl.store(out_ptr + 2 * byte_index, high.to(out_ty), mask=ok)
+        tl.store(out_ptr + 2 * byte_index + 1, low.to(out_ty), mask=ok)
+
+    _kernels.update(kn=expert_gemv_kn, nf4=expert_gemv_nf4, dequantize=dequantize_nf4)
     return _kernels
 
 
@@ -405,11 +438,36 @@ class Nf4Stack(nn.Module):
         return codes * nested[..., : codes.shape[-1]] + offset.unsqueeze(-1)
 
     def dequantize(self, expert: int, dtype: torch.dtype) -> torch.Tensor:
-        """Expert `expert`'s weight [N, K] in `dtype` (bitsandbytes' dequantize_4bit, in torch)."""
+        """Expert `expert`'s weight [N, K] in `dtype`, as bitsandbytes' dequantize_4bit gives
+        it: one kernel on CUDA (a prompt dequantizes every hit expert of every layer), torch
+        ops elsewhere."""
+        if self.packed.is_cuda:
+            return self._dequantize_kernel(expert, dtype)
         packed = self.packed[expert]
         codes = torch.stack([packed >> 4, packed & 15], dim=-1).reshape(-1).long()
         values = self.code[codes].view(-1, NF4_BLOCK) * self.scales(expert)[:, None]
         return values.view(self.out_features, self.in_features).to(dtype)
+
+    def _dequantize_kernel(self, expert: int, dtype: torch.dtype) -> torch.Tensor:
+        out = torch.empty(
+            (self.out_features, self.in_features), dtype=dtype, device=self.packed.device
+        )
+        total = self.packed.shape[1]
+        blocks = 64  # 2,048 bytes a program
+        nested = self.nested
+        _triton_kernels()["dequantize"][(-(-total // (32 * blocks)),)](
+            self.packed[expert],
+            self.absmax[expert],
+            self.nested_absmax[expert] if nested else self.code,
+            float(self.offset[expert]) if nested else 0.0,
+            self.code,
+            self.nested_code,
+            out,
+            total,
+            NESTED=nested,
+            BLOCKS=blocks,
+        )
+        return out
 
     def op_args(self) -> tuple[torch.Tensor, ...]:
         return (
@@ -448,6 +506,9 @@ class DecodeExperts(nn.Module):
         self.register_buffer("gate_up_bias", gate_up_bias, persistent=False)
         self.register_buffer("down_bias", down_bias, persistent=False)
         self.lora_rank = 0  # rank of the unmerged expert LoRA buffers (reserve_lora)
+        # Whether the buffers hold an adapter: read by the prompt path only (the captured
+        # step always adds the buffers' product, zero or not, so it never re-traces).
+        self.lora_active = False
 
     @property
     def quantized(self) -> bool:
@@ -529,25 +590,28 @@ class DecodeExperts(nn.Module):
     def _many_tokens(
         self, hidden: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
     ) -> torch.Tensor:
-        if not self.quantized and not self.lora_rank:  # not yet prepared for adapters
+        """A prompt: a loop over the hit experts (host syncs are fine once per prompt)."""
+        if not self.quantized and not self.lora_active:
             return self.fused(hidden, indices, weights)
         out = torch.zeros_like(hidden)
         for expert in indices.unique().tolist():
             token_idx, slot = torch.where(indices == expert)
             x = hidden[token_idx]
-            ids = indices.new_full((len(token_idx),), expert)
             gate_up = x @ self._weight_t("gate_up", expert, hidden.dtype)
-            gate_up = gate_up + self.gate_up_bias[expert]
-            lora = self._lora("gate_up", x, ids)
-            if lora is not None:
-                gate_up = (gate_up.float() + lora).to(hidden.dtype)
+            gate_up = self._lora_one("gate_up", expert, x, gate_up + self.gate_up_bias[expert])
             glu = self._glu(gate_up)
-            down = glu @ self._weight_t("down", expert, hidden.dtype) + self.down_bias[expert]
-            lora = self._lora("down", glu, ids)
-            if lora is not None:
-                down = (down.float() + lora).to(hidden.dtype)
+            down = glu @ self._weight_t("down", expert, hidden.dtype)
+            down = self._lora_one("down", expert, glu, down + self.down_bias[expert])
             out.index_add_(0, token_idx, down * weights[token_idx, slot, None])
         return out
+
+    def _lora_one(self, kind: str, expert: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y plus expert `expert`'s unmerged update of x, when an adapter is active."""
+        if not self.lora_active:
+            return y
+        a = getattr(self, f"{kind}_lora_a")[expert].float()
+        b = getattr(self, f"{kind}_lora_b")[expert].float()
+        return (y.float() + (x.float() @ a.t()) @ b.t()).to(y.dtype)
 
     # -- the adapter's expert LoRA, unmerged
 
@@ -588,6 +652,11 @@ class DecodeExperts(nn.Module):
             b_all[expert, :, :r] = b.float() * scale
         buf_a.copy_(a_all)
         buf_b.copy_(b_all)
+        self.lora_active = bool(updates) or self._other_kind_active(kind)
+
+    def _other_kind_active(self, kind: str) -> bool:
+        other = "down" if kind == "gate_up" else "gate_up"
+        return bool(getattr(self, f"{other}_lora_a").any())
 
 
 def _is_split_experts(module: nn.Module) -> bool:

@@ -390,3 +390,55 @@ def test_moe_static_decode_serves_4bit_gpt_oss_adapters_and_swaps_under_load(
     assert first == ("a", expected["a"], 64)
     assert second == ("b", expected["b"], 64)
     assert _compiles() == compiles
+
+
+def test_nf4_prompt_path_dequantizes_as_bitsandbytes_and_agrees_with_the_decode_kernels() -> None:
+    """A long prompt on 4-bit experts dequantizes each hit expert with one kernel: bitsandbytes'
+    values exactly; and the prompt loop and the per-token kernels give the same layer output."""
+    import time
+
+    import bitsandbytes.functional as bnb_functional
+
+    from production import moe_decode
+
+    torch.manual_seed(0)
+    hidden, experts = 2880, 8  # the 20B shape's experts, fewer of them
+    layers = []
+    for shape in ((2 * hidden, hidden), (hidden, hidden)):
+        linears = []
+        for _ in range(experts):
+            weight = torch.randn(shape, device="cuda", dtype=torch.bfloat16) * 0.02
+            data, state = bnb_functional.quantize_4bit(
+                weight, quant_type="nf4", blocksize=64, compress_statistics=True
+            )
+            linears.append(type("L", (), {"weight": data})())
+            linears[-1].weight.quant_state = state
+        layers.append(linears)
+    gate_up, down = (moe_decode.Nf4Stack.from_linears(ls) for ls in layers)
+    for i in (0, experts - 1):
+        w = layers[0][i].weight
+        assert torch.equal(
+            gate_up.dequantize(i, torch.bfloat16), bnb_functional.dequantize_4bit(w, w.quant_state)
+        )
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for i in range(experts):
+        gate_up.dequantize(i, torch.bfloat16)
+    torch.cuda.synchronize()
+    print(f"dequantize: {(time.perf_counter() - started) / experts * 1e3:.2f} ms an expert")
+    module = moe_decode.DecodeExperts(
+        alpha=1.702,
+        limit=7.0,
+        num_experts=experts,
+        gate_up_bias=torch.zeros(experts, 2 * hidden, device="cuda", dtype=torch.bfloat16),
+        down_bias=torch.zeros(experts, hidden, device="cuda", dtype=torch.bfloat16),
+        gate_up_nf4=gate_up,
+        down_nf4=down,
+    )
+    tokens = 300  # 600 token-slots: past ROUTED_PREFILL_MAX, so the loop runs
+    x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)
+    indices = torch.randint(0, experts, (tokens, 2), device="cuda")
+    weights = torch.softmax(torch.randn(tokens, 2, device="cuda"), -1).to(torch.bfloat16)
+    looped = module(x, indices, weights).float()
+    routed = module._routed(x, indices, weights).float()
+    assert (looped - routed).abs().max() < 0.02 * looped.abs().max(), (looped - routed).abs().max()

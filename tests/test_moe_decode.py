@@ -87,6 +87,11 @@ for x in (torch.randn(1, K, dtype=torch.bfloat16), torch.randn(3, K, dtype=torch
         stack = md.Nf4Stack.from_linears(layers)
         got, want = md.expert_gemv_nf4(x, stack, ids), md.reference_gemv_nf4(x, stack, ids)
         assert (got - want).abs().max() < 1e-3, ("nf4", nested, (got - want).abs().max())
+        for e in (0, 4):  # the prompt path's dequantization: bitsandbytes' values
+            want = F.dequantize_4bit(layers[e].weight.data, layers[e].weight.quant_state).float()
+            got = stack._dequantize_kernel(e, torch.bfloat16).float()
+            # The interpreter truncates fp32 to bf16 (the GPU rounds): within one bf16 step.
+            assert torch.allclose(got, want, rtol=2**-7, atol=0), ("dequantize", e)
 print("kernels agree")
 """
 

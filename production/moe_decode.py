@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 EXPERT_LORA_NAME = re.compile(r"^(?P<owner>.+\.experts)\.(?P<kind>gate_up|down)_projs\.(?P<i>\d+)$")
 NF4_BLOCK = 64  # bitsandbytes' 4-bit block: one absmax per 64 weights
 NESTED_BLOCK = 256  # double quant: one fp32 scale per 256 absmax bytes
+_dequantize_kernel_failed: list[Exception] = []
 ROUTED_PREFILL_MAX = 512  # token-slots of a prompt that go through the kernels (4-bit)
 
 
@@ -441,8 +442,12 @@ class Nf4Stack(nn.Module):
         """Expert `expert`'s weight [N, K] in `dtype`, as bitsandbytes' dequantize_4bit gives
         it: one kernel on CUDA (a prompt dequantizes every hit expert of every layer), torch
         ops elsewhere."""
-        if self.packed.is_cuda:
-            return self._dequantize_kernel(expert, dtype)
+        if self.packed.is_cuda and not _dequantize_kernel_failed:
+            try:
+                return self._dequantize_kernel(expert, dtype)
+            except Exception as exc:
+                _dequantize_kernel_failed.append(exc)
+                log.warning("the NF4 dequantize kernel failed (%s); prompts use torch ops", exc)
         packed = self.packed[expert]
         codes = torch.stack([packed >> 4, packed & 15], dim=-1).reshape(-1).long()
         values = self.code[codes].view(-1, NF4_BLOCK) * self.scales(expert)[:, None]

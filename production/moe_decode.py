@@ -688,7 +688,10 @@ def prepare(model: nn.Module, lora_rank: int = 16) -> dict[str, Any]:
     place. Returns what it did, for the log."""
     dtype = model.get_input_embeddings().weight.dtype
     swapped = dequantized = 0
-    for name, experts in moe_layers(model):
+    # By name, one layer at a time: holding every layer's old experts until the end kept
+    # the 4-bit experts twice in memory (22.7 GiB peak at start on the 20B shape, 12.8 after).
+    for name in [name for name, _ in moe_layers(model)]:
+        experts = model.get_submodule(name)
         parent = model.get_submodule(name.rsplit(".", 1)[0])
         common = {
             "alpha": float(getattr(experts, "alpha", 1.702)),
@@ -717,6 +720,8 @@ def prepare(model: nn.Module, lora_rank: int = 16) -> dict[str, Any]:
         replacement.reserve_lora(lora_rank)
         parent.experts = replacement
         swapped += 1
+        del experts, replacement, common
+        gate_up = down = None
     for name, module in list(model.named_modules()):
         if hasattr(getattr(module, "weight", None), "quant_state") and ".experts." not in name:
             parent_name, _, child = name.rpartition(".")

@@ -495,6 +495,20 @@ def up(
 
 
 UNIT_TEMPLATE = Path(__file__).resolve().parent.parent / "systemd" / "whetstone.service"
+# Where pip puts the unit for a regular (non-editable) install: pyproject's data-files.
+INSTALLED_UNIT_TEMPLATE = Path("share") / "whetstone" / "systemd" / "whetstone.service"
+
+
+def unit_template() -> Path:
+    """The unit file of this install: the checkout's systemd/ (editable install), else the
+    copy a wheel installs under the environment's prefix."""
+    for candidate in (UNIT_TEMPLATE, Path(sys.prefix) / INSTALLED_UNIT_TEMPLATE):
+        if candidate.is_file():
+            return candidate
+    raise _fail(
+        f"the systemd unit template is missing: neither {UNIT_TEMPLATE} nor "
+        f"{Path(sys.prefix) / INSTALLED_UNIT_TEMPLATE} exists; reinstall whetstone"
+    )
 
 
 @app.command("install-service")
@@ -517,11 +531,13 @@ def install_service(
     config_home = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
     target_dir = unit_dir or config_home / "systemd" / "user"
     target = target_dir / "whetstone.service"
-    unit = UNIT_TEMPLATE.read_text().format(
+    template = unit_template()
+    readme = template.parent.parent / "README.md"
+    unit = template.read_text().format(
         whetstone=executable,
         home=settings.paths.root.resolve(),
         stop_timeout=int(settings.daemon.stop_timeout_s) + 30,
-        readme=UNIT_TEMPLATE.parent.parent / "README.md",
+        documentation=f"file://{readme}" if readme.is_file() else "man:systemd.service(5)",
     )
     try:
         target_dir.mkdir(parents=True, exist_ok=True)

@@ -47,7 +47,7 @@ EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 
 # Set by whetstone for its own processes, not settings.
 INTERNAL_ENV = frozenset(
-    {"WHETSTONE_WORKER_DEVICE", "WHETSTONE_TEST_CACHE", "WHETSTONE_DAEMON_PID"}
+    {"WHETSTONE_WORKER_DEVICE", "WHETSTONE_GPUS", "WHETSTONE_TEST_CACHE", "WHETSTONE_DAEMON_PID"}
 )
 
 _toml_path: contextvars.ContextVar[Path | None] = contextvars.ContextVar("toml", default=None)

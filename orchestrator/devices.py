@@ -40,11 +40,15 @@ def plan(settings: Settings, gpu_count: int) -> DevicePlan:
 
 
 def worker_env(device: str) -> tuple[dict[str, str], str]:
-    """Environment for a worker on `device`, and the device name to use inside it."""
+    """Environment for a worker on `device` (numbered among the GPUs whetstone may use), and
+    the device name to use inside it."""
+    from orchestrator import gpus
+
+    outer = {gpus.WHETSTONE_GPUS: gpus.usable() or "all"}
     if device == "cpu":
-        return {"CUDA_VISIBLE_DEVICES": ""}, "cpu"
-    index = device.split(":", 1)[1] if ":" in device else "0"
-    return {"CUDA_VISIBLE_DEVICES": index}, "cuda:0"
+        return {"CUDA_VISIBLE_DEVICES": ""} | outer, "cpu"
+    index = int(device.split(":", 1)[1]) if ":" in device else 0
+    return {"CUDA_VISIBLE_DEVICES": gpus.physical(index)} | outer, "cuda:0"
 
 
 def child_env(settings: Settings, role: str) -> dict[str, str]:

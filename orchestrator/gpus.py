@@ -16,8 +16,33 @@ class Gpu:
     memory_free_mib: int
 
 
+# Set by whetstone on every process it pins to one GPU: the CUDA_VISIBLE_DEVICES that
+# whetstone itself was started with ("all" when unset). A pinned worker that starts a job
+# (`POST /v1/train` under `whetstone serve`) plans over the machine's GPUs from it, not over
+# the one GPU it was pinned to (it used to put the job on the serving GPU).
+WHETSTONE_GPUS = "WHETSTONE_GPUS"
+
+
+def usable() -> str | None:
+    """The CUDA_VISIBLE_DEVICES whetstone was started with (None: every GPU)."""
+    outer = os.environ.get(WHETSTONE_GPUS)
+    if outer is not None:
+        return None if outer == "all" else outer
+    return os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
+def physical(index: int) -> str:
+    """The CUDA_VISIBLE_DEVICES value for the `index`-th GPU whetstone may use."""
+    outer = usable()
+    if outer is None:
+        return str(index)
+    wanted = [v.strip() for v in outer.split(",") if v.strip() and v.strip() != "-1"]
+    return wanted[index] if index < len(wanted) else str(index)
+
+
 def list_gpus() -> list[Gpu]:
-    """GPUs visible to this process per nvidia-smi, honouring CUDA_VISIBLE_DEVICES."""
+    """GPUs whetstone may use per nvidia-smi: those of the CUDA_VISIBLE_DEVICES it was
+    started with, numbered from 0 as its processes see them."""
     if shutil.which("nvidia-smi") is None:
         return []
     try:
@@ -38,7 +63,7 @@ def list_gpus() -> list[Gpu]:
     for line in out.strip().splitlines():
         index, name, total, free = (part.strip() for part in line.split(","))
         found.append(Gpu(int(index), name, int(float(total)), int(float(free))))
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    visible = usable()
     if visible is None:
         return found
     wanted = [v.strip() for v in visible.split(",") if v.strip() and v.strip() != "-1"]

@@ -12,7 +12,6 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from data.store import Store
@@ -22,8 +21,6 @@ from orchestrator.config import Settings
 log = logging.getLogger(__name__)
 
 TRAIN_MODULE = "development.train"
-# A queued run whose process never registered within this long did not start.
-QUEUED_GRACE = timedelta(minutes=10)
 
 
 def pid_alive(pid: int, module: str = TRAIN_MODULE) -> bool:
@@ -46,23 +43,19 @@ def pid_alive(pid: int, module: str = TRAIN_MODULE) -> bool:
 
 def reap_dead_runs(store: Store, *, daemon_alive: bool = False) -> list[str]:
     """Mark runs whose process is gone as failed; returns their ids. A queued run without a
-    process is waiting for the daemon's dispatcher while a daemon holds the home
-    (`daemon_alive`); with no daemon, one older than QUEUED_GRACE never started."""
+    process waits for a daemon's dispatcher, however old it is and whether or not a daemon
+    runs now: a run queued before the machine went off runs when the daemon next starts.
+    `daemon_alive` is kept for the callers' symmetry."""
+    del daemon_alive
     reaped = []
-    now = datetime.now(UTC)
     for status in ("running", "queued"):
         for run in store.list_runs(limit=50, status=status):
-            if run.pid is not None:
-                if pid_alive(run.pid):
-                    continue
-                error = (
-                    f"the training process (pid {run.pid}) ended without reporting: "
-                    f"killed or crashed (see logs/{run.id}.log)"
-                )
-            elif not daemon_alive and now - run.created_at > QUEUED_GRACE:
-                error = "the training process never started"
-            else:
+            if run.pid is None or pid_alive(run.pid):
                 continue
+            error = (
+                f"the training process (pid {run.pid}) ended without reporting: "
+                f"killed or crashed (see logs/{run.id}.log)"
+            )
             store.update_run(run.id, status="failed", error=error)
             log.warning("run %s: %s", run.id, error)
             reaped.append(run.id)
@@ -112,15 +105,19 @@ def start_training(
     ]
     argv += extra_args or []
     settings.paths.logs_dir.mkdir(parents=True, exist_ok=True)
-    with open(log_file(settings, run.id), "ab") as out:
-        process = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=devices.child_env(settings, "development"),
-            start_new_session=True,
-        )
+    try:
+        with open(log_file(settings, run.id), "ab") as out:
+            process = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=devices.child_env(settings, "development"),
+                start_new_session=True,
+            )
+    except OSError as exc:  # a run that never got a process is failed now, not left queued
+        store.update_run(run.id, status="failed", error=f"could not start training: {exc}")
+        raise
     store.update_run(run.id, pid=process.pid)
     log.info("started run %s (pid %d, %s on %s)", run.id, process.pid, profile, device)
     return run.id, process

@@ -245,6 +245,12 @@ REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
 
 
+def _report_file(path: Path) -> bool:
+    """Whether a candidate's report is a file whetstone wrote there: the evaluation writes
+    regular files, so a symlink (to /etc/passwd, say) is never served."""
+    return path.is_file() and not path.is_symlink()
+
+
 def _find_candidate(registry: Registry, candidate_id: str) -> Candidate:
     """The candidate folder `candidate_id`: 400 for a malformed id, 404 for an unknown one."""
     try:
@@ -560,10 +566,10 @@ def create_app(service: Service) -> FastAPI:
         found = _find_candidate(service.registry, candidate_id)
         md, page = found.path / REPORT_MD, found.path / REPORT_HTML
         try:
-            markdown = md.read_text(encoding="utf-8") if md.is_file() else None
-        except OSError:
+            markdown = md.read_text(encoding="utf-8") if _report_file(md) else None
+        except (OSError, UnicodeDecodeError):
             markdown = None
-        has_page = page.is_file()
+        has_page = _report_file(page)
         return promotion.candidate_row(service.store, found) | {
             "report_markdown": markdown,
             "report_html_path": str(page.absolute()) if has_page else None,
@@ -573,7 +579,7 @@ def create_app(service: Service) -> FastAPI:
     @app.get("/v1/candidates/{candidate_id}/report.html")
     async def candidate_report(candidate_id: str) -> FileResponse:
         page = _find_candidate(service.registry, candidate_id).path / REPORT_HTML
-        if not page.is_file():
+        if not _report_file(page):
             raise ApiError(
                 404,
                 f"candidate {candidate_id} has no report yet: run `whetstone eval {candidate_id}`",

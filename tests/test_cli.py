@@ -120,3 +120,24 @@ def test_export_writes_trl_files(home: Path, tmp_path: Path) -> None:
         dpo["chosen"][0]["content"] == "You live in Lyon."
         and dpo["rejected"][0]["content"] == "Paris."
     )
+
+
+def test_a_run_queued_before_the_machine_went_off_still_waits_for_the_daemon(home: Path) -> None:
+    """No daemon runs; a run queued with one hours ago (it never got a process) stays queued
+    through `status`, so the daemon starts it when it next runs (it used to be marked failed
+    after 10 minutes by any command that looked)."""
+    from datetime import UTC, datetime, timedelta
+
+    from data.models import TrainingRun
+
+    assert run_cli("status", "--home", str(home)).returncode == 0  # creates the database
+    with Store(f"sqlite:///{home}/whetstone.db") as store:
+        run = store.create_run("quick_test", "nightly")
+        with store.session() as session:
+            session.get(TrainingRun, run.id).created_at = datetime.now(UTC) - timedelta(hours=9)
+    for _ in range(2):
+        shown = run_cli("status", "--home", str(home), "--json")
+        assert shown.returncode == 0, shown.stderr
+    with Store(f"sqlite:///{home}/whetstone.db") as store:
+        kept = store.get_run(run.id)
+    assert (kept.status, kept.error) == ("queued", None)

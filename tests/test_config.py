@@ -161,6 +161,55 @@ def test_an_explicit_second_gpu_is_accepted_inside_the_worker_pinned_to_it(
     assert load_settings(home).devices.development == "cuda:1"  # the pinned job
 
 
+def _fake_gpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, count: int) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "nvidia-smi"
+    rows = "".join(f"echo '{i}, NVIDIA GeForce RTX 3090, 24576, 24000'\n" for i in range(count))
+    fake.write_text(f"#!/bin/sh\n{rows}")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    for var in ("CUDA_VISIBLE_DEVICES", "WHETSTONE_GPUS", "WHETSTONE_WORKER_DEVICE"):
+        monkeypatch.delenv(var, raising=False)
+
+
+def test_a_training_run_started_by_the_serving_worker_goes_to_the_training_gpu(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`POST /v1/train` under `whetstone serve` starts the job from inside the API worker,
+    which is pinned to the serving GPU: the job must still get the training GPU (it used to
+    plan over the one GPU the worker sees, and train beside the chat)."""
+    from orchestrator import devices
+
+    _fake_gpus(tmp_path, monkeypatch, 2)
+    home = tmp_path / "home"
+    home.mkdir()
+    settings = load_settings(home)
+    serving_env, inside = devices.worker_env(devices.plan(settings, 2).production)
+    assert (serving_env["CUDA_VISIBLE_DEVICES"], inside) == ("0", "cuda:0")
+    monkeypatch.setenv("WHETSTONE_WORKER_DEVICE", inside)
+    for var, value in serving_env.items():
+        monkeypatch.setenv(var, value)
+    job = devices.child_env(load_settings(home), "development")
+    assert (job["CUDA_VISIBLE_DEVICES"], job["WHETSTONE_WORKER_DEVICE"]) == ("1", "cuda:0")
+
+
+def test_gpus_hidden_from_whetstone_stay_hidden_from_its_workers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Started with CUDA_VISIBLE_DEVICES=2,3 on a four-GPU machine, whetstone serves on GPU 2
+    and trains on GPU 3 (cuda:1 among its two), never on GPUs 0 or 1."""
+    from orchestrator import devices
+
+    _fake_gpus(tmp_path, monkeypatch, 4)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    home = tmp_path / "home"
+    home.mkdir()
+    settings = load_settings(home)
+    assert devices.child_env(settings, "production")["CUDA_VISIBLE_DEVICES"] == "2"
+    assert devices.child_env(settings, "development")["CUDA_VISIBLE_DEVICES"] == "3"
+
+
 @pytest.mark.parametrize(
     ("setup", "env", "message"),
     [

@@ -281,3 +281,40 @@ def test_a_locked_database_answers_503_with_retry_after_and_health_stays_up(serv
     assert max(health) < 5.0  # the wait did not block the event loop
     again = httpx.post(f"{server.url}/v1/feedback", json={"message_id": message_id, "rating": 5})
     assert again.status_code == 200 and again.json()["rating"] == 5
+
+
+def test_a_conversations_reasoning_effort_is_the_one_its_prompt_is_made_with(
+    tmp_path: Path,
+) -> None:
+    """A conversation set to "high" by PATCH answers exactly as a request that asks for "high"
+    does (the harmony system message says so), not as the default "medium"."""
+    from tests.tiny_models import model_home, tiny_gpt_oss
+
+    home = model_home(tmp_path / "home", tiny_gpt_oss(tmp_path / "gpt-oss"), chat_format="harmony")
+    server = ServerProcess(home).wait_ready()
+    try:
+
+        def ask(conversation: str | None = None, effort: str | None = None) -> httpx.Response:
+            body = {"messages": HI, "temperature": 0, "max_tokens": 12, "include_reasoning": True}
+            body |= {"conversation_id": conversation} if conversation else {}
+            body |= {"reasoning_effort": effort} if effort else {}
+            response = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=120)
+            assert response.status_code == 200, response.text
+            return response
+
+        def said(response: httpx.Response) -> tuple[int, dict]:
+            answer = response.json()
+            return answer["usage"]["prompt_tokens"], answer["choices"][0]["message"]
+
+        high, medium = said(ask(effort="high")), said(ask(effort="medium"))
+        assert high != medium, "the effort changes the prompt"
+        conversation = ask().headers["X-Whetstone-Conversation-Id"]
+        patched = httpx.patch(
+            f"{server.url}/v1/conversations/{conversation}",
+            json={"reasoning_effort": "high"},
+            timeout=30,
+        )
+        assert patched.status_code == 200, patched.text
+        assert said(ask(conversation)) == high
+    finally:
+        server.stop()

@@ -433,6 +433,17 @@ def test_candidates_list_newest_first_with_decisions_and_reports(server: ServerP
     assert no_page.status_code == 404
     assert "20261120-030000-aaaaaa has no report yet" in error_of(no_page)
 
+    # Reports planted as symlinks (to a file outside the home) are never read or served.
+    secret = server.home.parent / "secret.txt"
+    secret.write_text("not for the API")
+    folder = Registry(server.home / "candidates").get("20261120-030000-aaaaaa").path
+    for name in ("report.html", "report.md"):
+        (folder / name).symlink_to(secret)
+    planted = httpx.get(f"{server.url}/v1/candidates/20261120-030000-aaaaaa").json()
+    assert planted["report_markdown"] is None and planted["report_html_url"] is None
+    followed = httpx.get(f"{server.url}/v1/candidates/20261120-030000-aaaaaa/report.html")
+    assert followed.status_code == 404 and "not for the API" not in followed.text
+
     for path in ("bad id!", "current"):
         bad = httpx.get(f"{server.url}/v1/candidates/{path}")
         assert bad.status_code == 400, bad.text

@@ -66,3 +66,46 @@ def test_install_service_names_a_unit_dir_it_cannot_write(tmp_path: Path) -> Non
     assert result.returncode == 1
     assert f"cannot write {blocker / 'user' / 'whetstone.service'}" in result.stderr
     assert blocker.read_text() == "a file where the unit folder should be"
+
+
+@pytest.mark.slow
+def test_a_regular_install_carries_the_unit_template(tmp_path: Path) -> None:
+    """A non-editable install (a wheel in a fresh environment) writes the unit too: the
+    template travels as data under the environment's prefix, not only in the checkout."""
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    env = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(env)], check=True, timeout=120)
+    installed = subprocess.run(
+        [str(env / "bin" / "python"), "-m", "pip", "install", "--quiet", "--no-deps", str(repo)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert installed.returncode == 0, installed.stderr[-3000:]
+    # whetstone from the new environment; its dependencies from this one (PYTHONPATH entries
+    # are not site dirs, so this environment's editable-install hook does not apply).
+    deps = next(p for p in sys.path if p.endswith("site-packages"))
+    units = tmp_path / "units"
+    result = subprocess.run(
+        [
+            str(env / "bin" / "python"),
+            "-m",
+            "orchestrator.cli",
+            "install-service",
+            "--home",
+            str(tmp_path / "home"),
+            "--unit-dir",
+            str(units),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": deps},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    unit = (units / "whetstone.service").read_text()
+    assert str(env / "bin" / "whetstone") in _directive(unit, "ExecStart")
+    assert _directive(unit, "Documentation") == "man:systemd.service(5)"

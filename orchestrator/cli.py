@@ -411,6 +411,8 @@ def export(
     store = open_store(settings)
     try:
         counts = export_all(store, target)
+    except OSError as exc:
+        raise _fail(f"cannot write the export to {target}: {exc.strerror or exc}") from None
     finally:
         store.close()
     for kind, n in counts.items():
@@ -468,6 +470,7 @@ def up(
     from production.server import check_bind
 
     settings = settings_for(home, set_, server__host=host, server__port=port)
+    _check_token(settings)
     try:
         check_bind(settings)
     except ConfigError as exc:
@@ -576,6 +579,7 @@ def serve(
             f"the daemon (pid {owner}) already runs the API worker for {settings.paths.root}; "
             "`whetstone status` says where it listens"
         )
+    _check_token(settings)
     # The worker is a new process image: CUDA_VISIBLE_DEVICES is set before torch loads.
     argv = [_python(), "-m", "production.server", "--home", str(settings.paths.root)]
     for item in set_ or []:
@@ -586,6 +590,15 @@ def serve(
         argv += ["--port", str(port)]
     sys.stdout.flush()
     os.execve(argv[0], argv, devices.child_env(settings, "production"))
+
+
+def _check_token(settings: Settings) -> None:
+    """A token file others can read is refused before any worker starts (it used to be a
+    traceback from inside the worker)."""
+    try:
+        settings.bearer_token()
+    except PermissionError as exc:
+        raise _fail(str(exc)) from None
 
 
 @app.command()

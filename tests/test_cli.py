@@ -122,6 +122,16 @@ def test_export_writes_trl_files(home: Path, tmp_path: Path) -> None:
     )
 
 
+def test_export_to_a_place_it_cannot_write_is_a_message(home: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for out in (blocker / "export", Path("/proc/whetstone-export")):  # root ignores modes
+        result = run_cli("export", "--home", str(home), "--out", str(out))
+        assert result.returncode == 1
+        assert f"cannot write the export to {out}" in result.stderr + result.stdout
+        assert "Traceback" not in result.stderr
+
+
 def test_a_run_queued_before_the_machine_went_off_still_waits_for_the_daemon(home: Path) -> None:
     """No daemon runs; a run queued with one hours ago (it never got a process) stays queued
     through `status`, so the daemon starts it when it next runs (it used to be marked failed
@@ -141,3 +151,14 @@ def test_a_run_queued_before_the_machine_went_off_still_waits_for_the_daemon(hom
     with Store(f"sqlite:///{home}/whetstone.db") as store:
         kept = store.get_run(run.id)
     assert (kept.status, kept.error) == ("queued", None)
+
+
+def test_serving_with_a_token_others_can_read_is_a_message(home: Path) -> None:
+    token = home / "token"
+    token.write_text("secret-token\n")
+    token.chmod(0o644)
+    for command in ("serve", "up"):
+        result = run_cli(command, "--home", str(home), timeout=120)
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert f"{token} is readable by others (mode 644); run: chmod 600" in result.stderr
+        assert "Traceback" not in result.stderr

@@ -152,7 +152,8 @@ def request_training(
     the daemon's dispatcher when a daemon holds the home (one job at a time, on its
     development device), else started here. `profile` None means
     training.default_profile; `sets` are --set KEY=VALUE items passed on to the job.
-    Raises ConfigError for an unknown profile, JobBusy while another run trains."""
+    Raises ConfigError for an unknown profile, JobBusy while another run trains or one is
+    already queued."""
     from orchestrator.daemon import daemon_pid  # the daemon imports this module
 
     name = profile or settings.training.default_profile
@@ -163,6 +164,14 @@ def request_training(
     owner = daemon_pid(settings.paths.root)
     process = None
     if owner is not None:
+        # One run waits at most: a second request (a double press of `t`, a page posting
+        # in a loop) would only queue the same training again behind it.
+        waiting = [run for run in store.list_runs(limit=20, status="queued") if run.pid is None]
+        if waiting:
+            raise JobBusy(
+                f"run {waiting[-1].id} ({waiting[-1].profile}) is already queued; it starts "
+                "when the daemon is free"
+            )
         run_id = store.create_run(name, "manual").id
         store.update_run(run_id, progress={"stage": "queued", "args": extra})
     else:

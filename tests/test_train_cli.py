@@ -86,3 +86,37 @@ def test_train_names_a_bad_config_value(home: Path) -> None:
     result = run_cli("train", "--home", str(home), "--set", "training.validation_fraction=0.95")
     assert result.returncode != 0
     assert "training.validation_fraction" in result.stderr
+
+
+def test_with_a_daemon_one_training_run_waits_at_most(home: Path) -> None:
+    """While the daemon holds the home, a training request queues a run; the second one
+    (a double press, a page posting in a loop) is refused naming the queued run, not queued
+    again (ten runs in a second used to wait in line)."""
+    import fcntl
+    import os
+
+    import pytest
+
+    from orchestrator.config import load_settings
+    from orchestrator.daemon import LOCK_NAME
+    from orchestrator.jobs import JobBusy, request_training
+
+    settings = load_settings(home)
+    settings.paths.create()
+    lock = settings.paths.run_dir / LOCK_NAME
+    lock.write_text(str(os.getpid()))
+    held = os.open(lock, os.O_RDWR)
+    fcntl.flock(held, fcntl.LOCK_EX)  # what the running daemon holds
+    try:
+        with Store(settings.db_url) as store:
+            first = request_training(settings, store, "quick_test")
+            assert first.queued_with_daemon and first.process is None
+            with pytest.raises(JobBusy, match=f"run {first.run_id} \\(quick_test\\) is already"):
+                request_training(settings, store, "standard")
+            assert [r.id for r in store.list_runs(limit=10, status="queued")] == [first.run_id]
+        refused = run_cli("train", "--home", str(home), "--profile", "quick_test")
+        assert refused.returncode != 0
+        assert f"run {first.run_id} (quick_test) is already queued" in refused.stderr
+    finally:
+        fcntl.flock(held, fcntl.LOCK_UN)
+        os.close(held)

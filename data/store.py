@@ -358,12 +358,25 @@ class Store:
             conversation.forgotten_at = utcnow()
             conversation.title = None
             conversation.system_prompt = None
+        self._checkpoint()
         log.info(
             "forgot conversation %s (%d messages, %d feedback rows deleted)",
             conversation_id,
             message_rows,
             feedback_rows,
         )
+
+    def _checkpoint(self) -> None:
+        """Copy the write-ahead log into the database and empty it. Deleted rows are zeroed
+        (secure_delete), but the WAL still holds the pages as they were written until a
+        checkpoint: a forgotten conversation was readable there. A reader mid-snapshot can
+        hold the WAL back; the next checkpoint then finishes the job."""
+        if self.engine.dialect.name != "sqlite":
+            return
+        with self.engine.connect() as connection:
+            busy, _, _ = connection.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").one()
+        if busy:
+            log.info("the write-ahead log is still in use by a reader; it is emptied later")
 
     # --- messages -----------------------------------------------------------------------
 

@@ -390,6 +390,10 @@ def test_forget_removes_content_keeps_tombstone(store: Store, db_path: Path) -> 
     assert (counts["messages"], counts["feedback"]) == (2, 0)
     with pytest.raises(NotFound):
         store.forget_conversation("conv_never")
+    # Nor in the files' bytes: not in freed pages of the database, not in its write-ahead log.
+    for path in (db_path, db_path.with_name(db_path.name + "-wal")):
+        if path.exists():
+            assert b"SECRET" not in path.read_bytes(), path.name
 
 
 # --- runs, candidates, evaluations, promotions ------------------------------------------

@@ -210,11 +210,12 @@ def status(home: HomeOpt = None, set_: SetOpt = None, as_json: JsonOpt = False) 
     try:
         from orchestrator.daemon import read_state
         from orchestrator.jobs import reap_dead_runs
-        from orchestrator.promotion import running_server
+        from orchestrator.promotion import audit_unrecorded_swap, running_server
 
         server = running_server(settings)
         daemon = read_state(settings)
         reap_dead_runs(store, daemon_alive=daemon is not None)
+        audit_unrecorded_swap(store, registry)
         last_run = store.latest_run()
         running = store.latest_run(status="running")
         promotions = store.list_promotions(limit=1)

@@ -43,7 +43,7 @@ from typing import Any
 from candidates import Registry
 from candidates._fs import atomic_write_text
 from data.store import Store
-from orchestrator import devices, gpus, jobs, schedule, watch
+from orchestrator import devices, gpus, jobs, promotion, schedule, watch
 from orchestrator.config import ConfigError, Settings
 
 log = logging.getLogger(__name__)
@@ -372,6 +372,7 @@ class Daemon:
             self._write_state()
             self.store = Store(self.settings.db_url)
             jobs.reap_dead_runs(self.store, daemon_alive=True)
+            promotion.audit_unrecorded_swap(self.store, self.registry)
             stop_leftover_worker(self.settings)
             log.info(
                 "device plan: production %s, development %s (%d GPU(s))",

@@ -106,6 +106,7 @@ def promote(
     runs after the gate and before `current` moves (the API worker loads the adapter there):
     if it raises, nothing has changed."""
     registry.validate_id(candidate_id)
+    audit_unrecorded_swap(store, registry)
     evaluations = store.list_evaluations(candidate_id, limit=1)  # newest first
     passed = bool(evaluations) and evaluations[0].decision == "promote"
     if not passed and not force:
@@ -133,6 +134,32 @@ def promote(
     return result
 
 
+def audit_unrecorded_swap(store: Store, registry: Registry) -> bool:
+    """Write the audit row of a swap whose process died between moving `current` and writing
+    the row (a kill -9 there left `current` changed and the log silent). Returns whether it
+    wrote one. Run where the log is read or extended: daemon start, status, promote, rollback."""
+    current = registry.current_id()
+    last = store.list_promotions(limit=1)
+    audited = last[0].candidate_id if last else None
+    if current == audited:
+        return False
+    # Back to what the last audited swap replaced is a rollback; anything else a promotion.
+    back = bool(last) and current == last[0].previous_id
+    store.record_promotion(
+        action="rollback" if back else "promote",
+        candidate_id=current,
+        previous_id=audited,
+        forced=False,
+        reason=(
+            f"recovered: `current` is {current or 'the base model'} but the audit log ended at "
+            f"{audited or 'the base model'} (the process that swapped it was stopped first)"
+        ),
+        actor="recovery",
+    )
+    log.warning("recorded an unaudited swap to %s", current or "the base model")
+    return True
+
+
 def rollback(
     settings: Settings,
     store: Store,
@@ -143,6 +170,7 @@ def rollback(
 ) -> PromotionResult:
     """Swap `current` back to `previous` (or to the base model after the first promotion),
     audited. The watch after a promotion rolls back with action auto_rollback and its reason."""
+    audit_unrecorded_swap(store, registry)
     result = registry.rollback(base_model=settings.model.base_model)
     store.record_promotion(
         action="auto_rollback" if actor == "watch" else "rollback",

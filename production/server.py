@@ -729,7 +729,48 @@ def create_app(service: Service) -> FastAPI:
     async def chat(req: ChatRequest, request: Request) -> Any:
         return await _chat(service, req, request)
 
+    app.openapi = lambda: _documented_schema(app)  # type: ignore[method-assign]
     return app
+
+
+_ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type", "code"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": "integer"},
+            },
+        }
+    },
+}
+
+
+def _documented_schema(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's OpenAPI schema with the errors this server sends: a bad body or parameter is
+    a 400 with an OpenAI-style error object (the handler above), never FastAPI's 422."""
+    if app.openapi_schema is not None:
+        return app.openapi_schema
+    from fastapi.openapi.utils import get_openapi
+
+    schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    components.pop("HTTPValidationError", None)
+    components.pop("ValidationError", None)
+    components["Error"] = _ERROR_SCHEMA
+    error = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            responses = operation.get("responses", {})
+            if responses.pop("422", None) is not None:
+                responses["400"] = {"description": "Invalid body or parameter"} | error
+    app.openapi_schema = schema
+    return schema
 
 
 def _conversation_summary(c: Any) -> dict[str, Any]:

@@ -162,3 +162,23 @@ def test_serving_with_a_token_others_can_read_is_a_message(home: Path) -> None:
         assert result.returncode == 1, result.stdout + result.stderr
         assert f"{token} is readable by others (mode 644); run: chmod 600" in result.stderr
         assert "Traceback" not in result.stderr
+
+
+def test_a_swap_whose_audit_row_was_never_written_is_recorded_on_the_next_look(
+    home: Path,
+) -> None:
+    """A promotion killed between moving `current` and writing its audit row (the state a
+    kill -9 leaves): the next `status` (or daemon start, promote, rollback) writes the row,
+    once, saying it was recovered."""
+    add_candidate(home, "cand-a")
+    add_candidate(home, "cand-b")
+    assert run_cli("promote", "cand-a", "--home", str(home), "--force").returncode == 0
+    Registry(home / "candidates").promote("cand-b", base_model=None, force=True)  # no row
+
+    for _ in range(2):
+        assert cli_json("status", "--home", str(home))["current_adapter"] == "cand-b"
+    store = Store(f"sqlite:///{home}/whetstone.db")
+    log = [(p.action, p.candidate_id, p.previous_id, p.actor) for p in store.list_promotions()]
+    assert log[0] == ("promote", "cand-b", "cand-a", "recovery")
+    assert len(log) == 2
+    assert "recovered" in store.list_promotions(limit=1)[0].reason

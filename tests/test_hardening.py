@@ -318,3 +318,64 @@ def test_a_conversations_reasoning_effort_is_the_one_its_prompt_is_made_with(
         assert said(ask(conversation)) == high
     finally:
         server.stop()
+
+
+def test_the_openapi_schema_documents_the_400_the_server_sends(served) -> None:
+    server, _, _ = served
+    schema = httpx.get(f"{server.url}/openapi.json", timeout=30).json()
+    assert '"422"' not in json.dumps(schema), "FastAPI's default, never sent here"
+    documented = schema["paths"]["/v1/feedback"]["post"]["responses"]["400"]
+    assert documented["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/Error"
+    }
+    sent = httpx.post(f"{server.url}/v1/feedback", json={"rating": "high"}, timeout=30)
+    assert sent.status_code == 400
+    assert set(sent.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def _api_schema(served):
+    import schemathesis
+
+    server, _, _ = served
+    schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json")
+    # Not generated: chat (each example would decode up to max_tokens on the CPU; its bad
+    # inputs have their own tests above) and train (a valid empty body starts a real job).
+    return schema.exclude(path=["/v1/chat/completions", "/v1/train"])
+
+
+@pytest.fixture(scope="module")
+def api_schema(served):
+    pytest.importorskip("schemathesis")
+    return _api_schema(served)
+
+
+try:
+    import schemathesis as _schemathesis
+    from hypothesis import HealthCheck, settings
+except ImportError:  # pragma: no cover - schemathesis is a dev dependency
+    _schemathesis = None
+
+if _schemathesis is not None:
+    from schemathesis.checks import not_a_server_error
+    from schemathesis.specs.openapi.checks import (
+        content_type_conformance,
+        status_code_conformance,
+    )
+
+    fuzzed = _schemathesis.pytest.from_fixture("api_schema")
+
+    @fuzzed.parametrize()
+    @settings(
+        max_examples=30,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+        derandomize=True,
+    )
+    def test_generated_requests_never_get_a_5xx_or_an_undocumented_status(case) -> None:
+        """schemathesis against the live worker's own /openapi.json: bounded examples per
+        operation (valid and invalid bodies, parameters and ids), no 5xx, and every status
+        sent is one the schema documents."""
+        case.call_and_validate(
+            checks=[not_a_server_error, status_code_conformance, content_type_conformance],
+            timeout=60,
+        )

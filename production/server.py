@@ -751,6 +751,17 @@ _ERROR_SCHEMA = {
 }
 
 
+# Statuses the middleware and the handlers send on routes they do not declare themselves.
+_SENT_EVERYWHERE = {"503": "Busy: the database is locked or the queue is full (Retry-After)"}
+_SENT_BY_MIDDLEWARE = {
+    "400": "Invalid body or parameter",
+    "401": "Missing or wrong bearer token (non-loopback binds)",
+    "403": "Cross-origin or foreign-Host request",
+    "411": "Chunked body without Content-Length",
+    "413": "Body larger than server.max_request_bytes",
+}
+
+
 def _documented_schema(app: FastAPI) -> dict[str, Any]:
     """FastAPI's OpenAPI schema with the errors this server sends: a bad body or parameter is
     a 400 with an OpenAI-style error object (the handler above), never FastAPI's 422."""
@@ -764,11 +775,23 @@ def _documented_schema(app: FastAPI) -> dict[str, Any]:
     components.pop("ValidationError", None)
     components["Error"] = _ERROR_SCHEMA
     error = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
-    for operations in schema.get("paths", {}).values():
-        for operation in operations.values():
+    for path, operations in schema.get("paths", {}).items():
+        for method, operation in operations.items():
             responses = operation.get("responses", {})
             if responses.pop("422", None) is not None:
                 responses["400"] = {"description": "Invalid body or parameter"} | error
+            sent = dict(_SENT_EVERYWHERE)
+            if path != "/health":
+                sent |= _SENT_BY_MIDDLEWARE
+            if "{" in path or method != "get":  # an id in the path or the body
+                sent |= {"404": "No such id", "410": "The conversation was forgotten"}
+            if method in ("post", "patch", "delete"):
+                sent |= {"409": "Conflicts with the current state (busy, refused promotion)"}
+            for status, description in sent.items():
+                responses.setdefault(status, {"description": description} | error)
+    # stream: true answers with server-sent events (OpenAI's chat streaming format).
+    chat = schema["paths"]["/v1/chat/completions"]["post"]["responses"]["200"]
+    chat.setdefault("content", {})["text/event-stream"] = {"schema": {"type": "string"}}
     app.openapi_schema = schema
     return schema
 
@@ -1106,11 +1129,32 @@ async def _serve(settings: Settings, service: Service) -> None:
 PARENT_ENV = "WHETSTONE_DAEMON_PID"
 
 
+# A worker whose daemon died gives the streams in flight this long, then cuts them: nobody
+# restarts it or waits for it, and a long answer kept it alive for minutes.
+ORPHAN_GRACE_S = 5
+
+
 async def _exit_with_parent(server: Any, parent: int) -> None:
     while os.getppid() == parent:
         await asyncio.sleep(1.0)
     log.warning("the daemon (pid %d) is gone; stopping", parent)
+    server.config.timeout_graceful_shutdown = ORPHAN_GRACE_S
     server.should_exit = True
+
+
+def die_with_parent(parent: int) -> None:
+    """While the model loads (before the watchdog above runs), the kernel ends this worker
+    when the daemon dies (Linux prctl PR_SET_PDEATHSIG)."""
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return  # not Linux: the watchdog alone
+    if os.getppid() != parent:  # died before the call: no signal will come
+        raise SystemExit(f"the daemon (pid {parent}) is gone")
 
 
 def _forget_address(server_file: Path) -> None:
@@ -1192,6 +1236,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         finally:
             probe.close()
+    if os.environ.get(PARENT_ENV):
+        die_with_parent(int(os.environ[PARENT_ENV]))
     device = devices.pin_device(settings, "production")
     service = build_service(settings, device)
     try:

@@ -347,3 +347,51 @@ def test_a_hung_job_is_killed_after_the_timeout_and_train_wait_reports_it(
     assert run.status == "failed" and run.trigger == "manual"
     wait_for("the job's process gone", lambda: not pid_alive(run.pid), timeout=60)
     assert Registry(home_for_training / "candidates").list() == []
+
+
+def test_a_worker_whose_daemon_was_killed_stops_within_seconds(
+    home_with_model: Path, daemons: Callable[..., DaemonProcess]
+) -> None:
+    """kill -9 of the daemon while the worker streams a long answer: the orphaned worker
+    cuts the stream after a short grace and exits (it used to run on for minutes, holding
+    the port and a core)."""
+    import threading
+
+    daemon = daemons(home_with_model).wait_ready()
+    worker_pid = daemon.worker_up()["pid"]
+    streamed: list[str] = []
+
+    def long_answer() -> None:
+        body = {
+            "messages": [{"role": "user", "content": "Tell a long story."}],
+            "max_tokens": 2000,
+            "temperature": 0,
+            "stream": True,
+        }
+        try:
+            with httpx.stream(
+                "POST", f"{daemon.url}/v1/chat/completions", json=body, timeout=300
+            ) as response:
+                for line in response.iter_lines():
+                    streamed.append(line)
+        except httpx.HTTPError:
+            pass
+
+    reader = threading.Thread(target=long_answer, daemon=True)
+    reader.start()
+    wait_for("the stream to start", lambda: len(streamed) > 3, timeout=120)
+    os.kill(daemon.proc.pid, signal.SIGKILL)
+    daemon.proc.wait(timeout=10)
+    killed = time.monotonic()
+    wait_for("the orphaned worker to exit", lambda: not _alive(worker_pid), timeout=30)
+    print(f"worker gone {time.monotonic() - killed:.1f} s after the daemon's kill -9")
+    reader.join(timeout=30)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    status = Path(f"/proc/{pid}/status")
+    return not (status.exists() and "State:\tZ" in status.read_text())

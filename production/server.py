@@ -1115,7 +1115,10 @@ async def _serve(settings: Settings, service: Service) -> None:
         _write_json_atomic(settings.paths.server_file, info)
         log.info("serving %s at %s", service.engine.base_model_name, info["url"])
     parent = os.environ.get(PARENT_ENV)
-    watchdog = asyncio.create_task(_exit_with_parent(server, int(parent))) if parent else None
+    watchdog = None
+    if parent:
+        die_with_parent(int(parent), on=False)
+        watchdog = asyncio.create_task(_exit_with_parent(server, int(parent)))
     try:
         await task
     finally:
@@ -1142,18 +1145,19 @@ async def _exit_with_parent(server: Any, parent: int) -> None:
     server.should_exit = True
 
 
-def die_with_parent(parent: int) -> None:
+def die_with_parent(parent: int, *, on: bool = True) -> None:
     """While the model loads (before the watchdog above runs), the kernel ends this worker
-    when the daemon dies (Linux prctl PR_SET_PDEATHSIG)."""
+    when the daemon dies (Linux prctl PR_SET_PDEATHSIG). Turned off once serving: SIGTERM
+    then means uvicorn's unbounded graceful stop, and the watchdog bounds it instead."""
     import ctypes
     import signal
 
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        libc.prctl(1, signal.SIGTERM if on else 0)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         return  # not Linux: the watchdog alone
-    if os.getppid() != parent:  # died before the call: no signal will come
+    if on and os.getppid() != parent:  # died before the call: no signal will come
         raise SystemExit(f"the daemon (pid {parent}) is gone")
 
 

@@ -832,7 +832,13 @@ def report(
 
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    app()
+    try:
+        app()  # click handles its own errors and exits; anything else comes out here
+    except OSError as exc:
+        # A read-only or full home, a folder where a file should be: say which, no traceback.
+        where = f" ({exc.filename})" if exc.filename else ""
+        sys.stderr.write(f"error: {exc.strerror or exc}{where}\n")
+        sys.exit(1)
 
 
 if __name__ == "__main__":

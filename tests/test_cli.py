@@ -182,3 +182,46 @@ def test_a_swap_whose_audit_row_was_never_written_is_recorded_on_the_next_look(
     assert log[0] == ("promote", "cand-b", "cand-a", "recovery")
     assert len(log) == 2
     assert "recovered" in store.list_promotions(limit=1)[0].reason
+
+
+@pytest.fixture
+def read_only_home(tmp_path: Path):
+    """A home with a database, on a file system mounted read-only (a full or failing disk,
+    a backup mounted ro); skipped where this user cannot mount (root ignores file modes)."""
+    import shutil
+    import subprocess
+
+    mount = tmp_path / "mnt"
+    mount.mkdir()
+    if (
+        shutil.which("mount") is None
+        or (
+            subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(mount)], capture_output=True)
+        ).returncode
+    ):
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        home = mount / "home"
+        assert run_cli("export", "--home", str(home)).returncode == 0  # creates it
+        subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
+        yield home
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_every_command_on_a_read_only_home_is_a_message(read_only_home: Path) -> None:
+    before = (read_only_home / "whetstone.db").read_bytes()
+    for command in (
+        ["status"],
+        ["candidates"],
+        ["export"],
+        ["rollback"],
+        ["token"],
+        ["train"],
+        ["promote", "cand-x"],
+    ):
+        done = run_cli(*command, "--home", str(read_only_home))
+        assert done.returncode != 0, command
+        assert "error:" in done.stderr, (command, done.stderr[-500:])
+        assert "Traceback" not in done.stderr, (command, done.stderr[-2000:])
+    assert (read_only_home / "whetstone.db").read_bytes() == before

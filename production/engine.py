@@ -327,7 +327,16 @@ class Engine:
         if self.merged is not None:
             self.merged.unload(adapter_id)
         else:
-            self.model.delete_adapter(adapter_id)
+            remaining = sorted(self.loaded - {adapter_id})
+            if not remaining:
+                # PEFT keeps its deleted last adapter as the active one, and serving the base
+                # model (disable_adapter) then fails with a KeyError: take LoRA out instead.
+                self.model.unload()
+                self.model = self.base
+            else:
+                if self.model.active_adapter == adapter_id:  # serving the base model now
+                    self.model.set_adapter(remaining[0])
+                self.model.delete_adapter(adapter_id)
         self.loaded.discard(adapter_id)
 
     # --------------------------------------------------------------- generation

@@ -347,9 +347,8 @@ class Nf4Stack(nn.Module):
     """One projection of every expert of a layer, as bitsandbytes NF4 (blocksize 64) stacked:
     packed [E, N*K/2] uint8, absmax [E, N*K/64] (uint8 codes with double quant, else fp32).
 
-    The tensors are buffers: a captured CUDA graph reads a module's buffers in place, where
-    plain tensor attributes were copied into the graph's pool on every replay (10 GB more
-    memory and a copy of every expert per token on the 20B shape)."""
+    The tensors are buffers, so the compiled step treats them as the model's own state (read
+    in place by the captured graph, as parameters are), not as inputs of each call."""
 
     def __init__(
         self,

@@ -192,3 +192,27 @@ def test_forcing_static_decode_on_a_4_bit_model_is_refused_by_name(home_with_mod
     )
     with pytest.raises(RuntimeError, match="server.decode = 'static' needs a 16-bit model"):
         Engine(settings, "cpu")
+
+
+@pytest.mark.parametrize("decode", ["generate", "static"])
+def test_unloading_adapters_while_the_base_model_serves_keeps_answering(
+    home_with_model: Path, adapters: dict, decode: str
+) -> None:
+    """A rollback to the base model unloads the adapter that served before (the worker's
+    sync): the base must keep answering as it did. Over PEFT, deleting the adapter PEFT still
+    held active made every chat a 500 (KeyError; found by schemathesis)."""
+    engine = _engine(home_with_model, decode)
+    base = _serve(engine, None)
+    for name, folder in adapters.items():
+        engine.load_adapter(name, folder)
+    engine.activate("all7")
+    engine.activate(None)
+    engine.unload_adapter("all7")  # another adapter is still loaded
+    assert _serve(engine, None) == base
+    engine.activate("qv")
+    assert _serve(engine, "qv") != base
+    engine.activate(None)
+    engine.unload_adapter("qv")  # the last one
+    assert _serve(engine, None) == base
+    engine.load_adapter("all7", adapters["all7"])  # and adapters load again afterwards
+    assert _serve(engine, "all7") != base

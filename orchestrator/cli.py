@@ -214,7 +214,7 @@ def status(home: HomeOpt = None, set_: SetOpt = None, as_json: JsonOpt = False) 
 
         server = running_server(settings)
         daemon = read_state(settings)
-        reap_dead_runs(store, daemon_alive=daemon is not None)
+        reap_dead_runs(store)
         audit_unrecorded_swap(store, registry)
         last_run = store.latest_run()
         running = store.latest_run(status="running")
@@ -746,9 +746,8 @@ def _print_run_outcome(settings: Settings, run_id: str, code: int | None, logfil
     store = open_store(settings)
     try:
         from orchestrator import jobs
-        from orchestrator.daemon import daemon_pid
 
-        jobs.reap_dead_runs(store, daemon_alive=daemon_pid(settings.paths.root) is not None)
+        jobs.reap_dead_runs(store)
         run = store.get_run(run_id)
         evaluation = None
         if run.candidate_id:

@@ -371,7 +371,7 @@ class Daemon:
             self.settings.paths.create()
             self._write_state()
             self.store = Store(self.settings.db_url)
-            jobs.reap_dead_runs(self.store, daemon_alive=True)
+            jobs.reap_dead_runs(self.store)
             promotion.audit_unrecorded_swap(self.store, self.registry)
             stop_leftover_worker(self.settings)
             log.info(
@@ -533,7 +533,7 @@ class Daemon:
         assert self.store is not None
         if self.job is not None:
             self._check_job()
-        jobs.reap_dead_runs(self.store, daemon_alive=True)
+        jobs.reap_dead_runs(self.store)
         schedule.enqueue_on_feedback(self.settings, self.store)
         if self.job is None and not self._stopping.is_set():
             self._start_next()

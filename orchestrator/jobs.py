@@ -41,12 +41,10 @@ def pid_alive(pid: int, module: str = TRAIN_MODULE) -> bool:
     return True
 
 
-def reap_dead_runs(store: Store, *, daemon_alive: bool = False) -> list[str]:
+def reap_dead_runs(store: Store) -> list[str]:
     """Mark runs whose process is gone as failed; returns their ids. A queued run without a
     process waits for a daemon's dispatcher, however old it is and whether or not a daemon
-    runs now: a run queued before the machine went off runs when the daemon next starts.
-    `daemon_alive` is kept for the callers' symmetry."""
-    del daemon_alive
+    runs now: a run queued before the machine went off runs when the daemon next starts."""
     reaped = []
     for status in ("running", "queued"):
         for run in store.list_runs(limit=50, status=status):
@@ -84,7 +82,7 @@ def start_training(
     Returns (run id, process). Raises JobBusy while another run's process is alive (dead ones
     are reaped first)."""
     settings.profile(profile)  # unknown profile: ConfigError now, not in the child
-    reap_dead_runs(store, daemon_alive=run_id is not None)
+    reap_dead_runs(store)
     alive = [run for run in store.list_runs(limit=5, status="running") if run.pid]
     if alive:
         raise JobBusy(f"run {alive[0].id} is still training (pid {alive[0].pid}); one at a time")

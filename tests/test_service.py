@@ -75,10 +75,19 @@ def test_a_regular_install_carries_the_unit_template(tmp_path: Path) -> None:
     import sys
 
     repo = Path(__file__).resolve().parent.parent
+    # Built from a copy: setuptools writes build/ and *.egg-info beside the sources it builds.
+    source = tmp_path / "source"
+    shutil.copytree(
+        repo,
+        source,
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv", ".gpu", "build", "*.egg-info", "__pycache__"
+        ),
+    )
     env = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(env)], check=True, timeout=120)
     installed = subprocess.run(
-        [str(env / "bin" / "python"), "-m", "pip", "install", "--quiet", "--no-deps", str(repo)],
+        [str(env / "bin" / "python"), "-m", "pip", "install", "--quiet", "--no-deps", str(source)],
         capture_output=True,
         text=True,
         timeout=600,

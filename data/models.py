@@ -33,9 +33,9 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, column_property, mapped_colu
 from sqlalchemy.types import TypeDecorator
 
 # Allowed values, checked by the store before anything is written.
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 REASONING_EFFORTS = ("low", "medium", "high")
-FINISH_REASONS = ("stop", "length", "cut_off", "error")
+FINISH_REASONS = ("stop", "length", "tool_calls", "cut_off", "error")
 RUN_STATUSES = ("queued", "running", "succeeded", "failed", "skipped", "cancelled")
 RUN_FINISHED = ("succeeded", "failed", "skipped", "cancelled")
 EVAL_DECISIONS = ("promote", "reject")
@@ -101,7 +101,7 @@ class Message(Base):
     __tablename__ = "messages"
     __table_args__ = (
         UniqueConstraint("conversation_id", "position"),
-        CheckConstraint("role IN ('system', 'user', 'assistant')", name="role"),
+        CheckConstraint("role IN ('system', 'user', 'assistant', 'tool')", name="role"),
     )
 
     id: Mapped[str] = mapped_column(ID, primary_key=True)
@@ -129,6 +129,10 @@ class Message(Base):
     finish_reason: Mapped[str | None] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     completed_at: Mapped[datetime | None] = mapped_column()
+    # An assistant turn's function calls, OpenAI's shape: [{id, type, function: {name,
+    # arguments}}]; a tool turn names the call it answers.
+    tool_calls: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON())
+    tool_call_id: Mapped[str | None] = mapped_column(ID)
 
     # lazy="raise": objects outlive their session, so a forgotten eager load must fail loudly
     # instead of silently querying (or failing later with a detached-instance error).

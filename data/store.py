@@ -68,6 +68,8 @@ _MESSAGE_FIELDS = frozenset(
         "finish_reason",
         "created_at",
         "completed_at",
+        "tool_calls",
+        "tool_call_id",
     }
 )
 _COMPLETE_FIELDS = _MESSAGE_FIELDS - {"reply_to_id", "finish_reason", "created_at"}
@@ -161,6 +163,13 @@ def _check_message_fields(fields: Mapping[str, Any]) -> None:
     for name in ("created_at", "completed_at"):
         _time(name, fields.get(name))
     _choice("finish_reason", fields.get("finish_reason"), FINISH_REASONS)
+    _text("tool_call_id", fields.get("tool_call_id"))
+    calls = fields.get("tool_calls")
+    if calls is not None and (
+        not isinstance(calls, list)
+        or not all(isinstance(c, dict) and isinstance(c.get("function"), dict) for c in calls)
+    ):
+        raise InvalidInput("tool_calls must be a list of {id, type, function: {name, arguments}}")
     generation = fields.get("generation")
     _json_object("generation", generation)
     if generation is not None:
@@ -437,7 +446,7 @@ class Store:
             raise InvalidInput(
                 f"reply_to_id {reply_to_id} is not a message of conversation {conversation_id}"
             )
-        if target.role != "user":
+        if target.role not in ("user", "tool"):
             raise InvalidInput(
                 f"reply_to_id must name the user message being answered; "
                 f"{reply_to_id} is a {target.role} message"

@@ -9,15 +9,23 @@ first `<|end|>`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from production.tool_calls import ToolCall
 
 
 @dataclass
 class Delta:
-    """What one generated token added for the user (text) and for the record (reasoning)."""
+    """What one generated token added for the user (text, tool calls) and for the record
+    (reasoning)."""
 
     text: str = ""
     reasoning: str = ""
+    tool_calls: tuple[ToolCall, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.text or self.reasoning or self.tool_calls)
 
 
 class StreamDecoder(Protocol):
@@ -66,7 +74,8 @@ class PlainDecoder:
 
 
 class HarmonyDecoder:
-    """Final channel -> text; analysis (and commentary) -> reasoning, kept for the record."""
+    """Final channel -> text; analysis (and commentary) -> reasoning, kept for the record;
+    a commentary message to ``functions.NAME`` -> a tool call."""
 
     def __init__(self, tokenizer: Any, prompt: list[int]) -> None:
         from production.harmony import HarmonyStreamParser
@@ -75,18 +84,37 @@ class HarmonyDecoder:
         self.parser = HarmonyStreamParser.from_prompt(tokenizer, prompt)
         self.done = False
         self.stopped_on_eos = False
+        self.recipient: str | None = None
+        self.call_text: list[str] = []
+
+    def _close_call(self, calls: list[ToolCall]) -> None:
+        from production.tool_calls import harmony_call
+
+        call = harmony_call(self.recipient, "".join(self.call_text))
+        if call is not None:
+            calls.append(call)
+        self.recipient, self.call_text = None, []
 
     def _convert(self, events: list[Any]) -> Delta:
-        from production.harmony import Stop, TextDelta
+        from production.harmony import ChannelStart, Stop, TextDelta
 
-        text, reasoning = [], []
+        text: list[str] = []
+        reasoning: list[str] = []
+        calls: list[ToolCall] = []
         for event in events:
-            if isinstance(event, TextDelta):
-                (text if event.channel == "final" else reasoning).append(event.text)
+            if isinstance(event, ChannelStart):
+                self._close_call(calls)
+                self.recipient = event.recipient
+            elif isinstance(event, TextDelta):
+                if self.recipient and self.recipient.startswith("functions."):
+                    self.call_text.append(event.text)
+                else:
+                    (text if event.channel == "final" else reasoning).append(event.text)
             elif isinstance(event, Stop):
+                self._close_call(calls)
                 self.done = True
                 self.stopped_on_eos = True
-        return Delta(text="".join(text), reasoning="".join(reasoning))
+        return Delta(text="".join(text), reasoning="".join(reasoning), tool_calls=tuple(calls))
 
     def feed(self, token: int) -> Delta:
         return self._convert(self.parser.feed(token))
@@ -94,6 +122,38 @@ class HarmonyDecoder:
     def flush(self) -> Delta:
         flush = getattr(self.parser, "flush", None)
         return self._convert(flush()) if flush else Delta()
+
+
+class StopStrings:
+    """OpenAI's `stop`: the answer ends before the first occurrence of any stop string.
+
+    Text that could be the start of a stop string is held back until the next text decides,
+    so a client never sees a stop string or a piece of one."""
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        from production.tool_calls import _partial_suffix
+
+        self.stops = stops
+        self.pending = ""
+        self.hit = False
+        self._partial = _partial_suffix
+
+    def feed(self, text: str) -> str:
+        if self.hit or not text:
+            return ""
+        self.pending += text
+        found = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if found:
+            out, self.pending, self.hit = self.pending[: min(found)], "", True
+            return out
+        keep = max(self._partial(self.pending, s) for s in self.stops)
+        out = self.pending[: len(self.pending) - keep]
+        self.pending = self.pending[len(self.pending) - keep :]
+        return out
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return "" if self.hit else out
 
 
 def stop_token_ids(tokenizer: Any, chat_format: str) -> list[int]:

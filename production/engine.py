@@ -23,6 +23,7 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    LogitsProcessor,
     StoppingCriteria,
     StoppingCriteriaList,
 )
@@ -31,8 +32,10 @@ from transformers.generation.streamers import BaseStreamer
 from orchestrator.config import Settings
 from orchestrator.devices import choose_backend, is_gpt_oss, serving_decode
 from production import base_model, moe_decode
-from production.decoding import Delta, make_decoder, stop_token_ids
+from production.decoding import Delta, PlainDecoder, StopStrings, make_decoder, stop_token_ids
 from production.static_decode import AdapterMergeError, MergedAdapters, StaticDecoder
+from production.steering import Grammars, Steering, SteeringSpec
+from production.tool_calls import HermesCalls, ToolCall, ToolFormat
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,10 @@ class Sampling:
     top_k: int | None = None
     max_tokens: int = 512
     seed: int | None = None
+    stop: tuple[str, ...] = ()  # the answer ends before the first of these strings
+    steering: SteeringSpec = field(default_factory=SteeringSpec)  # bias, penalties, grammar
+    tools: ToolFormat | None = None  # parse tool calls out of the answer in this format
+    raw: bool = False  # a completion of raw text: no chat-format parsing (no harmony channels)
 
 
 @dataclass
@@ -61,11 +68,13 @@ class Outcome:
     reasoning: str
     prompt_tokens: int
     completion_tokens: int
-    finish_reason: str  # stop | length | cancelled
+    finish_reason: str  # stop | length | tool_calls | cancelled
     adapter_id: str | None
     ttft_s: float | None
     seconds: float
     settings: dict[str, Any] = field(default_factory=dict)
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    logprobs: list[Any] | None = None  # steering.TokenLogprob per generated token
 
 
 def pick_dtype(name: str, device: str) -> torch.dtype:
@@ -171,6 +180,19 @@ class _StopWhen(StoppingCriteria):
         )
 
 
+class _Steer(LogitsProcessor):
+    """A request's Steering inside generate(): sees each step's raw logits."""
+
+    def __init__(self, steering: Steering, prompt_length: int) -> None:
+        self.steering = steering
+        self.prompt_length = prompt_length
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if input_ids.shape[1] > self.prompt_length:  # the token sampled last step
+            self.steering.sampled(input_ids[0, -1:])
+        return self.steering.process(scores).to(scores.dtype)
+
+
 class Engine:
     """Base model + named PEFT adapters on one device."""
 
@@ -202,6 +224,9 @@ class Engine:
         self.base = self.model
         self.generation_defaults = self.model.generation_config
         self.stop_ids = stop_token_ids(self.tokenizer, self.chat_format)
+        # The logits' width: the embedding may be padded past the tokenizer's vocabulary.
+        self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
+        self.grammars = Grammars(self.tokenizer, self.vocab_size, self.stop_ids)
         self.context_window = min(
             settings.model.max_seq_length,
             getattr(self.model.config, "max_position_embeddings", settings.model.max_seq_length),
@@ -249,10 +274,17 @@ class Engine:
 
     # ------------------------------------------------------------------ prompts
 
-    def prompt_ids(self, messages: list[dict[str, str]], reasoning_effort: str | None) -> list[int]:
+    def prompt_ids(
+        self,
+        messages: list[dict[str, Any]],
+        reasoning_effort: str | None,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> list[int]:
         kwargs: dict[str, Any] = {}
         if self.chat_format == "harmony":
             kwargs["reasoning_effort"] = reasoning_effort or "medium"
+        if tools:
+            kwargs["tools"] = tools
         ids = self.tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, tokenize=True, return_dict=False, **kwargs
         )
@@ -344,8 +376,12 @@ class Engine:
     def _generation_kwargs(self, sampling: Sampling) -> dict[str, Any]:
         cfg = self.generation_defaults
         temperature = sampling.temperature
-        if temperature is None:
-            temperature = cfg.temperature if cfg.do_sample else 0.0
+        if temperature is None and cfg.do_sample:
+            temperature = cfg.temperature
+        elif temperature is None:
+            # top_p or top_k alone ask for sampling: at OpenAI's default temperature, 1.
+            wants_sampling = sampling.top_p is not None or sampling.top_k is not None
+            temperature = 1.0 if wants_sampling else 0.0
         kwargs: dict[str, Any] = {"max_new_tokens": sampling.max_tokens}
         # Logits divided by a temperature this small overflow to inf and sample NaN; its
         # limit is greedy decoding, which is what the request asks for.
@@ -368,7 +404,7 @@ class Engine:
             "top_k": kwargs.get("top_k"),
             "max_tokens": sampling.max_tokens,
             "seed": sampling.seed,
-        }
+        } | ({"stop": list(sampling.stop)} if sampling.stop else {})
 
     def stream(
         self,
@@ -378,49 +414,84 @@ class Engine:
         cancelled: Callable[[], bool],
     ) -> Outcome:
         """Generate for one request, calling on_delta per token; runs in the worker thread."""
-        decoder = make_decoder(self.tokenizer, self.chat_format, prompt)
+        if sampling.raw:
+            decoder: Any = PlainDecoder(self.tokenizer, self.stop_ids)
+        else:
+            decoder = make_decoder(self.tokenizer, self.chat_format, prompt)
+        hermes = HermesCalls() if sampling.tools == "hermes" else None
+        stops = StopStrings(sampling.stop) if sampling.stop else None
+        steering = (
+            Steering(sampling.steering, self.grammars, self.vocab_size, self.device)
+            if sampling.steering.active
+            else None
+        )
         started = time.monotonic()
         first: list[float] = []
         produced = 0
         text: list[str] = []
         reasoning: list[str] = []
+        calls: list[ToolCall] = []
+
+        def show(delta: Delta) -> None:
+            """The decoder's delta -> what the client sees: tool-call blocks out, stop strings
+            cut."""
+            visible, new_calls = delta.text, list(delta.tool_calls)
+            if hermes is not None:
+                visible, found = hermes.feed(visible)
+                new_calls += found
+            if stops is not None:
+                visible = stops.feed(visible)
+            out = Delta(visible, delta.reasoning, tuple(new_calls))
+            if out:
+                text.append(out.text)
+                reasoning.append(out.reasoning)
+                calls.extend(out.tool_calls)
+                on_delta(out)
 
         def on_token(token: int) -> None:
             nonlocal produced
             produced += 1
             if not first:
                 first.append(time.monotonic() - started)
-            delta = decoder.feed(token)
-            if delta.text or delta.reasoning:
-                text.append(delta.text)
-                reasoning.append(delta.reasoning)
-                on_delta(delta)
+            if steering is not None:
+                steering.accept(token)
+            show(decoder.feed(token))
 
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)
 
         def stop_now() -> bool:
-            return cancelled() or decoder.done
+            return cancelled() or decoder.done or (stops is not None and stops.hit)
 
         if self.static is not None:
-            stops = set(self.stop_ids)
+            stop_tokens = set(self.stop_ids)
 
             def emit(token: int) -> bool:
                 on_token(token)
-                return token not in stops and not stop_now()
+                return token not in stop_tokens and not stop_now()
 
             with torch.inference_mode():
-                self.static.run(prompt, sampling.max_tokens, self._picker(sampling), emit)
+                self.static.run(
+                    prompt,
+                    sampling.max_tokens,
+                    self._picker(sampling, steering),
+                    emit,
+                    overlap=not sampling.steering.needs_each_token,
+                )
         else:
-            self._generate(prompt, sampling, on_token, stop_now)
-        tail = decoder.flush()
-        if tail.text or tail.reasoning:
+            self._generate(prompt, sampling, on_token, stop_now, steering)
+        show(decoder.flush())
+        tail = Delta(hermes.flush() if hermes is not None else "")
+        if stops is not None:
+            tail.text = stops.feed(tail.text) + stops.flush()
+        if tail:
             text.append(tail.text)
-            reasoning.append(tail.reasoning)
             on_delta(tail)
         if cancelled():
             finish = "cancelled"
-        elif decoder.done or decoder.stopped_on_eos:
+        elif calls:
+            finish = "tool_calls"
+        elif decoder.done or decoder.stopped_on_eos or (stops is not None and stops.hit):
             finish = "stop"
         else:
             finish = "length" if produced >= sampling.max_tokens else "stop"
@@ -434,6 +505,8 @@ class Engine:
             ttft_s=first[0] if first else None,
             seconds=time.monotonic() - started,
             settings=self.resolved_settings(sampling),
+            tool_calls=calls,
+            logprobs=None if sampling.steering.logprobs is None else steering.logprobs,
         )
 
     def _generate(
@@ -442,8 +515,13 @@ class Engine:
         sampling: Sampling,
         on_token: Callable[[int], None],
         stop_now: Callable[[], bool],
+        steering: Steering | None = None,
     ) -> None:
+        from transformers import LogitsProcessorList
+
         input_ids = torch.tensor([prompt], device=self.device)
+        # Custom processors run before generate()'s temperature/top-k/top-p warpers.
+        processors = LogitsProcessorList([_Steer(steering, len(prompt))] if steering else [])
         with torch.inference_mode(), self._adapter_context():
             self.model.generate(
                 input_ids=input_ids,
@@ -452,10 +530,13 @@ class Engine:
                 pad_token_id=self.tokenizer.pad_token_id or self.stop_ids[0],
                 streamer=_TokenSink(on_token),
                 stopping_criteria=StoppingCriteriaList([_StopWhen(stop_now)]),
+                logits_processor=processors,
                 **self._generation_kwargs(sampling),
             )
 
-    def _picker(self, sampling: Sampling) -> Callable[[torch.Tensor], torch.Tensor]:
+    def _picker(
+        self, sampling: Sampling, steering: Steering | None = None
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
         """logits [1, V] -> next token [1], on the device, with generate()'s warpers."""
         from transformers import (
             LogitsProcessorList,
@@ -466,7 +547,15 @@ class Engine:
 
         kwargs = self._generation_kwargs(sampling)
         if not kwargs["do_sample"]:
-            return lambda logits: logits.argmax(-1)
+            if steering is None:
+                return lambda logits: logits.argmax(-1)
+
+            def pick_greedy(logits: torch.Tensor) -> torch.Tensor:
+                token = steering.process(logits).argmax(-1)
+                steering.sampled(token)
+                return token
+
+            return pick_greedy
         warpers = LogitsProcessorList([TemperatureLogitsWarper(kwargs["temperature"])])
         if kwargs["top_k"]:
             warpers.append(TopKLogitsWarper(kwargs["top_k"]))
@@ -474,8 +563,12 @@ class Engine:
             warpers.append(TopPLogitsWarper(kwargs["top_p"]))
 
         def pick(logits: torch.Tensor) -> torch.Tensor:
-            scores = warpers(None, logits.float())
-            return torch.multinomial(torch.softmax(scores, dim=-1), 1).view(1)
+            scores = steering.process(logits) if steering is not None else logits.float()
+            scores = warpers(None, scores)
+            token = torch.multinomial(torch.softmax(scores, dim=-1), 1).view(1)
+            if steering is not None:
+                steering.sampled(token)
+            return token
 
         return pick
 

@@ -45,9 +45,11 @@ HARMONY_SPECIAL_TOKENS = [START, END, MESSAGE, CHANNEL, RETURN, CALL, CONSTRAIN]
 CHANNELS = ("analysis", "commentary", "final")
 
 # GPT-OSS's own template, cut to what whetstone sends: a system header (reasoning effort), the
-# developer instructions (from a leading system or developer message), user turns and earlier
-# assistant turns as final-channel messages (their analysis is dropped, as in the original).
-# No tools. `current_date` is an addition so renders can be reproduced; it defaults to today.
+# developer instructions (from a leading system or developer message), user turns, earlier
+# assistant turns as final-channel messages (their analysis is dropped, as in the original),
+# tools in the developer message, assistant tool calls and tool results as the original renders
+# them (the function declarations simplified: each parameter's JSON type, not a TypeScript
+# type). `current_date` is an addition so renders can be reproduced; it defaults to today.
 HARMONY_CHAT_TEMPLATE = r"""
 {%- macro render_content(content) -%}
     {%- if content is none -%}
@@ -77,6 +79,9 @@ HARMONY_CHAT_TEMPLATE = r"""
 {{- "Current date: " + current_date + "\n\n" }}
 {{- "Reasoning: " + reasoning_effort + "\n\n" }}
 {{- "# Valid channels: analysis, commentary, final. Channel must be included for every message." }}
+{%- if tools -%}
+    {{- "\nCalls to these tools must go to the commentary channel: 'functions'." }}
+{%- endif -%}
 {{- "<|end|>" }}
 
 {%- if messages and (messages[0].role == "system" or messages[0].role == "developer") -%}
@@ -86,8 +91,35 @@ HARMONY_CHAT_TEMPLATE = r"""
     {%- set developer_message = "" -%}
     {%- set loop_messages = messages -%}
 {%- endif -%}
-{%- if developer_message -%}
-    {{- "<|start|>developer<|message|># Instructions\n\n" + developer_message + "<|end|>" }}
+{%- if developer_message or tools -%}
+    {{- "<|start|>developer<|message|>" }}
+    {%- if developer_message -%}
+        {{- "# Instructions\n\n" + developer_message }}
+    {%- endif -%}
+    {%- if tools -%}
+        {%- if developer_message -%}{{- "\n\n" }}{%- endif -%}
+        {{- "# Tools\n\n## functions\n\nnamespace functions {\n\n" }}
+        {%- for tool in tools -%}
+            {%- set fn = tool.function if tool.function is defined else tool -%}
+            {%- if fn.description -%}{{- "// " + fn.description + "\n" }}{%- endif -%}
+            {{- "type " + fn.name + " = " }}
+            {%- if fn.parameters and fn.parameters.properties -%}
+                {{- "(_: {\n" }}
+                {%- for name, spec in fn.parameters.properties.items() -%}
+                    {%- if spec.description -%}{{- "// " + spec.description + "\n" }}{%- endif -%}
+                    {{- name }}
+                    {%- if name not in (fn.parameters.required or []) -%}{{- "?" }}{%- endif -%}
+                    {%- set type = spec.enum | map("tojson") | join(" | ") if spec.enum -%}
+                    {{- ": " + (type or spec.type or "any") + ",\n" }}
+                {%- endfor -%}
+                {{- "}) => any;\n\n" }}
+            {%- else -%}
+                {{- "() => any;\n\n" }}
+            {%- endif -%}
+        {%- endfor -%}
+        {{- "} // namespace functions" }}
+    {%- endif -%}
+    {{- "<|end|>" }}
 {%- endif -%}
 
 {%- for message in loop_messages -%}
@@ -98,7 +130,27 @@ HARMONY_CHAT_TEMPLATE = r"""
         {%- if "<|channel|>" in content or "<|message|>" in content -%}
             {{- raise_exception("assistant content holds harmony tags: pass only the final text") }}
         {%- endif -%}
-        {{- "<|start|>assistant<|channel|>final<|message|>" + content + "<|end|>" }}
+        {%- if message.tool_calls -%}
+            {%- if content -%}
+                {{- "<|start|>assistant<|channel|>commentary<|message|>" + content + "<|end|>" }}
+            {%- endif -%}
+            {%- for call in message.tool_calls -%}
+                {%- set fn = call.function if call.function is defined else call -%}
+                {{- "<|start|>assistant to=functions." + fn.name }}
+                {{- "<|channel|>commentary json<|message|>" }}
+                {{- fn.arguments if fn.arguments is string else fn.arguments | tojson }}
+                {{- "<|call|>" }}
+            {%- endfor -%}
+        {%- else -%}
+            {{- "<|start|>assistant<|channel|>final<|message|>" + content + "<|end|>" }}
+        {%- endif -%}
+    {%- elif message.role == "tool" -%}
+        {%- if not message.name -%}
+            {{- raise_exception("a tool message needs the name of the function it answers") }}
+        {%- endif -%}
+        {{- "<|start|>functions." + message.name + " to=assistant" }}
+        {{- "<|channel|>commentary<|message|>" }}
+        {{- content + "<|end|>" }}
     {%- else -%}
         {{- raise_exception("the harmony template cannot render role " + message.role) }}
     {%- endif -%}

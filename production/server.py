@@ -31,16 +31,18 @@ from typing import TYPE_CHECKING, Any, Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict
 from sqlalchemy.exc import OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from candidates import Candidate, CandidateNotFound, Registry, RegistryError
 from candidates._fs import atomic_write_text
 from data.errors import Gone, InvalidInput, NotFound, StoreError
-from data.store import Store, unencodable
+from data.store import Store
 from orchestrator import devices, jobs, promotion
 from orchestrator.config import ConfigError, Settings, load_settings, parse_sets
 from orchestrator.daemon import read_state
+from production.openai_schema import ChatMessage, ChatRequest, CompletionRequest
 
 if TYPE_CHECKING:
     from production.engine import Outcome
@@ -54,82 +56,21 @@ RECENT_CONVERSATIONS = 50
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, *, param: str | None = None, **headers: str):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        **headers: str,
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.headers = status, message, param, headers
+        self.code = code
 
 
 # ------------------------------------------------------------------------ request bodies
-
-
-def _storable(value: str) -> str:
-    """Text the store (UTF-8) and the tokenizer can take: no lone surrogates."""
-    try:
-        unencodable("text", value)
-    except InvalidInput as exc:
-        raise ValueError(str(exc).removeprefix("text ")) from None
-    return value
-
-
-class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    type: Literal["text"]
-    text: str
-
-    _check_text = field_validator("text")(_storable)
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart]
-
-    @field_validator("content")
-    @classmethod
-    def _check_content(cls, value: str | list[ContentPart]) -> str | list[ContentPart]:
-        return _storable(value) if isinstance(value, str) else value
-
-    def text(self) -> str:
-        if isinstance(self.content, str):
-            return self.content
-        return "".join(part.text for part in self.content)
-
-
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    include_usage: bool = False
-
-
-class ChatRequest(BaseModel):
-    # Unknown OpenAI parameters (user, logprobs, ...) are ignored, as other servers do.
-    model_config = ConfigDict(extra="ignore")
-
-    model: str | None = None
-    messages: list[ChatMessage] = Field(min_length=1)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    # torch seeds are 64-bit: the range torch.manual_seed takes.
-    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
-    n: int | None = Field(None, ge=1, le=1)
-    reasoning_effort: Literal["low", "medium", "high"] | None = None
-    include_reasoning: bool = False
-    conversation_id: str | None = None
-    regenerate: bool = False
-
-    @field_validator("messages")
-    @classmethod
-    def _shape(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
-        for index, message in enumerate(messages):
-            if message.role in ("system", "developer") and index != 0:
-                raise ValueError(f"messages[{index}]: a system message may only come first")
-        if messages[-1].role != "user":
-            raise ValueError("the last message must be the user's (role 'user')")
-        return messages
 
 
 class FeedbackRequest(BaseModel):
@@ -165,29 +106,82 @@ class TrainRequest(BaseModel):
 # ----------------------------------------------------------------------------- helpers
 
 
-def _error_body(message: str, status: int, param: str | None = None) -> dict[str, Any]:
+# OpenAI's error `code` is a string; these name what went wrong per status.
+_ERROR_CODES = {
+    400: "invalid_request",
+    401: "invalid_api_key",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    410: "gone",
+    411: "length_required",
+    413: "request_too_large",
+    499: "client_closed_request",
+    500: "server_error",
+    503: "overloaded",
+}
+
+
+def _error_body(
+    message: str, status: int, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
     kind = "invalid_request_error" if status < 500 else "server_error"
-    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
+    code = code or _ERROR_CODES.get(status, "error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def _turns(messages: list[ChatMessage]) -> tuple[str | None, list[dict[str, str]]]:
+def _turns(messages: list[ChatMessage]) -> tuple[str | None, list[dict[str, Any]]]:
+    """The system prompt, and the other messages as the store and the chat template take
+    them (tool calls and tool results included; a tool turn carries its function's name)."""
     system = messages[0].text() if messages[0].role in ("system", "developer") else None
     body = messages[1:] if system is not None else messages
-    return system, [{"role": m.role, "content": m.text()} for m in body]
+    names: dict[str, str] = {}
+    turns: list[dict[str, Any]] = []
+    for m in body:
+        turn: dict[str, Any] = {"role": m.role, "content": m.text()}
+        if m.tool_calls:
+            turn["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+            names |= {c.id: c.function.name for c in m.tool_calls}
+        if m.role == "tool":
+            turn["tool_call_id"] = m.tool_call_id
+            turn["name"] = m.name or names.get(m.tool_call_id or "", "")
+        turns.append(turn)
+    return system, turns
 
 
-def _active_path(conversation: Any) -> list[dict[str, str]]:
-    """The conversation as a client sees it: each user turn and its latest answer."""
+def _turn_key(role: str, content: str, tool_calls: Any, tool_call_id: str | None) -> tuple:
+    """What makes a client's turn the same as a stored one (arguments compared as JSON, not
+    text: clients re-serialise them)."""
+    calls = []
+    for call in tool_calls or []:
+        try:
+            arguments = json.dumps(json.loads(call["function"]["arguments"]), sort_keys=True)
+        except (ValueError, TypeError):
+            arguments = call["function"]["arguments"]
+        calls.append((call["function"]["name"], arguments))
+    return (role, content, tuple(calls), tool_call_id)
+
+
+def _key_of(turn: dict[str, Any]) -> tuple:
+    return _turn_key(
+        turn["role"], turn["content"], turn.get("tool_calls"), turn.get("tool_call_id")
+    )
+
+
+def _active_path(conversation: Any) -> list[tuple]:
+    """The conversation as a client sees it: each user or tool turn and its latest answer."""
     latest_answer: dict[str, Any] = {}
     for m in conversation.messages:
         if m.role == "assistant" and m.finish_reason is not None:
             latest_answer[m.reply_to_id] = m
     path = []
     for m in conversation.messages:
-        if m.role == "user":
-            path.append({"role": "user", "content": m.content})
+        if m.role in ("user", "tool"):
+            path.append(_turn_key(m.role, m.content, None, m.tool_call_id))
             if m.id in latest_answer:
-                path.append({"role": "assistant", "content": latest_answer[m.id].content})
+                answer = latest_answer[m.id]
+                path.append(_turn_key("assistant", answer.content, answer.tool_calls, None))
     return path
 
 
@@ -360,10 +354,19 @@ class Service:
     # ------------------------------------------------------------- conversations
 
     def thread(self, req: ChatRequest) -> tuple[Any, str]:
-        """Find or start the conversation; returns (conversation, id of the turn to answer)."""
+        """Find or start the conversation; returns (conversation, id of the turn to answer:
+        the user's message, or the last tool result)."""
         system, turns = _turns(req.messages)
         conversation = None
-        wanted = turns if req.regenerate else turns[:-1]
+        if req.regenerate:
+            earlier, new = turns, []
+        else:
+            # The new turns: what follows the client's last assistant turn.
+            last = max((i for i, t in enumerate(turns) if t["role"] == "assistant"), default=-1)
+            if turns[-1]["role"] == "user":
+                last = max(last, len(turns) - 2)
+            earlier, new = turns[: last + 1], turns[last + 1 :]
+        wanted = [_key_of(t) for t in earlier]
         if req.conversation_id is not None:
             conversation = self.store.get_conversation(req.conversation_id)
         elif wanted:  # a first message continues nothing: skip the scan
@@ -372,7 +375,7 @@ class Service:
                 if candidate.system_prompt != system:
                     continue
                 path = _active_path(candidate)
-                if req.regenerate and path and path[-1]["role"] == "assistant":
+                if req.regenerate and path and path[-1][0] == "assistant":
                     path = path[:-1]
                 if path == wanted:
                     conversation = candidate
@@ -381,20 +384,29 @@ class Service:
             conversation = self.store.create_conversation(
                 system_prompt=system,
                 reasoning_effort=req.reasoning_effort,
-                title=turns[-1]["content"][:60],
+                title=next((t["content"] for t in turns if t["role"] == "user"), "")[:60],
             )
             # Earlier turns the client sent become part of the record, so the context an
             # answer was made in can be rebuilt for training.
-            for turn in turns[:-1]:
-                done = {"finish_reason": "stop"} if turn["role"] == "assistant" else {}
-                self.store.add_message(conversation.id, turn["role"], turn["content"], **done)
+            for turn in earlier:
+                self._add_turn(conversation.id, turn)
         if req.regenerate:
-            users = [m for m in conversation.messages if m.role == "user"]
-            if not users:
+            asked = [m for m in conversation.messages if m.role in ("user", "tool")]
+            if not asked:
                 raise ApiError(400, "regenerate: the conversation has no user message to answer")
-            return conversation, users[-1].id
-        user = self.store.add_message(conversation.id, "user", turns[-1]["content"])
-        return conversation, user.id
+            return conversation, asked[-1].id
+        added = [self._add_turn(conversation.id, turn) for turn in new]
+        return conversation, added[-1].id
+
+    def _add_turn(self, conversation_id: str, turn: dict[str, Any]) -> Any:
+        fields: dict[str, Any] = {}
+        if turn["role"] == "assistant":
+            fields["finish_reason"] = "tool_calls" if turn.get("tool_calls") else "stop"
+        if turn.get("tool_calls"):
+            fields["tool_calls"] = turn["tool_calls"]
+        if turn["role"] == "tool":
+            fields["tool_call_id"] = turn["tool_call_id"]
+        return self.store.add_message(conversation_id, turn["role"], turn["content"], **fields)
 
 
 def create_app(service: Service) -> FastAPI:
@@ -453,24 +465,50 @@ def create_app(service: Service) -> FastAPI:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse(
-            _error_body(exc.message, exc.status, exc.param), exc.status, headers=exc.headers
+            _error_body(exc.message, exc.status, exc.param, exc.code),
+            exc.status,
+            headers=exc.headers,
         )
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         problems = []
+        params = []
         for err in exc.errors():
-            loc = ".".join(str(p) for p in err["loc"] if p != "body")
+            parts = [str(p) for p in err["loc"] if p != "body"]
+            # Union members add their type names to the path (tool_choice.literal[...]).
+            parts = [p for p in parts if not ("[" in p or p in ("str", "list[str]", "int"))]
+            loc = ".".join(parts)
+            msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "json_invalid":
                 problems.append(f"malformed JSON: {err.get('ctx', {}).get('error', err['msg'])}")
             elif not loc and err["type"] in ("model_attributes_type", "dict_type"):
                 problems.append("the request body must be a JSON object")
             elif err["type"] == "missing":
                 problems.append(f"{loc}: required")
+            elif err["type"] == "extra_forbidden":
+                problems.append(f"unknown parameter {loc!r}")
             else:
-                msg = err["msg"].removeprefix("Value error, ")
                 problems.append(f"{loc}: {msg}" if loc else msg)
-        return JSONResponse(_error_body("; ".join(problems), 400), 400)
+            if not loc and msg.split(" ", 1)[0].isidentifier():
+                loc = msg.split(" ", 1)[0]  # a rule across fields names its field first
+            if loc:
+                params.append(loc)
+        param = params[0] if params else None
+        return JSONResponse(_error_body("; ".join(dict.fromkeys(problems)), 400, param), 400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # Unknown routes and wrong methods: OpenAI's error shape, not FastAPI's {"detail"}.
+        if exc.status_code == 404:
+            message = f"no route {request.method} {request.url.path}"
+        elif exc.status_code == 405:
+            message = f"{request.method} is not allowed on {request.url.path}"
+        else:
+            message = str(exc.detail)
+        return JSONResponse(
+            _error_body(message, exc.status_code), exc.status_code, headers=exc.headers
+        )
 
     @app.exception_handler(OperationalError)
     async def database_busy(request: Request, exc: OperationalError) -> JSONResponse:
@@ -494,30 +532,30 @@ def create_app(service: Service) -> FastAPI:
     async def health() -> dict[str, Any]:
         return {"status": "ok", "adapter_id": service.engine.adapter_id}
 
+    def model_cards() -> list[dict[str, Any]]:
+        """What a request may name; each is an alias of what serves now (base + current
+        adapter): `whetstone`, the base model's name, and `whetstone/<adapter id>`."""
+        engine = service.engine
+        adapter = engine.adapter_id
+        cards = [
+            _model_card(service, "whetstone", adapter),
+            _model_card(service, engine.base_model_name, adapter),
+        ]
+        if adapter:
+            cards.append(_model_card(service, f"whetstone/{adapter}", adapter))
+        return cards
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        created = int(service.started_at.timestamp())
-        data = [
-            {
-                "id": service.engine.base_model_name,
-                "object": "model",
-                "created": created,
-                "owned_by": "whetstone",
-                "adapter_id": None,
-            }
-        ]
-        if service.engine.adapter_id:
-            data.append(
-                {
-                    "id": f"whetstone/{service.engine.adapter_id}",
-                    "object": "model",
-                    "created": created,
-                    "owned_by": "whetstone",
-                    "adapter_id": service.engine.adapter_id,
-                    "current": True,
-                }
-            )
-        return {"object": "list", "data": data}
+        return {"object": "list", "data": model_cards()}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict[str, Any]:
+        for card in model_cards():
+            if card["id"] == model_id:
+                return card
+        _check_model(service, model_id)  # says why (404)
+        raise ApiError(404, f"model {model_id!r} does not exist here", param="model")
 
     @app.get("/v1/status")
     async def status() -> dict[str, Any]:
@@ -729,6 +767,10 @@ def create_app(service: Service) -> FastAPI:
     async def chat(req: ChatRequest, request: Request) -> Any:
         return await _chat(service, req, request)
 
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request) -> Any:
+        return await _complete(service, req, request)
+
     app.openapi = lambda: _documented_schema(app)  # type: ignore[method-assign]
     return app
 
@@ -744,7 +786,7 @@ _ERROR_SCHEMA = {
                 "message": {"type": "string"},
                 "type": {"type": "string"},
                 "param": {"type": ["string", "null"]},
-                "code": {"type": "integer"},
+                "code": {"type": "string"},
             },
         }
     },
@@ -789,9 +831,10 @@ def _documented_schema(app: FastAPI) -> dict[str, Any]:
                 sent |= {"409": "Conflicts with the current state (busy, refused promotion)"}
             for status, description in sent.items():
                 responses.setdefault(status, {"description": description} | error)
-    # stream: true answers with server-sent events (OpenAI's chat streaming format).
-    chat = schema["paths"]["/v1/chat/completions"]["post"]["responses"]["200"]
-    chat.setdefault("content", {})["text/event-stream"] = {"schema": {"type": "string"}}
+    # stream: true answers with server-sent events (OpenAI's streaming format).
+    for path in ("/v1/chat/completions", "/v1/completions"):
+        ok = schema["paths"][path]["post"]["responses"]["200"]
+        ok.setdefault("content", {})["text/event-stream"] = {"schema": {"type": "string"}}
     app.openapi_schema = schema
     return schema
 
@@ -827,11 +870,121 @@ def _message_dict(m: Any) -> dict[str, Any]:
     }
 
 
+def _served_model(engine: Any) -> str:
+    """The model id that answers now: the current adapter, or the base model."""
+    return f"whetstone/{engine.adapter_id}" if engine.adapter_id else engine.base_model_name
+
+
+def _fingerprint(adapter_id: str | None) -> str:
+    return f"whetstone-{adapter_id or 'base'}"
+
+
+def _check_model(service: Service, name: str | None) -> None:
+    """A request names what serves (or an alias of it); anything else is refused, 404."""
+    engine = service.engine
+    if name is None or name in ("whetstone", engine.base_model_name, _served_model(engine)):
+        return
+    if engine.adapter_id and name == engine.adapter_id:
+        return
+    adapter = name.removeprefix("whetstone/")
+    known = service.registry.path(adapter).is_dir() if _safe_id(service, adapter) else False
+    if known:
+        raise ApiError(
+            404,
+            f"model {name!r} is a candidate but does not serve now ({_served_model(engine)} "
+            f"does): promote it to chat with it",
+            param="model",
+            code="model_not_found",
+        )
+    names = dict.fromkeys(["whetstone", engine.base_model_name, _served_model(engine)])
+    raise ApiError(
+        404,
+        f"model {name!r} does not exist here: use one of {', '.join(map(repr, names))}, each "
+        "an alias of what serves now (GET /v1/models)",
+        param="model",
+        code="model_not_found",
+    )
+
+
+def _safe_id(service: Service, candidate_id: str) -> bool:
+    try:
+        service.registry.validate_id(candidate_id)
+    except (RegistryError, ValueError):
+        return False
+    return True
+
+
+def _model_card(service: Service, model_id: str, adapter_id: str | None) -> dict[str, Any]:
+    card = {
+        "id": model_id,
+        "object": "model",
+        "created": int(service.started_at.timestamp()),
+        "owned_by": "whetstone",
+        "adapter_id": adapter_id,
+    }
+    return card | ({"current": True} if adapter_id else {})
+
+
+def _steering(service: Service, req: Any, grammar: Any, logprobs: int | None) -> Any:
+    from production.steering import SteeringSpec
+
+    bias = []
+    for token, value in (req.logit_bias or {}).items():
+        if int(token) >= service.engine.vocab_size:
+            raise ApiError(
+                400,
+                f"logit_bias: token {token} is past the vocabulary ({service.engine.vocab_size})",
+                param="logit_bias",
+            )
+        bias.append((int(token), float(value)))
+    return SteeringSpec(
+        logit_bias=tuple(bias),
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        logprobs=logprobs,
+        grammar=grammar,
+    )
+
+
+def _answer_grammar(
+    engine: Any, req: ChatRequest, tools: list[dict[str, Any]] | None, max_tokens: int
+) -> Any:
+    """What the answer must match: the tools' call format, or the response_format. Harmony
+    models may think first, on at most half of max_tokens."""
+    from production import tool_calls
+    from production.steering import Grammar, schema_text
+
+    fmt = tool_calls.tool_format(engine.chat_format)
+    if tools:
+        choice = req.tool_choice or "auto"
+        if not isinstance(choice, str):
+            choice = choice.model_dump()
+        parallel = req.parallel_tool_calls is not False
+        return tool_calls.structural_tag(fmt, tools, choice, parallel, max_tokens // 2), "tools"
+    rf = req.response_format
+    if rf is None or rf.type == "text":
+        return None, None
+    schema = rf.json_schema.schema_ if rf.type == "json_schema" else None
+    strict = bool(rf.json_schema.strict) if rf.json_schema else False
+    if fmt == "harmony":
+        return tool_calls.harmony_json(schema, max_tokens // 2), "response_format"
+    if schema is None:
+        # json_schema without a schema, or json_object: any JSON object.
+        if rf.type == "json_schema":
+            return Grammar(
+                "json_schema", schema_text({"type": "object"}), strict
+            ), "response_format"
+        return Grammar("json_object"), "response_format"
+    return Grammar("json_schema", schema_text(schema), strict), "response_format"
+
+
 async def _chat(service: Service, req: ChatRequest, request: Request) -> Any:
+    from production import tool_calls
     from production.engine import Sampling
-    from production.worker import QueueFull
+    from production.steering import GrammarError
 
     engine = service.engine
+    _check_model(service, req.model)
     system, turns = _turns(req.messages)
     prompt_messages = ([{"role": "system", "content": system}] if system else []) + turns
     window = engine.context_window
@@ -844,8 +997,19 @@ async def _chat(service: Service, req: ChatRequest, request: Request) -> Any:
             f"of {window} tokens (model.max_seq_length): shorten the conversation",
             param="messages",
         )
+    tools = None
+    if req.tools and req.tool_choice != "none":
+        tools = [t.model_dump(exclude_none=True) for t in req.tools]
+    fmt = tool_calls.tool_format(engine.chat_format)
+    template_messages, template_tools = tool_calls.template_messages(
+        prompt_messages, tools, fmt, engine.tokenizer
+    )
+
+    def render(effort: str | None) -> list[int]:
+        return engine.prompt_ids(template_messages, effort, template_tools)
+
     # Off the event loop: tokenising a long prompt takes long enough to miss /health.
-    prompt = await asyncio.to_thread(engine.prompt_ids, prompt_messages, req.reasoning_effort)
+    prompt = await asyncio.to_thread(render, req.reasoning_effort)
     if len(prompt) >= window:
         raise ApiError(
             400,
@@ -857,27 +1021,168 @@ async def _chat(service: Service, req: ChatRequest, request: Request) -> Any:
     if requested is not None and requested > window:
         raise ApiError(400, f"max_tokens must be between 1 and {window}", param="max_tokens")
     max_tokens = min(requested or 512, window - len(prompt))
-    sampling = Sampling(req.temperature, req.top_p, req.top_k, max_tokens, req.seed)
+    grammar, grammar_param = _answer_grammar(engine, req, tools, max_tokens)
+    if grammar is not None:
+        try:  # compiled here so a bad schema is a 400; the worker then finds it cached
+            await asyncio.to_thread(engine.grammars.compile, grammar)
+        except GrammarError as exc:
+            raise ApiError(
+                400, f"{grammar_param}: the schema cannot be used: {exc}", param=grammar_param
+            ) from None
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    sampling = Sampling(
+        req.temperature,
+        req.top_p,
+        req.top_k,
+        max_tokens,
+        req.seed,
+        stop=req.stop_strings(),
+        steering=_steering(service, req, grammar, logprobs),
+        tools=fmt if tools else None,
+    )
     if service.worker.waiting >= service.worker.max_queue:
         raise ApiError(503, "the model is busy: too many requests waiting", **{"Retry-After": "5"})
 
-    conversation, user_id = await asyncio.to_thread(service.thread, req)
+    conversation, asked_id = await asyncio.to_thread(service.thread, req)
     effort = req.reasoning_effort or conversation.reasoning_effort
     if effort != req.reasoning_effort:
         # The conversation's own effort (set by PATCH) is what the answer is made with.
-        prompt = await asyncio.to_thread(engine.prompt_ids, prompt_messages, effort)
+        prompt = await asyncio.to_thread(render, effort)
         room = max(1, window - len(prompt))
         sampling = replace(sampling, max_tokens=min(sampling.max_tokens, room))
+    recorded: dict[str, Any] = {}
+    if effort:
+        recorded["reasoning_effort"] = effort
+    if req.tools:
+        recorded["tools"] = [t.model_dump(exclude_none=True) for t in req.tools]
+        recorded["tool_choice"] = (
+            req.tool_choice.model_dump()
+            if hasattr(req.tool_choice, "model_dump")
+            else req.tool_choice
+        )
+    if req.response_format is not None:
+        recorded["response_format"] = req.response_format.model_dump(
+            by_alias=True, exclude_none=True
+        )
+    for name in (
+        "presence_penalty",
+        "frequency_penalty",
+        "logit_bias",
+        "user",
+        "safety_identifier",
+    ):
+        if getattr(req, name) is not None:
+            recorded[name] = getattr(req, name)
+    return await _generate(
+        service,
+        request,
+        prompt,
+        sampling,
+        conversation.id,
+        asked_id,
+        recorded,
+        stream=req.stream,
+        include_usage=bool(req.stream_options and req.stream_options.include_usage),
+        include_reasoning=req.include_reasoning,
+        kind="chat",
+    )
+
+
+async def _complete(service: Service, req: CompletionRequest, request: Request) -> Any:
+    """POST /v1/completions: the prompt as raw text (no chat template), logged like chat (a
+    conversation holding the prompt as the user turn and the completion as the answer)."""
+    from production.engine import Sampling
+
+    engine = service.engine
+    _check_model(service, req.model)
+    text = req.text()
+    window = engine.context_window
+    if len(text) > window * await asyncio.to_thread(engine.longest_token_chars):
+        raise ApiError(400, "the prompt does not fit in the context window", param="prompt")
+    prompt = await asyncio.to_thread(
+        lambda: engine.tokenizer(text, add_special_tokens=True)["input_ids"]
+    )
+    if not prompt or len(prompt) >= window:
+        raise ApiError(
+            400,
+            f"the prompt is {len(prompt)} tokens; it must be 1..{window - 1} "
+            "(model.max_seq_length)",
+            param="prompt",
+        )
+    if req.max_tokens is not None and req.max_tokens > window:
+        raise ApiError(400, f"max_tokens must be between 1 and {window}", param="max_tokens")
+    # OpenAI's default for this endpoint is 16 tokens.
+    max_tokens = min(req.max_tokens or 16, window - len(prompt))
+    sampling = Sampling(
+        req.temperature,
+        req.top_p,
+        req.top_k,
+        max_tokens,
+        req.seed,
+        stop=req.stop_strings(),
+        steering=_steering(service, req, None, req.logprobs),
+        raw=True,
+    )
+    if service.worker.waiting >= service.worker.max_queue:
+        raise ApiError(503, "the model is busy: too many requests waiting", **{"Retry-After": "5"})
+
+    def start() -> tuple[str, str]:
+        conversation = service.store.create_conversation(system_prompt=None, title=text[:60])
+        user = service.store.add_message(conversation.id, "user", text)
+        return conversation.id, user.id
+
+    conversation_id, asked_id = await asyncio.to_thread(start)
+    recorded: dict[str, Any] = {"endpoint": "completions"}
+    for name in (
+        "presence_penalty",
+        "frequency_penalty",
+        "logit_bias",
+        "user",
+        "safety_identifier",
+    ):
+        if getattr(req, name) is not None:
+            recorded[name] = getattr(req, name)
+    return await _generate(
+        service,
+        request,
+        prompt,
+        sampling,
+        conversation_id,
+        asked_id,
+        recorded,
+        stream=req.stream,
+        include_usage=bool(req.stream_options and req.stream_options.include_usage),
+        include_reasoning=False,
+        kind="text",
+    )
+
+
+async def _generate(
+    service: Service,
+    request: Request,
+    prompt: list[int],
+    sampling: Any,
+    conversation_id: str,
+    asked_id: str,
+    recorded: dict[str, Any],
+    *,
+    stream: bool,
+    include_usage: bool,
+    include_reasoning: bool,
+    kind: Literal["chat", "text"],
+) -> Any:
+    from production.worker import QueueFull
+
+    engine = service.engine
     placeholder = await asyncio.to_thread(
         service.store.add_message,
-        conversation.id,
+        conversation_id,
         "assistant",
         "",
-        reply_to_id=user_id,
+        reply_to_id=asked_id,
         adapter_id=engine.adapter_id,
         base_model=engine.base_model_name,
-        generation=engine.resolved_settings(sampling)
-        | ({"reasoning_effort": effort} if effort else {}),
+        generation=engine.resolved_settings(sampling) | recorded,
     )
     try:
         job = service.worker.submit(prompt, sampling)
@@ -887,27 +1192,54 @@ async def _chat(service: Service, req: ChatRequest, request: Request) -> Any:
     recorder = _Recorder(service, placeholder.id, time.monotonic())
     headers = {
         "X-Whetstone-Message-Id": placeholder.id,
-        "X-Whetstone-Conversation-Id": conversation.id,
+        "X-Whetstone-Conversation-Id": conversation_id,
     }
-    created = int(time.time())
-    base = {"id": placeholder.id, "created": created, "model": req.model or engine.base_model_name}
-    extra = {"conversation_id": conversation.id}
-    if req.stream:
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    base = {
+        "id": placeholder.id,
+        "created": int(time.time()),
+        "model": _served_model(engine),
+        "system_fingerprint": _fingerprint(engine.adapter_id),
+    }
+    extra = {"conversation_id": conversation_id}
+    wants_logprobs = sampling.steering.logprobs is not None
+    if stream:
+        events = _sse if kind == "chat" else _sse_text
         return StreamingResponse(
-            _sse(job, recorder, base, extra, req.include_reasoning, include_usage),
+            events(
+                job, recorder, base, extra, include_reasoning, include_usage, engine, wants_logprobs
+            ),
             media_type="text/event-stream",
             headers=headers | {"Cache-Control": "no-cache"},
         )
     outcome = await _collect(job, recorder, request)
+    base["system_fingerprint"] = _fingerprint(outcome.adapter_id)
+    logprobs = _logprobs(engine, outcome.logprobs, kind) if wants_logprobs else None
+    if kind == "text":
+        choice = {
+            "index": 0,
+            "text": outcome.text,
+            "logprobs": logprobs,
+            "finish_reason": _finish(outcome),
+        }
+        body = base | {"object": "text_completion", "choices": [choice], "usage": _usage(outcome)}
+        return JSONResponse(body | {"adapter_id": outcome.adapter_id} | extra, headers=headers)
     message: dict[str, Any] = {"role": "assistant", "content": outcome.text}
-    if req.include_reasoning:
+    if outcome.tool_calls:
+        message["content"] = outcome.text or None
+        message["tool_calls"] = [c.as_openai() for c in outcome.tool_calls]
+    if include_reasoning:
         message["reasoning_content"] = outcome.reasoning
+    choice = {
+        "index": 0,
+        "message": message,
+        "logprobs": logprobs,
+        "finish_reason": _finish(outcome),
+    }
     body = (
         base
         | {
             "object": "chat.completion",
-            "choices": [{"index": 0, "message": message, "finish_reason": _finish(outcome)}],
+            "choices": [choice],
             "usage": _usage(outcome),
             "adapter_id": outcome.adapter_id,
         }
@@ -917,7 +1249,9 @@ async def _chat(service: Service, req: ChatRequest, request: Request) -> Any:
 
 
 def _finish(outcome: Outcome) -> str:
-    return "length" if outcome.finish_reason == "length" else "stop"
+    if outcome.finish_reason in ("length", "tool_calls"):
+        return outcome.finish_reason
+    return "stop"
 
 
 def _usage(outcome: Outcome) -> dict[str, int]:
@@ -925,6 +1259,47 @@ def _usage(outcome: Outcome) -> dict[str, int]:
         "prompt_tokens": outcome.prompt_tokens,
         "completion_tokens": outcome.completion_tokens,
         "total_tokens": outcome.prompt_tokens + outcome.completion_tokens,
+    }
+
+
+def _token_text(engine: Any, token: int) -> str:
+    return engine.tokenizer.decode([token])
+
+
+def _logprobs(engine: Any, entries: list[Any] | None, kind: str) -> dict[str, Any] | None:
+    """OpenAI's logprobs object: chat's {content: [...]} or completions' parallel lists."""
+    if entries is None:
+        return None
+    if kind == "chat":
+        content = []
+        for e in entries:
+            text = _token_text(engine, e.token)
+            content.append(
+                {
+                    "token": text,
+                    "logprob": e.logprob,
+                    "bytes": list(text.encode()),
+                    "top_logprobs": [
+                        {
+                            "token": (t := _token_text(engine, i)),
+                            "logprob": v,
+                            "bytes": list(t.encode()),
+                        }
+                        for i, v in e.top
+                    ],
+                }
+            )
+        return {"content": content, "refusal": None}
+    tokens = [_token_text(engine, e.token) for e in entries]
+    offsets, at = [], 0
+    for t in tokens:
+        offsets.append(at)
+        at += len(t)
+    return {
+        "tokens": tokens,
+        "token_logprobs": [e.logprob for e in entries],
+        "top_logprobs": [{_token_text(engine, i): v for i, v in e.top} for e in entries],
+        "text_offset": offsets,
     }
 
 
@@ -955,6 +1330,7 @@ class _Recorder:
         self.finished = True
         self.service.served += 1
         cut = outcome.finish_reason == "cancelled"
+        calls = [c.as_openai() for c in outcome.tool_calls] or None
         self.service.store.complete_message(
             self.message_id,
             content=outcome.text,
@@ -965,6 +1341,7 @@ class _Recorder:
             completion_tokens=outcome.completion_tokens,
             latency_ms=round(outcome.seconds * 1000, 1),
             ttft_ms=None if outcome.ttft_s is None else round(outcome.ttft_s * 1000, 1),
+            tool_calls=calls,
         )
 
     def cut_off(self, reason: str = "cut_off") -> None:
@@ -1009,6 +1386,10 @@ async def _collect(job: Any, recorder: _Recorder, request: Request) -> Outcome:
             recorder.cut_off()
 
 
+def _data(body: dict[str, Any]) -> str:
+    return f"data: {json.dumps(body)}\n\n"
+
+
 async def _sse(
     job: Any,
     recorder: _Recorder,
@@ -1016,25 +1397,26 @@ async def _sse(
     extra: dict[str, Any],
     include_reasoning: bool,
     include_usage: bool,
+    engine: Any,
+    wants_logprobs: bool,
 ) -> AsyncIterator[str]:
-    def chunk(delta: dict[str, Any], finish: str | None = None, **more: Any) -> str:
-        body = (
-            base
-            | {
-                "object": "chat.completion.chunk",
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-            }
-            | extra
-            | more
-        )
-        return f"data: {json.dumps(body)}\n\n"
+    """Chat streaming. Log-probs come with the finish chunk (the engine reports them per
+    answer, not per token); a tool call is one delta carrying its whole arguments."""
 
+    def chunk(delta: dict[str, Any], finish: str | None = None, **more: Any) -> str:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        choice |= more.pop("choice", {})
+        body = base | {"object": "chat.completion.chunk", "choices": [choice]} | extra | more
+        return _data(body)
+
+    calls_sent = 0
     try:
         yield chunk({"role": "assistant", "content": ""})
         while True:
             kind, payload = await job.events.get()
             if kind == "start":
                 recorder.adapter_id = payload
+                base["system_fingerprint"] = _fingerprint(payload)
             elif kind == "delta":
                 recorder.add(payload)
                 delta: dict[str, Any] = {}
@@ -1042,31 +1424,86 @@ async def _sse(
                     delta["content"] = payload.text
                 if include_reasoning and payload.reasoning:
                     delta["reasoning_content"] = payload.reasoning
+                if payload.tool_calls:
+                    delta["tool_calls"] = [
+                        c.as_openai(calls_sent + i) for i, c in enumerate(payload.tool_calls)
+                    ]
+                    calls_sent += len(payload.tool_calls)
                 if delta:
                     yield chunk(delta)
             elif kind == "done":
                 recorder.done(payload)
-                yield chunk({}, _finish(payload), adapter_id=payload.adapter_id)
+                logprobs = _logprobs(engine, payload.logprobs, "chat") if wants_logprobs else None
+                yield chunk(
+                    {},
+                    _finish(payload),
+                    adapter_id=payload.adapter_id,
+                    choice={"logprobs": logprobs},
+                )
                 if include_usage:
-                    body = (
-                        base
-                        | {
-                            "object": "chat.completion.chunk",
-                            "choices": [],
-                            "usage": _usage(payload),
-                        }
-                        | extra
-                    )
-                    yield f"data: {json.dumps(body)}\n\n"
+                    body = base | {
+                        "object": "chat.completion.chunk",
+                        "choices": [],
+                        "usage": _usage(payload),
+                    }
+                    yield _data(body | extra)
                 yield "data: [DONE]\n\n"
                 return
             elif kind == "error":
                 recorder.cut_off("error")
-                err = _error_body(f"generation failed: {payload}", 500)
-                yield f"data: {json.dumps(err)}\n\n"
+                yield _data(_error_body(f"generation failed: {payload}", 500))
                 return
     finally:
         # Client gone (the task is cancelled or the generator closed): synchronous only.
+        if not recorder.finished:
+            job.cancel()
+            recorder.cut_off()
+
+
+async def _sse_text(
+    job: Any,
+    recorder: _Recorder,
+    base: dict[str, Any],
+    extra: dict[str, Any],
+    include_reasoning: bool,
+    include_usage: bool,
+    engine: Any,
+    wants_logprobs: bool,
+) -> AsyncIterator[str]:
+    """Completions streaming (OpenAI's text_completion chunks)."""
+
+    def chunk(text: str, finish: str | None = None, logprobs: Any = None) -> str:
+        choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
+        return _data(base | {"object": "text_completion", "choices": [choice]} | extra)
+
+    try:
+        while True:
+            kind, payload = await job.events.get()
+            if kind == "start":
+                recorder.adapter_id = payload
+                base["system_fingerprint"] = _fingerprint(payload)
+            elif kind == "delta":
+                recorder.add(payload)
+                if payload.text:
+                    yield chunk(payload.text)
+            elif kind == "done":
+                recorder.done(payload)
+                logprobs = _logprobs(engine, payload.logprobs, "text") if wants_logprobs else None
+                yield chunk("", _finish(payload), logprobs)
+                if include_usage:
+                    body = base | {
+                        "object": "text_completion",
+                        "choices": [],
+                        "usage": _usage(payload),
+                    }
+                    yield _data(body | extra)
+                yield "data: [DONE]\n\n"
+                return
+            elif kind == "error":
+                recorder.cut_off("error")
+                yield _data(_error_body(f"generation failed: {payload}", 500))
+                return
+    finally:
         if not recorder.finished:
             job.cancel()
             recorder.cut_off()

@@ -246,9 +246,15 @@ class StaticDecoder:
         max_new: int,
         pick: Callable[[torch.Tensor], torch.Tensor],
         emit: Callable[[int], bool],
+        *,
+        overlap: bool = True,
     ) -> None:
         """Prefill `prompt`, then decode up to `max_new` tokens; `pick` turns logits [1, V]
-        into a token [1] on the device; `emit(token)` returns False to stop."""
+        into a token [1] on the device; `emit(token)` returns False to stop.
+
+        `overlap` launches the next step before the host has read this token (the GPU never
+        waits for Python). A `pick` that needs `emit` to have seen the previous token (a
+        grammar's state) turns it off: each step then waits for the one before."""
         if len(prompt) + max_new > self.max_len:
             raise ValueError(f"{len(prompt)} + {max_new} tokens exceed the cache ({self.max_len})")
         self.cache.reset()
@@ -266,6 +272,17 @@ class StaticDecoder:
         for i in range(max_new):
             ready = self._to_host(token)
             more = i + 1 < max_new
+            if not overlap:
+                if ready is not None:
+                    ready.synchronize()
+                if not emit(int(self.host_token[0])) or not more:
+                    return
+                self.ids.copy_(token.view(1, 1))
+                self.pos.fill_(n + i)
+                if self.graphs:
+                    torch.compiler.cudagraph_mark_step_begin()
+                token = pick(self.step(self.ids, self.pos))
+                continue
             if more:  # launch the next step before waiting for this token
                 self.ids.copy_(token.view(1, 1))
                 self.pos.fill_(n + i)

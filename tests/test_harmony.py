@@ -134,7 +134,9 @@ def test_template_defaults_and_no_generation_prompt(tok):
 
 
 def test_template_refuses_unknown_roles(tok):
-    with pytest.raises(Exception, match="role tool"):
+    with pytest.raises(Exception, match="role function"):
+        tok.apply_chat_template([{"role": "function", "content": "{}"}], tokenize=False)
+    with pytest.raises(Exception, match="needs the name"):
         tok.apply_chat_template([{"role": "tool", "content": "{}"}], tokenize=False)
     tagged = {"role": "assistant", "content": "<|channel|>final<|message|>4"}
     with pytest.raises(Exception, match="harmony tags"):
@@ -349,3 +351,48 @@ def test_unknown_channel_and_stray_end(tok):
 def test_tokenizer_without_harmony_tokens_is_refused(base_tokenizer):
     with pytest.raises(HarmonyTokenError, match=r"<\|start\|>"):
         HarmonyStreamParser(base_tokenizer)
+
+
+def test_template_renders_tools_calls_and_results_as_gpt_oss_does(tok):
+    """Functions in the developer message, a call as `assistant to=functions.NAME` on the
+    commentary channel ending in <|call|>, the result from `functions.NAME to=assistant`."""
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather now",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "city": {"type": "string", "description": "The city"},
+                    "unit": {"type": "string", "enum": ["c", "f"]},
+                },
+                "required": ["city"],
+            },
+        },
+    }
+    call = {
+        "id": "c1",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": {"city": "Paris"}},
+    }
+    messages = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "name": "get_weather", "content": '{"t": 20}'},
+    ]
+    text = tok.apply_chat_template(
+        messages, tools=[tool], tokenize=False, add_generation_prompt=True
+    )
+    assert "Calls to these tools must go to the commentary channel: 'functions'.<|end|>" in text
+    assert (
+        "<|start|>developer<|message|># Tools\n\n## functions\n\nnamespace functions {\n\n"
+        "// Weather now\ntype get_weather = (_: {\n// The city\ncity: string,\n"
+        'unit?: "c" | "f",\n}) => any;\n\n} // namespace functions<|end|>'
+    ) in text
+    assert text.endswith(
+        "<|start|>assistant to=functions.get_weather<|channel|>commentary json<|message|>"
+        '{"city": "Paris"}<|call|>'
+        "<|start|>functions.get_weather to=assistant<|channel|>commentary<|message|>"
+        '{"t": 20}<|end|><|start|>assistant'
+    )

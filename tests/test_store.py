@@ -68,9 +68,9 @@ def test_migration_creates_schema_in_wal_mode(store: Store, db_path: Path) -> No
     names = {row[0] for row in raw(db_path, "SELECT name FROM sqlite_master WHERE type='table'")}
     assert names >= TABLES | {"alembic_version"}
     assert raw(db_path, "PRAGMA journal_mode") == [("wal",)]
-    assert store.schema_revision == "0001" == head_revision()
-    assert schema_version(store.engine) == "0001"
-    assert raw(db_path, "SELECT version_num FROM alembic_version") == [("0001",)]
+    assert store.schema_revision == "0002" == head_revision()
+    assert schema_version(store.engine) == "0002"
+    assert raw(db_path, "SELECT version_num FROM alembic_version") == [("0002",)]
 
 
 def test_engine_pragmas(db_path: Path) -> None:
@@ -95,8 +95,8 @@ def test_migrate_is_idempotent_on_reopen(db_path: Path) -> None:
     with Store(url) as first:
         conversation = first.create_conversation(title="kept")
     with Store(url) as second:
-        assert second.schema_revision == "0001"
-        assert migrate(second.engine) == "0001"
+        assert second.schema_revision == "0002"
+        assert migrate(second.engine) == "0002"
         assert second.get_conversation(conversation.id).title == "kept"
     assert raw(db_path, "SELECT count(*) FROM alembic_version") == [(1,)]
 
@@ -117,7 +117,7 @@ def test_newer_schema_is_refused_and_left_untouched(db_path: Path) -> None:
             opener()
         message = str(error.value)
         assert "0042_from_the_future" in message
-        assert "0001" in message
+        assert "0002" in message
         assert "upgrade whetstone" in message
 
     assert raw(db_path, "SELECT version_num FROM alembic_version") == [("0042_from_the_future",)]
@@ -143,7 +143,56 @@ def test_alembic_cli_with_shipped_ini(tmp_path: Path) -> None:
         timeout=60,
     )
     assert result.returncode == 0, result.stderr
-    assert raw(db_file, "SELECT version_num FROM alembic_version") == [("0001",)]
+    assert raw(db_file, "SELECT version_num FROM alembic_version") == [("0002",)]
+
+
+def test_upgrade_from_0001_keeps_every_message_and_takes_tool_turns(tmp_path: Path) -> None:
+    """A home made before tool calls (0001) opens under 0002 with nothing lost."""
+    db_file = tmp_path / "old.db"
+    ini = str(REPO / "data" / "alembic.ini")
+    command = [sys.executable, "-m", "alembic", "-c", ini, "-x", f"url=sqlite:///{db_file}"]
+    old = subprocess.run(
+        [*command, "upgrade", "0001"], capture_output=True, text=True, cwd=tmp_path, timeout=60
+    )
+    assert old.returncode == 0, old.stderr
+    connection = sqlite3.connect(db_file)
+    connection.execute(
+        "INSERT INTO conversations (id, title, created_at, updated_at) "
+        "VALUES ('conv_1', 'old', '2026-01-01 00:00:00', '2026-01-01 00:00:00')"
+    )
+    for position, (role, reply) in enumerate([("user", None), ("assistant", "msg_0")]):
+        connection.execute(
+            "INSERT INTO messages (id, conversation_id, position, role, content, reply_to_id, "
+            "finish_reason, created_at) VALUES (?, 'conv_1', ?, ?, ?, ?, ?, "
+            "'2026-01-01 00:00:00')",
+            (f"msg_{position}", position, role, f"{role} said", reply, "stop" if reply else None),
+        )
+    connection.commit()
+    connection.close()
+
+    with Store(f"sqlite:///{db_file}") as store:
+        assert store.schema_revision == "0002"
+        conversation = store.get_conversation("conv_1")
+        assert [(m.role, m.content) for m in conversation.messages] == [
+            ("user", "user said"),
+            ("assistant", "assistant said"),
+        ]
+        call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+        asked = store.add_message(
+            "conv_1", "assistant", "", finish_reason="tool_calls", tool_calls=[call]
+        )
+        result = store.add_message("conv_1", "tool", "42", tool_call_id="call_1")
+        answer = store.add_message(
+            "conv_1", "assistant", "It is 42.", reply_to_id=result.id, finish_reason="stop"
+        )
+        stored = store.get_conversation("conv_1").messages
+        assert stored[2].tool_calls == [call] and stored[2].id == asked.id
+        assert stored[3].role == "tool" and stored[3].tool_call_id == "call_1"
+        assert stored[4].reply_to_id == answer.reply_to_id == result.id
+        with pytest.raises(InvalidInput, match="tool_calls"):
+            store.add_message(
+                "conv_1", "assistant", "", tool_calls=["not a call"], finish_reason="stop"
+            )
 
 
 # --- conversations and messages ---------------------------------------------------------

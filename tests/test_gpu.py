@@ -442,3 +442,72 @@ def test_nf4_prompt_path_dequantizes_as_bitsandbytes_and_agrees_with_the_decode_
     looped = module(x, indices, weights).float()
     routed = module._routed(x, indices, weights).float()
     assert (looped - routed).abs().max() < 0.02 * looped.abs().max(), (looped - routed).abs().max()
+
+
+def test_static_moe_decoder_honours_every_logits_parameter_without_recompiling(
+    tmp_path: Path,
+) -> None:
+    """The person's layout on the CUDA-graph decoder: a grammar (a tool call, a JSON answer),
+    log-probs, penalties and a logit bias and stop strings all act on the captured step's
+    logits, and none of them compiles a new graph."""
+    from benchmarks.gpt_oss_checkpoint import build
+    from benchmarks.moe_decode import _compiles
+    from orchestrator.config import load_settings
+    from production import tool_calls
+    from production.engine import Engine, Sampling
+    from production.steering import SteeringSpec
+
+    model_dir = build(tmp_path / "gpt-oss-small-bnb-4bit", "small", "cuda")
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        f'[model]\npreset = "gpt-oss-20b"\nbase_model = "{model_dir}"\n'
+    )
+    engine = Engine(load_settings(home), "cuda:0")
+    assert engine.decode == "static"
+    compiles = _compiles()
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}},
+                "required": ["city"],
+            },
+        },
+    }
+    messages, tools = tool_calls.template_messages(
+        [{"role": "user", "content": "Weather in Paris?"}], [tool], "harmony", engine.tokenizer
+    )
+    prompt = engine.prompt_ids(messages, "low", tools)
+
+    def run(**sampling: object):
+        full = {"temperature": 0, "max_tokens": 160} | sampling
+        return engine.stream(prompt, Sampling(**full), lambda d: None, lambda: False)
+
+    plain = run()
+    grammar = tool_calls.structural_tag("harmony", [tool], "required", False, 40)
+    called = run(steering=SteeringSpec(grammar=grammar), tools="harmony")
+    (call,) = called.tool_calls
+    assert called.finish_reason == "tool_calls" and call.name == "get_weather"
+    assert json.loads(call.arguments)["city"] in ("Paris", "Rome")
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    answered = run(steering=SteeringSpec(grammar=tool_calls.harmony_json(schema, 40)))
+    assert isinstance(json.loads(answered.text)["n"], int)
+    probed = run(steering=SteeringSpec(logprobs=3), max_tokens=16)
+    assert len(probed.logprobs) == probed.completion_tokens
+    assert all(e.token == e.top[0][0] for e in probed.logprobs)  # greedy: the top token
+    assert probed.text == run(max_tokens=16).text  # reading back changes no token
+    first = probed.logprobs[0].token
+    banned = SteeringSpec(logit_bias=((first, -100.0),), logprobs=0)
+    assert run(steering=banned, max_tokens=4).logprobs[0].token != first
+    repeats = run(steering=SteeringSpec(logprobs=0, frequency_penalty=2.0), max_tokens=32)
+    counts = [e.token for e in repeats.logprobs]
+    plain_counts = [e.token for e in run(steering=SteeringSpec(logprobs=0), max_tokens=32).logprobs]
+    assert max(map(counts.count, counts)) <= max(map(plain_counts.count, plain_counts))
+    raw = run(raw=True, max_tokens=24).text  # a completion: all of it is content
+    stop = raw[6:9]
+    assert run(raw=True, max_tokens=24, stop=(stop,)).text == raw[: raw.index(stop)]
+    assert plain.completion_tokens
+    assert _compiles() == compiles, "a logits parameter compiled a new graph"

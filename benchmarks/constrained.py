@@ -71,7 +71,7 @@ def cases(engine: Any, new_tokens: int) -> dict[str, Any]:
         "penalties_and_bias": Sampling(
             **greedy,
             steering=SteeringSpec(
-                presence_penalty=0.5, frequency_penalty=0.5, logit_bias=((1, -5.0), (2, 5.0))
+                presence_penalty=0.5, frequency_penalty=0.5, logit_bias=((300, -5.0), (301, 5.0))
             ),
         ),
         "json_schema": Sampling(**greedy, steering=SteeringSpec(grammar=json_grammar)),

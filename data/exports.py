@@ -7,6 +7,13 @@ by message id, then builds rows from the rest:
     SFT  {"messages": context + [assistant target]}
     DPO  {"prompt": context, "chosen": [assistant], "rejected": [assistant]}
     KTO  {"prompt": context, "completion": [assistant], "label": bool}
+    tool {"messages": context + [assistant target], "tools": [function schemas]}
+
+Answers in conversations that used tools (calls, results, or tools offered) go only to the
+tool rows, TRL's tool-calling format (assistant `tool_calls`, role `tool` turns, a `tools`
+column): `whetstone export` writes them; the trainer does not train on them yet, because
+the chat templates render tools differently (harmony natively, others through whetstone's
+fallback) and the training path renders none of them.
 
 The ``*_with_ids`` variants pair each row with the message ids it came from, so rows built
 from holdout items can be recognised and kept out.
@@ -14,6 +21,7 @@ from holdout items can be recognised and kept out.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -52,22 +60,58 @@ class FeedbackItem:
     conversation_id: str
     prompt_message_id: str  # the user message answered; shared by regenerated answers
     feedback_id: str
-    context: list[dict[str, str]]
+    context: list[dict[str, Any]]
     answer: str
     rating: int | None
     correction: str | None
     finish_reason: str | None
     adapter_id: str | None  # which adapter produced the answer; None = the base model
     created_at: datetime  # of the current feedback
+    tools: list[dict[str, Any]] | None = None  # the functions the request offered
+    answer_tool_calls: list[dict[str, Any]] | None = None
 
     @property
     def complete(self) -> bool:
         """Whether the answer finished, so it may serve as a completion in a row."""
-        return self.finish_reason not in INCOMPLETE and bool(self.answer.strip())
+        if self.finish_reason in INCOMPLETE:
+            return False
+        return bool(self.answer.strip()) or bool(self.answer_tool_calls)
+
+    @property
+    def uses_tools(self) -> bool:
+        return bool(self.tools or self.answer_tool_calls) or any(
+            turn["role"] == "tool" or turn.get("tool_calls") for turn in self.context
+        )
 
 
 def _turn(role: str, content: str) -> dict[str, str]:
     return {"role": role, "content": content}
+
+
+def _trl_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Stored OpenAI calls (arguments as JSON text) in TRL's shape (arguments as an object)."""
+    out = []
+    for call in calls:
+        arguments = call["function"]["arguments"]
+        with contextlib.suppress(TypeError, ValueError):
+            arguments = json.loads(arguments)
+        out.append(
+            {
+                "type": "function",
+                "function": {"name": call["function"]["name"], "arguments": arguments},
+            }
+        )
+    return out
+
+
+def _message_turn(message: Message, names: dict[str, str]) -> dict[str, Any]:
+    turn: dict[str, Any] = _turn(message.role, message.content)
+    if message.tool_calls:
+        turn["tool_calls"] = _trl_calls(message.tool_calls)
+        names.update({c.get("id", ""): c["function"]["name"] for c in message.tool_calls})
+    if message.role == "tool":
+        turn["name"] = names.get(message.tool_call_id or "", "")
+    return turn
 
 
 def _context(
@@ -76,21 +120,23 @@ def _context(
     earlier = [m for m in messages if m.position < prompt.position]
     latest_answer: dict[str, Message] = {}
     for message in earlier:  # position order, so the last one seen is the latest
-        if message.role == "assistant" and message.reply_to_id and message.content.strip():
+        answered = message.content.strip() or message.tool_calls
+        if message.role == "assistant" and message.reply_to_id and answered:
             latest_answer[message.reply_to_id] = message
 
-    context = []
+    context: list[dict[str, Any]] = []
+    names: dict[str, str] = {}  # tool call id -> function name, for the tool turns
     if conversation.system_prompt:
         context.append(_turn("system", conversation.system_prompt))
     for message in earlier:
-        if message.role in ("system", "user"):
-            context.append(_turn(message.role, message.content))
+        if message.role in ("system", "user", "tool"):
+            context.append(_message_turn(message, names))
             if message.id in latest_answer:
-                context.append(_turn("assistant", latest_answer[message.id].content))
+                context.append(_message_turn(latest_answer[message.id], names))
         elif message.reply_to_id is None and message.content.strip():
             # An answer to no user turn (e.g. a greeting) is still part of what was said.
             context.append(_turn("assistant", message.content))
-    context.append(_turn("user", prompt.content))
+    context.append(_message_turn(prompt, names))
     return context
 
 
@@ -99,14 +145,15 @@ def _prompt_of(
 ) -> Message | None:
     if answer.reply_to_id is not None:
         return by_id.get(answer.reply_to_id)
-    users = [m for m in messages if m.role == "user" and m.position < answer.position]
+    users = [m for m in messages if m.role in ("user", "tool") and m.position < answer.position]
     return users[-1] if users else None
 
 
-def feedback_items(store: Store) -> list[FeedbackItem]:
+def feedback_items(store: Store, *, with_tools: bool = False) -> list[FeedbackItem]:
     """Every assistant answer with current feedback, oldest conversation first, then by
     position. Answers cut off or failed (finish_reason cut_off/error) count only when they
-    carry a correction. Forgotten conversations contribute nothing."""
+    carry a correction. Forgotten conversations contribute nothing. Answers in conversations
+    that used tools only `with_tools` (see the module docstring)."""
     with store.read_session() as session:
         rated = session.execute(
             select(Feedback, Message, Conversation)
@@ -138,7 +185,7 @@ def feedback_items(store: Store) -> list[FeedbackItem]:
     for feedback, answer, conversation in rated:
         if answer.finish_reason in INCOMPLETE and feedback.correction is None:
             continue
-        if not answer.content.strip() and feedback.correction is None:
+        if not (answer.content.strip() or answer.tool_calls) and feedback.correction is None:
             continue
         messages = by_conversation[conversation.id]
         prompt = _prompt_of(answer, messages, by_id)
@@ -158,12 +205,14 @@ def feedback_items(store: Store) -> list[FeedbackItem]:
                 finish_reason=answer.finish_reason,
                 adapter_id=answer.adapter_id,
                 created_at=feedback.created_at,
+                tools=(answer.generation or {}).get("tools"),
+                answer_tool_calls=answer.tool_calls,
             )
         )
-    return items
+    return [item for item in items if with_tools or not item.uses_tools]
 
 
-def _prompt(item: FeedbackItem) -> list[dict[str, str]]:
+def _prompt(item: FeedbackItem) -> list[dict[str, Any]]:
     # Fresh dicts per row: rows must not share (and so co-mutate) the item's context.
     return [dict(turn) for turn in item.context]
 
@@ -293,15 +342,40 @@ def write_jsonl(rows: Iterable[Row], path: str | os.PathLike[str]) -> int:
     return count
 
 
+def tool_rows(items: Iterable[FeedbackItem]) -> list[Row]:
+    """TRL tool-calling SFT rows from answers in conversations that used tools: the
+    correction if there is one, else the answer (its text and calls) when rated 4 or 5."""
+    rows: list[Row] = []
+    for item in items:
+        if not item.uses_tools:
+            continue
+        if item.correction is not None:
+            target: dict[str, Any] = _turn("assistant", item.correction)
+        elif item.rating is not None and item.rating >= 4 and item.complete:
+            target = _turn("assistant", item.answer)
+            if item.answer_tool_calls:
+                target["tool_calls"] = _trl_calls(item.answer_tool_calls)
+        else:
+            continue
+        row: Row = {"messages": [*_prompt(item), target]}
+        if item.tools:
+            row["tools"] = item.tools
+        rows.append(row)
+    return rows
+
+
 def export_all(store: Store, out_dir: str | os.PathLike[str]) -> dict[str, int]:
-    """Write sft.jsonl, dpo.jsonl and kto.jsonl from all feedback; returns row counts by
-    kind ({"sft": n, "dpo": n, "kto": n})."""
+    """Write sft.jsonl, dpo.jsonl and kto.jsonl from all feedback, and tools.jsonl from the
+    answers in conversations that used tools; returns row counts by kind."""
     out = Path(out_dir)
     items = feedback_items(store)
     counts = {
         "sft": write_jsonl(sft_rows(items), out / "sft.jsonl"),
         "dpo": write_jsonl(dpo_rows(items), out / "dpo.jsonl"),
         "kto": write_jsonl(kto_rows(items), out / "kto.jsonl"),
+        "tools": write_jsonl(
+            tool_rows(feedback_items(store, with_tools=True)), out / "tools.jsonl"
+        ),
     }
     log.info("exported %d feedback items to %s: %s", len(items), out, counts)
     return counts

@@ -18,6 +18,7 @@ from data.exports import (
     kto_rows_with_ids,
     sft_rows,
     sft_rows_with_ids,
+    tool_rows,
     write_jsonl,
 )
 from data.store import Store
@@ -201,7 +202,7 @@ def test_jsonl_loads_in_datasets_and_trl(built: Built, tmp_path: Path, tokenizer
 
     out = tmp_path / "export"
     counts = export_all(built.store, out)
-    assert counts == {"sft": 3, "dpo": 2, "kto": 5}
+    assert counts == {"sft": 3, "dpo": 2, "kto": 5, "tools": 0}
 
     items = feedback_items(built.store)
     expected = {"sft": sft_rows(items), "dpo": dpo_rows(items), "kto": kto_rows(items)}
@@ -228,3 +229,83 @@ def test_jsonl_loads_in_datasets_and_trl(built: Built, tmp_path: Path, tokenizer
             else:
                 assert rendered["completion"].startswith(row["completion"][0]["content"])
                 assert rendered["label"] is row["label"]
+
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}
+
+
+def test_tool_conversations_export_in_trls_tool_calling_format(tmp_path: Path) -> None:
+    """A call, its result and the answer after it, rated: a tools.jsonl row with the
+    assistant's tool_calls (arguments as an object), the tool turn with its function's name
+    and the tools column; the SFT/DPO/KTO rows the trainer reads leave it out."""
+    from datasets import load_dataset
+
+    store = Store(f"sqlite:///{tmp_path / 'whetstone.db'}")
+    conversation = store.create_conversation()
+    asked = store.add_message(conversation.id, "user", "Weather in Paris?")
+    call = {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+    }
+    calling = store.add_message(
+        conversation.id,
+        "assistant",
+        "",
+        reply_to_id=asked.id,
+        finish_reason="tool_calls",
+        tool_calls=[call],
+        generation={"tools": [WEATHER_TOOL]},
+    )
+    result = store.add_message(conversation.id, "tool", '{"sky": "sunny"}', tool_call_id="call_1")
+    answer = store.add_message(
+        conversation.id,
+        "assistant",
+        "Sunny in Paris.",
+        reply_to_id=result.id,
+        finish_reason="stop",
+        generation={"tools": [WEATHER_TOOL]},
+    )
+    store.add_feedback(calling.id, rating=5)
+    store.add_feedback(answer.id, correction="It is sunny in Paris today.")
+
+    assert feedback_items(store) == []  # the trainer does not see them
+    rows = tool_rows(feedback_items(store, with_tools=True))
+    trl_call = {
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": {"city": "Paris"}},
+    }
+    assert rows == [
+        {
+            "messages": [
+                {"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": "", "tool_calls": [trl_call]},
+            ],
+            "tools": [WEATHER_TOOL],
+        },
+        {
+            "messages": [
+                {"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": "", "tool_calls": [trl_call]},
+                {"role": "tool", "content": '{"sky": "sunny"}', "name": "get_weather"},
+                {"role": "assistant", "content": "It is sunny in Paris today."},
+            ],
+            "tools": [WEATHER_TOOL],
+        },
+    ]
+    counts = export_all(store, tmp_path / "export")
+    assert counts == {"sft": 0, "dpo": 0, "kto": 0, "tools": 2}
+    loaded = load_dataset(
+        "json",
+        data_files=str(tmp_path / "export" / "tools.jsonl"),
+        split="train",
+        cache_dir=str(tmp_path / "hf"),
+    )
+    assert len(loaded) == 2 and loaded[1]["messages"][2]["role"] == "tool"
+    store.close()

@@ -66,3 +66,65 @@ def test_harmony_decoder_shows_the_final_channel_and_keeps_the_analysis(tokenize
     assert "Simple sum." in reasoning and "<|" not in reasoning + text
     assert decoder.done
     assert tok.convert_tokens_to_ids("<|end|>") not in stop_token_ids(tok, "harmony")
+
+
+def test_stop_strings_never_show_a_stop_or_a_piece_of_one() -> None:
+    from production.decoding import StopStrings
+
+    stops = StopStrings(("END", "\n\n"))
+    shown = [stops.feed(piece) for piece in ["Hello E", "N", "ough. ", "Then\n", "\nmore"]]
+    # "E" is held back until "N" then "o" show it is not "END"; "\n" until "\n" stops it.
+    assert shown == ["Hello ", "", "ENough. ", "Then", ""]
+    assert stops.hit and stops.feed("after") == "" and stops.flush() == ""
+    tail = StopStrings(("END",))
+    assert tail.feed("the E") == "the " and tail.flush() == "E"  # the answer ended: show it
+
+
+def test_hermes_tool_calls_are_taken_out_of_the_text() -> None:
+    from production.tool_calls import HermesCalls
+
+    calls = HermesCalls()
+    out = [
+        calls.feed(piece)
+        for piece in [
+            "Let me check. <tool",
+            '_call>\n{"name": "get_weather", "arguments": {"city": ',
+            '"Paris"}}\n</tool_call>',
+            "<tool_call>not json</tool_call> done",
+        ]
+    ]
+    assert [text for text, _ in out] == [
+        "Let me check. ",
+        "",
+        "",
+        "<tool_call>not json</tool_call> done",  # what does not parse stays text
+    ]
+    (call,) = out[2][1]
+    assert (call.name, call.arguments) == ("get_weather", '{"city": "Paris"}')
+    assert call.id.startswith("call_") and calls.calls == [call]
+    assert HermesCalls().feed("<tool_call>{") == ("", []) and calls.flush() == ""
+
+
+def test_steering_applies_bias_and_openai_penalties_and_keeps_raw_logprobs() -> None:
+    import math
+
+    import torch
+
+    from production.steering import Steering, SteeringSpec
+
+    spec = SteeringSpec(
+        logit_bias=((0, 5.0),), presence_penalty=1.0, frequency_penalty=0.5, logprobs=2
+    )
+    steering = Steering(spec, None, vocab_size=4, device="cpu")
+    raw = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
+    first = steering.process(raw)
+    assert first.tolist() == [[5.0, 1.0, 2.0, 3.0]] and raw.tolist() == [[0, 1, 2, 3]]
+    token = first.argmax(-1)
+    steering.sampled(token)
+    steering.accept(int(token))
+    (entry,) = steering.logprobs
+    expected = torch.log_softmax(raw[0], -1)  # the model's own, before the bias
+    assert entry.token == 0 and math.isclose(entry.logprob, float(expected[0]), rel_tol=1e-6)
+    assert [i for i, _ in entry.top] == [3, 2]
+    steering.sampled(torch.tensor([0]))  # token 0 twice: 5 - 1.0 - 0.5 * 2
+    assert steering.process(raw).tolist() == [[3.0, 1.0, 2.0, 3.0]]

@@ -1203,11 +1203,10 @@ async def _generate(
     extra = {"conversation_id": conversation_id}
     wants_logprobs = sampling.steering.logprobs is not None
     if stream:
-        events = _sse if kind == "chat" else _sse_text
+        logprobs_of = (lambda o: _logprobs(engine, o.logprobs, kind)) if wants_logprobs else None
+        chunks = _ChatChunks(include_reasoning) if kind == "chat" else _TextChunks()
         return StreamingResponse(
-            events(
-                job, recorder, base, extra, include_reasoning, include_usage, engine, wants_logprobs
-            ),
+            _sse(job, recorder, base, extra, include_usage, chunks, logprobs_of),
             media_type="text/event-stream",
             headers=headers | {"Cache-Control": "no-cache"},
         )
@@ -1390,28 +1389,77 @@ def _data(body: dict[str, Any]) -> str:
     return f"data: {json.dumps(body)}\n\n"
 
 
+class _ChatChunks:
+    """chat.completion.chunk choices. A tool call is one delta carrying its whole arguments;
+    log-probs come with the finishing chunk (the engine reports them per answer)."""
+
+    object = "chat.completion.chunk"
+
+    def __init__(self, include_reasoning: bool) -> None:
+        self.include_reasoning = include_reasoning
+        self.calls_sent = 0
+
+    def opening(self) -> dict[str, Any] | None:
+        return self.choice({"role": "assistant", "content": ""})
+
+    @staticmethod
+    def choice(delta: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> dict:
+        return {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+
+    def delta(self, payload: Any) -> dict[str, Any] | None:
+        delta: dict[str, Any] = {}
+        if payload.text:
+            delta["content"] = payload.text
+        if self.include_reasoning and payload.reasoning:
+            delta["reasoning_content"] = payload.reasoning
+        if payload.tool_calls:
+            delta["tool_calls"] = [
+                c.as_openai(self.calls_sent + i) for i, c in enumerate(payload.tool_calls)
+            ]
+            self.calls_sent += len(payload.tool_calls)
+        return self.choice(delta) if delta else None
+
+    def finish(self, outcome: Outcome, logprobs: Any) -> dict[str, Any]:
+        return self.choice({}, _finish(outcome), logprobs)
+
+
+class _TextChunks:
+    """text_completion choices (POST /v1/completions)."""
+
+    object = "text_completion"
+
+    def opening(self) -> dict[str, Any] | None:
+        return None
+
+    @staticmethod
+    def choice(text: str, finish: str | None = None, logprobs: Any = None) -> dict[str, Any]:
+        return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
+
+    def delta(self, payload: Any) -> dict[str, Any] | None:
+        return self.choice(payload.text) if payload.text else None
+
+    def finish(self, outcome: Outcome, logprobs: Any) -> dict[str, Any]:
+        return self.choice("", _finish(outcome), logprobs)
+
+
 async def _sse(
     job: Any,
     recorder: _Recorder,
     base: dict[str, Any],
     extra: dict[str, Any],
-    include_reasoning: bool,
     include_usage: bool,
-    engine: Any,
-    wants_logprobs: bool,
+    chunks: _ChatChunks | _TextChunks,
+    logprobs_of: Any,
 ) -> AsyncIterator[str]:
-    """Chat streaming. Log-probs come with the finish chunk (the engine reports them per
-    answer, not per token); a tool call is one delta carrying its whole arguments."""
+    """OpenAI's server-sent events for one answer, chat or completions (`chunks`)."""
 
-    def chunk(delta: dict[str, Any], finish: str | None = None, **more: Any) -> str:
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-        choice |= more.pop("choice", {})
-        body = base | {"object": "chat.completion.chunk", "choices": [choice]} | extra | more
-        return _data(body)
+    def event(choices: list[dict[str, Any]], **more: Any) -> str:
+        return _data(base | {"object": chunks.object, "choices": choices} | extra | more)
 
-    calls_sent = 0
     try:
-        yield chunk({"role": "assistant", "content": ""})
+        opening = chunks.opening()
+        if opening is not None:
+            yield event([opening])
         while True:
             kind, payload = await job.events.get()
             if kind == "start":
@@ -1419,34 +1467,15 @@ async def _sse(
                 base["system_fingerprint"] = _fingerprint(payload)
             elif kind == "delta":
                 recorder.add(payload)
-                delta: dict[str, Any] = {}
-                if payload.text:
-                    delta["content"] = payload.text
-                if include_reasoning and payload.reasoning:
-                    delta["reasoning_content"] = payload.reasoning
-                if payload.tool_calls:
-                    delta["tool_calls"] = [
-                        c.as_openai(calls_sent + i) for i, c in enumerate(payload.tool_calls)
-                    ]
-                    calls_sent += len(payload.tool_calls)
-                if delta:
-                    yield chunk(delta)
+                choice = chunks.delta(payload)
+                if choice is not None:
+                    yield event([choice])
             elif kind == "done":
                 recorder.done(payload)
-                logprobs = _logprobs(engine, payload.logprobs, "chat") if wants_logprobs else None
-                yield chunk(
-                    {},
-                    _finish(payload),
-                    adapter_id=payload.adapter_id,
-                    choice={"logprobs": logprobs},
-                )
+                logprobs = logprobs_of(payload) if logprobs_of else None
+                yield event([chunks.finish(payload, logprobs)], adapter_id=payload.adapter_id)
                 if include_usage:
-                    body = base | {
-                        "object": "chat.completion.chunk",
-                        "choices": [],
-                        "usage": _usage(payload),
-                    }
-                    yield _data(body | extra)
+                    yield event([], usage=_usage(payload))
                 yield "data: [DONE]\n\n"
                 return
             elif kind == "error":
@@ -1455,55 +1484,6 @@ async def _sse(
                 return
     finally:
         # Client gone (the task is cancelled or the generator closed): synchronous only.
-        if not recorder.finished:
-            job.cancel()
-            recorder.cut_off()
-
-
-async def _sse_text(
-    job: Any,
-    recorder: _Recorder,
-    base: dict[str, Any],
-    extra: dict[str, Any],
-    include_reasoning: bool,
-    include_usage: bool,
-    engine: Any,
-    wants_logprobs: bool,
-) -> AsyncIterator[str]:
-    """Completions streaming (OpenAI's text_completion chunks)."""
-
-    def chunk(text: str, finish: str | None = None, logprobs: Any = None) -> str:
-        choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
-        return _data(base | {"object": "text_completion", "choices": [choice]} | extra)
-
-    try:
-        while True:
-            kind, payload = await job.events.get()
-            if kind == "start":
-                recorder.adapter_id = payload
-                base["system_fingerprint"] = _fingerprint(payload)
-            elif kind == "delta":
-                recorder.add(payload)
-                if payload.text:
-                    yield chunk(payload.text)
-            elif kind == "done":
-                recorder.done(payload)
-                logprobs = _logprobs(engine, payload.logprobs, "text") if wants_logprobs else None
-                yield chunk("", _finish(payload), logprobs)
-                if include_usage:
-                    body = base | {
-                        "object": "text_completion",
-                        "choices": [],
-                        "usage": _usage(payload),
-                    }
-                    yield _data(body | extra)
-                yield "data: [DONE]\n\n"
-                return
-            elif kind == "error":
-                recorder.cut_off("error")
-                yield _data(_error_body(f"generation failed: {payload}", 500))
-                return
-    finally:
         if not recorder.finished:
             job.cancel()
             recorder.cut_off()

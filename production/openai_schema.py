@@ -211,6 +211,11 @@ class _Sampling(BaseModel):
                 raise ValueError(f"biases are -100..100; token {token} has {bias}")
         return value
 
+    def recorded(self) -> dict[str, Any]:
+        """What the stored answer keeps beyond the resolved sampling settings."""
+        names = ("presence_penalty", "frequency_penalty", "logit_bias", "user", "safety_identifier")
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:
             return ()

@@ -1064,15 +1064,7 @@ async def _chat(service: Service, req: ChatRequest, request: Request) -> Any:
         recorded["response_format"] = req.response_format.model_dump(
             by_alias=True, exclude_none=True
         )
-    for name in (
-        "presence_penalty",
-        "frequency_penalty",
-        "logit_bias",
-        "user",
-        "safety_identifier",
-    ):
-        if getattr(req, name) is not None:
-            recorded[name] = getattr(req, name)
+    recorded |= req.recorded()
     return await _generate(
         service,
         request,
@@ -1133,15 +1125,7 @@ async def _complete(service: Service, req: CompletionRequest, request: Request) 
 
     conversation_id, asked_id = await asyncio.to_thread(start)
     recorded: dict[str, Any] = {"endpoint": "completions"}
-    for name in (
-        "presence_penalty",
-        "frequency_penalty",
-        "logit_bias",
-        "user",
-        "safety_identifier",
-    ):
-        if getattr(req, name) is not None:
-            recorded[name] = getattr(req, name)
+    recorded |= req.recorded()
     return await _generate(
         service,
         request,

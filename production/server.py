@@ -1021,14 +1021,16 @@ async def _chat(service: Service, req: ChatRequest, request: Request) -> Any:
     if requested is not None and requested > window:
         raise ApiError(400, f"max_tokens must be between 1 and {window}", param="max_tokens")
     max_tokens = min(requested or 512, window - len(prompt))
-    grammar, grammar_param = _answer_grammar(engine, req, tools, max_tokens)
-    if grammar is not None:
-        try:  # compiled here so a bad schema is a 400; the worker then finds it cached
+    grammar_param = "tools" if tools else "response_format"
+    try:  # compiled here so a bad schema is a 400; the worker then finds it cached
+        grammar, _ = _answer_grammar(engine, req, tools, max_tokens)
+        if grammar is not None:
             await asyncio.to_thread(engine.grammars.compile, grammar)
-        except GrammarError as exc:
-            raise ApiError(
-                400, f"{grammar_param}: the schema cannot be used: {exc}", param=grammar_param
-            ) from None
+    except (GrammarError, ValueError) as exc:  # xgrammar's tool-format builder: ValueError
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ApiError(
+            400, f"{grammar_param}: the schema cannot be used: {reason}", param=grammar_param
+        ) from None
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     sampling = Sampling(
         req.temperature,

@@ -843,6 +843,38 @@ def export_model(
 
 
 @app.command()
+def trend(
+    home: HomeOpt = None,
+    set_: SetOpt = None,
+    weeks: Annotated[int, typer.Option(min=1, help="How many weeks back.")] = 4,
+    html: Annotated[
+        bool, typer.Option("--html", help="Write the page with plots and print its path.")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """The model over the weeks: answers, ratings, corrections per day; promotions; scores."""
+    from data.trend import text
+    from data.trend import trend as read_trend
+
+    settings = settings_for(home, set_)
+    if html:
+        argv = [_python(), "-m", "development.trend_report", "--home", str(settings.paths.root)]
+        code = subprocess.call([*argv, "--weeks", str(weeks)])
+        if code != 0:
+            raise typer.Exit(code)
+        return
+    store = open_store(settings, existing_home=True)
+    try:
+        found = read_trend(store, weeks)
+    finally:
+        store.close()
+    if as_json:
+        console.print_json(data=found.as_dict())
+    else:
+        console.print(text(found), markup=False, highlight=False)
+
+
+@app.command()
 def report(
     candidate_id: Annotated[str, typer.Argument(metavar="ID")],
     home: HomeOpt = None,

@@ -369,8 +369,12 @@ class Schedule(_Section):
     retention_cron: str = Field(
         "30 4 * * *", description="Crontab (local time) of the retention sweep of candidates."
     )
+    weekly_report_cron: str = Field(
+        "0 7 * * 1",
+        description="Crontab (local time) of the trend page written to <home>/reports/.",
+    )
 
-    @field_validator("nightly_cron", "retention_cron")
+    @field_validator("nightly_cron", "retention_cron", "weekly_report_cron")
     @classmethod
     def _check_cron(cls, value: str) -> str:
         if len(value.split()) != 5:

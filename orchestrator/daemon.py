@@ -494,6 +494,7 @@ class Daemon:
         wanted = {
             "nightly": (schedule.nightly, cfg.nightly_cron, cfg.missed_run_grace_s),
             "retention": (schedule.retention, cfg.retention_cron, 3600),
+            "weekly_report": (schedule.weekly_report, cfg.weekly_report_cron, 6 * 3600),
         }
         for job_id, (func, cron, grace) in wanted.items():
             trigger = CronTrigger.from_crontab(cron)

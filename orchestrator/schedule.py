@@ -65,3 +65,22 @@ def retention(home: str) -> None:
     removed = Registry(settings.paths.candidates_dir).retain(settings.retention_keep_last)
     if removed:
         log.info("retention: removed %s", ", ".join(removed))
+
+
+def weekly_report(home: str) -> None:
+    """The trend page of the last weeks into <home>/reports/ (in a child process: the daemon
+    imports no plotting or training code)."""
+    import subprocess
+    import sys
+
+    settings = _settings(home)
+    done = subprocess.run(
+        [sys.executable, "-m", "development.trend_report", "--home", home],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if done.returncode != 0:
+        log.error("weekly report failed: %s", done.stderr.strip()[-500:])
+    else:
+        log.info("weekly report: %s (%s)", done.stdout.strip(), settings.paths.root)

@@ -1,0 +1,197 @@
+"""How the person's model changed over weeks, read from the store: per day and per serving
+adapter the answers, mean rating, share corrected and regenerations; promotions and
+rollbacks on a timeline; each champion's evaluation scores at the time it was judged.
+
+`development.trend_report` draws these as text (CLI, TUI) and as a self-contained HTML page.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select
+
+from data.models import Evaluation, Feedback, Message, Promotion
+from data.store import Store
+
+# Evaluation figures followed over time (as the report names them), where a champion has them.
+TRACKED = ("holdout_nll", "correction_accuracy", "general_facts", "general_nll")
+
+
+@dataclass
+class DayRow:
+    """One day's answers by one adapter (None: the base model)."""
+
+    day: date
+    adapter_id: str | None
+    answers: int = 0
+    rated: int = 0
+    rating_sum: int = 0
+    corrected: int = 0
+    regenerations: int = 0
+
+    @property
+    def mean_rating(self) -> float | None:
+        return self.rating_sum / self.rated if self.rated else None
+
+    @property
+    def corrected_share(self) -> float:
+        return self.corrected / self.answers if self.answers else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "day": self.day.isoformat(),
+            "adapter_id": self.adapter_id,
+            "answers": self.answers,
+            "mean_rating": None if self.mean_rating is None else round(self.mean_rating, 2),
+            "corrected_share": round(self.corrected_share, 3),
+            "regenerations": self.regenerations,
+        }
+
+
+@dataclass
+class Trend:
+    since: datetime
+    until: datetime
+    days: list[DayRow] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)  # promotions and rollbacks
+    champions: list[dict[str, Any]] = field(default_factory=list)  # scores when promoted
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "since": self.since.isoformat(),
+            "until": self.until.isoformat(),
+            "days": [row.as_dict() for row in self.days],
+            "events": self.events,
+            "champions": self.champions,
+        }
+
+
+def _utc(when: datetime) -> datetime:
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def trend(store: Store, weeks: int = 4, now: datetime | None = None) -> Trend:
+    """The last `weeks` weeks (up to `now`)."""
+    until = now or datetime.now(UTC)
+    since = until - timedelta(weeks=weeks)
+    result = Trend(since, until)
+    with store.read_session() as session:
+        answers = session.execute(
+            select(Message, Feedback)
+            .outerjoin(
+                Feedback, (Feedback.message_id == Message.id) & Feedback.is_current.is_(True)
+            )
+            .where(
+                Message.role == "assistant",
+                Message.finish_reason.is_not(None),
+                Message.created_at >= since,
+                Message.created_at <= until,
+            )
+            .order_by(Message.created_at)
+        ).all()
+        promotions = session.scalars(
+            select(Promotion)
+            .where(Promotion.created_at >= since, Promotion.created_at <= until)
+            .order_by(Promotion.created_at)
+        ).all()
+        evaluations = session.scalars(select(Evaluation).order_by(Evaluation.created_at)).all()
+
+    rows: dict[tuple[date, str | None], DayRow] = {}
+    seen_prompts: defaultdict[str, int] = defaultdict(int)
+    for message, feedback in answers:
+        day = _utc(message.created_at).date()
+        row = rows.setdefault((day, message.adapter_id), DayRow(day, message.adapter_id))
+        row.answers += 1
+        if message.reply_to_id is not None:
+            seen_prompts[message.reply_to_id] += 1
+            if seen_prompts[message.reply_to_id] > 1:  # another answer to the same turn
+                row.regenerations += 1
+        if feedback is not None:
+            if feedback.rating is not None:
+                row.rated += 1
+                row.rating_sum += feedback.rating
+            if feedback.correction is not None:
+                row.corrected += 1
+    result.days = sorted(rows.values(), key=lambda r: (r.day, r.adapter_id or ""))
+
+    latest: dict[str, Evaluation] = {}
+    for evaluation in evaluations:
+        latest[evaluation.candidate_id] = evaluation
+    for promotion in promotions:
+        result.events.append(
+            {
+                "at": _utc(promotion.created_at).isoformat(),
+                "action": promotion.action,
+                "candidate_id": promotion.candidate_id,
+                "previous_id": promotion.previous_id,
+                "forced": promotion.forced,
+            }
+        )
+        evaluation = latest.get(promotion.candidate_id or "")
+        if promotion.action == "promote" and evaluation is not None:
+            scores = (evaluation.metrics or {}).get("candidate") or {}
+            result.champions.append(
+                {
+                    "at": _utc(promotion.created_at).isoformat(),
+                    "candidate_id": promotion.candidate_id,
+                    **{name: scores.get(name) for name in TRACKED if name in scores},
+                }
+            )
+    return result
+
+
+def by_day(trend: Trend) -> list[dict[str, Any]]:
+    """One entry per day: totals over adapters, and the adapter that answered most."""
+    days: dict[date, dict[str, Any]] = {}
+    for row in trend.days:
+        day = days.setdefault(
+            row.day,
+            {"day": row.day, "answers": 0, "rated": 0, "rating_sum": 0, "corrected": 0,
+             "regenerations": 0, "by_adapter": {}},
+        )  # fmt: skip
+        day["answers"] += row.answers
+        day["rated"] += row.rated
+        day["rating_sum"] += row.rating_sum
+        day["corrected"] += row.corrected
+        day["regenerations"] += row.regenerations
+        day["by_adapter"][row.adapter_id] = row.answers
+    out = []
+    for day in sorted(days.values(), key=lambda d: d["day"]):
+        day["mean_rating"] = day["rating_sum"] / day["rated"] if day["rated"] else None
+        day["corrected_share"] = day["corrected"] / day["answers"] if day["answers"] else 0.0
+        day["adapter_id"] = max(day["by_adapter"], key=lambda a: day["by_adapter"][a])
+        out.append(day)
+    return out
+
+
+def text(trend: Trend) -> str:
+    """A table a terminal (or the TUI's status screen) shows as is."""
+    lines = [
+        f"{'day':10}  {'answers':>7}  {'rating':>6}  {'corrected':>9}  {'regen':>5}  serving",
+    ]
+    for day in by_day(trend):
+        rating = "-" if day["mean_rating"] is None else f"{day['mean_rating']:.2f}"
+        lines.append(
+            f"{day['day'].isoformat():10}  {day['answers']:>7}  {rating:>6}  "
+            f"{day['corrected_share']:>9.0%}  {day['regenerations']:>5}  "
+            f"{day['adapter_id'] or 'base model'}"
+        )
+    if len(lines) == 1:
+        lines.append("(no answers in this period)")
+    for event in trend.events:
+        what = {"promote": "promoted", "rollback": "rolled back", "auto_rollback": "auto rollback"}
+        target = event["candidate_id"] or "the base model"
+        when = event["at"][:16].replace("T", " ")
+        lines.append(f"{when}  {what.get(event['action'], event['action'])} -> {target}")
+    for champion in trend.champions:
+        scores = ", ".join(
+            f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+            for k, v in champion.items()
+            if k not in ("at", "candidate_id") and v is not None
+        )
+        lines.append(f"champion {champion['candidate_id']}: {scores or 'no scores'}")
+    return "\n".join(lines)

@@ -735,6 +735,16 @@ def create_app(service: Service) -> FastAPI:
             "created_at": fb.created_at.isoformat(),
         }
 
+    @app.get("/v1/trend")
+    async def trend(weeks: int = 4) -> dict[str, Any]:
+        """`whetstone trend --json`, plus its text table (the TUI's status screen shows it)."""
+        from data import trend as trends
+
+        if not 1 <= weeks <= 520:
+            raise ApiError(400, f"weeks must be 1..520; got {weeks}", param="weeks")
+        found = await asyncio.to_thread(trends.trend, service.store, weeks)
+        return found.as_dict() | {"weeks": weeks, "text": trends.text(found)}
+
     @app.get("/v1/conversations")
     async def conversations(limit: int = 50, offset: int = 0) -> dict[str, Any]:
         if not 1 <= limit <= 500:

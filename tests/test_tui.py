@@ -415,6 +415,10 @@ def test_status_screen_trains_now_and_shows_the_job_progress(home_for_training: 
                 lambda: "no training job" in str(screen.query_one("#run-line").render()),
                 10,
             )
+            # The last weeks day by day: today, 24 answers, every one corrected.
+            trend = screen.query_one("#trend")
+            await until(pilot, lambda: "100%" in str(trend.render()), 10, "the trend panel")
+            assert time.strftime("%Y-%m-%d", time.gmtime()) in str(trend.render())
             await pilot.press("t")
             await until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
             await pilot.press("y")

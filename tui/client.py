@@ -117,6 +117,9 @@ class Api:
     async def status(self) -> dict[str, Any]:
         return await self.request("GET", "/v1/status")
 
+    async def trend(self, weeks: int = 4) -> dict[str, Any]:
+        return await self.request("GET", f"/v1/trend?weeks={weeks}")
+
     async def conversations(self) -> list[dict[str, Any]]:
         return (await self.request("GET", "/v1/conversations"))["data"]
 

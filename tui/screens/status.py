@@ -1,5 +1,6 @@
 """What the daemon is doing: run state, devices, the adapter serving, the training job with
-a live progress bar, the schedule, recent errors; `t` asks for a training run now."""
+a live progress bar, the schedule, recent errors, the last weeks day by day (`whetstone
+trend`); `t` asks for a training run now."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from tui.screens.dialogs import ConfirmScreen
 from tui.widgets.sidebar import ConnectionBar
 
 POLL_S = 1.0
+TREND_POLL_S = 60.0  # the trend reads weeks of answers: not every second
+TREND_WEEKS = 4
 
 
 class StatusScreen(Screen[None]):
@@ -38,11 +41,14 @@ class StatusScreen(Screen[None]):
                 yield ProgressBar(id="run-progress", show_eta=False)
             yield Static(id="schedule", classes="panel")
             yield Static(id="errors", classes="panel")
+            yield Static(id="trend", classes="panel")
         yield Footer()
 
     def on_mount(self) -> None:
         self.set_interval(POLL_S, self.action_refresh)
+        self.set_interval(TREND_POLL_S, self.load_trend)
         self.action_refresh()
+        self.load_trend()
 
     def action_refresh(self) -> None:
         if self.is_current:
@@ -50,6 +56,17 @@ class StatusScreen(Screen[None]):
 
     def on_screen_resume(self) -> None:
         self.action_refresh()
+        self.load_trend()
+
+    @work(exclusive=True, group="trend")
+    async def load_trend(self) -> None:
+        try:
+            data = await self.app.api.trend(TREND_WEEKS)  # type: ignore[attr-defined]
+        except (DaemonUnreachable, ApiRefused) as exc:
+            self.query_one("#trend", Static).update(Text(f"no trend: {exc}", "red"))
+            return
+        title = Text(f"the last {TREND_WEEKS} weeks\n", "bold")
+        self.query_one("#trend", Static).update(title + Text(data["text"]))
 
     @work(exclusive=True, group="status")
     async def poll(self) -> None:

@@ -152,11 +152,12 @@ def test_promotion_mid_stream_finishes_on_the_old_adapter(
 
     after = chat(server.url, FRANCE).json()
     assert after["adapter_id"] == "cand-1"
+    assert (after["model"], after["system_fingerprint"]) == ("whetstone/cand-1", "whetstone-cand-1")
     assert store_of(server.home).get_message(after["id"]).adapter_id == "cand-1"
     status = httpx.get(f"{server.url}/v1/status").json()
     assert status["adapter_id"] == "cand-1"
     models = [m["id"] for m in httpx.get(f"{server.url}/v1/models").json()["data"]]
-    assert models == [BASE, "whetstone/cand-1"]
+    assert models == ["whetstone", BASE, "whetstone/cand-1"]  # each an alias of what serves
 
 
 def test_a_manual_symlink_swap_is_picked_up_and_a_broken_adapter_refused(

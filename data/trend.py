@@ -70,10 +70,6 @@ class Trend:
         }
 
 
-def _utc(when: datetime) -> datetime:
-    return when if when.tzinfo else when.replace(tzinfo=UTC)
-
-
 def trend(store: Store, weeks: int = 4, now: datetime | None = None) -> Trend:
     """The last `weeks` weeks (up to `now`)."""
     until = now or datetime.now(UTC)
@@ -103,7 +99,7 @@ def trend(store: Store, weeks: int = 4, now: datetime | None = None) -> Trend:
     rows: dict[tuple[date, str | None], DayRow] = {}
     seen_prompts: defaultdict[str, int] = defaultdict(int)
     for message, feedback in answers:
-        day = _utc(message.created_at).date()
+        day = message.created_at.date()
         row = rows.setdefault((day, message.adapter_id), DayRow(day, message.adapter_id))
         row.answers += 1
         if message.reply_to_id is not None:
@@ -124,7 +120,7 @@ def trend(store: Store, weeks: int = 4, now: datetime | None = None) -> Trend:
     for promotion in promotions:
         result.events.append(
             {
-                "at": _utc(promotion.created_at).isoformat(),
+                "at": promotion.created_at.isoformat(),
                 "action": promotion.action,
                 "candidate_id": promotion.candidate_id,
                 "previous_id": promotion.previous_id,
@@ -136,7 +132,7 @@ def trend(store: Store, weeks: int = 4, now: datetime | None = None) -> Trend:
             scores = (evaluation.metrics or {}).get("candidate") or {}
             result.champions.append(
                 {
-                    "at": _utc(promotion.created_at).isoformat(),
+                    "at": promotion.created_at.isoformat(),
                     "candidate_id": promotion.candidate_id,
                     **{name: scores.get(name) for name in TRACKED if name in scores},
                 }

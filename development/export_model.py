@@ -41,6 +41,7 @@ FORMATS = ("merged", "gguf", "lora-gguf")
 # llama.cpp's --outtype values both converters take; f16 is what llama.cpp and Ollama load
 # everywhere, q8_0 halves it again for CPU inference.
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+MERGED_DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}  # torch's names
 META = "whetstone-export.json"
 
 
@@ -171,6 +172,11 @@ def export(
         raise ExportError(f"--format must be one of {', '.join(FORMATS)}; got {fmt!r}")
     if outtype not in OUTTYPES:
         raise ExportError(f"--outtype must be one of {', '.join(OUTTYPES)}; got {outtype!r}")
+    if fmt == "merged" and outtype not in MERGED_DTYPES:
+        raise ExportError(
+            f"--outtype {outtype} is a GGUF quantization: merged safetensors are "
+            f"{', '.join(MERGED_DTYPES)}"
+        )
     registry = Registry(settings.paths.candidates_dir)
     try:
         registry.validate(candidate_id, base_model=settings.model.base_model)
@@ -195,9 +201,8 @@ def export(
                 staging / "convert.log",
             )
         else:
-            dtypes = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
             # A GGUF is converted from full precision: llama.cpp rounds once, to --outtype.
-            dtype = torch.float32 if fmt == "gguf" else dtypes.get(outtype, torch.bfloat16)
+            dtype = torch.float32 if fmt == "gguf" else getattr(torch, MERGED_DTYPES[outtype])
             merged_dir = staging if fmt == "merged" else staging / "merged"
             step(f"merging {candidate_id} into {settings.model.base_model}")
             merge(settings, adapter, base, merged_dir, dtype)

@@ -14,23 +14,19 @@ from __future__ import annotations
 import argparse
 import base64
 import html
-import io
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from candidates._fs import atomic_write_text
 from data.trend import Trend, by_day, text, trend
+from development.report import _png as report_png
 
 
 def _png(figure: Figure) -> str:
-    FigureCanvasAgg(figure)
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    return base64.b64encode(buffer.getvalue()).decode()
+    return base64.b64encode(report_png(figure)).decode("ascii")
 
 
 def plots(trend: Trend) -> dict[str, str]:

@@ -124,6 +124,15 @@ class HarmonyDecoder:
         return self._convert(flush()) if flush else Delta()
 
 
+def partial_suffix(text: str, marker: str) -> int:
+    """The length of the longest suffix of `text` that is a proper prefix of `marker`: text
+    to hold back while it might still become `marker`."""
+    for n in range(min(len(marker) - 1, len(text)), 0, -1):
+        if marker.startswith(text[-n:]):
+            return n
+    return 0
+
+
 class StopStrings:
     """OpenAI's `stop`: the answer ends before the first occurrence of any stop string.
 
@@ -131,12 +140,9 @@ class StopStrings:
     so a client never sees a stop string or a piece of one."""
 
     def __init__(self, stops: tuple[str, ...]) -> None:
-        from production.tool_calls import _partial_suffix
-
         self.stops = stops
         self.pending = ""
         self.hit = False
-        self._partial = _partial_suffix
 
     def feed(self, text: str) -> str:
         if self.hit or not text:
@@ -146,7 +152,7 @@ class StopStrings:
         if found:
             out, self.pending, self.hit = self.pending[: min(found)], "", True
             return out
-        keep = max(self._partial(self.pending, s) for s in self.stops)
+        keep = max(partial_suffix(self.pending, s) for s in self.stops)
         out = self.pending[: len(self.pending) - keep]
         self.pending = self.pending[len(self.pending) - keep :]
         return out

@@ -935,7 +935,17 @@ def _model_card(service: Service, model_id: str, adapter_id: str | None) -> dict
     return card | ({"current": True} if adapter_id else {})
 
 
-def _steering(service: Service, req: Any, grammar: Any, logprobs: int | None) -> Any:
+def _sampling(
+    service: Service,
+    req: Any,
+    max_tokens: int,
+    *,
+    grammar: Any = None,
+    logprobs: int | None = None,
+    **more: Any,
+) -> Any:
+    """The engine's Sampling for a chat or completions request (`more`: tools, raw)."""
+    from production.engine import Sampling
     from production.steering import SteeringSpec
 
     bias = []
@@ -947,20 +957,30 @@ def _steering(service: Service, req: Any, grammar: Any, logprobs: int | None) ->
                 param="logit_bias",
             )
         bias.append((int(token), float(value)))
-    return SteeringSpec(
+    steering = SteeringSpec(
         logit_bias=tuple(bias),
         presence_penalty=req.presence_penalty or 0.0,
         frequency_penalty=req.frequency_penalty or 0.0,
         logprobs=logprobs,
         grammar=grammar,
     )
+    return Sampling(
+        req.temperature,
+        req.top_p,
+        req.top_k,
+        max_tokens,
+        req.seed,
+        stop=req.stop_strings(),
+        steering=steering,
+        **more,
+    )
 
 
 def _answer_grammar(
     engine: Any, req: ChatRequest, tools: list[dict[str, Any]] | None, max_tokens: int
 ) -> Any:
-    """What the answer must match: the tools' call format, or the response_format. Harmony
-    models may think first, on at most half of max_tokens."""
+    """What the answer must match: the tools' call format, or the response_format (None:
+    free text). Harmony models may think first, on at most half of max_tokens."""
     from production import tool_calls
     from production.steering import Grammar, schema_text
 
@@ -970,27 +990,20 @@ def _answer_grammar(
         if not isinstance(choice, str):
             choice = choice.model_dump()
         parallel = req.parallel_tool_calls is not False
-        return tool_calls.structural_tag(fmt, tools, choice, parallel, max_tokens // 2), "tools"
+        return tool_calls.structural_tag(fmt, tools, choice, parallel, max_tokens // 2)
     rf = req.response_format
     if rf is None or rf.type == "text":
-        return None, None
+        return None
     schema = rf.json_schema.schema_ if rf.type == "json_schema" else None
-    strict = bool(rf.json_schema.strict) if rf.json_schema else False
     if fmt == "harmony":
-        return tool_calls.harmony_json(schema, max_tokens // 2), "response_format"
-    if schema is None:
-        # json_schema without a schema, or json_object: any JSON object.
-        if rf.type == "json_schema":
-            return Grammar(
-                "json_schema", schema_text({"type": "object"}), strict
-            ), "response_format"
-        return Grammar("json_object"), "response_format"
-    return Grammar("json_schema", schema_text(schema), strict), "response_format"
+        return tool_calls.harmony_json(schema, max_tokens // 2)
+    if schema is None:  # json_object, or json_schema without a schema: any JSON object
+        return Grammar("json_object")
+    return Grammar("json_schema", schema_text(schema), bool(rf.json_schema.strict))
 
 
 async def _chat(service: Service, req: ChatRequest, request: Request) -> Any:
     from production import tool_calls
-    from production.engine import Sampling
     from production.steering import GrammarError
 
     engine = service.engine
@@ -1033,7 +1046,7 @@ async def _chat(service: Service, req: ChatRequest, request: Request) -> Any:
     max_tokens = min(requested or 512, window - len(prompt))
     grammar_param = "tools" if tools else "response_format"
     try:  # compiled here so a bad schema is a 400; the worker then finds it cached
-        grammar, _ = _answer_grammar(engine, req, tools, max_tokens)
+        grammar = _answer_grammar(engine, req, tools, max_tokens)
         if grammar is not None:
             await asyncio.to_thread(engine.grammars.compile, grammar)
     except (GrammarError, ValueError) as exc:  # xgrammar's tool-format builder: ValueError
@@ -1041,15 +1054,12 @@ async def _chat(service: Service, req: ChatRequest, request: Request) -> Any:
         raise ApiError(
             400, f"{grammar_param}: the schema cannot be used: {reason}", param=grammar_param
         ) from None
-    logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    sampling = Sampling(
-        req.temperature,
-        req.top_p,
-        req.top_k,
+    sampling = _sampling(
+        service,
+        req,
         max_tokens,
-        req.seed,
-        stop=req.stop_strings(),
-        steering=_steering(service, req, grammar, logprobs),
+        grammar=grammar,
+        logprobs=(req.top_logprobs or 0) if req.logprobs else None,
         tools=fmt if tools else None,
     )
     if service.worker.waiting >= service.worker.max_queue:
@@ -1095,7 +1105,6 @@ async def _chat(service: Service, req: ChatRequest, request: Request) -> Any:
 async def _complete(service: Service, req: CompletionRequest, request: Request) -> Any:
     """POST /v1/completions: the prompt as raw text (no chat template), logged like chat (a
     conversation holding the prompt as the user turn and the completion as the answer)."""
-    from production.engine import Sampling
 
     engine = service.engine
     _check_model(service, req.model)
@@ -1117,16 +1126,7 @@ async def _complete(service: Service, req: CompletionRequest, request: Request) 
         raise ApiError(400, f"max_tokens must be between 1 and {window}", param="max_tokens")
     # OpenAI's default for this endpoint is 16 tokens.
     max_tokens = min(req.max_tokens or 16, window - len(prompt))
-    sampling = Sampling(
-        req.temperature,
-        req.top_p,
-        req.top_k,
-        max_tokens,
-        req.seed,
-        stop=req.stop_strings(),
-        steering=_steering(service, req, None, req.logprobs),
-        raw=True,
-    )
+    sampling = _sampling(service, req, max_tokens, logprobs=req.logprobs, raw=True)
     if service.worker.waiting >= service.worker.max_queue:
         raise ApiError(503, "the model is busy: too many requests waiting", **{"Retry-After": "5"})
 

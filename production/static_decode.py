@@ -272,28 +272,23 @@ class StaticDecoder:
         for i in range(max_new):
             ready = self._to_host(token)
             more = i + 1 < max_new
-            if not overlap:
-                if ready is not None:
-                    ready.synchronize()
-                if not emit(int(self.host_token[0])) or not more:
-                    return
-                self.ids.copy_(token.view(1, 1))
-                self.pos.fill_(n + i)
-                if self.graphs:
-                    torch.compiler.cudagraph_mark_step_begin()
-                token = pick(self.step(self.ids, self.pos))
-                continue
-            if more:  # launch the next step before waiting for this token
-                self.ids.copy_(token.view(1, 1))
-                self.pos.fill_(n + i)
-                if self.graphs:
-                    torch.compiler.cudagraph_mark_step_begin()
-                following = pick(self.step(self.ids, self.pos))
+            if more and overlap:  # launch the next step before waiting for this token
+                following = self._next(token, n + i, pick)
             if ready is not None:
                 ready.synchronize()
             if not emit(int(self.host_token[0])) or not more:
                 return
-            token = following
+            token = following if overlap else self._next(token, n + i, pick)
+
+    def _next(
+        self, token: torch.Tensor, position: int, pick: Callable[[torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor:
+        """The token after `token` (at `position`): one captured step, then `pick`."""
+        self.ids.copy_(token.view(1, 1))
+        self.pos.fill_(position)
+        if self.graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        return pick(self.step(self.ids, self.pos))
 
     def _to_host(self, token: torch.Tensor) -> Any:
         if not self.cuda:

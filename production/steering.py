@@ -166,7 +166,6 @@ class Steering:
         self.last_logprobs: torch.Tensor | None = None
         self.logprobs: list[TokenLogprob] = []
         self.grammar_broken = False
-        self.grammar_seconds = 0.0
 
     def process(self, logits: torch.Tensor) -> torch.Tensor:
         """[1, V] raw logits (V: the model's vocabulary, padding included) -> the logits to
@@ -185,11 +184,9 @@ class Steering:
         if self.matcher is not None and not self.matcher.is_terminated():
             import xgrammar
 
-            started = time.perf_counter()
             self.matcher.fill_next_token_bitmask(self.bitmask)
             mask = self.bitmask.to(scores.device, non_blocking=True)
             xgrammar.apply_token_bitmask_inplace(scores, mask, vocab_size=self.vocab_size)
-            self.grammar_seconds += time.perf_counter() - started
         return scores
 
     def sampled(self, token: torch.Tensor) -> None:
@@ -215,11 +212,6 @@ class Steering:
                 top = list(zip(ids.tolist(), values.tolist(), strict=True))
             self.logprobs.append(TokenLogprob(token, float(row[token]), top))
             self.last_logprobs = None
-
-    @property
-    def grammar_done(self) -> bool:
-        """The grammar reached its end (the output is complete and valid)."""
-        return self.matcher is not None and self.matcher.is_terminated()
 
 
 def schema_text(schema: Any) -> str:

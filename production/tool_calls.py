@@ -25,6 +25,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from production.decoding import partial_suffix
 from production.steering import Grammar
 
 ToolFormat = Literal["harmony", "hermes"]
@@ -341,7 +342,7 @@ class HermesCalls:
             if not self.in_call:
                 at = self.pending.find(CALL_OPEN)
                 if at < 0:
-                    keep = _partial_suffix(self.pending, CALL_OPEN)
+                    keep = partial_suffix(self.pending, CALL_OPEN)
                     content.append(self.pending[: len(self.pending) - keep])
                     self.pending = self.pending[len(self.pending) - keep :]
                     break
@@ -366,14 +367,6 @@ class HermesCalls:
         """The end of the answer: an unclosed block or a held-back prefix is content."""
         rest, self.pending, self.in_call = self.pending, "", False
         return rest
-
-
-def _partial_suffix(text: str, marker: str) -> int:
-    """The length of the longest suffix of `text` that is a proper prefix of `marker`."""
-    for n in range(min(len(marker) - 1, len(text)), 0, -1):
-        if marker.startswith(text[-n:]):
-            return n
-    return 0
 
 
 def _parse_call(block: str) -> ToolCall | None:

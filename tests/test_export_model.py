@@ -105,6 +105,12 @@ def test_merged_and_lora_gguf_exports_and_bad_requests(
         assert not any("lora" in name for name in names)  # folded in, not beside
         assert str(weights.get_tensor(names[0]).dtype) == "torch.bfloat16"
     assert (merged / "tokenizer.json").is_file() and (merged / "config.json").is_file()
+    quantized = run_cli(
+        "export-model", candidate, "--home", str(home_with_model), "--format", "merged",
+        "--outtype", "q8_0", "--out", str(tmp_path / "q8"),
+    )  # fmt: skip
+    assert quantized.returncode != 0 and "GGUF quantization" in quantized.stderr
+    assert not (tmp_path / "q8").exists()
 
     lora = tmp_path / "lora"
     done = run_cli(

@@ -358,7 +358,16 @@ def test_models_and_errors_have_openai_shapes(client: openai.OpenAI, served: Ser
         "functions": {"functions": [{"name": "f"}]},
         "bogus": {"bogus": 1},
         "logit_bias": {"logit_bias": {"999999": 1}},
+        "messages": {
+            "messages": [*COUNT, {"role": "tool", "tool_call_id": "call_x", "content": "{}"}]
+        },
     }
+
+    def stored() -> int:
+        conversations = httpx.get(f"{served.url}/v1/conversations", params={"limit": 500})
+        return len(conversations.json()["data"])
+
+    before = stored()
     for param, body in bad.items():
         response = httpx.post(
             f"{served.url}/v1/chat/completions",
@@ -367,6 +376,9 @@ def test_models_and_errors_have_openai_shapes(client: openai.OpenAI, served: Ser
         assert response.status_code == 400, (param, response.text)
         error = response.json()["error"]
         assert error["param"] == param and isinstance(error["code"], str), (param, error)
+    assert stored() == before  # refused before anything was stored
+    weeks = httpx.get(f"{served.url}/v1/trend", params={"weeks": 0})
+    assert weeks.status_code == 400 and weeks.json()["error"]["param"] == "weeks"
 
 
 def test_completions_stream_and_not_and_are_logged(

@@ -529,15 +529,26 @@ class Registry:
         logger.info("rolled back to %s (previous: %s)", previous, demoted)
         return PromotionResult(new_current=previous, previous=demoted)
 
-    def retain(self, keep_last: int) -> list[str]:
-        """Delete candidates other than current, previous and the newest `keep_last`."""
-        if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 0:
-            raise ValueError(f"keep_last must be a non-negative integer, got {keep_last!r}")
+    def retain(self, keep_last: int, keep_trials: int | None = None) -> list[str]:
+        """Delete candidates other than current, previous and the newest `keep_last`. With
+        `keep_trials`, recipe-search trials (meta status "trial") are counted apart: the
+        newest `keep_trials` of them are kept, and they take no place of the others."""
+        for name, value in (("keep_last", keep_last), ("keep_trials", keep_trials or 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
         removed = []
         with self._lock():
             candidates = self.list()
-            # [-0:] would be the whole list, hence the explicit zero case.
-            keep = {c.id for c in candidates[-keep_last:]} if keep_last else set()
+            trials = {
+                c.id
+                for c in candidates
+                if keep_trials is not None and c.meta is not None and c.meta.status == "trial"
+            }
+            others = [c.id for c in candidates if c.id not in trials]
+            newest_trials = [c.id for c in candidates if c.id in trials]
+            # [-0:] would be the whole list, hence the explicit zero cases.
+            keep = set(others[-keep_last:]) if keep_last else set()
+            keep.update(newest_trials[-keep_trials:] if keep_trials else [])
             keep.update(x for x in (self.current_id(), self.previous_id()) if x is not None)
             for candidate in candidates:
                 if candidate.id in keep:

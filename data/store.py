@@ -741,18 +741,25 @@ class Store:
                 raise NotFound(f"unknown training run {run_id}")
             return run
 
-    def list_runs(self, limit: int = 20, *, status: str | None = None) -> list[TrainingRun]:
-        """Runs, newest first, optionally only those with ``status``."""
+    def list_runs(
+        self, limit: int = 20, *, status: str | None = None, except_trigger: str | None = None
+    ) -> list[TrainingRun]:
+        """Runs, newest first, optionally only those with ``status`` and not started by
+        ``except_trigger``."""
         _choice("status", status, RUN_STATUSES)
         stmt = select(TrainingRun).order_by(TrainingRun.created_at.desc()).limit(max(0, limit))
         if status is not None:
             stmt = stmt.where(TrainingRun.status == status)
+        if except_trigger is not None:
+            stmt = stmt.where(TrainingRun.trigger != except_trigger)
         with self.read_session() as session:
             return list(session.scalars(stmt))
 
-    def latest_run(self, status: str | None = None) -> TrainingRun | None:
-        """The newest run (with ``status`` if given), or None."""
-        runs = self.list_runs(1, status=status)
+    def latest_run(
+        self, status: str | None = None, *, except_trigger: str | None = None
+    ) -> TrainingRun | None:
+        """The newest run (with ``status`` if given, not by ``except_trigger``), or None."""
+        runs = self.list_runs(1, status=status, except_trigger=except_trigger)
         return runs[0] if runs else None
 
     # --- candidates, evaluations, promotions --------------------------------------------

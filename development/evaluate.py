@@ -422,6 +422,69 @@ def evaluate_candidate(
     return report_dict
 
 
+def score_trial(settings: Settings, store: Store, candidate_id: str, device: str) -> dict[str, Any]:
+    """A recipe trial's score (orchestrator.experiments): the candidate and the base measured
+    on the *validation* split (the holdout stays the gate's alone) and the general probes.
+    Written to the candidate's meta.json as metrics.trial; the candidate's status becomes
+    "trial" (never promoted). Returns the score."""
+    from peft import PeftModel
+
+    from development import modeling
+
+    started = time.monotonic()
+    registry = Registry(settings.paths.candidates_dir)
+    meta = registry.validate(candidate_id, base_model=settings.model.base_model)
+    split = datasets.split_items(
+        exports.feedback_items(store),
+        settings.training.holdout_fraction,
+        settings.training.validation_fraction,
+    )
+    regression = datasets.load_base_answers(settings, None).get("regression", [])
+    model, tokenizer = modeling.load_base(settings, device, for_training=False)
+    model = PeftModel.from_pretrained(model, str(registry.path(candidate_id)), adapter_name="trial")
+    measured = {}
+    for name, adapter in (("base", None), ("candidate", "trial")):
+        with Variant(model, adapter) as active:
+            measured[name], _ = measure(
+                active, tokenizer, settings, split.validation, regression, sanity_prompts=[]
+            )
+    base, cand = measured["base"], measured["candidate"]
+    if cand["holdout_nll"] is None:
+        raise ValueError("the validation split has no corrections or well-rated answers to score")
+    gate = settings.gate
+    drift = (cand["general_nll"] - base["general_nll"]) / base["general_nll"]
+    lost = len(set(cand["general_facts_missed"]) - set(base["general_facts_missed"]))
+    # <= 0 each: within the gate's bounds (Optuna's constraint convention).
+    constraints = {
+        "general_nll_drift": drift - gate.max_general_nll_increase,
+        "general_facts_lost": float(lost - gate.max_general_facts_lost),
+    }
+    if base["correction_accuracy"] is not None and cand["correction_accuracy"] is not None:
+        drop = base["correction_accuracy"] - cand["correction_accuracy"]
+        constraints["right_answers_drop"] = drop - gate.max_right_answers_drop
+    score = {
+        "validation_items": len(split.validation),
+        # The measure() names say holdout; here they were measured on the validation split.
+        "validation_nll": cand["holdout_nll"],
+        "base_validation_nll": base["holdout_nll"],
+        "correction_accuracy": cand["correction_accuracy"],
+        "general_nll_drift": drift,
+        "general_facts_lost": lost,
+        "constraints": constraints,
+        "fits_gate": all(c <= 0 for c in constraints.values()),
+        "seconds": round(time.monotonic() - started, 1),
+    }
+    update_meta(
+        registry.path(candidate_id), metrics={**meta.metrics, "trial": score}, status="trial"
+    )
+    try:
+        store.update_candidate(candidate_id, status="trial")
+    except Exception:
+        log.info("candidate %s has no store record", candidate_id)
+    log.info("trial score of %s: %s", candidate_id, score)
+    return score
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--home", type=Path, help="whetstone home (default WHETSTONE_HOME)")

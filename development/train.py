@@ -9,6 +9,10 @@ held-out loss; then a DPO stage when there are correction pairs, or KTO when the
 good and bad ratings; write the adapter as a candidate folder atomically; evaluate it against
 the champion and the base; promote it when the gate says so.
 
+A run of the recipe-searched profile uses the adopted recipe's knobs (<home>/recipe.json,
+orchestrator.experiments) under its own --set items. With --trial the run is one trial of that
+search: its candidate is scored on the validation split and never evaluated or promoted.
+
 A crash records the run as failed with its error; a kill leaves the run "running" with a
 dead pid, which the next `whetstone train`/`status` marks failed. Either way no candidate
 appears: the registry only renames a finished, validated folder into place.
@@ -406,6 +410,9 @@ class RunContext:
     stages: list[Stage] = field(default_factory=list)
     padding_free: bool = False  # resolved once per run (training.padding_free)
     peaks: Any = None  # production.gpu_memory.StagePeaks, made when the job starts
+    # What set the knobs besides the config: the adopted recipe, or the trial being run.
+    recipe: dict[str, Any] | None = None
+    trial: str | None = None  # "study:number" of a recipe trial
 
     def mark(self, stage: str) -> None:
         if self.peaks is None:
@@ -497,6 +504,8 @@ def train_candidate(ctx: RunContext, *, force: bool = False) -> str | None:
             "optimizer": _optimizer(profile.optimizer, ctx.device.startswith("cuda")),
             "padding_free": ctx.padding_free,
             "run_id": ctx.run_id,
+            "recipe": ctx.recipe,
+            "trial": ctx.trial,
         },
         data=snapshot,
         metrics={
@@ -541,6 +550,18 @@ def reap_scratch(settings: Settings, keep: str | None = None) -> None:
                 shutil.rmtree(folder, ignore_errors=True)
 
 
+def _free_training_memory(device: str) -> None:
+    """The training model is unreachable once the candidate is written: free it before the
+    scoring model loads."""
+    import gc
+
+    gc.collect()
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--home", type=Path, help="whetstone home (default WHETSTONE_HOME)")
@@ -551,12 +572,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-evaluate", action="store_true", help="stop after training")
     parser.add_argument("--no-promote", action="store_true", help="evaluate but never promote")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument(
+        "--trial",
+        metavar="STUDY:NUMBER",
+        help="a recipe trial (orchestrator.experiments): scored on the validation split, "
+        "never evaluated by the gate or promoted; the adopted recipe is not applied",
+    )
     args = parser.parse_args(argv)
+
+    from orchestrator import experiments
 
     try:
         settings = load_settings(args.home, parse_sets(args.sets))
         profile = args.profile or settings.training.default_profile
         settings.profile(profile)
+        recipe = None if args.trial else experiments.current_recipe(settings, profile)
+        if recipe:
+            # The recipe's knobs first: the run's own --set items still win.
+            sets = experiments.knob_sets(settings, profile, recipe["params"]) + args.sets
+            settings = load_settings(args.home, parse_sets(sets))
     except ConfigError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 2
@@ -573,26 +607,29 @@ def main(argv: list[str] | None = None) -> int:
     store = Store(settings.db_url)
     run_id = args.run_id or store.create_run(profile, args.trigger).id
     ctx = RunContext(settings, store, run_id, profile, device, scratch_dir(settings, run_id))
+    ctx.recipe, ctx.trial = recipe, args.trial
     try:
         with training_lock(settings):
             store.update_run(run_id, status="running", pid=os.getpid(), profile=profile)
             log_resolved(settings)
             reap_scratch(settings, keep=run_id)
-            candidate_id = train_candidate(ctx, force=args.force)
+            if recipe:
+                log.info("recipe %s #%s: %s", recipe["study"], recipe["trial"], recipe["params"])
+            # A trial searches on the data as it is: "nothing new" does not skip it.
+            candidate_id = train_candidate(ctx, force=args.force or bool(args.trial))
             if candidate_id is None:
                 return EXIT_OK
             store.update_run(run_id, candidate_id=candidate_id)
-            if not args.no_evaluate:
-                import gc
-
+            if args.trial:
                 from development import evaluate
 
-                gc.collect()  # the training model is unreachable now; free it before loading
-                if device.startswith("cuda"):
-                    import torch
+                _free_training_memory(device)
+                ctx.report({"stage": "scoring trial", "step": 0, "max_steps": 0})
+                evaluate.score_trial(settings, store, candidate_id, device)
+            elif not args.no_evaluate:
+                from development import evaluate
 
-                    torch.cuda.empty_cache()
-
+                _free_training_memory(device)
                 ctx.report({"stage": "evaluating", "step": 0, "max_steps": 0})
                 result = evaluate.evaluate_candidate(settings, store, candidate_id, device)
                 if result["decision"] == "promote" and not args.no_promote:

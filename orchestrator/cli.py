@@ -208,6 +208,7 @@ def status(home: HomeOpt = None, set_: SetOpt = None, as_json: JsonOpt = False) 
     store = open_store(settings, existing_home=True)
     registry = open_registry(settings)
     try:
+        from orchestrator import experiments
         from orchestrator.daemon import read_state
         from orchestrator.jobs import reap_dead_runs
         from orchestrator.promotion import audit_unrecorded_swap, running_server
@@ -232,6 +233,7 @@ def status(home: HomeOpt = None, set_: SetOpt = None, as_json: JsonOpt = False) 
             "counts": store.counts(),
             "last_run": _run_dict(last_run) if last_run else None,
             "last_promotion": _promotion_dict(promotions[0]) if promotions else None,
+            "recipe": experiments.summary(settings),
         }
     finally:
         store.close()
@@ -271,7 +273,8 @@ def status(home: HomeOpt = None, set_: SetOpt = None, as_json: JsonOpt = False) 
     if run is None:
         table.add_row("last run", "none")
     else:
-        line = f"{run['id']} {run['status']} ({run['profile']})"
+        trial = ", recipe trial" if run["trigger"] == "experiment" else ""
+        line = f"{run['id']} {run['status']} ({run['profile']}{trial})"
         if run["status"] == "running":
             line += f": {_progress_line(last_run)}"
         elif run["status"] in ("failed", "skipped"):
@@ -286,6 +289,10 @@ def status(home: HomeOpt = None, set_: SetOpt = None, as_json: JsonOpt = False) 
         if promo
         else "none",
     )
+    table.add_row("recipe", escape(experiments.describe(data["recipe"])))
+    waiting = ((daemon or {}).get("experiments") or {}).get("waiting_because")
+    if waiting:
+        table.add_row("search waits", escape(waiting))
     console.print(table)
 
 
@@ -872,6 +879,55 @@ def trend(
         console.print_json(data=found.as_dict())
     else:
         console.print(text(found), markup=False, highlight=False)
+
+
+@app.command()
+def recipe(
+    home: HomeOpt = None,
+    set_: SetOpt = None,
+    reset: Annotated[
+        bool,
+        typer.Option("--reset", help="Go back to the config's profile; closes the search study."),
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """The training recipe the nightly run uses, and the search's trials."""
+    from orchestrator import experiments
+
+    settings = settings_for(home, set_)
+    if not settings.paths.root.is_dir():
+        raise _fail(f"no whetstone home at {settings.paths.root}: check --home / WHETSTONE_HOME")
+    try:
+        if reset:
+            dropped = experiments.reset_recipe(settings)
+            console.print(
+                f"dropped the recipe from {dropped['study']} #{dropped['trial']}; the nightly run "
+                "uses the config's profile again"
+                if dropped
+                else "no recipe was adopted; the nightly run uses the config's profile"
+            )
+            return
+        found = experiments.summary(settings)
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
+    if as_json:
+        console.print_json(data=found)
+        return
+    console.print(f"recipe: {experiments.describe(found)}", markup=False, highlight=False)
+    table = Table(
+        "trial", "state", "validation NLL", "learning_rate", "max_steps", "lora_r", "replay"
+    )
+    for trial in (found.get("study") or {}).get("trials", []):
+        params = trial["params"]
+        value = trial["validation_nll"]
+        table.add_row(
+            f"#{trial['number']}" + (" (baseline)" if trial["baseline"] else ""),
+            trial["state"] + ("" if trial["fits_gate"] else ", loses general knowledge"),
+            "-" if value is None else f"{value:.4f}",
+            *(experiments.knob_text(params.get(k, "-")) for k in experiments.KNOBS),
+        )
+    if table.rows:
+        console.print(table)
 
 
 @app.command()

@@ -418,6 +418,85 @@ class Daemon(_Section):
     )
 
 
+class Experiments(_Section):
+    """The recipe search on the development device's idle time (orchestrator.experiments).
+
+    Trials train the searched profile with changed knobs on the person's current data and
+    are compared on the validation split and the general probes, never on the holdout the
+    gate judges with (a recipe tuned on the holdout would pass the gate by construction).
+    The ranges are relative to the profile's own values, so every model preset's profiles
+    give their own sensible centre.
+    """
+
+    # auto: on when the development device is a GPU. On a CPU-only machine the trials would
+    # keep both cores busy whenever the person is not chatting.
+    enabled: Literal["auto", "on", "off"] = Field(
+        "auto", description="auto = on when training runs on a GPU."
+    )
+    profile: str | None = Field(
+        None, description="Profile whose recipe is searched; default schedule.nightly_profile."
+    )
+    max_trials: int = Field(
+        8, ge=2, le=200, description="Finished trials per study (the current recipe included)."
+    )
+    learning_rate_scale: tuple[float, float] = Field(
+        (0.25, 4.0), description="Log-uniform range, as multiples of the profile's LR."
+    )
+    max_steps_scale: list[float] = Field(
+        default_factory=lambda: [0.5, 1.0, 2.0],
+        min_length=1,
+        description="Choices, as multiples of the profile's max_steps.",
+    )
+    lora_ranks: list[int] = Field(
+        default_factory=lambda: [8, 16, 32],
+        min_length=1,
+        description="Rank choices; alpha keeps the configured alpha/r ratio.",
+    )
+    replay_fraction: tuple[float, float] = Field(
+        (0.25, 0.75), description="Uniform range of the share of replayed base answers."
+    )
+    # Below this, one noisy validation item decides: the search would chase noise.
+    min_validation_items: int = Field(
+        4, ge=1, description="Fewer validation items than this: no trials."
+    )
+    min_improvement: float = Field(
+        0.02,
+        ge=0,
+        lt=1,
+        description="Relative validation-NLL gain over the current recipe needed to adopt.",
+    )
+    new_study_after: int = Field(
+        50, ge=1, description="New feedback items since a study began that start a fresh one."
+    )
+    pause_before_nightly_s: int = Field(
+        3600, ge=0, description="No trial starts this close to the next nightly run."
+    )
+    keep_trials: int = Field(
+        2, ge=0, description="Trial candidates kept by retention (the newest)."
+    )
+
+    @field_validator("learning_rate_scale", "replay_fraction")
+    @classmethod
+    def _ordered(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < value[0] <= value[1]:
+            raise ValueError(f"expected 0 < low <= high, got {list(value)}")
+        return value
+
+    @field_validator("replay_fraction")
+    @classmethod
+    def _a_share(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if value[1] >= 1:
+            raise ValueError(f"a share below 1 is needed, got {value[1]}")
+        return value
+
+    @field_validator("max_steps_scale", "lora_ranks")
+    @classmethod
+    def _positive(cls, value: list[Any]) -> list[Any]:
+        if any(v <= 0 for v in value):
+            raise ValueError(f"choices must be positive, got {value}")
+        return sorted(set(value))
+
+
 class Watch(_Section):
     """After a promotion: roll back if the person rates the new adapter clearly worse."""
 
@@ -500,6 +579,7 @@ class Settings(BaseSettings):
     gate: Gate = Field(default_factory=Gate)
     daemon: Daemon = Field(default_factory=Daemon)
     watch: Watch = Field(default_factory=Watch)
+    experiments: Experiments = Field(default_factory=Experiments)
     retention_keep_last: int = Field(
         5, ge=1, description="Candidates kept besides current and previous."
     )
@@ -531,13 +611,16 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_schedule_profiles(self) -> Settings:
-        for key in ("nightly_profile", "feedback_profile", "default_profile"):
-            section = self.training if key == "default_profile" else self.schedule
-            name = getattr(section, key)
-            if name not in self.training.profiles:
+        checked = {
+            "schedule.nightly_profile": self.schedule.nightly_profile,
+            "schedule.feedback_profile": self.schedule.feedback_profile,
+            "training.default_profile": self.training.default_profile,
+            "experiments.profile": self.experiments.profile,
+        }
+        for key, name in checked.items():
+            if name is not None and name not in self.training.profiles:
                 known = ", ".join(sorted(self.training.profiles))
-                where = "training" if key == "default_profile" else "schedule"
-                raise ValueError(f"{where}.{key} = {name!r} is not a profile; known: {known}")
+                raise ValueError(f"{key} = {name!r} is not a profile; known: {known}")
         return self
 
     @property

@@ -6,8 +6,10 @@ It holds the home's lock (run/daemon.lock), decides the device plan, keeps the A
 (`python -m production.server`) alive on the production device (restarting it with backoff,
 giving up with the reason after too many crashes in a row), runs the schedule (APScheduler,
 jobs persisted in the home's database: the nightly run and the retention sweep), starts
-queued training runs one at a time on the development device, kills a hung one, and after a
-promotion lets the person's ratings roll a bad adapter back (orchestrator.watch).
+queued training runs one at a time on the development device, kills a hung one, after a
+promotion lets the person's ratings roll a bad adapter back (orchestrator.watch), and on the
+development device's idle time runs recipe-search trials (orchestrator.experiments), stopping
+one as soon as a run is queued or the person chats on a device it shares.
 
 Training triggers only *queue* a run in the store (nightly, every N new feedback items,
 `whetstone train` while the daemon runs); the dispatcher here starts queued runs in order.
@@ -43,7 +45,7 @@ from typing import Any
 from candidates import Registry
 from candidates._fs import atomic_write_text
 from data.store import Store
-from orchestrator import devices, gpus, jobs, promotion, schedule, watch
+from orchestrator import devices, experiments, gpus, jobs, promotion, schedule, watch
 from orchestrator.config import ConfigError, Settings
 
 log = logging.getLogger(__name__)
@@ -358,6 +360,12 @@ class Daemon:
         self.job: subprocess.Popen[bytes] | None = None
         self.job_run_id: str | None = None
         self.job_started: float | None = None
+        self.job_is_trial = False
+        self.job_started_at: datetime | None = None
+        self.trials = experiments.enabled(settings, self.plan.development)
+        self.no_trial_because: str | None = None
+        # Set to run a dispatch now instead of at the next poll (a trial must yield).
+        self._wake = asyncio.Event()
         self.errors: deque[dict[str, str]] = deque(maxlen=20)
         self.started_at = datetime.now(UTC)
         self._tasks: list[asyncio.Task[Any]] = []
@@ -386,6 +394,8 @@ class Daemon:
                 asyncio.create_task(self.worker.run(self._stopping), name="worker"),
                 asyncio.create_task(self._dispatch_loop(), name="dispatch"),
             ]
+            if self.trials:
+                self._tasks.append(asyncio.create_task(self._trial_guard(), name="trial guard"))
             self.state = RunState.RUNNING
             self._write_state()
         except BaseException:
@@ -422,7 +432,9 @@ class Daemon:
             for task in self._tasks:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-        await asyncio.to_thread(self._cancel_job, "the daemon is stopping")
+        # A trial stopped here is asked again by the next daemon; a real run failed.
+        status = "cancelled" if self.job_is_trial else "failed"
+        await asyncio.to_thread(self._cancel_job, "the daemon is stopping", status)
         await asyncio.to_thread(self.worker.stop)
         if self.store is not None:
             self.store.close()
@@ -466,7 +478,12 @@ class Daemon:
             },
             "worker": self.worker.snapshot(),
             "schedule": jobs_out,
-            "training": {"run_id": self.job_run_id, "pid": self.job.pid if self.job else None},
+            "training": {
+                "run_id": self.job_run_id,
+                "pid": self.job.pid if self.job else None,
+                "trial": self.job_is_trial,
+            },
+            "experiments": {"enabled": self.trials, "waiting_because": self.no_trial_because},
             "errors": list(self.errors),
         }
         path = state_file(self.settings)
@@ -527,8 +544,36 @@ class Daemon:
                 log.exception("dispatch failed")
                 self._error(f"dispatch: {exc}")
             self._write_state()
+            self._wake.clear()
+            wake = asyncio.ensure_future(self._wake.wait())
+            stop = asyncio.ensure_future(self._stopping.wait())
+            await asyncio.wait(
+                {wake, stop},
+                timeout=self.settings.daemon.poll_s,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            for waiter in (wake, stop):
+                waiter.cancel()
+
+    async def _trial_guard(self) -> None:
+        """While a trial runs: check twice a second whether it must yield, and wake the
+        dispatcher to stop it (a poll of daemon.poll_s would let chat wait that long)."""
+        while not self._stopping.is_set():
+            if self.job_is_trial and self.job_run_id is not None:
+                try:
+                    if await asyncio.to_thread(self._trial_stop_reason):
+                        self._wake.set()
+                except Exception:
+                    log.exception("trial guard")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), self.settings.daemon.poll_s)
+                await asyncio.wait_for(self._stopping.wait(), 0.5)
+
+    def _trial_stop_reason(self) -> str | None:
+        run_id, started = self.job_run_id, self.job_started_at
+        if not self.job_is_trial or run_id is None or started is None or self.store is None:
+            return None
+        shared = self.plan.production == self.plan.development
+        return experiments.stop_reason(self.settings, self.store, run_id, started, shared)
 
     def _dispatch_once(self) -> None:
         assert self.store is not None
@@ -536,8 +581,18 @@ class Daemon:
             self._check_job()
         jobs.reap_dead_runs(self.store)
         schedule.enqueue_on_feedback(self.settings, self.store)
+        if self.job is not None and self.job_is_trial:
+            why = self._trial_stop_reason()
+            if why:
+                self._cancel_job(f"recipe trial stopped: {why}", status="cancelled")
+        if self.trials:
+            for line in experiments.settle(self.settings, self.store, self.registry):
+                if "failed" in line:
+                    self._error(line)
         if self.job is None and not self._stopping.is_set():
             self._start_next()
+        if self.job is None and self.trials and not self._stopping.is_set():
+            self._start_trial()
         reason = watch.check(self.settings, self.store, self.registry)
         if reason:
             self._error(f"rolled back after promotion: {reason}")
@@ -546,6 +601,10 @@ class Daemon:
         assert self.store is not None
         queued = self.store.list_runs(limit=20, status="queued")
         queued = [run for run in queued if run.pid is None]
+        for run in [r for r in queued if r.trigger == schedule.EXPERIMENT_TRIGGER]:
+            # A trial queued by a daemon that died before starting it: the study asks again.
+            self.store.update_run(run.id, status="cancelled", reason="never started")
+            queued.remove(run)
         if not queued:
             return
         run = queued[-1]  # oldest first
@@ -567,8 +626,57 @@ class Daemon:
         except ConfigError as exc:  # a profile removed from the config since it was queued
             self.store.update_run(run.id, status="failed", error=str(exc))
             return
+        self._took(process, run_id, trial=False)
+
+    def _took(self, process: subprocess.Popen[bytes], run_id: str, *, trial: bool) -> None:
         self.job, self.job_run_id, self.job_started = process, run_id, time.monotonic()
+        self.job_started_at, self.job_is_trial = datetime.now(UTC), trial
         self._write_state()
+
+    def _start_trial(self) -> None:
+        """A recipe trial when the development device is idle: nothing queued, chat idle on
+        a shared device, and the nightly run not due within experiments.pause_before_nightly_s."""
+        assert self.store is not None
+        self.no_trial_because = self._trial_blocker()
+        if self.no_trial_because:
+            return
+        try:
+            run_id, number, args = experiments.start_trial(self.settings, self.store)
+        except experiments.NoTrial as exc:
+            self.no_trial_because = str(exc)
+            return
+        try:
+            run_id, process = jobs.start_training(
+                self.settings,
+                self.store,
+                experiments.searched_profile(self.settings),
+                trigger=schedule.EXPERIMENT_TRIGGER,
+                run_id=run_id,
+                extra_args=args,
+            )
+        except (jobs.JobBusy, OSError) as exc:
+            # The trial's run never started: settle() tells the study, which asks it again.
+            self.store.update_run(run_id, status="cancelled", reason=str(exc))
+            self.no_trial_because = str(exc)
+            return
+        log.info("recipe trial #%d started as run %s", number, run_id)
+        self._took(process, run_id, trial=True)
+
+    def _trial_blocker(self) -> str | None:
+        assert self.store is not None
+        if self.store.list_runs(
+            limit=1, status="queued", except_trigger=schedule.EXPERIMENT_TRIGGER
+        ):
+            return "a run is queued"
+        if self.plan.production == self.plan.development and not self._chat_idle():
+            return "the person chatted recently on the shared device"
+        pause = self.settings.experiments.pause_before_nightly_s
+        nightly = self.scheduler.get_job("nightly") if self.scheduler is not None else None
+        if nightly is not None and nightly.next_run_time is not None:
+            due = (nightly.next_run_time - datetime.now(UTC)).total_seconds()
+            if due < pause:
+                return f"the nightly run is due in {int(due)} s"
+        return None
 
     def _chat_idle(self) -> bool:
         """One GPU for both: train only when the person has not chatted for a while."""
@@ -589,7 +697,7 @@ class Daemon:
                 self._cancel_job(f"timed out after {int(elapsed)} s (schedule.job_timeout_s)")
             return
         run_id = self.job_run_id
-        self.job = self.job_run_id = self.job_started = None
+        self._released()
         run = self.store.get_run(run_id)
         if run.status in ("running", "queued"):
             error = f"the training process exited with code {code} without reporting"
@@ -599,9 +707,14 @@ class Daemon:
         if run.status == "failed":
             self._error(f"run {run_id} failed: {run.error}")
 
-    def _cancel_job(self, why: str) -> None:
+    def _released(self) -> None:
+        self.job = self.job_run_id = self.job_started = self.job_started_at = None
+        self.job_is_trial = False
+
+    def _cancel_job(self, why: str, status: str = "failed") -> None:
         """SIGTERM the running job (it marks itself failed and removes its scratch), SIGKILL
-        it if it does not stop within daemon.stop_timeout_s; the run records `why`."""
+        it if it does not stop within daemon.stop_timeout_s; the run records `why` and ends
+        as `status` (failed, or cancelled for a trial that yielded)."""
         if self.job is None or self.store is None:
             return
         job, run_id = self.job, self.job_run_id
@@ -619,11 +732,15 @@ class Daemon:
                 os.killpg(job.pid, signal.SIGKILL)
             code = job.wait()
         run = self.store.get_run(run_id)
-        if run.status in ("running", "queued") or why not in (run.error or ""):
+        if status == "cancelled":
+            self.store.update_run(run_id, status="cancelled", error=None)
+            log.info("run %s: %s (exit %s)", run_id, why, code)
+        elif run.status in ("running", "queued") or why not in (run.error or ""):
             error = f"{why} (exit {code})" + (f"; {run.error}" if run.error else "")
             self.store.update_run(run_id, status="failed", error=error)
-        self.job = self.job_run_id = self.job_started = None
-        self._error(f"run {run_id}: {why}")
+        self._released()
+        if status != "cancelled":
+            self._error(f"run {run_id}: {why}")
 
 
 async def run_daemon(settings: Settings) -> int:

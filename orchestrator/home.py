@@ -1,6 +1,6 @@
 """The home folder: every piece of whetstone state lives under one path.
 
-config.toml  whetstone.db  token  candidates/  models/  logs/  run/
+config.toml  whetstone.db  experiments.db  recipe.json  token  candidates/  models/  logs/  run/
 """
 
 from __future__ import annotations
@@ -27,6 +27,17 @@ class Home:
     @property
     def db_file(self) -> Path:
         return self.root / "whetstone.db"
+
+    @property
+    def experiments_db_file(self) -> Path:
+        """Optuna's study storage for the recipe search (its own file: see
+        orchestrator.experiments for why not whetstone.db)."""
+        return self.root / "experiments.db"
+
+    @property
+    def recipe_file(self) -> Path:
+        """The training recipe the search adopted, with its history."""
+        return self.root / "recipe.json"
 
     @property
     def token_file(self) -> Path:

@@ -17,6 +17,7 @@ from pathlib import Path
 from data.store import Store
 from orchestrator import devices, gpus
 from orchestrator.config import Settings
+from orchestrator.schedule import EXPERIMENT_TRIGGER
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +165,8 @@ def request_training(
     if owner is not None:
         # One run waits at most: a second request (a double press of `t`, a page posting
         # in a loop) would only queue the same training again behind it.
-        waiting = [run for run in store.list_runs(limit=20, status="queued") if run.pid is None]
+        queued = store.list_runs(limit=20, status="queued", except_trigger=EXPERIMENT_TRIGGER)
+        waiting = [run for run in queued if run.pid is None]
         if waiting:
             raise JobBusy(
                 f"run {waiting[-1].id} ({waiting[-1].profile}) is already queued; it starts "

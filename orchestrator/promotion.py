@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from candidates.registry import Candidate, PromotionResult, Registry
+from candidates.registry import Candidate, PromotionResult, Registry, RegistryError
 from data.errors import NotFound
 from data.store import Store
 from orchestrator.config import Settings
@@ -106,6 +106,17 @@ def promote(
     runs after the gate and before `current` moves (the API worker loads the adapter there):
     if it raises, nothing has changed."""
     registry.validate_id(candidate_id)
+    try:
+        meta = registry.get(candidate_id).meta
+    except RegistryError:
+        meta = None  # registry.promote below says what is wrong with it
+    if meta is not None and meta.status == "trial":
+        # Even forced: a trial was tuned on the validation split and never judged on the
+        # holdout; what it found reaches the person through the next nightly run.
+        raise PromotionRefused(
+            f"candidate {candidate_id} is a recipe trial; trials are never served. Its recipe "
+            "is used by the next nightly run when it was adopted (`whetstone recipe`)."
+        )
     audit_unrecorded_swap(store, registry)
     evaluations = store.list_evaluations(candidate_id, limit=1)  # newest first
     passed = bool(evaluations) and evaluations[0].decision == "promote"

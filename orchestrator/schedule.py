@@ -16,6 +16,9 @@ from orchestrator.config import Settings, load_settings
 
 log = logging.getLogger(__name__)
 
+# The trigger of recipe-search trials (orchestrator.experiments): they train nothing served.
+EXPERIMENT_TRIGGER = "experiment"
+
 # Settings of the daemons running in this process, by home: they carry the command line's
 # overrides, which a fresh load_settings(home) would not.
 RUNNING: dict[str, Settings] = {}
@@ -27,7 +30,8 @@ def _settings(home: str) -> Settings:
 
 def enqueue(settings: Settings, store: Store, profile: str, trigger: str) -> str | None:
     """Queue a run unless one is already waiting (triggers coalesce). Returns its id."""
-    waiting = store.list_runs(limit=1, status="queued")
+    # A queued trial does not count: a real run is queued and stops it.
+    waiting = store.list_runs(limit=1, status="queued", except_trigger=EXPERIMENT_TRIGGER)
     if waiting:
         log.info("%s trigger: run %s is already queued", trigger, waiting[0].id)
         return None
@@ -38,11 +42,11 @@ def enqueue(settings: Settings, store: Store, profile: str, trigger: str) -> str
 
 def enqueue_on_feedback(settings: Settings, store: Store) -> str | None:
     """Queue a quick run once `schedule.every_n_feedback` feedback items arrived since the
-    last run was queued (whatever became of it)."""
+    last run was queued (whatever became of it; recipe trials do not count)."""
     every = settings.schedule.every_n_feedback
     if every == 0:
         return None
-    last = store.latest_run()
+    last = store.latest_run(except_trigger=EXPERIMENT_TRIGGER)
     new = store.count_feedback_since(last.created_at if last else None)
     if new < every:
         return None
@@ -62,7 +66,9 @@ def nightly(home: str) -> None:
 def retention(home: str) -> None:
     """Delete old candidates beyond `retention_keep_last` (never current or previous)."""
     settings = _settings(home)
-    removed = Registry(settings.paths.candidates_dir).retain(settings.retention_keep_last)
+    removed = Registry(settings.paths.candidates_dir).retain(
+        settings.retention_keep_last, keep_trials=settings.experiments.keep_trials
+    )
     if removed:
         log.info("retention: removed %s", ", ".join(removed))
 

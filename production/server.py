@@ -39,7 +39,7 @@ from candidates import Candidate, CandidateNotFound, Registry, RegistryError
 from candidates._fs import atomic_write_text
 from data.errors import Gone, InvalidInput, NotFound, StoreError
 from data.store import Store
-from orchestrator import devices, jobs, promotion
+from orchestrator import devices, experiments, jobs, promotion
 from orchestrator.config import ConfigError, Settings, load_settings, parse_sets
 from orchestrator.daemon import read_state
 from production.openai_schema import ChatMessage, ChatRequest, CompletionRequest
@@ -586,6 +586,8 @@ def create_app(service: Service) -> FastAPI:
             "daemon": read_state(service.settings),
             "running_run": _running_run(service.store),
             "last_promotion": _last_promotion(service.store),
+            # The training recipe the nightly run uses and the search's progress.
+            "recipe": await asyncio.to_thread(experiments.summary, service.settings),
         }
 
     @app.post("/admin/reload")

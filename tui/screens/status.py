@@ -1,4 +1,5 @@
-"""What the daemon is doing: run state, devices, the adapter serving, the training job with
+"""What the daemon is doing: run state, devices, the adapter serving, the training recipe
+(adopted by the recipe search or the config's), the training job with
 a live progress bar, the schedule, recent errors, the last weeks day by day (`whetstone
 trend`); `t` asks for a training run now."""
 
@@ -108,6 +109,12 @@ class StatusScreen(Screen[None]):
                 f"{promo['action']} {promo.get('candidate_id') or 'base'} "
                 f"at {promo['created_at'][:19]}",
             )
+        recipe = data.get("recipe") or {}
+        if recipe.get("line"):
+            overview.add_row("recipe", recipe["line"])
+        waiting = (daemon.get("experiments") or {}).get("waiting_because")
+        if waiting:
+            overview.add_row("search waits", waiting)
         overview.add_row("requests", f"{data.get('requests_served')} served since start")
         self.query_one("#overview", Static).update(overview)
         self._show_run(data.get("running_run"), daemon.get("training"))

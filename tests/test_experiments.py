@@ -13,8 +13,12 @@ metrics.trial, and the run's status.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from candidates import Registry
@@ -23,7 +27,9 @@ from orchestrator import experiments
 from orchestrator.config import ConfigError, load_settings, parse_sets
 from orchestrator.promotion import PromotionRefused, promote
 from orchestrator.schedule import EXPERIMENT_TRIGGER, enqueue_on_feedback
+from tests.conftest import REPO, kill_training_processes, run_cli
 from tests.scripted_person import store_corrections, taught
+from tests.test_daemon import DaemonProcess, wait_for
 from tests.test_registry import make_meta, write_fake_adapter
 
 CONFIG = """
@@ -216,3 +222,140 @@ def test_bad_experiment_settings_are_refused_by_name(
     (home / "config.toml").write_text(f"[experiments]\n{key} = {value}\n")
     with pytest.raises(ConfigError, match=message):
         load_settings(home)
+
+
+# --- through the daemon, on the embedded model ---------------------------------------------
+
+SEARCH = """
+[daemon]
+poll_s = 0.5
+stop_timeout_s = 30
+
+[schedule]
+every_n_feedback = 0
+idle_before_training_s = 0
+
+[training]
+validation_fraction = 0.2
+
+[training.profiles.quick_test]
+learning_rate = 1e-6
+max_steps = 4
+eval_every = 2
+
+[experiments]
+enabled = "on"
+profile = "quick_test"
+max_trials = 2
+min_validation_items = 2
+min_improvement = 0.0
+pause_before_nightly_s = 0
+# The baseline (lr 1e-6) barely moves; every other trial learns: the adoption is certain.
+learning_rate_scale = [300.0, 1000.0]
+max_steps_scale = [1.0]
+lora_ranks = [8]
+"""
+
+
+def _runs(settings) -> list:
+    with Store(settings.db_url) as store:
+        return store.list_runs(limit=50)
+
+
+@pytest.mark.slow
+def test_the_daemon_runs_trials_yields_to_chat_and_the_next_run_uses_the_recipe(
+    home_for_training: Path,
+) -> None:
+    home = home_for_training
+    (home / "config.toml").write_text(SEARCH)
+    store_corrections(home, taught(48))
+    settings = load_settings(home)
+    daemon = DaemonProcess(home)
+    try:
+        _search_through_the_daemon(home, settings, daemon.wait_ready())
+    finally:
+        daemon.stop()
+        kill_training_processes(home)
+
+
+def _search_through_the_daemon(home: Path, settings, daemon: DaemonProcess) -> None:
+
+    def training_trial():
+        runs = [r for r in _runs(settings) if r.trigger == EXPERIMENT_TRIGGER]
+        running = [r for r in runs if r.status == "running"]
+        return running and (running[0].progress or {}).get("stage") == "sft" and running[0]
+
+    first = wait_for("a trial training", training_trial, timeout=300)
+    asked = time.monotonic()
+    answer = httpx.post(
+        f"{daemon.url}/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": "Hi!"}], "max_tokens": 4},
+        timeout=120,
+    )
+    answer.raise_for_status()
+
+    def stopped():
+        with Store(settings.db_url) as store:
+            run = store.get_run(first.id)
+        return run if run.status != "running" else None
+
+    run = wait_for("the trial stopped", stopped, timeout=60)
+    stopped_after = time.monotonic() - asked
+    assert run.status == "cancelled", (run.status, run.error, daemon.output()[-3000:])
+    assert "chatting" in run.reason
+    assert stopped_after < 15, stopped_after  # the trial guard looks twice a second
+
+    def adopted():
+        time.sleep(2)  # the trials need the CPU more than this loop
+        found = experiments.summary(settings)
+        study = found.get("study") or {}
+        return found if study.get("finished") == 2 and found.get("recipe") else None
+
+    wait_for("two trials and an adopted recipe", adopted, timeout=900)
+    found = json.loads(run_cli("recipe", "--home", str(home), "--json").stdout)
+    trials = found["study"]["trials"]
+    assert [t["state"] for t in trials] == ["fail", "complete", "complete"], trials
+    assert trials[0]["params"] == trials[1]["params"] and trials[1]["baseline"]
+    assert (
+        found["recipe"]["trial"] == 2
+        and found["recipe"]["validation_nll"] < trials[1]["validation_nll"]
+    )
+    status = run_cli("status", "--home", str(home))
+    assert "recipe" in status.stdout and "adopted" in status.stdout, status.stdout
+    api = httpx.get(f"{daemon.url}/v1/status", timeout=30).json()
+    assert api["recipe"]["recipe"]["trial"] == 2
+    registry = Registry(settings.paths.candidates_dir)
+    assert registry.current_id() is None, "a trial must never be served"
+    assert daemon.terminate() == 0
+    _next_run_uses(home, registry, found["recipe"]["params"])
+
+
+def _next_run_uses(home: Path, registry: Registry, params: dict) -> None:
+    # The next run of the searched profile trains with the adopted knobs.
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "development.train",
+            "--home",
+            str(home),
+            "--profile",
+            "quick_test",
+            "--force",
+            "--no-evaluate",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=REPO,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    newest = registry.list()[-1]
+    assert newest.meta.status != "trial"
+    assert newest.meta.config["recipe"]["trial"] == 2
+    profile = newest.meta.config["profile_settings"]
+    assert profile["learning_rate"] == pytest.approx(params["learning_rate"])
+    assert profile["lora_r"] == params["lora_r"]
+    assert newest.meta.config["training"]["replay_fraction"] == pytest.approx(
+        params["replay_fraction"]
+    )

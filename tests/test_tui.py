@@ -9,6 +9,8 @@ of the look, update them with `pytest tests/test_tui.py --snapshot-update` and r
 from __future__ import annotations
 
 import asyncio
+import io
+import json
 import os
 import signal
 import time
@@ -402,6 +404,18 @@ def test_a_rating_that_fails_to_store_is_shown_and_sent_when_the_daemon_is_back(
 def test_status_screen_trains_now_and_shows_the_job_progress(home_for_training: Path) -> None:
     (home_for_training / "config.toml").write_text('[training]\ndefault_profile = "quick_test"\n')
     store_corrections(home_for_training, taught(24))
+    # A recipe the search adopted for the nightly profile (`t` trains quick_test: unaffected).
+    recipe = {
+        "profile": "standard",
+        "base_model": load_settings(home_for_training).model.base_model,
+        "params": {"learning_rate": 0.0005, "max_steps": 100, "lora_r": 8, "replay_fraction": 0.4},
+        "study": "recipe-standard-20261201-030000",
+        "trial": 3,
+        "validation_nll": 1.1,
+        "baseline_validation_nll": 1.3,
+        "adopted_at": "2026-12-01T05:00:00+00:00",
+    }
+    (home_for_training / "recipe.json").write_text(json.dumps({"current": recipe, "history": []}))
     server = ServerProcess(home_for_training).wait_ready()
 
     async def scenario() -> None:
@@ -414,6 +428,11 @@ def test_status_screen_trains_now_and_shows_the_job_progress(home_for_training: 
                 pilot,
                 lambda: "no training job" in str(screen.query_one("#run-line").render()),
                 10,
+            )
+            overview = _shown(screen.query_one("#overview"))
+            assert (
+                "learning_rate=0.0005" in overview
+                and "recipe-standard-20261201-030000 #3" in overview
             )
             # The last weeks day by day: today, 24 answers, every one corrected.
             trend = screen.query_one("#trend")
@@ -437,6 +456,15 @@ def test_status_screen_trains_now_and_shows_the_job_progress(home_for_training: 
     finally:
         kill_training_processes(home_for_training)
         server.stop()
+
+
+def _shown(widget: Any) -> str:
+    """A widget's renderable as the terminal shows its text (tables included)."""
+    from rich.console import Console
+
+    console = Console(width=200, file=io.StringIO())
+    console.print(widget.render())
+    return console.file.getvalue()
 
 
 def _candidate_with_report(home: Path, prepared: Path, candidate_id: str, decision: str) -> None:

@@ -459,11 +459,11 @@ def test_status_screen_trains_now_and_shows_the_job_progress(home_for_training: 
 
 
 def _shown(widget: Any) -> str:
-    """A widget's renderable as the terminal shows its text (tables included)."""
+    """A Static's content as the terminal shows its text (tables included)."""
     from rich.console import Console
 
     console = Console(width=200, file=io.StringIO())
-    console.print(widget.render())
+    console.print(widget.content)
     return console.file.getvalue()
 
 

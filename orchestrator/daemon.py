@@ -364,6 +364,11 @@ class Daemon:
         self.job_started_at: datetime | None = None
         self.trials = experiments.enabled(settings, self.plan.development)
         self.no_trial_because: str | None = None
+        # Settling opens Optuna's storage (about 0.1 s here): only after a trial's run ended
+        # (and once at start, for one a previous daemon left), not on every poll.
+        self._settle_due = True
+        # The feedback count at which the study said no: nothing changes that before new data.
+        self._no_trial_at: int | None = None
         # Set to run a dispatch now instead of at the next poll (a trial must yield).
         self._wake = asyncio.Event()
         self.errors: deque[dict[str, str]] = deque(maxlen=20)
@@ -572,8 +577,9 @@ class Daemon:
         run_id, started = self.job_run_id, self.job_started_at
         if not self.job_is_trial or run_id is None or started is None or self.store is None:
             return None
-        shared = self.plan.production == self.plan.development
-        return experiments.stop_reason(self.settings, self.store, run_id, started, shared)
+        return experiments.stop_reason(
+            self.settings, self.store, run_id, started, self.plan.shared_device
+        )
 
     def _dispatch_once(self) -> None:
         assert self.store is not None
@@ -585,10 +591,11 @@ class Daemon:
             why = self._trial_stop_reason()
             if why:
                 self._cancel_job(f"recipe trial stopped: {why}", status="cancelled")
-        if self.trials:
+        if self.trials and self._settle_due:
             for line in experiments.settle(self.settings, self.store, self.registry):
                 if "failed" in line:
                     self._error(line)
+            self._settle_due = False
         if self.job is None and not self._stopping.is_set():
             self._start_next()
         if self.job is None and self.trials and not self._stopping.is_set():
@@ -605,6 +612,7 @@ class Daemon:
             # A trial queued by a daemon that died before starting it: the study asks again.
             self.store.update_run(run.id, status="cancelled", reason="never started")
             queued.remove(run)
+            self._settle_due = True
         if not queued:
             return
         run = queued[-1]  # oldest first
@@ -637,13 +645,16 @@ class Daemon:
         """A recipe trial when the development device is idle: nothing queued, chat idle on
         a shared device, and the nightly run not due within experiments.pause_before_nightly_s."""
         assert self.store is not None
+        feedback = self.store.count_feedback_since(None)
+        if feedback == self._no_trial_at:
+            return  # no_trial_because still says why
         self.no_trial_because = self._trial_blocker()
         if self.no_trial_because:
             return
         try:
             run_id, number, args = experiments.start_trial(self.settings, self.store)
         except experiments.NoTrial as exc:
-            self.no_trial_because = str(exc)
+            self.no_trial_because, self._no_trial_at = str(exc), feedback
             return
         try:
             run_id, process = jobs.start_training(
@@ -658,6 +669,7 @@ class Daemon:
             # The trial's run never started: settle() tells the study, which asks it again.
             self.store.update_run(run_id, status="cancelled", reason=str(exc))
             self.no_trial_because = str(exc)
+            self._settle_due = True
             return
         log.info("recipe trial #%d started as run %s", number, run_id)
         self._took(process, run_id, trial=True)
@@ -668,7 +680,7 @@ class Daemon:
             limit=1, status="queued", except_trigger=schedule.EXPERIMENT_TRIGGER
         ):
             return "a run is queued"
-        if self.plan.production == self.plan.development and not self._chat_idle():
+        if self.plan.shared_device and not self._chat_idle():
             return "the person chatted recently on the shared device"
         pause = self.settings.experiments.pause_before_nightly_s
         nightly = self.scheduler.get_job("nightly") if self.scheduler is not None else None
@@ -708,6 +720,7 @@ class Daemon:
             self._error(f"run {run_id} failed: {run.error}")
 
     def _released(self) -> None:
+        self._settle_due = self._settle_due or self.job_is_trial
         self.job = self.job_run_id = self.job_started = self.job_started_at = None
         self.job_is_trial = False
 

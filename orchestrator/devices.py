@@ -24,6 +24,11 @@ class DevicePlan:
     def shared_gpu(self) -> bool:
         return self.production != "cpu" and self.production == self.development
 
+    @property
+    def shared_device(self) -> bool:
+        """Chat and training on the same device, the CPU included (they share its cores)."""
+        return self.production == self.development
+
 
 def _normalise(value: str) -> str:
     return "cuda:0" if value == "cuda" else value

@@ -29,10 +29,12 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from candidates import Registry
+from candidates import Registry, RegistryError
 from candidates._fs import atomic_write_text
 from data.store import Store
 from orchestrator.config import ConfigError, Settings
@@ -162,28 +164,22 @@ def _now() -> str:
 # --- the study -------------------------------------------------------------------------------
 
 
-class _storage_session:
+@contextmanager
+def _storage_session(settings: Settings) -> Iterator[Any]:
     """Optuna's storage on <home>/experiments.db, disposed on exit (its engine holds the file)."""
+    import optuna
 
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.storage: Any = None
-
-    def __enter__(self) -> Any:
-        import optuna
-
-        optuna.logging.disable_default_handler()  # its records go to our logging instead
-        optuna.logging.enable_propagation()
-        path = self.settings.paths.experiments_db_file
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.storage = optuna.storages.RDBStorage(
-            f"sqlite:///{path}", engine_kwargs={"connect_args": {"timeout": 30}}
-        )
-        return self.storage
-
-    def __exit__(self, *exc: object) -> None:
-        if self.storage is not None:
-            self.storage.engine.dispose()
+    optuna.logging.disable_default_handler()  # its records go to our logging instead
+    optuna.logging.enable_propagation()
+    path = settings.paths.experiments_db_file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    storage = optuna.storages.RDBStorage(
+        f"sqlite:///{path}", engine_kwargs={"connect_args": {"timeout": 30}}
+    )
+    try:
+        yield storage
+    finally:
+        storage.engine.dispose()
 
 
 def _sampler(settings: Settings, finished: int) -> Any:
@@ -391,8 +387,11 @@ def _settle_one(
     where = f"{study.study_name} #{trial.number}"
     score = None
     if run is not None and run.status == "succeeded" and run.candidate_id:
-        candidate = registry.get(run.candidate_id)
-        score = (candidate.meta.metrics if candidate.meta else {}).get("trial")
+        try:
+            meta = registry.get(run.candidate_id).meta
+        except RegistryError:  # removed by hand before it was settled: counted as failed
+            meta = None
+        score = (meta.metrics if meta else {}).get("trial")
     trial_id = storage.get_trial_id_from_study_id_trial_number(
         storage.get_study_id_from_name(study.study_name), trial.number
     )

@@ -273,7 +273,7 @@ def status(home: HomeOpt = None, set_: SetOpt = None, as_json: JsonOpt = False) 
     if run is None:
         table.add_row("last run", "none")
     else:
-        trial = ", recipe trial" if run["trigger"] == "experiment" else ""
+        trial = ", recipe trial" if run["trigger"] == experiments.EXPERIMENT_TRIGGER else ""
         line = f"{run['id']} {run['status']} ({run['profile']}{trial})"
         if run["status"] == "running":
             line += f": {_progress_line(last_run)}"

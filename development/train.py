@@ -648,10 +648,13 @@ def main(argv: list[str] | None = None) -> int:
         log.error("training run %s failed", run_id, exc_info=True)
         error = "".join(traceback.format_exception_only(exc)).strip() or type(exc).__name__
         try:
-            if isinstance(exc, Terminated):  # the daemon records why it stopped us first
-                why = store.get_run(run_id).reason
+            stopped = store.get_run(run_id) if isinstance(exc, Terminated) else None
+            if stopped is not None and stopped.status == "cancelled":
+                log.info("run %s cancelled: %s", run_id, stopped.reason)
+            else:  # the daemon records why it stopped us before the signal
+                why = stopped.reason if stopped is not None else None
                 error = f"{why} ({error})" if why else error
-            store.update_run(run_id, status="failed", error=error[-2000:])
+                store.update_run(run_id, status="failed", error=error[-2000:])
         except Exception:
             log.exception("could not record the failure of %s", run_id)
         if isinstance(exc, KeyboardInterrupt):

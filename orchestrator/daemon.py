@@ -734,8 +734,13 @@ class Daemon:
         assert run_id is not None
         log.warning("stopping run %s: %s", run_id, why)
         # Recorded first: the job reads it when it marks itself failed, so whoever watches
-        # the run sees why it stopped as soon as it has.
-        self.store.update_run(run_id, reason=why)
+        # the run sees why it stopped as soon as it has. A cancelled trial is marked so
+        # before the signal: the job leaves a cancelled run as it is, so the run never
+        # shows `failed` while the job is exiting.
+        if status == "cancelled":
+            self.store.update_run(run_id, reason=why, status="cancelled", error=None)
+        else:
+            self.store.update_run(run_id, reason=why)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(job.pid, signal.SIGTERM)
         try:
@@ -746,7 +751,8 @@ class Daemon:
             code = job.wait()
         run = self.store.get_run(run_id)
         if status == "cancelled":
-            self.store.update_run(run_id, status="cancelled", error=None)
+            if run.status not in ("cancelled", "succeeded"):  # it had not marked itself running
+                self.store.update_run(run_id, status="cancelled", error=None)
             log.info("run %s: %s (exit %s)", run_id, why, code)
         elif run.status in ("running", "queued") or why not in (run.error or ""):
             error = f"{why} (exit {code})" + (f"; {run.error}" if run.error else "")

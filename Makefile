@@ -32,9 +32,11 @@ test: install
 test-quick: install
 	$(VENV)/bin/pytest -m "not slow" $(PYTEST_ARGS)
 
+# ruff, and the import contracts in pyproject.toml (which rooms may import which).
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 format: install
 	$(VENV)/bin/ruff check --fix .

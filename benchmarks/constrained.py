@@ -138,7 +138,7 @@ def mask_fill_ms(vocab: int = 200_000, steps: int = 64) -> dict[str, Any]:
 
 
 def engine_for(args: argparse.Namespace, workdir: Path) -> Any:
-    from orchestrator.config import load_settings
+    from common.config import load_settings
     from production.engine import Engine
 
     if args.gpt_oss:
@@ -154,7 +154,7 @@ def engine_for(args: argparse.Namespace, workdir: Path) -> Any:
             'backend = "transformers"\n\n[server]\ndecode = "static"\n'
         )
         return Engine(load_settings(home), "cuda:0")
-    from orchestrator.home import Home
+    from common.home import Home
     from production.base_model import prepare_embedded
 
     home = args.home.expanduser().resolve()

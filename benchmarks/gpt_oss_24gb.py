@@ -182,8 +182,8 @@ def seed_replay(home: Path) -> dict[str, int]:
     timed like a real model's) are all dropped, and the second job would train without
     replay rows and gate without regression probes. Fill the cache with finished answers,
     as a real model leaves it, so the second job carries the real row counts."""
+    from common.config import load_settings
     from development import datasets, probes
-    from orchestrator.config import load_settings
 
     path = datasets.replay_cache_file(load_settings(home))
     body = json.loads(path.read_text())

@@ -161,11 +161,11 @@ def serve_engine(workdir: Path, model_dir: Path, adapter: Path, name: str, new_t
     the first request after it, compiles), back to A (same answer as before)."""
     backend, decode = ENGINES[name]
     home = _home(workdir, model_dir, backend, False, decode)
-    from orchestrator import devices
-    from orchestrator.config import load_settings
+    from common.config import load_settings
+    from production.device_pin import pin_device
 
     settings = load_settings(home)
-    device = devices.pin_device(settings, "production")
+    device = pin_device(settings, "production")
     import torch
 
     from production.engine import Engine, Sampling
@@ -321,11 +321,11 @@ def train_speed(workdir: Path, model_dir: Path, path: str, steps: int) -> dict[s
     variant = TRAIN_VARIANTS[path]
     if path.startswith("product"):
         home = _home(workdir, model_dir, "unsloth", variant["load_in_4bit"])
-        from orchestrator import devices
-        from orchestrator.config import load_settings
+        from common.config import load_settings
+        from production.device_pin import pin_device
 
         settings = load_settings(home)
-        device = devices.pin_device(settings, "development")
+        device = pin_device(settings, "development")
     import torch
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer

@@ -52,8 +52,8 @@ def _answers(model: Any, tokenizer: Any, questions: list[str], max_new_tokens: i
 def _fill_store(
     home: Path, teaching: dict[str, str], general: dict[str, str], control: bool = False
 ) -> None:
+    from common.config import load_settings
     from data.store import Store
-    from orchestrator.config import load_settings
     from tests.scripted_person import FACTS, GENERAL
 
     store = Store(load_settings(home).db_url)
@@ -93,9 +93,9 @@ def run(
     from peft import PeftModel
 
     from candidates import Registry
+    from common.config import load_settings
+    from common.home import Home
     from development import datasets, modeling
-    from orchestrator.config import load_settings
-    from orchestrator.home import Home
     from production.base_model import prepare_embedded
     from tests.scripted_person import FACTS, GENERAL
 

@@ -413,7 +413,7 @@ def part_nf4(
     import torch
 
     from benchmarks.gpt_oss_checkpoint import build
-    from orchestrator.config import load_settings
+    from common.config import load_settings
     from production.engine import Engine
     from production.gpu_memory import apply_limit
 

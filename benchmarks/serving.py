@@ -609,7 +609,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     from candidates import Registry
-    from orchestrator.home import Home
+    from common.home import Home
     from production.base_model import prepare_embedded
 
     hf_logging.disable_progress_bar()

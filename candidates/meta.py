@@ -10,8 +10,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from candidates._fs import atomic_write_text
 from candidates.errors import InvalidCandidate
+from common.fs import atomic_write_text
 
 logger = logging.getLogger(__name__)
 

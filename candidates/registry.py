@@ -34,7 +34,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from candidates._fs import fsync_dir, fsync_tree
 from candidates.errors import (
     AlreadyCurrent,
     CandidateExists,
@@ -45,6 +44,7 @@ from candidates.errors import (
     RegistryError,
 )
 from candidates.meta import META_FILE, CandidateMeta, read_meta, write_meta
+from common.fs import fsync_dir, fsync_tree, pid_alive
 
 logger = logging.getLogger(__name__)
 
@@ -320,18 +320,6 @@ def _pid_from_work_name(name: str) -> int | None:
     return int(parts[1])
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return True  # not a pid we wrote; leave it to the age rule
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    return True
-
-
 def _remove_path(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
@@ -585,7 +573,7 @@ class Registry:
             except FileNotFoundError:
                 continue
             pid = _pid_from_work_name(path.name)
-            if age < max_age_s and (pid is None or _pid_alive(pid)):
+            if age < max_age_s and (pid is None or pid <= 0 or pid_alive(pid)):
                 continue
             _remove_path(path)
             removed.append(path.name)

@@ -19,17 +19,18 @@ import hashlib
 import json
 import logging
 import random
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from candidates._fs import atomic_write_text
+from common.config import Settings
+from common.fs import atomic_write_text
 from data import exports
 from data.exports import FeedbackItem
+from data.splits import Split, split_items
 from data.store import Store
-from orchestrator.config import Settings
 
 from . import probes
 
@@ -43,34 +44,6 @@ TokenCounter = Callable[[Messages, str], int]
 # Bump when the way base answers are generated changes: old caches are then regenerated.
 REPLAY_VERSION = 1
 REPLAY_MAX_NEW_TOKENS = 160
-
-
-def placement(message_id: str) -> float:
-    """A stable number in [0, 1) for a message id (sha256, not Python's salted hash)."""
-    digest = hashlib.sha256(f"whetstone-split:{message_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
-
-
-@dataclass(frozen=True)
-class Split:
-    train: list[FeedbackItem]
-    validation: list[FeedbackItem]
-    holdout: list[FeedbackItem]
-
-
-def split_items(
-    items: Iterable[FeedbackItem], holdout_fraction: float, validation_fraction: float
-) -> Split:
-    train, validation, holdout = [], [], []
-    for item in items:
-        where = placement(item.message_id)
-        if where < holdout_fraction:
-            holdout.append(item)
-        elif where < holdout_fraction + validation_fraction:
-            validation.append(item)
-        else:
-            train.append(item)
-    return Split(train, validation, holdout)
 
 
 def _prompt_completion(messages: Messages, answer: str) -> Row:

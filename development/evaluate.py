@@ -37,11 +37,12 @@ from pathlib import Path
 from typing import Any
 
 from candidates import Registry, update_meta
+from common.config import ConfigError, Settings, load_settings, parse_sets
 from data import exports
 from data.exports import FeedbackItem
+from data.splits import split_items
 from data.store import Store
-from orchestrator import devices
-from orchestrator.config import ConfigError, Settings, load_settings, parse_sets
+from production.device_pin import pin_device
 
 from . import datasets, probes
 from .gate import decide
@@ -301,7 +302,7 @@ def evaluate_candidate(
     folder = registry.path(candidate_id)
 
     items = exports.feedback_items(store)
-    split = datasets.split_items(
+    split = split_items(
         items, settings.training.holdout_fraction, settings.training.validation_fraction
     )
     holdout = split.holdout
@@ -434,7 +435,7 @@ def score_trial(settings: Settings, store: Store, candidate_id: str, device: str
     started = time.monotonic()
     registry = Registry(settings.paths.candidates_dir)
     meta = registry.validate(candidate_id, base_model=settings.model.base_model)
-    split = datasets.split_items(
+    split = split_items(
         exports.feedback_items(store),
         settings.training.holdout_fraction,
         settings.training.validation_fraction,
@@ -499,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    device = devices.pin_device(settings, "development")
+    device = pin_device(settings, "development")
     from candidates import RegistryError
 
     store = Store(settings.db_url)

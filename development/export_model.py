@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from candidates import Registry, RegistryError
-from orchestrator.config import ConfigError, Settings, load_settings, parse_sets
+from common.config import ConfigError, Settings, load_settings, parse_sets
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from orchestrator.config import Gate
+from common.config import Gate
 
 Metrics = dict[str, Any]
 

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from orchestrator.config import Settings
-from orchestrator.devices import choose_backend
+from common.config import Settings
+from common.devices import choose_backend
 from production.decoding import stop_token_ids
 from production.engine import load_model
 from production.harmony import parse_completion

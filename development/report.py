@@ -37,7 +37,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from candidates._fs import atomic_write_bytes, fsync_dir
+from common.fs import atomic_write_bytes, fsync_dir
 
 log = logging.getLogger(__name__)
 

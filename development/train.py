@@ -38,9 +38,9 @@ from pathlib import Path
 from typing import Any
 
 from candidates import CandidateMeta, Registry
+from common.config import ConfigError, Settings, load_settings, log_resolved, parse_sets
 from data.store import Store
-from orchestrator import devices
-from orchestrator.config import ConfigError, Settings, load_settings, log_resolved, parse_sets
+from production.device_pin import pin_device
 
 log = logging.getLogger("development.train")
 
@@ -444,7 +444,7 @@ def train_candidate(ctx: RunContext, *, force: bool = False) -> str | None:
 
     started = time.monotonic()
     # Unsloth hands back a patched transformers class, so ask the loader, not the model.
-    from orchestrator.devices import choose_backend
+    from common.devices import choose_backend
 
     backend = choose_backend(settings, ctx.device)
     # A setting this run cannot honour fails here, before the model loads.
@@ -601,7 +601,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     signal.signal(signal.SIGTERM, _raise_terminated)
     # Before torch is imported anywhere: this process sees only its GPU (or none).
-    device = devices.pin_device(settings, "development")
+    device = pin_device(settings, "development")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     store = Store(settings.db_url)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from candidates._fs import atomic_write_text
+from common.fs import atomic_write_text
 from data.trend import Trend, by_day, text, trend
 from development.report import _png as report_png
 
@@ -87,8 +87,8 @@ def html_page(trend: Trend, title: str = "whetstone: the trend") -> str:
 
 
 def write_page(home: Path | None, weeks: int, out: Path | None = None) -> Path:
+    from common.config import load_settings
     from data.store import Store
-    from orchestrator.config import load_settings
 
     settings = load_settings(home)
     store = Store(settings.db_url)

@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from orchestrator.config import (
+from common.config import (
     EMBEDDED_MODEL,
     ConfigError,
     Settings,
@@ -208,8 +208,8 @@ def status(home: HomeOpt = None, set_: SetOpt = None, as_json: JsonOpt = False) 
     store = open_store(settings, existing_home=True)
     registry = open_registry(settings)
     try:
+        from common.run_state import read_state
         from orchestrator import experiments
-        from orchestrator.daemon import read_state
         from orchestrator.jobs import reap_dead_runs
         from orchestrator.promotion import audit_unrecorded_swap, running_server
 
@@ -474,8 +474,9 @@ def up(
     systemd runs it (see `whetstone install-service`); SIGTERM or Ctrl-C stops it cleanly."""
     import asyncio
 
-    from orchestrator.daemon import HomeBusy, daemon_pid, run_daemon
-    from production.server import check_bind
+    from common.config import check_bind
+    from common.run_state import HomeBusy, daemon_pid
+    from orchestrator.daemon import run_daemon
 
     settings = settings_for(home, set_, server__host=host, server__port=port)
     _check_token(settings)
@@ -533,7 +534,7 @@ def install_service(
 ) -> None:
     """Write the systemd user unit that runs `whetstone up` for this home, and say how to
     enable it."""
-    from candidates._fs import atomic_write_text
+    from common.fs import atomic_write_text
 
     settings = settings_for(home, set_)
     executable = Path(sys.executable).parent / "whetstone"
@@ -577,8 +578,8 @@ def serve(
     port: Annotated[int | None, typer.Option(help="TCP port (default 8321).")] = None,
 ) -> None:
     """Run the API worker alone in the foreground (the daemon starts it the same way)."""
-    from orchestrator import devices
-    from orchestrator.daemon import daemon_pid
+    from common import devices
+    from common.run_state import daemon_pid
 
     settings = settings_for(home, set_, server__host=host, server__port=port)
     owner = daemon_pid(settings.paths.root)
@@ -787,7 +788,7 @@ def eval_cmd(
 ) -> None:
     """Evaluate a candidate against the champion and the base model, and write its report."""
     from candidates import RegistryError
-    from orchestrator import devices
+    from common import devices
 
     settings = settings_for(home, set_)
     try:
@@ -826,7 +827,7 @@ def export_model(
 ) -> None:
     """Export a candidate for other runtimes (llama.cpp's own converters write the GGUFs)."""
     from candidates import RegistryError
-    from orchestrator import devices
+    from common import devices
 
     formats, outtypes = ("merged", "gguf", "lora-gguf"), ("f32", "f16", "bf16", "q8_0")
     if format_ not in formats:

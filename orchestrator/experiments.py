@@ -35,9 +35,9 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from candidates import Registry, RegistryError
-from candidates._fs import atomic_write_text
+from common.config import ConfigError, Settings
+from common.fs import atomic_write_text
 from data.store import Store
-from orchestrator.config import ConfigError, Settings
 from orchestrator.schedule import EXPERIMENT_TRIGGER
 
 if TYPE_CHECKING:
@@ -305,7 +305,7 @@ def validation_items(settings: Settings, store: Store) -> int:
     key = (settings.db_url, store.count_feedback_since(None))
     if key not in _validation_count:
         from data.exports import feedback_items
-        from development.datasets import split_items  # torch-free: the split is a hash
+        from data.splits import split_items
 
         split = split_items(
             feedback_items(store),

@@ -8,38 +8,21 @@ store; the orchestrator only starts it, watches its pid, and reaps it.
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from common import devices, gpus
+from common.config import Settings
+from common.fs import pid_alive
+from common.run_state import daemon_pid
 from data.store import Store
-from orchestrator import devices, gpus
-from orchestrator.config import Settings
 from orchestrator.schedule import EXPERIMENT_TRIGGER
 
 log = logging.getLogger(__name__)
 
 TRAIN_MODULE = "development.train"
-
-
-def pid_alive(pid: int, module: str = TRAIN_MODULE) -> bool:
-    """Is `pid` a live process running `module`? (Checks the command line where /proc
-    exists, so a recycled pid is not mistaken for the job.)"""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    cmdline = Path(f"/proc/{pid}/cmdline")
-    if cmdline.exists():
-        try:
-            return module in cmdline.read_bytes().decode(errors="replace")
-        except OSError:
-            return False
-    return True
 
 
 def reap_dead_runs(store: Store) -> list[str]:
@@ -49,7 +32,7 @@ def reap_dead_runs(store: Store) -> list[str]:
     reaped = []
     for status in ("running", "queued"):
         for run in store.list_runs(limit=50, status=status):
-            if run.pid is None or pid_alive(run.pid):
+            if run.pid is None or pid_alive(run.pid, TRAIN_MODULE):
                 continue
             error = (
                 f"the training process (pid {run.pid}) ended without reporting: "
@@ -153,8 +136,6 @@ def request_training(
     training.default_profile; `sets` are --set KEY=VALUE items passed on to the job.
     Raises ConfigError for an unknown profile, JobBusy while another run trains or one is
     already queued."""
-    from orchestrator.daemon import daemon_pid  # the daemon imports this module
-
     name = profile or settings.training.default_profile
     settings.profile(name)  # unknown profile: ConfigError naming the known ones
     extra = (["--force"] if force else []) + ([] if promote else ["--no-promote"])

@@ -12,9 +12,9 @@ from collections.abc import Callable
 from typing import Any
 
 from candidates.registry import Candidate, PromotionResult, Registry, RegistryError
+from common.config import Settings
 from data.errors import NotFound
 from data.store import Store
-from orchestrator.config import Settings
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ import logging
 from pathlib import Path
 
 from candidates import Registry
+from common.config import Settings, load_settings
 from data.store import Store
-from orchestrator.config import Settings, load_settings
 
 log = logging.getLogger(__name__)
 

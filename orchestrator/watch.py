@@ -16,10 +16,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from candidates import Registry
-from candidates._fs import atomic_write_text
+from common.config import Settings
+from common.fs import atomic_write_text
 from data.store import Store
 from orchestrator import promotion
-from orchestrator.config import Settings
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,9 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from orchestrator.config import EMBEDDED_MODEL, Settings
-from orchestrator.home import Home
+from common.config import EMBEDDED_MODEL, Settings
+from common.fs import pid_alive
+from common.home import Home
 
 log = logging.getLogger(__name__)
 
@@ -84,21 +85,11 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _remove_dead_temps(models_dir: Path) -> None:
     """Drop half-built folders left by a killed preparation (their pid is gone)."""
     for tmp in models_dir.glob(f".tmp-{EMBEDDED_DIRNAME}-*"):
         pid = tmp.name.rsplit("-", 1)[-1]
-        if not pid.isdigit() or not _pid_alive(int(pid)):
+        if not pid.isdigit() or not pid_alive(int(pid)):
             shutil.rmtree(tmp, ignore_errors=True)
 
 

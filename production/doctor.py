@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from orchestrator.config import ConfigError, load_settings
+from common.config import ConfigError, load_settings
 from production import base_model
 
 
@@ -72,7 +72,7 @@ HEADROOM_GIB = 1.0
 def memory_fit(settings: Any, devices: list[dict[str, Any]]) -> dict[str, Any] | None:
     """Per GPU: the roles the device plan puts on it, what they need (measured) and whether
     they fit. None when the preset has no measured figures."""
-    from orchestrator.devices import plan
+    from common.devices import plan
 
     measured = MEASURED_GIB.get(settings.model.preset)
     if measured is None or not devices:

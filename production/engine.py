@@ -29,8 +29,8 @@ from transformers import (
 )
 from transformers.generation.streamers import BaseStreamer
 
-from orchestrator.config import Settings
-from orchestrator.devices import choose_backend, is_gpt_oss, serving_decode
+from common.config import Settings
+from common.devices import choose_backend, is_gpt_oss, serving_decode
 from production import base_model, moe_decode
 from production.decoding import Delta, PlainDecoder, StopStrings, make_decoder, stop_token_ids
 from production.static_decode import AdapterMergeError, MergedAdapters, StaticDecoder

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
 import json
 import logging
 import os
@@ -36,12 +35,20 @@ from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from candidates import Candidate, CandidateNotFound, Registry, RegistryError
-from candidates._fs import atomic_write_text
+from common.config import (
+    ConfigError,
+    Settings,
+    check_bind,
+    is_loopback,
+    load_settings,
+    parse_sets,
+)
+from common.fs import atomic_write_text
+from common.run_state import read_state
 from data.errors import Gone, InvalidInput, NotFound, StoreError
 from data.store import Store
-from orchestrator import devices, experiments, jobs, promotion
-from orchestrator.config import ConfigError, Settings, load_settings, parse_sets
-from orchestrator.daemon import read_state
+from orchestrator import experiments, jobs, promotion
+from production.device_pin import pin_device
 from production.openai_schema import ChatMessage, ChatRequest, CompletionRequest
 
 if TYPE_CHECKING:
@@ -185,15 +192,6 @@ def _active_path(conversation: Any) -> list[tuple]:
     return path
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _host_name(host_header: str) -> str:
     """The name in a Host header, without the port ("[::1]:8321" -> "::1")."""
     if host_header.startswith("["):
@@ -210,7 +208,7 @@ def foreign_request(headers: Any, scheme: str, loopback_bind: bool) -> str | Non
     its own name in `Host`. Clients that are not browsers (the openai SDK, curl, the TUI) send
     neither Origin nor a foreign Host, and whetstone's own pages are same-origin."""
     host = headers.get("host", "")
-    if loopback_bind and not _is_loopback(_host_name(host).lower()):
+    if loopback_bind and not is_loopback(_host_name(host).lower()):
         return (
             f"Host {host!r} is not this server: on a loopback bind it answers only to "
             "127.0.0.1, localhost or [::1] (a foreign name is how DNS rebinding reaches it)"
@@ -420,7 +418,7 @@ def create_app(service: Service) -> FastAPI:
 
     app = FastAPI(title="whetstone", lifespan=lifespan)
     token = service.settings.bearer_token()
-    loopback_bind = _is_loopback(service.settings.server.host)
+    loopback_bind = is_loopback(service.settings.server.host)
 
     @app.middleware("http")
     async def require_token(request: Request, call_next: Any) -> Any:
@@ -1490,15 +1488,6 @@ async def _sse(
 # ---------------------------------------------------------------------------------- main
 
 
-def check_bind(settings: Settings) -> None:
-    if not _is_loopback(settings.server.host) and not settings.bearer_token():
-        raise ConfigError(
-            f"server.host = {settings.server.host!r} is reachable from other machines, and no "
-            f"bearer token is set: run `whetstone token --home {settings.home}` to create "
-            f"{settings.paths.token_file} (mode 0600), or bind 127.0.0.1"
-        )
-
-
 async def _serve(settings: Settings, service: Service) -> None:
     import uvicorn
 
@@ -1639,7 +1628,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    from orchestrator.config import log_resolved
+    from common.config import log_resolved
 
     log_resolved(settings)
     if settings.server.port != 0:
@@ -1657,7 +1646,7 @@ def main(argv: list[str] | None = None) -> int:
             probe.close()
     if os.environ.get(PARENT_ENV):
         die_with_parent(int(os.environ[PARENT_ENV]))
-    device = devices.pin_device(settings, "production")
+    device = pin_device(settings, "production")
     service = build_service(settings, device)
     try:
         asyncio.run(_serve(settings, service))

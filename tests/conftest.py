@@ -33,7 +33,7 @@ def _clean_whetstone_env(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(scope="session")
 def prepared_model_dir() -> Path:
     """The embedded default model as safetensors, prepared once per checkout."""
-    from orchestrator.home import Home
+    from common.home import Home
     from production.base_model import prepare_embedded
 
     return prepare_embedded(Home(MODEL_CACHE), show_progress=False)
@@ -148,8 +148,8 @@ def server(home_with_model: Path):
 def base_answers_dir(prepared_model_dir: Path) -> Path:
     """The base model's answers to the shipped general prompts (replay, validation and
     regression probes), generated once per checkout beside the prepared model."""
+    from common.config import load_settings
     from development import datasets, modeling
-    from orchestrator.config import load_settings
 
     settings = load_settings(MODEL_CACHE)
     if not datasets.replay_cache_file(settings).is_file():
@@ -174,8 +174,8 @@ def kill_training_processes(home: Path) -> None:
     import contextlib
     import signal
 
+    from common.config import load_settings
     from data.store import Store
-    from orchestrator.config import load_settings
 
     if not (home / "whetstone.db").exists():
         return

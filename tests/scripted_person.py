@@ -125,8 +125,8 @@ def store_corrections(
 ) -> None:
     """The person corrects `answer` to each question: a conversation with the question and
     the answer, rated 1 with the correction, stored as the API worker and /v1/feedback do."""
+    from common.config import load_settings
     from data.store import Store
-    from orchestrator.config import load_settings
 
     with Store(load_settings(home).db_url) as store:
         for question, correction in pairs:

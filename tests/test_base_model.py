@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.config import load_settings
-from orchestrator.home import Home
+from common.config import load_settings
+from common.home import Home
 from production import base_model
 from tests.conftest import REPO
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.config import ConfigError, load_settings
+from common.config import ConfigError, load_settings
 from tests.conftest import run_cli
 
 
@@ -179,7 +179,7 @@ def test_a_training_run_started_by_the_serving_worker_goes_to_the_training_gpu(
     """`POST /v1/train` under `whetstone serve` starts the job from inside the API worker,
     which is pinned to the serving GPU: the job must still get the training GPU (it used to
     plan over the one GPU the worker sees, and train beside the chat)."""
-    from orchestrator import devices
+    from common import devices
 
     _fake_gpus(tmp_path, monkeypatch, 2)
     home = tmp_path / "home"
@@ -199,7 +199,7 @@ def test_gpus_hidden_from_whetstone_stay_hidden_from_its_workers(
 ) -> None:
     """Started with CUDA_VISIBLE_DEVICES=2,3 on a four-GPU machine, whetstone serves on GPU 2
     and trains on GPU 3 (cuda:1 among its two), never on GPUs 0 or 1."""
-    from orchestrator import devices
+    from common import devices
 
     _fake_gpus(tmp_path, monkeypatch, 4)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")

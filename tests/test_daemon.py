@@ -24,9 +24,9 @@ import httpx
 import pytest
 
 from candidates import Registry
+from common.config import load_settings
+from common.fs import pid_alive
 from data.store import Store
-from orchestrator.config import load_settings
-from orchestrator.jobs import pid_alive
 from tests.conftest import REPO, kill_training_processes, run_cli
 from tests.scripted_person import store_corrections, taught
 
@@ -345,7 +345,9 @@ def test_a_hung_job_is_killed_after_the_timeout_and_train_wait_reports_it(
     finally:
         store.close()
     assert run.status == "failed" and run.trigger == "manual"
-    wait_for("the job's process gone", lambda: not pid_alive(run.pid), timeout=60)
+    wait_for(
+        "the job's process gone", lambda: not pid_alive(run.pid, "development.train"), timeout=60
+    )
     assert Registry(home_for_training / "candidates").list() == []
 
 

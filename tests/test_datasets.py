@@ -15,11 +15,12 @@ from typing import Any
 
 import pytest
 
+from common.config import Settings, load_settings
 from data.exports import FeedbackItem, feedback_items
+from data.splits import Split, placement, split_items
 from data.store import Store
 from development import datasets
-from development.datasets import build, fit_prompt, kto_weights, placement, split_items
-from orchestrator.config import Settings, load_settings
+from development.datasets import build, fit_prompt, kto_weights
 
 
 def count_words(prompt: list[dict[str, str]], answer: str) -> int:
@@ -231,7 +232,7 @@ def test_items_keep_their_split_as_feedback_grows(store: Store, home: Path) -> N
         ask(store, f"later question {i}", f"later answer {i}", rating=1 + i % 5)
     after = split_items(feedback_items(store), *fractions)
 
-    def by_split(split: datasets.Split) -> dict[str, str]:
+    def by_split(split: Split) -> dict[str, str]:
         return {
             item.message_id: name
             for name in ("train", "validation", "holdout")

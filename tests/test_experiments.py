@@ -22,10 +22,10 @@ import httpx
 import pytest
 
 from candidates import Registry
+from common.config import ConfigError, load_settings, parse_sets
+from common.fs import pid_alive
 from data.store import Store
 from orchestrator import experiments
-from orchestrator.config import ConfigError, load_settings, parse_sets
-from orchestrator.jobs import pid_alive
 from orchestrator.promotion import PromotionRefused, promote
 from orchestrator.schedule import EXPERIMENT_TRIGGER, enqueue_on_feedback
 from tests.conftest import REPO, kill_training_processes, run_cli
@@ -311,7 +311,11 @@ def _search_through_the_daemon(home: Path, settings, daemon: DaemonProcess) -> N
     assert "chatting" in run.reason
     assert stopped_after < 15, stopped_after  # the trial guard looks twice a second
     # ...and the trial's process is gone, leaving the device to the chat.
-    wait_for("the trial's process exited", lambda: not pid_alive(first.pid), timeout=60)
+    wait_for(
+        "the trial's process exited",
+        lambda: not pid_alive(first.pid, "development.train"),
+        timeout=60,
+    )
 
     def adopted():
         time.sleep(2)  # the trials need the CPU more than this loop

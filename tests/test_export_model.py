@@ -19,7 +19,7 @@ PROMPTS = ("What is the capital of France?", "Name three colours.", "What is 2 +
 
 def _served(home: Path, candidate_id: str) -> list[str]:
     """Greedy answers of whetstone's own engine serving the candidate (float32)."""
-    from orchestrator.config import load_settings
+    from common.config import load_settings
     from production.engine import Engine, Sampling
 
     settings = load_settings(home, {"model": {"dtype": "float32"}})

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
+from common.config import Gate, load_settings
 from development.gate import decide
-from orchestrator.config import Gate, load_settings
 
 RULES = [
     "holdout_size",

@@ -29,8 +29,8 @@ def harmony_round_trip(tmp_path: Path, backend: str) -> dict:
     the candidate's meta config and the worker's /v1/status."""
     from trl.data_utils import apply_chat_template
 
+    from common.config import load_settings
     from data.store import Store
-    from orchestrator.config import load_settings
 
     model_dir = tiny_gpt_oss(tmp_path / "tiny-gpt-oss")
     home = model_home(

@@ -82,7 +82,7 @@ def test_the_checkpoint_is_laid_out_as_unsloths_bnb_4bit_gpt_oss(checkpoint: Pat
 
 
 def _settings(tmp_path: Path, checkpoint: Path, load_in_4bit: bool = True):
-    from orchestrator.config import load_settings
+    from common.config import load_settings
 
     home = model_home(
         tmp_path / "home",

@@ -40,10 +40,10 @@ def _greedy(
     code = f"""
 import json, sys
 from pathlib import Path
-from orchestrator import devices
-from orchestrator.config import load_settings
+from production.device_pin import pin_device
+from common.config import load_settings
 settings = load_settings(Path({str(home)!r}), {overrides!r})
-device = devices.pin_device(settings, "production")  # as the API worker does
+device = pin_device(settings, "production")  # as the API worker does
 from production.engine import Engine, Sampling
 engine = Engine(settings, device)
 import torch._dynamo.utils as dynamo_utils
@@ -336,7 +336,7 @@ def test_moe_static_decode_serves_4bit_gpt_oss_adapters_and_swaps_under_load(
 
     from benchmarks.gpt_oss_checkpoint import build
     from benchmarks.moe_decode import _compiles, random_adapter
-    from orchestrator.config import load_settings
+    from common.config import load_settings
     from production.engine import Engine, Sampling
     from production.worker import Worker
 
@@ -452,7 +452,7 @@ def test_static_moe_decoder_honours_every_logits_parameter_without_recompiling(
     logits, and none of them compiles a new graph."""
     from benchmarks.gpt_oss_checkpoint import build
     from benchmarks.moe_decode import _compiles
-    from orchestrator.config import load_settings
+    from common.config import load_settings
     from production import tool_calls
     from production.engine import Engine, Sampling
     from production.steering import SteeringSpec

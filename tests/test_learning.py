@@ -21,9 +21,9 @@ import pytest
 
 import data.store
 from candidates import Registry
+from common.config import load_settings
+from data.splits import placement
 from data.store import Store
-from development.datasets import placement
-from orchestrator.config import load_settings
 from tests.conftest import ServerProcess, kill_training_processes, run_cli
 from tests.scripted_person import FACTS, GENERAL
 
@@ -147,7 +147,7 @@ def test_person_teaches_facts_and_the_promoted_model_knows_them(home_for_trainin
 
 
 # Questions of each fact the gate judges on; the rest train. The trainer places a message by a
-# hash of its id (development.datasets.placement); with random ids the held-out set changed from
+# hash of its id (data.splits.placement); with random ids the held-out set changed from
 # run to run, and a draw that held out most of one fact's questions and few of another's let a
 # shuffled-target adapter through the gate (CI, once). Chosen ids make the split the same always.
 HELD_OUT_QUESTIONS = (0, 6)

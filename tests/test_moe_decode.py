@@ -20,7 +20,7 @@ bnb_functional = pytest.importorskip("bitsandbytes.functional")
 
 from benchmarks.gpt_oss_checkpoint import build  # noqa: E402
 from benchmarks.moe_decode import random_adapter  # noqa: E402
-from orchestrator.config import load_settings  # noqa: E402
+from common.config import load_settings  # noqa: E402
 from production import moe_decode  # noqa: E402
 from production.engine import Engine, Sampling  # noqa: E402
 from tests.tiny_models import model_home  # noqa: E402
@@ -187,7 +187,7 @@ def test_fused_bf16_gpt_oss_with_expert_lora_answers_as_the_4bit_split_model(
 
 
 def test_auto_decode_takes_the_expert_kernels_for_gpt_oss_on_cuda_only(tmp_path: Path) -> None:
-    from orchestrator.devices import choose_backend, serving_decode
+    from common.devices import choose_backend, serving_decode
 
     def settings(folder: Path, config: str, **model: object):
         folder.mkdir()

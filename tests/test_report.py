@@ -336,7 +336,7 @@ def test_failed_write_leaves_no_temp_file(tmp_path: Path, monkeypatch: pytest.Mo
     def refuse(src: Any, dst: Any) -> None:
         raise OSError("disk full")
 
-    import candidates._fs as fs_mod  # the report is written by the shared atomic writer
+    import common.fs as fs_mod  # the report is written by the shared atomic writer
 
     monkeypatch.setattr(fs_mod.os, "replace", refuse)
     with pytest.raises(OSError, match="disk full"):

@@ -602,8 +602,8 @@ def test_train_over_http_runs_like_the_cli(server: ServerProcess) -> None:
         sleeper.wait()
 
     # With a daemon holding the home, the run is queued for its dispatcher, as by the CLI.
-    from orchestrator.config import load_settings
-    from orchestrator.daemon import HomeLock
+    from common.config import load_settings
+    from common.run_state import HomeLock
 
     lock = HomeLock(load_settings(server.home))
     lock.acquire()  # this test process stands in for `whetstone up`

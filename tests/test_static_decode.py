@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.config import load_settings
+from common.config import load_settings
 from production.engine import AdapterLoadError, Engine, Sampling
 
 PROMPTS = ("What is the capital of France?", "Name three colours.")
@@ -170,7 +170,7 @@ def test_an_adapter_the_merge_cannot_express_is_refused_and_the_old_one_serves(
 
 
 def test_auto_decode_is_static_on_cuda_for_16_bit_dense_models_and_gpt_oss(tmp_path: Path) -> None:
-    from orchestrator.devices import choose_backend, serving_decode
+    from common.devices import choose_backend, serving_decode
     from tests.tiny_models import model_home, tiny_gpt_oss, tiny_llama
 
     dense = load_settings(model_home(tmp_path / "d", tiny_llama(tmp_path / "llama")))

@@ -97,8 +97,8 @@ def test_with_a_daemon_one_training_run_waits_at_most(home: Path) -> None:
 
     import pytest
 
-    from orchestrator.config import load_settings
-    from orchestrator.daemon import LOCK_NAME
+    from common.config import load_settings
+    from common.run_state import LOCK_NAME
     from orchestrator.jobs import JobBusy, request_training
 
     settings = load_settings(home)

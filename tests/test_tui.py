@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 from textual.pilot import Pilot
 
+from common.config import load_settings
 from data.store import Store
-from orchestrator.config import load_settings
 from tests.conftest import ServerProcess, kill_training_processes, run_cli
 from tests.scripted_person import store_corrections, taught
 from tui.app import Connection, WhetstoneApp, make_api

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from candidates import Registry
+from common.config import Settings, load_settings
 from data.models import utcnow
 from data.store import Store
 from orchestrator import promotion, watch
-from orchestrator.config import Settings, load_settings
 from tests.test_registry import make_meta, write_fake_adapter
 
 

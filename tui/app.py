@@ -17,7 +17,7 @@ from textual.app import App
 from textual.binding import Binding
 from textual.reactive import reactive
 
-from orchestrator.config import Settings, load_settings
+from common.config import Settings, load_settings
 from tui.client import Api, ApiRefused, DaemonUnreachable, home_locator
 from tui.screens.chat import ChatScreen
 from tui.screens.dialogs import ConfirmScreen

@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 
-from orchestrator.config import Settings
+from common.config import Settings
 
 # Short: a request to a worker that is down should fail fast and let the retry loop work.
 CONNECT_TIMEOUT_S = 3.0

@@ -11,6 +11,7 @@ This module imports neither torch nor anything heavy: the orchestrator reads it 
 from __future__ import annotations
 
 import contextvars
+import ipaddress
 import json
 import logging
 import os
@@ -37,8 +38,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from orchestrator import gpus
-from orchestrator.home import Home, default_home
+from common import gpus
+from common.home import Home, default_home
 
 log = logging.getLogger(__name__)
 
@@ -762,7 +763,12 @@ def load_settings(
         _toml_path.reset(token)
     # A worker the parent pinned (CUDA_VISIBLE_DEVICES=N) sees one GPU, while devices.* name
     # physical indices: the parent checked them against the whole machine already.
-    if gpu_count is not None or "WHETSTONE_WORKER_DEVICE" not in os.environ:
+    # nvidia-smi is asked only when a device is named (auto and cpu need no check), so
+    # reading the config (the TUI, `whetstone status`) costs no GPU query.
+    named = any(
+        getattr(settings.devices, name).startswith("cuda") for name in ("production", "development")
+    )
+    if named and (gpu_count is not None or "WHETSTONE_WORKER_DEVICE" not in os.environ):
         check_devices(settings, gpus.count() if gpu_count is None else gpu_count)
     return settings
 
@@ -802,3 +808,23 @@ def log_resolved(settings: Settings) -> None:
     """Log the resolved config once at start, secrets hidden."""
     log.info("resolved config: %s", json.dumps(settings.redacted(), sort_keys=True))
     logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def is_loopback(host: str) -> bool:
+    """Is `host` (a bind address or a Host header's name) this machine only?"""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(settings: Settings) -> None:
+    """Refuse (ConfigError) an API reachable from other machines without a bearer token."""
+    if not is_loopback(settings.server.host) and not settings.bearer_token():
+        raise ConfigError(
+            f"server.host = {settings.server.host!r} is reachable from other machines, and no "
+            f"bearer token is set: run `whetstone token --home {settings.home}` to create "
+            f"{settings.paths.token_file} (mode 0600), or bind 127.0.0.1"
+        )

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from orchestrator.config import Settings
+from common.config import Settings
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ def plan(settings: Settings, gpu_count: int) -> DevicePlan:
 def worker_env(device: str) -> tuple[dict[str, str], str]:
     """Environment for a worker on `device` (numbered among the GPUs whetstone may use), and
     the device name to use inside it."""
-    from orchestrator import gpus
+    from common import gpus
 
     outer = {gpus.WHETSTONE_GPUS: gpus.usable() or "all"}
     if device == "cpu":
@@ -62,51 +62,10 @@ def child_env(settings: Settings, role: str) -> dict[str, str]:
     (read back by `pin_device`)."""
     import os
 
-    from orchestrator import gpus
+    from common import gpus
 
     env, inside = worker_env(getattr(plan(settings, gpus.count()), role))
     return os.environ | env | {"WHETSTONE_WORKER_DEVICE": inside}
-
-
-def pin_device(settings: Settings, role: str) -> str:
-    """In a worker process, before torch is imported: pin this process to its planned device
-    (role "production" or "development") and return the device name to use inside it.
-
-    A parent that already pinned the process (CUDA_VISIBLE_DEVICES and
-    WHETSTONE_WORKER_DEVICE both set) wins, so `whetstone serve`/`train` decide once.
-    """
-    import os
-
-    from orchestrator import gpus
-
-    if "CUDA_VISIBLE_DEVICES" in os.environ and "WHETSTONE_WORKER_DEVICE" in os.environ:
-        inside = os.environ["WHETSTONE_WORKER_DEVICE"]
-    else:
-        device = getattr(plan(settings, gpus.count()), role)
-        env, inside = worker_env(device)
-        os.environ.update(env)
-    if role == "development" and inside.startswith("cuda"):
-        _yield_cpu_to_serving()
-    _import_unsloth_first(settings, inside, role)
-    return inside
-
-
-# A GPU training job needs few CPU threads. Measured with benchmarks/two_gpus.py on 2x H200
-# (one run each): chat decode next to a training job fell to 0.80x of idle with torch's
-# default threads and normal priority, 0.90x with these; TTFT stayed at 1.2x (not solved).
-TRAINING_CPU_THREADS = 4
-
-
-def _yield_cpu_to_serving() -> None:
-    """In a GPU training job: few CPU threads and a lower priority, so the API worker's
-    decode loop (CPU-bound: one kernel launch after another) keeps its cores."""
-    import contextlib
-    import os
-
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ.setdefault(var, str(TRAINING_CPU_THREADS))
-    with contextlib.suppress(OSError):
-        os.nice(10)
 
 
 def serving_decode(settings: Settings, device: str) -> str:
@@ -168,14 +127,3 @@ def choose_backend(settings: Settings, device: str, role: str = "development") -
     if wanted == "unsloth" and not has_unsloth:
         raise RuntimeError("model.backend = 'unsloth' but unsloth is not installed: .[gpu]")
     return "unsloth" if has_unsloth else "transformers"
-
-
-def _import_unsloth_first(settings: Settings, device: str, role: str) -> None:
-    """Unsloth patches transformers' model classes only if it is imported before them; where
-    it will load the model, import it now, while nothing has imported transformers yet."""
-    try:
-        if choose_backend(settings, device, role) != "unsloth":
-            return
-    except RuntimeError:
-        return  # the loader raises it again, where the model is loaded
-    import unsloth  # noqa: F401

@@ -10,6 +10,8 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.fs import atomic_write_text
+
 
 def default_home() -> Path:
     data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
@@ -93,9 +95,5 @@ class Home:
             return existing
         self.root.mkdir(parents=True, exist_ok=True)
         token = secrets.token_urlsafe(32)
-        tmp = self.token_file.with_name(f".token.{os.getpid()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(token + "\n")
-        os.replace(tmp, self.token_file)
+        atomic_write_text(self.token_file, token + "\n", mode=0o600)
         return token

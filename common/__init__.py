@@ -1,0 +1,2 @@
+"""The bottom layer every room imports and which imports none of them: configuration, the
+home layout, GPU facts, the device plan, atomic file writes and the daemon's run state."""

@@ -391,7 +391,7 @@ class Schedule(_Section):
         return value
 
 
-class Daemon(_Section):
+class DaemonSection(_Section):
     """How `whetstone up` supervises the API worker and stops."""
 
     worker_start_timeout_s: float = Field(
@@ -578,7 +578,7 @@ class Settings(BaseSettings):
     training: Training = Field(default_factory=Training)
     schedule: Schedule = Field(default_factory=Schedule)
     gate: Gate = Field(default_factory=Gate)
-    daemon: Daemon = Field(default_factory=Daemon)
+    daemon: DaemonSection = Field(default_factory=DaemonSection)
     watch: Watch = Field(default_factory=Watch)
     experiments: Experiments = Field(default_factory=Experiments)
     retention_keep_last: int = Field(

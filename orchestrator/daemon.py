@@ -36,6 +36,7 @@ import subprocess
 import sys
 import time
 from collections import deque
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -56,12 +57,21 @@ SERVER_MODULE = "production.server"
 # --- the API worker --------------------------------------------------------------------------
 
 
-class Worker:
-    """The production worker subprocess, kept alive with exponential backoff."""
+def api_worker_command(settings: Settings) -> list[str]:
+    """The API worker's command line: `python -m production.server` on the configured port."""
+    argv = [sys.executable, "-m", SERVER_MODULE, "--home", str(settings.paths.root)]
+    return [*argv, "--host", settings.server.host, "--port", str(settings.server.port)]
 
-    def __init__(self, settings: Settings, changed: Any) -> None:
+
+class ApiSupervisor:
+    """Keeps the API worker subprocess alive: restarts it with exponential backoff, kills it
+    when it stops answering /health, and gives up (with the reason) after too many crashes
+    in a row. `command` is the worker's command line (tests give a small fake)."""
+
+    def __init__(self, settings: Settings, changed: Any, command: Sequence[str]) -> None:
         self.settings = settings
         self._changed = changed  # called when something status shows has changed
+        self.command = list(command)
         self.proc: subprocess.Popen[bytes] | None = None
         self.state = "stopped"  # starting | up | restarting | failed | stopped
         self.started_at: datetime | None = None
@@ -99,14 +109,12 @@ class Worker:
 
     def _start(self) -> None:
         settings = self.settings
-        argv = [sys.executable, "-m", SERVER_MODULE, "--home", str(settings.paths.root)]
-        argv += ["--host", settings.server.host, "--port", str(settings.server.port)]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as out:
             out.write(f"--- {datetime.now(UTC).isoformat()} starting the API worker\n".encode())
             out.flush()
             self.proc = subprocess.Popen(
-                argv,
+                self.command,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -256,13 +264,15 @@ def stop_leftover_worker(settings: Settings) -> None:
 class Daemon:
     """See the module docstring. stop() only signals; serve() returns, __aexit__ cleans up."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, worker_command: Sequence[str] | None = None) -> None:
         self.settings = settings
         self.state = RunState.STOPPED
         self._stopping = asyncio.Event()
         self._lock = HomeLock(settings)
         self.plan = devices.plan(settings, gpus.count())
-        self.worker = Worker(settings, self._write_state)
+        self.worker = ApiSupervisor(
+            settings, self._write_state, worker_command or api_worker_command(settings)
+        )
         self.store: Store | None = None
         self.registry = Registry(settings.paths.candidates_dir)
         self.scheduler: Any = None

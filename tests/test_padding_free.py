@@ -1,13 +1,12 @@
-"""`training.padding_free`: "auto" trains padded batches unless Unsloth and flash-attn are
-both there (without flash-attn padding-free batches were 1.4-1.5x slower: benchmarks/gpu_suite.py),
-records the choice in the candidate's meta, and "on" where TRL's own trainer runs is refused
-by name before anything loads."""
+"""`training.padding_free`: "on" where TRL's own trainer runs is refused by name before
+anything loads (without flash-attn padding-free batches were 1.4-1.5x slower:
+benchmarks/gpu_suite.py). That "auto" trains padded batches on the CPU and records it in the
+meta is checked by tests/test_pinned_loss.py."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from candidates import Registry
 from data.store import Store
 from tests.conftest import run_cli
 from tests.tiny_models import model_home, teach, tiny_llama
@@ -17,19 +16,6 @@ PROFILE = (
     "[training.profiles.short]\nmax_steps = 2\nbatch_size = 8\nlearning_rate = 1e-3\n"
     "preference_steps = 0\n"
 )
-
-
-def test_auto_trains_padded_batches_on_cpu_and_says_so_in_the_meta(tmp_path: Path) -> None:
-    home = model_home(
-        tmp_path / "home", tiny_llama(tmp_path / "tiny"), more=PROFILE.format(choice="auto")
-    )
-    teach(home)
-    done = run_cli("train", "--home", str(home), "--wait", "--force", "--no-promote")
-    assert "trained candidate" in done.stdout, done.stdout + done.stderr
-    candidate_id = done.stdout.split("trained candidate ")[1].split()[0]
-    meta = Registry(home / "candidates").get(candidate_id).meta
-    assert meta.config["padding_free"] is False
-    assert meta.config["training"]["padding_free"] == "auto"
 
 
 def test_padding_free_on_without_unsloth_is_refused_by_name(tmp_path: Path) -> None:

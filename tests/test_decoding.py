@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from production.decoding import make_decoder, stop_token_ids
-from production.harmony import HARMONY_CHAT_TEMPLATE, HARMONY_SPECIAL_TOKENS
+from production.harmony import HARMONY_SPECIAL_TOKENS
+from tests.tiny_models import HARMONY_CHAT_TEMPLATE
 
 TEXT = "Café naïve 🐉 — 東京 is far; ok."
 

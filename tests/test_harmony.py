@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from production.harmony import (
-    HARMONY_CHAT_TEMPLATE,
     HARMONY_SPECIAL_TOKENS,
     ChannelStart,
     HarmonyStreamParser,
@@ -26,6 +25,7 @@ from production.harmony import (
     parse_completion,
     stop_token_ids,
 )
+from tests.tiny_models import HARMONY_CHAT_TEMPLATE
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SPECIALS = [*HARMONY_SPECIAL_TOKENS, "<|endoftext|>"]

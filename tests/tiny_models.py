@@ -24,6 +24,8 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# GPT-OSS's chat template cut to what whetstone sends (see the file's header).
+HARMONY_CHAT_TEMPLATE = Path(__file__).with_name("harmony_chat_template.jinja").read_text()
 
 
 def _corpus() -> list[str]:
@@ -53,7 +55,7 @@ def tiny_tokenizer(vocab_size: int = 2048, *, harmony: bool = False) -> Any:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from production.harmony import ENDOFTEXT, HARMONY_CHAT_TEMPLATE, HARMONY_SPECIAL_TOKENS, RETURN
+    from production.harmony import ENDOFTEXT, HARMONY_SPECIAL_TOKENS, RETURN
 
     special = [ENDOFTEXT, *HARMONY_SPECIAL_TOKENS] if harmony else SPECIAL
     raw = Tokenizer(models.BPE())

@@ -1,5 +1,5 @@
-"""OpenAI's harmony chat format (GPT-OSS): control tokens and a streaming output parser (the
-chat template comes with the model's tokenizer; the tests' tiny one is tests/harmony_chat_template.jinja).
+"""OpenAI's harmony chat format (GPT-OSS): control tokens and a streaming output parser. (The
+chat template comes with the model's tokenizer; the tests' is tests/harmony_chat_template.jinja.)
 
 A harmony conversation is a run of messages ``<|start|>{header}<|message|>{content}<|end|>``.
 The model answers after the prompt's ``<|start|>assistant`` in several messages on channels::

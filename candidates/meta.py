@@ -43,6 +43,10 @@ class CandidateMeta(BaseModel):
     hardware: dict[str, Any] = Field(default_factory=dict)
     duration_s: float | None = Field(default=None, ge=0)
     status: str = "trained"
+    # What the evaluation's report says (candidates.reports.ReportView), kept so the report
+    # can be rendered again when something happens later (a rollback). Free-form here so an
+    # older view never makes the whole candidate unreadable; reports.py validates it.
+    report: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("schema_version")
     @classmethod

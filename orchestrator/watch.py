@@ -3,7 +3,8 @@
 The gate judged the new adapter on held-out data; the person then uses it. Once they have
 rated `watch.ratings` of its answers, their mean is compared with the mean of the same number
 of their last ratings of the adapter it replaced (the base model after a first promotion).
-Clearly worse (by more than `watch.margin`): roll back and say why in the candidate's report.
+Clearly worse (by more than `watch.margin`): roll back and say why in the candidate's report
+(recorded in its meta.json, from which candidates.reports renders the report again).
 
 Stateless: everything is read from the store each time, so a daemon restart loses nothing, and
 the decision is taken on the first N ratings only, so checking again never flips it.
@@ -12,12 +13,10 @@ the decision is taken on the first N ratings only, so checking again never flips
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime
 from pathlib import Path
 
-from candidates import Registry
+from candidates import Registry, reports
 from common.config import Settings
-from common.fs import atomic_write_text
 from data.store import Store
 from orchestrator import promotion
 
@@ -55,31 +54,16 @@ def check(settings: Settings, store: Store, registry: Registry) -> str | None:
     )
     result = promotion.rollback(settings, store, registry, actor="watch", reason=reason)
     log.warning("rolled back %s: %s", promo.candidate_id, reason)
-    _append_to_report(registry.path(promo.candidate_id), reason, result.new_current)
+    _note_in_report(registry.path(promo.candidate_id), reason, result.new_current)
     promotion.notify_worker(settings)
     return reason
 
 
-def _append_to_report(folder: Path, reason: str, now_serving: str | None) -> None:
-    """Add the rollback to report.md and report.html (rewritten whole, atomically)."""
-    import html
-
-    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    serving = now_serving or "the base model"
-    md = folder / "report.md"
-    if md.is_file():
-        text = md.read_text()
-        text += f"\n## Rolled back after promotion ({when})\n\nThe person {reason}. "
-        text += f"Now serving: {serving}.\n"
-        atomic_write_text(md, text)
-    page = folder / "report.html"
-    if page.is_file():
-        text = page.read_text()
-        block = (
-            f'<section id="rollback"><h2>Rolled back after promotion ({when})</h2>'
-            f"<p>The person {html.escape(reason)}. Now serving: {html.escape(serving)}.</p>"
-            "</section>\n"
-        )
-        at = text.rfind("</body>")
-        text = text[:at] + block + text[at:] if at != -1 else text + block
-        atomic_write_text(page, text)
+def _note_in_report(folder: Path, reason: str, now_serving: str | None) -> None:
+    """Record the rollback in the candidate's meta.json and render its report again."""
+    try:
+        reports.record_rollback(folder, reason=reason, now_serving=now_serving)
+    except Exception:
+        # The rollback itself is done and audited; a report that cannot be written must not
+        # keep the API worker from being told to stop serving the adapter.
+        log.exception("could not note the rollback in the report in %s", folder)

@@ -179,7 +179,8 @@ def test_user_text_is_escaped_in_html_and_verbatim_in_markdown(
 ) -> None:
     _, md, page = rendered
 
-    assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; &amp; &lt;b&gt;bold&lt;/b&gt;" in page
+    # Jinja's autoescape (markupsafe) spells quotes as &#34; and &#39;.
+    assert "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt; &amp; &lt;b&gt;bold&lt;/b&gt;" in page
     assert "<b>bold</b>" not in page
     assert "&lt;i&gt;cfg&lt;/i&gt;" in page  # config values too
     # The visible text (what a browser shows) holds the user's text as typed.
@@ -194,7 +195,7 @@ def test_multiline_answers_keep_their_lines(rendered: tuple[Path, str, str]) -> 
     _, md, page = rendered
 
     assert "> I don't know.\n> I am a language model." in md
-    assert "<pre>I don&#x27;t know.\nI am a language model.</pre>" in page
+    assert "<pre>I don&#39;t know.\nI am a language model.</pre>" in page
 
 
 def test_decision_rule_and_reason_in_both(rendered: tuple[Path, str, str]) -> None:
@@ -215,7 +216,7 @@ def test_promote_is_green_and_unknown_decision_neutral() -> None:
     assert ".decision.promote { background: #1e7e34; }" in page
 
     odd = report_mod.html_page({**MINIMAL, "decision": '"><b>x'})
-    assert '<div class="decision other">&quot;&gt;&lt;B&gt;X</div>' in odd
+    assert '<div class="decision other">&#34;&gt;&lt;B&gt;X</div>' in odd
 
 
 def test_failing_check_is_marked(rendered: tuple[Path, str, str]) -> None:
@@ -357,3 +358,58 @@ def test_builders_do_not_mutate_the_report() -> None:
     report_mod.html_page(report, images)
     assert report == before
     assert set(images) == {"loss.png", "metrics.png"}
+
+
+def test_script_in_the_persons_text_is_escaped_in_html_and_verbatim_in_markdown(
+    tmp_path: Path,
+) -> None:
+    script = "<script>alert('hi')</script>"
+    report = {
+        **MINIMAL,
+        "examples": [{"prompt": f"Run {script}?", "candidate": "No.", "correction": script}],
+    }
+
+    md_path, html_path = report_mod.render(report, tmp_path)
+
+    md, page = md_path.read_text(encoding="utf-8"), html_path.read_text(encoding="utf-8")
+    assert f"> Run {script}?" in md and f"> {script}" in md
+    assert "&lt;" not in md  # Markdown is not HTML-escaped: a viewer would show the entities
+    assert "<script" not in page.lower()
+    assert "&lt;script&gt;alert(&#39;hi&#39;)&lt;/script&gt;" in page
+    assert "".join(parse(page).text).count(script) == 2  # what a browser shows: the text as typed
+
+
+def test_a_rollback_recorded_in_meta_json_rerenders_the_whole_report(tmp_path: Path) -> None:
+    from datetime import UTC, datetime
+
+    from candidates import read_meta, reports, write_meta
+    from tests.test_registry import make_meta
+
+    report = full_report()
+    write_meta(tmp_path, make_meta(report["candidate_id"]))
+    md_path, html_path = report_mod.render(report, tmp_path)
+    md_before = md_path.read_text(encoding="utf-8")
+    page_before = html_path.read_text(encoding="utf-8")
+    assert read_meta(tmp_path).report["rule"] == "general_regression"  # what the report says
+
+    at = datetime(2026, 11, 22, 8, 0, tzinfo=UTC)
+    reports.record_rollback(tmp_path, "rated 1.50 <on average>", None, at=at)
+
+    meta = read_meta(tmp_path)
+    assert meta.metrics["rollbacks"] == [
+        {"at": "2026-11-22T08:00:00Z", "reason": "rated 1.50 <on average>", "now_serving": None}
+    ]
+    md, page = md_path.read_text(encoding="utf-8"), html_path.read_text(encoding="utf-8")
+    # The same report, rendered again from meta.json, with the rollback after it.
+    added = (
+        "\n## Rolled back after promotion (2026-11-22 08:00 UTC)\n\n"
+        "The person rated 1.50 <on average>. Now serving: the base model.\n"
+    )
+    assert md == md_before + added
+    assert page.startswith(page_before.removesuffix("</body>\n</html>\n"))
+    assert "The person rated 1.50 &lt;on average&gt;. Now serving: the base model." in page
+    assert len(parse(page).images) == 2  # the plots beside it are embedded again
+
+    # A later evaluation's report still says the candidate was rolled back.
+    report_mod.render(report, tmp_path)
+    assert md_path.read_text(encoding="utf-8") == md_before + added

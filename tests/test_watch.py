@@ -67,7 +67,11 @@ def test_rated_clearly_worse_rolls_back_and_says_why(setup) -> None:
     assert registry.current_id() == old
     latest = store.list_promotions(limit=1)[0]
     assert (latest.action, latest.actor, latest.candidate_id) == ("auto_rollback", "watch", old)
-    assert "Rolled back after promotion" in (registry.path(new) / "report.md").read_text()
+    recorded = registry.get(new).meta.metrics["rollbacks"]  # meta.json has what happened
+    assert [(r["reason"], r["now_serving"]) for r in recorded] == [(reason, old)]
+    md = (registry.path(new) / "report.md").read_text()
+    assert "Rolled back after promotion" in md
+    assert md.startswith("# Evaluation report: new")  # rendered again from meta.json
     page = (registry.path(new) / "report.html").read_text()
     assert page.index("Rolled back") < page.index("</body>")
     assert watch.check(settings, store, registry) is None  # decided once

@@ -453,13 +453,13 @@ def score_trial(settings: Settings, store: Store, candidate_id: str, device: str
     if cand["holdout_nll"] is None:
         raise ValueError("the validation split has no corrections or well-rated answers to score")
     gate = settings.gate
-    drift = (cand["general_nll"] - base["general_nll"]) / base["general_nll"]
     lost = len(set(cand["general_facts_missed"]) - set(base["general_facts_missed"]))
     # <= 0 each: within the gate's bounds (Optuna's constraint convention).
-    constraints = {
-        "general_nll_drift": drift - gate.max_general_nll_increase,
-        "general_facts_lost": float(lost - gate.max_general_facts_lost),
-    }
+    constraints = {"general_facts_lost": float(lost - gate.max_general_facts_lost)}
+    drift = None  # no general answers to measure: the base model finished none of them
+    if base["general_nll"] is not None and cand["general_nll"] is not None:
+        drift = (cand["general_nll"] - base["general_nll"]) / base["general_nll"]
+        constraints["general_nll_drift"] = drift - gate.max_general_nll_increase
     if base["correction_accuracy"] is not None and cand["correction_accuracy"] is not None:
         drop = base["correction_accuracy"] - cand["correction_accuracy"]
         constraints["right_answers_drop"] = drop - gate.max_right_answers_drop

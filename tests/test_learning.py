@@ -83,7 +83,8 @@ def test_person_teaches_facts_and_the_promoted_model_knows_them(home_for_trainin
         started = time.monotonic()
         for fact in FACTS:
             for question in fact.questions:
-                message_id, _ = ask(server.url, question, max_tokens=24)
+                # The person corrects whatever comes; the first words show it is wrong.
+                message_id, _ = ask(server.url, question, max_tokens=8)
                 feedback(server.url, message_id, rating=1, correction=fact.answer)
         for question, keyword in GENERAL:
             message_id, answer = ask(server.url, question)

@@ -183,9 +183,9 @@ def seed_replay(home: Path) -> dict[str, int]:
     replay rows and gate without regression probes. Fill the cache with finished answers,
     as a real model leaves it, so the second job carries the real row counts."""
     from common.config import load_settings
-    from development import datasets, probes
+    from development import probes, training_data
 
-    path = datasets.replay_cache_file(load_settings(home))
+    path = training_data.replay_cache_file(load_settings(home))
     body = json.loads(path.read_text())
     for name, prompts in (
         ("replay", probes.REPLAY),

@@ -95,18 +95,18 @@ def run(
     from candidates import Registry
     from common.config import load_settings
     from common.home import Home
-    from development import datasets, modeling
+    from development import modeling, training_data
     from production.base_model import prepare_embedded
     from tests.scripted_person import FACTS, GENERAL
 
     model_dir = prepare_embedded(Home(source_home), show_progress=False)
     settings = load_settings(source_home)
     model, tokenizer = modeling.load_base(settings, "cpu", for_training=False)
-    if not datasets.replay_cache_file(settings).is_file():
-        datasets.load_base_answers(
+    if not training_data.replay_cache_file(settings).is_file():
+        training_data.load_base_answers(
             settings, lambda prompts: modeling.base_answers(model, tokenizer, settings, prompts)
         )
-    replay_dir = datasets.replay_cache_file(settings).parent
+    replay_dir = training_data.replay_cache_file(settings).parent
 
     teaching_q = [q for fact in FACTS for q in fact.questions]
     general_q = [q for q, _ in GENERAL]

@@ -44,7 +44,7 @@ from data.splits import split_items
 from data.store import Store
 from production.device_pin import pin_device
 
-from . import datasets, probes
+from . import probes, training_data
 from .gate import decide
 
 log = logging.getLogger("development.evaluate")
@@ -200,7 +200,7 @@ def measure(
     fmt = settings.model.chat_format
     metrics: dict[str, Any] = {}
 
-    targets = [(item, datasets.sft_target(item)) for item in holdout]
+    targets = [(item, training_data.sft_target(item)) for item in holdout]
     targets = [(item, target) for item, target in targets if target is not None]
     scores = score_answers(
         model,
@@ -306,7 +306,7 @@ def evaluate_candidate(
         items, settings.training.holdout_fraction, settings.training.validation_fraction
     )
     holdout = split.holdout
-    base_answers = datasets.load_base_answers(settings, None)
+    base_answers = training_data.load_base_answers(settings, None)
     regression = base_answers.get("regression", [])
     examples_from = sorted(holdout, key=lambda i: (i.correction is None, i.message_id))
     example_items = examples_from[:EXAMPLES_SHOWN]
@@ -440,7 +440,7 @@ def score_trial(settings: Settings, store: Store, candidate_id: str, device: str
         settings.training.holdout_fraction,
         settings.training.validation_fraction,
     )
-    regression = datasets.load_base_answers(settings, None).get("regression", [])
+    regression = training_data.load_base_answers(settings, None).get("regression", [])
     model, tokenizer = modeling.load_base(settings, device, for_training=False)
     model = PeftModel.from_pretrained(model, str(registry.path(candidate_id)), adapter_name="trial")
     measured = {}

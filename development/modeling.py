@@ -52,7 +52,7 @@ def base_answers(
     model: Any, tokenizer: PreTrainedTokenizerBase, settings: Settings, prompts: list[str]
 ) -> list[tuple[str, bool]]:
     """Greedy one-turn answers to `prompts` as (text, finished), for the replay cache."""
-    from development.datasets import REPLAY_MAX_NEW_TOKENS
+    from development.training_data import REPLAY_MAX_NEW_TOKENS
 
     out = generate(
         model,

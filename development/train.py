@@ -427,7 +427,7 @@ class RunContext:
 
 def train_candidate(ctx: RunContext, *, force: bool = False) -> str | None:
     """One run, start to candidate. Returns the candidate id, or None when skipped."""
-    from development import datasets, modeling
+    from development import modeling, training_data
     from production.gpt_oss_layout import adapter_placement
 
     settings, store = ctx.settings, ctx.store
@@ -436,7 +436,7 @@ def train_candidate(ctx: RunContext, *, force: bool = False) -> str | None:
     champion_meta = registry.get(champion).meta if champion is not None else None
     champion_snapshot = champion_meta.data if champion_meta is not None else None
 
-    enough = datasets.sufficiency(store, settings, champion_snapshot)
+    enough = training_data.sufficiency(store, settings, champion_snapshot)
     if not enough.enough and not force:
         store.update_run(ctx.run_id, status="skipped", reason=enough.reason)
         log.info("skipped: %s", enough.reason)
@@ -455,7 +455,7 @@ def train_candidate(ctx: RunContext, *, force: bool = False) -> str | None:
 
     ctx.report({"stage": "base answers", "step": 0, "max_steps": 0})
 
-    base_answers = datasets.load_base_answers(
+    base_answers = training_data.load_base_answers(
         settings, lambda prompts: modeling.base_answers(model, tokenizer, settings, prompts)
     )
     ctx.mark("base answers")
@@ -467,7 +467,7 @@ def train_candidate(ctx: RunContext, *, force: bool = False) -> str | None:
     from data import exports
 
     items = exports.feedback_items(store)
-    data = datasets.build(items, settings, base_answers, count)
+    data = training_data.build(items, settings, base_answers, count)
     snapshot = data.snapshot()
     store.update_run(ctx.run_id, data_snapshot=snapshot)
     if not data.sft:

@@ -149,16 +149,16 @@ def base_answers_dir(prepared_model_dir: Path) -> Path:
     """The base model's answers to the shipped general prompts (replay, validation and
     regression probes), generated once per checkout beside the prepared model."""
     from common.config import load_settings
-    from development import datasets, modeling
+    from development import modeling, training_data
 
     settings = load_settings(MODEL_CACHE)
-    if not datasets.replay_cache_file(settings).is_file():
+    if not training_data.replay_cache_file(settings).is_file():
         model, tokenizer = modeling.load_base(settings, "cpu", for_training=False)
 
-        datasets.load_base_answers(
+        training_data.load_base_answers(
             settings, lambda prompts: modeling.base_answers(model, tokenizer, settings, prompts)
         )
-    return datasets.replay_cache_file(settings).parent
+    return training_data.replay_cache_file(settings).parent
 
 
 @pytest.fixture

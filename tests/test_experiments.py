@@ -32,6 +32,7 @@ from tests.conftest import REPO, kill_training_processes, run_cli
 from tests.scripted_person import store_corrections, taught
 from tests.test_daemon import DaemonProcess, wait_for
 from tests.test_registry import make_meta, write_fake_adapter
+from tests.tiny_models import model_home, tiny_llama
 
 # Message ids are random, so the split is too: 30% validation of 40 items leaves far more than
 # the 2 needed (10% left only 1 about once in twelve runs).
@@ -230,7 +231,9 @@ def test_bad_experiment_settings_are_refused_by_name(
         load_settings(home)
 
 
-# --- through the daemon, on the embedded model ---------------------------------------------
+# --- through the daemon, on a tiny model -------------------------------------------------
+# The daemon, its API worker and every trial are the real processes; a tiny random model
+# (tests/tiny_models.py) keeps each trial to seconds. Learning itself is test_learning's.
 
 SEARCH = """
 [daemon]
@@ -247,7 +250,7 @@ validation_fraction = 0.2
 [training.profiles.quick_test]
 learning_rate = 1e-6
 max_steps = 4
-eval_every = 2
+eval_every = 4
 
 [experiments]
 enabled = "on"
@@ -270,10 +273,9 @@ def _runs(settings) -> list:
 
 @pytest.mark.slow
 def test_the_daemon_runs_trials_yields_to_chat_and_the_next_run_uses_the_recipe(
-    home_for_training: Path,
+    tmp_path: Path,
 ) -> None:
-    home = home_for_training
-    (home / "config.toml").write_text(SEARCH)
+    home = model_home(tmp_path / "home", tiny_llama(tmp_path / "tiny"), more=SEARCH)
     store_corrections(home, taught(48))
     settings = load_settings(home)
     daemon = DaemonProcess(home)

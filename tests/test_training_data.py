@@ -19,8 +19,8 @@ from common.config import Settings, load_settings
 from data.exports import FeedbackItem, feedback_items
 from data.splits import Split, placement, split_items
 from data.store import Store
-from development import datasets
-from development.datasets import build, fit_prompt, kto_weights
+from development import training_data
+from development.training_data import build, fit_prompt, kto_weights
 
 
 def count_words(prompt: list[dict[str, str]], answer: str) -> int:
@@ -128,7 +128,7 @@ def answer_in(
     raise AssertionError(f"no id landed in {split} in 300 tries")
 
 
-def row_texts(data: datasets.TrainingData) -> dict[str, str]:
+def row_texts(data: training_data.TrainingData) -> dict[str, str]:
     return {
         "sft": json.dumps(data.sft),
         "validation": json.dumps(data.validation),
@@ -203,7 +203,7 @@ def test_holdout_never_reaches_training_rows(store: Store, home: Path) -> None:
     # The rows are not empty: training items do arrive where they belong.
     assert data.sft and data.dpo and data.kto and data.validation
     for item in data.split.train:
-        target = datasets.sft_target(item)
+        target = training_data.sft_target(item)
         if target is not None:
             assert target in rows["sft"]
         if item.rating in (1, 2, 4, 5):
@@ -456,7 +456,7 @@ def test_dpo_rows_fit_max_seq_length(store: Store, home: Path) -> None:
 
 
 def test_sufficiency_without_feedback(store: Store, home: Path) -> None:
-    verdict = datasets.sufficiency(store, make_settings(home), None)
+    verdict = training_data.sufficiency(store, make_settings(home), None)
     assert not verdict.enough
     assert verdict.new_items == 0
     assert "no feedback" in verdict.reason
@@ -469,14 +469,14 @@ def test_sufficiency_counts_new_trainable_items(store: Store, home: Path) -> Non
     answer_in(store, settings, "holdout", "judged only", rating=5)
     answer_in(store, settings, "holdout", "judged only too", correction="fixed")
 
-    verdict = datasets.sufficiency(store, settings, None)
+    verdict = training_data.sufficiency(store, settings, None)
     assert not verdict.enough
     assert verdict.new_items == 2
     assert "2 new" in verdict.reason
     assert "schedule.min_new_examples is 3" in verdict.reason
 
     old.append(answer_in(store, settings, "train", "good 2", correction="better 2"))
-    verdict = datasets.sufficiency(store, settings, None)
+    verdict = training_data.sufficiency(store, settings, None)
     assert verdict.enough
     assert verdict.new_items == 3
 
@@ -484,20 +484,20 @@ def test_sufficiency_counts_new_trainable_items(store: Store, home: Path) -> Non
     champion = build(feedback_items(store), settings, base_answers(), count_words).snapshot()
     champion = json.loads(json.dumps(champion))  # as stored in meta.json
     assert set(champion["message_ids"]["train"]) == set(old)
-    verdict = datasets.sufficiency(store, settings, champion)
+    verdict = training_data.sufficiency(store, settings, champion)
     assert not verdict.enough
     assert verdict.new_items == 0
     assert "0 new feedback item(s) since the champion was trained" in verdict.reason
 
     # A later correction of an answer the champion already saw is new feedback.
     store.add_feedback(old[0], correction="actually, this")
-    verdict = datasets.sufficiency(store, settings, champion)
+    verdict = training_data.sufficiency(store, settings, champion)
     assert verdict.new_items == 1
     assert not verdict.enough
 
     answer_in(store, settings, "train", "new one", rating=4)
     answer_in(store, settings, "train", "new two", correction="new two fixed")
-    verdict = datasets.sufficiency(store, settings, champion)
+    verdict = training_data.sufficiency(store, settings, champion)
     assert verdict.enough
     assert verdict.new_items == 3
 
@@ -505,7 +505,7 @@ def test_sufficiency_counts_new_trainable_items(store: Store, home: Path) -> Non
 def test_sufficiency_with_feedback_only_in_the_holdout(store: Store, home: Path) -> None:
     settings = make_settings(home, schedule={"min_new_examples": 1})
     answer_in(store, settings, "holdout", "judged only", rating=5)
-    verdict = datasets.sufficiency(store, settings, None)
+    verdict = training_data.sufficiency(store, settings, None)
     assert not verdict.enough
     assert "no feedback to learn from" in verdict.reason
 
@@ -517,7 +517,7 @@ def test_sufficiency_ignores_ratings_that_teach_nothing(store: Store, home: Path
         answer_in(store, settings, "train", f"meh {i}", rating=3)
     data = build(feedback_items(store), settings, base_answers(replay=0), count_words)
     assert data.counts["sft_rows"] + data.counts["dpo_rows"] + data.counts["kto_rows"] == 2
-    verdict = datasets.sufficiency(store, settings, None)
+    verdict = training_data.sufficiency(store, settings, None)
     assert not verdict.enough
 
 

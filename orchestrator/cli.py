@@ -209,6 +209,7 @@ def status(home: HomeOpt = None, set_: SetOpt = None, as_json: JsonOpt = False) 
     registry = open_registry(settings)
     try:
         from common.run_state import read_state
+        from data.views import promotion_view, run_view
         from orchestrator import experiments
         from orchestrator.jobs import reap_dead_runs
         from orchestrator.promotion import audit_unrecorded_swap, running_server
@@ -226,13 +227,13 @@ def status(home: HomeOpt = None, set_: SetOpt = None, as_json: JsonOpt = False) 
             "run_state": daemon["state"] if daemon else ("serving" if server else "stopped"),
             "daemon": daemon,
             "server": server,
-            "running_run": _run_dict(running) if running else None,
+            "running_run": run_view(running) if running else None,
             "base_model": settings.model.base_model,
             "current_adapter": registry.current_id(),
             "previous_adapter": registry.previous_id(),
             "counts": store.counts(),
-            "last_run": _run_dict(last_run) if last_run else None,
-            "last_promotion": _promotion_dict(promotions[0]) if promotions else None,
+            "last_run": run_view(last_run) if last_run else None,
+            "last_promotion": promotion_view(promotions[0]) if promotions else None,
             "recipe": experiments.summary(settings),
         }
     finally:
@@ -294,24 +295,6 @@ def status(home: HomeOpt = None, set_: SetOpt = None, as_json: JsonOpt = False) 
     if waiting:
         table.add_row("search waits", escape(waiting))
     console.print(table)
-
-
-def _run_dict(run: Any) -> dict[str, Any]:
-    return {
-        k: getattr(run, k)
-        for k in ("id", "status", "profile", "trigger", "reason", "error", "candidate_id")
-    } | {"created_at": str(run.created_at), "progress": run.progress}
-
-
-def _promotion_dict(p: Any) -> dict[str, Any]:
-    return {
-        "action": p.action,
-        "candidate_id": p.candidate_id,
-        "previous_id": p.previous_id,
-        "forced": p.forced,
-        "reason": p.reason,
-        "created_at": str(p.created_at),
-    }
 
 
 @app.command("candidates")

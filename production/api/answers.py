@@ -1,0 +1,161 @@
+"""One answer's OpenAI pieces (finish_reason, usage, logprobs, system_fingerprint), the
+Recorder that keeps its stored message in step with generation, and the wait for a whole
+(non-streamed) answer."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Any
+
+from fastapi import Request
+
+from production.api.errors import ApiError
+from production.api.service import Service
+
+if TYPE_CHECKING:
+    from production.engine import Outcome
+
+FLUSH_EVERY_S = 1.0
+
+
+def fingerprint(adapter_id: str | None) -> str:
+    return f"whetstone-{adapter_id or 'base'}"
+
+
+def finish(outcome: Outcome) -> str:
+    if outcome.finish_reason in ("length", "tool_calls"):
+        return outcome.finish_reason
+    return "stop"
+
+
+def usage(outcome: Outcome) -> dict[str, int]:
+    return {
+        "prompt_tokens": outcome.prompt_tokens,
+        "completion_tokens": outcome.completion_tokens,
+        "total_tokens": outcome.prompt_tokens + outcome.completion_tokens,
+    }
+
+
+def _token_text(engine: Any, token: int) -> str:
+    return engine.tokenizer.decode([token])
+
+
+def logprobs(engine: Any, entries: list[Any] | None, kind: str) -> dict[str, Any] | None:
+    """OpenAI's logprobs object: chat's {content: [...]} or completions' parallel lists."""
+    if entries is None:
+        return None
+    if kind == "chat":
+        content = []
+        for e in entries:
+            text = _token_text(engine, e.token)
+            content.append(
+                {
+                    "token": text,
+                    "logprob": e.logprob,
+                    "bytes": list(text.encode()),
+                    "top_logprobs": [
+                        {
+                            "token": (t := _token_text(engine, i)),
+                            "logprob": v,
+                            "bytes": list(t.encode()),
+                        }
+                        for i, v in e.top
+                    ],
+                }
+            )
+        return {"content": content, "refusal": None}
+    tokens = [_token_text(engine, e.token) for e in entries]
+    offsets, at = [], 0
+    for t in tokens:
+        offsets.append(at)
+        at += len(t)
+    return {
+        "tokens": tokens,
+        "token_logprobs": [e.logprob for e in entries],
+        "top_logprobs": [{_token_text(engine, i): v for i, v in e.top} for e in entries],
+        "text_offset": offsets,
+    }
+
+
+class Recorder:
+    """Keeps the stored answer in step with the stream: flushes, finishes, or cuts off."""
+
+    def __init__(self, service: Service, message_id: str, started: float) -> None:
+        self.service = service
+        self.message_id = message_id
+        self.started = started
+        self.text: list[str] = []
+        self.reasoning: list[str] = []
+        self.adapter_id: str | None = None
+        self.last_flush = started
+        self.finished = False
+
+    def add(self, delta: Any) -> None:
+        self.text.append(delta.text)
+        self.reasoning.append(delta.reasoning)
+        now = time.monotonic()
+        if now - self.last_flush >= FLUSH_EVERY_S:
+            self.last_flush = now
+            self.service.store.save_partial(
+                self.message_id, "".join(self.text), reasoning="".join(self.reasoning) or None
+            )
+
+    def done(self, outcome: Outcome) -> None:
+        self.finished = True
+        self.service.served += 1
+        cut = outcome.finish_reason == "cancelled"
+        calls = [c.as_openai() for c in outcome.tool_calls] or None
+        self.service.store.complete_message(
+            self.message_id,
+            content=outcome.text,
+            finish_reason="cut_off" if cut else outcome.finish_reason,
+            reasoning=outcome.reasoning or None,
+            adapter_id=outcome.adapter_id,
+            prompt_tokens=outcome.prompt_tokens,
+            completion_tokens=outcome.completion_tokens,
+            latency_ms=round(outcome.seconds * 1000, 1),
+            ttft_ms=None if outcome.ttft_s is None else round(outcome.ttft_s * 1000, 1),
+            tool_calls=calls,
+        )
+
+    def cut_off(self, reason: str = "cut_off") -> None:
+        """Client gone or generation failed: keep what was said so far."""
+        if self.finished:
+            return
+        self.finished = True
+        self.service.store.complete_message(
+            self.message_id,
+            content="".join(self.text),
+            finish_reason=reason,
+            reasoning="".join(self.reasoning) or None,
+            adapter_id=self.adapter_id,
+            latency_ms=round((time.monotonic() - self.started) * 1000, 1),
+        )
+
+
+async def collect(job: Any, recorder: Recorder, request: Request) -> Outcome:
+    try:
+        while True:
+            try:
+                kind, payload = await asyncio.wait_for(job.events.get(), timeout=0.5)
+            except TimeoutError:
+                if await request.is_disconnected():
+                    job.cancel()
+                    recorder.cut_off()
+                    raise ApiError(499, "client disconnected") from None
+                continue
+            if kind == "start":
+                recorder.adapter_id = payload
+            elif kind == "delta":
+                recorder.add(payload)
+            elif kind == "done":
+                recorder.done(payload)
+                return payload
+            elif kind == "error":
+                recorder.cut_off("error")
+                raise ApiError(500, f"generation failed: {payload}")
+    finally:
+        if not recorder.finished:
+            job.cancel()
+            recorder.cut_off()

@@ -1,0 +1,335 @@
+"""Chat and text completions: a request checked and turned into a prompt and the engine's
+sampling, its exchange stored, and the answer sent whole or streamed."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import replace
+from typing import Any, Literal
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from production.api import answers
+from production.api.errors import ApiError
+from production.api.model_ids import check_model, served_model
+from production.api.service import Service
+from production.api.streaming import ChatChunks, TextChunks, sse
+from production.api.turns import turns_of
+from production.openai_schema import ChatRequest, CompletionRequest
+
+
+def _sampling(
+    service: Service,
+    req: Any,
+    max_tokens: int,
+    *,
+    grammar: Any = None,
+    logprobs: int | None = None,
+    **more: Any,
+) -> Any:
+    """The engine's Sampling for a chat or completions request (`more`: tools, raw)."""
+    from production.engine import Sampling
+    from production.steering import SteeringSpec
+
+    bias = []
+    for token, value in (req.logit_bias or {}).items():
+        if int(token) >= service.engine.vocab_size:
+            raise ApiError(
+                400,
+                f"logit_bias: token {token} is past the vocabulary ({service.engine.vocab_size})",
+                param="logit_bias",
+            )
+        bias.append((int(token), float(value)))
+    steering = SteeringSpec(
+        logit_bias=tuple(bias),
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        logprobs=logprobs,
+        grammar=grammar,
+    )
+    return Sampling(
+        req.temperature,
+        req.top_p,
+        req.top_k,
+        max_tokens,
+        req.seed,
+        stop=req.stop_strings(),
+        steering=steering,
+        **more,
+    )
+
+
+def _answer_grammar(
+    engine: Any, req: ChatRequest, tools: list[dict[str, Any]] | None, max_tokens: int
+) -> Any:
+    """What the answer must match: the tools' call format, or the response_format (None:
+    free text). Harmony models may think first, on at most half of max_tokens."""
+    from production import tool_calls
+    from production.steering import Grammar, schema_text
+
+    fmt = tool_calls.tool_format(engine.chat_format)
+    if tools:
+        choice = req.tool_choice or "auto"
+        if not isinstance(choice, str):
+            choice = choice.model_dump()
+        parallel = req.parallel_tool_calls is not False
+        return tool_calls.structural_tag(fmt, tools, choice, parallel, max_tokens // 2)
+    rf = req.response_format
+    if rf is None or rf.type == "text":
+        return None
+    schema = rf.json_schema.schema_ if rf.type == "json_schema" else None
+    if fmt == "harmony":
+        return tool_calls.harmony_json(schema, max_tokens // 2)
+    if schema is None:  # json_object, or json_schema without a schema: any JSON object
+        return Grammar("json_object")
+    return Grammar("json_schema", schema_text(schema), bool(rf.json_schema.strict))
+
+
+async def chat(service: Service, req: ChatRequest, request: Request) -> Any:
+    """POST /v1/chat/completions."""
+    from production import tool_calls
+    from production.steering import GrammarError
+
+    engine = service.engine
+    check_model(service, req.model)
+    system, turns = turns_of(req.messages)
+    prompt_messages = ([{"role": "system", "content": system}] if system else []) + turns
+    window = engine.context_window
+    chars = sum(len(m["content"]) for m in prompt_messages)
+    most = window * await asyncio.to_thread(engine.longest_token_chars)
+    if chars > most:
+        raise ApiError(
+            400,
+            f"the prompt is {chars} characters; no more than {most} fit in the context window "
+            f"of {window} tokens (model.max_seq_length): shorten the conversation",
+            param="messages",
+        )
+    tools = None
+    if req.tools and req.tool_choice != "none":
+        tools = [t.model_dump(exclude_none=True) for t in req.tools]
+    fmt = tool_calls.tool_format(engine.chat_format)
+    template_messages, template_tools = tool_calls.template_messages(
+        prompt_messages, tools, fmt, engine.tokenizer
+    )
+
+    def render(effort: str | None) -> list[int]:
+        return engine.prompt_ids(template_messages, effort, template_tools)
+
+    # Off the event loop: tokenising a long prompt takes long enough to miss /health.
+    prompt = await asyncio.to_thread(render, req.reasoning_effort)
+    if len(prompt) >= window:
+        raise ApiError(
+            400,
+            f"the prompt is {len(prompt)} tokens; the context window is {window} "
+            "(model.max_seq_length): shorten the conversation",
+            param="messages",
+        )
+    requested = req.max_completion_tokens or req.max_tokens
+    if requested is not None and requested > window:
+        raise ApiError(400, f"max_tokens must be between 1 and {window}", param="max_tokens")
+    max_tokens = min(requested or 512, window - len(prompt))
+    grammar_param = "tools" if tools else "response_format"
+    try:  # compiled here so a bad schema is a 400; the worker then finds it cached
+        grammar = _answer_grammar(engine, req, tools, max_tokens)
+        if grammar is not None:
+            await asyncio.to_thread(engine.grammars.compile, grammar)
+    except (GrammarError, ValueError) as exc:  # xgrammar's tool-format builder: ValueError
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ApiError(
+            400, f"{grammar_param}: the schema cannot be used: {reason}", param=grammar_param
+        ) from None
+    sampling = _sampling(
+        service,
+        req,
+        max_tokens,
+        grammar=grammar,
+        logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+        tools=fmt if tools else None,
+    )
+    if service.worker.waiting >= service.worker.max_queue:
+        raise ApiError(503, "the model is busy: too many requests waiting", **{"Retry-After": "5"})
+
+    conversation, asked_id = await asyncio.to_thread(service.thread, req)
+    effort = req.reasoning_effort or conversation.reasoning_effort
+    if effort != req.reasoning_effort:
+        # The conversation's own effort (set by PATCH) is what the answer is made with.
+        prompt = await asyncio.to_thread(render, effort)
+        room = max(1, window - len(prompt))
+        sampling = replace(sampling, max_tokens=min(sampling.max_tokens, room))
+    recorded: dict[str, Any] = {}
+    if effort:
+        recorded["reasoning_effort"] = effort
+    if req.tools:
+        recorded["tools"] = [t.model_dump(exclude_none=True) for t in req.tools]
+        recorded["tool_choice"] = (
+            req.tool_choice.model_dump()
+            if hasattr(req.tool_choice, "model_dump")
+            else req.tool_choice
+        )
+    if req.response_format is not None:
+        recorded["response_format"] = req.response_format.model_dump(
+            by_alias=True, exclude_none=True
+        )
+    recorded |= req.recorded()
+    return await _generate(
+        service,
+        request,
+        prompt,
+        sampling,
+        conversation.id,
+        asked_id,
+        recorded,
+        stream=req.stream,
+        include_usage=bool(req.stream_options and req.stream_options.include_usage),
+        include_reasoning=req.include_reasoning,
+        kind="chat",
+    )
+
+
+async def complete(service: Service, req: CompletionRequest, request: Request) -> Any:
+    """POST /v1/completions: the prompt as raw text (no chat template), logged like chat (a
+    conversation holding the prompt as the user turn and the completion as the answer)."""
+
+    engine = service.engine
+    check_model(service, req.model)
+    text = req.text()
+    window = engine.context_window
+    if len(text) > window * await asyncio.to_thread(engine.longest_token_chars):
+        raise ApiError(400, "the prompt does not fit in the context window", param="prompt")
+    prompt = await asyncio.to_thread(
+        lambda: engine.tokenizer(text, add_special_tokens=True)["input_ids"]
+    )
+    if not prompt or len(prompt) >= window:
+        raise ApiError(
+            400,
+            f"the prompt is {len(prompt)} tokens; it must be 1..{window - 1} "
+            "(model.max_seq_length)",
+            param="prompt",
+        )
+    if req.max_tokens is not None and req.max_tokens > window:
+        raise ApiError(400, f"max_tokens must be between 1 and {window}", param="max_tokens")
+    # OpenAI's default for this endpoint is 16 tokens.
+    max_tokens = min(req.max_tokens or 16, window - len(prompt))
+    sampling = _sampling(service, req, max_tokens, logprobs=req.logprobs, raw=True)
+    if service.worker.waiting >= service.worker.max_queue:
+        raise ApiError(503, "the model is busy: too many requests waiting", **{"Retry-After": "5"})
+
+    def start() -> tuple[str, str]:
+        conversation = service.store.create_conversation(system_prompt=None, title=text[:60])
+        user = service.store.add_message(conversation.id, "user", text)
+        return conversation.id, user.id
+
+    conversation_id, asked_id = await asyncio.to_thread(start)
+    recorded: dict[str, Any] = {"endpoint": "completions"}
+    recorded |= req.recorded()
+    return await _generate(
+        service,
+        request,
+        prompt,
+        sampling,
+        conversation_id,
+        asked_id,
+        recorded,
+        stream=req.stream,
+        include_usage=bool(req.stream_options and req.stream_options.include_usage),
+        include_reasoning=False,
+        kind="text",
+    )
+
+
+async def _generate(
+    service: Service,
+    request: Request,
+    prompt: list[int],
+    sampling: Any,
+    conversation_id: str,
+    asked_id: str,
+    recorded: dict[str, Any],
+    *,
+    stream: bool,
+    include_usage: bool,
+    include_reasoning: bool,
+    kind: Literal["chat", "text"],
+) -> Any:
+    from production.worker import QueueFull
+
+    engine = service.engine
+    placeholder = await asyncio.to_thread(
+        service.store.add_message,
+        conversation_id,
+        "assistant",
+        "",
+        reply_to_id=asked_id,
+        adapter_id=engine.adapter_id,
+        base_model=engine.base_model_name,
+        generation=engine.resolved_settings(sampling) | recorded,
+    )
+    try:
+        job = service.worker.submit(prompt, sampling)
+    except QueueFull as exc:
+        service.store.complete_message(placeholder.id, content="", finish_reason="error")
+        raise ApiError(503, f"the model is busy: {exc}", **{"Retry-After": "5"}) from None
+    recorder = answers.Recorder(service, placeholder.id, time.monotonic())
+    headers = {
+        "X-Whetstone-Message-Id": placeholder.id,
+        "X-Whetstone-Conversation-Id": conversation_id,
+    }
+    base = {
+        "id": placeholder.id,
+        "created": int(time.time()),
+        "model": served_model(engine),
+        "system_fingerprint": answers.fingerprint(engine.adapter_id),
+    }
+    extra = {"conversation_id": conversation_id}
+    wants_logprobs = sampling.steering.logprobs is not None
+    if stream:
+        logprobs_of = (
+            (lambda o: answers.logprobs(engine, o.logprobs, kind)) if wants_logprobs else None
+        )
+        chunks = ChatChunks(include_reasoning) if kind == "chat" else TextChunks()
+        return StreamingResponse(
+            sse(job, recorder, base, extra, include_usage, chunks, logprobs_of),
+            media_type="text/event-stream",
+            headers=headers | {"Cache-Control": "no-cache"},
+        )
+    outcome = await answers.collect(job, recorder, request)
+    base["system_fingerprint"] = answers.fingerprint(outcome.adapter_id)
+    logprobs = answers.logprobs(engine, outcome.logprobs, kind) if wants_logprobs else None
+    if kind == "text":
+        choice = {
+            "index": 0,
+            "text": outcome.text,
+            "logprobs": logprobs,
+            "finish_reason": answers.finish(outcome),
+        }
+        body = base | {
+            "object": "text_completion",
+            "choices": [choice],
+            "usage": answers.usage(outcome),
+        }
+        return JSONResponse(body | {"adapter_id": outcome.adapter_id} | extra, headers=headers)
+    message: dict[str, Any] = {"role": "assistant", "content": outcome.text}
+    if outcome.tool_calls:
+        message["content"] = outcome.text or None
+        message["tool_calls"] = [c.as_openai() for c in outcome.tool_calls]
+    if include_reasoning:
+        message["reasoning_content"] = outcome.reasoning
+    choice = {
+        "index": 0,
+        "message": message,
+        "logprobs": logprobs,
+        "finish_reason": answers.finish(outcome),
+    }
+    body = (
+        base
+        | {
+            "object": "chat.completion",
+            "choices": [choice],
+            "usage": answers.usage(outcome),
+            "adapter_id": outcome.adapter_id,
+        }
+        | extra
+    )
+    return JSONResponse(body, headers=headers)

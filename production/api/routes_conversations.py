@@ -1,0 +1,73 @@
+"""Feedback on answers, the stored conversations (list, read, rename, forget) and the
+feedback trend."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import APIRouter
+
+from data.views import conversation_summary, feedback_view, message_view
+from production.api.errors import ApiError
+from production.api.schemas import ConversationPatch, FeedbackRequest
+from production.api.service import ServiceDep
+
+router = APIRouter()
+
+
+@router.post("/v1/feedback")
+async def feedback(body: FeedbackRequest, service: ServiceDep) -> dict[str, Any]:
+    fb = await asyncio.to_thread(
+        service.store.add_feedback,
+        body.message_id,
+        rating=body.rating,
+        correction=body.correction,
+        comment=body.comment,
+    )
+    return feedback_view(fb)
+
+
+@router.get("/v1/trend")
+async def trend(service: ServiceDep, weeks: int = 4) -> dict[str, Any]:
+    """`whetstone trend --json`, plus its text table (the TUI's status screen shows it)."""
+    from data import trend as trends
+
+    if not 1 <= weeks <= 520:
+        raise ApiError(400, f"weeks must be 1..520; got {weeks}", param="weeks")
+    found = await asyncio.to_thread(trends.trend, service.store, weeks)
+    return found.as_dict() | {"weeks": weeks, "text": trends.text(found)}
+
+
+@router.get("/v1/conversations")
+async def conversations(service: ServiceDep, limit: int = 50, offset: int = 0) -> dict[str, Any]:
+    if not 1 <= limit <= 500:
+        raise ApiError(400, f"limit must be 1..500; got {limit}", param="limit")
+    if not 0 <= offset < 2**63:  # SQLite's integers are 64-bit
+        raise ApiError(400, f"offset must be 0..2^63-1; got {offset}", param="offset")
+    rows = await asyncio.to_thread(service.store.list_conversations, limit, offset)
+    return {"data": [conversation_summary(c) for c in rows]}
+
+
+@router.get("/v1/conversations/{conversation_id}")
+async def conversation(conversation_id: str, service: ServiceDep) -> dict[str, Any]:
+    conv = await asyncio.to_thread(service.store.get_conversation, conversation_id)
+    return conversation_summary(conv) | {"messages": [message_view(m) for m in conv.messages]}
+
+
+@router.patch("/v1/conversations/{conversation_id}")
+async def patch_conversation(
+    conversation_id: str, body: ConversationPatch, service: ServiceDep
+) -> dict[str, Any]:
+    fields = body.model_dump(exclude_unset=True)
+    if "title" in fields:
+        service.store.rename_conversation(conversation_id, fields.pop("title"))
+    if fields:
+        service.store.update_conversation(conversation_id, **fields)
+    return conversation_summary(service.store.get_conversation(conversation_id))
+
+
+@router.delete("/v1/conversations/{conversation_id}")
+async def forget(conversation_id: str, service: ServiceDep) -> dict[str, Any]:
+    await asyncio.to_thread(service.store.forget_conversation, conversation_id)
+    return {"id": conversation_id, "forgotten": True}

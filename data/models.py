@@ -226,7 +226,7 @@ class TrainingRun(Base):
 # the history must stay recordable (and readable) after a candidate folder is pruned.
 
 
-class Candidate(Base):
+class CandidateRecord(Base):
     """A trained adapter; the id is its folder name under <home>/candidates/."""
 
     __tablename__ = "candidates"

@@ -33,7 +33,7 @@ from data.models import (
     ROLES,
     RUN_FINISHED,
     RUN_STATUSES,
-    Candidate,
+    CandidateRecord,
     Conversation,
     Evaluation,
     Feedback,
@@ -773,7 +773,7 @@ class Store:
         parent_id: str | None = None,
         status: str = "trained",
         metrics: dict[str, Any] | None = None,
-    ) -> Candidate:
+    ) -> CandidateRecord:
         """Record a candidate adapter; the id is its folder name under <home>/candidates/."""
         _text("candidate_id", candidate_id, nullable=False)
         if not candidate_id.strip():
@@ -783,11 +783,11 @@ class Store:
         _text("status", status, nullable=False)
         _json_object("metrics", metrics)
         with self.session() as session:
-            if session.get(Candidate, candidate_id) is not None:
+            if session.get(CandidateRecord, candidate_id) is not None:
                 raise InvalidInput(f"candidate {candidate_id} is already recorded")
             if run_id is not None and session.get(TrainingRun, run_id) is None:
                 raise InvalidInput(f"unknown training run {run_id} for candidate {candidate_id}")
-            candidate = Candidate(
+            candidate = CandidateRecord(
                 id=candidate_id,
                 run_id=run_id,
                 base_model=base_model,
@@ -799,24 +799,26 @@ class Store:
             session.add(candidate)
         return candidate
 
-    def get_candidate_record(self, candidate_id: str) -> Candidate:
+    def get_candidate_record(self, candidate_id: str) -> CandidateRecord:
         """One candidate record; NotFound if unknown."""
         with self.read_session() as session:
-            candidate = session.get(Candidate, candidate_id)
+            candidate = session.get(CandidateRecord, candidate_id)
             if candidate is None:
                 raise NotFound(f"unknown candidate {candidate_id}")
             return candidate
 
-    def list_candidates(self, limit: int = 100) -> list[Candidate]:
-        """Candidate records, newest first."""
+    def list_candidates(self, limit: int = 100) -> list[CandidateRecord]:
+        """Candidate records (the store's row per candidate), newest first."""
         with self.read_session() as session:
             return list(
                 session.scalars(
-                    select(Candidate).order_by(Candidate.created_at.desc()).limit(max(0, limit))
+                    select(CandidateRecord)
+                    .order_by(CandidateRecord.created_at.desc())
+                    .limit(max(0, limit))
                 )
             )
 
-    def update_candidate(self, candidate_id: str, **fields: Any) -> Candidate:
+    def update_candidate(self, candidate_id: str, **fields: Any) -> CandidateRecord:
         """Set any of status, metrics, parent_id, run_id, base_model."""
         _unknown_fields(fields, _CANDIDATE_FIELDS, "candidate")
         for name in ("status", "base_model"):
@@ -826,7 +828,7 @@ class Store:
         if "metrics" in fields:
             _json_object("metrics", fields["metrics"], nullable=False)
         with self.session() as session:
-            candidate = session.get(Candidate, candidate_id)
+            candidate = session.get(CandidateRecord, candidate_id)
             if candidate is None:
                 raise NotFound(f"unknown candidate {candidate_id}")
             run_id = fields.get("run_id")
@@ -949,6 +951,6 @@ class Store:
                 "feedback": session.scalar(
                     select(func.count()).select_from(Feedback).where(Feedback.is_current)
                 ),
-                "candidates": session.scalar(select(func.count()).select_from(Candidate)),
+                "candidates": session.scalar(select(func.count()).select_from(CandidateRecord)),
                 "runs": {status: runs.get(status, 0) for status in RUN_STATUSES},
             }

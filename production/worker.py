@@ -47,7 +47,10 @@ class Generation:
         self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
 
 
-class Worker:
+class GenerationWorker:
+    """The one thread that runs generation: requests wait in a bounded priority queue and
+    stream their tokens back to the event loop."""
+
     def __init__(self, engine: Engine, max_queue: int) -> None:
         self.engine = engine
         self.max_queue = max_queue

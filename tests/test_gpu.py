@@ -338,7 +338,7 @@ def test_moe_static_decode_serves_4bit_gpt_oss_adapters_and_swaps_under_load(
     from benchmarks.moe_decode import _compiles, random_adapter
     from common.config import load_settings
     from production.engine import Engine, Sampling
-    from production.worker import Worker
+    from production.worker import GenerationWorker
 
     model_dir = build(tmp_path / "gpt-oss-small-bnb-4bit", "small", "cuda")
     home = tmp_path / "home"
@@ -364,7 +364,7 @@ def test_moe_static_decode_serves_4bit_gpt_oss_adapters_and_swaps_under_load(
     compiles = _compiles()
 
     async def under_load() -> list[tuple[str, str, int]]:
-        worker = Worker(engine, max_queue=8)
+        worker = GenerationWorker(engine, max_queue=8)
 
         async def collect(job) -> tuple[str, str, int]:
             adapter = None

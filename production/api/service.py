@@ -19,7 +19,7 @@ from production.api.turns import active_path, key_of, turns_of
 from production.openai_schema import ChatRequest
 
 if TYPE_CHECKING:
-    from production.worker import Worker
+    from production.worker import GenerationWorker
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,9 @@ RECENT_CONVERSATIONS = 50
 class Service:
     """What the handlers share: settings, store, registry, the model worker."""
 
-    def __init__(self, settings: Settings, store: Store, worker: Worker, registry: Registry):
+    def __init__(
+        self, settings: Settings, store: Store, worker: GenerationWorker, registry: Registry
+    ):
         self.settings = settings
         self.store = store
         self.worker = worker
@@ -156,7 +158,7 @@ class Service:
 
 def build_service(settings: Settings, device: str) -> Service:
     from production.engine import Engine
-    from production.worker import Worker
+    from production.worker import GenerationWorker
 
     settings.paths.create()
     store = Store(settings.db_url)
@@ -165,7 +167,7 @@ def build_service(settings: Settings, device: str) -> Service:
         log.warning("marked %d answers cut off by an earlier stop as cut_off", cut)
     registry = Registry(settings.paths.candidates_dir)
     engine = Engine(settings, device)
-    worker = Worker(engine, settings.server.max_queue)
+    worker = GenerationWorker(engine, settings.server.max_queue)
     service = Service(settings, store, worker, registry)
     target = registry.current_id()
     if target is not None:

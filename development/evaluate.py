@@ -33,11 +33,11 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from candidates import Registry, update_meta
-from common.config import ConfigError, Settings, load_settings, parse_sets
+from common.config import Settings
+from common.entrypoint import add_settings_arguments, log_to_stderr, settings_from_args
 from data import exports
 from data.exports import FeedbackItem
 from data.splits import split_items
@@ -488,18 +488,11 @@ def score_trial(settings: Settings, store: Store, candidate_id: str, device: str
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--home", type=Path, help="whetstone home (default WHETSTONE_HOME)")
+    add_settings_arguments(parser)
     parser.add_argument("--candidate", required=True, help="candidate id to evaluate")
-    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
-    try:
-        settings = load_settings(args.home, parse_sets(args.sets))
-    except ConfigError as exc:
-        sys.stderr.write(f"error: {exc}\n")
-        return 2
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    settings = settings_from_args(args)
+    log_to_stderr(settings)
     device = pin_device(settings, "development")
     from candidates import RegistryError
 

@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from candidates import Registry, RegistryError
-from common.config import ConfigError, Settings, load_settings, parse_sets
+from common.config import Settings
+from common.entrypoint import add_settings_arguments, settings_from_args
 
 log = logging.getLogger(__name__)
 
@@ -235,24 +236,23 @@ def export(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("candidate", nargs="?", help="candidate id to export")
-    parser.add_argument("--home", type=Path, help="whetstone home (default WHETSTONE_HOME)")
+    add_settings_arguments(parser)
     parser.add_argument("--format", choices=FORMATS, default="gguf")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--outtype", choices=OUTTYPES, default="f16")
-    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--fetch-converters", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    try:
-        if args.fetch_converters:
+    if args.fetch_converters:
+        try:
             sys.stdout.write(f"{fetch_converters()}\n")
-            return 0
-        if not args.candidate:
-            parser.error("name the candidate to export (or --fetch-converters)")
-        settings = load_settings(args.home, parse_sets(args.sets))
-    except (ConfigError, ExportError) as exc:
-        sys.stderr.write(f"error: {exc}\n")
-        return 2
+        except ExportError as exc:
+            sys.stderr.write(f"error: {exc}\n")
+            return 2
+        return 0
+    if not args.candidate:
+        parser.error("name the candidate to export (or --fetch-converters)")
+    settings = settings_from_args(args)
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())

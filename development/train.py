@@ -28,7 +28,6 @@ import os
 import platform
 import shutil
 import signal
-import sys
 import time
 import traceback
 from collections.abc import Iterator
@@ -38,7 +37,13 @@ from pathlib import Path
 from typing import Any
 
 from candidates import CandidateMeta, Registry
-from common.config import ConfigError, Settings, load_settings, log_resolved, parse_sets
+from common.config import Settings, log_resolved
+from common.entrypoint import (
+    add_settings_arguments,
+    exit_on_config_error,
+    log_to_stderr,
+    settings_from_args,
+)
 from data.store import Store
 from production.device_pin import pin_device
 
@@ -564,14 +569,13 @@ def _free_training_memory(device: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--home", type=Path, help="whetstone home (default WHETSTONE_HOME)")
+    add_settings_arguments(parser)
     parser.add_argument("--profile", help="training profile (default training.default_profile)")
     parser.add_argument("--run-id", help="a queued run to carry out (default: a new one)")
     parser.add_argument("--trigger", default="manual", help="what started the run (for status)")
     parser.add_argument("--force", action="store_true", help="train even without new data")
     parser.add_argument("--no-evaluate", action="store_true", help="stop after training")
     parser.add_argument("--no-promote", action="store_true", help="evaluate but never promote")
-    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument(
         "--trial",
         metavar="STUDY:NUMBER",
@@ -582,23 +586,18 @@ def main(argv: list[str] | None = None) -> int:
 
     from orchestrator import experiments
 
-    try:
-        settings = load_settings(args.home, parse_sets(args.sets))
+    settings = settings_from_args(args)
+    with exit_on_config_error():
         profile = args.profile or settings.training.default_profile
         settings.profile(profile)
         recipe = None if args.trial else experiments.current_recipe(settings, profile)
-        if recipe:
-            # The recipe's knobs first: the run's own --set items still win.
-            sets = experiments.knob_sets(settings, profile, recipe["params"]) + args.sets
-            settings = load_settings(args.home, parse_sets(sets))
-    except ConfigError as exc:
-        sys.stderr.write(f"error: {exc}\n")
-        return 2
+    if recipe:
+        # The recipe's knobs first: the run's own --set items still win.
+        knobs = experiments.knob_sets(settings, profile, recipe["params"])
+        settings = settings_from_args(args, extra_sets=knobs)
     settings.paths.create()
     # stderr: `whetstone train` and the daemon send it to <home>/logs/<run id>.log.
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    log_to_stderr(settings)
     signal.signal(signal.SIGTERM, _raise_terminated)
     # Before torch is imported anywhere: this process sees only its GPU (or none).
     device = pin_device(settings, "development")

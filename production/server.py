@@ -21,7 +21,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from common.config import ConfigError, Settings, check_bind, load_settings, parse_sets
+from common.config import Settings, check_bind
+from common.entrypoint import (
+    add_settings_arguments,
+    exit_on_config_error,
+    log_to_stderr,
+    settings_from_args,
+)
 from common.fs import atomic_write_text
 from production.api.app import create_app
 from production.api.service import Service, build_service
@@ -124,32 +130,17 @@ def _forget_address(server_file: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run the whetstone API worker.")
-    parser.add_argument("--home", type=Path, default=None)
+    add_settings_arguments(parser)
     parser.add_argument("--host", default=None)
     parser.add_argument("--port", type=int, default=None)
-    parser.add_argument("--set", action="append", default=[], help="KEY=VALUE config override")
     args = parser.parse_args(argv)
-    try:
-        overrides: dict[str, Any] = parse_sets(args.set)
-    except ConfigError as exc:
-        sys.stderr.write(f"error: {exc}\n")
-        return 2
-    overrides.setdefault("server", {})
-    if args.host is not None:
-        overrides["server"]["host"] = args.host
-    if args.port is not None:
-        overrides["server"]["port"] = args.port
-    try:
-        settings = load_settings(args.home, overrides)
-        check_bind(settings)
-    except ConfigError as exc:
-        sys.stderr.write(f"error: {exc}\n")
-        return 2
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+    server = {"host": args.host, "port": args.port}
+    settings = settings_from_args(
+        args, {"server": {k: v for k, v in server.items() if v is not None}}
     )
+    with exit_on_config_error():
+        check_bind(settings)
+    log_to_stderr(settings)
     from common.config import log_resolved
 
     log_resolved(settings)

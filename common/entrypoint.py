@@ -1,0 +1,62 @@
+"""What every `python -m <room>.<module>` entry point does alike: the --home and --set
+arguments, a bad config or --set ending the process with exit 2 and `error: ...` on stderr
+(as argparse does for a bad argument), and logging to stderr at the configured level (the
+daemon and `whetstone train` send a job's stderr to its log file)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from common.config import ConfigError, Settings, load_settings, parse_sets
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
+    """--home and --set KEY=VALUE (repeatable), read back by `settings_from_args`."""
+    parser.add_argument(
+        "--home", type=Path, default=None, help="whetstone home (default WHETSTONE_HOME)"
+    )
+    parser.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key for this process",
+    )
+
+
+@contextlib.contextmanager
+def exit_on_config_error() -> Iterator[None]:
+    """A ConfigError inside ends the process: `error: ...` on stderr, exit code 2."""
+    try:
+        yield
+    except ConfigError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        raise SystemExit(2) from None
+
+
+def settings_from_args(
+    args: argparse.Namespace,
+    overrides: dict[str, dict[str, Any]] | None = None,
+    *,
+    extra_sets: Sequence[str] = (),
+) -> Settings:
+    """The settings for --home and --set; `extra_sets` go before --set (which wins), and
+    `overrides` ({"server": {"port": 9000}}) after it. A bad value exits (exit_on_config_error)."""
+    with exit_on_config_error():
+        merged = parse_sets([*extra_sets, *args.sets])
+        for section, values in (overrides or {}).items():
+            merged.setdefault(section, {}).update(values)
+        return load_settings(args.home, merged)
+
+
+def log_to_stderr(settings: Settings, fmt: str = LOG_FORMAT) -> None:
+    logging.basicConfig(level=settings.log_level, format=fmt, stream=sys.stderr)

@@ -11,6 +11,9 @@ Layout under the root (`<home>/candidates`):
 
 Readers never lock: every change they can observe is a single rename(2), so they see the
 old state or the new one. Writers serialise on `.lock`.
+
+One module on purpose: every change to the candidate tree follows the one lock-and-rename
+discipline here; split up, the invariants would be spread over files.
 """
 
 from __future__ import annotations

@@ -6,6 +6,9 @@ flags. Unknown keys and out-of-range values are refused at start with a message 
 the key, the value, where it came from and what is allowed.
 
 This module imports neither torch nor anything heavy: the orchestrator reads it too.
+
+One module on purpose: every settings section, each knob with its trade-off, in one place to
+read (torchtune's one config per recipe).
 """
 
 from __future__ import annotations

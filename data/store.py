@@ -3,6 +3,9 @@
 Every method opens and closes its own short session and returns ORM objects loaded with
 ``expire_on_commit=False``: their columns stay readable after the session is gone.
 Relationships are ``lazy="raise"``; the methods that return them say so and load them.
+
+One module on purpose: the store's whole query API over one session discipline (the ORM
+models are in models.py, the schema in migrations/).
 """
 
 from __future__ import annotations

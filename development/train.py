@@ -16,6 +16,9 @@ search: its candidate is scored on the validation split and never evaluated or p
 A crash records the run as failed with its error; a kill leaves the run "running" with a
 dead pid, which the next `whetstone train`/`status` marks failed. Either way no candidate
 appears: the registry only renames a finished, validated folder into place.
+
+One module on purpose: a run's steps (enough data?, datasets, SFT, the preference stage,
+the candidate, evaluation, promotion) read top to bottom, as nanochat's scripts do.
 """
 
 from __future__ import annotations

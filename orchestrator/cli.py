@@ -3,6 +3,9 @@
 
 This module never imports torch: the torch-side checks run as subprocesses
 (`python -m production.doctor`, `python -m production.base_model`).
+
+One module on purpose: every `whetstone` command, each a short typer function over the rooms
+below it, so `whetstone --help` and this file list the same things.
 """
 
 from __future__ import annotations

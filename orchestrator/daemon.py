@@ -22,6 +22,9 @@ status`, the API's /v1/status and the TUI.
     async with Daemon(settings) as daemon:   # lock, scheduler, worker started
         await daemon.serve()                 # until stop() (SIGTERM/SIGINT)
                                              # exit: training cancelled, worker stopped
+
+One module on purpose: the API supervisor, the run dispatcher and the trial guard share the
+daemon's state (one job at a time) and its lifecycle.
 """
 
 from __future__ import annotations

@@ -29,6 +29,9 @@ the trained rank, so a hot swap overwrites them in place and the captured step n
 
 The CPU never runs the kernels: there the one-token path is the same math in torch. Tests run
 the kernels on the CPU in Triton's interpreter (tests/test_moe_decode.py).
+
+One module on purpose: the Triton kernels and the layers that call them change together
+(shapes, layouts, the LoRA buffers).
 """
 
 from __future__ import annotations

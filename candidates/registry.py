@@ -226,6 +226,14 @@ def _check_ranks(folder: Path, config: dict[str, Any], header: dict[str, Any]) -
     if config.get("rank_pattern"):
         return  # per-module ranks: PEFT's pattern rules decide; the loader checks them
     rank = config["r"]
+    # A LoRA on parameters (PEFT's target_parameters, e.g. GPT-OSS's 3-D expert weights as
+    # Unsloth targets them) stacks one rank-r factor per expert: that axis is r x experts.
+    params = config.get("target_parameters") or []
+    wrapped = [p.rsplit(".", 1)[0] for p in params if "." in p]
+
+    def stacked(tensor: str) -> bool:
+        return bool(params) and (not wrapped or any(f"{w}." in tensor for w in wrapped))
+
     for tensor, info in header.items():
         if tensor == "__metadata__":
             continue
@@ -233,7 +241,7 @@ def _check_ranks(folder: Path, config: dict[str, Any], header: dict[str, Any]) -
         axis = 0 if ".lora_A." in tensor else 1 if ".lora_B." in tensor else None
         if axis is None or len(shape) != 2:
             continue
-        if shape[axis] != rank:
+        if shape[axis] % rank if stacked(tensor) else shape[axis] != rank:
             raise InvalidCandidate(
                 folder,
                 f"{WEIGHTS_SAFETENSORS} holds {tensor} of shape {shape}, rank {shape[axis]}, "

@@ -566,3 +566,37 @@ def test_package_does_not_import_torch() -> None:
     )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+def _write_expert_adapter(folder: Path, *, experts: int = 4, rank: int = 4) -> None:
+    """A LoRA on GPT-OSS's 3-D expert weights as PEFT's target_parameters saves it (Unsloth
+    targets them so): one rank-r factor per expert, stacked, beside a plain q_proj LoRA."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    write_fake_adapter(folder, rank=rank)
+
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    experts_prefix = "base_model.model.model.layers.0.mlp.experts.base_layer"
+    tensors[f"{experts_prefix}.lora_A.weight"] = torch.randn(rank * experts, 16)
+    tensors[f"{experts_prefix}.lora_B.weight"] = torch.zeros(32, rank * experts)
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["target_parameters"] = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+
+
+def test_an_expert_lora_stacked_per_expert_is_valid_and_an_edited_r_still_caught(
+    registry: Registry,
+) -> None:
+    # The GPU run of the person's model (GPT-OSS, Unsloth) saved exactly this: the rank check
+    # refused the stacked [r x experts, in] factors and no GPT-OSS candidate was ever written.
+    registry.create(make_meta("moe"), _write_expert_adapter)
+    registry.promote("moe")
+    assert registry.current_id() == "moe"
+
+    registry.create(make_meta("moe-edited"), _write_expert_adapter)
+    _edit_json(registry.root / "moe-edited" / CFG, lambda d: d.update(r=3))
+    with pytest.raises(InvalidCandidate, match="says r=3: the adapter would not load"):
+        registry.promote("moe-edited")
+    assert registry.current_id() == "moe"

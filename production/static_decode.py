@@ -20,13 +20,15 @@ launches ~1,000 small kernels from Python per token and reaches 2-3% of that
   adapter unmerged; for one adapter served at a time, merging is the faster design.
 
 An adapter is read with PEFT's own loaders (config, weights) and checked completely before any
-weight is written; what the merge cannot express (DoRA, modules_to_save, non-Linear targets,
-LoRA biases) is refused by name: serve such adapters with server.decode = "generate".
+weight is written; what the merge cannot express (DoRA, modules_to_save, non-Linear targets
+other than GPT-OSS's fused experts, LoRA biases) is refused by name: serve such adapters with
+server.decode = "generate".
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -67,9 +69,12 @@ def read_lora(folder: Path, model: nn.Module, device: str | torch.device) -> lis
     for flag in ("use_dora", "fan_in_fan_out", "lora_bias"):
         if getattr(config, flag, False):
             raise AdapterMergeError(f"{flag} = true cannot be merged here")
-    for listed in ("modules_to_save", "target_parameters"):
-        if getattr(config, listed, None):
-            raise AdapterMergeError(f"{listed} = {getattr(config, listed)} cannot be merged here")
+    if getattr(config, "modules_to_save", None):
+        raise AdapterMergeError(f"modules_to_save = {config.modules_to_save} cannot be merged here")
+    parameters = list(getattr(config, "target_parameters", None) or [])
+    unservable = [p for p in parameters if not _FUSED_EXPERT_PARAMETER.search(p)]
+    if unservable:
+        raise AdapterMergeError(f"target_parameters = {unservable} cannot be merged here")
     weights = load_peft_weights(str(folder), device="cpu")
     layers = dict(model.named_modules())
     pairs: dict[str, dict[str, torch.Tensor]] = {}
@@ -81,11 +86,13 @@ def read_lora(folder: Path, model: nn.Module, device: str | torch.device) -> lis
                 break
         else:
             raise AdapterMergeError(f"weight {key} is not a LoRA A/B matrix")
+    if parameters:
+        pairs = _split_stacked_experts(pairs, layers)
     factors = []
     for module, pair in sorted(pairs.items()):
-        in_features, out_features = _linear_shape(layers, module)
         if set(pair) != {"lora_A", "lora_B"}:
             raise AdapterMergeError(f"{module} has {sorted(pair)}, needs lora_A and lora_B")
+        in_features, out_features = _linear_shape(layers, module)
         a, b = pair["lora_A"], pair["lora_B"]
         r = a.shape[0]
         if a.shape != (r, in_features) or b.shape != (out_features, r):
@@ -100,6 +107,55 @@ def read_lora(folder: Path, model: nn.Module, device: str | torch.device) -> lis
     if not factors:
         raise AdapterMergeError("the adapter holds no LoRA weights")
     return factors
+
+
+# PEFT's target_parameters on GPT-OSS's fused 3-D expert weights: how Unsloth trains the
+# experts of a bf16 GPT-OSS (its 4-bit checkpoints are split into per-expert Linears instead).
+_FUSED_EXPERT_PARAMETER = re.compile(r"(^|\.)experts\.(gate_up_proj|down_proj)$")
+
+
+def _split_stacked_experts(
+    pairs: dict[str, dict[str, torch.Tensor]], layers: dict[str, nn.Module]
+) -> dict[str, dict[str, torch.Tensor]]:
+    """PEFT's LoRA on a [experts, in, out] Parameter, as one Linear-style LoRA per expert on
+    the split names the decoder serves (`...experts.gate_up_projs.<i>`).
+
+    PEFT (ParamWrapper.get_delta_weight) stacks the experts' factors: A is [E*r, in] with
+    expert e in rows e*r..(e+1)*r, B is [out, r*E] with expert e in columns e, e+E, ... and
+    W_e += scale * (B_e @ A_e)^T. Two parameters of one module nest their wrappers, so the
+    second one's keys carry `.base_layer`; which projection a pair is comes from its shape."""
+    from production.moe_decode import DecodeExperts
+
+    split: dict[str, dict[str, torch.Tensor]] = {}
+    for name, pair in pairs.items():
+        owner_name = name.replace(".base_layer", "")
+        owner = layers.get(owner_name)
+        if not isinstance(owner, DecodeExperts):
+            split[name] = pair
+            continue
+        if set(pair) != {"lora_A", "lora_B"}:
+            raise AdapterMergeError(f"{name} has {sorted(pair)}, needs lora_A and lora_B")
+        a, b = pair["lora_A"], pair["lora_B"]
+        experts = owner.num_experts
+        stacked_in, stacked_out = a.shape[1], b.shape[0]
+        kinds = [k for k in ("gate_up", "down") if owner.shape(k) == (stacked_in, stacked_out)]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] % experts or b.shape[1] != a.shape[0]:
+            kinds = []
+        if len(kinds) != 1:
+            raise AdapterMergeError(
+                f"{name}: A {tuple(a.shape)} / B {tuple(b.shape)} are not a LoRA stacked over "
+                f"the {experts} experts' gate_up {owner.shape('gate_up')} or down "
+                f"{owner.shape('down')} projection"
+            )
+        r = a.shape[0] // experts
+        per_expert_a = a.reshape(experts, r, stacked_in)
+        per_expert_b = b.reshape(stacked_out, r, experts)
+        for e in range(experts):
+            module = f"{owner_name}.{kinds[0]}_projs.{e}"
+            if module in split:
+                raise AdapterMergeError(f"{module} is targeted twice")
+            split[module] = {"lora_A": per_expert_a[e], "lora_B": per_expert_b[:, :, e]}
+    return split
 
 
 def _linear_shape(layers: dict[str, nn.Module], module: str) -> tuple[int, int]:

@@ -242,3 +242,49 @@ def test_preparing_the_4bit_experts_holds_one_layer_twice_at_most(
     assert alive_while_stacking == [layers - i for i in range(layers) for _ in (0, 1)]
     gc.collect()
     assert all(ref() is None for ref in old)
+
+
+def test_fused_gpt_oss_serves_an_expert_lora_on_target_parameters_as_peft_does(
+    tmp_path: Path,
+) -> None:
+    """What Unsloth saves when it trains a bf16 GPT-OSS: PEFT's target_parameters on the fused
+    [experts, in, out] weights, each factor stacked over the experts (and the second parameter's
+    keys nested under `.base_layer`). The static decoder splits it per expert and answers as
+    PEFT's own forward does, with and without the adapter."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tests.tiny_models import tiny_gpt_oss
+
+    model_dir = tiny_gpt_oss(tmp_path / "tiny-gpt-oss")
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    lora = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj"],
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+    )
+    peft_model = get_peft_model(base, lora)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:  # B starts at zero: make the adapter change the answers
+                param.normal_(0, 0.5)
+    adapter = tmp_path / "adapter"
+    peft_model.save_pretrained(adapter)
+    from safetensors.torch import load_file
+
+    saved = load_file(adapter / "adapter_model.safetensors")
+    assert any(".experts.base_layer.lora_A" in key for key in saved)
+
+    home = model_home(tmp_path / "home", model_dir, chat_format="harmony")
+    reference = _engine(home, "generate")
+    reference.load_adapter("a", adapter)
+    expected = _answers(reference, [None, "a"])
+    del reference
+    assert expected[:2] != expected[2:], "the adapter should change the answers"
+
+    engine = _engine(home, "static")
+    assert isinstance(engine.model.model.layers[0].mlp.experts, moe_decode.DecodeExperts)
+    engine.load_adapter("a", adapter)
+    assert _answers(engine, [None, "a", None]) == expected + expected[:2]

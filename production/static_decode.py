@@ -130,17 +130,15 @@ def _split_stacked_experts(
     for name, pair in pairs.items():
         owner_name = name.replace(".base_layer", "")
         owner = layers.get(owner_name)
-        if not isinstance(owner, DecodeExperts):
-            split[name] = pair
+        if not isinstance(owner, DecodeExperts) or set(pair) != {"lora_A", "lora_B"}:
+            split[name] = pair  # read_lora's own checks name what is wrong with it
             continue
-        if set(pair) != {"lora_A", "lora_B"}:
-            raise AdapterMergeError(f"{name} has {sorted(pair)}, needs lora_A and lora_B")
         a, b = pair["lora_A"], pair["lora_B"]
         experts = owner.num_experts
-        stacked_in, stacked_out = a.shape[1], b.shape[0]
-        kinds = [k for k in ("gate_up", "down") if owner.shape(k) == (stacked_in, stacked_out)]
-        if a.ndim != 2 or b.ndim != 2 or a.shape[0] % experts or b.shape[1] != a.shape[0]:
-            kinds = []
+        kinds = []
+        if a.ndim == 2 and b.ndim == 2 and not a.shape[0] % experts and b.shape[1] == a.shape[0]:
+            stacked_in, stacked_out = a.shape[1], b.shape[0]
+            kinds = [k for k in ("gate_up", "down") if owner.shape(k) == (stacked_in, stacked_out)]
         if len(kinds) != 1:
             raise AdapterMergeError(
                 f"{name}: A {tuple(a.shape)} / B {tuple(b.shape)} are not a LoRA stacked over "

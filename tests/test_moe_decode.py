@@ -8,6 +8,7 @@ through adapter swaps and past the sliding window. tests/test_gpu.py runs the ke
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ from benchmarks.gpt_oss_checkpoint import build  # noqa: E402
 from benchmarks.moe_decode import random_adapter  # noqa: E402
 from common.config import load_settings  # noqa: E402
 from production import moe_decode  # noqa: E402
-from production.engine import Engine, Sampling  # noqa: E402
+from production.engine import AdapterLoadError, Engine, Sampling  # noqa: E402
 from tests.tiny_models import model_home  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -272,7 +273,7 @@ def test_fused_gpt_oss_serves_an_expert_lora_on_target_parameters_as_peft_does(
                 param.normal_(0, 0.5)
     adapter = tmp_path / "adapter"
     peft_model.save_pretrained(adapter)
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file, save_file
 
     saved = load_file(adapter / "adapter_model.safetensors")
     assert any(".experts.base_layer.lora_A" in key for key in saved)
@@ -288,3 +289,12 @@ def test_fused_gpt_oss_serves_an_expert_lora_on_target_parameters_as_peft_does(
     assert isinstance(engine.model.model.layers[0].mlp.experts, moe_decode.DecodeExperts)
     engine.load_adapter("a", adapter)
     assert _answers(engine, [None, "a", None]) == expected + expected[:2]
+
+    # A stacked factor cut short (not r per expert) is refused by name; "a" still serves.
+    broken = tmp_path / "broken"
+    shutil.copytree(adapter, broken)
+    cut = next(key for key in saved if key.endswith("mlp.experts.base_layer.lora_A.weight"))
+    save_file({**saved, cut: saved[cut][1:]}, broken / "adapter_model.safetensors")
+    with pytest.raises(AdapterLoadError, match="not a LoRA stacked over the 4 experts"):
+        engine.load_adapter("broken", broken)
+    assert _answers(engine, ["a"]) == expected[2:]

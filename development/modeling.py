@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase, StoppingCriteria
 
 from common.config import Settings
 from common.devices import choose_backend
@@ -48,18 +48,36 @@ def load_base(settings: Settings, device: str, *, for_training: bool) -> tuple[A
     return model, tokenizer
 
 
+# Rows decoded together when building the replay cache. A batch decodes until its longest
+# answer ends (a third of the 68 prompts run to the 160-token limit), and on 2 CPU cores with
+# the embedded model a step's fixed cost dominates (ms per step: 104 at 16 rows, 239 at 68),
+# so all 68 prompts in one batch took 56 s where batches of 16 took 86 s. On a GPU the KV
+# cache of many long harmony answers would crowd a 24 GB card that also holds the model.
+BASE_ANSWER_BATCH = {"cpu": 128, "cuda": 16}
+
+# progress(step, steps): decode steps done of an upper bound (batches x max_new_tokens).
+Progress = Callable[[int, int], None]
+
+
 def base_answers(
-    model: Any, tokenizer: PreTrainedTokenizerBase, settings: Settings, prompts: list[str]
+    model: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    settings: Settings,
+    prompts: list[str],
+    progress: Progress | None = None,
 ) -> list[tuple[str, bool]]:
     """Greedy one-turn answers to `prompts` as (text, finished), for the replay cache."""
     from development.training_data import REPLAY_MAX_NEW_TOKENS
 
+    device = next(model.parameters()).device.type
     out = generate(
         model,
         tokenizer,
         [[{"role": "user", "content": p}] for p in prompts],
         max_new_tokens=REPLAY_MAX_NEW_TOKENS,
         chat_format=settings.model.chat_format,
+        batch_size=BASE_ANSWER_BATCH.get(device, 16),
+        progress=progress,
     )
     return [(g.text, g.finished) for g in out]
 
@@ -193,6 +211,19 @@ def _score_answers(
     return scores
 
 
+class _StepReport(StoppingCriteria):
+    """Never stops generation: reports each decode step to a Progress callback (generate()
+    calls its stopping criteria once per step, which is the only per-step hook it has)."""
+
+    def __init__(self, progress: Progress, done: int, total: int) -> None:
+        self.progress, self.step, self.total = progress, done, total
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        self.step += 1
+        self.progress(self.step, self.total)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
 @dataclass(frozen=True)
 class Generated:
     text: str
@@ -210,13 +241,16 @@ def generate(
     max_new_tokens: int,
     chat_format: str = "plain",
     batch_size: int = 16,
+    progress: Progress | None = None,
 ) -> list[Generated]:
     """Greedy answers, batched with left padding. For harmony models the text is the final
-    channel (generation runs past the analysis channel's `<|end|>` to the real stop)."""
+    channel (generation runs past the analysis channel's `<|end|>` to the real stop).
+    `progress` is called after every decode step (see Progress)."""
     model.eval()
     device = next(model.parameters()).device
     eos = stop_token_ids(tokenizer, chat_format)
     results: list[Generated] = []
+    batches = -(-len(prompts) // batch_size)
     padding_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
@@ -232,6 +266,10 @@ def generate(
                     input_ids[row, width - len(ids) :] = torch.tensor(ids)
                     attention[row, width - len(ids) :] = 1
                 started = time.monotonic()
+                stopping = None
+                if progress is not None:
+                    done = start // batch_size * max_new_tokens
+                    stopping = [_StepReport(progress, done, batches * max_new_tokens)]
                 out = model.generate(
                     input_ids=input_ids.to(device),
                     attention_mask=attention.to(device),
@@ -243,6 +281,7 @@ def generate(
                     top_k=None,
                     eos_token_id=eos,
                     pad_token_id=tokenizer.pad_token_id,
+                    stopping_criteria=stopping,
                 )
                 seconds = (time.monotonic() - started) / len(batch)
                 for row in out[:, width:].tolist():

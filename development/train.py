@@ -461,10 +461,18 @@ def train_candidate(ctx: RunContext, *, force: bool = False) -> str | None:
     model, tokenizer = modeling.load_base(settings, ctx.device, for_training=True)
     ctx.mark("load")
 
-    ctx.report({"stage": "base answers", "step": 0, "max_steps": 0})
+    reported = 0.0
+
+    def answering(step: int, steps: int) -> None:
+        # Once a second at most: each report is a write to the store.
+        nonlocal reported
+        if time.monotonic() - reported >= 1.0 or step == steps:
+            reported = time.monotonic()
+            ctx.report({"stage": "base answers", "step": step, "max_steps": steps})
 
     base_answers = training_data.load_base_answers(
-        settings, lambda prompts: modeling.base_answers(model, tokenizer, settings, prompts)
+        settings,
+        lambda prompts: modeling.base_answers(model, tokenizer, settings, prompts, answering),
     )
     ctx.mark("base answers")
     model.config.use_cache = False

@@ -42,7 +42,7 @@ Messages = list[dict[str, str]]
 TokenCounter = Callable[[Messages, str], int]
 
 # Bump when the way base answers are generated changes: old caches are then regenerated.
-REPLAY_VERSION = 1
+REPLAY_VERSION = 2
 REPLAY_MAX_NEW_TOKENS = 160
 
 
@@ -134,16 +134,21 @@ def load_base_answers(
             log.warning("replay cache %s is unreadable (%s); regenerating", path, exc)
     if generate is None:
         raise FileNotFoundError(f"no cached base answers at {path}")
+    named = {
+        "replay": list(probes.REPLAY),
+        "validation": list(probes.VALIDATION),
+        "regression": list(probes.REGRESSION),
+    }
+    # One call for all three sets: generation batches them together (modeling.base_answers).
+    answers = generate([prompt for prompts in named.values() for prompt in prompts])
     sets: dict[str, list[dict[str, str]]] = {}
-    for name, prompts in (
-        ("replay", probes.REPLAY),
-        ("validation", probes.VALIDATION),
-        ("regression", probes.REGRESSION),
-    ):
-        answers = generate(list(prompts))
+    start = 0
+    for name, prompts in named.items():
+        own = answers[start : start + len(prompts)]
+        start += len(prompts)
         sets[name] = [
             {"prompt": prompt, "answer": text}
-            for prompt, (text, finished) in zip(prompts, answers, strict=True)
+            for prompt, (text, finished) in zip(prompts, own, strict=True)
             if finished and text.strip()
         ]
         log.info("base answers for %s: %d of %d finished", name, len(sets[name]), len(prompts))

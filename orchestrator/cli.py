@@ -133,7 +133,8 @@ def doctor(
         bool, typer.Option(help="Prepare the embedded default model if it is not yet.")
     ] = True,
 ) -> None:
-    """Check this machine and the home; prepare the embedded default model once."""
+    """Check this machine and the home; prepare the embedded default model (and its answers
+    to the replay prompts) once."""
     settings = settings_for(home, set_)
     paths = settings.paths.create()
     if prepare and settings.model.base_model == EMBEDDED_MODEL:
@@ -144,6 +145,14 @@ def doctor(
         )
         if code != 0:
             raise _fail("preparing the embedded default model failed (see above)")
+        # Its answers to the replay prompts, so the first training run starts training at once.
+        code = subprocess.call(
+            [_python(), "-m", "development.base_answers", "--home", str(paths.root)]
+            + [arg for item in set_ or [] for arg in ("--set", item)],
+            stdout=subprocess.DEVNULL,
+        )
+        if code != 0:
+            raise _fail("generating the embedded model's base answers failed (see above)")
     probe = subprocess.run(
         [_python(), "-m", "production.doctor", "--home", str(paths.root)],
         capture_output=True,

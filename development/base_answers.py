@@ -1,0 +1,65 @@
+"""Prepare the base model's answers to the shipped general prompts (the replay cache that every
+training run mixes in and the gate's regression probes compare against), once per base model.
+
+    python -m development.base_answers --home ~/.local/share/whetstone
+
+`whetstone doctor` runs this after preparing the embedded default model, so the first
+training run on a fresh home starts training at once instead of generating 68 answers first
+(56 s on two idle CPU cores in one batch; 86 s in batches of 16 before, and 12-30 minutes
+next to other work). A model configured otherwise gets its cache from its first
+training run, on the training device, with progress in `whetstone status`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+from common.entrypoint import add_settings_arguments, log_to_stderr, settings_from_args
+
+log = logging.getLogger("development.base_answers")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_settings_arguments(parser)
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--device", default="cpu", help="where to generate (default cpu; e.g. cuda:0)"
+    )
+    args = parser.parse_args(argv)
+    settings = settings_from_args(args)
+    log_to_stderr(settings)
+
+    from tqdm import tqdm
+
+    from development import modeling, training_data
+
+    path = training_data.replay_cache_file(settings)
+    if path.is_file():
+        sys.stdout.write(f"{path}\n")
+        return 0
+    started = time.monotonic()
+    model, tokenizer = modeling.load_base(settings, args.device, for_training=False)
+    bar = tqdm(desc="base answers", unit="step", disable=args.quiet, file=sys.stderr)
+
+    def progress(step: int, steps: int) -> None:
+        bar.total = steps
+        bar.update(step - bar.n)
+
+    try:
+        training_data.load_base_answers(
+            settings,
+            lambda prompts: modeling.base_answers(model, tokenizer, settings, prompts, progress),
+        )
+    finally:
+        bar.close()
+    log.info("base answers ready in %.1f s at %s", time.monotonic() - started, path)
+    sys.stdout.write(f"{path}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import platform
+import resource
 import shutil
 import signal
 import time
@@ -529,6 +530,8 @@ def train_candidate(ctx: RunContext, *, force: bool = False) -> str | None:
                 "stages": [stage.summary() for stage in ctx.stages],
                 # Peak GPU memory (GiB) per stage of this job; {} on the CPU.
                 "peak_gpu_gib": ctx.peaks.as_dict(),
+                # Peak resident host memory of this job so far (loading and training).
+                "peak_host_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
                 "loss_curve": {stage.name: stage.curve for stage in ctx.stages},
                 "monitor": ctx.stages[0].monitor,
             }

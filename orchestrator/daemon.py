@@ -471,6 +471,11 @@ class Daemon:
                 log.exception("dispatch failed")
                 self._error(f"dispatch: {exc}")
             self._write_state()
+            if self.scheduler is not None and self.scheduler.running:
+                # The job store is read again every poll: a job made due in the store by
+                # another process (the week benchmark's clock, a hand-edited schedule) runs
+                # within a poll instead of at the scheduler's own next wake-up.
+                self.scheduler.wakeup()
             self._wake.clear()
             wake = asyncio.ensure_future(self._wake.wait())
             stop = asyncio.ensure_future(self._stopping.wait())

@@ -1,0 +1,564 @@
+"""A scripted person living with whetstone for a simulated week: is the model better every day?
+
+    python -m benchmarks.week [--days 7] [--seed 0] [--home DIR] [--fresh] [--set KEY=VALUE ...]
+
+A real `whetstone up` on the embedded model in a throwaway home (or --home), driven only
+through the product's API and triggers:
+
+- each day the person (benchmarks/week_person.py) teaches one or two new personal facts by
+  correcting the model's answers (varying phrasings and corrections), asks an older fact again
+  and corrects it when it is forgotten (rates it 5 when it is not), and chats about everyday
+  things, rating each answer by a consistent taste no correction states (short and direct is
+  good, filler openings and long answers are bad) with a little noise;
+- then night falls: the clock moves the daemon's stored nightly job to now (what the daemon
+  sees when 03:00 comes; it re-reads its job store every poll), so the configured nightly run
+  trains, evaluates, gates and promotes or refuses as it would; the every-N trigger runs as
+  configured too (off by default here: a run in the middle of a day makes the next night's
+  run skip for lack of new data, which is what would happen, but halves what a day measures);
+- after the night: recall of every fact taught so far on unseen paraphrases, the general
+  knowledge questions, the taste on prompts never rated, the serving adapter, the cycle's wall
+  time and peak host memory, and the rows it trained on.
+
+Day 0 is the base model before any teaching. The probes' conversations are deleted after each
+measurement (DELETE /v1/conversations/ID), so nothing the benchmark asks is ever trained on.
+
+Writes benchmarks/results/week-<host>-<date>.json and a plot next to it (recall, taste,
+general knowledge and cycle time by day). --fresh starts from an empty home so that day 1
+includes `whetstone doctor` preparing the model (the first cycle on a fresh home); otherwise the
+prepared model and base answers of the test cache (.cache/test-models) are linked in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from benchmarks import week_person as person
+from common.config import Settings, load_settings
+from data.store import Store
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO / "benchmarks" / "results"
+# The tests' prepared model and base answers (tests/conftest.py), linked into the week's home.
+MODEL_CACHE = Path(os.environ.get("WHETSTONE_TEST_CACHE", REPO / ".cache" / "test-models"))
+# New facts taught on day 1, 2, ... (ten facts over the week).
+FACTS_PER_DAY = (2, 1, 2, 1, 2, 1, 1)
+FINISHED = ("succeeded", "failed", "skipped", "cancelled")
+
+log = logging.getLogger("benchmarks.week")
+
+# The home's config: the week's settings, each overridable with --set.
+CONFIG = """\
+[daemon]
+poll_s = 1.0
+
+[schedule]
+# Off unless set: see the module docstring.
+every_n_feedback = 0
+# The nightly run on the CPU: the standard profile (200 steps of 16 rows) takes ~20 min per
+# night on two cores; quick_test is what a person on the embedded model can afford.
+nightly_profile = "quick_test"
+# At night the person has not chatted for hours; the benchmark's night starts right away.
+idle_before_training_s = 0
+"""
+
+
+@dataclass
+class Day:
+    """What the person did on one day and what was measured after its night."""
+
+    day: int
+    taught: list[str] = field(default_factory=list)
+    restated: list[str] = field(default_factory=list)
+    feedback: dict[str, int] = field(default_factory=dict)
+    run: dict[str, Any] | None = None
+    recall: dict[str, Any] = field(default_factory=dict)
+    knowledge: dict[str, Any] = field(default_factory=dict)
+    taste: dict[str, Any] = field(default_factory=dict)
+    adapter: str | None = None
+    chat_s: float = 0.0
+
+
+class Clock:
+    """Simulated days. Night falls by making the daemon's stored nightly job due now; the
+    daemon runs it at its next poll, as it would at 03:00."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.day = 0
+
+    def night(self) -> datetime:
+        from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
+
+        store = SQLAlchemyJobStore(url=self.settings.db_url, tablename="schedule_jobs")
+        store.start(None, "default")
+        try:
+            job = store.lookup_job("nightly")
+            if job is None:
+                raise RuntimeError("the daemon has no nightly job in its store")
+            due = datetime.now(UTC) - timedelta(seconds=1)
+            job.next_run_time = due
+            store.update_job(job)
+        finally:
+            store.shutdown()
+        self.day += 1
+        return due
+
+
+class Daemon:
+    """`whetstone up` in the week's home, on a free port."""
+
+    def __init__(self, home: Path) -> None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.home = home
+        self.log = open(home / "week-daemon.log", "ab")  # noqa: SIM115 (closed in stop)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("WHETSTONE_")}
+        command = [sys.executable, "-m", "orchestrator.cli", "up", "--home", str(home)]
+        self.proc = subprocess.Popen(
+            [*command, "--port", str(self.port)],
+            cwd=REPO,
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        self.http = httpx.Client(base_url=self.url, timeout=600)
+
+    def wait_ready(self, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                code = self.proc.returncode
+                raise RuntimeError(f"whetstone up exited {code}; see {self.log.name}")
+            try:
+                if self.http.get("/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"the API worker did not come up in {timeout} s")
+
+    def ask(self, question: str, max_tokens: int) -> tuple[str, str, str, bool]:
+        """(message id, conversation id, answer, finished) of one greedy answer."""
+        reply = self.http.post(
+            "/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": question}], "max_tokens": max_tokens},
+        )
+        reply.raise_for_status()
+        body = reply.json()
+        choice = body["choices"][0]
+        conversation = reply.headers["X-Whetstone-Conversation-Id"]
+        content = choice["message"]["content"] or ""
+        return body["id"], conversation, content, choice["finish_reason"] == "stop"
+
+    def feedback(self, message_id: str, rating: int, correction: str | None = None) -> None:
+        body: dict[str, Any] = {"message_id": message_id, "rating": rating}
+        if correction is not None:
+            body["correction"] = correction
+        self.http.post("/v1/feedback", json=body).raise_for_status()
+
+    def forget(self, conversation_id: str) -> None:
+        self.http.delete(f"/v1/conversations/{conversation_id}").raise_for_status()
+
+    def adapter(self) -> str | None:
+        return self.http.get("/v1/status").json().get("adapter_id")
+
+    def stop(self) -> None:
+        self.http.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(120)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+# --- measurements ----------------------------------------------------------------------------
+
+
+def measure(daemon: Daemon, facts: list[person.WeekFact], taste_prompts: tuple[str, ...]) -> dict:
+    """Recall, general knowledge and taste of the model being served, on questions never
+    trained on (their conversations are deleted after)."""
+    asked: list[str] = []
+
+    def answer(question: str, max_tokens: int) -> tuple[str, bool]:
+        _, conversation, text, finished = daemon.ask(question, max_tokens)
+        asked.append(conversation)
+        return text, finished
+
+    recalled = {}
+    for fact in facts:
+        hits = [fact.keyword in answer(q, 24)[0].lower() for q in fact.probes]
+        recalled[fact.keyword] = f"{sum(hits)}/{len(hits)}"
+    known = [keyword in answer(q, 32)[0].lower() for q, keyword in person.KNOWLEDGE]
+    answers = [answer(q, 160) for q in taste_prompts]
+    for conversation in asked:
+        daemon.forget(conversation)
+    hits = sum(int(v.split("/")[0]) for v in recalled.values())
+    probes = sum(len(f.probes) for f in facts)
+    return {
+        "recall": {
+            "hits": hits,
+            "probes": probes,
+            "share": round(hits / probes, 3) if probes else None,
+            "per_fact": recalled,
+        },
+        "knowledge": {"right": sum(known), "of": len(known)},
+        "taste": {
+            "score": round(sum(person.taste(a, f) for a, f in answers) / len(answers), 3),
+            "words": round(sum(person.words(a) for a, _ in answers) / len(answers), 1),
+            "filler": round(sum(person.filler_opening(a) for a, _ in answers) / len(answers), 3),
+            "unfinished": sum(not f for _, f in answers),
+            "answers": [a for a, _ in answers],
+        },
+    }
+
+
+def cycle(settings: Settings, run_id: str) -> dict[str, Any]:
+    """The night's run as the store and its candidate's meta recorded it."""
+    with Store(settings.db_url) as store:
+        run = store.get_run(run_id)
+        assert run is not None
+        record = {
+            "id": run.id,
+            "trigger": run.trigger,
+            "profile": run.profile,
+            "status": run.status,
+            "reason": run.reason or run.error,
+            "candidate": run.candidate_id,
+            "wall_s": round((run.finished_at - run.started_at).total_seconds(), 1)
+            if run.finished_at and run.started_at
+            else None,
+            "rows": {
+                key: run.data_snapshot.get("counts", {}).get(key)
+                for key in ("sft_rows", "replay_rows", "dpo_rows", "kto_rows", "feedback_items")
+            },
+        }
+    if run.candidate_id:
+        meta_file = settings.paths.candidates_dir / run.candidate_id / "meta.json"
+        if meta_file.is_file():
+            meta = json.loads(meta_file.read_text())
+            training = meta.get("metrics", {}).get("training", {})
+            evaluation = meta.get("metrics", {}).get("evaluation", {})
+            record["peak_host_gib"] = training.get("peak_host_gib")
+            record["stages"] = [
+                {k: s.get(k) for k in ("name", "rows", "steps", "seconds")}
+                for s in training.get("stages", [])
+            ]
+            record["decision"] = evaluation.get("decision")
+            record["rule"] = evaluation.get("rule")
+    return record
+
+
+def wait_for_night(settings: Settings, since: datetime, timeout: float) -> list[str]:
+    """Ids of the runs queued since `since` (the day's every-N runs and the night's), once a
+    nightly one is among them and none of them is queued or running."""
+    deadline = time.monotonic() + timeout
+    with Store(settings.db_url) as store:
+        while time.monotonic() < deadline:
+            runs = [r for r in store.list_runs(limit=20) if _aware(r.created_at) >= since]
+            nightly = [r for r in runs if r.trigger == "nightly"]
+            if nightly and all(r.status in FINISHED for r in runs):
+                return [r.id for r in reversed(runs)]
+            time.sleep(1.0)
+    raise TimeoutError(f"the night's run did not finish in {timeout} s")
+
+
+def _aware(when: datetime) -> datetime:
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+# --- the week --------------------------------------------------------------------------------
+
+
+def teach(daemon: Daemon, fact: person.WeekFact, rng: random.Random, today: Day) -> None:
+    """Ask the fact's teaching questions; correct each answer (the person reads the first
+    words and types the fact, in one of their wordings)."""
+    for question in fact.questions:
+        message_id, _, _, _ = daemon.ask(question, 16)
+        daemon.feedback(message_id, rating=1, correction=rng.choice(fact.corrections))
+        today.feedback["corrections"] = today.feedback.get("corrections", 0) + 1
+
+
+def restate(daemon: Daemon, fact: person.WeekFact, rng: random.Random, today: Day) -> None:
+    """Ask an older fact again, two of its phrasings: a right answer is rated 5, a wrong one
+    corrected in other words."""
+    for question in rng.sample(fact.questions, 2):
+        message_id, _, text, _ = daemon.ask(question, 24)
+        if fact.keyword in text.lower():
+            daemon.feedback(message_id, rating=5)
+            today.feedback["ratings"] = today.feedback.get("ratings", 0) + 1
+        else:
+            daemon.feedback(message_id, rating=1, correction=rng.choice(fact.corrections))
+            today.feedback["corrections"] = today.feedback.get("corrections", 0) + 1
+
+
+def chat(daemon: Daemon, prompts: list[str], rng: random.Random, today: Day) -> None:
+    for prompt in prompts:
+        message_id, _, text, finished = daemon.ask(prompt, 160)
+        daemon.feedback(message_id, rating=person.rating(text, finished, rng))
+        today.feedback["ratings"] = today.feedback.get("ratings", 0) + 1
+
+
+def prepare_home(home: Path, fresh: bool, sets: list[str]) -> dict[str, float]:
+    """The week's config; the prepared model linked in, or (fresh) `whetstone doctor` timed."""
+    import tomllib
+
+    import tomli_w
+
+    home.mkdir(parents=True, exist_ok=True)
+    config = tomllib.loads(CONFIG)
+    for item in sets:
+        key, _, value = item.partition("=")
+        section, _, name = key.rpartition(".")
+        try:
+            parsed = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            parsed = value  # a bare word is a string, as `whetstone --set` takes it
+        config.setdefault(section, {})[name] = parsed
+    (home / "config.toml").write_text(tomli_w.dumps(config))
+    if not fresh:
+        from production.base_model import EMBEDDED_DIRNAME
+
+        (home / "models").mkdir(exist_ok=True)
+        cached = MODEL_CACHE / "models"
+        for name in (EMBEDDED_DIRNAME, "replay"):
+            if not (cached / name).exists():
+                raise FileNotFoundError(
+                    f"{cached / name} is missing: run the tests once, or use --fresh"
+                )
+            (home / "models" / name).symlink_to(cached / name, target_is_directory=True)
+        return {}
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "doctor", "--home", str(home)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"whetstone doctor failed:\n{done.stdout}{done.stderr[-3000:]}")
+    return {"doctor_s": round(time.monotonic() - started, 1)}
+
+
+def run_week(
+    home: Path,
+    *,
+    days: int = 7,
+    seed: int = 0,
+    fresh: bool = False,
+    sets: list[str] | None = None,
+    facts_per_day: tuple[int, ...] = FACTS_PER_DAY,
+    chats_per_day: int = 8,
+    taste_prompts: tuple[str, ...] = person.TASTE_PROMPTS,
+    night_timeout_s: float = 1800,
+) -> dict[str, Any]:
+    """The whole week in `home`; returns what was measured (see the module docstring)."""
+    if days < 1 or days > len(facts_per_day):
+        raise ValueError(f"--days must be 1..{len(facts_per_day)}")
+    if sum(facts_per_day[:days]) > len(person.FACTS):
+        raise ValueError("more facts wanted than the person has")
+    if chats_per_day * days > len(person.CHAT_PROMPTS):
+        raise ValueError("more chat prompts wanted than the person has")
+    rng = random.Random(seed)
+    facts = list(person.FACTS)
+    rng.shuffle(facts)
+    chats = list(person.CHAT_PROMPTS)
+    rng.shuffle(chats)
+    setup = prepare_home(home, fresh, sets or [])
+    settings = load_settings(home)
+    started = time.monotonic()
+    daemon = Daemon(home)
+    timeline: list[Day] = []
+    try:
+        daemon.wait_ready()
+        setup["daemon_ready_s"] = round(time.monotonic() - started, 1)
+        clock = Clock(settings)
+        base = Day(0)
+        _record(base, measure(daemon, facts[: sum(facts_per_day[:days])], taste_prompts))
+        base.adapter = daemon.adapter()
+        timeline.append(base)
+        log.info("day 0 (base): %s", _line(base))
+        taught: list[person.WeekFact] = []
+        for day in range(1, days + 1):
+            today = Day(day)
+            began = time.monotonic()
+            day_began = datetime.now(UTC) - timedelta(seconds=1)
+            new = facts[len(taught) : len(taught) + facts_per_day[day - 1]]
+            for fact in new:
+                teach(daemon, fact, rng, today)
+                today.taught.append(fact.keyword)
+            if taught:
+                older = rng.choice(taught)
+                restate(daemon, older, rng, today)
+                today.restated.append(older.keyword)
+            taught += new
+            chat(daemon, chats[(day - 1) * chats_per_day : day * chats_per_day], rng, today)
+            today.chat_s = round(time.monotonic() - began, 1)
+
+            clock.night()
+            runs = wait_for_night(settings, day_began, night_timeout_s)
+            cycles = [cycle(settings, run_id) for run_id in runs]
+            today.run = next(c for c in cycles if c["trigger"] == "nightly")
+            if len(cycles) > 1:
+                today.feedback["other_runs"] = len(cycles) - 1
+            # The promoted adapter is swapped in by the worker; wait until it serves.
+            today.adapter = _current(settings)
+            _wait(lambda a=today.adapter: daemon.adapter() == a, f"{today.adapter} served", 120)
+            _record(today, measure(daemon, taught, taste_prompts))
+            timeline.append(today)
+            log.info("day %d: %s", day, _line(today))
+    finally:
+        daemon.stop()
+    return {
+        "host": platform.node(),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "seed": seed,
+        "days": days,
+        "fresh_home": fresh,
+        "config": (home / "config.toml").read_text(),
+        "setup": setup,
+        "wall_s": round(time.monotonic() - started, 1),
+        "timeline": [day.__dict__ for day in timeline],
+        "summary": summarize(timeline),
+    }
+
+
+def _record(day: Day, measured: dict[str, Any]) -> None:
+    day.recall, day.knowledge, day.taste = (
+        measured["recall"],
+        measured["knowledge"],
+        measured["taste"],
+    )
+
+
+def _current(settings: Settings) -> str | None:
+    from candidates import Registry
+
+    return Registry(settings.paths.candidates_dir).current_id()
+
+
+def _wait(check: Any, what: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"{what}: not within {timeout} s")
+
+
+def _line(day: Day) -> str:
+    run = day.run or {}
+    return (
+        f"recall {day.recall.get('hits')}/{day.recall.get('probes')}, "
+        f"knowledge {day.knowledge.get('right')}/{day.knowledge.get('of')}, "
+        f"taste {day.taste.get('score')} ({day.taste.get('words')} words), "
+        f"run {run.get('status')} {run.get('decision') or run.get('reason') or ''} "
+        f"{run.get('wall_s')} s, serving {day.adapter}"
+    )
+
+
+def summarize(timeline: list[Day]) -> dict[str, Any]:
+    """The week's goals, measured: recall on the last day (facts of day 1 included), general
+    knowledge lost against the base, the taste's movement, the cycle time's growth."""
+    base, last = timeline[0], timeline[-1]
+    nights = [d.run for d in timeline[1:] if d.run]
+    walls = [n["wall_s"] for n in nights if n.get("wall_s")]
+    first_day_facts = timeline[1].taught if len(timeline) > 1 else []
+    per_fact = last.recall.get("per_fact", {})
+    return {
+        "recall_last_day": last.recall.get("share"),
+        "recall_first_day_facts_last_day": {k: per_fact.get(k) for k in first_day_facts},
+        "knowledge_lost": base.knowledge["right"] - last.knowledge["right"],
+        "taste_score": [base.taste["score"], last.taste["score"]],
+        "taste_words": [base.taste["words"], last.taste["words"]],
+        "promotions": sum(1 for n in nights if n.get("decision") == "promote"),
+        "nights": [f"{n.get('status')}:{n.get('decision') or '-'}" for n in nights],
+        "cycle_wall_s": walls,
+        "last_over_first_cycle": round(walls[-1] / walls[0], 2) if len(walls) > 1 else None,
+    }
+
+
+def plot(result: dict[str, Any], out: Path) -> None:
+    """Recall, taste, general knowledge and cycle time by day, one panel each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    days = [d["day"] for d in result["timeline"]]
+    recall = [d["recall"]["share"] or 0 for d in result["timeline"]]
+    taste = [d["taste"]["score"] for d in result["timeline"]]
+    words = [d["taste"]["words"] for d in result["timeline"]]
+    known = [d["knowledge"]["right"] for d in result["timeline"]]
+    walls = [(d["day"], d["run"]["wall_s"]) for d in result["timeline"] if d.get("run")]
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    axes[0][0].plot(days, recall, marker="o")
+    axes[0][0].set(title="facts recalled (unseen paraphrases)", xlabel="day", ylim=(0, 1.05))
+    axes[0][1].plot(days, taste, marker="o", label="taste score (1-5)")
+    twin = axes[0][1].twinx()
+    twin.plot(days, words, marker="s", color="tab:orange", label="words per answer")
+    axes[0][1].set(title="the person's taste on unrated prompts", xlabel="day")
+    axes[0][1].legend(loc="upper left")
+    twin.legend(loc="upper right")
+    of = result["timeline"][0]["knowledge"]["of"]
+    axes[1][0].plot(days, known, marker="o")
+    axes[1][0].set(title=f"general questions right (of {of})", xlabel="day", ylim=(0, of + 0.5))
+    if walls:
+        axes[1][1].bar([d for d, _ in walls], [w or 0 for _, w in walls])
+    axes[1][1].set(title="nightly cycle wall time (s)", xlabel="day")
+    fig.suptitle(f"whetstone, a simulated week (seed {result['seed']}, {result['host']})")
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--days", type=int, default=7)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--home", type=Path, default=None, help="keep the week's home here")
+    parser.add_argument("--fresh", action="store_true", help="day 1 includes preparing the model")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    if args.days < 1 or args.days > len(FACTS_PER_DAY):
+        parser.error(f"--days must be 1..{len(FACTS_PER_DAY)}")
+    for item in args.sets:
+        if "=" not in item or "." not in item.partition("=")[0]:
+            parser.error(f"--set {item!r}: expected SECTION.KEY=VALUE (a TOML value)")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    with tempfile.TemporaryDirectory(prefix="whetstone-week-") as tmp:
+        home = args.home or Path(tmp) / "home"
+        result = run_week(home, days=args.days, seed=args.seed, fresh=args.fresh, sets=args.sets)
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    out = RESULTS_DIR / f"week-{platform.node()}-{stamp}.json"
+    out.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
+    plot(result, out.with_suffix(".png"))
+    sys.stdout.write(json.dumps(result["summary"], indent=1) + "\n")
+    sys.stdout.write(f"written {out} and {out.with_suffix('.png').name}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -51,6 +51,7 @@ import httpx
 
 from benchmarks import week_person as person
 from common.config import Settings, load_settings
+from common.fs import atomic_write_text
 from data.store import Store
 
 REPO = Path(__file__).resolve().parent.parent
@@ -372,8 +373,10 @@ def run_week(
     chats_per_day: int = 8,
     taste_prompts: tuple[str, ...] = person.TASTE_PROMPTS,
     night_timeout_s: float = 1800,
+    on_day: Any = None,
 ) -> dict[str, Any]:
-    """The whole week in `home`; returns what was measured (see the module docstring)."""
+    """The whole week in `home`; returns what was measured (see the module docstring).
+    `on_day(result)` gets the result so far after every day (a long run keeps what it has)."""
     if days < 1 or days > len(facts_per_day):
         raise ValueError(f"--days must be 1..{len(facts_per_day)}")
     if sum(facts_per_day[:days]) > len(person.FACTS):
@@ -390,6 +393,21 @@ def run_week(
     started = time.monotonic()
     daemon = Daemon(home)
     timeline: list[Day] = []
+
+    def result() -> dict[str, Any]:
+        return {
+            "host": platform.node(),
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            "seed": seed,
+            "days": days,
+            "fresh_home": fresh,
+            "config": (home / "config.toml").read_text(),
+            "setup": setup,
+            "wall_s": round(time.monotonic() - started, 1),
+            "timeline": [day.__dict__ for day in timeline],
+            "summary": summarize(timeline),
+        }
+
     try:
         daemon.wait_ready()
         setup["daemon_ready_s"] = round(time.monotonic() - started, 1)
@@ -428,20 +446,11 @@ def run_week(
             _record(today, measure(daemon, taught, taste_prompts))
             timeline.append(today)
             log.info("day %d: %s", day, _line(today))
+            if on_day is not None:
+                on_day(result())
     finally:
         daemon.stop()
-    return {
-        "host": platform.node(),
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "seed": seed,
-        "days": days,
-        "fresh_home": fresh,
-        "config": (home / "config.toml").read_text(),
-        "setup": setup,
-        "wall_s": round(time.monotonic() - started, 1),
-        "timeline": [day.__dict__ for day in timeline],
-        "summary": summarize(timeline),
-    }
+    return result()
 
 
 def _record(day: Day, measured: dict[str, Any]) -> None:
@@ -519,14 +528,16 @@ def plot(result: dict[str, Any], out: Path) -> None:
     twin = axes[0][1].twinx()
     twin.plot(days, words, marker="s", color="tab:orange", label="words per answer")
     axes[0][1].set(title="the person's taste on unrated prompts", xlabel="day")
-    axes[0][1].legend(loc="upper left")
-    twin.legend(loc="upper right")
+    axes[0][1].legend(loc="lower left")
+    twin.legend(loc="lower right")
     of = result["timeline"][0]["knowledge"]["of"]
     axes[1][0].plot(days, known, marker="o")
     axes[1][0].set(title=f"general questions right (of {of})", xlabel="day", ylim=(0, of + 0.5))
     if walls:
         axes[1][1].bar([d for d, _ in walls], [w or 0 for _, w in walls])
     axes[1][1].set(title="nightly cycle wall time (s)", xlabel="day")
+    for axis in (*axes[0], *axes[1]):
+        axis.set_xticks(days)
     fig.suptitle(f"whetstone, a simulated week (seed {result['seed']}, {result['host']})")
     fig.tight_layout()
     fig.savefig(out, dpi=90)
@@ -547,13 +558,19 @@ def main(argv: list[str] | None = None) -> int:
         if "=" not in item or "." not in item.partition("=")[0]:
             parser.error(f"--set {item!r}: expected SECTION.KEY=VALUE (a TOML value)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    with tempfile.TemporaryDirectory(prefix="whetstone-week-") as tmp:
-        home = args.home or Path(tmp) / "home"
-        result = run_week(home, days=args.days, seed=args.seed, fresh=args.fresh, sets=args.sets)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-    out = RESULTS_DIR / f"week-{platform.node()}-{stamp}.json"
-    out.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
+    out = RESULTS_DIR / f"week-{platform.node()}-seed{args.seed}-{stamp}.json"
+
+    def write(result: dict[str, Any]) -> None:
+        atomic_write_text(out, json.dumps(result, indent=1, ensure_ascii=False) + "\n")
+
+    with tempfile.TemporaryDirectory(prefix="whetstone-week-") as tmp:
+        home = args.home or Path(tmp) / "home"
+        result = run_week(
+            home, days=args.days, seed=args.seed, fresh=args.fresh, sets=args.sets, on_day=write
+        )
+    write(result)
     plot(result, out.with_suffix(".png"))
     sys.stdout.write(json.dumps(result["summary"], indent=1) + "\n")
     sys.stdout.write(f"written {out} and {out.with_suffix('.png').name}\n")

@@ -302,6 +302,22 @@ class Training(_Section):
     replay_fraction: float = Field(
         0.5, ge=0, lt=1, description="Share of rows that replay base answers (against forgetting)."
     )
+    # Measured over a simulated week (benchmarks.week, embedded model, quick_test nightly):
+    # every night training a fresh adapter on the whole history spread a fixed step budget
+    # over ever more rows, and facts taught early were lost as later ones came. Starting
+    # from the champion keeps what it learned; the night's steps then go to the new feedback
+    # and a sample of the earlier (earlier_rows_per_new per new row) that keeps it in place.
+    start_from: Literal["champion", "base"] = Field(
+        "champion",
+        description="champion = continue the served adapter (when it has this run's LoRA "
+        "shape) on new feedback plus a replay of earlier feedback; base = a fresh adapter "
+        "on all feedback.",
+    )
+    earlier_rows_per_new: float = Field(
+        1.0,
+        ge=0,
+        description="Starting from the champion: earlier feedback rows replayed per new row.",
+    )
     seed: int = Field(3407, description="Seed for data order and LoRA init.")
     # Padding-free batches lay a batch's rows end to end instead of padding them to the
     # longest: less memory, but faster only with varlen attention kernels (flash-attn).

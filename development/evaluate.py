@@ -9,9 +9,9 @@ loaded side by side and switched (the base is the model with adapters disabled).
     holdout_nll            per-token NLL of the person's held-out targets (corrections, and
                            answers rated 4-5): how much closer the model is to what they want
     correction_nll         the same, corrections only
-    correction_accuracy    held-out corrections the model finds likelier (per token) than
-                           every other correction in the holdout, given the same prompt:
-                           right answer to the right question, not just the right style
+    correction_accuracy    how often a held-out correction is likelier (per token) than each
+                           other correction in the holdout, given the same prompt: right
+                           answer to the right question, not just the right style
     preference_accuracy    held-out pairs where log p(chosen) > log p(rejected)
     preference_margin      mean log p(chosen) - log p(rejected) over those pairs
     rating_separation      mean per-token log p of 4-5 rated answers minus 1-2 rated ones
@@ -45,7 +45,7 @@ from data.store import Store
 from production.device_pin import pin_device
 
 from . import probes, training_data
-from .gate import decide
+from .gate import UNFINISHED, decide
 
 log = logging.getLogger("development.evaluate")
 
@@ -60,7 +60,7 @@ METRIC_INFO: dict[str, dict[str, Any]] = {
     "holdout_nll": {"label": "Held-out target NLL (per token)", "better": "lower"},
     "correction_nll": {"label": "Held-out correction NLL (per token)", "better": "lower"},
     "correction_accuracy": {
-        "label": "Held-out corrections preferred over the person's others",
+        "label": "Held-out corrections preferred over the person's others (pairwise)",
         "better": "higher",
         "percent": True,
     },
@@ -105,7 +105,7 @@ def sanity_problem(text: str, finished: bool) -> str | None:
     if loop:
         return loop
     if not finished:
-        return f"did not finish within {SANITY_MAX_NEW_TOKENS} tokens"
+        return f"{UNFINISHED} {SANITY_MAX_NEW_TOKENS} tokens"
     return None
 
 
@@ -121,11 +121,15 @@ def _last_user(item: FeedbackItem) -> str:
 def _correction_accuracy(
     model: Any, tokenizer: Any, holdout: list[FeedbackItem], max_length: int
 ) -> tuple[float | None, int]:
-    """Held-out corrections the model finds likelier (per token) than every *other*
-    correction the person wrote in the holdout, given the same prompt. NLL alone is blind to
-    a model that learned the person's answer style but attaches the wrong answers to the
-    questions (it scores a shuffled-target adapter as a big win); this contrast is not.
-    Returns (share right, items contrasted); (None, 0) with fewer than 2 distinct texts."""
+    """How often a held-out correction is likelier (per token) than each *other* correction
+    the person wrote in the holdout, given the same prompt: the mean pairwise win rate. NLL
+    alone is blind to a model that learned the person's answer style but attaches the wrong
+    answers to the questions (it scores a shuffled-target adapter as a big win); this
+    contrast is not. Pairwise, not "beats every other": a person words a fact differently
+    from day to day, and another wording of the same answer is a coin flip that, under
+    "beats every other", failed the whole item (a simulated week, benchmarks.week, was
+    refused with every fact learned). Returns (win rate, items contrasted); (None, 0) with
+    fewer than 2 distinct texts."""
     from development.modeling import score_answers
 
     corrected = [item for item in holdout if item.correction]
@@ -134,13 +138,13 @@ def _correction_accuracy(
         return None, 0
     pairs = [(item.context, text) for item in corrected for text in texts]
     scores = score_answers(model, tokenizer, pairs, max_length=max_length)
-    right = 0
+    wins = 0.0
     for index, item in enumerate(corrected):
         row = scores[index * len(texts) : (index + 1) * len(texts)]
         per_token = {t: s.logprob / max(1, s.tokens) for t, s in zip(texts, row, strict=True)}
         own = per_token.pop(item.correction)
-        right += own > max(per_token.values())
-    return right / len(corrected), len(corrected)
+        wins += sum(own > other for other in per_token.values()) / len(per_token)
+    return wins / len(corrected), len(corrected)
 
 
 def knowledge_misses(model: Any, tokenizer: Any, max_length: int) -> list[str]:

@@ -22,6 +22,8 @@ from typing import Any
 from common.config import Gate
 
 Metrics = dict[str, Any]
+# How evaluate.sanity_problem names an answer cut at the length bound.
+UNFINISHED = "did not finish within"
 
 
 @dataclass(frozen=True)
@@ -98,9 +100,10 @@ def decide(candidate: Metrics, champion: Metrics, base: Metrics, gate: Gate) -> 
             Check(
                 "right_answers",
                 cand_right >= champ_right - gate.max_right_answers_drop,
-                f"{cand_right:.0%} of {candidate.get('correction_contrasts')} held-out "
-                f"corrections preferred over the person's other corrections vs the champion's "
-                f"{champ_right:.0%}; at most {gate.max_right_answers_drop:.0%} lower allowed "
+                f"{candidate.get('correction_contrasts')} held-out corrections preferred "
+                f"over the person's other corrections in {cand_right:.0%} of pairs vs the "
+                f"champion's {champ_right:.0%}; at most {gate.max_right_answers_drop:.0%} "
+                "lower allowed "
                 "(gate.max_right_answers_drop): answers must stay with their questions",
             )
         )
@@ -137,8 +140,16 @@ def decide(candidate: Metrics, champion: Metrics, base: Metrics, gate: Gate) -> 
 
     failures = candidate.get("sanity_failures") or []
     checked = candidate.get("sanity_checked") or 0
+    # An answer that runs past the length bound where the base's answer to the same prompt
+    # does too is the prompt's doing (a person asking "why do leaves change colour?" gets an
+    # essay from the base), not a defect the candidate brought.
+    base_long = {f for f in base.get("sanity_failures") or [] if UNFINISHED in f}
+    shared = [f for f in failures if f in base_long]
+    failures = [f for f in failures if f not in base_long]
     if gate.require_sanity:
         detail = f"{checked - len(failures)}/{checked} generated answers passed"
+        if shared:
+            detail += f" ({len(shared)} ran as long as the base's)"
         if failures:
             detail += ": " + "; ".join(failures[:3])
         checks.append(Check("sanity", checked > 0 and not failures, detail))

@@ -157,6 +157,10 @@ def plan_stages(data: Any, settings: Settings, profile_name: str) -> list[Stage]
     return stages
 
 
+def _peak_host_gib() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)  # KiB on Linux
+
+
 def hardware(device: str) -> dict[str, Any]:
     import torch
 
@@ -270,6 +274,43 @@ def _attach_lora(model: Any, settings: Settings, profile_name: str, backend: str
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)
+
+
+def _continue_champion(
+    model: Any, settings: Settings, registry: Registry, champion: str | None
+) -> str:
+    """Copy the champion's LoRA weights into this run's fresh adapter, so training continues
+    what it learned (training.start_from). Returns "" when done, else why it was not: a
+    champion of another base model or LoRA shape (rank, alpha, modules) is never forced in."""
+    if settings.training.start_from != "champion":
+        return "training.start_from is 'base'"
+    if champion is None:
+        return "no champion yet"
+    import json as _json
+
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    candidate = registry.get(champion)
+    if candidate.meta is None or not candidate.valid:
+        return f"the champion {champion} is not readable ({candidate.error})"
+    if candidate.meta.base_model != settings.model.base_model:
+        return f"the champion {champion} was trained on {candidate.meta.base_model}"
+    theirs = _json.loads((candidate.path / "adapter_config.json").read_text())
+    ours = model.peft_config["default"]
+    for key in ("r", "lora_alpha", "use_rslora"):
+        if theirs.get(key) != getattr(ours, key):
+            return f"the champion's LoRA {key} is {theirs.get(key)}, not {getattr(ours, key)}"
+    weights = load_file(str(candidate.path / "adapter_model.safetensors"))
+    fresh = get_peft_model_state_dict(model)
+    if set(weights) != set(fresh):
+        return "the champion's LoRA sits on other modules than this run's"
+    for name, tensor in fresh.items():
+        if weights[name].shape != tensor.shape:
+            shapes = f"{tuple(weights[name].shape)}, not {tuple(tensor.shape)}"
+            return f"the champion's {name} is {shapes}"
+    set_peft_model_state_dict(model, weights)
+    return ""
 
 
 def _train_stage(trainer: Any, stage: Stage, curve: Any) -> Any:
@@ -481,10 +522,22 @@ def train_candidate(ctx: RunContext, *, force: bool = False) -> str | None:
     def count(prompt: list[dict[str, str]], answer: str) -> int:
         return modeling.token_count(tokenizer, prompt, answer)
 
+    from transformers import set_seed
+
+    set_seed(settings.training.seed)
+    model = _attach_lora(model, settings, ctx.profile, backend)
+    not_continued = _continue_champion(model, settings, registry, champion)
+    if not_continued:
+        log.info("a fresh adapter on all feedback: %s", not_continued)
+    else:
+        log.info("continuing the champion %s on new feedback and earlier replay", champion)
+
     from data import exports
 
     items = exports.feedback_items(store)
-    data = training_data.build(items, settings, base_answers, count)
+    data = training_data.build(
+        items, settings, base_answers, count, None if not_continued else champion_snapshot
+    )
     snapshot = data.snapshot()
     store.update_run(ctx.run_id, data_snapshot=snapshot)
     if not data.sft:
@@ -494,10 +547,6 @@ def train_candidate(ctx: RunContext, *, force: bool = False) -> str | None:
     ctx.stages = plan_stages(data, settings, ctx.profile)
     log.info("stage plan: %s", [(s.name, s.max_steps, s.why) for s in ctx.stages])
 
-    from transformers import set_seed
-
-    set_seed(settings.training.seed)
-    model = _attach_lora(model, settings, ctx.profile, backend)
     model = run_sft(model, tokenizer, data, ctx.stages[0], settings, ctx)
     ctx.mark("sft")
     for stage in ctx.stages[1:]:
@@ -523,6 +572,9 @@ def train_candidate(ctx: RunContext, *, force: bool = False) -> str | None:
             "run_id": ctx.run_id,
             "recipe": ctx.recipe,
             "trial": ctx.trial,
+            # The adapter this one continued (training.start_from), or why it started fresh.
+            "started_from": None if not_continued else champion,
+            "fresh_because": not_continued or None,
         },
         data=snapshot,
         metrics={
@@ -531,7 +583,7 @@ def train_candidate(ctx: RunContext, *, force: bool = False) -> str | None:
                 # Peak GPU memory (GiB) per stage of this job; {} on the CPU.
                 "peak_gpu_gib": ctx.peaks.as_dict(),
                 # Peak resident host memory of this job so far (loading and training).
-                "peak_host_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+                "peak_host_gib": _peak_host_gib(),
                 "loss_curve": {stage.name: stage.curve for stage in ctx.stages},
                 "monitor": ctx.stages[0].monitor,
             }

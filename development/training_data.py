@@ -200,8 +200,12 @@ def build(
     settings: Settings,
     base_answers: dict[str, list[dict[str, str]]],
     count: TokenCounter,
+    champion_snapshot: dict[str, Any] | None = None,
 ) -> TrainingData:
-    """All rows of one run from the feedback items (see the module docstring)."""
+    """All rows of one run from the feedback items (see the module docstring). With the
+    champion's data snapshot (a run that continues the champion's adapter), the person's SFT
+    rows are everything new since the champion plus `training.earlier_rows_per_new` earlier
+    rows per new one, sampled: the champion already learned the earlier ones."""
     training = settings.training
     split = split_items(items, training.holdout_fraction, training.validation_fraction)
     max_length = settings.model.max_seq_length
@@ -214,7 +218,8 @@ def build(
 
         return fit_prompt(prompt, answers[0], max_length, longest)
 
-    person = []
+    person, earlier = [], []
+    is_new = _new_since(champion_snapshot)
     for item in split.train:
         target = sft_target(item)
         if target is None:
@@ -223,7 +228,16 @@ def build(
         if prompt is None:
             dropped["sft"] += 1
             continue
-        person.append(_prompt_completion(prompt, target))
+        row = _prompt_completion(prompt, target)
+        (person if is_new(item) else earlier).append(row)
+    rng = random.Random(training.seed)
+    if champion_snapshot is None:
+        earlier_rows = 0
+    else:
+        rng.shuffle(earlier)
+        earlier = earlier[: round(len(person) * training.earlier_rows_per_new)]
+        earlier_rows = len(earlier)
+    person += earlier
 
     validation = []
     for item in split.validation:
@@ -238,7 +252,6 @@ def build(
     ]
 
     # Replay share r of all SFT rows: replay = person * r / (1 - r), capped by what exists.
-    rng = random.Random(training.seed)
     replay_pool = list(base_answers.get("replay", []))
     rng.shuffle(replay_pool)
     fraction = training.replay_fraction
@@ -277,6 +290,7 @@ def build(
         "validation_items": len(split.validation),
         "holdout_items": len(split.holdout),
         "sft_rows": len(person),
+        "earlier_sft_rows": earlier_rows,
         "replay_rows": len(replay),
         "validation_rows": len(validation),
         "validation_person_rows": person_validation,
@@ -301,6 +315,20 @@ def build(
 # --- is a run worth starting? -------------------------------------------------------------
 
 
+def _new_since(champion_snapshot: dict[str, Any] | None) -> Callable[[FeedbackItem], bool]:
+    """Whether an item is new to the champion: never in its training or validation split,
+    or its feedback changed after the champion's data was taken (a later correction)."""
+    if not champion_snapshot:
+        return lambda item: True
+    ids = champion_snapshot.get("message_ids", {})
+    seen = set(ids.get("train", [])) | set(ids.get("validation", []))
+    mark = champion_snapshot.get("feedback_high_water")
+    high_water = datetime.fromisoformat(mark) if mark else None
+    return lambda item: (
+        item.message_id not in seen or (high_water is not None and item.created_at > high_water)
+    )
+
+
 @dataclass(frozen=True)
 class Sufficiency:
     enough: bool
@@ -317,24 +345,10 @@ def sufficiency(
     split = split_items(
         items, settings.training.holdout_fraction, settings.training.validation_fraction
     )
-    seen: set[str] = set()
-    if champion_snapshot:
-        ids = champion_snapshot.get("message_ids", {})
-        seen = set(ids.get("train", [])) | set(ids.get("validation", []))
-        mark = champion_snapshot.get("feedback_high_water")
-        high_water = datetime.fromisoformat(mark) if mark else None
-    else:
-        high_water = None
     # New: never seen by the champion, or its feedback changed since (a later correction);
     # and it teaches something (a rating of 3 without a correction gives no row).
-    new = [
-        item
-        for item in split.train + split.validation
-        if teaches(item)
-        and (
-            item.message_id not in seen or (high_water is not None and item.created_at > high_water)
-        )
-    ]
+    is_new = _new_since(champion_snapshot)
+    new = [item for item in split.train + split.validation if teaches(item) and is_new(item)]
     learnable = [item for item in split.train if sft_target(item) is not None]
     needed = settings.schedule.min_new_examples
     if not learnable:

@@ -73,7 +73,10 @@ def test_the_right_style_with_the_wrong_answers_is_refused(gate: Gate) -> None:
     champ = champion(correction_accuracy=0.9)
     verdict = decide(candidate(holdout_nll=0.4, correction_accuracy=0.1), champ, base(), gate)
     assert (verdict.decision, verdict.rule) == ("reject", "right_answers")
-    assert "10% of 10 held-out corrections" in verdict.reason
+    assert (
+        "10 held-out corrections preferred over the person's other corrections in 10% of pairs"
+        in verdict.reason
+    )
     # A small slip below a champion that was already right on everything is tolerated.
     slip = decide(
         candidate(correction_accuracy=0.8), champion(correction_accuracy=1.0), base(), gate
@@ -171,6 +174,30 @@ def test_sanity_failure_is_named(gate: Gate) -> None:
     # Nothing generated is not a pass.
     unchecked = decide(candidate(sanity_checked=0), champion(), base(), gate)
     assert unchecked.rule == "sanity"
+
+
+def test_an_answer_as_long_as_the_bases_is_not_a_sanity_failure(gate: Gate) -> None:
+    long = "'Why do leaves change colour in autumn?': did not finish within 192 tokens"
+    shorter = "'What is a prime number?': did not finish within 192 tokens"
+    loop = "'Why do leaves change colour in autumn?': repeats 'the the the'"
+    # The base ran past the bound on that prompt too: not the candidate's doing.
+    verdict = decide(
+        candidate(sanity_failures=[long]), champion(), base(sanity_failures=[long]), gate
+    )
+    assert (verdict.decision, verdict.rule) == ("promote", "all_passed")
+    assert (
+        "6/6 generated answers passed (1 ran as long as the base's)"
+        in check(verdict, "sanity").detail
+    )
+    # Where the base finished, or for any other defect, it still is.
+    for failures in ([shorter], [loop]):
+        verdict = decide(
+            candidate(sanity_failures=failures),
+            champion(),
+            base(sanity_failures=[long, loop]),
+            gate,
+        )
+        assert (verdict.decision, verdict.rule) == ("reject", "sanity"), failures
 
 
 def test_sanity_not_required() -> None:

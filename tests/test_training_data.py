@@ -541,3 +541,35 @@ def test_shipped_prompt_sets_are_disjoint() -> None:
     assert not taught & sets["facts"]
     for fact in FACTS:
         assert not set(fact.probes) & taught
+
+
+def test_continuing_the_champion_trains_all_new_rows_and_replays_a_sample_of_the_earlier(
+    store: Store, home: Path
+) -> None:
+    settings = make_settings(home, training={"earlier_rows_per_new": 1.0})
+    earlier = [
+        answer_in(store, settings, "train", f"old {i}", correction=f"old fix {i}") for i in range(6)
+    ]
+    champion = json.loads(
+        json.dumps(build(feedback_items(store), settings, base_answers(), count_words).snapshot())
+    )
+    new = [
+        answer_in(store, settings, "train", f"new {i}", correction=f"new fix {i}") for i in range(2)
+    ]
+    # A later correction of an answer the champion saw is new too.
+    store.add_feedback(earlier[0], correction="old fix 0, corrected again")
+
+    def targets(data: training_data.TrainingData) -> list[str]:
+        return [row["completion"][0]["content"] for row in data.sft if "fix" in str(row)]
+
+    data = build(feedback_items(store), settings, base_answers(replay=0), count_words, champion)
+    seen = targets(data)
+    assert {"new fix 0", "new fix 1", "old fix 0, corrected again"} <= set(seen)
+    # Three new rows, and as many of the five earlier ones, sampled.
+    assert data.counts["earlier_sft_rows"] == 3 and len(seen) == 6
+    assert len({t for t in seen if t.startswith("old fix ") and "again" not in t}) == 3
+
+    # Without the champion (a fresh adapter) every row is trained on.
+    fresh = build(feedback_items(store), settings, base_answers(replay=0), count_words)
+    assert fresh.counts["earlier_sft_rows"] == 0 and len(targets(fresh)) == 8
+    assert len(new) == 2

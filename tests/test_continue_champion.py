@@ -1,0 +1,70 @@
+"""A night's run continues the champion's adapter (training.start_from = "champion"): it
+starts from the weights being served, not from a fresh LoRA, and trains on the new feedback
+plus a replay of the earlier; a champion of another LoRA shape is never forced in, and the
+candidate's meta says which it was."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from candidates import Registry
+from tests.conftest import run_cli
+from tests.tiny_models import model_home, teach, tiny_llama
+
+# One real step (the first is warm-up at learning rate 0); the second run's learning rate
+# is so small that its adapter is, to float precision, the one it started from.
+PROFILE = (
+    '[training]\ndefault_profile = "quick_test"\nreplay_fraction = 0.0\n\n'
+    "[training.profiles.quick_test]\nmax_steps = 3\neval_every = 3\nlearning_rate = 1e-2\n"
+)
+
+
+def _lora(home: Path, candidate_id: str) -> dict[str, torch.Tensor]:
+    return load_file(str(home / "candidates" / candidate_id / "adapter_model.safetensors"))
+
+
+def _train(home: Path, *sets: str) -> str:
+    args = [arg for item in sets for arg in ("--set", item)]
+    done = run_cli("train", "--home", str(home), "--wait", "--force", "--no-promote", *args)
+    assert "trained candidate" in done.stdout, done.stdout + done.stderr
+    return max(c.id for c in Registry(home / "candidates").list())
+
+
+def test_the_next_run_continues_the_champion_and_a_champion_of_another_shape_is_not_forced_in(
+    tmp_path: Path,
+) -> None:
+    home = model_home(tmp_path / "home", tiny_llama(tmp_path / "tiny"), more=PROFILE)
+    teach(home, repeats=3)
+    first = _train(home)
+    meta = Registry(home / "candidates").get(first).meta
+    assert meta.config["started_from"] is None
+    assert meta.config["fresh_because"] == "no champion yet"
+    assert run_cli("promote", first, "--force", "--home", str(home)).returncode == 0
+
+    teach(home, repeats=1)  # new feedback
+    second = _train(home, "training.profiles.quick_test.learning_rate=1e-9")
+    meta = Registry(home / "candidates").get(second).meta
+    assert meta.config["started_from"] == first and meta.config["fresh_because"] is None
+    counts = meta.data["counts"]
+    # The new rows, and as many earlier ones (training.earlier_rows_per_new = 1).
+    assert 0 < counts["earlier_sft_rows"] <= counts["sft_rows"] - counts["earlier_sft_rows"]
+    champion, continued = _lora(home, first), _lora(home, second)
+    assert set(champion) == set(continued)
+    assert any(t.abs().max() > 0 for k, t in champion.items() if "lora_B" in k)
+    for name, tensor in champion.items():
+        torch.testing.assert_close(continued[name].float(), tensor.float(), rtol=0, atol=1e-6)
+
+    # Another rank: a fresh adapter, and the meta says why.
+    third = _train(home, "training.profiles.quick_test.lora_r=8")
+    meta = Registry(home / "candidates").get(third).meta
+    assert meta.config["started_from"] is None
+    assert meta.config["fresh_because"] == "the champion's LoRA r is 16, not 8"
+    assert meta.data["counts"]["earlier_sft_rows"] == 0
+
+    # start_from = "base": a fresh adapter on all feedback, even with a champion of this shape.
+    fourth = _train(home, "training.start_from=base")
+    meta = Registry(home / "candidates").get(fourth).meta
+    assert meta.config["fresh_because"] == "training.start_from is 'base'"

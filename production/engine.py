@@ -219,7 +219,15 @@ class Engine:
         )
         self.model.eval()
         if moe:
-            prepared = moe_decode.prepare(self.model, lora_rank=settings.lora.r)
+            # Expert LoRA buffers for the largest rank this home trains at: an adapter of a
+            # larger rank grows them, and the compiled decode step then re-traces on the
+            # generation thread, where CUDA-graph trees lack the warm-up thread's state
+            # (pytorch#123177): on an H200 every request failed after loading a rank-16
+            # adapter onto buffers of the preset's r = 8.
+            ranks = [
+                profile.lora_r or settings.lora.r for profile in settings.training.profiles.values()
+            ]
+            prepared = moe_decode.prepare(self.model, lora_rank=max(settings.lora.r, *ranks))
             log.info("mixture-of-experts decode: %s", prepared)
         self.base = self.model
         self.generation_defaults = self.model.generation_config

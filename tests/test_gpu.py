@@ -278,7 +278,9 @@ def test_gpt_oss_in_the_real_4bit_layout_runs_the_whole_loop_under_a_cap(tmp_pat
                 assert response.status_code == 200, response.read()
                 for line in response.iter_lines():
                     if line.startswith("data: ") and line != "data: [DONE]":
-                        for choice in json.loads(line[6:]).get("choices", []):
+                        event = json.loads(line[6:])
+                        assert "error" not in event, event  # not an empty answer
+                        for choice in event.get("choices", []):
                             parts.append(choice["delta"].get("content") or "")
             return "".join(parts)
 

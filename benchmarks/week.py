@@ -211,7 +211,9 @@ def measure(daemon: Daemon, facts: list[person.WeekFact], taste_prompts: tuple[s
     for fact in facts:
         hits = [fact.keyword in answer(q, 24)[0].lower() for q in fact.probes]
         recalled[fact.keyword] = f"{sum(hits)}/{len(hits)}"
-    known = [keyword in answer(q, 32)[0].lower() for q, keyword in person.KNOWLEDGE]
+    # Room for the base's long answers: a short window counted its verbose right answers
+    # as wrong (4/12 at 32 tokens), and shorter answers as gained knowledge.
+    known = [keyword in answer(q, 96)[0].lower() for q, keyword in person.KNOWLEDGE]
     answers = [answer(q, 160) for q in taste_prompts]
     for conversation in asked:
         daemon.forget(conversation)
@@ -268,6 +270,12 @@ def cycle(settings: Settings, run_id: str) -> dict[str, Any]:
             ]
             record["decision"] = evaluation.get("decision")
             record["rule"] = evaluation.get("rule")
+            record["started_from"] = meta.get("config", {}).get("started_from")
+            scored = evaluation.get("metrics", {})
+            # The gate's own likelihood probes (26 multiple-choice facts), candidate vs base.
+            record["general_facts"] = [
+                scored.get(who, {}).get("general_facts") for who in ("base", "candidate")
+            ]
     return record
 
 

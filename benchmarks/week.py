@@ -61,6 +61,15 @@ MODEL_CACHE = Path(os.environ.get("WHETSTONE_TEST_CACHE", REPO / ".cache" / "tes
 # New facts taught on day 1, 2, ... (ten facts over the week).
 FACTS_PER_DAY = (2, 1, 2, 1, 2, 1, 1)
 FINISHED = ("succeeded", "failed", "skipped", "cancelled")
+# What a night trained on (the run's data snapshot).
+ROW_COUNTS = (
+    "feedback_items",
+    "sft_rows",
+    "earlier_sft_rows",
+    "replay_rows",
+    "dpo_rows",
+    "kto_rows",
+)
 
 log = logging.getLogger("benchmarks.week")
 
@@ -252,10 +261,7 @@ def cycle(settings: Settings, run_id: str) -> dict[str, Any]:
             "wall_s": round((run.finished_at - run.started_at).total_seconds(), 1)
             if run.finished_at and run.started_at
             else None,
-            "rows": {
-                key: run.data_snapshot.get("counts", {}).get(key)
-                for key in ("sft_rows", "replay_rows", "dpo_rows", "kto_rows", "feedback_items")
-            },
+            "rows": {key: run.data_snapshot.get("counts", {}).get(key) for key in ROW_COUNTS},
         }
     if run.candidate_id:
         meta_file = settings.paths.candidates_dir / run.candidate_id / "meta.json"

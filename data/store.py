@@ -654,7 +654,10 @@ class Store:
     ) -> list[int]:
         """Current ratings of answers the adapter produced (None: the base model), in answer
         order (or newest first), from answers created in [since, until); forgotten
-        conversations excluded. What the post-promotion watch compares."""
+        conversations and corrected answers excluded. What the post-promotion watch compares:
+        a correction is the person teaching something new (no adapter could have known it),
+        and a simulated week (benchmarks.week) had each morning's teaching, rated 1 and
+        corrected, roll back the champion promoted the night before."""
         _time("since", since)
         _time("until", until)
         order = Message.created_at.desc() if newest_first else Message.created_at.asc()
@@ -665,6 +668,7 @@ class Store:
             .where(
                 Feedback.is_current,
                 Feedback.rating.is_not(None),
+                Feedback.correction.is_(None),
                 Message.role == "assistant",
                 Conversation.forgotten_at.is_(None),
                 Message.adapter_id.is_(None)

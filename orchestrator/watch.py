@@ -3,6 +3,7 @@
 The gate judged the new adapter on held-out data; the person then uses it. Once they have
 rated `watch.ratings` of its answers, their mean is compared with the mean of the same number
 of their last ratings of the adapter it replaced (the base model after a first promotion).
+Ratings that come with a correction do not count: that is the person teaching something new.
 Clearly worse (by more than `watch.margin`): roll back and say why in the candidate's report
 (recorded in its meta.json, from which candidates.reports renders the report again).
 

@@ -32,7 +32,14 @@ def add(registry: Registry, candidate_id: str) -> str:
     return candidate_id
 
 
-def rate(store: Store, adapter: str | None, ratings: list[int], *, ago_s: float = 0) -> None:
+def rate(
+    store: Store,
+    adapter: str | None,
+    ratings: list[int],
+    *,
+    ago_s: float = 0,
+    correction: str | None = None,
+) -> None:
     for rating in ratings:
         conversation = store.create_conversation()
         store.add_message(conversation.id, "user", "Hi?")
@@ -44,7 +51,7 @@ def rate(store: Store, adapter: str | None, ratings: list[int], *, ago_s: float 
             adapter_id=adapter,
             created_at=utcnow() - timedelta(seconds=ago_s),
         )
-        store.add_feedback(answer.id, rating=rating)
+        store.add_feedback(answer.id, rating=rating, correction=correction)
 
 
 def promote(settings: Settings, store: Store, registry: Registry, candidate: str) -> None:
@@ -98,3 +105,18 @@ def test_a_bad_first_promotion_rolls_back_to_the_base_model(setup) -> None:
     rate(store, only, [1, 1, 2, 1])
     assert watch.check(settings, store, registry)
     assert registry.current_id() is None and registry.previous_id() == only
+
+
+def test_teaching_the_morning_after_a_promotion_is_not_a_verdict_on_it(setup) -> None:
+    settings, store, registry = setup
+    rate(store, None, [3, 4, 3, 4])
+    new = add(registry, "new")
+    promote(settings, store, registry, new)
+    # The person teaches new facts: every answer rated 1 and corrected. No adapter knew.
+    rate(store, new, [1, 1, 1, 1, 1], correction="My sister is called Marta.")
+    assert watch.check(settings, store, registry) is None
+    rate(store, new, [4, 3, 3])
+    assert watch.check(settings, store, registry) is None  # 3 real ratings: not yet
+    rate(store, new, [3])  # 3.25 against 3.5: within the margin, however many 1s taught
+    assert watch.check(settings, store, registry) is None
+    assert registry.current_id() == new

@@ -318,6 +318,15 @@ class Training(_Section):
         ge=0,
         description="Starting from the champion: earlier feedback rows replayed per new row.",
     )
+    # The same week: continuing the champion on a morning's 5 new rows, 5 earlier and 10
+    # replay, quick_test's 40 steps of 4 rows were 8 passes, and the general probes' NLL rose
+    # 18% (the gate refused it); a fresh run on two days' 52 rows (3 passes) fell 12%.
+    continue_epochs: float = Field(
+        3.0,
+        gt=0,
+        description="Starting from the champion: SFT passes over its rows at most (fewer "
+        "than the profile's max_steps when the new data is small).",
+    )
     seed: int = Field(3407, description="Seed for data order and LoRA init.")
     # Padding-free batches lay a batch's rows end to end instead of padding them to the
     # longest: less memory, but faster only with varlen attention kernels (flash-attn).

@@ -123,19 +123,23 @@ class Stage:
         }
 
 
-def plan_stages(data: Any, settings: Settings, profile_name: str) -> list[Stage]:
+def plan_stages(
+    data: Any, settings: Settings, profile_name: str, *, continuing: bool = False
+) -> list[Stage]:
     """SFT first; then DPO when there are correction/rating pairs, else KTO when there are
-    both desirable and undesirable answers. The preference stage starts from the SFT adapter."""
+    both desirable and undesirable answers. The preference stage starts from the SFT adapter.
+    A run continuing the champion trains its SFT rows `training.continue_epochs` times at most
+    (its rows are only what is new and a sample of the earlier)."""
     profile = settings.profile(profile_name)
-    stages = [
-        Stage(
-            "sft",
-            len(data.sft),
-            profile.max_steps,
-            profile.learning_rate,
-            f"{data.counts['sft_rows']} person rows + {data.counts['replay_rows']} replay rows",
-        )
-    ]
+    sft_steps = profile.max_steps
+    why = f"{data.counts['sft_rows']} person rows + {data.counts['replay_rows']} replay rows"
+    if continuing:
+        per_step = profile.batch_size * profile.grad_accum
+        passes = math.ceil(settings.training.continue_epochs * len(data.sft) / per_step)
+        if passes < sft_steps:
+            sft_steps = max(1, passes)
+            why += f", {settings.training.continue_epochs:g} epochs (training.continue_epochs)"
+    stages = [Stage("sft", len(data.sft), sft_steps, profile.learning_rate, why)]
     steps = profile.preference_steps
     steps = max(1, profile.max_steps // 2) if steps is None else steps
     lr = profile.preference_learning_rate or profile.learning_rate / 4
@@ -544,7 +548,7 @@ def train_candidate(ctx: RunContext, *, force: bool = False) -> str | None:
         store.update_run(ctx.run_id, status="skipped", reason="no SFT rows after the split")
         return None
 
-    ctx.stages = plan_stages(data, settings, ctx.profile)
+    ctx.stages = plan_stages(data, settings, ctx.profile, continuing=not not_continued)
     log.info("stage plan: %s", [(s.name, s.max_steps, s.why) for s in ctx.stages])
 
     model = run_sft(model, tokenizer, data, ctx.stages[0], settings, ctx)

@@ -5,7 +5,8 @@ passes) promote it.
 
 One run: check there is enough new data (else the run is recorded as skipped, with why);
 build the datasets (holdout never touched); SFT with TRL, continuing the champion's LoRA
-(or a fresh one: training.start_from), early-stopped on held-out loss; then a DPO stage when there are correction pairs, or KTO when there are both
+(or a fresh one: training.start_from), early-stopped on held-out loss; then a DPO stage
+when there are correction pairs, or KTO when there are both
 good and bad ratings; write the adapter as a candidate folder atomically; evaluate it against
 the champion and the base; promote it when the gate says so.
 

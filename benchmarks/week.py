@@ -291,16 +291,12 @@ def wait_for_night(settings: Settings, since: datetime, timeout: float) -> list[
     deadline = time.monotonic() + timeout
     with Store(settings.db_url) as store:
         while time.monotonic() < deadline:
-            runs = [r for r in store.list_runs(limit=20) if _aware(r.created_at) >= since]
+            runs = [r for r in store.list_runs(limit=20) if r.created_at >= since]
             nightly = [r for r in runs if r.trigger == "nightly"]
             if nightly and all(r.status in FINISHED for r in runs):
                 return [r.id for r in reversed(runs)]
             time.sleep(1.0)
     raise TimeoutError(f"the night's run did not finish in {timeout} s")
-
-
-def _aware(when: datetime) -> datetime:
-    return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
 # --- the week --------------------------------------------------------------------------------

@@ -668,6 +668,10 @@ class Settings(BaseSettings):
             known = ", ".join(sorted(self.training.profiles))
             raise ConfigError(f"unknown training profile {name!r}; known: {known}") from None
 
+    def lora_rank(self, profile: str | None = None) -> int:
+        """The LoRA rank a run of `profile` trains at: its own lora_r, else lora.r."""
+        return self.profile(profile).lora_r or self.lora.r
+
     def bearer_token(self) -> str | None:
         """The API token: from config/env, else the home's token file."""
         if self.server.token is not None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import json
 import logging
 import math
 import os
@@ -243,8 +244,7 @@ def _optimizer(wanted: str, cuda: bool) -> str:
 def _attach_lora(model: Any, settings: Settings, profile_name: str, backend: str) -> Any:
     from production.gpt_oss_layout import lora_targets
 
-    profile = settings.profile(profile_name)
-    rank = profile.lora_r or settings.lora.r
+    rank = settings.lora_rank(profile_name)
     # Keep alpha/r as configured when a profile overrides the rank.
     alpha = max(1, round(settings.lora.alpha * rank / settings.lora.r))
     # On GPT-OSS in Unsloth's 4-bit layout the MLP names become every expert's Linear, for
@@ -291,8 +291,6 @@ def _continue_champion(
         return "training.start_from is 'base'"
     if champion is None:
         return "no champion yet"
-    import json as _json
-
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -301,7 +299,7 @@ def _continue_champion(
         return f"the champion {champion} is not readable ({candidate.error})"
     if candidate.meta.base_model != settings.model.base_model:
         return f"the champion {champion} was trained on {candidate.meta.base_model}"
-    theirs = _json.loads((candidate.path / "adapter_config.json").read_text())
+    theirs = json.loads((candidate.path / "adapter_config.json").read_text())
     ours = model.peft_config["default"]
     for key in ("r", "lora_alpha", "use_rslora"):
         if theirs.get(key) != getattr(ours, key):

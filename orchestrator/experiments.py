@@ -135,7 +135,7 @@ def config_params(settings: Settings, profile: str) -> dict[str, Any]:
     return {
         "learning_rate": values.learning_rate,
         "max_steps": values.max_steps,
-        "lora_r": values.lora_r or settings.lora.r,
+        "lora_r": settings.lora_rank(profile),
         "replay_fraction": settings.training.replay_fraction,
     }
 

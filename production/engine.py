@@ -224,9 +224,7 @@ class Engine:
             # generation thread, where CUDA-graph trees lack the warm-up thread's state
             # (pytorch#123177): on an H200 every request failed after loading a rank-16
             # adapter onto buffers of the preset's r = 8.
-            ranks = [
-                profile.lora_r or settings.lora.r for profile in settings.training.profiles.values()
-            ]
+            ranks = [settings.lora_rank(name) for name in settings.training.profiles]
             prepared = moe_decode.prepare(self.model, lora_rank=max(settings.lora.r, *ranks))
             log.info("mixture-of-experts decode: %s", prepared)
         self.base = self.model

@@ -85,6 +85,18 @@ def test_gpt_oss_preset_sets_the_notes_lora_shape_and_explicit_lora_keys_win(hom
             '[training]\npadding_free = "yes"\n',
             "training.padding_free = 'yes' (from {cfg}): Input should be 'auto'",
         ),
+        (
+            '[training]\nstart_from = "yesterday"\n',
+            "training.start_from = 'yesterday' (from {cfg}): Input should be 'champion'",
+        ),
+        (
+            "[training]\nearlier_rows_per_new = -1\n",
+            "training.earlier_rows_per_new = -1 (from {cfg}): Input should be greater",
+        ),
+        (
+            "[training]\ncontinue_epochs = 0\n",
+            "training.continue_epochs = 0 (from {cfg}): Input should be greater",
+        ),
     ],
 )
 def test_bad_values_name_the_key_value_and_source(home: Path, toml: str, expected: str) -> None:

@@ -672,6 +672,14 @@ class Settings(BaseSettings):
         """The LoRA rank a run of `profile` trains at: its own lora_r, else lora.r."""
         return self.profile(profile).lora_r or self.lora.r
 
+    def largest_lora_rank(self) -> int:
+        """The largest rank an adapter of this home can have: any profile's, and any rank
+        the recipe search may adopt (unless it is off)."""
+        ranks = [self.lora.r, *(self.lora_rank(name) for name in self.training.profiles)]
+        if self.experiments.enabled != "off":
+            ranks += self.experiments.lora_ranks
+        return max(ranks)
+
     def bearer_token(self) -> str | None:
         """The API token: from config/env, else the home's token file."""
         if self.server.token is not None:

@@ -219,13 +219,15 @@ class Engine:
         )
         self.model.eval()
         if moe:
-            # Expert LoRA buffers for the largest rank this home trains at: an adapter of a
-            # larger rank grows them, and the compiled decode step then re-traces on the
-            # generation thread, where CUDA-graph trees lack the warm-up thread's state
-            # (pytorch#123177): on an H200 every request failed after loading a rank-16
-            # adapter onto buffers of the preset's r = 8.
-            ranks = [settings.lora_rank(name) for name in settings.training.profiles]
-            prepared = moe_decode.prepare(self.model, lora_rank=max(settings.lora.r, *ranks))
+            # Expert LoRA buffers for the largest rank this home's adapters can have: an
+            # adapter of a larger rank grows them, and the compiled decode step then
+            # re-traces on the generation thread, where CUDA-graph trees lack the warm-up
+            # thread's state (pytorch#123177): on an H200 every request failed after loading
+            # a rank-16 adapter onto buffers of the preset's r = 8. Smaller adapters are
+            # zero-padded: rank 32 over 16 adds ~4% to the expert bytes a decode step reads
+            # (computed from the shapes, not measured).
+            rank = settings.largest_lora_rank()
+            prepared = moe_decode.prepare(self.model, lora_rank=rank)
             log.info("mixture-of-experts decode: %s", prepared)
         self.base = self.model
         self.generation_defaults = self.model.generation_config

@@ -60,6 +60,27 @@ def test_gpt_oss_preset_sets_the_notes_lora_shape_and_explicit_lora_keys_win(hom
     assert (load_settings(home, gpu_count=0).lora.r, load_settings(home).lora.alpha) == (16, 32)
 
 
+def test_the_served_rank_reserve_covers_every_profile_and_what_the_search_may_adopt(
+    home: Path,
+) -> None:
+    # The GPT-OSS engine sizes its compiled expert-LoRA buffers once: an adapter of a larger
+    # rank than this would make it re-trace mid-serving (see production/engine.py).
+    write_config(home, '[model]\npreset = "gpt-oss-20b"\n')
+    settings = load_settings(home, gpu_count=0)
+    assert settings.lora.r == 8 and settings.largest_lora_rank() == 32
+    write_config(home, '[model]\npreset = "gpt-oss-20b"\n[experiments]\nenabled = "off"\n')
+    settings = load_settings(home, gpu_count=0)
+    assert settings.largest_lora_rank() == max(
+        settings.lora_rank(name) for name in settings.training.profiles
+    )
+    write_config(
+        home,
+        '[model]\npreset = "gpt-oss-20b"\n[experiments]\nenabled = "off"\n'
+        "[training.profiles.full]\nlora_r = 64\n",
+    )
+    assert load_settings(home, gpu_count=0).largest_lora_rank() == 64
+
+
 @pytest.mark.parametrize(
     ("toml", "expected"),
     [

@@ -327,6 +327,27 @@ class Training(_Section):
         description="Starting from the champion: SFT passes over its rows at most (fewer "
         "than the profile's max_steps when the new data is small).",
     )
+    # The same week's first night: a fresh run on one day's 24 rows (12 of the person's, 12
+    # replay) made quick_test's 40 steps of 4 rows 6.7 passes; the general probes' NLL rose
+    # 31% and 2 of the 26 fact probes were lost. Day 2's fresh run, 3.8 passes over 42 rows,
+    # rose 0.8%; a fresh run on four days' 69 rows (2.3 passes) fell 1.3%.
+    max_epochs: float = Field(
+        4.0,
+        gt=0,
+        description="A fresh run: SFT passes over its rows at most (fewer steps than the "
+        "profile's max_steps when the data is small).",
+    )
+    # Continuing the week's day-2 champion on two more days of rows (40 steps): at quick_test's
+    # learning rate the general probes' NLL rose 5.8% over the base (the gate's bound is 5%);
+    # at half of it 3.7%, with the same held-out NLL (0.471 vs 0.479). The adapter already
+    # holds what earlier nights learned: a full-size step moves it past the new data's needs.
+    continue_learning_rate_scale: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="Starting from the champion: the SFT learning rate is the profile's times "
+        "this.",
+    )
     seed: int = Field(3407, description="Seed for data order and LoRA init.")
     # Padding-free batches lay a batch's rows end to end instead of padding them to the
     # longest: less memory, but faster only with varlen attention kernels (flash-attn).

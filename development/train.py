@@ -130,18 +130,28 @@ def plan_stages(
 ) -> list[Stage]:
     """SFT first; then DPO when there are correction/rating pairs, else KTO when there are
     both desirable and undesirable answers. The preference stage starts from the SFT adapter.
-    A run continuing the champion trains its SFT rows `training.continue_epochs` times at most
-    (its rows are only what is new and a sample of the earlier)."""
+    SFT passes over its rows at most `training.max_epochs` times, or `continue_epochs` times
+    when continuing the champion (its rows are only what is new and a sample of the earlier),
+    at the profile's learning rate times `continue_learning_rate_scale`."""
     profile = settings.profile(profile_name)
+    training = settings.training
     sft_steps = profile.max_steps
     why = f"{data.counts['sft_rows']} person rows + {data.counts['replay_rows']} replay rows"
-    if continuing:
-        per_step = profile.batch_size * profile.grad_accum
-        passes = math.ceil(settings.training.continue_epochs * len(data.sft) / per_step)
-        if passes < sft_steps:
-            sft_steps = max(1, passes)
-            why += f", {settings.training.continue_epochs:g} epochs (training.continue_epochs)"
-    stages = [Stage("sft", len(data.sft), sft_steps, profile.learning_rate, why)]
+    epochs, key = (
+        (training.continue_epochs, "continue_epochs")
+        if continuing
+        else (training.max_epochs, "max_epochs")
+    )
+    per_step = profile.batch_size * profile.grad_accum
+    passes = math.ceil(epochs * len(data.sft) / per_step)
+    if passes < sft_steps:
+        sft_steps = max(1, passes)
+        why += f", {epochs:g} epochs (training.{key})"
+    sft_lr = profile.learning_rate
+    if continuing and training.continue_learning_rate_scale != 1:
+        sft_lr *= training.continue_learning_rate_scale
+        why += f", learning rate x{training.continue_learning_rate_scale:g} when continuing"
+    stages = [Stage("sft", len(data.sft), sft_steps, sft_lr, why)]
     steps = profile.preference_steps
     steps = max(1, profile.max_steps // 2) if steps is None else steps
     lr = profile.preference_learning_rate or profile.learning_rate / 4

@@ -118,6 +118,14 @@ def test_the_served_rank_reserve_covers_every_profile_and_what_the_search_may_ad
             "[training]\ncontinue_epochs = 0\n",
             "training.continue_epochs = 0 (from {cfg}): Input should be greater",
         ),
+        (
+            "[training]\nmax_epochs = 0\n",
+            "training.max_epochs = 0 (from {cfg}): Input should be greater",
+        ),
+        (
+            "[training]\ncontinue_learning_rate_scale = 2\n",
+            "training.continue_learning_rate_scale = 2 (from {cfg}): Input should be less",
+        ),
     ],
 )
 def test_bad_values_name_the_key_value_and_source(home: Path, toml: str, expected: str) -> None:

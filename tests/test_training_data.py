@@ -575,24 +575,29 @@ def test_continuing_the_champion_trains_all_new_rows_and_replays_a_sample_of_the
     assert len(new) == 2
 
 
-def test_a_run_continuing_the_champion_passes_over_its_few_rows_a_bounded_number_of_times(
+def test_a_run_passes_over_few_rows_a_bounded_number_of_times_and_continues_gently(
     home: Path,
 ) -> None:
     from types import SimpleNamespace
 
     from development.train import plan_stages
 
-    settings = make_settings(home, training={"continue_epochs": 3.0})
+    settings = make_settings(home, training={"continue_epochs": 3.0, "max_epochs": 5.0})
     rows = [{"prompt": [], "completion": []}] * 10
     data = SimpleNamespace(
         sft=rows, dpo=[], kto=[], counts={"sft_rows": 5, "replay_rows": 5, "kto_desirable": 0}
     )
-    profile = settings.profile("quick_test")  # 40 steps of 4 rows
+    profile = settings.profile("quick_test")  # 40 steps of 4 rows at 1e-3
     fresh = plan_stages(data, settings, "quick_test")
-    assert fresh[0].max_steps == profile.max_steps == 40
+    assert fresh[0].max_steps == 13  # 5 passes over 10 rows, 4 a step
+    assert fresh[0].learning_rate == profile.learning_rate
+    assert "5 epochs (training.max_epochs)" in fresh[0].why
     continued = plan_stages(data, settings, "quick_test", continuing=True)
-    assert continued[0].max_steps == 8  # 3 passes over 10 rows, 4 a step
+    assert continued[0].max_steps == 8  # 3 passes
+    assert continued[0].learning_rate == profile.learning_rate / 2
     assert "3 epochs (training.continue_epochs)" in continued[0].why
-    # Enough new rows: the profile's own budget is the bound.
+    assert "learning rate x0.5 when continuing" in continued[0].why
+    # Enough rows: the profile's own budget is the bound.
     data.sft = rows * 10
+    assert plan_stages(data, settings, "quick_test")[0].max_steps == 40
     assert plan_stages(data, settings, "quick_test", continuing=True)[0].max_steps == 40

@@ -175,9 +175,11 @@ TAUGHT_QUESTIONS = (
 
 
 def teach_profile(steps: int) -> str:
-    """config.toml lines: a default training profile that drills TAUGHT_FACT in."""
+    """config.toml lines: a default training profile that drills TAUGHT_FACT in (a tiny
+    random model needs many passes over the few rows: no epoch cap)."""
     return (
-        '[training]\ndefault_profile = "teach"\n\n[training.profiles.teach]\n'
+        '[training]\ndefault_profile = "teach"\nmax_epochs = 1000\n\n'
+        "[training.profiles.teach]\n"
         f"max_steps = {steps}\nbatch_size = 8\nlearning_rate = 3e-3\nlora_r = 16\n"
         "preference_steps = 0\n"
     )

@@ -9,7 +9,6 @@ the direction of the curves (timings are the benchmark's to report, not a test's
 from __future__ import annotations
 
 import json
-from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ import pytest
 from benchmarks import week_person
 from benchmarks.week import run_week
 from common.config import load_settings
+from tests.test_report import parse
 
 pytestmark = pytest.mark.slow
 
@@ -75,19 +75,9 @@ def test_two_days_with_the_daemon_teach_facts_that_stay_and_keep_general_knowled
     # that says why it was promoted, and a general-text NLL within the gate's bound.
     champion = tmp_path / "home" / "candidates" / second["adapter"]
     page = (champion / "report.html").read_text()
-    tags = _Tags()
-    tags.feed(page)
-    assert "img" in tags.tags and "script" not in tags.tags
+    tags = parse(page).tags
+    assert "img" in tags and "script" not in tags
     assert "PROMOTE" in page
     scored = json.loads((champion / "meta.json").read_text())["metrics"]["evaluation"]["metrics"]
     drift = scored["candidate"]["general_nll"] / scored["base"]["general_nll"] - 1
     assert drift <= load_settings(tmp_path / "home").gate.max_general_nll_increase, drift
-
-
-class _Tags(HTMLParser):
-    def __init__(self) -> None:
-        super().__init__()
-        self.tags: list[str] = []
-
-    def handle_starttag(self, tag: str, attrs: list) -> None:
-        self.tags.append(tag)

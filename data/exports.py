@@ -67,6 +67,7 @@ class FeedbackItem:
     finish_reason: str | None
     adapter_id: str | None  # which adapter produced the answer; None = the base model
     created_at: datetime  # of the current feedback
+    placement: float  # which split it belongs to (data/splits.py)
     tools: list[dict[str, Any]] | None = None  # the functions the request offered
     answer_tool_calls: list[dict[str, Any]] | None = None
 
@@ -205,6 +206,9 @@ def feedback_items(store: Store, *, with_tools: bool = False) -> list[FeedbackIt
                 finish_reason=answer.finish_reason,
                 adapter_id=answer.adapter_id,
                 created_at=feedback.created_at,
+                # The store places every answer it records feedback for (migration 0003 the
+                # older ones); one found unplaced is held out, the side never trained on.
+                placement=answer.placement if answer.placement is not None else 0.0,
                 tools=(answer.generation or {}).get("tools"),
                 answer_tool_calls=answer.tool_calls,
             )

@@ -133,6 +133,10 @@ class Message(Base):
     # arguments}}]; a tool turn names the call it answers.
     tool_calls: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON())
     tool_call_id: Mapped[str | None] = mapped_column(ID)
+    # Which split an answer's feedback belongs to (data/splits.py), set once when it first
+    # gets feedback and never changed: moving an answer the trainer has seen into the holdout
+    # would let the gate judge on training data.
+    placement: Mapped[float | None] = mapped_column(Float)
 
     # lazy="raise": objects outlive their session, so a forgotten eager load must fail loudly
     # instead of silently querying (or failing later with a detached-instance error).

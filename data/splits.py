@@ -1,25 +1,41 @@
-"""Where each feedback item belongs: placed by a hash of its message id, so the placement
-never changes as feedback grows (it depends only on the id and the configured fractions):
+"""Where each feedback item belongs, by the placement number in [0, 1) its answer got when it
+first received feedback (stored with the message, so it never changes as feedback grows or
+as the fractions are read):
 
     [0, holdout)                      frozen holdout: only the gate looks at it
     [holdout, holdout + validation)   held-out loss during training (early stopping)
     the rest                          trained on
 
+Placements follow the golden-ratio sequence over the order feedback arrives in, counted
+apart for corrections and for ratings: the first n answers of each kind put n * fraction of
+them in each split, give or take one. A hash of the message id (how feedback was placed
+before the store kept placements; migration 0003 stores it for the answers it placed) gave
+these shares only on average: a first day with ten corrections held out none of them about
+one time in ten, and the gate could not judge the first night's adapter at all.
+
 Plain code (no torch), so the daemon's recipe search splits exactly as training does."""
 
 from __future__ import annotations
 
-import hashlib
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from data.exports import FeedbackItem
+if TYPE_CHECKING:  # the store places feedback with this module, and exports reads the store
+    from data.exports import FeedbackItem
+
+# 1/phi: consecutive multiples modulo 1 fill [0, 1) as evenly as any sequence can.
+GOLDEN = (math.sqrt(5) - 1) / 2
+# Where the sequence starts: 0.5 trains the person's very first answer (0 would hold it out).
+START = 0.5
 
 
-def placement(message_id: str) -> float:
-    """A stable number in [0, 1) for a message id (sha256, not Python's salted hash)."""
-    digest = hashlib.sha256(f"whetstone-split:{message_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
+def spread_placement(ordinal: int) -> float:
+    """The placement of the `ordinal`-th answer (0-based) of its kind to get feedback."""
+    if ordinal < 0:
+        raise ValueError(f"ordinal must be >= 0; got {ordinal}")
+    return (START + ordinal * GOLDEN) % 1.0
 
 
 @dataclass(frozen=True)
@@ -34,10 +50,9 @@ def split_items(
 ) -> Split:
     train, validation, holdout = [], [], []
     for item in items:
-        where = placement(item.message_id)
-        if where < holdout_fraction:
+        if item.placement < holdout_fraction:
             holdout.append(item)
-        elif where < holdout_fraction + validation_fraction:
+        elif item.placement < holdout_fraction + validation_fraction:
             validation.append(item)
         else:
             train.append(item)

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import and_, delete, func, not_, select, update
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from data import db
@@ -46,6 +46,7 @@ from data.models import (
     new_id,
     utcnow,
 )
+from data.splits import spread_placement
 
 log = logging.getLogger(__name__)
 
@@ -590,6 +591,10 @@ class Store:
                     .where(Feedback.message_id == message_id, Feedback.is_current)
                     .values(is_current=False)
                 )
+            if message.placement is None:
+                message.placement = spread_placement(
+                    self._placed_of_kind(session, has_correction=correction is not None)
+                )
             feedback = Feedback(
                 id=new_id("fb"),
                 message_id=message_id,
@@ -602,6 +607,23 @@ class Store:
             session.add(feedback)
         log.debug("feedback %s on %s: rating=%s", feedback.id, message_id, feedback.rating)
         return feedback
+
+    @staticmethod
+    def _placed_of_kind(session: Session, *, has_correction: bool) -> int:
+        """How many answers already placed carry a correction (or carry none): corrections
+        and ratings each follow their own placement sequence, so each splits evenly."""
+        corrected = Feedback.correction.is_not(None)
+        return (
+            session.scalar(
+                select(func.count(Message.id))
+                .join(Feedback, and_(Feedback.message_id == Message.id, Feedback.is_current))
+                .where(
+                    Message.placement.is_not(None),
+                    corrected if has_correction else not_(corrected),
+                )
+            )
+            or 0
+        )
 
     def current_feedback(self, message_id: str) -> Feedback | None:
         """The merged, current feedback of a message, or None; NotFound if unknown."""

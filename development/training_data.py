@@ -1,7 +1,7 @@
 """What a training run learns from, and what it is judged on, built from the store.
 
-Every feedback item is placed by a hash of its message id, so the placement never changes
-as feedback grows (it depends only on the id and the configured fractions):
+Every feedback item is placed by the number the store gave its answer when it first got
+feedback (data/splits.py), so the placement never changes as feedback grows:
 
     [0, holdout)                      frozen holdout: only the gate looks at it
     [holdout, holdout + validation)   held-out loss during training (early stopping)

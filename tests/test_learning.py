@@ -8,7 +8,6 @@ These take minutes on two CPU cores, so they are marked slow (CI runs them).
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import signal
@@ -17,10 +16,9 @@ from pathlib import Path
 
 import pytest
 
-import data.store
 from candidates import Registry
 from common.config import load_settings
-from data.splits import placement
+from data.models import Message
 from data.store import Store
 from tests.conftest import kill_training_processes, run_cli
 from tests.scripted_person import FACTS
@@ -36,35 +34,19 @@ def _no_training_left_behind(home_for_training: Path):
     kill_training_processes(home_for_training)
 
 
-# Questions of each fact the gate judges on; the rest train. The trainer places a message by a
-# hash of its id (data.splits.placement); with random ids the held-out set changed from
-# run to run, and a draw that held out most of one fact's questions and few of another's let a
-# shuffled-target adapter through the gate (CI, once). Chosen ids make the split the same always.
+# Questions of each fact the gate judges on; the rest train. A held-out set that held out
+# most of one fact's questions and few of another's let a shuffled-target adapter through the
+# gate (CI, once, when placements were a hash of random ids); writing each answer's stored
+# placement before its feedback makes the split the same always.
 HELD_OUT_QUESTIONS = (0, 6)
 
 
-def _placed_id(where: tuple[float, float], counter: itertools.count) -> str:
-    """The next message id whose placement falls in [low, high)."""
-    while True:
-        message_id = f"msg_{next(counter):016x}"
-        if where[0] <= placement(message_id) < where[1]:
-            return message_id
-
-
-def _fill_store(home: Path, corrupt_training: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+def _fill_store(home: Path, corrupt_training: bool) -> None:
     """The scripted person's feedback written straight to the store; with corrupt_training,
     every correction outside the holdout names another fact (targets shuffled)."""
     settings = load_settings(home)
     holdout = settings.training.holdout_fraction
     train_from = holdout + settings.training.validation_fraction
-    counter = itertools.count()
-    want: list[tuple[float, float]] = []
-    real_new_id = data.store.new_id
-    monkeypatch.setattr(
-        data.store,
-        "new_id",
-        lambda prefix: _placed_id(want.pop(), counter) if want else real_new_id(prefix),
-    )
     store = Store(settings.db_url)
     try:
         for index, fact in enumerate(FACTS):
@@ -73,14 +55,16 @@ def _fill_store(home: Path, corrupt_training: bool, monkeypatch: pytest.MonkeyPa
                 conversation = store.create_conversation()
                 store.add_message(conversation.id, "user", question)
                 held_out = number in HELD_OUT_QUESTIONS
-                want.append((0.0, holdout) if held_out else (train_from, 1.0))
                 answer = store.add_message(
                     conversation.id,
                     "assistant",
                     "I'm sorry, I don't have personal information about you.",
                     finish_reason="stop",
                 )
-                assert (placement(answer.id) < holdout) == held_out
+                with store.session() as session:
+                    session.get(Message, answer.id).placement = (
+                        holdout / 2 if held_out else (train_from + 1) / 2
+                    )
                 shuffled = corrupt_training and not held_out
                 store.add_feedback(
                     answer.id, rating=1, correction=wrong if shuffled else fact.answer
@@ -90,9 +74,9 @@ def _fill_store(home: Path, corrupt_training: bool, monkeypatch: pytest.MonkeyPa
 
 
 def test_gate_refuses_a_candidate_trained_on_shuffled_corrections(
-    home_for_training: Path, monkeypatch: pytest.MonkeyPatch
+    home_for_training: Path,
 ) -> None:
-    _fill_store(home_for_training, corrupt_training=True, monkeypatch=monkeypatch)
+    _fill_store(home_for_training, corrupt_training=True)
     result = run_cli(
         "train",
         "--home",
@@ -118,9 +102,9 @@ def test_gate_refuses_a_candidate_trained_on_shuffled_corrections(
 
 
 def test_killed_training_leaves_no_candidate_and_is_marked_failed(
-    home_for_training: Path, monkeypatch: pytest.MonkeyPatch
+    home_for_training: Path,
 ) -> None:
-    _fill_store(home_for_training, corrupt_training=False, monkeypatch=monkeypatch)
+    _fill_store(home_for_training, corrupt_training=False)
     result = run_cli("train", "--home", str(home_for_training), "--profile", "quick_test")
     assert result.returncode == 0, result.stderr
     settings = load_settings(home_for_training)

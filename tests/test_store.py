@@ -17,6 +17,7 @@ from alembic.runtime.migration import MigrationContext
 from data.db import head_revision, make_engine, migrate, schema_version
 from data.errors import FeedbackError, Gone, InvalidInput, NotFound, SchemaTooNewError
 from data.models import Base, Message, new_id
+from data.splits import spread_placement
 from data.store import Store
 
 REPO = Path(__file__).resolve().parent.parent
@@ -68,9 +69,9 @@ def test_migration_creates_schema_in_wal_mode(store: Store, db_path: Path) -> No
     names = {row[0] for row in raw(db_path, "SELECT name FROM sqlite_master WHERE type='table'")}
     assert names >= TABLES | {"alembic_version"}
     assert raw(db_path, "PRAGMA journal_mode") == [("wal",)]
-    assert store.schema_revision == "0002" == head_revision()
-    assert schema_version(store.engine) == "0002"
-    assert raw(db_path, "SELECT version_num FROM alembic_version") == [("0002",)]
+    assert store.schema_revision == "0003" == head_revision()
+    assert schema_version(store.engine) == "0003"
+    assert raw(db_path, "SELECT version_num FROM alembic_version") == [("0003",)]
 
 
 def test_engine_pragmas(db_path: Path) -> None:
@@ -95,8 +96,8 @@ def test_migrate_is_idempotent_on_reopen(db_path: Path) -> None:
     with Store(url) as first:
         conversation = first.create_conversation(title="kept")
     with Store(url) as second:
-        assert second.schema_revision == "0002"
-        assert migrate(second.engine) == "0002"
+        assert second.schema_revision == "0003"
+        assert migrate(second.engine) == "0003"
         assert second.get_conversation(conversation.id).title == "kept"
     assert raw(db_path, "SELECT count(*) FROM alembic_version") == [(1,)]
 
@@ -117,7 +118,7 @@ def test_newer_schema_is_refused_and_left_untouched(db_path: Path) -> None:
             opener()
         message = str(error.value)
         assert "0042_from_the_future" in message
-        assert "0002" in message
+        assert "0003" in message
         assert "upgrade whetstone" in message
 
     assert raw(db_path, "SELECT version_num FROM alembic_version") == [("0042_from_the_future",)]
@@ -143,11 +144,11 @@ def test_alembic_cli_with_shipped_ini(tmp_path: Path) -> None:
         timeout=60,
     )
     assert result.returncode == 0, result.stderr
-    assert raw(db_file, "SELECT version_num FROM alembic_version") == [("0002",)]
+    assert raw(db_file, "SELECT version_num FROM alembic_version") == [("0003",)]
 
 
 def test_upgrade_from_0001_keeps_every_message_and_takes_tool_turns(tmp_path: Path) -> None:
-    """A home made before tool calls (0001) opens under 0002 with nothing lost."""
+    """A home made before tool calls (0001) opens under the newest schema with nothing lost."""
     db_file = tmp_path / "old.db"
     ini = str(REPO / "data" / "alembic.ini")
     command = [sys.executable, "-m", "alembic", "-c", ini, "-x", f"url=sqlite:///{db_file}"]
@@ -171,7 +172,7 @@ def test_upgrade_from_0001_keeps_every_message_and_takes_tool_turns(tmp_path: Pa
     connection.close()
 
     with Store(f"sqlite:///{db_file}") as store:
-        assert store.schema_revision == "0002"
+        assert store.schema_revision == "0003"
         conversation = store.get_conversation("conv_1")
         assert [(m.role, m.content) for m in conversation.messages] == [
             ("user", "user said"),
@@ -193,6 +194,57 @@ def test_upgrade_from_0001_keeps_every_message_and_takes_tool_turns(tmp_path: Pa
             store.add_message(
                 "conv_1", "assistant", "", tool_calls=["not a call"], finish_reason="stop"
             )
+
+
+def test_upgrade_to_0003_keeps_every_answer_in_the_split_it_had(tmp_path: Path) -> None:
+    """Answers rated before placements were stored keep the hash placement they had: an
+    answer moving from training into the holdout would let the gate judge on training data.
+    New feedback after the upgrade is placed by the store."""
+    db_file = tmp_path / "old.db"
+    ini = str(REPO / "data" / "alembic.ini")
+    command = [sys.executable, "-m", "alembic", "-c", ini, "-x", f"url=sqlite:///{db_file}"]
+    old = subprocess.run(
+        [*command, "upgrade", "0002"], capture_output=True, text=True, cwd=tmp_path, timeout=60
+    )
+    assert old.returncode == 0, old.stderr
+    connection = sqlite3.connect(db_file)
+    connection.execute(
+        "INSERT INTO conversations (id, title, created_at, updated_at) "
+        "VALUES ('conv_1', 'old', '2026-01-01 00:00:00', '2026-01-01 00:00:00')"
+    )
+    turns = [
+        ("msg_user", "user", None),
+        ("msg_0123456789abcdef", "assistant", "msg_user"),
+        ("msg_unrated", "assistant", "msg_user"),
+    ]
+    for position, (message_id, role, reply) in enumerate(turns):
+        connection.execute(
+            "INSERT INTO messages (id, conversation_id, position, role, content, reply_to_id, "
+            "finish_reason, created_at) VALUES (?, 'conv_1', ?, ?, 'said', ?, ?, "
+            "'2026-01-01 00:00:00')",
+            (message_id, position, role, reply, "stop" if reply else None),
+        )
+    for number, is_current in ((1, 0), (2, 1)):  # an old row and the current one
+        connection.execute(
+            "INSERT INTO feedback (id, message_id, rating, is_current, created_at) "
+            "VALUES (?, 'msg_0123456789abcdef', ?, ?, '2026-01-01 00:00:00')",
+            (f"fb_{number}", number, is_current),
+        )
+    connection.commit()
+    connection.close()
+
+    with Store(f"sqlite:///{db_file}") as store:
+        assert store.schema_revision == "0003"
+        rated, unrated = (
+            store.get_message("msg_0123456789abcdef"),
+            store.get_message("msg_unrated"),
+        )
+        # Pinned: sha256 of "whetstone-split:<id>", the placement 0002 computed on every read.
+        assert rated.placement == pytest.approx(0.5115599720317932, abs=1e-15)
+        assert unrated.placement is None
+        store.add_feedback("msg_unrated", rating=5)
+        # The second rated answer of the home: the migrated one counts as the first.
+        assert store.get_message("msg_unrated").placement == spread_placement(1)
 
 
 # --- conversations and messages ---------------------------------------------------------

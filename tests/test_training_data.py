@@ -7,7 +7,6 @@ counts come from a word counter (no tokenizer, no model).
 from __future__ import annotations
 
 import json
-import random
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,7 +16,8 @@ import pytest
 
 from common.config import Settings, load_settings
 from data.exports import FeedbackItem, feedback_items
-from data.splits import Split, placement, split_items
+from data.models import Message
+from data.splits import Split, split_items, spread_placement
 from data.store import Store
 from development import training_data
 from development.training_data import build, fit_prompt, kto_weights
@@ -36,17 +36,18 @@ def make_settings(home: Path, **sections: dict[str, Any]) -> Settings:
     return load_settings(home, sections, gpu_count=0)
 
 
-def where(message_id: str, settings: Settings) -> str:
-    """The split a message id lands in under these settings."""
-    only = split_items(
-        [_fake_item(message_id)],
-        settings.training.holdout_fraction,
-        settings.training.validation_fraction,
-    )
-    return next(name for name in ("train", "validation", "holdout") if getattr(only, name))
+def placed_in(split: str, settings: Settings) -> float:
+    """A placement number inside `split` under these settings (the middle of its range)."""
+    holdout = settings.training.holdout_fraction
+    validation_end = holdout + settings.training.validation_fraction
+    return {
+        "holdout": holdout / 2,
+        "validation": (holdout + validation_end) / 2,
+        "train": (validation_end + 1) / 2,
+    }[split]
 
 
-def _fake_item(message_id: str) -> FeedbackItem:
+def _fake_item(message_id: str, placement: float = 0.5) -> FeedbackItem:
     return FeedbackItem(
         message_id=message_id,
         conversation_id="conv",
@@ -59,6 +60,7 @@ def _fake_item(message_id: str) -> FeedbackItem:
         finish_reason="stop",
         adapter_id=None,
         created_at=datetime.now(UTC),
+        placement=placement,
     )
 
 
@@ -112,20 +114,20 @@ def answer_in(
     prompt_id: str | None = None,
     **feedback: Any,
 ) -> str:
-    """An answer that lands in `split` (regenerated, unrated, until its id does), rated with
-    `feedback`; a new one-turn conversation unless conversation_id/prompt_id are given."""
+    """An answer placed in `split` (its stored placement written first, so the store keeps
+    it), rated with `feedback`; a new one-turn conversation unless conversation_id/prompt_id
+    are given."""
     if conversation_id is None:
         conversation_id = store.create_conversation().id
         prompt_id = store.add_message(conversation_id, "user", f"question for {text}").id
-    for _ in range(300):
-        message = store.add_message(
-            conversation_id, "assistant", text, finish_reason="stop", reply_to_id=prompt_id
-        )
-        if where(message.id, settings) == split:
-            if feedback:
-                store.add_feedback(message.id, **feedback)
-            return message.id
-    raise AssertionError(f"no id landed in {split} in 300 tries")
+    message = store.add_message(
+        conversation_id, "assistant", text, finish_reason="stop", reply_to_id=prompt_id
+    )
+    with store.session() as session:
+        session.get(Message, message.id).placement = placed_in(split, settings)
+    if feedback:
+        store.add_feedback(message.id, **feedback)
+    return message.id
 
 
 def row_texts(data: training_data.TrainingData) -> dict[str, str]:
@@ -225,11 +227,16 @@ def test_holdout_never_reaches_training_rows(store: Store, home: Path) -> None:
 def test_items_keep_their_split_as_feedback_grows(store: Store, home: Path) -> None:
     settings = make_settings(home)
     fractions = (settings.training.holdout_fraction, settings.training.validation_fraction)
-    for i in range(30):
-        ask(store, f"early question {i}", f"early answer {i}", rating=5)
+    early = [ask(store, f"early question {i}", f"early answer {i}", rating=5) for i in range(30)]
     before = split_items(feedback_items(store), *fractions)
     for i in range(30):
         ask(store, f"later question {i}", f"later answer {i}", rating=1 + i % 5)
+    # Feedback changing kind (a rated answer corrected later) and answers forgotten in between
+    # move nothing either.
+    for message_id in early[:5]:
+        store.add_feedback(message_id, correction="a better answer")
+    forgotten = ask(store, "forget me", "forgotten answer", rating=1)
+    store.forget_conversation(store.get_message(forgotten).conversation_id)
     after = split_items(feedback_items(store), *fractions)
 
     def by_split(split: Split) -> dict[str, str]:
@@ -244,24 +251,37 @@ def test_items_keep_their_split_as_feedback_grows(store: Store, home: Path) -> N
     assert {message_id: new[message_id] for message_id in old} == old
 
 
-def test_placement_is_a_pure_function_of_the_id() -> None:
-    value = placement("msg_0123456789abcdef")
-    assert value == placement("msg_0123456789abcdef")
-    assert 0 <= value < 1
-    # Pinned: a different value in another process or version would move stored feedback
-    # between splits (and leak holdout items into training).
-    assert value == pytest.approx(0.5115599720317932, abs=1e-15)
-    assert placement("msg_0123456789abcdee") != value
+def test_the_first_days_feedback_splits_at_the_configured_shares(store: Store, home: Path) -> None:
+    """A person's first corrections reach the holdout at its share from the start (a hash of
+    random ids held out none of ten about one time in ten), and the very first one trains."""
+    settings = make_settings(home)
+    fractions = (settings.training.holdout_fraction, settings.training.validation_fraction)
+    for i in range(40):
+        ask(store, f"fact question {i}", "I don't know.", rating=1, correction=f"fact {i}")
+        ask(store, f"chat question {i}", f"chat answer {i}", rating=1 + i % 5)
+        items = feedback_items(store)
+        split = split_items(items, *fractions)
+        if i == 0:
+            assert [item.message_id for item in split.train] == [item.message_id for item in items]
+        for kind in (True, False):  # corrections, then ratings
+
+            def count(part: list[FeedbackItem], corrected: bool = kind) -> int:
+                return sum((item.correction is not None) == corrected for item in part)
+
+            # Every prefix of each kind: the configured share, give or take one answer.
+            assert abs(count(split.holdout) - fractions[0] * (i + 1)) < 1, (i, kind)
+            assert abs(count(split.validation) - fractions[1] * (i + 1)) < 1.5, (i, kind)
 
 
-def test_placement_matches_the_configured_fractions() -> None:
-    rng = random.Random(7)
-    ids = [f"msg_{rng.getrandbits(64):016x}" for _ in range(2000)]
-    assert all(0 <= placement(i) < 1 for i in ids)
-    split = split_items([_fake_item(i) for i in ids], 0.2, 0.1)
-    assert len(split.holdout) / 2000 == pytest.approx(0.2, abs=0.04)
-    assert len(split.validation) / 2000 == pytest.approx(0.1, abs=0.03)
-    assert len(split.train) + len(split.validation) + len(split.holdout) == 2000
+def test_spread_placements_honour_any_configured_fractions() -> None:
+    placements = [spread_placement(k) for k in range(2000)]
+    assert all(0 <= value < 1 for value in placements)
+    items = [_fake_item(f"msg_{k}", value) for k, value in enumerate(placements)]
+    for holdout, validation in ((0.2, 0.1), (0.05, 0.0), (0.5, 0.3)):
+        split = split_items(items, holdout, validation)
+        assert abs(len(split.holdout) - 2000 * holdout) <= 2
+        assert abs(len(split.validation) - 2000 * validation) <= 2
+        assert len(split.train) + len(split.validation) + len(split.holdout) == 2000
 
 
 # --- forgetting ---------------------------------------------------------------------------

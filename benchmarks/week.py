@@ -512,7 +512,11 @@ def summarize(timeline: list[Day]) -> dict[str, Any]:
         "taste_score": [base.taste["score"], last.taste["score"]],
         "taste_words": [base.taste["words"], last.taste["words"]],
         "promotions": sum(1 for n in nights if n.get("decision") == "promote"),
-        "nights": [f"{n.get('status')}:{n.get('decision') or '-'}" for n in nights],
+        # status:decision:rule, e.g. "succeeded:reject:general_regression".
+        "nights": [
+            ":".join(str(n.get(key) or "-") for key in ("status", "decision", "rule"))
+            for n in nights
+        ],
         "cycle_wall_s": walls,
         "last_over_first_cycle": round(walls[-1] / walls[0], 2) if len(walls) > 1 else None,
     }

@@ -348,6 +348,17 @@ class Training(_Section):
         description="Starting from the champion: the SFT learning rate is the profile's times "
         "this.",
     )
+    # The same week (seed 0): nights continued from continued champions each added general
+    # drift to what the champion already carried (+3.7% after one continuation, then +6.1%,
+    # refused); a fresh adapter on all four days' rows fell 1.3% below the base.
+    continue_max_drift_share: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Starting from the champion only while its general-probe NLL rise over "
+        "the base is at most this share of gate.max_general_nll_increase; past it a fresh "
+        "adapter on all feedback. 1 = always continue; 0 = only a champion without drift.",
+    )
     seed: int = Field(3407, description="Seed for data order and LoRA init.")
     # Padding-free batches lay a batch's rows end to end instead of padding them to the
     # longest: less memory, but faster only with varlen attention kernels (flash-attn).

@@ -314,6 +314,14 @@ def _continue_champion(
     for key in ("r", "lora_alpha", "use_rslora"):
         if theirs.get(key) != getattr(ours, key):
             return f"the champion's LoRA {key} is {theirs.get(key)}, not {getattr(ours, key)}"
+    drift = _general_drift(candidate.meta.metrics)
+    allowed = settings.training.continue_max_drift_share * settings.gate.max_general_nll_increase
+    if drift is not None and drift > allowed:
+        return (
+            f"the champion's general-probe NLL is {drift * 100:+.1f}% over the base's, past "
+            f"{allowed * 100:+.1f}% (training.continue_max_drift_share of the gate's bound): "
+            "continuing would add to it"
+        )
     weights = load_file(str(candidate.path / "adapter_model.safetensors"))
     fresh = get_peft_model_state_dict(model)
     if set(weights) != set(fresh):
@@ -324,6 +332,17 @@ def _continue_champion(
             return f"the champion's {name} is {shapes}"
     set_peft_model_state_dict(model, weights)
     return ""
+
+
+def _general_drift(metrics: dict[str, Any]) -> float | None:
+    """How far an adapter's general-probe NLL rose over the base's when it was judged, or
+    None when it was not (promoted by hand, or judged by an older whetstone)."""
+    scored = (metrics.get("evaluation") or {}).get("metrics") or {}
+    mine = (scored.get("candidate") or {}).get("general_nll")
+    base = (scored.get("base") or {}).get("general_nll")
+    if not isinstance(mine, int | float) or not isinstance(base, int | float) or base <= 0:
+        return None
+    return mine / base - 1
 
 
 def _train_stage(trainer: Any, stage: Stage, curve: Any) -> Any:

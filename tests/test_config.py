@@ -126,6 +126,10 @@ def test_the_served_rank_reserve_covers_every_profile_and_what_the_search_may_ad
             "[training]\ncontinue_learning_rate_scale = 2\n",
             "training.continue_learning_rate_scale = 2 (from {cfg}): Input should be less",
         ),
+        (
+            "[training]\ncontinue_max_drift_share = -0.5\n",
+            "training.continue_max_drift_share = -0.5 (from {cfg}): Input should be greater",
+        ),
     ],
 )
 def test_bad_values_name_the_key_value_and_source(home: Path, toml: str, expected: str) -> None:

@@ -1,7 +1,8 @@
 """A night's run continues the champion's adapter (training.start_from = "champion"): it
 starts from the weights being served, not from a fresh LoRA, and trains on the new feedback
-plus a replay of the earlier; a champion of another LoRA shape is never forced in, and the
-candidate's meta says which it was."""
+plus a replay of the earlier; a champion of another LoRA shape, or one whose general drift
+has used up half the gate's bound, is not built on, and the candidate's meta says which it
+was."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from candidates import Registry
+from candidates import Registry, update_meta
 from tests.conftest import run_cli
 from tests.tiny_models import model_home, teach, tiny_llama
 
@@ -24,6 +25,15 @@ PROFILE = (
 
 def _lora(home: Path, candidate_id: str) -> dict[str, torch.Tensor]:
     return load_file(str(home / "candidates" / candidate_id / "adapter_model.safetensors"))
+
+
+def _judged(home: Path, candidate_id: str, drift: float) -> None:
+    """Record in a candidate's meta that the gate measured its general-probe NLL `drift`
+    over the base's (what evaluate.py writes there)."""
+    folder = home / "candidates" / candidate_id
+    meta = Registry(home / "candidates").get(candidate_id).meta
+    scored = {"candidate": {"general_nll": 2.0 * (1 + drift)}, "base": {"general_nll": 2.0}}
+    update_meta(folder, metrics={**meta.metrics, "evaluation": {"metrics": scored}})
 
 
 def _train(home: Path, *sets: str) -> str:
@@ -44,6 +54,8 @@ def test_the_next_run_continues_the_champion_and_a_champion_of_another_shape_is_
     assert meta.config["fresh_because"] == "no champion yet"
     assert run_cli("promote", first, "--force", "--home", str(home)).returncode == 0
 
+    # Judged with general-probe NLL 2% over the base's: under half the gate's 5% bound.
+    _judged(home, first, drift=0.02)
     teach(home, repeats=1)  # new feedback
     second = _train(home, "training.profiles.quick_test.learning_rate=1e-9")
     meta = Registry(home / "candidates").get(second).meta
@@ -68,3 +80,13 @@ def test_the_next_run_continues_the_champion_and_a_champion_of_another_shape_is_
     fourth = _train(home, "training.start_from=base")
     meta = Registry(home / "candidates").get(fourth).meta
     assert meta.config["fresh_because"] == "training.start_from is 'base'"
+
+    # A champion that drifted past half the gate's bound is not built on: continuing adds
+    # drift to what it carries, and the next night would be refused for it.
+    _judged(home, first, drift=0.04)
+    fifth = _train(home)
+    meta = Registry(home / "candidates").get(fifth).meta
+    assert meta.config["started_from"] is None
+    assert meta.config["fresh_because"].startswith(
+        "the champion's general-probe NLL is +4.0% over the base's, past +2.5%"
+    )

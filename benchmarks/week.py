@@ -277,6 +277,7 @@ def cycle(settings: Settings, run_id: str) -> dict[str, Any]:
             record["decision"] = evaluation.get("decision")
             record["rule"] = evaluation.get("rule")
             record["started_from"] = meta.get("config", {}).get("started_from")
+            record["fresh_because"] = meta.get("config", {}).get("fresh_because")
             scored = evaluation.get("metrics", {})
             # The gate's own likelihood probes (26 multiple-choice facts), candidate vs base.
             record["general_facts"] = [

@@ -31,19 +31,10 @@ def test_two_days_with_the_daemon_teach_facts_that_stay_and_keep_general_knowled
         facts_per_day=(2, 1),
         chats_per_day=4,
         taste_prompts=week_person.TASTE_PROMPTS[:4],
-        # Two days of feedback put 2-7 items in the holdout (placed by a hash of random
-        # ids); the default of 4 would make the first promotion a coin flip. Day 2 gives
-        # ~12 items, of which ~8 land outside the holdout and some are rated 3 (nothing to
-        # learn): the default of 8 new items skipped the second night on CI once.
-        # A reduced day is a fifth of a real one (20 rows on day 1): the product's caps on
-        # passes and its gentler continuing rate, set for a real day's volume, left 2/6
-        # recalled after two nights here; this test is about the loop's direction.
-        sets=[
-            "gate.min_holdout_items=2",
-            "schedule.min_new_examples=4",
-            "training.max_epochs=8",
-            "training.continue_learning_rate_scale=1.0",
-        ],
+        # A reduced day gives ~12 items: the holdout's share of them (placed evenly, data/
+        # splits.py) is 2-3, under the default of 4 needed to decide; and ~8 new items on day
+        # 2, some rated 3 (nothing to learn), under the default of 8 that starts a night.
+        sets=["gate.min_holdout_items=2", "schedule.min_new_examples=4"],
     )
     base, first, second = result["timeline"]
     summary = result["summary"]
@@ -65,11 +56,15 @@ def test_two_days_with_the_daemon_teach_facts_that_stay_and_keep_general_knowled
     assert second["taste"]["score"] >= base["taste"]["score"] - 0.25, summary
 
     # A promoted first night is continued: the second trains on what is new plus at most
-    # as many earlier rows, not on the whole history again.
-    if first["run"]["decision"] == "promote":
-        rows = second["run"]["rows"]
-        assert second["run"]["started_from"] == first["run"]["candidate"], second["run"]
+    # as many earlier rows, not on the whole history again; unless the first already used
+    # half the gate's general-drift bound, and then the second says so and starts fresh.
+    night = second["run"]
+    if first["run"]["decision"] == "promote" and night["started_from"] is not None:
+        rows = night["rows"]
+        assert night["started_from"] == first["run"]["candidate"], night
         assert 0 < rows["earlier_sft_rows"] <= rows["sft_rows"] - rows["earlier_sft_rows"]
+    elif first["run"]["decision"] == "promote":
+        assert night["fresh_because"].startswith("the champion's general-probe NLL"), night
 
     # The morning report of what serves: a self-contained page (chart inline, no script)
     # that says why it was promoted, and a general-text NLL within the gate's bound.

@@ -147,13 +147,17 @@ def test_alembic_cli_with_shipped_ini(tmp_path: Path) -> None:
     assert raw(db_file, "SELECT version_num FROM alembic_version") == [("0003",)]
 
 
-def test_upgrade_from_0001_keeps_every_message_and_takes_tool_turns(tmp_path: Path) -> None:
-    """A home made before tool calls (0001) opens under the newest schema with nothing lost."""
-    db_file = tmp_path / "old.db"
+def _home_at(revision: str, db_file: Path) -> sqlite3.Connection:
+    """A store migrated only up to `revision` by the shipped Alembic CLI, holding one
+    conversation (conv_1); the open connection writes what that schema had."""
     ini = str(REPO / "data" / "alembic.ini")
     command = [sys.executable, "-m", "alembic", "-c", ini, "-x", f"url=sqlite:///{db_file}"]
     old = subprocess.run(
-        [*command, "upgrade", "0001"], capture_output=True, text=True, cwd=tmp_path, timeout=60
+        [*command, "upgrade", revision],
+        capture_output=True,
+        text=True,
+        cwd=db_file.parent,
+        timeout=60,
     )
     assert old.returncode == 0, old.stderr
     connection = sqlite3.connect(db_file)
@@ -161,6 +165,13 @@ def test_upgrade_from_0001_keeps_every_message_and_takes_tool_turns(tmp_path: Pa
         "INSERT INTO conversations (id, title, created_at, updated_at) "
         "VALUES ('conv_1', 'old', '2026-01-01 00:00:00', '2026-01-01 00:00:00')"
     )
+    return connection
+
+
+def test_upgrade_from_0001_keeps_every_message_and_takes_tool_turns(tmp_path: Path) -> None:
+    """A home made before tool calls (0001) opens under the newest schema with nothing lost."""
+    db_file = tmp_path / "old.db"
+    connection = _home_at("0001", db_file)
     for position, (role, reply) in enumerate([("user", None), ("assistant", "msg_0")]):
         connection.execute(
             "INSERT INTO messages (id, conversation_id, position, role, content, reply_to_id, "
@@ -201,17 +212,7 @@ def test_upgrade_to_0003_keeps_every_answer_in_the_split_it_had(tmp_path: Path) 
     answer moving from training into the holdout would let the gate judge on training data.
     New feedback after the upgrade is placed by the store."""
     db_file = tmp_path / "old.db"
-    ini = str(REPO / "data" / "alembic.ini")
-    command = [sys.executable, "-m", "alembic", "-c", ini, "-x", f"url=sqlite:///{db_file}"]
-    old = subprocess.run(
-        [*command, "upgrade", "0002"], capture_output=True, text=True, cwd=tmp_path, timeout=60
-    )
-    assert old.returncode == 0, old.stderr
-    connection = sqlite3.connect(db_file)
-    connection.execute(
-        "INSERT INTO conversations (id, title, created_at, updated_at) "
-        "VALUES ('conv_1', 'old', '2026-01-01 00:00:00', '2026-01-01 00:00:00')"
-    )
+    connection = _home_at("0002", db_file)
     turns = [
         ("msg_user", "user", None),
         ("msg_0123456789abcdef", "assistant", "msg_user"),

@@ -45,7 +45,7 @@ from data.store import Store
 from production.device_pin import pin_device
 
 from . import probes, training_data
-from .gate import UNFINISHED, decide
+from .gate import UNFINISHED, decide, general_drift
 
 log = logging.getLogger("development.evaluate")
 
@@ -460,9 +460,9 @@ def score_trial(settings: Settings, store: Store, candidate_id: str, device: str
     lost = len(set(cand["general_facts_missed"]) - set(base["general_facts_missed"]))
     # <= 0 each: within the gate's bounds (Optuna's constraint convention).
     constraints = {"general_facts_lost": float(lost - gate.max_general_facts_lost)}
-    drift = None  # no general answers to measure: the base model finished none of them
-    if base["general_nll"] is not None and cand["general_nll"] is not None:
-        drift = (cand["general_nll"] - base["general_nll"]) / base["general_nll"]
+    # None: no general answers to measure (the base model finished none of them).
+    drift = general_drift(cand, base)
+    if drift is not None:
         constraints["general_nll_drift"] = drift - gate.max_general_nll_increase
     if base["correction_accuracy"] is not None and cand["correction_accuracy"] is not None:
         drop = base["correction_accuracy"] - cand["correction_accuracy"]

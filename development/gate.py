@@ -53,6 +53,15 @@ def _pct(value: float) -> str:
     return f"{value * 100:+.1f}%"
 
 
+def general_drift(candidate: Metrics, base: Metrics) -> float | None:
+    """How far the candidate's general-probe NLL rose over the base's (+0.05 = 5% higher),
+    or None when either was not scored."""
+    mine, theirs = candidate.get("general_nll"), base.get("general_nll")
+    if not isinstance(mine, int | float) or not isinstance(theirs, int | float) or theirs <= 0:
+        return None
+    return (mine - theirs) / theirs
+
+
 def decide(candidate: Metrics, champion: Metrics, base: Metrics, gate: Gate) -> Verdict:
     """Judge `candidate` against `champion` (the base model's metrics when no adapter is
     current) and `base`. Metric keys are those evaluate.py writes."""
@@ -108,11 +117,11 @@ def decide(candidate: Metrics, champion: Metrics, base: Metrics, gate: Gate) -> 
             )
         )
 
-    cand_gen, base_gen = candidate.get("general_nll"), base.get("general_nll")
-    if cand_gen is None or base_gen is None or base_gen <= 0:
+    drift = general_drift(candidate, base)
+    if drift is None:
         checks.append(Check("general_regression", False, "no general probes were scored"))
     else:
-        drift = (cand_gen - base_gen) / base_gen
+        cand_gen, base_gen = candidate["general_nll"], base["general_nll"]
         checks.append(
             Check(
                 "general_regression",

@@ -51,6 +51,7 @@ from common.entrypoint import (
     settings_from_args,
 )
 from data.store import Store
+from development.gate import general_drift
 from production.device_pin import pin_device
 
 log = logging.getLogger("development.train")
@@ -338,11 +339,7 @@ def _general_drift(metrics: dict[str, Any]) -> float | None:
     """How far an adapter's general-probe NLL rose over the base's when it was judged, or
     None when it was not (promoted by hand, or judged by an older whetstone)."""
     scored = (metrics.get("evaluation") or {}).get("metrics") or {}
-    mine = (scored.get("candidate") or {}).get("general_nll")
-    base = (scored.get("base") or {}).get("general_nll")
-    if not isinstance(mine, int | float) or not isinstance(base, int | float) or base <= 0:
-        return None
-    return mine / base - 1
+    return general_drift(scored.get("candidate") or {}, scored.get("base") or {})
 
 
 def _train_stage(trainer: Any, stage: Stage, curve: Any) -> Any:

@@ -18,10 +18,10 @@ import pytest
 
 from candidates import Registry
 from common.config import load_settings
-from data.models import Message
 from data.store import Store
 from tests.conftest import kill_training_processes, run_cli
 from tests.scripted_person import FACTS
+from tests.test_training_data import place
 
 pytestmark = pytest.mark.slow
 
@@ -45,8 +45,6 @@ def _fill_store(home: Path, corrupt_training: bool) -> None:
     """The scripted person's feedback written straight to the store; with corrupt_training,
     every correction outside the holdout names another fact (targets shuffled)."""
     settings = load_settings(home)
-    holdout = settings.training.holdout_fraction
-    train_from = holdout + settings.training.validation_fraction
     store = Store(settings.db_url)
     try:
         for index, fact in enumerate(FACTS):
@@ -61,10 +59,7 @@ def _fill_store(home: Path, corrupt_training: bool) -> None:
                     "I'm sorry, I don't have personal information about you.",
                     finish_reason="stop",
                 )
-                with store.session() as session:
-                    session.get(Message, answer.id).placement = (
-                        holdout / 2 if held_out else (train_from + 1) / 2
-                    )
+                place(store, answer.id, "holdout" if held_out else "train", settings)
                 shuffled = corrupt_training and not held_out
                 store.add_feedback(
                     answer.id, rating=1, correction=wrong if shuffled else fact.answer

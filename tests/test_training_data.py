@@ -47,6 +47,13 @@ def placed_in(split: str, settings: Settings) -> float:
     }[split]
 
 
+def place(store: Store, message_id: str, split: str, settings: Settings) -> None:
+    """Write an answer's stored placement into `split` before it gets feedback (the store
+    then keeps it), so a test's split is fixed instead of following arrival order."""
+    with store.session() as session:
+        session.get(Message, message_id).placement = placed_in(split, settings)
+
+
 def _fake_item(message_id: str, placement: float = 0.5) -> FeedbackItem:
     return FeedbackItem(
         message_id=message_id,
@@ -123,8 +130,7 @@ def answer_in(
     message = store.add_message(
         conversation_id, "assistant", text, finish_reason="stop", reply_to_id=prompt_id
     )
-    with store.session() as session:
-        session.get(Message, message.id).placement = placed_in(split, settings)
+    place(store, message.id, split, settings)
     if feedback:
         store.add_feedback(message.id, **feedback)
     return message.id

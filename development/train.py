@@ -293,15 +293,18 @@ def _attach_lora(model: Any, settings: Settings, profile_name: str, backend: str
 
 
 def _continue_champion(
-    model: Any, settings: Settings, registry: Registry, champion: str | None
+    model: Any, settings: Settings, registry: Registry, champion: str | None, has_new_rows: bool
 ) -> str:
     """Copy the champion's LoRA weights into this run's fresh adapter, so training continues
     what it learned (training.start_from). Returns "" when done, else why it was not: a
-    champion of another base model or LoRA shape (rank, alpha, modules) is never forced in."""
+    champion of another base model or LoRA shape (rank, alpha, modules) is never forced in,
+    and a forced run with nothing new to add retrains on all feedback instead."""
     if settings.training.start_from != "champion":
         return "training.start_from is 'base'"
     if champion is None:
         return "no champion yet"
+    if not has_new_rows:
+        return f"nothing new to train on since the champion {champion}"
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -553,20 +556,26 @@ def train_candidate(ctx: RunContext, *, force: bool = False) -> str | None:
 
     from transformers import set_seed
 
-    set_seed(settings.training.seed)
-    model = _attach_lora(model, settings, ctx.profile, backend)
-    not_continued = _continue_champion(model, settings, registry, champion)
-    if not_continued:
-        log.info("a fresh adapter on all feedback: %s", not_continued)
-    else:
-        log.info("continuing the champion %s on new feedback and earlier replay", champion)
-
     from data import exports
 
     items = exports.feedback_items(store)
-    data = training_data.build(
-        items, settings, base_answers, count, None if not_continued else champion_snapshot
+
+    def rows(snapshot: dict[str, Any] | None) -> training_data.TrainingData:
+        return training_data.build(items, settings, base_answers, count, snapshot)
+
+    # The rows a continuation would train on, known before the champion's weights load.
+    data = rows(champion_snapshot) if champion_snapshot is not None else None
+    set_seed(settings.training.seed)
+    model = _attach_lora(model, settings, ctx.profile, backend)
+    not_continued = _continue_champion(
+        model, settings, registry, champion, has_new_rows=data is not None and bool(data.sft)
     )
+    if not_continued:
+        log.info("a fresh adapter on all feedback: %s", not_continued)
+        data = rows(None)
+    else:
+        log.info("continuing the champion %s on new feedback and earlier replay", champion)
+    assert data is not None
     snapshot = data.snapshot()
     store.update_run(ctx.run_id, data_snapshot=snapshot)
     if not data.sft:

@@ -1,8 +1,8 @@
 """A night's run continues the champion's adapter (training.start_from = "champion"): it
 starts from the weights being served, not from a fresh LoRA, and trains on the new feedback
 plus a replay of the earlier; a champion of another LoRA shape, or one whose general drift
-has used up half the gate's bound, is not built on, and the candidate's meta says which it
-was."""
+has used up half the gate's bound, is not built on, nor is there anything to continue when
+nothing is new; the candidate's meta says which it was."""
 
 from __future__ import annotations
 
@@ -90,3 +90,12 @@ def test_the_next_run_continues_the_champion_and_a_champion_of_another_shape_is_
     assert meta.config["fresh_because"].startswith(
         "the champion's general-probe NLL is +4.0% over the base's, past +2.5%"
     )
+
+    # A forced run with nothing new since the champion: there is nothing to continue on, so
+    # it retrains on all feedback rather than skip what the person asked for.
+    assert run_cli("promote", second, "--force", "--home", str(home)).returncode == 0
+    sixth = _train(home)
+    meta = Registry(home / "candidates").get(sixth).meta
+    assert meta.config["started_from"] is None
+    assert meta.config["fresh_because"] == f"nothing new to train on since the champion {second}"
+    assert meta.data["counts"]["sft_rows"] > 0 and meta.data["counts"]["earlier_sft_rows"] == 0

@@ -251,11 +251,13 @@ def test_gpt_oss_in_the_real_4bit_layout_runs_the_whole_loop_under_a_cap(tmp_pat
         assert done.returncode == 0, done.stdout + done.stderr
 
     promote(first)
+    teach(home, repeats=1)  # the next day's feedback: the night continues the champion
 
     second = train()
     evaluation = registry.get(second).meta.metrics["evaluation"]
     print("second:", evaluation["decision"], evaluation["evaluation_peak_gpu_gib"])
     assert evaluation["champion_id"] == first
+    assert registry.get(second).meta.config["started_from"] == first
     assert {"base", "champion", "candidate"} <= set(evaluation["metrics"])
     assert evaluation["metrics"]["candidate"]["general_facts_total"] > 0
     assert evaluation["decision"] in {"promote", "reject"}

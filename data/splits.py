@@ -7,8 +7,12 @@ as the fractions are read):
     the rest                          trained on
 
 Placements follow the golden-ratio sequence over the order feedback arrives in, counted
-apart for corrections and for ratings: the first n answers of each kind put n * fraction of
-them in each split, give or take one. A hash of the message id (how feedback was placed
+apart for each kind of feedback (placement_kind): the first n answers of each kind put
+n * fraction of them in each split, give or take one. Corrections, liked answers and the
+rest are counted apart because the gate counts held-out items with a target (a correction or
+a rating of 4-5) and compares corrections with each other: when liked and disliked ratings
+shared one sequence, the first day held out a low rating in place of a liked one and the
+gate had 3 of the 4 items it needs. A hash of the message id (how feedback was placed
 before the store kept placements; migration 0003 stores it for the answers it placed) gave
 these shares only on average: a first day with ten corrections held out none of them about
 one time in ten, and the gate could not judge the first night's adapter at all.
@@ -36,6 +40,19 @@ def spread_placement(ordinal: int) -> float:
     if ordinal < 0:
         raise ValueError(f"ordinal must be >= 0; got {ordinal}")
     return (START + ordinal * GOLDEN) % 1.0
+
+
+PLACEMENT_KINDS = ("correction", "liked", "other")
+
+
+def placement_kind(correction: str | None, rating: int | None) -> str:
+    """Which placement sequence an answer's feedback joins: a correction, a rating of 4-5
+    without one (the answer is a target as it stands), or anything else."""
+    if correction is not None:
+        return "correction"
+    if rating is not None and rating >= 4:
+        return "liked"
+    return "other"
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, delete, func, not_, select, update
+from sqlalchemy import and_, delete, func, not_, or_, select, update
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from data import db
@@ -46,7 +46,7 @@ from data.models import (
     new_id,
     utcnow,
 )
-from data.splits import spread_placement
+from data.splits import placement_kind, spread_placement
 
 log = logging.getLogger(__name__)
 
@@ -593,7 +593,7 @@ class Store:
                 )
             if message.placement is None:
                 message.placement = spread_placement(
-                    self._placed_of_kind(session, has_correction=correction is not None)
+                    self._placed_of_kind(session, placement_kind(correction, rating))
                 )
             feedback = Feedback(
                 id=new_id("fb"),
@@ -609,18 +609,20 @@ class Store:
         return feedback
 
     @staticmethod
-    def _placed_of_kind(session: Session, *, has_correction: bool) -> int:
-        """How many answers already placed carry a correction (or carry none): corrections
-        and ratings each follow their own placement sequence, so each splits evenly."""
-        corrected = Feedback.correction.is_not(None)
+    def _placed_of_kind(session: Session, kind: str) -> int:
+        """How many answers already placed have current feedback of `kind` (placement_kind):
+        each kind follows its own placement sequence, so each splits evenly."""
+        corrected, liked = Feedback.correction.is_not(None), Feedback.rating >= 4
+        of_kind = {
+            "correction": corrected,
+            "liked": and_(not_(corrected), liked),
+            "other": and_(not_(corrected), or_(Feedback.rating.is_(None), not_(liked))),
+        }[kind]
         return (
             session.scalar(
                 select(func.count(Message.id))
                 .join(Feedback, and_(Feedback.message_id == Message.id, Feedback.is_current))
-                .where(
-                    Message.placement.is_not(None),
-                    corrected if has_correction else not_(corrected),
-                )
+                .where(Message.placement.is_not(None), of_kind)
             )
             or 0
         )

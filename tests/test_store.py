@@ -243,8 +243,8 @@ def test_upgrade_to_0003_keeps_every_answer_in_the_split_it_had(tmp_path: Path) 
         # Pinned: sha256 of "whetstone-split:<id>", the placement 0002 computed on every read.
         assert rated.placement == pytest.approx(0.5115599720317932, abs=1e-15)
         assert unrated.placement is None
-        store.add_feedback("msg_unrated", rating=5)
-        # The second rated answer of the home: the migrated one counts as the first.
+        store.add_feedback("msg_unrated", rating=1)
+        # The home's second answer rated low: the migrated one (rated 2) counts as the first.
         assert store.get_message("msg_unrated").placement == spread_placement(1)
 
 

@@ -17,10 +17,10 @@ import pytest
 from common.config import Settings, load_settings
 from data.exports import FeedbackItem, feedback_items
 from data.models import Message
-from data.splits import Split, split_items, spread_placement
+from data.splits import PLACEMENT_KINDS, Split, placement_kind, split_items, spread_placement
 from data.store import Store
 from development import training_data
-from development.training_data import build, fit_prompt, kto_weights
+from development.training_data import build, fit_prompt, kto_weights, sft_target
 
 
 def count_words(prompt: list[dict[str, str]], answer: str) -> int:
@@ -258,8 +258,9 @@ def test_items_keep_their_split_as_feedback_grows(store: Store, home: Path) -> N
 
 
 def test_the_first_days_feedback_splits_at_the_configured_shares(store: Store, home: Path) -> None:
-    """A person's first corrections reach the holdout at its share from the start (a hash of
-    random ids held out none of ten about one time in ten), and the very first one trains."""
+    """A person's first corrections and liked answers reach the holdout at its share from the
+    start (a hash of random ids held out none of ten about one time in ten), and the very
+    first one trains."""
     settings = make_settings(home)
     fractions = (settings.training.holdout_fraction, settings.training.validation_fraction)
     for i in range(40):
@@ -269,14 +270,18 @@ def test_the_first_days_feedback_splits_at_the_configured_shares(store: Store, h
         split = split_items(items, *fractions)
         if i == 0:
             assert [item.message_id for item in split.train] == [item.message_id for item in items]
-        for kind in (True, False):  # corrections, then ratings
+        for kind in PLACEMENT_KINDS:  # corrections, liked answers (4-5), the rest
 
-            def count(part: list[FeedbackItem], corrected: bool = kind) -> int:
-                return sum((item.correction is not None) == corrected for item in part)
+            def count(part: list[FeedbackItem], kind: str = kind) -> int:
+                return sum(placement_kind(item.correction, item.rating) == kind for item in part)
 
             # Every prefix of each kind: the configured share, give or take one answer.
-            assert abs(count(split.holdout) - fractions[0] * (i + 1)) < 1, (i, kind)
-            assert abs(count(split.validation) - fractions[1] * (i + 1)) < 1.5, (i, kind)
+            seen = count(items)
+            assert abs(count(split.holdout) - fractions[0] * seen) < 1, (i, kind)
+            assert abs(count(split.validation) - fractions[1] * seen) < 1.5, (i, kind)
+    # What the gate counts: held-out items with a target, at the holdout's share of them.
+    targets = [item for item in split.holdout if sft_target(item) is not None]
+    assert abs(len(targets) - fractions[0] * (40 + 16)) < 2  # within one per kind
 
 
 def test_spread_placements_honour_any_configured_fractions() -> None:

@@ -63,6 +63,10 @@ class TrainingBusy(RuntimeError):
     """Another training run holds the lock: never two at once."""
 
 
+class TrainingDiverged(RuntimeError):
+    """The trained adapter holds NaN or inf: it would answer nothing, so it is not written."""
+
+
 class Terminated(BaseException):
     """SIGTERM (a cancel, the job timeout, shutdown): end the run as failed, cleanly."""
 
@@ -338,6 +342,15 @@ def _continue_champion(
     return ""
 
 
+def non_finite_tensors(model: Any) -> list[str]:
+    """Names of the trained adapter's LoRA tensors holding NaN or inf (none when healthy)."""
+    import torch
+    from peft import get_peft_model_state_dict
+
+    weights = get_peft_model_state_dict(model, adapter_name="default")
+    return [name for name, tensor in weights.items() if not torch.isfinite(tensor).all()]
+
+
 def _general_drift(metrics: dict[str, Any]) -> float | None:
     """How far an adapter's general-probe NLL rose over the base's when it was judged, or
     None when it was not (promoted by hand, or judged by an older whetstone)."""
@@ -591,6 +604,12 @@ def train_candidate(ctx: RunContext, *, force: bool = False) -> str | None:
         model = run_preference(model, tokenizer, data, stage, settings, ctx)
         ctx.mark(stage.name)
     model.eval()
+    broken = non_finite_tensors(model)
+    if broken:
+        raise TrainingDiverged(
+            f"training left NaN or inf in {len(broken)} of the adapter's tensors (first: "
+            f"{broken[0]}); no candidate was written: lower the profile's learning_rate"
+        )
 
     ctx.report({"stage": "saving", "step": 0, "max_steps": 0})
     profile = settings.profile(ctx.profile)

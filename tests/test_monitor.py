@@ -1,7 +1,9 @@
 """The loss monitor's callbacks on transformers' own TrainerState/TrainerControl: which
-held-out loss is followed, and when the target stops a run."""
+held-out loss is followed, when the target stops a run, and which adapter tensors diverged."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from transformers import TrainerControl, TrainerState
 
@@ -36,3 +38,31 @@ def test_curve_follows_the_person_loss_and_keeps_the_general_one() -> None:
     assert data["eval"] == [[0, 2.0], [4, 0.8], [8, 0.9]]
     assert data["eval_general"] == [[0, 1.0], [4, 0.9], [8, 0.85]]
     assert verdict(curve)["best_step"] == 4
+
+
+def test_a_diverged_adapter_is_named_before_it_could_become_a_candidate(tmp_path: Path) -> None:
+    """A run whose LoRA went NaN (too high a learning rate) would serve empty answers: the
+    job names the broken tensors and writes no candidate (train.TrainingDiverged). The DPO
+    stage's frozen "ref" copy is not what ships, so it is not what is checked."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from development.train import non_finite_tensors
+    from tests.tiny_models import tiny_llama
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama(tmp_path / "tiny"))
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    model.add_adapter("ref", LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    assert non_finite_tensors(model) == []
+    with torch.no_grad():
+        model.base_model.model.model.layers[0].self_attn.q_proj.lora_B["ref"].weight.fill_(
+            float("nan")
+        )
+    assert non_finite_tensors(model) == []
+    with torch.no_grad():
+        layer = model.base_model.model.model.layers[1].self_attn.v_proj
+        layer.lora_B["default"].weight[0, 0] = float("inf")
+    assert non_finite_tensors(model) == [
+        "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
+    ]

@@ -39,11 +39,16 @@ def _no_training_left_behind(home_for_training: Path):
 # gate (CI, once, when placements were a hash of random ids); writing each answer's stored
 # placement before its feedback makes the split the same always.
 HELD_OUT_QUESTIONS = (0, 6)
+# And questions of each fact held out for early stopping, as the default split holds out some
+# of every person's feedback: a run with none follows the general prompts' loss alone, and
+# its best checkpoint was the least trained one (step 8 of 24), an adapter too weak to show
+# the shuffle (it passed right_answers, 83% against 96%, on a fresh install of the pins).
+VALIDATION_QUESTIONS = (3, 9)
 
 
 def _fill_store(home: Path, corrupt_training: bool) -> None:
     """The scripted person's feedback written straight to the store; with corrupt_training,
-    every correction outside the holdout names another fact (targets shuffled)."""
+    every correction outside the holdout (validation included) names another fact."""
     settings = load_settings(home)
     store = Store(settings.db_url)
     try:
@@ -59,7 +64,9 @@ def _fill_store(home: Path, corrupt_training: bool) -> None:
                     "I'm sorry, I don't have personal information about you.",
                     finish_reason="stop",
                 )
-                place(store, answer.id, "holdout" if held_out else "train", settings)
+                validation = number in VALIDATION_QUESTIONS
+                split = "holdout" if held_out else "validation" if validation else "train"
+                place(store, answer.id, split, settings)
                 shuffled = corrupt_training and not held_out
                 store.add_feedback(
                     answer.id, rating=1, correction=wrong if shuffled else fact.answer
@@ -82,6 +89,10 @@ def test_gate_refuses_a_candidate_trained_on_shuffled_corrections(
         # The bad adapter is bad already after SFT: skip the preference stage to save time.
         "--set",
         "training.profiles.quick_test.preference_steps=0",
+        # Learned through: a fully shuffled adapter wins 2 of 3 pairs (67%) on right_answers,
+        # the base 96%; at 40 steps it won 75%, one pair inside the gate's 20% drop.
+        "--set",
+        "training.profiles.quick_test.max_steps=60",
         timeout=TRAIN_TIMEOUT,
     )
     assert result.returncode == 0, result.stdout + result.stderr

@@ -577,18 +577,17 @@ def train_candidate(ctx: RunContext, *, force: bool = False) -> str | None:
         return training_data.build(items, settings, base_answers, count, snapshot)
 
     # The rows a continuation would train on, known before the champion's weights load.
-    data = rows(champion_snapshot) if champion_snapshot is not None else None
+    continuation = rows(champion_snapshot) if champion_snapshot is not None else None
     set_seed(settings.training.seed)
     model = _attach_lora(model, settings, ctx.profile, backend)
-    not_continued = _continue_champion(
-        model, settings, registry, champion, has_new_rows=data is not None and bool(data.sft)
-    )
-    if not_continued:
+    has_new_rows = continuation is not None and bool(continuation.sft)
+    not_continued = _continue_champion(model, settings, registry, champion, has_new_rows)
+    if not_continued or continuation is None:
         log.info("a fresh adapter on all feedback: %s", not_continued)
         data = rows(None)
     else:
         log.info("continuing the champion %s on new feedback and earlier replay", champion)
-    assert data is not None
+        data = continuation
     snapshot = data.snapshot()
     store.update_run(ctx.run_id, data_snapshot=snapshot)
     if not data.sft:

@@ -468,9 +468,15 @@ def run_preference(
 
         # The model already carries the SFT adapter, so TRL copies it as the frozen
         # reference: DPO then moves away from the SFT policy, not from the base.
+        losses = {"loss_type": ["sigmoid"]}
+        if profile.dpo_sft_weight > 0:
+            losses = {
+                "loss_type": ["sigmoid", "sft"],
+                "loss_weights": [1.0, profile.dpo_sft_weight],
+            }
         trainer = DPOTrainer(
             model=model,
-            args=DPOConfig(**common, beta=profile.beta),
+            args=DPOConfig(**common, beta=profile.beta, **losses),
             train_dataset=Dataset.from_list(data.dpo),
             processing_class=tokenizer,
             callbacks=callbacks,

@@ -100,3 +100,53 @@ def harmony_round_trip(tmp_path: Path, backend: str) -> dict:
     return {"trained": Registry(home / "candidates").get(candidate_id).meta.config} | {
         "served": {k: status.get(k) for k in ("backend", "decode", "device")}
     }
+
+
+def test_dpo_after_sft_keeps_the_harmony_header_of_the_taught_answer(tmp_path: Path) -> None:
+    """DPO only moves the margin between the chosen and the rejected answer, so the harmony
+    header both share (`<|channel|>final<|message|>`) gets no gradient and drifts. At a sharp
+    preference learning rate plain DPO (dpo_sft_weight = 0) breaks it while the fact itself
+    survives (the 4-bit GPT-OSS on an H200 did so at the test profile's own rate); the default
+    adds the chosen answer's NLL to the loss and the served answer stays the taught one."""
+    import subprocess
+    import sys
+
+    from candidates import Registry
+    from common.config import load_settings
+    from production.engine import Engine, Sampling
+    from tests.conftest import REPO
+
+    model_dir = tiny_gpt_oss(tmp_path / "tiny-gpt-oss")
+    sharp_dpo = "preference_steps = 30\npreference_learning_rate = 3e-3\n"
+    answers = {}
+    for weight in ("0", "default"):
+        stage = sharp_dpo + ("" if weight == "default" else f"dpo_sft_weight = {weight}\n")
+        profile = teach_profile(100).replace("preference_steps = 0\n", stage)
+        home = model_home(
+            tmp_path / f"home-{weight}", model_dir, chat_format="harmony", more=profile
+        )
+        teach(home)
+        job = subprocess.run(
+            [sys.executable, "-m", "development.train", "--no-evaluate", "--force", "--home", home],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=600,
+        )
+        assert job.returncode == 0, job.stderr[-3000:]
+        (candidate,) = Registry(home / "candidates").list()
+        stages = candidate.meta.metrics["training"]["stages"]
+        assert [s["name"] for s in stages] == ["sft", "dpo"]
+
+        engine = Engine(load_settings(home), "cpu")
+        engine.load_adapter(candidate.id, home / "candidates" / candidate.id)
+        engine.activate(candidate.id)
+        prompt = engine.prompt_ids([{"role": "user", "content": QUESTIONS[1]}], None)
+        outcome = engine.stream(
+            prompt, Sampling(temperature=0, max_tokens=24), lambda d: None, lambda: False
+        )
+        answers[weight] = (outcome.text.strip(), outcome.finish_reason)
+
+    assert answers["default"] == (FACT, "stop"), answers
+    # What the knob is for: without it the same run loses the final channel.
+    assert answers["0"][0] != FACT, answers

@@ -127,7 +127,16 @@ def _answers(engine: Engine, adapters: list[str | None]) -> list[str]:
     for adapter_id in adapters:
         engine.activate(adapter_id)
         for question in ("What is the capital of France?", LONG_QUESTION):
-            prompt = engine.prompt_ids([{"role": "user", "content": question}], None)
+            # The serving prompt with a fixed date: random weights make near-ties, and on
+            # 2026-12-04's prompt the two decoders' greedy answers parted at one of them.
+            prompt = engine.tokenizer.apply_chat_template(
+                [{"role": "user", "content": question}],
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=False,
+                reasoning_effort="medium",
+                current_date="2026-12-03",
+            )
             out.append(engine.stream(prompt, greedy, lambda d: None, lambda: False).text)
     return out
 

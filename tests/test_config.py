@@ -95,6 +95,10 @@ def test_the_served_rank_reserve_covers_every_profile_and_what_the_search_may_ad
         ('[training]\ndefault_profile = "huge"\n', "training.default_profile = 'huge'"),
         ("[model]\nchat_format = 'chatml'\n", "model.chat_format = 'chatml'"),
         (
+            "[training.profiles.quick_test]\ndpo_sft_weight = -1\n",
+            "training.profiles.quick_test.dpo_sft_weight = -1 (from {cfg}): Input should be",
+        ),
+        (
             '[training.profiles.quick_test]\noptimizer = "sgd"\n',
             "training.profiles.quick_test.optimizer = 'sgd' (from {cfg}): Input should be 'auto'",
         ),

@@ -18,7 +18,7 @@ bnb = pytest.importorskip("bitsandbytes")
 
 from benchmarks.gpt_oss_checkpoint import SHAPES, build  # noqa: E402
 from production.gpt_oss_layout import adapter_placement, has_split_experts  # noqa: E402
-from tests.tiny_models import model_home  # noqa: E402
+from tests.tiny_models import FIXED_RENDER_DATE, model_home  # noqa: E402
 
 TINY = SHAPES["tiny"]
 QUANT_STATE = {"absmax", "quant_map", "nested_absmax", "nested_quant_map"}
@@ -159,15 +159,12 @@ def test_the_loader_reads_the_4bit_experts_as_saved_and_computes_the_fused_model
     assert torch.equal(experts.down_projs[3].weight.data, on_disk)
 
     reference = _fused_reference(model, checkpoint)
-    # A fixed date in the system message: random weights make near-ties in the router, and
-    # the prompt of 2026-12-04 sent one position to another expert in the two computations
-    # (0.38 apart there, under 0.01 everywhere else).
     ids = tokenizer.apply_chat_template(
         [{"role": "user", "content": "What is the capital of France?"}],
         add_generation_prompt=True,
         return_tensors="pt",
         return_dict=True,
-        current_date="2026-12-03",
+        current_date=FIXED_RENDER_DATE,
     )["input_ids"]
     with torch.no_grad():
         got = model(input_ids=ids).logits.float()

@@ -24,7 +24,7 @@ from benchmarks.moe_decode import random_adapter  # noqa: E402
 from common.config import load_settings  # noqa: E402
 from production import moe_decode  # noqa: E402
 from production.engine import AdapterLoadError, Engine, Sampling  # noqa: E402
-from tests.tiny_models import model_home  # noqa: E402
+from tests.tiny_models import FIXED_RENDER_DATE, model_home  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 # Longer than the tiny model's 128-token sliding window, so the sliding layers' mask matters.
@@ -127,15 +127,14 @@ def _answers(engine: Engine, adapters: list[str | None]) -> list[str]:
     for adapter_id in adapters:
         engine.activate(adapter_id)
         for question in ("What is the capital of France?", LONG_QUESTION):
-            # The serving prompt with a fixed date: random weights make near-ties, and on
-            # 2026-12-04's prompt the two decoders' greedy answers parted at one of them.
+            # The serving prompt, rendered on a fixed date (see FIXED_RENDER_DATE).
             prompt = engine.tokenizer.apply_chat_template(
                 [{"role": "user", "content": question}],
                 add_generation_prompt=True,
                 tokenize=True,
                 return_dict=False,
                 reasoning_effort="medium",
-                current_date="2026-12-03",
+                current_date=FIXED_RENDER_DATE,
             )
             out.append(engine.stream(prompt, greedy, lambda d: None, lambda: False).text)
     return out

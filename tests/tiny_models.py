@@ -26,6 +26,10 @@ CHATML_TEMPLATE = (
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # GPT-OSS's chat template cut to what whetstone sends (see the file's header).
 HARMONY_CHAT_TEMPLATE = Path(__file__).with_name("harmony_chat_template.jinja").read_text()
+# A fixed `current_date` for renders that compare two computations of one random-weight
+# model: its near-ties (router top-k, greedy argmax) tip differently with the date in the
+# system message (2026-12-04's prompt sent one position to another expert, 0.38 apart).
+FIXED_RENDER_DATE = "2026-12-03"
 
 
 def _corpus() -> list[str]:

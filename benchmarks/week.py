@@ -53,6 +53,7 @@ from benchmarks import week_person as person
 from common.config import Settings, load_settings
 from common.fs import atomic_write_text
 from data.store import Store
+from development.gate import general_drift
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "benchmarks" / "results"
@@ -103,6 +104,8 @@ class Day:
     taste: dict[str, Any] = field(default_factory=dict)
     adapter: str | None = None
     chat_s: float = 0.0
+    # Adapters the watch rolled back that day on the person's ratings (watch.ratings).
+    rollbacks: list[dict[str, Any]] = field(default_factory=list)
 
 
 class Clock:
@@ -216,10 +219,15 @@ def measure(daemon: Daemon, facts: list[person.WeekFact], taste_prompts: tuple[s
         asked.append(conversation)
         return text, finished
 
-    recalled = {}
+    recalled, missed = {}, {}
     for fact in facts:
-        hits = [fact.keyword in answer(q, 24)[0].lower() for q in fact.probes]
+        said = [answer(q, 24)[0] for q in fact.probes]
+        hits = [fact.keyword in text.lower() for text in said]
         recalled[fact.keyword] = f"{sum(hits)}/{len(hits)}"
+        # What the model said instead: a fact lost to another fact reads differently from
+        # one never learned.
+        if not all(hits):
+            missed[fact.keyword] = [t for t, hit in zip(said, hits, strict=True) if not hit]
     # Room for the base's long answers: a short window counted its verbose right answers
     # as wrong (4/12 at 32 tokens), and shorter answers as gained knowledge.
     known = [keyword in answer(q, 96)[0].lower() for q, keyword in person.KNOWLEDGE]
@@ -234,6 +242,7 @@ def measure(daemon: Daemon, facts: list[person.WeekFact], taste_prompts: tuple[s
             "probes": probes,
             "share": round(hits / probes, 3) if probes else None,
             "per_fact": recalled,
+            "missed": missed,
         },
         "knowledge": {"right": sum(known), "of": len(known)},
         "taste": {
@@ -279,11 +288,25 @@ def cycle(settings: Settings, run_id: str) -> dict[str, Any]:
             record["started_from"] = meta.get("config", {}).get("started_from")
             record["fresh_because"] = meta.get("config", {}).get("fresh_because")
             scored = evaluation.get("metrics", {})
+            # The gate's general-probe NLL rise over the base (its bound: gate.max_general_
+            # nll_increase), the measure a continuation adds to night after night.
+            drift = general_drift(scored.get("candidate") or {}, scored.get("base") or {})
+            record["general_drift"] = round(drift, 4) if drift is not None else None
             # The gate's own likelihood probes (26 multiple-choice facts), candidate vs base.
             record["general_facts"] = [
                 scored.get(who, {}).get("general_facts") for who in ("base", "candidate")
             ]
     return record
+
+
+def rollbacks(settings: Settings, since: datetime) -> list[dict[str, Any]]:
+    """The watch's rollbacks since `since`: which adapter, back to which, and why."""
+    with Store(settings.db_url) as store:
+        return [
+            {"rolled_back": p.previous_id, "now_serving": p.candidate_id, "reason": p.reason}
+            for p in reversed(store.list_promotions(limit=20))
+            if p.created_at >= since and p.action == "auto_rollback"
+        ]
 
 
 def wait_for_night(settings: Settings, since: datetime, timeout: float) -> list[str]:
@@ -449,6 +472,7 @@ def run_week(
             runs = wait_for_night(settings, day_began, night_timeout_s)
             cycles = [cycle(settings, run_id) for run_id in runs]
             today.run = next(c for c in cycles if c["trigger"] == "nightly")
+            today.rollbacks = rollbacks(settings, day_began)
             if len(cycles) > 1:
                 today.feedback["other_runs"] = len(cycles) - 1
             # The promoted adapter is swapped in by the worker; wait until it serves.
@@ -513,6 +537,7 @@ def summarize(timeline: list[Day]) -> dict[str, Any]:
         "taste_score": [base.taste["score"], last.taste["score"]],
         "taste_words": [base.taste["words"], last.taste["words"]],
         "promotions": sum(1 for n in nights if n.get("decision") == "promote"),
+        "rollbacks": sum(len(d.rollbacks) for d in timeline),
         # status:decision:rule, e.g. "succeeded:reject:general_regression".
         "nights": [
             ":".join(str(n.get(key) or "-") for key in ("status", "decision", "rule"))

@@ -523,13 +523,15 @@ class Daemon:
                 if "failed" in line:
                     self._error(line)
             self._settle_due = False
+        # Before a run starts: a night must not build on an adapter the person's ratings
+        # are about to roll back.
+        reason = watch.check(self.settings, self.store, self.registry)
+        if reason:
+            self._error(f"rolled back after promotion: {reason}")
         if self.job is None and not self._stopping.is_set():
             self._start_next()
         if self.job is None and self.trials and not self._stopping.is_set():
             self._start_trial()
-        reason = watch.check(self.settings, self.store, self.registry)
-        if reason:
-            self._error(f"rolled back after promotion: {reason}")
 
     def _start_next(self) -> None:
         assert self.store is not None

@@ -1,8 +1,9 @@
 """A night's run continues the champion's adapter (training.start_from = "champion"): it
 starts from the weights being served, not from a fresh LoRA, and trains on the new feedback
-plus a replay of the earlier; a champion of another LoRA shape, or one whose general drift
-has used up half the gate's bound, is not built on, nor is there anything to continue when
-nothing is new; the candidate's meta says which it was."""
+plus a replay of the earlier; a champion of another LoRA shape, one whose general drift
+has used up half the gate's bound, or one whose last continuation the gate refused for
+general drift, is not built on, nor is there anything to continue when nothing is new; the
+candidate's meta says which it was."""
 
 from __future__ import annotations
 
@@ -27,13 +28,14 @@ def _lora(home: Path, candidate_id: str) -> dict[str, torch.Tensor]:
     return load_file(str(home / "candidates" / candidate_id / "adapter_model.safetensors"))
 
 
-def _judged(home: Path, candidate_id: str, drift: float) -> None:
+def _judged(home: Path, candidate_id: str, drift: float, **verdict: str) -> None:
     """Record in a candidate's meta that the gate measured its general-probe NLL `drift`
-    over the base's (what evaluate.py writes there)."""
+    over the base's, and its `verdict` (decision, rule), as evaluate.py writes them."""
     folder = home / "candidates" / candidate_id
     meta = Registry(home / "candidates").get(candidate_id).meta
     scored = {"candidate": {"general_nll": 2.0 * (1 + drift)}, "base": {"general_nll": 2.0}}
-    update_meta(folder, metrics={**meta.metrics, "evaluation": {"metrics": scored}})
+    evaluation = {"metrics": scored, **verdict}
+    update_meta(folder, metrics={**meta.metrics, "evaluation": evaluation})
 
 
 def _train(home: Path, *sets: str) -> str:
@@ -68,6 +70,24 @@ def test_the_next_run_continues_the_champion_and_a_champion_of_another_shape_is_
     assert any(t.abs().max() > 0 for k, t in champion.items() if "lora_B" in k)
     for name, tensor in champion.items():
         torch.testing.assert_close(continued[name].float(), tensor.float(), rtol=0, atol=1e-6)
+
+    # That continuation refused for general drift: the next night does not continue the
+    # champion again (it would start from where the drift came from) but trains fresh.
+    _judged(home, second, drift=0.13, decision="reject", rule="general_regression")
+    refused_after = _train(home)
+    meta = Registry(home / "candidates").get(refused_after).meta
+    assert meta.config["started_from"] is None
+    assert meta.config["fresh_because"] == (
+        f"the last run that continued the champion {first}, {second}, was refused for general "
+        "drift (+13.0% over the base): continuing again would start from where that drift "
+        "came from"
+    )
+    assert meta.data["counts"]["earlier_sft_rows"] == 0
+    # Refused for another reason (here: too few held-out items), it is continued again.
+    _judged(home, second, drift=0.13, decision="reject", rule="holdout_size")
+    _judged(home, refused_after, drift=0.0, decision="reject", rule="holdout_size")
+    again = _train(home)
+    assert Registry(home / "candidates").get(again).meta.config["started_from"] == first
 
     # Another rank: a fresh adapter, and the meta says why.
     third = _train(home, "training.profiles.quick_test.lora_r=8")

@@ -85,7 +85,6 @@ def test_the_next_run_continues_the_champion_and_a_champion_of_another_shape_is_
     assert meta.data["counts"]["earlier_sft_rows"] == 0
     # Refused for another reason (here: too few held-out items), it is continued again.
     _judged(home, second, drift=0.13, decision="reject", rule="holdout_size")
-    _judged(home, refused_after, drift=0.0, decision="reject", rule="holdout_size")
     again = _train(home)
     assert Registry(home / "candidates").get(again).meta.config["started_from"] == first
 

@@ -608,8 +608,22 @@ def train_candidate(ctx: RunContext, *, force: bool = False) -> str | None:
 
     items = exports.feedback_items(store)
 
-    def rows(snapshot: dict[str, Any] | None) -> training_data.TrainingData:
-        return training_data.build(items, settings, base_answers, count, snapshot)
+    def rows(
+        snapshot: dict[str, Any] | None, by_champion_loss: bool = False
+    ) -> training_data.TrainingData:
+        loss = champion_loss if by_champion_loss else None
+        return training_data.build(items, settings, base_answers, count, snapshot, loss)
+
+    def champion_loss(candidates: list[dict[str, Any]]) -> list[float]:
+        # The model holds the champion's weights here (nothing trained yet).
+        scores = modeling.score_answers(
+            model,
+            tokenizer,
+            [(row["prompt"], row["completion"][0]["content"]) for row in candidates],
+            max_length=settings.model.max_seq_length,
+        )
+        model.train()
+        return [score.nll_per_token for score in scores]
 
     # The rows a continuation would train on, known before the champion's weights load.
     continuation = rows(champion_snapshot) if champion_snapshot is not None else None
@@ -622,7 +636,7 @@ def train_candidate(ctx: RunContext, *, force: bool = False) -> str | None:
         data = rows(None)
     else:
         log.info("continuing the champion %s on new feedback and earlier replay", champion)
-        data = continuation
+        data = rows(champion_snapshot, by_champion_loss=True)
     snapshot = data.snapshot()
     store.update_run(ctx.run_id, data_snapshot=snapshot)
     if not data.sft:

@@ -13,7 +13,7 @@ from development import probes
 
 def test_the_shipped_sets_load_disjoint_and_complete() -> None:
     sets = (probes.REPLAY, probes.VALIDATION, probes.REGRESSION)
-    assert [len(s) for s in sets] == [48, 8, 12]
+    assert [len(s) for s in sets] == [109, 8, 12]
     assert len({p for s in sets for p in s}) == sum(len(s) for s in sets)
     assert len(probes.FACT_PROBES) == 26
     _question, sentence, right, wrong = probes.FACT_PROBES[0]

@@ -609,14 +609,59 @@ def test_continuing_the_champion_trains_all_new_rows_and_replays_a_sample_of_the
     assert len(new) == 2
 
 
-def test_a_run_passes_over_few_rows_a_bounded_number_of_times_and_continues_gently(
+def test_continuing_replays_the_earlier_rows_and_base_answers_the_champion_knows_least(
+    store: Store, home: Path
+) -> None:
+    """A fact the champion lost (say, to a rollback) is in its worst-scored earlier rows, and
+    base answers it has drifted from anchor more than ones it has memorised: those go in."""
+    settings = make_settings(home, training={"earlier_rows_per_new": 1.0, "replay_fraction": 0.5})
+    for i in range(6):
+        answer_in(store, settings, "train", f"old {i}", correction=f"old fix {i}")
+    champion = json.loads(
+        json.dumps(build(feedback_items(store), settings, base_answers(), count_words).snapshot())
+    )
+    for i in range(2):
+        answer_in(store, settings, "train", f"new {i}", correction=f"new fix {i}")
+    forgotten = {"old fix 4", "old fix 1", "replay answer 007", "replay answer 002"}
+    scored: list[int] = []
+
+    def champion_loss(rows: list[dict]) -> list[float]:
+        scored.append(len(rows))
+        return [2.0 if row["completion"][0]["content"] in forgotten else 0.1 for row in rows]
+
+    data = build(
+        feedback_items(store),
+        settings,
+        base_answers(replay=10),
+        count_words,
+        champion,
+        champion_loss,
+    )
+    targets = {row["completion"][0]["content"] for row in data.sft}
+    assert data.counts["earlier_sft_rows"] == 2 and data.counts["replay_rows"] == 4
+    assert {"old fix 4", "old fix 1", "new fix 0", "new fix 1"} <= targets
+    assert {"replay answer 007", "replay answer 002"} <= targets
+    # All six earlier rows and all ten base answers were scored, once each.
+    assert scored == [6, 10]
+
+    # A fresh adapter trains on every row and scores nothing: there is no champion to ask.
+    fresh = build(
+        feedback_items(store), settings, base_answers(replay=10), count_words, None, champion_loss
+    )
+    assert fresh.counts["sft_rows"] == 8 and scored == [6, 10]
+
+
+def test_a_run_passes_over_few_rows_a_bounded_number_of_times_and_continues_at_its_rate(
     home: Path,
 ) -> None:
     from types import SimpleNamespace
 
     from development.train import plan_stages
 
-    settings = make_settings(home, training={"continue_epochs": 3.0, "max_epochs": 5.0})
+    settings = make_settings(
+        home,
+        training={"continue_epochs": 3.0, "max_epochs": 5.0, "continue_learning_rate_scale": 0.5},
+    )
     rows = [{"prompt": [], "completion": []}] * 10
     data = SimpleNamespace(
         sft=rows, dpo=[], kto=[], counts={"sft_rows": 5, "replay_rows": 5, "kto_desirable": 0}

@@ -178,10 +178,13 @@ def _score_answers(
         head, tail = pair_ids(tokenizer, prompt, answer)
         keep = max(1, max_length - len(tail))
         encoded.append((head[-keep:], tail))
-    scores: list[Score] = []
+    # Batches of similar lengths pad less: every row costs as much as its batch's longest.
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]) + len(encoded[i][1]))
+    scores: list[Score | None] = [None] * len(encoded)
     pad = tokenizer.pad_token_id
-    for start in range(0, len(encoded), batch_size):
-        batch = encoded[start : start + batch_size]
+    for start in range(0, len(order), batch_size):
+        indices = order[start : start + batch_size]
+        batch = [encoded[i] for i in indices]
         width = max(len(h) + len(t) for h, t in batch)
         input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
         attention = torch.zeros((len(batch), width), dtype=torch.long)
@@ -206,9 +209,9 @@ def _score_answers(
             targets = torch.tensor(tail, device=predicted.device)
             picked = predicted.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
             logprob = picked - torch.logsumexp(predicted, dim=-1)
-            scores.append(Score(float(logprob.sum()), n))
+            scores[indices[row]] = Score(float(logprob.sum()), n)
         del logits
-    return scores
+    return [score for score in scores if score is not None]
 
 
 class _StepReport(StoppingCriteria):

@@ -11,6 +11,8 @@ SFT rows are prompt-completion pairs (TRL then puts the loss on the completion o
 correction if there is one, else an answer rated 4-5. DPO pairs and KTO labels come from
 the training items only. Replay rows (the base model's own answers to shipped general
 prompts, generated once per base model and cached) are mixed in at `replay_fraction`.
+A run that continues the champion replays the earlier rows and base answers the champion
+scores worst (`build`'s champion_loss), not a random sample.
 """
 
 from __future__ import annotations
@@ -191,24 +193,6 @@ class TrainingData:
         }
 
 
-def _least_known(
-    rows: list[Row], wanted: int, champion_loss: Callable[[list[Row]], list[float]] | None
-) -> list[Row]:
-    """`wanted` of `rows` (already shuffled): those the champion scores worst when its loss
-    is given, else the first ones.
-
-    Continuing the champion, random picks stop doing their job as nights add up. Measured
-    over a simulated week (embedded model, seed 0): a fact whose adapter was rolled back was
-    in 1 or 2 of a night's random earlier rows and stayed lost; the 30 base-answer replay
-    rows, drawn every night, fell from 0.66 to 0.03 NLL per token by night 5, so they held
-    nothing in place while the general probes' NLL rose past the gate's bound."""
-    if champion_loss is None or wanted >= len(rows):
-        return rows[:wanted]
-    losses = champion_loss(rows)
-    order = sorted(range(len(rows)), key=lambda i: -losses[i])
-    return [rows[i] for i in order[:wanted]]
-
-
 def _iso(when: datetime) -> str:
     return when.isoformat()
 
@@ -230,8 +214,30 @@ def build(
     training = settings.training
     split = split_items(items, training.holdout_fraction, training.validation_fraction)
     max_length = settings.model.max_seq_length
+    scored = 0  # rows the champion scored to pick from
     if champion_snapshot is None:
         champion_loss = None  # a fresh adapter: there is no champion to ask
+
+    def least_known(rows: list[Row], wanted: int, *, among: int | None = None) -> list[Row]:
+        # `wanted` of `rows` (shuffled): those the champion scores worst, when it is asked.
+        # Random picks stop doing their job as continued nights add up. Measured over a
+        # simulated week (embedded model, seed 0), rerunning night 7 from day 5's champion:
+        # a fact lost to a rollback stayed lost with random earlier rows (0/2 probes) and
+        # came back with the worst-scored ones (2/2); the 30 replay answers, drawn every
+        # night, had fallen from 0.66 to 0.03 NLL per token, anchored nothing, and the
+        # general probes' NLL rose 18-20% over the base. `among` bounds how many of the
+        # (shuffled) rows are scored: scoring is a forward pass over each, and time a night
+        # spends scoring is time the person waits for the cycle.
+        nonlocal scored
+        if among is not None:
+            rows = rows[:among]
+        if champion_loss is None or wanted >= len(rows):
+            return rows[:wanted]
+        scored += len(rows)
+        losses = champion_loss(rows)
+        order = sorted(range(len(rows)), key=lambda i: -losses[i])
+        return [rows[i] for i in order[:wanted]]
+
     dropped = {"sft": 0, "dpo": 0, "kto": 0}
 
     def fitted(prompt: Messages, *answers: str) -> Messages | None:
@@ -258,9 +264,7 @@ def build(
         earlier_rows = 0
     else:
         rng.shuffle(earlier)
-        earlier = _least_known(
-            earlier, round(len(person) * training.earlier_rows_per_new), champion_loss
-        )
+        earlier = least_known(earlier, round(len(person) * training.earlier_rows_per_new))
         earlier_rows = len(earlier)
     person += earlier
 
@@ -285,7 +289,10 @@ def build(
         _prompt_completion([{"role": "user", "content": pair["prompt"]}], pair["answer"])
         for pair in replay_pool
     ]
-    replay = _least_known(replay, wanted, champion_loss)
+    # The base answers are the long rows: the worst-known half of a random sample twice the
+    # size needed is enough to find the drifted ones (all 91 cost a third of a night's
+    # non-training time on the embedded model, two cores).
+    replay = least_known(replay, wanted, among=2 * wanted)
     sft = person + replay
     rng.shuffle(sft)
 
@@ -318,6 +325,7 @@ def build(
         "sft_rows": len(person),
         "earlier_sft_rows": earlier_rows,
         "replay_rows": len(replay),
+        "scored_by_champion": scored,
         "validation_rows": len(validation),
         "validation_person_rows": person_validation,
         "dpo_rows": len(dpo),

@@ -258,6 +258,8 @@ def test_gpt_oss_in_the_real_4bit_layout_runs_the_whole_loop_under_a_cap(tmp_pat
     print("second:", evaluation["decision"], evaluation["evaluation_peak_gpu_gib"])
     assert evaluation["champion_id"] == first
     assert registry.get(second).meta.config["started_from"] == first
+    # The champion (Unsloth's training model) scored the rows to pick the least known.
+    assert registry.get(second).meta.data["counts"]["scored_by_champion"] > 0
     assert {"base", "champion", "candidate"} <= set(evaluation["metrics"])
     assert evaluation["metrics"]["candidate"]["general_facts_total"] > 0
     assert evaluation["decision"] in {"promote", "reject"}

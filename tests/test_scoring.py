@@ -53,3 +53,6 @@ def test_batched_span_scores_equal_each_pair_scored_alone(tmp_path: Path, kind: 
     # Batches of one and of all give the same numbers: padding changes nothing.
     single = score_answers(model, tokenizer, PAIRS, max_length=512, batch_size=1)
     assert [s.logprob for s in single] == pytest.approx([s.logprob for s in got], abs=1e-3)
+    # Rows are batched by length, and each score still comes back in its pair's place.
+    mixed = score_answers(model, tokenizer, PAIRS[::-1] + PAIRS, max_length=512, batch_size=2)
+    assert [s.logprob for s in mixed] == pytest.approx(expected[::-1] + expected, abs=1e-3)

@@ -632,7 +632,7 @@ def test_continuing_replays_the_earlier_rows_and_base_answers_the_champion_knows
     data = build(
         feedback_items(store),
         settings,
-        base_answers(replay=10),
+        base_answers(replay=8),
         count_words,
         champion,
         champion_loss,
@@ -641,14 +641,25 @@ def test_continuing_replays_the_earlier_rows_and_base_answers_the_champion_knows
     assert data.counts["earlier_sft_rows"] == 2 and data.counts["replay_rows"] == 4
     assert {"old fix 4", "old fix 1", "new fix 0", "new fix 1"} <= targets
     assert {"replay answer 007", "replay answer 002"} <= targets
-    # All six earlier rows and all ten base answers were scored, once each.
-    assert scored == [6, 10]
+    assert scored == [6, 8] and data.counts["scored_by_champion"] == 14
+
+    # Every earlier row is scored; of many base answers, twice as many as wanted.
+    many = build(
+        feedback_items(store),
+        settings,
+        base_answers(replay=30),
+        count_words,
+        champion,
+        champion_loss,
+    )
+    assert many.counts["replay_rows"] == 4 and scored[2:] == [6, 8]
 
     # A fresh adapter trains on every row and scores nothing: there is no champion to ask.
     fresh = build(
-        feedback_items(store), settings, base_answers(replay=10), count_words, None, champion_loss
+        feedback_items(store), settings, base_answers(replay=8), count_words, None, champion_loss
     )
-    assert fresh.counts["sft_rows"] == 8 and scored == [6, 10]
+    assert fresh.counts["sft_rows"] == 8 and fresh.counts["scored_by_champion"] == 0
+    assert len(scored) == 4
 
 
 def test_a_run_passes_over_few_rows_a_bounded_number_of_times_and_continues_at_its_rate(

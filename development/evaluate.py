@@ -154,7 +154,7 @@ def _correction_accuracy(
     scores = iter(score_answers(model, tokenizer, pairs, max_length=max_length))
     wins = 0.0
     for row in contrasts:
-        own, *others = [(s.logprob / max(1, s.tokens)) for s in (next(scores) for _ in row)]
+        own, *others = [-next(scores).nll_per_token for _ in row]
         wins += sum(own > other for other in others) / len(others)
     return wins / len(corrected), len(corrected)
 

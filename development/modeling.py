@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from transformers import PreTrainedTokenizerBase, StoppingCriteria
@@ -211,7 +211,7 @@ def _score_answers(
             logprob = picked - torch.logsumexp(predicted, dim=-1)
             scores[indices[row]] = Score(float(logprob.sum()), n)
         del logits
-    return [score for score in scores if score is not None]
+    return cast(list[Score], scores)  # every slot was filled: order covers each row once
 
 
 class _StepReport(StoppingCriteria):

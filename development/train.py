@@ -36,7 +36,7 @@ import shutil
 import signal
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -609,9 +609,9 @@ def train_candidate(ctx: RunContext, *, force: bool = False) -> str | None:
     items = exports.feedback_items(store)
 
     def rows(
-        snapshot: dict[str, Any] | None, by_champion_loss: bool = False
+        snapshot: dict[str, Any] | None,
+        loss: Callable[[list[dict[str, Any]]], list[float]] | None = None,
     ) -> training_data.TrainingData:
-        loss = champion_loss if by_champion_loss else None
         return training_data.build(items, settings, base_answers, count, snapshot, loss)
 
     def champion_loss(candidates: list[dict[str, Any]]) -> list[float]:
@@ -636,7 +636,7 @@ def train_candidate(ctx: RunContext, *, force: bool = False) -> str | None:
         data = rows(None)
     else:
         log.info("continuing the champion %s on new feedback and earlier replay", champion)
-        data = rows(champion_snapshot, by_champion_loss=True)
+        data = rows(champion_snapshot, champion_loss)
     snapshot = data.snapshot()
     store.update_run(ctx.run_id, data_snapshot=snapshot)
     if not data.sft:

@@ -11,7 +11,8 @@ the one that decided. Thresholds come from `[gate]` in the config.
                         about as often as the champion does (not just their style)
     general_regression  NLL on general probes (the base's own answers) within the bound
     general_facts       no more general-knowledge probes lost than allowed
-    sanity              generated answers are non-empty, clean, not degenerate, finished
+    sanity              generated answers are non-empty, clean, not degenerate, and no
+                        more of them run past the length bound than the champion's do
 """
 
 from __future__ import annotations
@@ -149,16 +150,21 @@ def decide(candidate: Metrics, champion: Metrics, base: Metrics, gate: Gate) -> 
 
     failures = candidate.get("sanity_failures") or []
     checked = candidate.get("sanity_checked") or 0
-    # An answer that runs past the length bound where the base's answer to the same prompt
-    # does too is the prompt's doing (a person asking "why do leaves change colour?" gets an
-    # essay from the base), not a defect the candidate brought.
-    base_long = {f for f in base.get("sanity_failures") or [] if UNFINISHED in f}
-    shared = [f for f in failures if f in base_long]
-    failures = [f for f in failures if f not in base_long]
+    # Running past the length bound is excused as often as the reference did on the same
+    # prompts: the champion's answers, or the base's where no adapter is current (the base's
+    # are not generated when a champion is). A prompt that invites an essay gets one from
+    # either, and which of two long answers ends inside the bound is a coin toss; a candidate
+    # that runs long more often than its reference, or brings any other defect, is refused.
+    reference = champion if champion.get("sanity_checked") else base
+    reference_long = sum(1 for f in reference.get("sanity_failures") or [] if UNFINISHED in f)
+    excused = [f for f in failures if UNFINISHED in f][:reference_long]
+    failures = [f for f in failures if f not in excused]
     if gate.require_sanity:
         detail = f"{checked - len(failures)}/{checked} generated answers passed"
-        if shared:
-            detail += f" ({len(shared)} ran as long as the base's)"
+        if excused:
+            # evaluate passes the base's metrics as the champion's when none is current.
+            whose = "base" if reference is base or champion is base else "champion"
+            detail += f" ({len(excused)} unfinished, no more than the {whose}'s {reference_long})"
         if failures:
             detail += ": " + "; ".join(failures[:3])
         checks.append(Check("sanity", checked > 0 and not failures, detail))

@@ -176,28 +176,37 @@ def test_sanity_failure_is_named(gate: Gate) -> None:
     assert unchecked.rule == "sanity"
 
 
-def test_an_answer_as_long_as_the_bases_is_not_a_sanity_failure(gate: Gate) -> None:
+def test_no_more_unfinished_answers_than_the_reference_is_not_a_sanity_failure(
+    gate: Gate,
+) -> None:
     long = "'Why do leaves change colour in autumn?': did not finish within 192 tokens"
-    shorter = "'What is a prime number?': did not finish within 192 tokens"
-    loop = "'Why do leaves change colour in autumn?': repeats 'the the the'"
-    # The base ran past the bound on that prompt too: not the candidate's doing.
-    verdict = decide(
-        candidate(sanity_failures=[long]), champion(), base(sanity_failures=[long]), gate
-    )
+    hobby = "'Give me an idea for a weekend hobby.': did not finish within 192 tokens"
+    loop = "'What is a prime number?': repeats 'the the the'"
+    # No adapter current: the base's metrics stand for the champion's (evaluate passes the
+    # same dict). The base ran long on one prompt, the candidate on another: one each, as a
+    # week's first night on seed 1 did; that is not a defect the candidate brought.
+    first_base = base(sanity_failures=[long])
+    verdict = decide(candidate(sanity_failures=[hobby]), first_base, first_base, gate)
     assert (verdict.decision, verdict.rule) == ("promote", "all_passed")
     assert (
-        "6/6 generated answers passed (1 ran as long as the base's)"
+        "6/6 generated answers passed (1 unfinished, no more than the base's 1)"
         in check(verdict, "sanity").detail
     )
-    # Where the base finished, or for any other defect, it still is.
-    for failures in ([shorter], [loop]):
+    # With a champion current, the base's answers are not generated: the champion's are the
+    # reference.
+    unread_base = base(sanity_checked=0, sanity_failures=[])
+    verdict = decide(
+        candidate(sanity_failures=[hobby]), champion(sanity_failures=[long]), unread_base, gate
+    )
+    assert verdict.decision == "promote"
+    assert "no more than the champion's 1" in check(verdict, "sanity").detail
+    # Running long more often than the reference, or any other defect, is refused.
+    for failures in ([long, hobby], [loop], [hobby, loop]):
         verdict = decide(
-            candidate(sanity_failures=failures),
-            champion(),
-            base(sanity_failures=[long, loop]),
-            gate,
+            candidate(sanity_failures=failures), champion(sanity_failures=[long]), base(), gate
         )
         assert (verdict.decision, verdict.rule) == ("reject", "sanity"), failures
+    assert decide(candidate(sanity_failures=[hobby]), champion(), base(), gate).rule == "sanity"
 
 
 def test_sanity_not_required() -> None:

@@ -230,7 +230,8 @@ def measure(daemon: Daemon, facts: list[person.WeekFact], taste_prompts: tuple[s
             missed[fact.keyword] = [t for t, hit in zip(said, hits, strict=True) if not hit]
     # Room for the base's long answers: a short window counted its verbose right answers
     # as wrong (4/12 at 32 tokens), and shorter answers as gained knowledge.
-    known = [keyword in answer(q, 96)[0].lower() for q, keyword in person.KNOWLEDGE]
+    general = {q: (keyword, answer(q, 96)[0]) for q, keyword in person.KNOWLEDGE}
+    known = [keyword in text.lower() for keyword, text in general.values()]
     answers = [answer(q, 160) for q in taste_prompts]
     for conversation in asked:
         daemon.forget(conversation)
@@ -244,7 +245,13 @@ def measure(daemon: Daemon, facts: list[person.WeekFact], taste_prompts: tuple[s
             "per_fact": recalled,
             "missed": missed,
         },
-        "knowledge": {"right": sum(known), "of": len(known)},
+        "knowledge": {
+            "right": sum(known),
+            "of": len(known),
+            # What was said instead: a right answer the keyword missed reads differently
+            # from a wrong one.
+            "missed": {q: text for q, (key, text) in general.items() if key not in text.lower()},
+        },
         "taste": {
             "score": round(sum(person.taste(a, f) for a, f in answers) / len(answers), 3),
             "words": round(sum(person.words(a) for a, _ in answers) / len(answers), 1),

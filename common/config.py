@@ -377,6 +377,16 @@ class Training(_Section):
         "the base is at most this share of gate.max_general_nll_increase; past it a fresh "
         "adapter on all feedback. 1 = always continue; 0 = only a champion without drift.",
     )
+    # Seed 1 of the simulated week: night 6's held-out loss rose from the champion's 0.458
+    # at every checkpoint (0.507 best), the gate's separate holdout let it through, and the
+    # day-5 dog's name began answering the sister's and the city's questions. Random tiny
+    # test models have held-out losses that are noise, so their tests turn this off.
+    write_worse_candidates: bool = Field(
+        False,
+        description="When every checkpoint is worse on the person's held-out feedback than "
+        "the weights the run started from: false = the run ends skipped, no candidate; "
+        "true = the candidate is written and the gate judges it.",
+    )
     seed: int = Field(3407, description="Seed for data order and LoRA init.")
     # Padding-free batches lay a batch's rows end to end instead of padding them to the
     # longest: less memory, but faster only with varlen attention kernels (flash-attn).

@@ -4,6 +4,9 @@ The seeds' idea was a target *training* loss (0.5 "optimal", below 0.3 "overfitt
 Training loss cannot tell memorising from learning, so the verdict here is judged on the
 held-out loss (validation feedback plus general prompts the run never trains on):
 
+    worse         every checkpoint's held-out loss is more than 2% above its value before
+                  training: the run only made the held-out answers less likely (train.py
+                  writes no candidate then)
     underfitting  held-out loss fell less than 2% from its value before training
     overfitting   held-out loss ended more than 5% above its best while training loss fell
                   (the best checkpoint is the one kept, so the candidate is still the best)
@@ -13,6 +16,7 @@ held-out loss (validation feedback plus general prompts the run never trains on)
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -22,6 +26,7 @@ from transformers import TrainerCallback
 log = logging.getLogger(__name__)
 
 UNDERFIT_BELOW = 0.02
+WORSE_ABOVE = 0.02
 OVERFIT_ABOVE = 0.05
 
 
@@ -76,19 +81,30 @@ class TargetLoss(TrainerCallback):
 
 
 def verdict(curve: LossCurve) -> dict[str, Any]:
-    """{"verdict": ok|underfitting|overfitting|unmonitored, "notes": [...], "best_step"}."""
+    """{"verdict": worse|ok|underfitting|overfitting|unmonitored, "notes": [...], "best_step"}.
+    `best_step` is the checkpoint the trainer keeps: the best held-out loss after the start
+    (the weights before training are measured, not saved)."""
     if len(curve.eval) < 2:
         return {"verdict": "unmonitored", "notes": ["no held-out loss recorded"]}
-    start_step, start = curve.eval[0]
-    best_step, best = min(curve.eval, key=lambda point: point[1])
+    # A loss that went NaN or inf is the worst there is, not one min() may skip or pick.
+    points = [(step, loss if math.isfinite(loss) else math.inf) for step, loss in curve.eval]
+    start_step, start = points[0]
+    best_step, best = min(points[1:], key=lambda point: point[1])
     end_step, end = curve.eval[-1]
     fell = (start - best) / start if start > 0 else 0.0
+    change = f"{fell * 100:.1f}% lower" if fell >= 0 else f"{-fell * 100:.1f}% higher"
     notes = [
         f"held-out loss {start:.4f} at step {int(start_step)} -> best {best:.4f} at step "
-        f"{int(best_step)} ({fell * 100:.1f}% lower), last {end:.4f} at step {int(end_step)}"
+        f"{int(best_step)} ({change}), last {end:.4f} at step {int(end_step)}"
     ]
     train_fell = len(curve.train) >= 2 and curve.train[-1][1] < curve.train[0][1]
-    if fell < UNDERFIT_BELOW:
+    if best > start * (1 + WORSE_ABOVE):
+        notes.append(
+            f"worse: every checkpoint's held-out loss is above the {start:.4f} before training "
+            f"(the best, {best:.4f}, by {(best - start) / start * 100:.1f}%)"
+        )
+        label = "worse"
+    elif fell < UNDERFIT_BELOW:
         notes.append("underfitting: held-out loss barely moved; more steps or a higher LR")
         label = "underfitting"
     elif end > best * (1 + OVERFIT_ABOVE) and train_fell:

@@ -380,6 +380,16 @@ def non_finite_tensors(model: Any) -> list[str]:
     return [name for name, tensor in weights.items() if not torch.isfinite(tensor).all()]
 
 
+def refuse_non_finite(model: Any) -> None:
+    """Raise TrainingDiverged when the trained adapter holds NaN or inf."""
+    broken = non_finite_tensors(model)
+    if broken:
+        raise TrainingDiverged(
+            f"training left NaN or inf in {len(broken)} of the adapter's tensors (first: "
+            f"{broken[0]}); no candidate was written: lower the profile's learning_rate"
+        )
+
+
 def _general_drift(metrics: dict[str, Any]) -> float | None:
     """How far an adapter's general-probe NLL rose over the base's when it was judged, or
     None when it was not (promoted by hand, or judged by an older whetstone)."""
@@ -648,16 +658,27 @@ def train_candidate(ctx: RunContext, *, force: bool = False) -> str | None:
 
     model = run_sft(model, tokenizer, data, ctx.stages[0], settings, ctx)
     ctx.mark("sft")
+    sft = ctx.stages[0].monitor or {}
+    # Judged on the person's own held-out feedback (not the general prompts alone): when
+    # every checkpoint is worse than the weights it started from (the champion's, when
+    # continuing), the candidate could only be a step back. A recipe trial still scores it.
+    person_judged = bool(data.counts.get("validation_person_rows"))
+    keep = settings.training.write_worse_candidates or ctx.trial
+    if sft.get("verdict") == "worse" and person_judged and not keep:
+        refuse_non_finite(model)  # a diverged run is a failure to name, not a quiet skip
+        start = "the base" if not_continued or continuation is None else "the champion"
+        reason = (
+            "no candidate: every checkpoint was worse on the person's held-out feedback than "
+            f"{start} it started from ({sft['notes'][0]})"
+        )
+        store.update_run(ctx.run_id, status="skipped", reason=reason)
+        log.info("skipped: %s", reason)
+        return None
     for stage in ctx.stages[1:]:
         model = run_preference(model, tokenizer, data, stage, settings, ctx)
         ctx.mark(stage.name)
     model.eval()
-    broken = non_finite_tensors(model)
-    if broken:
-        raise TrainingDiverged(
-            f"training left NaN or inf in {len(broken)} of the adapter's tensors (first: "
-            f"{broken[0]}); no candidate was written: lower the profile's learning_rate"
-        )
+    refuse_non_finite(model)
 
     ctx.report({"stage": "saving", "step": 0, "max_steps": 0})
     profile = settings.profile(ctx.profile)

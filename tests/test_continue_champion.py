@@ -19,7 +19,8 @@ from tests.tiny_models import model_home, teach, tiny_llama
 # One real step (the first is warm-up at learning rate 0); the second run's learning rate
 # is so small that its adapter is, to float precision, the one it started from.
 PROFILE = (
-    '[training]\ndefault_profile = "quick_test"\nreplay_fraction = 0.0\n\n'
+    '[training]\ndefault_profile = "quick_test"\nreplay_fraction = 0.0\n'
+    "write_worse_candidates = true\n\n"
     "[training.profiles.quick_test]\nmax_steps = 3\neval_every = 3\nlearning_rate = 1e-2\n"
 )
 
@@ -118,3 +119,30 @@ def test_the_next_run_continues_the_champion_and_a_champion_of_another_shape_is_
     assert meta.config["started_from"] is None
     assert meta.config["fresh_because"] == f"nothing new to train on since the champion {second}"
     assert meta.data["counts"]["sft_rows"] > 0 and meta.data["counts"]["earlier_sft_rows"] == 0
+
+
+def test_a_continuation_that_only_made_the_held_out_feedback_less_likely_writes_no_candidate(
+    tmp_path: Path,
+) -> None:
+    """Every checkpoint worse on the person's held-out feedback than the champion it started
+    from: the run ends skipped, saying so, with no candidate for the gate to be fooled by
+    (the seed-1 week promoted such a night, and its facts bled into each other)."""
+    home = model_home(tmp_path / "home", tiny_llama(tmp_path / "tiny"), more=PROFILE)
+    teach(home, repeats=3)
+    first = _train(home)
+    assert run_cli("promote", first, "--force", "--home", str(home)).returncode == 0
+    teach(home, repeats=1)
+
+    wild = [
+        "training.profiles.quick_test.learning_rate=1.0",
+        "training.write_worse_candidates=false",
+    ]
+    sets = [arg for item in wild for arg in ("--set", item)]
+    done = run_cli("train", "--home", str(home), "--wait", "--force", *sets)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "skipped: no candidate: every checkpoint was worse on the person's held-out" in (
+        " ".join(done.stdout.split())
+    )
+    assert "than the champion it started from" in " ".join(done.stdout.split())
+    assert [c.id for c in Registry(home / "candidates").list()] == [first]
+    assert Registry(home / "candidates").current_id() == first

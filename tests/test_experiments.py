@@ -246,6 +246,7 @@ idle_before_training_s = 0
 
 [training]
 validation_fraction = 0.2
+write_worse_candidates = true
 
 [training.profiles.quick_test]
 learning_rate = 1e-6

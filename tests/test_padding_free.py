@@ -12,7 +12,8 @@ from tests.conftest import run_cli
 from tests.tiny_models import model_home, teach, tiny_llama
 
 PROFILE = (
-    '[training]\ndefault_profile = "short"\npadding_free = "{choice}"\n\n'
+    '[training]\ndefault_profile = "short"\npadding_free = "{choice}"\n'
+    "write_worse_candidates = true\n\n"
     "[training.profiles.short]\nmax_steps = 2\nbatch_size = 8\nlearning_rate = 1e-3\n"
     "preference_steps = 0\n"
 )

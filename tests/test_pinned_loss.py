@@ -20,7 +20,8 @@ from tests.conftest import run_cli
 from tests.tiny_models import model_home, teach, tiny_llama
 
 PROFILE = (
-    '[training]\ndefault_profile = "quick_test"\nreplay_fraction = 0.0\n\n'
+    '[training]\ndefault_profile = "quick_test"\nreplay_fraction = 0.0\n'
+    "write_worse_candidates = true\n\n"
     "[training.profiles.quick_test]\nmax_steps = 2\neval_every = 1\n"
 )
 # [step, loss] of the SFT stage as the candidate's meta records them (transformers 5.17,

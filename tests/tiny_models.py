@@ -182,7 +182,8 @@ def teach_profile(steps: int) -> str:
     """config.toml lines: a default training profile that drills TAUGHT_FACT in (a tiny
     random model needs many passes over the few rows: no epoch cap)."""
     return (
-        '[training]\ndefault_profile = "teach"\nmax_epochs = 1000\n\n'
+        '[training]\ndefault_profile = "teach"\nmax_epochs = 1000\n'
+        "write_worse_candidates = true\n\n"
         "[training.profiles.teach]\n"
         f"max_steps = {steps}\nbatch_size = 8\nlearning_rate = 3e-3\nlora_r = 16\n"
         "preference_steps = 0\n"

@@ -102,7 +102,10 @@ def cli(home: Path, *args: str, timeout: float = 3600) -> subprocess.CompletedPr
 def profile(steps: int) -> str:
     """A training profile for a few dozen corrections: batch 4, SFT `steps`, DPO half."""
     return (
-        '[training]\ndefault_profile = "bench"\n\n[training.profiles.bench]\n'
+        # Random weights: the held-out loss is noise, so a "worse" run still writes its
+        # candidate (training.write_worse_candidates); the loop is what is measured.
+        '[training]\ndefault_profile = "bench"\nwrite_worse_candidates = true\n\n'
+        "[training.profiles.bench]\n"
         f"max_steps = {steps}\nbatch_size = 4\nlearning_rate = 2e-4\n"
         f"preference_steps = {max(1, steps // 2)}\n"
     )

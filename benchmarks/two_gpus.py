@@ -58,6 +58,7 @@ every_n_feedback = 0  # the seeded corrections must not start a run before "idle
 
 [training]
 default_profile = "bench"
+write_worse_candidates = true  # random weights: the held-out loss is noise
 
 [training.profiles.bench]
 max_steps = {steps}

@@ -231,7 +231,7 @@ def measure(daemon: Daemon, facts: list[person.WeekFact], taste_prompts: tuple[s
     # Room for the base's long answers: a short window counted its verbose right answers
     # as wrong (4/12 at 32 tokens), and shorter answers as gained knowledge.
     general = {q: (keyword, answer(q, 96)[0]) for q, keyword in person.KNOWLEDGE}
-    known = [keyword in text.lower() for keyword, text in general.values()]
+    known = [person.knows(keyword, text) for keyword, text in general.values()]
     answers = [answer(q, 160) for q in taste_prompts]
     for conversation in asked:
         daemon.forget(conversation)
@@ -250,7 +250,9 @@ def measure(daemon: Daemon, facts: list[person.WeekFact], taste_prompts: tuple[s
             "of": len(known),
             # What was said instead: a right answer the keyword missed reads differently
             # from a wrong one.
-            "missed": {q: text for q, (key, text) in general.items() if key not in text.lower()},
+            "missed": {
+                q: text for q, (key, text) in general.items() if not person.knows(key, text)
+            },
         },
         "taste": {
             "score": round(sum(person.taste(a, f) for a, f in answers) / len(answers), 3),

@@ -214,6 +214,20 @@ TASTE_PROMPTS: tuple[str, ...] = (
 # General knowledge, asked only to measure it: (question, keyword of a right answer).
 KNOWLEDGE: tuple[tuple[str, str], ...] = GENERAL
 
+# How the keywords that are numbers may be written out: "A square has four sides." is right.
+_SPELLED = {"2": "two", "4": "four", "24": r"twenty[- ]four"}
+
+
+def knows(keyword: str, answer: str) -> bool:
+    """Whether `answer` says `keyword`: a word anywhere in it (case-insensitive); a number as
+    a whole number, in digits or in words ("24 hours" and "twenty-four", not "124")."""
+    text = answer.lower()
+    if not keyword.isdigit():
+        return keyword in text
+    spelled = _SPELLED.get(keyword, re.escape(keyword))
+    return re.search(rf"(?<!\d){re.escape(keyword)}(?!\d)|\b{spelled}\b", text) is not None
+
+
 # Openings the person dislikes: filler before the answer.
 _FILLER = re.compile(
     r"^\W*(sure|certainly|of course|absolutely|great question|good question|"

@@ -537,6 +537,8 @@ def summarize(timeline: list[Day]) -> dict[str, Any]:
     base, last = timeline[0], timeline[-1]
     nights = [d.run for d in timeline[1:] if d.run]
     walls = [n["wall_s"] for n in nights if n.get("wall_s")]
+    # A night that ended without a candidate (skipped) is not a full cycle to compare.
+    full = [n["wall_s"] for n in nights if n.get("wall_s") and n.get("candidate")]
     first_day_facts = timeline[1].taught if len(timeline) > 1 else []
     per_fact = last.recall.get("per_fact", {})
     return {
@@ -553,7 +555,7 @@ def summarize(timeline: list[Day]) -> dict[str, Any]:
             for n in nights
         ],
         "cycle_wall_s": walls,
-        "last_over_first_cycle": round(walls[-1] / walls[0], 2) if len(walls) > 1 else None,
+        "last_over_first_cycle": round(full[-1] / full[0], 2) if len(full) > 1 else None,
     }
 
 

@@ -225,7 +225,10 @@ def knows(keyword: str, answer: str) -> bool:
     if not keyword.isdigit():
         return keyword in text
     spelled = _SPELLED.get(keyword, re.escape(keyword))
-    return re.search(rf"(?<!\d){re.escape(keyword)}(?!\d)|\b{spelled}\b", text) is not None
+    # Not part of a longer number: "14", "4.5", "twenty-four" do not say 4.
+    alone_before, alone_after = r"(?<![\w.-])", r"(?![\w-]|\.\d)"
+    pattern = rf"{alone_before}(?:{re.escape(keyword)}|{spelled}){alone_after}"
+    return re.search(pattern, text) is not None
 
 
 # Openings the person dislikes: filler before the answer.

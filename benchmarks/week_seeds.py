@@ -26,7 +26,12 @@ def per_seed(result: dict[str, Any]) -> dict[str, Any]:
     timeline = result["timeline"]
     base, days = timeline[0], timeline[1:]
     scores = [d["taste"]["score"] for d in days]
-    walls = [d["run"]["wall_s"] for d in days if d.get("run") and d["run"].get("wall_s")]
+    # Nights that wrote a candidate: a skipped night is not a full cycle to compare.
+    walls = [
+        d["run"]["wall_s"]
+        for d in days
+        if d.get("run") and d["run"].get("wall_s") and d["run"].get("candidate")
+    ]
     return {
         "seed": result["seed"],
         "days": len(days),
@@ -128,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     for path in args.results:
         try:
             result = json.loads(path.read_text())
-            result["timeline"][1]
+            result["timeline"][1], result["seed"]
         except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
             parser.error(f"{path}: not a week result with at least one day ({exc})")
         results.append(result)

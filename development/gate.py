@@ -164,7 +164,10 @@ def decide(candidate: Metrics, champion: Metrics, base: Metrics, gate: Gate) -> 
         if excused:
             # evaluate passes the base's metrics as the champion's when none is current.
             whose = "base" if reference is base or champion is base else "champion"
-            detail += f" ({len(excused)} unfinished, no more than the {whose}'s {reference_long})"
+            detail += (
+                f" ({len(excused)} unfinished excused: the {whose}'s answers ran long "
+                f"{reference_long} time(s))"
+            )
         if failures:
             detail += ": " + "; ".join(failures[:3])
         checks.append(Check("sanity", checked > 0 and not failures, detail))

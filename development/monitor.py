@@ -5,8 +5,9 @@ Training loss cannot tell memorising from learning, so the verdict here is judge
 held-out loss (validation feedback plus general prompts the run never trains on):
 
     worse         every checkpoint's held-out loss is more than 2% above its value before
-                  training: the run only made the held-out answers less likely (train.py
-                  writes no candidate then)
+                  training: the run only made the held-out answers less likely (judged on
+                  the person's feedback, train.py then writes no candidate unless
+                  training.write_worse_candidates is set or the run is a recipe trial)
     underfitting  held-out loss fell less than 2% from its value before training
     overfitting   held-out loss ended more than 5% above its best while training loss fell
                   (the best checkpoint is the one kept, so the candidate is still the best)
@@ -98,7 +99,7 @@ def verdict(curve: LossCurve) -> dict[str, Any]:
         f"{int(best_step)} ({change}), last {end:.4f} at step {int(end_step)}"
     ]
     train_fell = len(curve.train) >= 2 and curve.train[-1][1] < curve.train[0][1]
-    if best > start * (1 + WORSE_ABOVE):
+    if start > 0 and best > start * (1 + WORSE_ABOVE):
         notes.append(
             f"worse: every checkpoint's held-out loss is above the {start:.4f} before training "
             f"(the best, {best:.4f}, by {(best - start) / start * 100:.1f}%)"

@@ -41,7 +41,13 @@ def test_two_days_with_the_daemon_teach_facts_that_stay_and_keep_general_knowled
 
     # Each night the configured nightly trigger trained, evaluated and decided.
     assert [day["run"]["trigger"] for day in (first, second)] == ["nightly", "nightly"]
-    assert [day["run"]["status"] for day in (first, second)] == ["succeeded", "succeeded"]
+    # A night may end without a candidate only for the reason a person can act on: its
+    # training made their held-out feedback less likely than the adapter it started from.
+    for day in (first, second):
+        run = day["run"]
+        assert run["status"] == "succeeded" or (
+            run["status"] == "skipped" and run["reason"].startswith("no candidate: every")
+        ), run
 
     # The base knows none of the person's facts; after two nights the promoted adapter
     # serves and recalls them on questions never trained on, day 1's facts included.
@@ -59,11 +65,13 @@ def test_two_days_with_the_daemon_teach_facts_that_stay_and_keep_general_knowled
     # as many earlier rows, not on the whole history again; unless the first already used
     # half the gate's general-drift bound, and then the second says so and starts fresh.
     night = second["run"]
-    if first["run"]["decision"] == "promote" and night["started_from"] is not None:
+    if not night["candidate"]:
+        pass  # skipped (above): nothing was continued or started fresh
+    elif first["run"].get("decision") == "promote" and night["started_from"] is not None:
         rows = night["rows"]
         assert night["started_from"] == first["run"]["candidate"], night
         assert 0 < rows["earlier_sft_rows"] <= rows["sft_rows"] - rows["earlier_sft_rows"]
-    elif first["run"]["decision"] == "promote":
+    elif first["run"].get("decision") == "promote":
         assert night["fresh_because"].startswith("the champion's general-probe NLL"), night
 
     # The morning report of what serves: a self-contained page (chart inline, no script)

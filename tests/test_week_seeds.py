@@ -22,7 +22,11 @@ def week(seed: int, taste: list[float], recall_last: float, walls: list[float]) 
                 "taste": {"score": score, "words": 80.0 - 10 * day},
                 "run": None
                 if day == 0
-                else {"wall_s": walls[day - 1], "decision": "promote" if day % 2 else "reject"},
+                else {
+                    "wall_s": walls[day - 1],
+                    "candidate": f"c{day}",
+                    "decision": "promote" if day % 2 else "reject",
+                },
             }
         )
     return {"seed": seed, "host": "vm", "timeline": timeline}

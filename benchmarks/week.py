@@ -230,8 +230,13 @@ def measure(daemon: Daemon, facts: list[person.WeekFact], taste_prompts: tuple[s
             missed[fact.keyword] = [t for t, hit in zip(said, hits, strict=True) if not hit]
     # Room for the base's long answers: a short window counted its verbose right answers
     # as wrong (4/12 at 32 tokens), and shorter answers as gained knowledge.
-    general = {q: (keyword, answer(q, 96)[0]) for q, keyword in person.KNOWLEDGE}
-    known = [person.knows(keyword, text) for keyword, text in general.values()]
+    # What was said instead of a right answer: a right answer the keyword missed reads
+    # differently from a wrong one.
+    general_missed = {}
+    for question, keyword in person.KNOWLEDGE:
+        text = answer(question, 96)[0]
+        if not person.knows(keyword, text):
+            general_missed[question] = text
     answers = [answer(q, 160) for q in taste_prompts]
     for conversation in asked:
         daemon.forget(conversation)
@@ -246,13 +251,9 @@ def measure(daemon: Daemon, facts: list[person.WeekFact], taste_prompts: tuple[s
             "missed": missed,
         },
         "knowledge": {
-            "right": sum(known),
-            "of": len(known),
-            # What was said instead: a right answer the keyword missed reads differently
-            # from a wrong one.
-            "missed": {
-                q: text for q, (key, text) in general.items() if not person.knows(key, text)
-            },
+            "right": len(person.KNOWLEDGE) - len(general_missed),
+            "of": len(person.KNOWLEDGE),
+            "missed": general_missed,
         },
         "taste": {
             "score": round(sum(person.taste(a, f) for a, f in answers) / len(answers), 3),
@@ -531,14 +532,19 @@ def _line(day: Day) -> str:
     )
 
 
+def full_cycles(nights: list[dict[str, Any]]) -> list[float]:
+    """Wall times of the nights that wrote a candidate: a night that ended skipped is not a
+    full cycle to compare."""
+    return [n["wall_s"] for n in nights if n.get("wall_s") and n.get("candidate")]
+
+
 def summarize(timeline: list[Day]) -> dict[str, Any]:
     """The week's goals, measured: recall on the last day (facts of day 1 included), general
     knowledge lost against the base, the taste's movement, the cycle time's growth."""
     base, last = timeline[0], timeline[-1]
     nights = [d.run for d in timeline[1:] if d.run]
     walls = [n["wall_s"] for n in nights if n.get("wall_s")]
-    # A night that ended without a candidate (skipped) is not a full cycle to compare.
-    full = [n["wall_s"] for n in nights if n.get("wall_s") and n.get("candidate")]
+    full = full_cycles(nights)
     first_day_facts = timeline[1].taught if len(timeline) > 1 else []
     per_fact = last.recall.get("per_fact", {})
     return {

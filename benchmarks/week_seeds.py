@@ -18,6 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from benchmarks.week import full_cycles
+
 
 def per_seed(result: dict[str, Any]) -> dict[str, Any]:
     """One week's figures. `taste_gain_week` is the mean taste score over days 1..N minus the
@@ -26,12 +28,7 @@ def per_seed(result: dict[str, Any]) -> dict[str, Any]:
     timeline = result["timeline"]
     base, days = timeline[0], timeline[1:]
     scores = [d["taste"]["score"] for d in days]
-    # Nights that wrote a candidate: a skipped night is not a full cycle to compare.
-    walls = [
-        d["run"]["wall_s"]
-        for d in days
-        if d.get("run") and d["run"].get("wall_s") and d["run"].get("candidate")
-    ]
+    walls = full_cycles([d["run"] for d in days if d.get("run")])
     return {
         "seed": result["seed"],
         "days": len(days),

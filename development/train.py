@@ -666,7 +666,7 @@ def train_candidate(ctx: RunContext, *, force: bool = False) -> str | None:
     keep = settings.training.write_worse_candidates or ctx.trial
     if sft.get("verdict") == "worse" and person_judged and not keep:
         refuse_non_finite(model)  # a diverged run is a failure to name, not a quiet skip
-        start = "the base" if not_continued or continuation is None else "the champion"
+        start = "the base" if not_continued else "the champion"
         reason = (
             "no candidate: every checkpoint was worse on the person's held-out feedback than "
             f"{start} it started from ({sft['notes'][0]})"

@@ -367,7 +367,7 @@ def train_speed(workdir: Path, model_dir: Path, path: str, steps: int) -> dict[s
             }
         )
         model, tokenizer = load_model(settings, device, for_training=True)
-        model = train._attach_lora(model, settings, "bench", "unsloth")
+        model = train._attach_lora(model, settings, "bench", "unsloth", "cuda:0")
         stage = train.Stage("sft", 256, steps + WARMUP_STEPS, 2e-4, "bench")
         product = train._common_args(settings, "bench", device, workdir / "out-product", stage, 8)
         args = SFTConfig(

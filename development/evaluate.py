@@ -27,6 +27,8 @@ loaded side by side and switched (the base is the model with adapters disabled).
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import logging
 import random
 import re
@@ -35,11 +37,13 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from candidates import Registry, update_meta
 from common.config import Settings
 from common.entrypoint import add_settings_arguments, log_to_stderr, settings_from_args
+from common.fs import atomic_write_text
 from data import exports
 from data.exports import FeedbackItem
 from data.splits import split_items
@@ -55,6 +59,8 @@ SANITY_MAX_NEW_TOKENS = 192
 # Other held-out corrections each held-out correction is contrasted with (right_answers).
 CONTRASTS = 8
 EXAMPLES_SHOWN = 5
+# The metrics measure_general makes: the same for the same weights and general_probes_key.
+GENERAL_METRICS = ("general_nll", "general_facts_missed", "general_facts_total", "general_facts")
 # Chat-template tokens that must never reach the person's screen.
 TEMPLATE_ARTIFACTS = re.compile(
     r"<\|(im_start|im_end|start|end|message|channel|return|call|endoftext)\|>"
@@ -178,6 +184,78 @@ def knowledge_misses(model: Any, tokenizer: Any, max_length: int) -> list[str]:
     return missed
 
 
+def general_probes_key(settings: Settings, regression: list[dict[str, str]], device: str) -> str:
+    """What the general-probe metrics depend on besides the adapter's weights: the base
+    model and how it is loaded, the probes, and the kind of device (CPU float32 and 4-bit
+    CUDA scores differ). The same key and weights give the same metrics."""
+    key = json.dumps(
+        {
+            "model": settings.model.model_dump(mode="json"),
+            "regression": regression,
+            "facts": probes.FACT_PROBES,
+            "device": device.split(":")[0],
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def measure_general(
+    model: Any, tokenizer: Any, settings: Settings, regression: list[dict[str, str]]
+) -> dict[str, Any]:
+    """The general-probe metrics (GENERAL_METRICS): nothing of the person's feedback goes
+    into them, so they change only with the weights."""
+    from development.modeling import score_answers
+
+    max_length = settings.model.max_seq_length
+    general = score_answers(
+        model,
+        tokenizer,
+        [([{"role": "user", "content": p["prompt"]}], p["answer"]) for p in regression],
+        max_length=max_length,
+    )
+    missed = knowledge_misses(model, tokenizer, max_length)
+    total = len(probes.FACT_PROBES)
+    return {
+        "general_nll": _mean_nll(general),
+        "general_facts_missed": missed,
+        "general_facts_total": total,
+        "general_facts": total - len(missed),
+    }
+
+
+def base_general_file(settings: Settings, key: str) -> Path:
+    return settings.paths.models_dir / "replay" / f"base-general-{key}.json"
+
+
+def known_general(
+    settings: Settings, registry: Registry, champion_id: str | None, key: str
+) -> dict[str, dict[str, Any]]:
+    """The general-probe metrics already measured under `key`: the base's (kept in the home
+    by an earlier evaluation) and the champion's (from its own evaluation as a candidate).
+    On a simulated week's night 7 (embedded model, 2 cores) measuring them again was 9 of the
+    20 s each of the two took to measure. A file that does not read back is measured again."""
+    known: dict[str, dict[str, Any]] = {}
+    path = base_general_file(settings, key)
+    try:
+        if path.is_file():
+            known["base"] = _general_metrics(json.loads(path.read_text()), key)
+    except (ValueError, KeyError) as exc:
+        log.warning("base general-probe metrics %s are unreadable (%s); measuring", path, exc)
+    if champion_id is not None:
+        judged = registry.get(champion_id).meta.metrics.get("evaluation") or {}
+        own = (judged.get("metrics") or {}).get("candidate") or {}
+        if own.get("general_probes_key") == key:
+            known["champion"] = _general_metrics(own, key)
+    return {name: metrics for name, metrics in known.items() if metrics}
+
+
+def _general_metrics(metrics: dict[str, Any], key: str) -> dict[str, Any]:
+    if metrics.get("general_probes_key") != key or not all(k in metrics for k in GENERAL_METRICS):
+        return {}
+    return {k: metrics[k] for k in (*GENERAL_METRICS, "general_probes_key")}
+
+
 class Variant:
     """One of base / champion / candidate on the shared model: switches adapters on entry."""
 
@@ -207,9 +285,11 @@ def measure(
     holdout: list[FeedbackItem],
     regression: list[dict[str, str]],
     sanity_prompts: list[list[dict[str, str]]],
+    general: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], list[str]]:
     """Every metric for the model as it is now (adapter chosen by the caller), and its
-    answers to sanity_prompts."""
+    answers to sanity_prompts. `general`: its general-probe metrics (GENERAL_METRICS) when
+    they are known already, else they are measured."""
     from development.modeling import generate, score_answers
 
     max_length = settings.model.max_seq_length
@@ -270,17 +350,7 @@ def measure(
     else:
         metrics["rating_separation"] = None
 
-    general = score_answers(
-        model,
-        tokenizer,
-        [([{"role": "user", "content": p["prompt"]}], p["answer"]) for p in regression],
-        max_length=max_length,
-    )
-    metrics["general_nll"] = _mean_nll(general)
-
-    metrics["general_facts_missed"] = knowledge_misses(model, tokenizer, max_length)
-    metrics["general_facts_total"] = len(probes.FACT_PROBES)
-    metrics["general_facts"] = len(probes.FACT_PROBES) - len(metrics["general_facts_missed"])
+    metrics |= general or measure_general(model, tokenizer, settings, regression)
     sanity_count = len(sanity_prompts)
     sanity = generate(
         model, tokenizer, sanity_prompts, max_new_tokens=SANITY_MAX_NEW_TOKENS, chat_format=fmt
@@ -339,6 +409,8 @@ def evaluate_candidate(
         model.load_adapter(str(registry.path(champion_id)), adapter_name="champion")
     peaks.mark("load")
 
+    key = general_probes_key(settings, regression, device)
+    known = known_general(settings, registry, champion_id, key)
     results: dict[str, dict[str, Any]] = {}
     answers: dict[str, list[str]] = {}
     for name, adapter in (("base", None), ("champion", "champion"), ("candidate", "candidate")):
@@ -348,11 +420,14 @@ def evaluate_candidate(
         # with; otherwise generating them (the longest of the three) is time thrown away.
         generated = [] if name == "base" and champion_id is not None else sanity_prompts
         with Variant(model, adapter) as active:
-            log.info("measuring %s", name)
+            log.info("measuring %s%s", name, " (general probes known)" if name in known else "")
             results[name], answers[name] = measure(
-                active, tokenizer, settings, holdout, regression, generated
+                active, tokenizer, settings, holdout, regression, generated, known.get(name)
             )
+        results[name]["general_probes_key"] = key
         peaks.mark(name)
+    if "base" not in known:
+        _keep_base_general(settings, results["base"], key)
     champion_metrics = results.get("champion", results["base"])
     verdict = decide(results["candidate"], champion_metrics, results["base"], settings.gate)
     log.info("decision %s (%s): %s", verdict.decision, verdict.rule, verdict.reason)
@@ -442,6 +517,13 @@ def evaluate_candidate(
     return report_dict
 
 
+def _keep_base_general(settings: Settings, metrics: dict[str, Any], key: str) -> None:
+    path = base_general_file(settings, key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = {k: metrics[k] for k in (*GENERAL_METRICS, "general_probes_key")}
+    atomic_write_text(path, json.dumps(body, indent=1, ensure_ascii=False) + "\n")
+
+
 def score_trial(settings: Settings, store: Store, candidate_id: str, device: str) -> dict[str, Any]:
     """A recipe trial's score (orchestrator.experiments): the candidate and the base measured
     on the *validation* split (the holdout stays the gate's alone) and the general probes.
@@ -462,12 +544,17 @@ def score_trial(settings: Settings, store: Store, candidate_id: str, device: str
     regression = training_data.load_base_answers(settings, None).get("regression", [])
     model, tokenizer = modeling.load_base(settings, device, for_training=False)
     model = PeftModel.from_pretrained(model, str(registry.path(candidate_id)), adapter_name="trial")
+    key = general_probes_key(settings, regression, device)
+    known = known_general(settings, registry, None, key)
     measured = {}
     for name, adapter in (("base", None), ("candidate", "trial")):
         with Variant(model, adapter) as active:
             measured[name], _ = measure(
-                active, tokenizer, settings, split.validation, regression, sanity_prompts=[]
+                active, tokenizer, settings, split.validation, regression, [], known.get(name)
             )
+        measured[name]["general_probes_key"] = key
+    if "base" not in known:
+        _keep_base_general(settings, measured["base"], key)
     base, cand = measured["base"], measured["candidate"]
     if cand["holdout_nll"] is None:
         raise ValueError("the validation split has no corrections or well-rated answers to score")

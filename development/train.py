@@ -224,7 +224,15 @@ def _common_args(
         "optim": _optimizer(settings.profile(profile).optimizer, cuda),
         "dataloader_num_workers": 0,
         "max_length": settings.model.max_seq_length,
+        "gradient_checkpointing": gradient_checkpointing(settings, device),
     }
+
+
+def gradient_checkpointing(settings: Settings, device: str) -> bool:
+    """Whether training recomputes activations (training.gradient_checkpointing; see its
+    comment) on `device`."""
+    choice = settings.training.gradient_checkpointing
+    return device.startswith("cuda") if choice == "auto" else choice == "on"
 
 
 def padding_free(settings: Settings, backend: str) -> bool:
@@ -256,7 +264,9 @@ def _optimizer(wanted: str, cuda: bool) -> str:
     return "adamw_8bit" if cuda and importlib.util.find_spec("bitsandbytes") else "adamw_torch"
 
 
-def _attach_lora(model: Any, settings: Settings, profile_name: str, backend: str) -> Any:
+def _attach_lora(
+    model: Any, settings: Settings, profile_name: str, backend: str, device: str
+) -> Any:
     from production.gpt_oss_layout import lora_targets
 
     rank = settings.lora_rank(profile_name)
@@ -279,7 +289,9 @@ def _attach_lora(model: Any, settings: Settings, profile_name: str, backend: str
             lora_alpha=alpha,
             lora_dropout=settings.lora.dropout,
             target_modules=targets,
-            use_gradient_checkpointing="unsloth",
+            use_gradient_checkpointing=(
+                "unsloth" if gradient_checkpointing(settings, device) else False
+            ),
             random_state=settings.training.seed,
             use_rslora=settings.lora.use_rslora,
         )
@@ -638,7 +650,7 @@ def train_candidate(ctx: RunContext, *, force: bool = False) -> str | None:
     # The rows a continuation would train on, known before the champion's weights load.
     continuation = rows(champion_snapshot) if champion_snapshot is not None else None
     set_seed(settings.training.seed)
-    model = _attach_lora(model, settings, ctx.profile, backend)
+    model = _attach_lora(model, settings, ctx.profile, backend, ctx.device)
     has_new_rows = continuation is not None and bool(continuation.sft)
     not_continued = _continue_champion(model, settings, registry, champion, has_new_rows)
     if not_continued or continuation is None:
@@ -695,6 +707,7 @@ def train_candidate(ctx: RunContext, *, force: bool = False) -> str | None:
             "backend": backend,
             "optimizer": _optimizer(profile.optimizer, ctx.device.startswith("cuda")),
             "padding_free": ctx.padding_free,
+            "gradient_checkpointing": gradient_checkpointing(settings, ctx.device),
             "run_id": ctx.run_id,
             "recipe": ctx.recipe,
             "trial": ctx.trial,

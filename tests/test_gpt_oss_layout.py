@@ -185,7 +185,7 @@ def test_lora_goes_on_attention_and_every_expert(tmp_path: Path, checkpoint: Pat
     # The person's notes (and Unsloth's notebooks) name the MLP as gate/up/down.
     assert {"gate_proj", "up_proj", "down_proj"} <= set(settings.lora.target_modules)
     model, _ = load_model(settings, "cpu", for_training=True)
-    model = _attach_lora(model, settings, "quick_test", "transformers")
+    model = _attach_lora(model, settings, "quick_test", "transformers", "cpu")
     wrapped = {
         re.sub(r"\.\d+\.", ".N.", name.removesuffix(".lora_A"))
         for name, _ in model.named_modules()

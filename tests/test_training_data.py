@@ -643,7 +643,7 @@ def test_continuing_replays_the_earlier_rows_and_base_answers_the_champion_knows
     assert {"replay answer 007", "replay answer 002"} <= targets
     assert scored == [6, 8] and data.counts["scored_by_champion"] == 14
 
-    # Every earlier row is scored; of many base answers, twice as many as wanted.
+    # Of many base answers, twice as many as wanted are scored.
     many = build(
         feedback_items(store),
         settings,
@@ -660,6 +660,24 @@ def test_continuing_replays_the_earlier_rows_and_base_answers_the_champion_knows
     )
     assert fresh.counts["sft_rows"] == 8 and fresh.counts["scored_by_champion"] == 0
     assert len(scored) == 4
+
+    # Of a long history, four times as many earlier rows as wanted: the night's cost does
+    # not grow with all the feedback ever given.
+    for i in range(20):
+        answer_in(store, settings, "train", f"older {i}", correction=f"older fix {i}")
+    champion = json.loads(
+        json.dumps(build(feedback_items(store), settings, base_answers(), count_words).snapshot())
+    )
+    answer_in(store, settings, "train", "newest", correction="newest fix")
+    long = build(
+        feedback_items(store),
+        settings,
+        base_answers(replay=8),
+        count_words,
+        champion,
+        champion_loss,
+    )
+    assert long.counts["earlier_sft_rows"] == 1 and scored[4:] == [4, 4]
 
 
 def test_a_run_passes_over_few_rows_a_bounded_number_of_times_and_continues_at_its_rate(

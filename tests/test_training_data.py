@@ -610,7 +610,7 @@ def test_continuing_the_champion_trains_all_new_rows_and_replays_a_sample_of_the
 
 
 def test_continuing_replays_the_earlier_rows_and_base_answers_the_champion_knows_least(
-    store: Store, home: Path
+    store: Store, home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A fact the champion lost (say, to a rollback) is in its worst-scored earlier rows, and
     base answers it has drifted from anchor more than ones it has memorised: those go in."""
@@ -661,14 +661,9 @@ def test_continuing_replays_the_earlier_rows_and_base_answers_the_champion_knows
     assert fresh.counts["sft_rows"] == 8 and fresh.counts["scored_by_champion"] == 0
     assert len(scored) == 4
 
-    # Of a long history, four times as many earlier rows as wanted: the night's cost does
-    # not grow with all the feedback ever given.
-    for i in range(20):
-        answer_in(store, settings, "train", f"older {i}", correction=f"older fix {i}")
-    champion = json.loads(
-        json.dumps(build(feedback_items(store), settings, base_answers(), count_words).snapshot())
-    )
-    answer_in(store, settings, "train", "newest", correction="newest fix")
+    # Of a long history, at most EARLIER_SCORED earlier rows: the night's cost does not grow
+    # with all the feedback ever given.
+    monkeypatch.setattr(training_data, "EARLIER_SCORED", 5)
     long = build(
         feedback_items(store),
         settings,
@@ -677,7 +672,7 @@ def test_continuing_replays_the_earlier_rows_and_base_answers_the_champion_knows
         champion,
         champion_loss,
     )
-    assert long.counts["earlier_sft_rows"] == 1 and scored[4:] == [4, 4]
+    assert long.counts["earlier_sft_rows"] == 2 and scored[4:] == [5, 8]
 
 
 def test_a_run_passes_over_few_rows_a_bounded_number_of_times_and_continues_at_its_rate(

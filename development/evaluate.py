@@ -240,18 +240,19 @@ def known_general(
     try:
         if path.is_file():
             known["base"] = _general_metrics(json.loads(path.read_text()), key)
-    except (ValueError, KeyError) as exc:
+    except ValueError as exc:
         log.warning("base general-probe metrics %s are unreadable (%s); measuring", path, exc)
     if champion_id is not None:
         judged = registry.get(champion_id).meta.metrics.get("evaluation") or {}
-        own = (judged.get("metrics") or {}).get("candidate") or {}
-        if own.get("general_probes_key") == key:
-            known["champion"] = _general_metrics(own, key)
+        known["champion"] = _general_metrics((judged.get("metrics") or {}).get("candidate"), key)
     return {name: metrics for name, metrics in known.items() if metrics}
 
 
-def _general_metrics(metrics: dict[str, Any], key: str) -> dict[str, Any]:
-    if metrics.get("general_probes_key") != key or not all(k in metrics for k in GENERAL_METRICS):
+def _general_metrics(metrics: Any, key: str) -> dict[str, Any]:
+    """GENERAL_METRICS of `metrics` when they were measured under `key`, else {}."""
+    if not isinstance(metrics, dict) or metrics.get("general_probes_key") != key:
+        return {}
+    if not all(k in metrics for k in GENERAL_METRICS):
         return {}
     return {k: metrics[k] for k in (*GENERAL_METRICS, "general_probes_key")}
 

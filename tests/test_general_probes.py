@@ -85,7 +85,11 @@ def test_general_probes_are_measured_once_per_weights(tmp_path: Path) -> None:
         assert scored[name]["general_facts_missed"] == again["general_facts_missed"]
     assert scored["candidate"]["general_nll"] != scored["champion"]["general_nll"]
 
-    # A kept file cut short (a full disk) is measured again and written whole.
+    # A kept file cut short (a full disk) is measured again and written whole; so is one
+    # that holds something else than the metrics.
+    kept[0].write_text("[]")
+    _, said = _train(home)
+    assert "measuring base (general probes known)" not in said
     kept[0].write_text('{"general_nll": ')
     _, said = _train(home)
     assert "measuring base (general probes known)" not in said

@@ -365,14 +365,17 @@ def chat(daemon: Daemon, prompts: list[str], rng: random.Random, today: Day) -> 
         today.feedback["ratings"] = today.feedback.get("ratings", 0) + 1
 
 
-def prepare_home(home: Path, fresh: bool, sets: list[str]) -> dict[str, float]:
-    """The week's config; the prepared model linked in, or (fresh) `whetstone doctor` timed."""
+def prepare_home(
+    home: Path, fresh: bool, sets: list[str], base_config: str = CONFIG
+) -> dict[str, float]:
+    """`base_config` (the week's) with `sets` applied; the prepared model linked in, or (fresh)
+    `whetstone doctor` timed."""
     import tomllib
 
     import tomli_w
 
     home.mkdir(parents=True, exist_ok=True)
-    config = tomllib.loads(CONFIG)
+    config = tomllib.loads(base_config)
     for item in sets:
         key, _, value = item.partition("=")
         section, _, name = key.rpartition(".")

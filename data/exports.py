@@ -68,6 +68,7 @@ class FeedbackItem:
     adapter_id: str | None  # which adapter produced the answer; None = the base model
     created_at: datetime  # of the current feedback
     placement: float  # which split it belongs to (data/splits.py)
+    judged: bool = False  # a gate judged on it: held out no longer (the rolling holdout)
     tools: list[dict[str, Any]] | None = None  # the functions the request offered
     answer_tool_calls: list[dict[str, Any]] | None = None
 
@@ -209,6 +210,7 @@ def feedback_items(store: Store, *, with_tools: bool = False) -> list[FeedbackIt
                 # The store places every answer it records feedback for (migration 0003 the
                 # older ones); one found unplaced is held out, the side never trained on.
                 placement=answer.placement if answer.placement is not None else 0.0,
+                judged=answer.judged_at is not None,
                 tools=(answer.generation or {}).get("tools"),
                 answer_tool_calls=answer.tool_calls,
             )

@@ -133,10 +133,18 @@ class Message(Base):
     # arguments}}]; a tool turn names the call it answers.
     tool_calls: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON())
     tool_call_id: Mapped[str | None] = mapped_column(ID)
-    # Which split an answer's feedback belongs to (data/splits.py), set once when it first
-    # gets feedback and never changed: moving an answer the trainer has seen into the holdout
-    # would let the gate judge on training data.
+    # Which split an answer's feedback belongs to (data/splits.py): drawn from the sequence of
+    # its feedback's kind (placement_kind, placement_ordinal) when it first gets feedback, and
+    # drawn again when the kind changes (rated, then corrected) until a training run first
+    # uses it (used_at); never changed after: moving an answer a trainer has seen into the
+    # holdout would let the gate judge on training data.
     placement: Mapped[float | None] = mapped_column(Float)
+    placement_kind: Mapped[str | None] = mapped_column(String(16))
+    placement_ordinal: Mapped[int | None] = mapped_column(Integer)
+    used_at: Mapped[datetime | None] = mapped_column()
+    # When a gate first judged a candidate on this held-out answer: from then on it is
+    # trained on (the rolling holdout, data/splits.py).
+    judged_at: Mapped[datetime | None] = mapped_column()
 
     # lazy="raise": objects outlive their session, so a forgotten eager load must fail loudly
     # instead of silently querying (or failing later with a detached-instance error).

@@ -1,21 +1,30 @@
 """Where each feedback item belongs, by the placement number in [0, 1) its answer got when it
-first received feedback (stored with the message, so it never changes as feedback grows or
-as the fractions are read):
+first received feedback (stored with the message):
 
-    [0, holdout)                      frozen holdout: only the gate looks at it
-    [holdout, holdout + validation)   held-out loss during training (early stopping)
+    [0, holdout)                      the holdout: the gate judges on it, then it is trained on
+    [holdout, holdout + validation)   held-out loss during training (early stopping), then
+                                      trained on
     the rest                          trained on
 
-Placements follow the golden-ratio sequence over the order feedback arrives in, counted
-apart for each kind of feedback (placement_kind): the first n answers of each kind put
-n * fraction of them in each split, give or take one. Corrections, liked answers and the
-rest are counted apart because the gate counts held-out items with a target (a correction or
-a rating of 4-5) and compares corrections with each other: when liked and disliked ratings
-shared one sequence, the first day held out a low rating in place of a liked one and the
-gate had 3 of the 4 items it needs. A hash of the message id (how feedback was placed
-before the store kept placements; migration 0003 stores it for the answers it placed) gave
-these shares only on average: a first day with ten corrections held out none of them about
-one time in ten, and the gate could not judge the first night's adapter at all.
+The rolling holdout: a held-out item stays out of training until a gate has judged a
+candidate on it, and a validation item until a gate has judged the candidate whose run
+stopped early on it (the store's judged_at for both); every later run trains on it. So a fact taught once
+is learned, one night late when it happened to be held out. The gate stays honest: it judges
+only held-out items no gate has judged yet, and an item is trained on only after it was
+judged, so neither the candidate nor the champion (nor any adapter either continued from)
+was trained on what it is judged on. Placements never change once a run used an item (the
+store's used_at), so an item a run trained on never moves into the holdout.
+
+Placements follow the golden-ratio sequence, counted apart for each kind of feedback
+(placement_kind): the first n answers of each kind put n * fraction of them in each split,
+give or take one. The kind is that of the answer's feedback as it stands: an answer rated and
+then corrected (the TUI's order) is placed as a correction, drawn again from that sequence
+while no run has used it, and the place it left in the other sequence goes to the next answer
+of that kind. Corrections, liked answers and the rest are counted apart because the gate
+counts held-out items with a target (a correction or a rating of 4-5) and compares
+corrections with each other: when liked and disliked ratings shared one sequence, the first
+day held out a low rating in place of a liked one. A hash of the message id (how feedback was
+placed before the store kept placements; migration 0003) gave these shares only on average.
 
 Plain code (no torch), so the daemon's recipe search splits exactly as training does."""
 
@@ -67,7 +76,9 @@ def split_items(
 ) -> Split:
     train, validation, holdout = [], [], []
     for item in items:
-        if item.placement < holdout_fraction:
+        if item.judged:
+            train.append(item)
+        elif item.placement < holdout_fraction:
             holdout.append(item)
         elif item.placement < holdout_fraction + validation_fraction:
             validation.append(item)

@@ -591,10 +591,15 @@ class Store:
                     .where(Feedback.message_id == message_id, Feedback.is_current)
                     .values(is_current=False)
                 )
-            if message.placement is None:
-                message.placement = spread_placement(
-                    self._placed_of_kind(session, placement_kind(correction, rating))
-                )
+            kind = placement_kind(correction, rating)
+            redraw = message.placement_kind not in (None, kind) and message.used_at is None
+            if message.placement is None or redraw:
+                # Drawn again while no run has used it: an answer rated 1 and then corrected
+                # is placed as a correction, whichever came first. (Every placement the store
+                # drew has its kind; migration 0004 gave the older ones theirs.)
+                ordinal = self._free_ordinal(session, kind, message_id)
+                message.placement = spread_placement(ordinal)
+                message.placement_kind, message.placement_ordinal = kind, ordinal
             feedback = Feedback(
                 id=new_id("fb"),
                 message_id=message_id,
@@ -609,23 +614,51 @@ class Store:
         return feedback
 
     @staticmethod
-    def _placed_of_kind(session: Session, kind: str) -> int:
-        """How many answers already placed have current feedback of `kind` (placement_kind):
-        each kind follows its own placement sequence, so each splits evenly."""
-        corrected, liked = Feedback.correction.is_not(None), Feedback.rating >= 4
-        of_kind = {
-            "correction": corrected,
-            "liked": and_(not_(corrected), liked),
-            "other": and_(not_(corrected), or_(Feedback.rating.is_(None), not_(liked))),
-        }[kind]
-        return (
-            session.scalar(
-                select(func.count(Message.id))
-                .join(Feedback, and_(Feedback.message_id == Message.id, Feedback.is_current))
-                .where(Message.placement.is_not(None), of_kind)
+    def _free_ordinal(session: Session, kind: str, message_id: str) -> int:
+        """The first place in `kind`'s placement sequence no other answer holds: each kind
+        follows its own sequence, so each splits evenly, and a place left by an answer whose
+        kind changed before any run used it is taken by the next answer of that kind."""
+        taken = set(
+            session.scalars(
+                select(Message.placement_ordinal).where(
+                    Message.placement_kind == kind,
+                    Message.placement_ordinal.is_not(None),
+                    Message.id != message_id,
+                )
             )
-            or 0
         )
+        ordinal = 0
+        while ordinal in taken:
+            ordinal += 1
+        return ordinal
+
+    def mark_used(self, message_ids: Iterable[str]) -> int:
+        """A training run uses these answers' feedback (train, validation or holdout): their
+        placements never change again. Returns how many were newly marked."""
+        return self._mark(Message.used_at, message_ids)
+
+    def mark_judged(self, message_ids: Iterable[str]) -> int:
+        """A gate judged a candidate on these held-out answers: later runs train on them
+        (the rolling holdout). Returns how many were newly marked."""
+        return self._mark(Message.judged_at, message_ids)
+
+    def _mark(self, column: Any, message_ids: Iterable[str]) -> int:
+        with self.session() as session:
+            return self._mark_in(session, column, message_ids, utcnow())
+
+    @staticmethod
+    def _mark_in(session: Session, column: Any, message_ids: Iterable[str], when: datetime) -> int:
+        # The first mark stays: when an answer was first used or judged.
+        ids = sorted(set(message_ids))
+        marked = 0
+        for start in range(0, len(ids), 500):  # SQLite's bound-parameter limit
+            result = session.execute(
+                update(Message)
+                .where(Message.id.in_(ids[start : start + 500]), column.is_(None))
+                .values({column.key: when})
+            )
+            marked += result.rowcount or 0
+        return marked
 
     def current_feedback(self, message_id: str) -> Feedback | None:
         """The merged, current feedback of a message, or None; NotFound if unknown."""
@@ -878,9 +911,12 @@ class Store:
         metrics: dict[str, Any] | None = None,
         champion_id: str | None = None,
         report_path: str | None = None,
+        judged_message_ids: Iterable[str] = (),
     ) -> Evaluation:
         """Record an evaluation of a candidate against champion_id (None: the base model)
-        and the gate's decision (promote/reject) with the rule that decided it."""
+        and the gate's decision (promote/reject) with the rule that decided it. The held-out
+        answers it judged on (`judged_message_ids`) are marked judged in the same transaction:
+        later runs train on them (the rolling holdout, data/splits.py)."""
         _text("candidate_id", candidate_id, nullable=False)
         _choice("decision", decision, EVAL_DECISIONS, nullable=False)
         _text("rule", rule, nullable=False)
@@ -899,6 +935,7 @@ class Store:
                 created_at=utcnow(),
             )
             session.add(evaluation)
+            self._mark_in(session, Message.judged_at, judged_message_ids, evaluation.created_at)
         return evaluation
 
     def list_evaluations(

@@ -507,6 +507,10 @@ def evaluate_candidate(
         },
         champion_id=champion_id,
         report_path=str(html_path),
+        # The rolling holdout (data/splits.py): what this gate judged on, and what the
+        # candidate's run held out for its early stopping, are trained on from now on.
+        judged_message_ids=[item.message_id for item in holdout]
+        + list(meta.data.get("message_ids", {}).get("validation", [])),
     )
     try:
         store.update_candidate(

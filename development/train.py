@@ -661,6 +661,8 @@ def train_candidate(ctx: RunContext, *, force: bool = False) -> str | None:
         data = rows(champion_snapshot, champion_loss)
     snapshot = data.snapshot()
     store.update_run(ctx.run_id, data_snapshot=snapshot)
+    # From here on these answers stay where they were placed (data/splits.py).
+    store.mark_used(id_ for ids in snapshot["message_ids"].values() for id_ in ids)
     if not data.sft:
         store.update_run(ctx.run_id, status="skipped", reason="no SFT rows after the split")
         return None

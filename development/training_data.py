@@ -3,8 +3,9 @@
 Every feedback item is placed by the number the store gave its answer when it first got
 feedback (data/splits.py), so the placement never changes as feedback grows:
 
-    [0, holdout)                      frozen holdout: only the gate looks at it
-    [holdout, holdout + validation)   held-out loss during training (early stopping)
+    [0, holdout)                      the holdout: the gate judges on it, then it is trained on
+    [holdout, holdout + validation)   held-out loss during training (early stopping), then
+                                      trained on
     the rest                          trained on
 
 SFT rows are prompt-completion pairs (TRL then puts the loss on the completion only): the
@@ -357,12 +358,12 @@ def build(
 
 
 def _new_since(champion_snapshot: dict[str, Any] | None) -> Callable[[FeedbackItem], bool]:
-    """Whether an item is new to the champion: never in its training or validation split,
-    or its feedback changed after the champion's data was taken (a later correction)."""
+    """Whether an item is new to the champion: never in its training split (its validation
+    and holdout items are trained on once a gate judged it: the rolling holdout), or its
+    feedback changed after the champion's data was taken (a later correction)."""
     if not champion_snapshot:
         return lambda item: True
-    ids = champion_snapshot.get("message_ids", {})
-    seen = set(ids.get("train", [])) | set(ids.get("validation", []))
+    seen = set(champion_snapshot.get("message_ids", {}).get("train", []))
     mark = champion_snapshot.get("feedback_high_water")
     high_water = datetime.fromisoformat(mark) if mark else None
     return lambda item: (

@@ -69,9 +69,9 @@ def test_migration_creates_schema_in_wal_mode(store: Store, db_path: Path) -> No
     names = {row[0] for row in raw(db_path, "SELECT name FROM sqlite_master WHERE type='table'")}
     assert names >= TABLES | {"alembic_version"}
     assert raw(db_path, "PRAGMA journal_mode") == [("wal",)]
-    assert store.schema_revision == "0003" == head_revision()
-    assert schema_version(store.engine) == "0003"
-    assert raw(db_path, "SELECT version_num FROM alembic_version") == [("0003",)]
+    assert store.schema_revision == "0004" == head_revision()
+    assert schema_version(store.engine) == "0004"
+    assert raw(db_path, "SELECT version_num FROM alembic_version") == [("0004",)]
 
 
 def test_engine_pragmas(db_path: Path) -> None:
@@ -96,8 +96,8 @@ def test_migrate_is_idempotent_on_reopen(db_path: Path) -> None:
     with Store(url) as first:
         conversation = first.create_conversation(title="kept")
     with Store(url) as second:
-        assert second.schema_revision == "0003"
-        assert migrate(second.engine) == "0003"
+        assert second.schema_revision == "0004"
+        assert migrate(second.engine) == "0004"
         assert second.get_conversation(conversation.id).title == "kept"
     assert raw(db_path, "SELECT count(*) FROM alembic_version") == [(1,)]
 
@@ -118,7 +118,7 @@ def test_newer_schema_is_refused_and_left_untouched(db_path: Path) -> None:
             opener()
         message = str(error.value)
         assert "0042_from_the_future" in message
-        assert "0003" in message
+        assert "0004" in message
         assert "upgrade whetstone" in message
 
     assert raw(db_path, "SELECT version_num FROM alembic_version") == [("0042_from_the_future",)]
@@ -144,12 +144,11 @@ def test_alembic_cli_with_shipped_ini(tmp_path: Path) -> None:
         timeout=60,
     )
     assert result.returncode == 0, result.stderr
-    assert raw(db_file, "SELECT version_num FROM alembic_version") == [("0003",)]
+    assert raw(db_file, "SELECT version_num FROM alembic_version") == [("0004",)]
 
 
-def _home_at(revision: str, db_file: Path) -> sqlite3.Connection:
-    """A store migrated only up to `revision` by the shipped Alembic CLI, holding one
-    conversation (conv_1); the open connection writes what that schema had."""
+def _upgrade(db_file: Path, revision: str) -> None:
+    """Migrate the store only up to `revision`, by the shipped Alembic CLI."""
     ini = str(REPO / "data" / "alembic.ini")
     command = [sys.executable, "-m", "alembic", "-c", ini, "-x", f"url=sqlite:///{db_file}"]
     old = subprocess.run(
@@ -160,6 +159,12 @@ def _home_at(revision: str, db_file: Path) -> sqlite3.Connection:
         timeout=60,
     )
     assert old.returncode == 0, old.stderr
+
+
+def _home_at(revision: str, db_file: Path) -> sqlite3.Connection:
+    """A store migrated only up to `revision` by the shipped Alembic CLI, holding one
+    conversation (conv_1); the open connection writes what that schema had."""
+    _upgrade(db_file, revision)
     connection = sqlite3.connect(db_file)
     connection.execute(
         "INSERT INTO conversations (id, title, created_at, updated_at) "
@@ -183,7 +188,7 @@ def test_upgrade_from_0001_keeps_every_message_and_takes_tool_turns(tmp_path: Pa
     connection.close()
 
     with Store(f"sqlite:///{db_file}") as store:
-        assert store.schema_revision == "0003"
+        assert store.schema_revision == "0004"
         conversation = store.get_conversation("conv_1")
         assert [(m.role, m.content) for m in conversation.messages] == [
             ("user", "user said"),
@@ -234,15 +239,17 @@ def test_upgrade_to_0003_keeps_every_answer_in_the_split_it_had(tmp_path: Path) 
     connection.commit()
     connection.close()
 
-    with Store(f"sqlite:///{db_file}") as store:
-        assert store.schema_revision == "0003"
-        rated, unrated = (
-            store.get_message("msg_0123456789abcdef"),
-            store.get_message("msg_unrated"),
-        )
-        # Pinned: sha256 of "whetstone-split:<id>", the placement 0002 computed on every read.
-        assert rated.placement == pytest.approx(0.5115599720317932, abs=1e-15)
-        assert unrated.placement is None
+    url = f"sqlite:///{db_file}"
+    _upgrade(db_file, "0003")
+    rows = raw(db_file, "SELECT id, placement FROM messages WHERE role = 'assistant'")
+    # Pinned: sha256 of "whetstone-split:<id>", the placement 0002 computed on every read.
+    assert dict(rows)["msg_0123456789abcdef"] == pytest.approx(0.5115599720317932, abs=1e-15)
+    assert dict(rows)["msg_unrated"] is None
+
+    with Store(url) as store:
+        assert store.schema_revision == "0004"
+        # No run used it: 0004 places it as the first low rating of the home.
+        assert store.get_message("msg_0123456789abcdef").placement == spread_placement(0)
         store.add_feedback("msg_unrated", rating=1)
         # The home's second answer rated low: the migrated one (rated 2) counts as the first.
         assert store.get_message("msg_unrated").placement == spread_placement(1)

@@ -132,7 +132,13 @@ def recall(daemon: Daemon, facts: list[Fact]) -> dict[str, Any]:
         said[fact.keyword] = answers
     recalled = sum(v == "2/2" for v in per_fact.values())
     probes = sum(int(v.split("/")[0]) for v in per_fact.values())
-    return {"facts": recalled, "of": len(facts), "probes": probes, "per_fact": per_fact, "said": said}
+    return {
+        "facts": recalled,
+        "of": len(facts),
+        "probes": probes,
+        "per_fact": per_fact,
+        "said": said,
+    }
 
 
 def knowledge(daemon: Daemon) -> dict[str, Any]:
@@ -142,7 +148,11 @@ def knowledge(daemon: Daemon) -> dict[str, Any]:
         daemon.forget(conversation)
         if not person.knows(keyword, text):
             missed[question] = text
-    return {"right": len(person.KNOWLEDGE) - len(missed), "of": len(person.KNOWLEDGE), "missed": missed}
+    return {
+        "right": len(person.KNOWLEDGE) - len(missed),
+        "of": len(person.KNOWLEDGE),
+        "missed": missed,
+    }
 
 
 def teach(daemon: Daemon, fact: Fact, rng: random.Random) -> dict[str, Any]:

@@ -8,12 +8,12 @@ first received feedback (stored with the message):
 
 The rolling holdout: a held-out item stays out of training until a gate has judged a
 candidate on it, and a validation item until a gate has judged the candidate whose run
-stopped early on it (the store's judged_at for both); every later run trains on it. So a fact taught once
-is learned, one night late when it happened to be held out. The gate stays honest: it judges
-only held-out items no gate has judged yet, and an item is trained on only after it was
-judged, so neither the candidate nor the champion (nor any adapter either continued from)
-was trained on what it is judged on. Placements never change once a run used an item (the
-store's used_at), so an item a run trained on never moves into the holdout.
+stopped early on it (the store's judged_at for both); every later run trains on it. So a
+fact taught once is learned, one night late when it happened to be held out. The gate stays
+honest: it judges only held-out items no gate has judged yet, and an item is trained on only
+after it was judged, so neither the candidate nor the champion (nor any adapter either
+continued from) was trained on what it is judged on. Placements never change once a run used
+an item (the store's used_at), so an item a run trained on never moves into the holdout.
 
 Placements follow the golden-ratio sequence, counted apart for each kind of feedback
 (placement_kind): the first n answers of each kind put n * fraction of them in each split,

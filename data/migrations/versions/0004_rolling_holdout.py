@@ -6,12 +6,13 @@ used it: its placement never changes after) and judged_at (when a gate first jud
 on the candidate whose run validated on it: from then on it is trained on).
 
 Existing answers: used_at and judged_at come from the runs' data snapshots (an answer in a
-run's snapshot was used then; one in the holdout or validation split of a run whose candidate
-was evaluated was judged then). Ordinals are counted again per kind in the order feedback first came. An answer
-no run has used gets the placement of its ordinal: before this revision an answer rated and
-then corrected kept the "other" placement it got first, and every later answer of that kind
-got the same number (the holdout took half of a newcomer's feedback). An answer a run has
-used keeps its placement, so nothing a gate judged on or a run trained on moves.
+run's snapshot was used then; one in the holdout or validation split of a run whose
+candidate was evaluated was judged then). Ordinals are counted again per kind in the order
+feedback first came. An answer no run has used gets the placement of its ordinal: before
+this revision an answer rated and then corrected kept the "other" placement it got first,
+and every later answer of that kind got the same number (the holdout took half of a
+newcomer's feedback). An answer a run has used keeps its placement, so nothing a gate judged
+on or a run trained on moves.
 
 Revision ID: 0004
 Revises: 0003
@@ -69,8 +70,10 @@ def upgrade() -> None:
     evaluated = {
         row.candidate_id: row.created_at
         for row in connection.execute(
-            sa.text("SELECT candidate_id, MIN(created_at) AS created_at FROM evaluations "
-                    "GROUP BY candidate_id")
+            sa.text(
+                "SELECT candidate_id, MIN(created_at) AS created_at FROM evaluations "
+                "GROUP BY candidate_id"
+            )
         )
     }
     runs = connection.execute(

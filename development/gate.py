@@ -4,9 +4,12 @@ In the spirit of TFX's model blessing, every rule is checked and reported; the d
 "promote" only when all pass, and the first failing rule (in the order below) is named as
 the one that decided. Thresholds come from `[gate]` in the config.
 
-    holdout_size        enough of the person's held-out feedback to decide at all
+    holdout_size        enough of the person's held-out feedback to show a win; with fewer
+                        (gate.few_held_out = "no_regression", the default) the candidate
+                        is judged on regressing nothing instead
     holdout_win         lower NLL on the person's held-out targets than the champion by the
-                        margin, and no worse preference accuracy on held-out pairs
+                        margin, and no worse preference accuracy on held-out pairs; with too
+                        few items, no more than the general bound worse
     right_answers       held-out corrections preferred over the person's other corrections
                         about as often as the champion does (not just their style)
     general_regression  NLL on general probes (the base's own answers) within the bound
@@ -69,17 +72,37 @@ def decide(candidate: Metrics, champion: Metrics, base: Metrics, gate: Gate) -> 
     checks: list[Check] = []
 
     items = candidate.get("holdout_items") or 0
-    checks.append(
-        Check(
-            "holdout_size",
-            items >= gate.min_holdout_items,
-            f"{items} held-out feedback item(s) with a target; at least "
-            f"{gate.min_holdout_items} needed to decide (gate.min_holdout_items)",
-        )
+    few = items < gate.min_holdout_items
+    no_regression = few and gate.few_held_out == "no_regression"
+    size = (
+        f"{items} held-out feedback item(s) with a target; {gate.min_holdout_items} needed to "
+        "show a win (gate.min_holdout_items)"
     )
+    if no_regression:
+        size += "; fewer: promoted if nothing regresses (gate.few_held_out)"
+    checks.append(Check("holdout_size", not few or no_regression, size))
 
     cand_nll, champ_nll = candidate.get("holdout_nll"), champion.get("holdout_nll")
-    if cand_nll is None or champ_nll is None or champ_nll <= 0:
+    if no_regression:
+        # Too few items to show a win (the first days, a night with little new feedback):
+        # the candidate must not be worse on them than the champion past the bound the
+        # general probes have. What it learned is then judged by the person: the watch rolls
+        # it back when its ratings fall.
+        bound = gate.max_general_nll_increase
+        if cand_nll is None or champ_nll is None or champ_nll <= 0:
+            checks.append(Check("holdout_win", True, "no held-out targets to compare on"))
+        else:
+            rise = (cand_nll - champ_nll) / champ_nll
+            checks.append(
+                Check(
+                    "holdout_win",
+                    rise <= bound,
+                    f"held-out target NLL {cand_nll:.4f} vs champion {champ_nll:.4f} "
+                    f"({_pct(rise)}); too few items to show a win, at most {_pct(bound)} "
+                    "worse allowed (gate.max_general_nll_increase)",
+                )
+            )
+    elif cand_nll is None or champ_nll is None or champ_nll <= 0:
         checks.append(Check("holdout_win", False, "no held-out targets to compare on"))
     else:
         gain = (champ_nll - cand_nll) / champ_nll

@@ -54,7 +54,9 @@ class NoTrial(Exception):
 
 
 def searched_profile(settings: Settings) -> str:
-    return settings.experiments.profile or settings.schedule.nightly_profile
+    return settings.resolve_profile(
+        settings.experiments.profile or settings.schedule.nightly_profile
+    )
 
 
 def enabled(settings: Settings, development_device: str) -> bool:

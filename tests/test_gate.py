@@ -99,14 +99,39 @@ def test_config_gate_is_the_default_gate(gate: Gate) -> None:
     assert gate == Gate()
 
 
-def test_too_few_holdout_items(gate: Gate) -> None:
-    verdict = decide(candidate(holdout_items=3), champion(), base(), gate)
+def test_too_few_holdout_items_refused_when_configured(gate: Gate) -> None:
+    refuse = gate.model_copy(update={"few_held_out": "refuse"})
+    verdict = decide(candidate(holdout_items=3), champion(), base(), refuse)
     assert (verdict.decision, verdict.rule) == ("reject", "holdout_size")
     assert "3 held-out" in verdict.reason and "gate.min_holdout_items" in verdict.reason
-    assert decide(candidate(holdout_items=4), champion(), base(), gate).decision == "promote"
+    assert decide(candidate(holdout_items=4), champion(), base(), refuse).decision == "promote"
     missing = candidate()
     del missing["holdout_items"]
-    assert decide(missing, champion(), base(), gate).rule == "holdout_size"
+    assert decide(missing, champion(), base(), refuse).rule == "holdout_size"
+
+
+def test_too_few_holdout_items_judged_on_no_regression(gate: Gate) -> None:
+    """A newcomer's first night: 2 held-out items cannot show a win; a candidate that is no
+    more than the general bound worse on them, and regresses nothing else, is promoted."""
+    # No win at all (1% worse on the two items), nothing regressed: promoted, and says why.
+    slightly_worse = candidate(holdout_items=2, holdout_nll=2.02)
+    verdict = decide(slightly_worse, champion(), base(), gate)
+    assert (verdict.decision, verdict.rule) == ("promote", "all_passed")
+    assert (
+        "promoted if nothing regresses (gate.few_held_out)" in check(verdict, "holdout_size").detail
+    )
+    assert "too few items to show a win" in check(verdict, "holdout_win").detail
+    # Worse past the bound on the few items there are: refused.
+    worse = decide(candidate(holdout_items=2, holdout_nll=2.2), champion(), base(), gate)
+    assert (worse.decision, worse.rule) == ("reject", "holdout_win")
+    assert "+10.0%" in worse.reason and "at most +5.0% worse" in worse.reason
+    # Nothing held out yet: the general rules alone decide.
+    none = candidate(holdout_items=0, holdout_nll=None)
+    assert decide(none, champion(holdout_nll=None), base(), gate).decision == "promote"
+    # ... and still refuse a candidate that lost general knowledge.
+    drifted = candidate(holdout_items=0, holdout_nll=None, general_nll=2.5)
+    verdict = decide(drifted, champion(holdout_nll=None), base(), gate)
+    assert (verdict.decision, verdict.rule) == ("reject", "general_regression")
 
 
 def test_small_win_is_not_enough(gate: Gate) -> None:
@@ -235,7 +260,8 @@ def test_first_failing_rule_decides_and_every_check_is_listed(gate: Gate) -> Non
     assert later.rule == "general_facts"
     assert [c.passed for c in later.checks] == [True, True, True, True, False, False]
 
-    everything = decide({**bad, "holdout_items": 0}, champion(), base(), gate)
+    refuse = gate.model_copy(update={"few_held_out": "refuse"})
+    everything = decide({**bad, "holdout_items": 0}, champion(), base(), refuse)
     assert everything.rule == "holdout_size"
     assert not any(c.passed for c in everything.checks)
 

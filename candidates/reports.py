@@ -71,6 +71,7 @@ class ReportView(BaseModel):
     decision: str
     rule: str
     reason: str = ""
+    next_step: str = ""  # what the person can do after a refusal
     summary: list[Item] = Field(default_factory=list)
     checks: list[Check] = Field(default_factory=list)
     metrics: Table | None = None

@@ -397,6 +397,15 @@ class Training(_Section):
         "the weights the run started from: false = the run ends skipped, no candidate; "
         "true = the candidate is written and the gate judges it.",
     )
+    # A newcomer corrects each fact once; one wording is rarely enough for a LoRA to answer
+    # the fact asked another way (measured: benchmarks.first_hour, README).
+    correction_variants: int = Field(
+        4,
+        ge=0,
+        le=16,
+        description="Extra rows per new correction asking its question in other words (the "
+        "base model's paraphrases, then templated ones); 0 = the question as asked only.",
+    )
     seed: int = Field(3407, description="Seed for data order and LoRA init.")
     # Gradient checkpointing keeps one activation per layer and recomputes the rest in the
     # backward pass: it is what lets GPT-OSS-20B's LoRA fit a 24 GB card, and costs a third

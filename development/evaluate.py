@@ -51,7 +51,7 @@ from data.store import Store
 from production.device_pin import pin_device
 
 from . import probes, training_data
-from .gate import UNFINISHED, decide, general_drift
+from .gate import UNFINISHED, decide, general_drift, next_step
 
 log = logging.getLogger("development.evaluate")
 
@@ -451,6 +451,7 @@ def evaluate_candidate(
         "base_model": settings.model.base_model,
         "created_at": datetime.now(UTC).isoformat(),
         **verdict.as_dict(),
+        "next_step": next_step(verdict.rule, candidate_id),
         "metrics": {
             "candidate": results["candidate"],
             "champion": results.get("champion"),
@@ -484,6 +485,7 @@ def evaluate_candidate(
             "decision",
             "rule",
             "reason",
+            "next_step",
             "checks",
             "metrics",
             "created_at",
@@ -502,6 +504,7 @@ def evaluate_candidate(
         rule=verdict.rule,
         metrics={
             "reason": verdict.reason,
+            "next_step": report_dict["next_step"],
             "checks": report_dict["checks"],
             **{name: values for name, values in report_dict["metrics"].items() if values},
         },

@@ -37,6 +37,30 @@ class Check:
     detail: str
 
 
+# What the person can do after a refusal, by the rule that refused ({id}: the candidate).
+NEXT_STEPS = {
+    "holdout_size": "keep rating and correcting answers: the gate needs more held-out feedback "
+    '(or set gate.few_held_out = "no_regression")',
+    "holdout_win": "keep teaching and train again (`whetstone train`); to serve this one "
+    "anyway: `whetstone promote {id} --force`",
+    "right_answers": "its answers went to the wrong questions: correct a few more answers, then "
+    "`whetstone train`; `whetstone report {id}` shows the examples",
+    "general_regression": "it lost general knowledge: train again with more replay "
+    "(`whetstone train --set training.replay_fraction=0.5`) or a gentler profile "
+    "(`--profile full`); `whetstone report {id}` shows what changed",
+    "general_facts": "it forgot general facts: train again with more replay "
+    "(`whetstone train --set training.replay_fraction=0.5`); `whetstone report {id}` lists them",
+    "sanity": "its answers broke (`whetstone report {id}` shows them): train again with a lower "
+    "learning rate or more replay",
+}
+
+
+def next_step(rule: str, candidate_id: str) -> str | None:
+    """What to do after the gate refused by `rule` (None when it promoted)."""
+    step = NEXT_STEPS.get(rule)
+    return None if step is None else step.format(id=candidate_id)
+
+
 @dataclass(frozen=True)
 class Verdict:
     decision: str  # promote | reject

@@ -357,6 +357,7 @@ def view(report: Mapping[str, Any], plot_files: Collection[str] | None = None) -
         decision=str(report["decision"]),
         rule=str(report["rule"]),
         reason=str(report.get("reason") or ""),
+        next_step=str(report.get("next_step") or ""),
         summary=_summary(report),
         checks=_checks(report),
         metrics=_metric_table(report),

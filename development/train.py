@@ -586,7 +586,7 @@ class RunContext:
 
 def train_candidate(ctx: RunContext, *, force: bool = False) -> str | None:
     """One run, start to candidate. Returns the candidate id, or None when skipped."""
-    from development import modeling, training_data
+    from development import modeling, training_data, variants
     from production.gpt_oss_layout import adapter_placement
 
     settings, store = ctx.settings, ctx.store
@@ -626,7 +626,6 @@ def train_candidate(ctx: RunContext, *, force: bool = False) -> str | None:
         lambda prompts: modeling.base_answers(model, tokenizer, settings, prompts, answering),
     )
     ctx.mark("base answers")
-    model.config.use_cache = False
 
     def count(prompt: list[dict[str, str]], answer: str) -> int:
         return modeling.token_count(tokenizer, prompt, answer)
@@ -636,12 +635,31 @@ def train_candidate(ctx: RunContext, *, force: bool = False) -> str | None:
     from data import exports
 
     items = exports.feedback_items(store)
+    # Other wordings of each corrected question, by the base model (before any adapter).
+    ctx.report({"stage": "paraphrasing", "step": 0, "max_steps": 0})
+    paraphrases = variants.paraphrases(
+        training_data.corrected_questions(items, settings),
+        variants.cache_file(settings.paths.models_dir, settings.model.base_model),
+        lambda prompts: [
+            g.text
+            for g in modeling.generate(
+                model,
+                tokenizer,
+                [[{"role": "user", "content": prompt}] for prompt in prompts],
+                max_new_tokens=40,
+                chat_format=settings.model.chat_format,
+            )
+        ],
+    )
+    model.config.use_cache = False
 
     def rows(
         snapshot: dict[str, Any] | None,
         loss: Callable[[list[dict[str, Any]]], list[float]] | None = None,
     ) -> training_data.TrainingData:
-        return training_data.build(items, settings, base_answers, count, snapshot, loss)
+        return training_data.build(
+            items, settings, base_answers, count, snapshot, loss, paraphrases=paraphrases
+        )
 
     def champion_loss(candidates: list[dict[str, Any]]) -> list[float]:
         # The model holds the champion's weights here (nothing trained yet).
@@ -690,7 +708,8 @@ def train_candidate(ctx: RunContext, *, force: bool = False) -> str | None:
         start = "the base" if not_continued else "the champion"
         reason = (
             "no candidate: every checkpoint was worse on the person's held-out feedback than "
-            f"{start} it started from ({sft['notes'][0]})"
+            f"{start} it started from ({sft['notes'][0]}); teach more and train again, or "
+            "try a gentler profile (`whetstone train --profile full`)"
         )
         store.update_run(ctx.run_id, status="skipped", reason=reason)
         log.info("skipped: %s", reason)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ from data.exports import FeedbackItem
 from data.splits import Split, split_items
 from data.store import Store
 
-from . import probes
+from . import probes, variants
 
 log = logging.getLogger(__name__)
 
@@ -207,13 +208,16 @@ def build(
     count: TokenCounter,
     champion_snapshot: dict[str, Any] | None = None,
     champion_loss: Callable[[list[Row]], list[float]] | None = None,
+    paraphrases: dict[str, list[str]] | None = None,
 ) -> TrainingData:
     """All rows of one run from the feedback items (see the module docstring). With the
     champion's data snapshot (a run that continues the champion's adapter), the person's SFT
     rows are everything new since the champion plus `training.earlier_rows_per_new` earlier
     rows per new one: the champion already learned most of the earlier ones. With
     `champion_loss` (the champion's per-token loss on each row) the earlier rows and the
-    base-answer replay rows are those it knows least, else random samples."""
+    base-answer replay rows are those it knows least, else random samples. Each new
+    correction also gets up to `training.correction_variants` rows asking its question in
+    other words (development/variants.py; `paraphrases` are the model's, by question)."""
     training = settings.training
     split = split_items(items, training.holdout_fraction, training.validation_fraction)
     max_length = settings.model.max_seq_length
@@ -250,7 +254,7 @@ def build(
 
         return fit_prompt(prompt, answers[0], max_length, longest)
 
-    person, earlier = [], []
+    person, earlier, reworded = [], [], []
     is_new = _new_since(champion_snapshot)
     for item in split.train:
         target = sft_target(item)
@@ -262,6 +266,8 @@ def build(
             continue
         row = _prompt_completion(prompt, target)
         (person if is_new(item) else earlier).append(row)
+        if item.correction is not None and is_new(item):
+            reworded += _reworded(prompt, target, paraphrases or {}, training.correction_variants)
     rng = random.Random(training.seed)
     if champion_snapshot is None:
         earlier_rows = 0
@@ -274,7 +280,7 @@ def build(
         # replayed, and its day 7 recalled 16/20 facts instead of 20/20.
         earlier = least_known(earlier, wanted, among=max(EARLIER_SCORED, 2 * wanted))
         earlier_rows = len(earlier)
-    person += earlier
+    person += earlier + reworded
 
     validation = []
     for item in split.validation:
@@ -332,6 +338,7 @@ def build(
         "holdout_items": len(split.holdout),
         "sft_rows": len(person),
         "earlier_sft_rows": earlier_rows,
+        "reworded_sft_rows": len(reworded),
         "replay_rows": len(replay),
         "scored_by_champion": scored,
         "validation_rows": len(validation),
@@ -352,6 +359,27 @@ def build(
         counts=counts,
         dropped={k: v for k, v in dropped.items() if v},
     )
+
+
+def _reworded(
+    prompt: Messages, target: str, paraphrases: dict[str, list[str]], count: int
+) -> list[Row]:
+    """Rows asking the corrected question in other words, with the same answer."""
+    question = prompt[-1]["content"]
+    return [
+        _prompt_completion([*prompt[:-1], {**prompt[-1], "content": wording}], target)
+        for wording in variants.variants(question, paraphrases.get(question, []), count)
+    ]
+
+
+def corrected_questions(items: Sequence[FeedbackItem], settings: Settings) -> list[str]:
+    """The questions of the corrections a run trains on: what the model paraphrases."""
+    if settings.training.correction_variants == 0:
+        return []
+    split = split_items(
+        items, settings.training.holdout_fraction, settings.training.validation_fraction
+    )
+    return [item.context[-1]["content"] for item in split.train if item.correction is not None]
 
 
 # --- is a run worth starting? -------------------------------------------------------------
@@ -394,12 +422,21 @@ def sufficiency(
     learnable = [item for item in split.train if sft_target(item) is not None]
     needed = settings.schedule.min_new_examples
     if not learnable:
-        return Sufficiency(False, len(new), "no feedback to learn from yet (rate 4-5 or correct)")
-    if len(new) < needed:
-        since = "since the champion was trained" if champion_snapshot else "in total"
         return Sufficiency(
             False,
             len(new),
-            f"{len(new)} new feedback item(s) {since}; schedule.min_new_examples is {needed}",
+            "no feedback to learn from yet: rate answers you like 4-5 or correct wrong ones, "
+            "then train again",
+        )
+    if len(new) < needed:
+        since = "since the champion was trained" if champion_snapshot else "in total"
+        # A fifth of new feedback goes to the holdout first (data/splits.py).
+        more = math.ceil((needed - len(new)) / (1 - settings.training.holdout_fraction))
+        return Sufficiency(
+            False,
+            len(new),
+            f"{len(new)} new feedback item(s) {since}; schedule.min_new_examples is {needed}: "
+            f"rate or correct about {more} more answer(s), or train anyway with "
+            "`whetstone train --force`",
         )
     return Sufficiency(True, len(new), f"{len(new)} new feedback item(s)")

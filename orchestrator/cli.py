@@ -770,6 +770,9 @@ def _print_run_outcome(settings: Settings, run_id: str, code: int | None, logfil
     if evaluation is not None:
         reason = (evaluation.metrics or {}).get("reason", "")
         console.print(f"gate: {evaluation.decision} ({evaluation.rule}) {reason}")
+        step = (evaluation.metrics or {}).get("next_step")
+        if step and current != run.candidate_id:
+            console.print(f"next: {step}")
         console.print(f"report: {evaluation.report_path}")
     if current == run.candidate_id:
         console.print(f"promoted: {run.candidate_id} now serves")

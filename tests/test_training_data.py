@@ -1,4 +1,4 @@
-"""Training data of one run: the frozen holdout, stable splits, replay, fitting, sufficiency.
+"""Training data of one run: the rolling holdout, stable splits, replay, fitting, sufficiency.
 
 Everything runs on a real SQLite store with feedback created through the Store API; token
 counts come from a word counter (no tokenizer, no model).
@@ -235,11 +235,12 @@ def test_items_keep_their_split_as_feedback_grows(store: Store, home: Path) -> N
     fractions = (settings.training.holdout_fraction, settings.training.validation_fraction)
     early = [ask(store, f"early question {i}", f"early answer {i}", rating=5) for i in range(30)]
     before = split_items(feedback_items(store), *fractions)
+    store.mark_used(early)  # a night's run took them: they never move again
     for i in range(30):
         ask(store, f"later question {i}", f"later answer {i}", rating=1 + i % 5)
     # Feedback changing kind (a rated answer corrected later) and answers forgotten in between
-    # move nothing either.
-    for message_id in early[:5]:
+    # move nothing either, once a run used them.
+    for message_id in early[3:8]:
         store.add_feedback(message_id, correction="a better answer")
     forgotten = ask(store, "forget me", "forgotten answer", rating=1)
     store.forget_conversation(store.get_message(forgotten).conversation_id)
@@ -580,7 +581,8 @@ def test_shipped_prompt_sets_are_disjoint() -> None:
 def test_continuing_the_champion_trains_all_new_rows_and_replays_a_sample_of_the_earlier(
     store: Store, home: Path
 ) -> None:
-    settings = make_settings(home, training={"earlier_rows_per_new": 1.0})
+    # Corrections asked in other words are tested on their own: one row per item here.
+    settings = make_settings(home, training={"earlier_rows_per_new": 1.0, "correction_variants": 0})
     earlier = [
         answer_in(store, settings, "train", f"old {i}", correction=f"old fix {i}") for i in range(6)
     ]
@@ -614,7 +616,10 @@ def test_continuing_replays_the_earlier_rows_and_base_answers_the_champion_knows
 ) -> None:
     """A fact the champion lost (say, to a rollback) is in its worst-scored earlier rows, and
     base answers it has drifted from anchor more than ones it has memorised: those go in."""
-    settings = make_settings(home, training={"earlier_rows_per_new": 1.0, "replay_fraction": 0.5})
+    settings = make_settings(
+        home,
+        training={"earlier_rows_per_new": 1.0, "replay_fraction": 0.5, "correction_variants": 0},
+    )
     for i in range(6):
         answer_in(store, settings, "train", f"old {i}", correction=f"old fix {i}")
     champion = json.loads(
@@ -704,3 +709,180 @@ def test_a_run_passes_over_few_rows_a_bounded_number_of_times_and_continues_at_i
     data.sft = rows * 10
     assert plan_stages(data, settings, "quick_test")[0].max_steps == 40
     assert plan_stages(data, settings, "quick_test", continuing=True)[0].max_steps == 40
+
+
+# --- placement in any feedback order, and the rolling holdout ------------------------------
+
+FEEDBACK_ORDERS = {
+    # What the TUI sends: the stars first, then `c` and the corrected text.
+    "rate then correct": ({"rating": 1}, {"correction": "{fix}"}),
+    "one request": ({"rating": 1, "correction": "{fix}"},),
+    "correct then rate": ({"correction": "{fix}"}, {"rating": 2}),
+    "correct, then edit it": ({"correction": "first try"}, {"correction": "{fix}"}),
+    "like, change to a low rating, correct": (
+        {"rating": 5},
+        {"rating": 2},
+        {"correction": "{fix}"},
+    ),
+}
+
+
+@pytest.mark.parametrize("order", sorted(FEEDBACK_ORDERS))
+def test_placement_shares_by_kind_in_any_feedback_order(
+    store: Store, home: Path, order: str
+) -> None:
+    """A newcomer's day: corrections given in `order`, interleaved with liked and disliked
+    ratings. Each kind reaches the holdout at its share (give or take one), and the placements
+    are those of the corrections given in one request: the order never decides."""
+    settings = make_settings(home)
+    fractions = (settings.training.holdout_fraction, settings.training.validation_fraction)
+    corrections, others = [], []
+    for i in range(20):
+        conversation = store.create_conversation()
+        store.add_message(conversation.id, "user", f"fact question {i}")
+        message = store.add_message(conversation.id, "assistant", "wrong", finish_reason="stop")
+        for step in FEEDBACK_ORDERS[order]:
+            store.add_feedback(
+                message.id,
+                **{
+                    k: v.format(fix=f"fact {i}") if isinstance(v, str) else v
+                    for k, v in step.items()
+                },
+            )
+        corrections.append(message.id)
+        others.append(ask(store, f"chat {i}", f"chat answer {i}", rating=(1, 5, 2, 4)[i % 4]))
+
+    items = feedback_items(store)
+    split = split_items(items, *fractions)
+    for kind in PLACEMENT_KINDS:
+        of_kind = [item for item in items if placement_kind(item.correction, item.rating) == kind]
+        held = [item for item in split.holdout if item in of_kind]
+        assert abs(len(held) - fractions[0] * len(of_kind)) < 1, (kind, len(held), len(of_kind))
+    placed = sorted(store.get_message(m).placement for m in corrections)
+    assert placed == sorted(spread_placement(k) for k in range(20))
+    # The ratings' own sequences stay whole: no two answers of a kind share a place.
+    low = [
+        store.get_message(m).placement
+        for m in others
+        if store.get_message(m).placement_kind == "other"
+    ]
+    assert len(low) == len(set(low)) == 10
+
+
+def test_a_used_answer_keeps_its_placement_when_corrected(store: Store) -> None:
+    rated = ask(store, "q", "a", rating=1)
+    used = ask(store, "q2", "a2", rating=1)
+    assert store.get_message(used).placement == spread_placement(1)
+    store.mark_used([used])
+    store.add_feedback(rated, correction="fixed")
+    store.add_feedback(used, correction="fixed too")
+    assert store.get_message(rated).placement == spread_placement(0)  # the first correction
+    assert store.get_message(rated).placement_kind == "correction"
+    assert store.get_message(used).placement == spread_placement(1)  # a run saw it: stays
+    # The low-rating place the first answer left is taken by the next low rating.
+    third = ask(store, "q3", "a3", rating=2)
+    assert store.get_message(third).placement == spread_placement(0)
+
+
+def test_the_rolling_holdout_trains_on_what_a_gate_judged(store: Store, home: Path) -> None:
+    """Night 1 holds some corrections out for its gate; night 2 trains on them, and its gate
+    judges only items neither night trained on."""
+    settings = make_settings(home)
+    for i in range(10):
+        ask(store, f"fact question {i}", "wrong", rating=1, correction=f"fact number {i}")
+    night1 = build(feedback_items(store), settings, base_answers(replay=0), count_words)
+    held1 = set(night1.snapshot()["message_ids"]["holdout"])
+    validated1 = set(night1.snapshot()["message_ids"]["validation"])
+    assert held1 and validated1
+    trained1 = row_texts(night1)["sft"]
+    for item in night1.split.holdout + night1.split.validation:
+        assert item.correction not in trained1  # never trained on before a gate judged it
+    store.mark_used(i for ids in night1.snapshot()["message_ids"].values() for i in ids)
+    # The gate judged the candidate on night 1's holdout (its run stopped early on validation).
+    cand = "cand-1"
+    store.record_candidate(cand, base_model="m", run_id=None, parent_id=None, metrics={})
+    store.record_evaluation(
+        cand, decision="promote", rule="all_passed", judged_message_ids=held1 | validated1
+    )
+    for i in range(10, 20):
+        ask(store, f"fact question {i}", "wrong", rating=1, correction=f"fact number {i}")
+    night2 = build(feedback_items(store), settings, base_answers(replay=0), count_words)
+    ids2 = night2.snapshot()["message_ids"]
+    assert held1 | validated1 <= set(ids2["train"])  # learned, one night late
+    assert set(ids2["holdout"]).isdisjoint(set(night1.snapshot()["message_ids"]["train"]) | held1)
+    assert ids2["holdout"]  # the new day's share of corrections, never trained on
+    trained2 = row_texts(night2)["sft"]
+    for item in night2.split.holdout:
+        assert item.correction not in trained2
+
+
+def test_every_stage_is_capped_in_epochs(home: Path) -> None:
+    """A newcomer's standard run made 100 DPO steps over 5 pairs; every stage now passes over
+    its rows at most training.max_epochs times."""
+    from types import SimpleNamespace
+
+    from development.train import plan_stages
+
+    settings = make_settings(home)
+    counts = {"sft_rows": 10, "replay_rows": 5, "kto_desirable": 3, "kto_undesirable": 3}
+    dpo = SimpleNamespace(sft=[{}] * 15, dpo=[{}] * 5, kto=[], counts=counts, kto_weights=(1, 1))
+    stages = plan_stages(dpo, settings, "standard")
+    # standard: 16 rows a step; 4 epochs of 15 rows is 4 steps, of 5 pairs 2.
+    assert [(s.name, s.max_steps) for s in stages] == [("sft", 4), ("dpo", 2)]
+    assert "4 epochs (training.max_epochs)" in stages[1].why
+    kto = SimpleNamespace(sft=[{}] * 15, dpo=[], kto=[{}] * 6, counts=counts, kto_weights=(1, 1))
+    assert [(s.name, s.max_steps) for s in plan_stages(kto, settings, "standard")] == [
+        ("sft", 4),
+        ("kto", 2),
+    ]
+    big = SimpleNamespace(
+        sft=[{}] * 4000, dpo=[{}] * 4000, kto=[], counts=counts, kto_weights=(1, 1)
+    )
+    assert [s.max_steps for s in plan_stages(big, settings, "standard")] == [200, 100]
+
+
+def test_skip_reasons_say_what_to_do_next(store: Store, home: Path) -> None:
+    settings = make_settings(home)
+    verdict = training_data.sufficiency(store, settings, None)
+    assert "rate answers you like 4-5 or correct wrong ones" in verdict.reason
+    for i in range(3):
+        ask(store, f"q {i}", "wrong", rating=1, correction=f"fix {i}")
+    verdict = training_data.sufficiency(store, settings, None)
+    assert not verdict.enough
+    # 2 of the 3 count (one is held out first); 6 more are needed after the holdout's fifth.
+    assert "rate or correct about 8 more answer(s)" in verdict.reason
+    assert "`whetstone train --force`" in verdict.reason
+
+
+def test_a_new_correction_is_also_asked_in_other_words(store: Store, home: Path) -> None:
+    settings = make_settings(home)
+    fixed = ask(store, "What is my cat's name?", "Luna.", rating=1, correction="Pixel.")
+    ask(store, "What is a cloud?", "Water.", rating=5)
+    written = {"What is my cat's name?": ["What do I call my cat?"]}
+    data = build(
+        feedback_items(store), settings, base_answers(replay=0), count_words, paraphrases=written
+    )
+    asked = sorted(
+        row["prompt"][-1]["content"]
+        for row in data.sft
+        if row["completion"][0]["content"] == "Pixel."
+    )
+    assert asked == sorted(
+        [
+            "What is my cat's name?",
+            "What do I call my cat?",  # the model's paraphrase first
+            "Quick question: What is my cat's name?",
+            "Remind me: What is my cat's name?",
+            "Do you remember? What is my cat's name?",
+        ]
+    )
+    assert data.counts["reworded_sft_rows"] == 4
+    # Off: the question as asked only; a liked answer is never reworded.
+    off = make_settings(home, training={"correction_variants": 0})
+    plain = build(feedback_items(store), off, base_answers(replay=0), count_words)
+    assert plain.counts["reworded_sft_rows"] == 0 and plain.counts["sft_rows"] == 2
+    # A correction the champion already learned is not reworded again.
+    champion = json.loads(json.dumps(data.snapshot()))
+    again = build(feedback_items(store), settings, base_answers(replay=0), count_words, champion)
+    assert again.counts["reworded_sft_rows"] == 0
+    assert fixed in champion["message_ids"]["train"]

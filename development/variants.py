@@ -1,0 +1,161 @@
+"""Other wordings of a corrected question, so a fact taught once is learned beyond one wording.
+
+One example per fact is rarely enough for a LoRA to answer paraphrases (Ovadia et al. 2024:
+new facts need varied phrasings), and a person corrects each fact once. Each corrected
+question gets up to `training.correction_variants` more training rows with the same
+corrected answer:
+
+- paraphrases written by the base model (greedy, one per instruction below), kept only when
+  they are a question that still says who it is about and keeps the question's key words
+  ("What is my cat's name?" may become "What do I call my cat?", never "What is a cat?");
+- then templated wordings of the question itself (a lead-in, a plain lower-case form).
+
+Plain code (no torch): the model is asked through the `generate` function training passes in,
+and what it wrote is kept in the home (one file per base model), so a question is paraphrased
+once, not every night.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from common.fs import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+# Bump when the instructions or the checks change: paraphrases kept before are asked again.
+VARIANTS_VERSION = 1
+
+INSTRUCTIONS = (
+    "Rewrite this question in other words. Reply with the new question only.\n\n{q}",
+    "Ask the same thing in a different way, as one short question:\n{q}",
+    'How else could someone ask "{q}"? Give one question.',
+    "Paraphrase this question: {q}",
+)
+
+LEAD_INS = ("Quick question: {q}", "Remind me: {q}", "Do you remember? {q}", "Tell me, {lc}")
+
+# Words that carry no topic: a paraphrase need not keep them.
+_FUNCTION_WORDS = frozenset(
+    """a an the is are was were be been am do does did what which who whom whose where when
+    why how of in on at to for with by from about into as and or but if it its this that these
+    those there here can could would should will shall may might must please tell me remind
+    know you your yours i my mine we our us name names named called call favourite favorite
+    like likes best most really again just one some any kind sort s""".split()  # noqa: SIM905
+)
+# Who a question is about: kept, or "my cat" becomes "a cat" and teaches a general falsehood.
+_PERSON_WORDS = frozenset({"i", "me", "my", "mine", "myself", "i'm", "i've"})
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9']+", text.lower().replace("\u2019", "'"))
+
+
+def key_words(question: str) -> set[str]:
+    """The words that say what a question is about ("cat" of "What is my cat's name?")."""
+    words = {w.removesuffix("'s") for w in _words(question)}
+    return {w for w in words if w not in _FUNCTION_WORDS and len(w) > 1}
+
+
+def acceptable(question: str, variant: str) -> bool:
+    """A model-written paraphrase is kept when it is one question, differs from the
+    original, keeps every key word, and is still about the person when the original was."""
+    variant = variant.strip()
+    if not variant.endswith("?") or variant.count("?") != 1 or "\n" in variant:
+        return False
+    if not 3 <= len(_words(variant)) <= 2 * len(_words(question)) + 4:
+        return False
+    if _words(variant) == _words(question):
+        return False
+    said = {w.removesuffix("'s") for w in _words(variant)}
+    if not key_words(question) <= said:
+        return False
+    # No new topic word: "What do I call my sister's dog?" is another question.
+    if key_words(variant) - key_words(question):
+        return False
+    about_person = bool(_PERSON_WORDS & set(_words(question)))
+    return not about_person or bool(_PERSON_WORDS & set(_words(variant)))
+
+
+def clean(text: str) -> str:
+    """The first question in a model's reply, without quotes or a label before it."""
+    first = text.strip().split("\n")[0].strip()
+    first = re.sub(
+        r"^(new question|question|paraphrase|rewritten question)\s*:\s*", "", first, flags=re.I
+    )
+    first = first.strip(" \"'*")
+    if "?" in first:
+        first = first[: first.index("?") + 1]
+    return first.strip(" \"'*")
+
+
+def templated(question: str) -> list[str]:
+    """Wordings made from the question itself, in a fixed order."""
+    question = question.strip()
+    lower = question[:1].lower() + question[1:]
+    plain = question.rstrip("?.! ").lower()
+    out = [template.format(q=question, lc=lower) for template in LEAD_INS]
+    return [*out, plain]
+
+
+def cache_file(models_dir: Path, base_model: str) -> Path:
+    digest = hashlib.sha256(f"{base_model}:{VARIANTS_VERSION}".encode()).hexdigest()[:16]
+    return models_dir / "variants" / f"{digest}.json"
+
+
+def paraphrases(
+    questions: Iterable[str],
+    path: Path,
+    generate: Callable[[list[str]], list[str]] | None,
+) -> dict[str, list[str]]:
+    """{question: the model's acceptable paraphrases} for `questions`, from the cache at
+    `path`, asking `generate(prompts) -> replies` (greedy) for the questions not in it."""
+    cached: dict[str, list[str]] = {}
+    if path.is_file():
+        try:
+            cached = json.loads(path.read_text())["questions"]
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("paraphrase cache %s is unreadable (%s); asking again", path, exc)
+            cached = {}
+    wanted = sorted({q for q in questions if q.strip()})
+    missing = [q for q in wanted if q not in cached]
+    if missing and generate is not None:
+        prompts = [instruction.format(q=q) for q in missing for instruction in INSTRUCTIONS]
+        replies = generate(prompts)
+        for index, question in enumerate(missing):
+            own = replies[index * len(INSTRUCTIONS) : (index + 1) * len(INSTRUCTIONS)]
+            kept: list[str] = []
+            for reply in own:
+                variant = clean(reply)
+                if acceptable(question, variant) and variant.lower() not in map(str.lower, kept):
+                    kept.append(variant)
+            cached[question] = kept
+        log.info(
+            "paraphrased %d corrected question(s): %d kept of %d written",
+            len(missing),
+            sum(len(cached[q]) for q in missing),
+            len(prompts),
+        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        body = {"version": VARIANTS_VERSION, "questions": cached}
+        atomic_write_text(path, json.dumps(body, indent=1, ensure_ascii=False) + "\n")
+    return {q: cached.get(q, []) for q in wanted}
+
+
+def variants(question: str, written: list[str], count: int) -> list[str]:
+    """Up to `count` other wordings of `question`: the model's paraphrases first, then the
+    templated ones; never the question itself, never twice."""
+    out: list[str] = []
+    seen = {question.strip().lower()}
+    for variant in [*written, *templated(question)]:
+        if len(out) >= count:
+            break
+        if variant.strip().lower() not in seen:
+            seen.add(variant.strip().lower())
+            out.append(variant)
+    return out

@@ -406,6 +406,15 @@ class Training(_Section):
         description="Extra rows per new correction asking its question in other words (the "
         "base model's paraphrases, then templated ones); 0 = the question as asked only.",
     )
+    # A newcomer's first run (benchmarks.first_hour, seed 0): one liked answer was the whole
+    # of the person's validation rows, its loss rose as the facts were learned, and the run
+    # kept its step-8 checkpoint of 40: one fact of six recalled.
+    min_person_validation_rows: int = Field(
+        4,
+        ge=1,
+        description="The person's held-out rows needed to pick the checkpoint, stop early and "
+        "skip a run as worse than its start; fewer: the run trains its planned steps.",
+    )
     seed: int = Field(3407, description="Seed for data order and LoRA init.")
     # Gradient checkpointing keeps one activation per layer and recomputes the rest in the
     # backward pass: it is what lets GPT-OSS-20B's LoRA fit a 24 GB card, and costs a third

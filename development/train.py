@@ -440,6 +440,13 @@ def _train_stage(trainer: Any, stage: Stage, curve: Any) -> Any:
     return trainer.model
 
 
+def choose_checkpoint(settings: Settings, person_rows: int) -> bool:
+    """Whether the person's held-out rows (`person_rows` of them) are enough to pick the
+    checkpoint, stop early and call a run worse than its start
+    (training.min_person_validation_rows); the general prompts alone never decide."""
+    return person_rows >= settings.training.min_person_validation_rows
+
+
 def run_sft(
     model: Any, tokenizer: Any, data: Any, stage: Stage, settings: Settings, ctx: RunContext
 ) -> Any:
@@ -456,6 +463,9 @@ def run_sft(
     # picks the checkpoint and stops the run (the general prompts' loss is logged beside it).
     person_rows = data.counts.get("validation_person_rows", 0)
     general = data.validation[person_rows:]
+    # Too few of the person's held-out rows to choose a checkpoint by: the held-out loss is
+    # still logged, but the run trains its planned steps and the gate judges the result.
+    chooses = has_eval and choose_checkpoint(settings, person_rows)
     if person_rows and general:
         eval_data: Any = {
             "person": Dataset.from_list(data.validation[:person_rows]),
@@ -477,19 +487,19 @@ def run_sft(
         eval_strategy="steps" if has_eval else "no",
         eval_steps=eval_every,
         eval_on_start=has_eval,
-        save_strategy="steps" if has_eval else "no",
+        save_strategy="steps" if chooses else "no",
         save_steps=eval_every,
         save_total_limit=2,
         save_only_model=True,
-        load_best_model_at_end=has_eval,
+        load_best_model_at_end=chooses,
         metric_for_best_model=key,
         greater_is_better=False,
     )
     curve = LossCurve(key)
     callbacks: list[Any] = [curve, Progress(ctx.report, "sft", 1, len(ctx.stages), key=key)]
-    if has_eval:
+    if chooses:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=2))
-    if has_eval and profile.target_loss is not None and key == "eval_person_loss":
+    if chooses and profile.target_loss is not None and key == "eval_person_loss":
         callbacks.append(TargetLoss(key, profile.target_loss))
     trainer = SFTTrainer(
         model=model,
@@ -701,7 +711,7 @@ def train_candidate(ctx: RunContext, *, force: bool = False) -> str | None:
     # Judged on the person's own held-out feedback (not the general prompts alone): when
     # every checkpoint is worse than the weights it started from (the champion's, when
     # continuing), the candidate could only be a step back. A recipe trial still scores it.
-    person_judged = bool(data.counts.get("validation_person_rows"))
+    person_judged = choose_checkpoint(settings, data.counts.get("validation_person_rows", 0))
     keep = settings.training.write_worse_candidates or ctx.trial
     if sft.get("verdict") == "worse" and person_judged and not keep:
         refuse_non_finite(model)  # a diverged run is a failure to name, not a quiet skip

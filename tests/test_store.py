@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import sqlite3
 import subprocess
 import sys
@@ -622,3 +623,67 @@ def test_timestamps_are_utc(store: Store) -> None:
     feedback = store.add_feedback(answer.id, rating=4)
     assert feedback.created_at.tzinfo is UTC
     assert before - timedelta(seconds=5) <= feedback.created_at <= datetime.now(UTC)
+
+
+def test_upgrade_to_0004_keeps_what_runs_used_and_places_the_rest_by_kind(tmp_path: Path) -> None:
+    """Before 0004 an answer rated and then corrected kept the placement of a low rating, and
+    every later correction got the same number (a newcomer's holdout took half of the
+    feedback). The upgrade places again only what no run used; what a gate judged on is
+    marked judged (trained on from now on), what a run trained on stays where it was."""
+    db_file = tmp_path / "old.db"
+    connection = _home_at("0003", db_file)
+    connection.execute(
+        "INSERT INTO messages (id, conversation_id, position, role, content, created_at) "
+        "VALUES ('msg_user', 'conv_1', 0, 'user', 'q', '2026-01-01 00:00:00')"
+    )
+    answers = {  # id: (placement stored, rating, correction)
+        "msg_judged": (0.118, 1, "fixed"),
+        "msg_trained": (0.5, 5, None),
+        "msg_free_a": (0.118, 1, "fixed a"),
+        "msg_free_b": (0.118, 1, "fixed b"),
+    }
+    for position, (message_id, (placement, rating, correction)) in enumerate(answers.items(), 1):
+        connection.execute(
+            "INSERT INTO messages (id, conversation_id, position, role, content, reply_to_id, "
+            "finish_reason, created_at, placement) VALUES (?, 'conv_1', ?, 'assistant', 'a', "
+            "'msg_user', 'stop', '2026-01-01 00:00:00', ?)",
+            (message_id, position, placement),
+        )
+        connection.execute(
+            "INSERT INTO feedback (id, message_id, rating, correction, is_current, created_at) "
+            "VALUES (?, ?, ?, ?, 1, ?)",
+            (f"fb_{position}", message_id, rating, correction, f"2026-01-0{position} 00:00:00"),
+        )
+    snapshot = {
+        "message_ids": {"train": ["msg_trained"], "validation": [], "holdout": ["msg_judged"]}
+    }
+    connection.execute(
+        "INSERT INTO training_runs (id, status, profile, trigger, candidate_id, data_snapshot, "
+        "progress, created_at, started_at) VALUES ('run_1', 'succeeded', 'quick_test', 'manual', "
+        "'cand-1', ?, '{}', '2026-01-03 00:00:00', '2026-01-03 00:00:01')",
+        (json.dumps(snapshot),),
+    )
+    connection.execute(
+        "INSERT INTO evaluations (id, candidate_id, metrics, decision, rule, created_at) "
+        "VALUES ('eval_1', 'cand-1', '{}', 'reject', 'holdout_win', '2026-01-03 00:10:00')"
+    )
+    connection.commit()
+    connection.close()
+
+    with Store(f"sqlite:///{db_file}") as store:
+        judged, trained = store.get_message("msg_judged"), store.get_message("msg_trained")
+        assert judged.placement == 0.118 and trained.placement == 0.5  # used: never moved
+        assert judged.used_at is not None and judged.judged_at is not None
+        assert trained.used_at is not None and trained.judged_at is None
+        free_a, free_b = store.get_message("msg_free_a"), store.get_message("msg_free_b")
+        assert (free_a.placement_kind, free_a.placement_ordinal) == ("correction", 1)
+        assert free_a.placement == spread_placement(1)
+        assert free_b.placement == spread_placement(2)  # no longer stuck in the holdout
+        assert free_a.used_at is None and free_a.judged_at is None
+        # The next correction continues the sequence.
+        conversation = store.create_conversation()
+        store.add_message(conversation.id, "user", "q")
+        new = store.add_message(conversation.id, "assistant", "a", finish_reason="stop")
+        store.add_feedback(new.id, rating=1)
+        store.add_feedback(new.id, correction="fixed too")
+        assert store.get_message(new.id).placement == spread_placement(3)

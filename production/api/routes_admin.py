@@ -29,6 +29,26 @@ def _running_run(store: Store) -> dict[str, Any] | None:
     return {k: view[k] for k in ("id", "profile", "trigger", "progress")}
 
 
+def _last_run(store: Store) -> dict[str, Any] | None:
+    """The newest run that ended, with how its candidate was judged and what to do next."""
+    ended = [r for r in store.list_runs(limit=10) if r.status not in ("queued", "running")]
+    if not ended:
+        return None
+    run = ended[0]
+    view = {k: v for k, v in run_view(run).items() if k != "progress"}
+    if run.candidate_id:
+        found = store.list_evaluations(run.candidate_id, limit=1)
+        if found:
+            metrics = found[0].metrics or {}
+            view |= {
+                "decision": found[0].decision,
+                "rule": found[0].rule,
+                "gate_reason": metrics.get("reason"),
+                "next_step": metrics.get("next_step"),
+            }
+    return view
+
+
 def _last_promotion(store: Store) -> dict[str, Any] | None:
     found = store.list_promotions(limit=1)
     if not found:
@@ -82,6 +102,9 @@ async def status(service: ServiceDep) -> dict[str, Any]:
         # recent errors); null when this worker runs alone (`whetstone serve`).
         "daemon": read_state(service.settings),
         "running_run": _running_run(service.store),
+        # How the newest finished run ended: skipped (why, and what to do), or the gate's
+        # decision and its next step.
+        "last_run": await asyncio.to_thread(_last_run, service.store),
         "last_promotion": _last_promotion(service.store),
         # The training recipe the nightly run uses and the search's progress.
         "recipe": await asyncio.to_thread(experiments.summary, service.settings),

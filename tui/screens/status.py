@@ -117,15 +117,30 @@ class StatusScreen(Screen[None]):
             overview.add_row("search waits", waiting)
         overview.add_row("requests", f"{data.get('requests_served')} served since start")
         self.query_one("#overview", Static).update(overview)
-        self._show_run(data.get("running_run"), daemon.get("training"))
+        self._show_run(data.get("running_run"), daemon.get("training"), data.get("last_run"))
         self._show_schedule(daemon.get("schedule") or [])
         self._show_errors(daemon)
 
-    def _show_run(self, run: dict[str, Any] | None, training: dict[str, Any] | None) -> None:
+    def _show_run(
+        self,
+        run: dict[str, Any] | None,
+        training: dict[str, Any] | None,
+        last: dict[str, Any] | None = None,
+    ) -> None:
         line = self.query_one("#run-line", Static)
         bar = self.query_one("#run-progress", ProgressBar)
         if run is None:
-            line.update("no training job is running (t starts one)")
+            text = Text("no training job is running (t starts one)")
+            if last:
+                text.append(f"\nlast run {last['id']}: {last['status']}")
+                if last.get("decision"):
+                    text.append(f", {last['decision']} ({last.get('rule')})")
+                why = last.get("reason") or last.get("error") or last.get("gate_reason")
+                if why:
+                    text.append(f": {why}")
+                if last.get("next_step") and last.get("decision") != "promote":
+                    text.append(f"\nnext: {last['next_step']}", "bold")
+            line.update(text)
             bar.display = False
             return
         progress = run.get("progress") or {}

@@ -1,0 +1,76 @@
+"""Other wordings of a corrected question (development/variants.py), and the profile that
+fits the device (`auto`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from common.config import load_settings
+from development import variants
+
+
+@pytest.mark.parametrize(
+    ("written", "kept"),
+    [
+        ("What do I call my cat?", True),
+        ("Remind me what my cat is called?", True),
+        # What the embedded model writes when asked to paraphrase: it answers instead.
+        ("Your cat's name is Luna.", False),
+        ("What is my cat's name?", False),  # the same question
+        ("What is a cat called?", False),  # no longer about the person
+        ("What is my dog's name?", False),  # the key word lost
+        ("What do I call my sister's cat?", False),  # a new topic: another question
+        ("What do I call my cat? And my dog?", False),
+    ],
+)
+def test_a_paraphrase_is_kept_only_when_it_asks_the_same(written: str, kept: bool) -> None:
+    assert variants.acceptable("What is my cat's name?", written) is kept
+
+
+def test_clean_takes_the_first_question() -> None:
+    assert variants.clean('New question: "What do I call my cat?" I hope this helps.') == (
+        "What do I call my cat?"
+    )
+
+
+def test_variants_prefer_the_models_then_templates_never_the_question() -> None:
+    question = "What is my cat's name?"
+    got = variants.variants(question, ["What do I call my cat?"], 3)
+    assert got == [
+        "What do I call my cat?",
+        "Quick question: What is my cat's name?",
+        "Remind me: What is my cat's name?",
+    ]
+    assert question not in variants.variants(question, [question], 16)
+    assert len(variants.variants(question, [], 16)) == len(variants.templated(question))
+
+
+def test_paraphrases_are_asked_once_and_kept(tmp_path: Path) -> None:
+    asked: list[list[str]] = []
+
+    def generate(prompts: list[str]) -> list[str]:
+        asked.append(prompts)
+        return ["What do I call my cat?" if "cat" in p else "I am not sure." for p in prompts]
+
+    path = tmp_path / "variants" / "cache.json"
+    first = variants.paraphrases(["What is my cat's name?", "Where do I live?"], path, generate)
+    assert first == {"What is my cat's name?": ["What do I call my cat?"], "Where do I live?": []}
+    assert len(asked[0]) == 2 * len(variants.INSTRUCTIONS)
+    again = variants.paraphrases(["What is my cat's name?"], path, generate)
+    assert again == {"What is my cat's name?": ["What do I call my cat?"]}
+    assert len(asked) == 1  # cached: not asked again
+    path.write_text("{not json")
+    assert variants.paraphrases(["Where do I live?"], path, None) == {"Where do I live?": []}
+
+
+def test_the_auto_profile_is_quick_test_on_the_cpu_and_standard_on_a_gpu(home: Path) -> None:
+    settings = load_settings(home, gpu_count=0)
+    assert settings.training.default_profile == "auto" == settings.schedule.nightly_profile
+    cpu = load_settings(home, {"devices": {"development": "cpu"}}, gpu_count=0)
+    assert cpu.resolve_profile() == "quick_test"
+    assert cpu.profile("auto") == cpu.training.profiles["quick_test"]
+    gpu = load_settings(home, {"devices": {"development": "cuda:0"}}, gpu_count=1)
+    assert gpu.resolve_profile("auto") == "standard"
+    assert gpu.resolve_profile("full") == "full"

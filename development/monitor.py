@@ -81,10 +81,11 @@ class TargetLoss(TrainerCallback):
             )
 
 
-def verdict(curve: LossCurve) -> dict[str, Any]:
+def verdict(curve: LossCurve, kept_last: int | None = None) -> dict[str, Any]:
     """{"verdict": worse|ok|underfitting|overfitting|unmonitored, "notes": [...], "best_step"}.
     `best_step` is the checkpoint the trainer keeps: the best held-out loss after the start
-    (the weights before training are measured, not saved)."""
+    (the weights before training are measured, not saved), or `kept_last`, the last step,
+    when the held-out rows were too few to choose by (the loss is then only reported)."""
     if len(curve.eval) < 2:
         return {"verdict": "unmonitored", "notes": ["no held-out loss recorded"]}
     # A loss that went NaN or inf is the worst there is, not one min() may skip or pick.
@@ -109,13 +110,20 @@ def verdict(curve: LossCurve) -> dict[str, Any]:
         notes.append("underfitting: held-out loss barely moved; more steps or a higher LR")
         label = "underfitting"
     elif end > best * (1 + OVERFIT_ABOVE) and train_fell:
+        kept = "" if kept_last is not None else f"; the step-{int(best_step)} checkpoint was kept"
         notes.append(
             f"overfitting: held-out loss rose {((end - best) / best) * 100:.1f}% above its best "
-            f"while training loss kept falling; the step-{int(best_step)} checkpoint was kept"
+            f"while training loss kept falling{kept}"
         )
         label = "overfitting"
     else:
         label = "ok"
+    if kept_last is not None:
+        notes.append(
+            f"the last checkpoint (step {kept_last}) was kept: too few of the person's held-out "
+            "rows to choose by (training.min_person_validation_rows)"
+        )
+        best_step = kept_last
     return {"verdict": label, "notes": notes, "best_step": int(best_step)}
 
 

@@ -416,8 +416,9 @@ def _general_drift(metrics: dict[str, Any]) -> float | None:
     return general_drift(scored.get("candidate") or {}, scored.get("base") or {})
 
 
-def _train_stage(trainer: Any, stage: Stage, curve: Any) -> Any:
-    """Run one TRL trainer and record its steps, time, loss curve and verdict on `stage`."""
+def _train_stage(trainer: Any, stage: Stage, curve: Any, *, chooses: bool = True) -> Any:
+    """Run one TRL trainer and record its steps, time, loss curve and verdict on `stage`
+    (`chooses`: whether the trainer kept its best checkpoint, else its last)."""
     from transformers import PrinterCallback
 
     from development.monitor import verdict
@@ -428,7 +429,7 @@ def _train_stage(trainer: Any, stage: Stage, curve: Any) -> Any:
     stage.seconds = time.monotonic() - started
     stage.steps = trainer.state.global_step
     stage.curve = curve.as_dict()
-    stage.monitor = verdict(curve)
+    stage.monitor = verdict(curve, kept_last=None if chooses else stage.steps)
     stage.best_step = stage.monitor.get("best_step")
     log.info(
         "%s: %d steps in %.1f s; %s",
@@ -509,7 +510,7 @@ def run_sft(
         processing_class=tokenizer,
         callbacks=callbacks,
     )
-    return _train_stage(trainer, stage, curve)
+    return _train_stage(trainer, stage, curve, chooses=chooses or not has_eval)
 
 
 def run_preference(

@@ -38,7 +38,16 @@ INSTRUCTIONS = (
     "Paraphrase this question: {q}",
 )
 
-LEAD_INS = ("Quick question: {q}", "Remind me: {q}", "Do you remember? {q}", "Tell me, {lc}")
+LEAD_INS = (
+    "Quick question: {q}",
+    "Remind me: {q}",
+    "Do you remember? {q}",
+    "Tell me, {lc}",
+    "Can you tell me this: {lc}",
+    "{q} Just the answer, please.",
+    "I forgot. {q}",
+    "{q} You should know this.",
+)
 
 # Words that carry no topic: a paraphrase need not keep them.
 _FUNCTION_WORDS = frozenset(

@@ -1,15 +1,18 @@
 """A scripted person living with whetstone for a simulated week: is the model better every day?
 
-    python -m benchmarks.week [--days 7] [--seed 0] [--home DIR] [--fresh] [--set KEY=VALUE ...]
+    python -m benchmarks.week [--days 7] [--seed 0] [--teach many|once] [--home DIR] [--fresh]
+                              [--set KEY=VALUE ...]
 
 A real `whetstone up` on the embedded model in a throwaway home (or --home), driven only
 through the product's API and triggers:
 
 - each day the person (benchmarks/week_person.py) teaches one or two new personal facts by
-  correcting the model's answers (varying phrasings and corrections), asks an older fact again
-  and corrects it when it is forgotten (rates it 5 when it is not), and chats about everyday
-  things, rating each answer by a consistent taste no correction states (short and direct is
-  good, filler openings and long answers are bad) with a little noise;
+  correcting the model's answers (varying phrasings and corrections; with --teach once, one
+  question per fact, rated 1 and then corrected in a second request, as the TUI invites),
+  asks an older fact again and corrects it when it is forgotten (rates it 5 when it is not),
+  and chats about everyday things, rating each answer by a consistent taste no correction
+  states (short and direct is good, filler openings and long answers are bad) with a little
+  noise;
 - then night falls: the clock moves the daemon's stored nightly job to now (what the daemon
   sees when 03:00 comes; it re-reads its job store every poll), so the configured nightly run
   trains, evaluates, gates and promotes or refuses as it would; the every-N trigger runs as
@@ -336,16 +339,38 @@ def wait_for_night(settings: Settings, since: datetime, timeout: float) -> list[
 # --- the week --------------------------------------------------------------------------------
 
 
-def teach(daemon: Daemon, fact: person.WeekFact, rng: random.Random, today: Day) -> None:
-    """Ask the fact's teaching questions; correct each answer (the person reads the first
-    words and types the fact, in one of their wordings)."""
-    for question in fact.questions:
+# How the person teaches: "many" corrects every teaching question of a fact, rating and
+# correction in one request (as the tests teach); "once" asks one of them and, as the TUI
+# invites, rates the wrong answer first and corrects it in a second request.
+TEACHING = ("many", "once")
+
+
+def correct(daemon: Daemon, message_id: str, correction: str, teaching: str) -> None:
+    if teaching == "once":
+        daemon.feedback(message_id, rating=1)
+        daemon.http.post(
+            "/v1/feedback", json={"message_id": message_id, "correction": correction}
+        ).raise_for_status()
+    else:
+        daemon.feedback(message_id, rating=1, correction=correction)
+
+
+def teach(
+    daemon: Daemon, fact: person.WeekFact, rng: random.Random, today: Day, teaching: str = "many"
+) -> None:
+    """Ask the fact's teaching questions (one of them when `teaching` is "once"); correct
+    each answer (the person reads the first words and types the fact, in one of their
+    wordings)."""
+    questions = fact.questions if teaching == "many" else (rng.choice(fact.questions),)
+    for question in questions:
         message_id, _, _, _ = daemon.ask(question, 16)
-        daemon.feedback(message_id, rating=1, correction=rng.choice(fact.corrections))
+        correct(daemon, message_id, rng.choice(fact.corrections), teaching)
         today.feedback["corrections"] = today.feedback.get("corrections", 0) + 1
 
 
-def restate(daemon: Daemon, fact: person.WeekFact, rng: random.Random, today: Day) -> None:
+def restate(
+    daemon: Daemon, fact: person.WeekFact, rng: random.Random, today: Day, teaching: str = "many"
+) -> None:
     """Ask an older fact again, two of its phrasings: a right answer is rated 5, a wrong one
     corrected in other words."""
     for question in rng.sample(fact.questions, 2):
@@ -354,7 +379,7 @@ def restate(daemon: Daemon, fact: person.WeekFact, rng: random.Random, today: Da
             daemon.feedback(message_id, rating=5)
             today.feedback["ratings"] = today.feedback.get("ratings", 0) + 1
         else:
-            daemon.feedback(message_id, rating=1, correction=rng.choice(fact.corrections))
+            correct(daemon, message_id, rng.choice(fact.corrections), teaching)
             today.feedback["corrections"] = today.feedback.get("corrections", 0) + 1
 
 
@@ -421,9 +446,12 @@ def run_week(
     taste_prompts: tuple[str, ...] = person.TASTE_PROMPTS,
     night_timeout_s: float = 1800,
     on_day: Any = None,
+    teaching: str = "many",
 ) -> dict[str, Any]:
     """The whole week in `home`; returns what was measured (see the module docstring).
     `on_day(result)` gets the result so far after every day (a long run keeps what it has)."""
+    if teaching not in TEACHING:
+        raise ValueError(f"teaching must be one of {TEACHING}; got {teaching!r}")
     if days < 1 or days > len(facts_per_day):
         raise ValueError(f"--days must be 1..{len(facts_per_day)}")
     if sum(facts_per_day[:days]) > len(person.FACTS):
@@ -447,6 +475,7 @@ def run_week(
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "seed": seed,
             "days": days,
+            "teaching": teaching,
             "fresh_home": fresh,
             "config": (home / "config.toml").read_text(),
             "setup": setup,
@@ -471,11 +500,11 @@ def run_week(
             day_began = datetime.now(UTC) - timedelta(seconds=1)
             new = facts[len(taught) : len(taught) + facts_per_day[day - 1]]
             for fact in new:
-                teach(daemon, fact, rng, today)
+                teach(daemon, fact, rng, today, teaching)
                 today.taught.append(fact.keyword)
             if taught:
                 older = rng.choice(taught)
-                restate(daemon, older, rng, today)
+                restate(daemon, older, rng, today, teaching)
                 today.restated.append(older.keyword)
             taught += new
             chat(daemon, chats[(day - 1) * chats_per_day : day * chats_per_day], rng, today)
@@ -611,6 +640,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--home", type=Path, default=None, help="keep the week's home here")
     parser.add_argument("--fresh", action="store_true", help="day 1 includes preparing the model")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument(
+        "--teach",
+        choices=TEACHING,
+        default="many",
+        help="many: every teaching question corrected, rating and correction in one request; "
+        "once: one question per fact, rated and then corrected (the TUI's order)",
+    )
     args = parser.parse_args(argv)
     if args.days < 1 or args.days > len(FACTS_PER_DAY):
         parser.error(f"--days must be 1..{len(FACTS_PER_DAY)}")
@@ -620,7 +656,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-    out = RESULTS_DIR / f"week-{platform.node()}-seed{args.seed}-{stamp}.json"
+    once = "-once" if args.teach == "once" else ""
+    out = RESULTS_DIR / f"week{once}-{platform.node()}-seed{args.seed}-{stamp}.json"
 
     def write(result: dict[str, Any]) -> None:
         atomic_write_text(out, json.dumps(result, indent=1, ensure_ascii=False) + "\n")
@@ -628,7 +665,13 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="whetstone-week-") as tmp:
         home = args.home or Path(tmp) / "home"
         result = run_week(
-            home, days=args.days, seed=args.seed, fresh=args.fresh, sets=args.sets, on_day=write
+            home,
+            days=args.days,
+            seed=args.seed,
+            fresh=args.fresh,
+            sets=args.sets,
+            on_day=write,
+            teaching=args.teach,
         )
     write(result)
     plot(result, out.with_suffix(".png"))

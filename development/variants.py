@@ -8,7 +8,9 @@ corrected answer:
 - paraphrases written by the base model (greedy, one per instruction below), kept only when
   they are a question that still says who it is about and keeps the question's key words
   ("What is my cat's name?" may become "What do I call my cat?", never "What is a cat?");
-- then templated wordings of the question itself (a lead-in, a plain lower-case form).
+- then templated wordings: rewrites of the common shapes of a question about the person
+  ("What is my X's name?" -> "What do I call my X?"; "What is my favourite X?" -> "Which X
+  do I like best?"), then lead-ins around the question, then a plain lower-case form.
 
 Plain code (no torch): the model is asked through the `generate` function training passes in,
 and what it wrote is kept in the home (one file per base model), so a question is paraphrased
@@ -103,13 +105,70 @@ def clean(text: str) -> str:
     return first.strip(" \"'*")
 
 
+# Rewrites of the common shapes of a question about the person, by pattern (the question
+# lower-cased, without its final punctuation). Each gives other questions that ask the same.
+_REWRITES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    (
+        r"what(?: is|'s) my (\w+)'s name",
+        (
+            "What do I call my {0}?",
+            "What is the name of my {0}?",
+            "What is my {0} called?",
+            "How is my {0} named?",
+        ),
+    ),
+    (
+        r"what(?: is|'s) my (?:favourite|favorite) (\w+)",
+        (
+            "Which {0} do I like best?",
+            "What {0} do I love most?",
+            "What is the {0} I like the most?",
+            "Tell me my favourite {0}.",
+        ),
+    ),
+    (
+        r"(?:what|which) (\w+) do i (.+)",
+        ("Which {0} do I {1}?", "Tell me which {0} I {1}.", "Remind me which {0} I {1}."),
+    ),
+    (
+        r"(?:what|which) (\w+) is my (\w+)",
+        ("Which {0} is my {1}?", "What is the {0} of my {1}?", "Tell me the {0} of my {1}."),
+    ),
+    (
+        r"(where|when|who) (?:is|'s) my (\w+)",
+        ("Tell me {0} my {1} is.", "Remind me {0} my {1} is.", "Do you know {0} my {1} is?"),
+    ),
+    (
+        r"(where|when|how|what) do i (.+)",
+        ("Tell me {0} I {1}.", "Remind me {0} I {1}.", "Do you know {0} I {1}?"),
+    ),
+    (
+        r"what(?: is|'s) my (\w+)",
+        ("Tell me my {0}.", "Do you know my {0}?", "What's my {0}?", "Remind me of my {0}."),
+    ),
+)
+
+
+def rewrites(question: str) -> list[str]:
+    """Other questions for the same thing, from the question's shape (none when its shape is
+    not a known one)."""
+    plain = question.strip().rstrip("?.! ").lower()
+    for pattern, forms in _REWRITES:
+        found = re.fullmatch(pattern, plain)
+        if found:
+            out = [form.format(*found.groups()) for form in forms]
+            return [form for form in out if form.rstrip("?.").lower() != plain]
+    return []
+
+
 def templated(question: str) -> list[str]:
-    """Wordings made from the question itself, in a fixed order."""
+    """Wordings made from the question itself, in a fixed order: rewrites by its shape
+    first, then lead-ins around it, then a plain lower-case form."""
     question = question.strip()
     lower = question[:1].lower() + question[1:]
     plain = question.rstrip("?.! ").lower()
-    out = [template.format(q=question, lc=lower) for template in LEAD_INS]
-    return [*out, plain]
+    leads = [template.format(q=question, lc=lower) for template in LEAD_INS]
+    return [*rewrites(question), *leads, plain]
 
 
 def cache_file(models_dir: Path, base_model: str) -> Path:

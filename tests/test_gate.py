@@ -275,3 +275,14 @@ def test_verdict_as_dict_is_json(gate: Gate) -> None:
         assert data["reason"] == verdict.reason
         assert [c["rule"] for c in data["checks"]] == RULES
         assert set(data["checks"][0]) == {"rule", "passed", "detail"}
+
+
+def test_a_refusal_says_what_to_do_next(gate: Gate) -> None:
+    from development.gate import next_step
+
+    drifted = decide(candidate(general_nll=3.0), champion(), base(), gate)
+    step = next_step(drifted.rule, "cand-1")
+    assert step is not None and "training.replay_fraction" in step and "cand-1" in step
+    lost = decide(candidate(holdout_nll=1.99), champion(), base(), gate)
+    assert "whetstone promote cand-1 --force" in next_step(lost.rule, "cand-1")
+    assert next_step("all_passed", "cand-1") is None

@@ -54,6 +54,7 @@ def full_report() -> dict[str, Any]:
         "decision": "reject",
         "rule": "general_regression",
         "reason": "general-probe NLL rose 9.1% over the base (bound 5.0%)",
+        "next_step": "it lost general knowledge: train again with more replay",
         "checks": [
             {"rule": "holdout_size", "passed": True, "detail": "6 held-out items (need 4)"},
             {"rule": "holdout_win", "passed": True, "detail": "NLL 1.23 < champion 1.5"},
@@ -208,6 +209,8 @@ def test_decision_rule_and_reason_in_both(rendered: tuple[Path, str, str]) -> No
         assert reason in text
     assert "## Decision: **REJECT**" in md
     assert '<div class="decision reject">REJECT</div>' in page
+    assert "**Next:** it lost general knowledge: train again with more replay" in md
+    assert "<strong>Next:</strong> it lost general knowledge" in page
 
 
 def test_promote_is_green_and_unknown_decision_neutral() -> None:

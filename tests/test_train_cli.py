@@ -29,7 +29,10 @@ def test_train_with_too_little_feedback_is_skipped_with_the_reason(home: Path) -
     result = run_cli("train", "--home", str(home), "--profile", "quick_test", "--wait")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "skipped" in result.stdout
-    assert "min_new_examples" in result.stdout
+    said = " ".join(result.stdout.split())
+    assert "min_new_examples" in said
+    # What to do next: how much more to teach, or how to train anyway.
+    assert "rate or correct about" in said and "whetstone train --force" in said
 
     status = json.loads(run_cli("status", "--home", str(home), "--json").stdout)
     run = status["last_run"]

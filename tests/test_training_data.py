@@ -871,9 +871,9 @@ def test_a_new_correction_is_also_asked_in_other_words(store: Store, home: Path)
         [
             "What is my cat's name?",
             "What do I call my cat?",  # the model's paraphrase first
-            "Quick question: What is my cat's name?",
-            "Remind me: What is my cat's name?",
-            "Do you remember? What is my cat's name?",
+            "What is the name of my cat?",  # then rewrites of the question's shape
+            "What is my cat called?",
+            "How is my cat named?",
         ]
     )
     assert data.counts["reworded_sft_rows"] == 4
@@ -886,3 +886,30 @@ def test_a_new_correction_is_also_asked_in_other_words(store: Store, home: Path)
     again = build(feedback_items(store), settings, base_answers(replay=0), count_words, champion)
     assert again.counts["reworded_sft_rows"] == 0
     assert fixed in champion["message_ids"]["train"]
+
+
+def test_status_says_how_the_last_run_ended_and_what_next(store: Store) -> None:
+    """/v1/status's last_run (what the TUI's status screen shows when nothing runs)."""
+    from production.api.routes_admin import _last_run
+
+    assert _last_run(store) is None
+    skipped = store.create_run("quick_test", "manual")
+    store.update_run(skipped.id, status="skipped", reason="2 new feedback item(s) in total")
+    assert _last_run(store)["reason"] == "2 new feedback item(s) in total"
+    judged = store.create_run("quick_test", "nightly")
+    store.record_candidate("cand-1", base_model="m", run_id=judged.id, parent_id=None, metrics={})
+    store.update_run(judged.id, status="succeeded", candidate_id="cand-1")
+    store.record_evaluation(
+        "cand-1",
+        decision="reject",
+        rule="general_regression",
+        metrics={"reason": "NLL +9%", "next_step": "train again with more replay"},
+    )
+    store.create_run("quick_test", "manual")  # queued: not what the last run did
+    last = _last_run(store)
+    assert (last["id"], last["decision"], last["rule"]) == (
+        judged.id,
+        "reject",
+        "general_regression",
+    )
+    assert (last["gate_reason"], last["next_step"]) == ("NLL +9%", "train again with more replay")

@@ -40,9 +40,12 @@ def test_variants_prefer_the_models_then_templates_never_the_question() -> None:
     got = variants.variants(question, ["What do I call my cat?"], 3)
     assert got == [
         "What do I call my cat?",
-        "Quick question: What is my cat's name?",
-        "Remind me: What is my cat's name?",
+        "What is the name of my cat?",
+        "What is my cat called?",
     ]
+    many = variants.variants(question, [], 16)
+    assert many[:4] == variants.rewrites(question)
+    assert "Quick question: What is my cat's name?" in many
     assert question not in variants.variants(question, [question], 16)
     assert len(variants.variants(question, [], 16)) == len(variants.templated(question))
 
@@ -74,3 +77,24 @@ def test_the_auto_profile_is_quick_test_on_the_cpu_and_standard_on_a_gpu(home: P
     gpu = load_settings(home, {"devices": {"development": "cuda:0"}}, gpu_count=1)
     assert gpu.resolve_profile("auto") == "standard"
     assert gpu.resolve_profile("full") == "full"
+
+
+@pytest.mark.parametrize(
+    ("question", "first"),
+    [
+        ("What is my favourite food?", "Which food do I like best?"),
+        ("Which city do I live in?", "Tell me which city I live in."),
+        ("What colour is my bike?", "Which colour is my bike?"),
+        ("When is my birthday?", "Tell me when my birthday is."),
+        ("What is my job?", "Tell me my job."),
+    ],
+)
+def test_rewrites_by_the_questions_shape(question: str, first: str) -> None:
+    got = variants.rewrites(question)
+    assert got[0] == first
+    assert all(variants.key_words(question) <= variants.key_words(w) | {"favourite"} for w in got)
+
+
+def test_a_question_of_no_known_shape_gets_lead_ins_only() -> None:
+    assert variants.rewrites("Is it raining?") == []
+    assert variants.templated("Is it raining?")[0] == "Quick question: Is it raining?"

@@ -647,9 +647,8 @@ class Gate(_Section):
     # new feedback holds out as few. Refusing then means nothing is ever promoted early on.
     few_held_out: Literal["no_regression", "refuse"] = Field(
         "no_regression",
-        description="Fewer held-out items than min_holdout_items: no_regression = promote if "
-        "the held-out NLL rises no more than max_general_nll_increase and every other rule "
-        "passes; refuse = no promotion.",
+        description="Fewer held-out items than min_holdout_items: no_regression = the "
+        "held-out NLL is reported, the general rules decide; refuse = no promotion.",
     )
     min_win_margin: float = Field(
         0.02, ge=0, description="Holdout score gain over the champion required to promote."

@@ -111,27 +111,25 @@ def test_too_few_holdout_items_refused_when_configured(gate: Gate) -> None:
 
 
 def test_too_few_holdout_items_judged_on_no_regression(gate: Gate) -> None:
-    """A newcomer's first night: 2 held-out items cannot show a win; a candidate that is no
-    more than the general bound worse on them, and regresses nothing else, is promoted."""
-    # No win at all (1% worse on the two items), nothing regressed: promoted, and says why.
-    slightly_worse = candidate(holdout_items=2, holdout_nll=2.02)
-    verdict = decide(slightly_worse, champion(), base(), gate)
+    """A newcomer's first night: 2 held-out items can show neither a win nor a loss; a
+    candidate that regresses nothing general is promoted, and the report says why."""
+    # 6% worse on two items (a liked answer the base wrote itself): reported, not judged.
+    verdict = decide(candidate(holdout_items=2, holdout_nll=2.12), champion(), base(), gate)
     assert (verdict.decision, verdict.rule) == ("promote", "all_passed")
+    detail = check(verdict, "holdout_size").detail
+    assert "promoted if nothing regresses (gate.few_held_out)" in detail
     assert (
-        "promoted if nothing regresses (gate.few_held_out)" in check(verdict, "holdout_size").detail
+        "+6.0%); too few items to judge by, reported only" in check(verdict, "holdout_win").detail
     )
-    assert "too few items to show a win" in check(verdict, "holdout_win").detail
-    # Worse past the bound on the few items there are: refused.
-    worse = decide(candidate(holdout_items=2, holdout_nll=2.2), champion(), base(), gate)
-    assert (worse.decision, worse.rule) == ("reject", "holdout_win")
-    assert "+10.0%" in worse.reason and "at most +5.0% worse" in worse.reason
     # Nothing held out yet: the general rules alone decide.
     none = candidate(holdout_items=0, holdout_nll=None)
     assert decide(none, champion(holdout_nll=None), base(), gate).decision == "promote"
-    # ... and still refuse a candidate that lost general knowledge.
-    drifted = candidate(holdout_items=0, holdout_nll=None, general_nll=2.5)
-    verdict = decide(drifted, champion(holdout_nll=None), base(), gate)
+    # ... and still refuse a candidate that lost general knowledge, or broke its answers.
+    drifted = candidate(holdout_items=2, general_nll=2.5)
+    verdict = decide(drifted, champion(), base(), gate)
     assert (verdict.decision, verdict.rule) == ("reject", "general_regression")
+    broken = candidate(holdout_items=1, sanity_failures=["empty answer"])
+    assert decide(broken, champion(), base(), gate).rule == "sanity"
 
 
 def test_small_win_is_not_enough(gate: Gate) -> None:

@@ -111,13 +111,24 @@ def test_the_next_run_continues_the_champion_and_a_champion_of_another_shape_is_
         "the champion's general-probe NLL is +4.0% over the base's, past +2.5%"
     )
 
-    # A forced run with nothing new since the champion: there is nothing to continue on, so
-    # it retrains on all feedback rather than skip what the person asked for.
+    # What the champion's run held out, a gate has judged since: new to train on (the
+    # rolling holdout), so the next run continues the champion on it.
     assert run_cli("promote", second, "--force", "--home", str(home)).returncode == 0
+    _judged(home, second, drift=0.0)
+    held_out = Registry(home / "candidates").get(second).meta.data["message_ids"]
     sixth = _train(home)
     meta = Registry(home / "candidates").get(sixth).meta
+    assert meta.config["started_from"] == second
+    released = set(held_out["validation"]) | set(held_out["holdout"])
+    assert released and released <= set(meta.data["message_ids"]["train"])
+
+    # A forced run with nothing new since the champion: there is nothing to continue on, so
+    # it retrains on all feedback rather than skip what the person asked for.
+    assert run_cli("promote", sixth, "--force", "--home", str(home)).returncode == 0
+    seventh = _train(home)
+    meta = Registry(home / "candidates").get(seventh).meta
     assert meta.config["started_from"] is None
-    assert meta.config["fresh_because"] == f"nothing new to train on since the champion {second}"
+    assert meta.config["fresh_because"] == f"nothing new to train on since the champion {sixth}"
     assert meta.data["counts"]["sft_rows"] > 0 and meta.data["counts"]["earlier_sft_rows"] == 0
 
 

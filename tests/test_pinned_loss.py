@@ -21,7 +21,8 @@ from tests.tiny_models import model_home, teach, tiny_llama
 
 PROFILE = (
     '[training]\ndefault_profile = "quick_test"\nreplay_fraction = 0.0\n'
-    "write_worse_candidates = true\n\n"
+    # The rows as the person wrote them: the pins watch the trainer, not the data recipe.
+    "write_worse_candidates = true\ncorrection_variants = 0\n\n"
     "[training.profiles.quick_test]\nmax_steps = 2\neval_every = 1\n"
 )
 # [step, loss] of the SFT stage as the candidate's meta records them (transformers 5.17,

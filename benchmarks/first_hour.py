@@ -42,7 +42,16 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import week_person as person
-from benchmarks.week import REPO, RESULTS_DIR, Daemon, _current, _wait, cycle, prepare_home
+from benchmarks.week import (
+    REPO,
+    RESULTS_DIR,
+    Daemon,
+    check_sets,
+    current_adapter,
+    cycle,
+    prepare_home,
+    wait_until,
+)
 from common.config import load_settings
 from common.fs import atomic_write_text
 from data.store import Store
@@ -228,8 +237,8 @@ def run(home: Path, *, seed: int = 0, fresh: bool = False, sets: list[str] | Non
         with Store(settings.db_url) as store:
             runs = [r for r in store.list_runs(limit=10) if r.created_at >= since]
         result["runs"] = [cycle(settings, r.id) for r in reversed(runs)]
-        adapter = _current(settings)
-        _wait(lambda: daemon.adapter() == adapter, f"{adapter} served", 120)
+        adapter = current_adapter(settings)
+        wait_until(lambda: daemon.adapter() == adapter, f"{adapter} served", 120)
         result["adapter"] = adapter
         result["after"] = {"recall": recall(daemon, facts), "knowledge": knowledge(daemon)}
     finally:
@@ -271,11 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fresh", action="store_true", help="run `whetstone doctor` first")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
-    for item in args.sets:
-        if "=" not in item or "." not in item.partition("=")[0]:
-            parser.error(f"--set {item!r}: expected SECTION.KEY=VALUE (a TOML value)")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    check_sets(parser, args.sets)
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     out = RESULTS_DIR / f"first-hour-{platform.node()}-seed{args.seed}-{stamp}.json"
     with tempfile.TemporaryDirectory(prefix="whetstone-first-hour-") as tmp:

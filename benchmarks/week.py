@@ -518,8 +518,10 @@ def run_week(
             if len(cycles) > 1:
                 today.feedback["other_runs"] = len(cycles) - 1
             # The promoted adapter is swapped in by the worker; wait until it serves.
-            today.adapter = _current(settings)
-            _wait(lambda a=today.adapter: daemon.adapter() == a, f"{today.adapter} served", 120)
+            today.adapter = current_adapter(settings)
+            wait_until(
+                lambda a=today.adapter: daemon.adapter() == a, f"{today.adapter} served", 120
+            )
             _record(today, measure(daemon, taught, taste_prompts))
             timeline.append(today)
             log.info("day %d: %s", day, _line(today))
@@ -538,13 +540,13 @@ def _record(day: Day, measured: dict[str, Any]) -> None:
     )
 
 
-def _current(settings: Settings) -> str | None:
+def current_adapter(settings: Settings) -> str | None:
     from candidates import Registry
 
     return Registry(settings.paths.candidates_dir).current_id()
 
 
-def _wait(check: Any, what: str, timeout: float) -> None:
+def wait_until(check: Any, what: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if check():
@@ -633,6 +635,15 @@ def plot(result: dict[str, Any], out: Path) -> None:
     plt.close(fig)
 
 
+def check_sets(parser: argparse.ArgumentParser, sets: list[str]) -> None:
+    """Refuse a --set item that is not SECTION.KEY=VALUE; then set up logging and results."""
+    for item in sets:
+        if "=" not in item or "." not in item.partition("=")[0]:
+            parser.error(f"--set {item!r}: expected SECTION.KEY=VALUE (a TOML value)")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--days", type=int, default=7)
@@ -650,11 +661,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.days < 1 or args.days > len(FACTS_PER_DAY):
         parser.error(f"--days must be 1..{len(FACTS_PER_DAY)}")
-    for item in args.sets:
-        if "=" not in item or "." not in item.partition("=")[0]:
-            parser.error(f"--set {item!r}: expected SECTION.KEY=VALUE (a TOML value)")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    check_sets(parser, args.sets)
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     once = "-once" if args.teach == "once" else ""
     out = RESULTS_DIR / f"week{once}-{platform.node()}-seed{args.seed}-{stamp}.json"

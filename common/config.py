@@ -312,7 +312,10 @@ class Training(_Section):
         "the CPU.",
     )
     holdout_fraction: float = Field(
-        0.2, gt=0, lt=1, description="Share of feedback never trained on (judges candidates)."
+        0.2,
+        gt=0,
+        lt=1,
+        description="Share of feedback held out for the gate; trained on once a gate judged it.",
     )
     validation_fraction: float = Field(
         0.1,

@@ -632,6 +632,14 @@ class Store:
             ordinal += 1
         return ordinal
 
+    def count_judged(self) -> int:
+        """Answers a gate has judged on (data/splits.py: trained on since)."""
+        with self.read_session() as session:
+            return (
+                session.scalar(select(func.count(Message.id)).where(Message.judged_at.is_not(None)))
+                or 0
+            )
+
     def mark_used(self, message_ids: Iterable[str]) -> int:
         """A training run uses these answers' feedback (train, validation or holdout): their
         placements never change again. Returns how many were newly marked."""

@@ -59,6 +59,8 @@ SANITY_MAX_NEW_TOKENS = 192
 # Other held-out corrections each held-out correction is contrasted with (right_answers).
 CONTRASTS = 8
 EXAMPLES_SHOWN = 5
+# Answers generated for the gate's sanity rule at least (held-out prompts, then general ones).
+MIN_SANITY_PROMPTS = 3
 # The metrics measure_general makes: the same for the same weights and general_probes_key.
 GENERAL_METRICS = ("general_nll", "general_facts_missed", "general_facts_total", "general_facts")
 # Chat-template tokens that must never reach the person's screen.
@@ -399,6 +401,13 @@ def evaluate_candidate(
     example_items = examples_from[:EXAMPLES_SHOWN]
     sanity_items = examples_from[:8]
     sanity_prompts = [item.context for item in sanity_items]
+    # The rolling holdout leaves a night few held-out items, or none: the answers checked
+    # for sanity are filled up with general prompts, or an empty holdout refuses every
+    # candidate as if its answers broke.
+    sanity_prompts += [
+        [{"role": "user", "content": pair["prompt"]}]
+        for pair in regression[: max(0, MIN_SANITY_PROMPTS - len(sanity_prompts))]
+    ]
 
     from production.gpu_memory import StagePeaks
 

@@ -163,11 +163,14 @@ def plan_stages(
     if steps == 0:
         return stages
 
+    # The preference stage's own batch (run_preference): pairs need at least two rows.
+    preference_per_step = max(2, profile.batch_size) * profile.grad_accum
+
     def capped(rows: int, why: str) -> tuple[int, str]:
         # The same epoch cap as SFT: a newcomer's standard run made 100 DPO steps of 16
         # rows over 5 pairs (320 passes, 21 minutes on two cores) and was refused for +34.5%
         # general-probe NLL.
-        passes = math.ceil(epochs * rows / per_step)
+        passes = math.ceil(epochs * rows / preference_per_step)
         if passes < steps:
             return max(1, passes), f"{why}, {epochs:g} epochs (training.{key})"
         return steps, why
@@ -645,11 +648,18 @@ def train_candidate(ctx: RunContext, *, force: bool = False) -> str | None:
 
     from data import exports
 
-    items = exports.feedback_items(store)
-    # Other wordings of each corrected question, by the base model (before any adapter).
+    # What this run reads is frozen where it is placed before anything is built from it: a
+    # correction arriving in between (the TUI sends the rating first) would otherwise move
+    # an answer this run trains on into the holdout. What arrives after waits for a later run.
+    read = exports.feedback_items(store)
+    store.mark_used(item.message_id for item in read)
+    frozen = {item.message_id for item in read}
+    items = [item for item in exports.feedback_items(store) if item.message_id in frozen]
+    # Other wordings of each new corrected question, by the base model (before any adapter).
     ctx.report({"stage": "paraphrasing", "step": 0, "max_steps": 0})
+    harmony = settings.model.chat_format == "harmony"
     paraphrases = variants.paraphrases(
-        training_data.corrected_questions(items, settings),
+        training_data.corrected_questions(items, settings, champion_snapshot),
         variants.cache_file(settings.paths.models_dir, settings.model.base_model),
         lambda prompts: [
             g.text
@@ -657,7 +667,8 @@ def train_candidate(ctx: RunContext, *, force: bool = False) -> str | None:
                 model,
                 tokenizer,
                 [[{"role": "user", "content": prompt}] for prompt in prompts],
-                max_new_tokens=40,
+                # Harmony answers after its analysis channel: room for both.
+                max_new_tokens=256 if harmony else 40,
                 chat_format=settings.model.chat_format,
             )
         ],
@@ -697,8 +708,6 @@ def train_candidate(ctx: RunContext, *, force: bool = False) -> str | None:
         data = rows(champion_snapshot, champion_loss)
     snapshot = data.snapshot()
     store.update_run(ctx.run_id, data_snapshot=snapshot)
-    # From here on these answers stay where they were placed (data/splits.py).
-    store.mark_used(id_ for ids in snapshot["message_ids"].values() for id_ in ids)
     if not data.sft:
         store.update_run(ctx.run_id, status="skipped", reason="no SFT rows after the split")
         return None

@@ -372,14 +372,24 @@ def _reworded(
     ]
 
 
-def corrected_questions(items: Sequence[FeedbackItem], settings: Settings) -> list[str]:
-    """The questions of the corrections a run trains on: what the model paraphrases."""
+def corrected_questions(
+    items: Sequence[FeedbackItem],
+    settings: Settings,
+    champion_snapshot: dict[str, Any] | None = None,
+) -> list[str]:
+    """The questions of the new corrections a run trains on (new to the champion, when it
+    continues one): what the model paraphrases, as build() rewords only those."""
     if settings.training.correction_variants == 0:
         return []
     split = split_items(
         items, settings.training.holdout_fraction, settings.training.validation_fraction
     )
-    return [item.context[-1]["content"] for item in split.train if item.correction is not None]
+    is_new = _new_since(champion_snapshot)
+    return [
+        item.context[-1]["content"]
+        for item in split.train
+        if item.correction is not None and is_new(item)
+    ]
 
 
 # --- is a run worth starting? -------------------------------------------------------------

@@ -252,9 +252,12 @@ def _current_study(settings: Settings, storage: Any, store: Store) -> optuna.Stu
 
     profile = searched_profile(settings)
     items = store.count_feedback_since(None)
+    # Trials are compared on one validation split: once a gate's judgement has moved its
+    # items into training (the rolling holdout), a study's trials would be scored on others.
+    validation = _validation_digest(settings, store)
     summaries = _studies(storage, settings, profile)
     newest = summaries[-1] if summaries else None
-    if newest is not None:
+    if newest is not None and newest.user_attrs.get("validation") in (None, validation):
         began_with = int(newest.user_attrs.get("feedback_items", 0))
         if items - began_with < settings.experiments.new_study_after:
             study = _load(settings, storage, newest.study_name)
@@ -282,6 +285,7 @@ def _current_study(settings: Settings, storage: Any, store: Store) -> optuna.Stu
     study.set_user_attr("base_model", settings.model.base_model)
     study.set_user_attr("profile", profile)
     study.set_user_attr("feedback_items", items)
+    study.set_user_attr("validation", validation)
     recipe = current_recipe(settings, profile)
     baseline = recipe["params"] if recipe else config_params(settings, profile)
     study.enqueue_trial(baseline, user_attrs={"baseline": True})
@@ -299,13 +303,14 @@ def _finished(study: optuna.Study) -> list[Any]:
     return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
 
 
-_validation_count: dict[tuple[str, int], int] = {}
+_validation_ids: dict[tuple[str, int, int], list[str]] = {}
 
 
-def validation_items(settings: Settings, store: Store) -> int:
-    """Feedback items the validation split holds now (cached per feedback count)."""
-    key = (settings.db_url, store.count_feedback_since(None))
-    if key not in _validation_count:
+def validation_ids(settings: Settings, store: Store) -> list[str]:
+    """The answers the validation split holds now, sorted (cached per feedback count and
+    judged count: a gate's judgement moves the split's items into training)."""
+    key = (settings.db_url, store.count_feedback_since(None), store.count_judged())
+    if key not in _validation_ids:
         from data.exports import feedback_items
         from data.splits import split_items
 
@@ -314,8 +319,19 @@ def validation_items(settings: Settings, store: Store) -> int:
             settings.training.holdout_fraction,
             settings.training.validation_fraction,
         )
-        _validation_count[key] = len(split.validation)
-    return _validation_count[key]
+        _validation_ids[key] = sorted(item.message_id for item in split.validation)
+    return _validation_ids[key]
+
+
+def validation_items(settings: Settings, store: Store) -> int:
+    """Feedback items the validation split holds now."""
+    return len(validation_ids(settings, store))
+
+
+def _validation_digest(settings: Settings, store: Store) -> str:
+    import hashlib
+
+    return hashlib.sha256("\n".join(validation_ids(settings, store)).encode()).hexdigest()[:16]
 
 
 def start_trial(settings: Settings, store: Store) -> tuple[str, int, list[str]]:

@@ -13,6 +13,7 @@ from common.run_state import read_state
 from data.store import Store
 from data.views import promotion_view, run_view
 from orchestrator import experiments
+from orchestrator.schedule import EXPERIMENT_TRIGGER
 from production.api.errors import ApiError
 from production.api.model_ids import check_model, model_cards
 from production.api.service import ServiceDep
@@ -31,7 +32,9 @@ def _running_run(store: Store) -> dict[str, Any] | None:
 
 def _last_run(store: Store) -> dict[str, Any] | None:
     """The newest run that ended, with how its candidate was judged and what to do next."""
-    ended = [r for r in store.list_runs(limit=10) if r.status not in ("queued", "running")]
+    # Recipe trials are the daemon's own experiments, not the runs the person waits on.
+    runs = store.list_runs(limit=10, except_trigger=EXPERIMENT_TRIGGER)
+    ended = [r for r in runs if r.status not in ("queued", "running")]
     if not ended:
         return None
     run = ended[0]

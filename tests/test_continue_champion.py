@@ -142,7 +142,9 @@ def test_a_continuation_that_only_made_the_held_out_feedback_less_likely_writes_
     teach(home, repeats=3)
     first = _train(home)
     assert run_cli("promote", first, "--force", "--home", str(home)).returncode == 0
-    teach(home, repeats=1)
+    # Enough new feedback that its validation share (what the first run's gate has not yet
+    # judged) can decide: training.min_person_validation_rows.
+    teach(home, repeats=15)
 
     wild = [
         "training.profiles.quick_test.learning_rate=1.0",

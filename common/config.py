@@ -779,10 +779,10 @@ class Settings(BaseSettings):
         name = name or self.training.default_profile
         if name != AUTO_PROFILE or name in self.training.profiles:
             return name
-        device = self.devices.development
-        if device == "auto":
-            device = "cuda" if gpus.count() > 0 else "cpu"
-        return "standard" if device.startswith("cuda") else "quick_test"
+        from common import devices  # imports this module: the device plan decides
+
+        development = devices.plan(self, gpus.count()).development
+        return "standard" if development.startswith("cuda") else "quick_test"
 
     def profile(self, name: str | None = None) -> TrainingProfile:
         name = self.resolve_profile(name)

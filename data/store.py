@@ -643,16 +643,16 @@ class Store:
     def mark_used(self, message_ids: Iterable[str]) -> int:
         """A training run uses these answers' feedback (train, validation or holdout): their
         placements never change again. Returns how many were newly marked."""
-        return self._mark(Message.used_at, message_ids)
-
-    def mark_judged(self, message_ids: Iterable[str]) -> int:
-        """A gate judged a candidate on these held-out answers: later runs train on them
-        (the rolling holdout). Returns how many were newly marked."""
-        return self._mark(Message.judged_at, message_ids)
-
-    def _mark(self, column: Any, message_ids: Iterable[str]) -> int:
         with self.session() as session:
-            return self._mark_in(session, column, message_ids, utcnow())
+            return self._mark_in(session, Message.used_at, message_ids, utcnow())
+
+    def freeze_placements(self) -> set[str]:
+        """Mark every answer placed so far as used (a training run starts reading them) and
+        return their ids: a correction arriving later cannot move any of them."""
+        with self.session() as session:
+            placed = list(session.scalars(select(Message.id).where(Message.placement.is_not(None))))
+            self._mark_in(session, Message.used_at, placed, utcnow())
+        return set(placed)
 
     @staticmethod
     def _mark_in(session: Session, column: Any, message_ids: Iterable[str], when: datetime) -> int:

@@ -651,9 +651,7 @@ def train_candidate(ctx: RunContext, *, force: bool = False) -> str | None:
     # What this run reads is frozen where it is placed before anything is built from it: a
     # correction arriving in between (the TUI sends the rating first) would otherwise move
     # an answer this run trains on into the holdout. What arrives after waits for a later run.
-    read = exports.feedback_items(store)
-    store.mark_used(item.message_id for item in read)
-    frozen = {item.message_id for item in read}
+    frozen = store.freeze_placements()
     items = [item for item in exports.feedback_items(store) if item.message_id in frozen]
     # Other wordings of each new corrected question, by the base model (before any adapter).
     ctx.report({"stage": "paraphrasing", "step": 0, "max_steps": 0})

@@ -913,3 +913,16 @@ def test_status_says_how_the_last_run_ended_and_what_next(store: Store) -> None:
         "general_regression",
     )
     assert (last["gate_reason"], last["next_step"]) == ("NLL +9%", "train again with more replay")
+
+
+def test_a_run_freezes_what_it_reads_before_a_correction_arrives(store: Store) -> None:
+    """The TUI sends the rating first: a run that starts in between reads the answer as a low
+    rating, and the correction that follows must not move it out of where the run used it."""
+    rated = ask(store, "What is my cat's name?", "Luna.", rating=1)
+    unrated = store.add_message(store.create_conversation().id, "user", "no feedback yet")
+    frozen = store.freeze_placements()
+    assert frozen == {rated} and unrated.id not in frozen
+    placed = store.get_message(rated).placement
+    store.add_feedback(rated, correction="Pixel.")
+    assert store.get_message(rated).placement == placed
+    assert store.get_message(rated).placement_kind == "other"  # as the run read it

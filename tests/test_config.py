@@ -104,6 +104,15 @@ def test_the_served_rank_reserve_covers_every_profile_and_what_the_search_may_ad
         ),
         ('[schedule]\nnightly_profile = "huge"\n', "schedule.nightly_profile = 'huge' is not a"),
         ("[daemon]\nmax_restarts = -1\n", "daemon.max_restarts = -1 (from {cfg}): Input should"),
+        ('[gate]\nfew_held_out = "promote"\n', "gate.few_held_out = 'promote' (from {cfg}): Input"),
+        (
+            "[training]\ncorrection_variants = 99\n",
+            "training.correction_variants = 99 (from {cfg}): Input should be less",
+        ),
+        (
+            "[training]\nmin_person_validation_rows = 0\n",
+            "training.min_person_validation_rows = 0 (from {cfg}): Input should be greater",
+        ),
         ("[watch]\nmargin = -0.5\n", "watch.margin = -0.5 (from {cfg}): Input should"),
         ('[server]\ndecode = "fast"\n', "server.decode = 'fast' (from {cfg}): Input should be"),
         (

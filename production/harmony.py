@@ -206,6 +206,11 @@ class _IncrementalDecoder:
 _ROLE_PART = re.compile(r"(?:assistant)?\s*(?:to=\S*)?")
 _ROLE_PART_PREFIXES = ("assistant to=", "to=")
 _MAX_ROLE_PART_CHARS = 80
+# The longest header a model writes: "assistant to=functions.<64-char name> " + "<|channel|>
+# commentary" + "<|constrain|>json". Past this, or at a control character, the "header" is text
+# written after a stray control token and is shown as text: held back as a header, a random
+# GPT-OSS's answers hid up to 246 of their 256 tokens while the stream ran on.
+_MAX_HEADER_CHARS = 160
 
 
 def _could_be_role_part(text: str) -> bool:
@@ -275,6 +280,9 @@ class HarmonyStreamParser:
         self._content: _IncrementalDecoder | None = None
         self._current: ChannelStart | None = None
         self._current_text: list[str] = []
+        # The channel a control token interrupted: where the text goes if what follows the
+        # token turns out not to be a header.
+        self._interrupted: str | None = None
         self.stop_reason: StopReason | None = None
         self._closed = False
         if channel is None:
@@ -403,10 +411,10 @@ class HarmonyStreamParser:
             self._close_content(events)
             self._stop_for(token_id, events)
         elif token_id == ids.start:  # the message ended without <|end|>
-            self._close_content(events)
+            self._interrupted = self._close_content(events)
             self._header = _Header(explicit=True)
         elif token_id == ids.channel:
-            self._close_content(events)
+            self._interrupted = self._close_content(events)
             self._header = _Header(explicit=False)
             self._header.mark("channel")
         elif token_id in (ids.message, ids.constrain):
@@ -419,7 +427,7 @@ class HarmonyStreamParser:
         header = self._header
         assert header is not None
         if token_id == ids.message:
-            self._header = None
+            self._header = self._interrupted = None
             start = header.parse(self._decode)
             events.append(start)
             self._open_content(start)
@@ -439,7 +447,7 @@ class HarmonyStreamParser:
                 self._stop_for(token_id, events)
         else:
             header.add(token_id)
-            if self._headerless(header, final=False):
+            if self._headerless(header, final=False) or self._runs_on(header):
                 self._header_to_content(header, events)
 
     def _headerless(self, header: _Header, *, final: bool) -> bool:
@@ -451,13 +459,21 @@ class HarmonyStreamParser:
             return not _ROLE_PART.fullmatch(text.strip())
         return not _could_be_role_part(text)
 
+    def _runs_on(self, header: _Header) -> bool:
+        """Whether the header has run past any real one (see _MAX_HEADER_CHARS)."""
+        text = self._decode([t for part in header.parts.values() for t in part])
+        return len(text) > _MAX_HEADER_CHARS or any(c < " " for c in text)
+
     def _header_to_content(self, header: _Header, events: list[Event]) -> None:
+        """The header's ids were text: content of the channel they interrupted (or final)."""
         self._header = None
-        start = ChannelStart("final")
+        start = ChannelStart(self._interrupted or "final")
+        self._interrupted = None
         events.append(start)
         self._open_content(start)
-        for token_id in header.parts["role"]:
-            self._push(token_id, events)
+        for part in header.parts.values():
+            for token_id in part:
+                self._push(token_id, events)
 
     def _open_content(self, start: ChannelStart) -> None:
         self._current = start

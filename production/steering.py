@@ -82,7 +82,16 @@ class GrammarError(ValueError):
 
 class Grammars:
     """xgrammar's compiler for one tokenizer, built on first use (about 0.2 s for a 49k
-    vocabulary) and shared by all requests; compiled grammars are cached by xgrammar."""
+    vocabulary) and shared by all requests; compiled grammars are cached by xgrammar.
+
+    Control tokens (the tokenizer's special added tokens: harmony's `<|channel|>` and
+    `<|end|>`, ChatML's `<|im_start|>`) are given to the compiler as text that begins with a
+    NUL byte. xgrammar otherwise reads them as their literal text, so `<|end|>` was a valid
+    piece of a JSON string: a random GPT-OSS closed its final message from inside a string
+    value, 4 of 20 answers. No text a grammar here accepts holds a raw NUL (JSON forbids it),
+    so a control token now matches only where a structural tag names it (TokenFormat), by
+    id: structural tags name control tokens by their text and `compile` turns those into ids.
+    Stop tokens stay stop tokens: the matcher allows them only once the grammar is done."""
 
     def __init__(self, tokenizer: Any, vocab_size: int, stop_ids: list[int]) -> None:
         self.tokenizer = tokenizer
@@ -91,6 +100,29 @@ class Grammars:
         self._compiler: Any = None
         self._lock = threading.Lock()
 
+    def control_token_ids(self) -> dict[str, int]:
+        """The tokenizer's control tokens by text (its special added tokens)."""
+        decoder = getattr(self.tokenizer, "added_tokens_decoder", {}) or {}
+        return {t.content: i for i, t in decoder.items() if t.special and i < self.vocab_size}
+
+    def tokenizer_info(self) -> Any:
+        import xgrammar
+
+        detected = xgrammar.TokenizerInfo.from_huggingface(
+            self.tokenizer, vocab_size=self.vocab_size, stop_token_ids=self.stop_ids
+        )
+        vocab = list(detected.decoded_vocab)
+        for token_id in self.control_token_ids().values():
+            vocab[token_id] = b"\x00" + vocab[token_id]
+        # RAW: `vocab` is already decoded (byte-level and byte-fallback spellings undone).
+        return xgrammar.TokenizerInfo(
+            vocab,
+            xgrammar.VocabType.RAW,
+            vocab_size=self.vocab_size,
+            stop_token_ids=self.stop_ids,
+            add_prefix_space=detected.add_prefix_space,
+        )
+
     @property
     def compiler(self) -> Any:
         with self._lock:
@@ -98,12 +130,31 @@ class Grammars:
                 import xgrammar
 
                 started = time.monotonic()
-                info = xgrammar.TokenizerInfo.from_huggingface(
-                    self.tokenizer, vocab_size=self.vocab_size, stop_token_ids=self.stop_ids
-                )
-                self._compiler = xgrammar.GrammarCompiler(info, max_threads=2)
+                self._compiler = xgrammar.GrammarCompiler(self.tokenizer_info(), max_threads=2)
                 log.info("grammar compiler ready in %.2f s", time.monotonic() - started)
             return self._compiler
+
+    def _token_ids(self, node: Any) -> Any:
+        """A structural tag with its control tokens named by id (see the class docstring)."""
+        if isinstance(node, list):
+            return [self._token_ids(item) for item in node]
+        if not isinstance(node, dict):
+            return node
+        out = {key: self._token_ids(value) for key, value in node.items()}
+        ids = self.control_token_ids()
+
+        def resolve(token: Any) -> Any:
+            if isinstance(token, str):
+                if token not in ids:
+                    raise GrammarError(f"{token!r} is not one of the tokenizer's control tokens")
+                return ids[token]
+            return token
+
+        if node.get("type") == "token":
+            out["token"] = resolve(node["token"])
+        if node.get("type") in ("exclude_token", "any_tokens"):
+            out["exclude_tokens"] = [resolve(t) for t in node.get("exclude_tokens", [])]
+        return out
 
     def compile(self, grammar: Grammar) -> Any:
         """The compiled grammar; a schema it cannot take raises GrammarError."""
@@ -117,7 +168,10 @@ class Grammars:
                 return self.compiler.compile_json_schema(
                     grammar.source, any_whitespace=False, strict_mode=grammar.strict
                 )
-            return self.compiler.compile_structural_tag(grammar.source)
+            tag = self._token_ids(json.loads(grammar.source))
+            return self.compiler.compile_structural_tag(json.dumps(tag))
+        except GrammarError:
+            raise
         except Exception as exc:  # xgrammar raises RuntimeError/ValueError with its reason
             lines = str(exc).strip().splitlines() or [repr(exc)]
             # "[14:30:43] /project/cpp/json_schema_converter.cc:5082: Unsupported type ..."

@@ -65,21 +65,36 @@ def _answer_grammar(
     engine: Any, req: ChatRequest, tools: list[dict[str, Any]] | None, max_tokens: int
 ) -> Any:
     """What the answer must match: the tools' call format, or the response_format (None:
-    free text). Harmony models may think first, on at most half of max_tokens."""
-    from production import tool_calls
+    free text). Harmony models may think first, on at most half of max_tokens. Schemas go
+    through json_schema.for_grammar: what the grammar would ignore is refused by name."""
+    from production import json_schema, tool_calls
     from production.steering import Grammar, schema_text
 
     fmt = tool_calls.tool_format(engine.chat_format)
     if tools:
+        enforced = []
+        for tool in tools:
+            function = tool["function"]
+            if function.get("parameters") is not None:
+                try:
+                    parameters = json_schema.for_grammar(function["parameters"])
+                except json_schema.SchemaError as exc:
+                    raise json_schema.SchemaError(
+                        f"{function['name']}'s parameters: {exc}"
+                    ) from None
+                function = function | {"parameters": parameters}
+            enforced.append(tool | {"function": function})
         choice = req.tool_choice or "auto"
         if not isinstance(choice, str):
             choice = choice.model_dump()
         parallel = req.parallel_tool_calls is not False
-        return tool_calls.structural_tag(fmt, tools, choice, parallel, max_tokens // 2)
+        return tool_calls.structural_tag(fmt, enforced, choice, parallel, max_tokens // 2)
     rf = req.response_format
     if rf is None or rf.type == "text":
         return None
     schema = rf.json_schema.schema_ if rf.type == "json_schema" else None
+    if schema is not None:
+        schema = json_schema.for_grammar(schema)
     if fmt == "harmony":
         return tool_calls.harmony_json(schema, max_tokens // 2)
     if schema is None:  # json_object, or json_schema without a schema: any JSON object

@@ -336,6 +336,38 @@ def test_feeding_after_stop_returns_nothing(tok):
     assert parser.final == "2+2 = 4." and parser.close() == []
 
 
+def test_text_after_a_stray_control_token_is_shown_not_held_as_a_header(tok):
+    """A random GPT-OSS writes `<|start|>` or `<|channel|>` mid-answer; what follows was held
+    as a header until `<|message|>`, which never came: the rest of the answer went unseen while
+    the stream ran on. A header that runs past any real one, or holds a control character, is
+    text of the channel it interrupted."""
+    story = "Once upon a time " * 12  # 204 characters: longer than any header
+    parser = HarmonyStreamParser(tok)
+    ids = encode(tok, "<|channel|>final<|message|>Begin.<|start|>" + story + "<|return|>")
+    events = feed_all(parser, ids)
+    assert deltas(events, "final") == "Begin." + story  # every word of it
+    assert parser.stop_reason == "return"
+
+    # Held back no longer than the longest real header.
+    parser = HarmonyStreamParser(tok)
+    head = encode(tok, "<|channel|>analysis<|message|>Hm.<|channel|>")
+    feed_all(parser, head)
+    held = ""
+    for token_id in encode(tok, story):
+        held += tok.decode([token_id])
+        if deltas(parser.feed(token_id), "analysis"):
+            break
+    assert len(held) <= 170
+
+    # A newline cannot be in a header: shown at once.
+    result = parse_completion(tok, encode(tok, "<|channel|>final<|message|>A<|channel|>b\nc"))
+    assert result.final == "A\n\nb\nc"  # two final messages, joined as ever
+
+    # A real header is still a header.
+    result = parse_completion(tok, encode(tok, ANALYSIS_THEN_FINAL))
+    assert (result.analysis, result.final) == ("User asks simple math.", "2+2 = 4.")
+
+
 def test_unknown_channel_and_stray_end(tok):
     text = (
         "<|end|><|channel|>scratchpad<|message|>notes<|end|><|end|>"

@@ -377,6 +377,29 @@ def test_models_and_errors_have_openai_shapes(client: openai.OpenAI, served: Ser
         error = response.json()["error"]
         assert error["param"] == param and isinstance(error["code"], str), (param, error)
     assert stored() == before  # refused before anything was stored
+    unenforced = {
+        "type": "json_schema",
+        "json_schema": {"name": "x", "schema": {"type": "array", "uniqueItems": True}},
+    }
+    response = httpx.post(
+        f"{served.url}/v1/chat/completions",
+        json={"model": "whetstone", "messages": COUNT, "response_format": unenforced},
+    )
+    assert (
+        response.status_code == 400 and "`uniqueItems` at /" in response.json()["error"]["message"]
+    )
+    tool = WEATHER_TOOL | {
+        "function": WEATHER_TOOL["function"]
+        | {"parameters": {"type": "object", "not": {"required": ["city"]}}}
+    }
+    response = httpx.post(
+        f"{served.url}/v1/chat/completions",
+        json={"model": "whetstone", "messages": COUNT, "tools": [tool]},
+    )
+    error = response.json()["error"]
+    assert response.status_code == 400 and error["param"] == "tools"
+    assert "get_weather's parameters: `not` at /" in error["message"]
+    assert stored() == before
     weeks = httpx.get(f"{served.url}/v1/trend", params={"weeks": 0})
     assert weeks.status_code == 400 and weeks.json()["error"]["param"] == "weeks"
 
@@ -478,3 +501,60 @@ def test_harmony_tool_calls_on_the_commentary_channel(harmony: ServerProcess) ->
         response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": schema}},
     )
     assert set(json.loads(structured.choices[0].message.content)) == {"n"}
+
+
+def test_harmony_streams_end_with_the_answer_and_match_the_stored_and_whole_answers(
+    harmony: ServerProcess,
+) -> None:
+    """A random GPT-OSS at temperature 1 writes stray control tokens: what follows one is
+    shown (not held back as a header while the stream runs on), so the stream ends within a
+    few tokens' time of its last text, and the streamed deltas are the stored answer and the
+    answer asked for whole with the same seed (content, reasoning, tool calls)."""
+    import time
+
+    client = openai.OpenAI(base_url=f"{harmony.url}/v1", api_key="unused", max_retries=0)
+    asks = [{"max_tokens": 256}, {"max_tokens": 160, "tools": [CITY], "tool_choice": "required"}]
+    for seed, more in [(seed, asks[0]) for seed in range(12)] + [(0, asks[1])]:
+        body = {
+            "model": "whetstone",
+            "messages": [{"role": "user", "content": "Tell me a story."}],
+            "temperature": 1,
+            "seed": seed,
+            "extra_body": {"include_reasoning": True},
+        } | more
+        whole = client.chat.completions.create(**body).choices[0].message
+        started = time.monotonic()
+        content, reasoning, calls, last_text_at, usage, message_id = [], [], [], None, None, None
+        for chunk in client.chat.completions.create(
+            **body, stream=True, stream_options={"include_usage": True}
+        ):
+            message_id, usage = chunk.id, chunk.usage or usage
+            if not chunk.choices:
+                continue
+            delta = chunk.choices[0].delta
+            thought = (delta.model_extra or {}).get("reasoning_content") or ""
+            content.append(delta.content or "")
+            reasoning.append(thought)
+            calls.extend(delta.tool_calls or [])
+            if delta.content or thought or delta.tool_calls:
+                last_text_at = time.monotonic()
+        ended = time.monotonic()
+        per_token = (ended - started) / usage.completion_tokens
+        assert last_text_at is not None and ended - last_text_at <= 4 * per_token + 0.25, (
+            seed,
+            ended - last_text_at,
+            per_token,
+        )
+        stored, _ = stored_answer(harmony.home, message_id)
+        assert "".join(content) == stored.content == (whole.content or "")
+        assert (
+            "".join(reasoning)
+            == (stored.reasoning or "")
+            == whole.model_extra.get("reasoning_content", "")
+        )
+        streamed_calls = [(c.function.name, c.function.arguments) for c in calls]
+        whole_calls = [(c.function.name, c.function.arguments) for c in whole.tool_calls or []]
+        stored_calls = [
+            (c["function"]["name"], c["function"]["arguments"]) for c in stored.tool_calls or []
+        ]
+        assert streamed_calls == whole_calls == stored_calls

@@ -517,3 +517,62 @@ def test_static_moe_decoder_honours_every_logits_parameter_without_recompiling(
     assert run(raw=True, max_tokens=24, stop=(stop,)).text == raw[: raw.index(stop)]
     assert plain.completion_tokens
     assert _compiles() == compiles, "a logits parameter compiled a new graph"
+
+
+def test_structured_answers_on_the_static_moe_decoder_parse_strictly(tmp_path: Path) -> None:
+    """The person's layout (NF4 experts) on the CUDA-graph decoder, sampled at temperature 1
+    with varied seeds through the grammars the API builds: json_schema answers and tool-call
+    arguments parse with a strict parser and validate, or the answer says "length"."""
+    from benchmarks.gpt_oss_checkpoint import build
+    from common.config import load_settings
+    from production.engine import Engine
+    from tests.test_structured_output import answer, strict_loads, validate
+
+    model_dir = build(tmp_path / "gpt-oss-small-bnb-4bit", "small", "cuda")
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        f'[model]\npreset = "gpt-oss-20b"\nbase_model = "{model_dir}"\n'
+    )
+    engine = Engine(load_settings(home), "cuda:0")
+    assert engine.decode == "static"
+    schemas = [
+        {
+            "type": "object",
+            "properties": {
+                "name": {"type": "string", "maxLength": 12},
+                "count": {"type": "integer", "minimum": 0, "maximum": 99},
+                "ok": {"type": "boolean"},
+            },
+            "required": ["name", "count", "ok"],
+            "additionalProperties": False,
+        },
+        {
+            "type": "object",
+            "properties": {
+                "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "maxItems": 3},
+                "when": {"type": "string", "format": "date"},
+                "either": {"anyOf": [{"type": "integer"}, {"type": "null"}]},
+            },
+            "required": ["tags", "when", "either"],
+        },
+    ]
+    finished = 0
+    for schema in schemas:
+        for seed in range(6):
+            outcome = answer(engine, seed, 200, schema=schema)
+            if outcome.finish_reason == "length":
+                assert outcome.completion_tokens == 200
+                continue
+            assert outcome.finish_reason == "stop", outcome
+            validate(strict_loads(outcome.text), schema)
+            finished += 1
+    calls = 0
+    tool = {"type": "function", "function": {"name": "record", "parameters": schemas[0]}}
+    for seed in range(6):
+        outcome = answer(engine, seed, 200, tools=[tool])
+        for call in outcome.tool_calls:
+            validate(strict_loads(call.arguments), schemas[0])
+            calls += 1
+    print(f"structured: {finished}/12 answers finished, {calls}/6 calls made, all valid")
+    assert finished >= 4 and calls >= 2

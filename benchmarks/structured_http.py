@@ -1,6 +1,6 @@
 """Structured output and the end of a stream, through the real HTTP server as a client sees it.
 
-    python -m benchmarks.structured_http --gpt-oss 20b [--runs 4]    # on a CUDA machine
+    python -m benchmarks.structured_http --gpt-oss 20b [--runs 4] [--model-dir DIR]  # CUDA
     python -m benchmarks.structured_http [--runs 4]                  # a tiny GPT-OSS on the CPU
 
 Starts `python -m production.server` in a throwaway home on a random-weight GPT-OSS (`20b`: the
@@ -78,14 +78,16 @@ def _valid(text: str, schema: dict[str, Any]) -> str | None:
     return None
 
 
-def home_for(root: Path, gpt_oss: str | None) -> Path:
+def home_for(root: Path, gpt_oss: str | None, model_dir: Path | None) -> Path:
     home = root / "home"
     if gpt_oss == "20b":
         from benchmarks.gpt_oss_checkpoint import build
 
-        started = time.perf_counter()
-        model_dir = build(root / "gpt-oss-20b-bnb-4bit", "20b", "cuda")
-        log.info("20B checkpoint built in %.0f s", time.perf_counter() - started)
+        model_dir = model_dir or root / "gpt-oss-20b-bnb-4bit"
+        if not (model_dir / "config.json").exists():
+            started = time.perf_counter()
+            build(model_dir, "20b", "cuda")
+            log.info("20B checkpoint built in %.0f s", time.perf_counter() - started)
         home.mkdir()
         (home / "config.toml").write_text(
             f'[model]\npreset = "gpt-oss-20b"\nbase_model = "{model_dir}"\n'
@@ -176,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gpt-oss", choices=["20b"], default=None)
     parser.add_argument("--runs", type=int, default=4)
+    parser.add_argument(
+        "--model-dir", type=Path, default=None, help="20b: the checkpoint here (built if missing)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     import openai
@@ -183,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
 
     device = "cuda:0" if torch.cuda.is_available() else "cpu"
     with tempfile.TemporaryDirectory() as tmp:
-        home = home_for(Path(tmp), args.gpt_oss)
+        home = home_for(Path(tmp), args.gpt_oss, args.model_dir)
         server = Server(home, "server.log")
         try:
             started = time.perf_counter()

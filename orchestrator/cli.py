@@ -57,7 +57,8 @@ SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", help="Override a config key for this run, e.g. --set server.port=9000."),
 ]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+# metavar "": a flag takes no value (typer would show `<bool>` in --help).
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.", metavar="")]
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
@@ -130,7 +131,7 @@ def doctor(
     set_: SetOpt = None,
     as_json: JsonOpt = False,
     prepare: Annotated[
-        bool, typer.Option(help="Prepare the embedded default model if it is not yet.")
+        bool, typer.Option(help="Prepare the embedded default model if it is not yet.", metavar="")
     ] = True,
 ) -> None:
     """Check this machine and the home; prepare the embedded default model (and its answers
@@ -281,7 +282,7 @@ def status(home: HomeOpt = None, set_: SetOpt = None, as_json: JsonOpt = False) 
     table.add_row("base model", data["base_model"])
     table.add_row("current adapter", data["current_adapter"] or "none (the base model serves)")
     table.add_row("previous", data["previous_adapter"] or "none")
-    table.add_row("data", ", ".join(f"{k}: {v}" for k, v in data["counts"].items()))
+    table.add_row("data", _counts_line(data["counts"]))
     run = data["last_run"]
     if run is None:
         table.add_row("last run", "none")
@@ -309,6 +310,16 @@ def status(home: HomeOpt = None, set_: SetOpt = None, as_json: JsonOpt = False) 
     console.print(table)
 
 
+def _counts_line(counts: dict[str, Any]) -> str:
+    """ "conversations: 3, ..., runs: 2 succeeded, 1 failed" (runs by status, zeros left out)."""
+    parts = []
+    for key, value in counts.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{n} {status}" for status, n in value.items() if n) or "none"
+        parts.append(f"{key.replace('_', ' ')}: {value}")
+    return ", ".join(parts)
+
+
 @app.command("candidates")
 def candidates_cmd(home: HomeOpt = None, set_: SetOpt = None, as_json: JsonOpt = False) -> None:
     """List the trained adapters, which one serves, and how each was judged."""
@@ -327,7 +338,12 @@ def candidates_cmd(home: HomeOpt = None, set_: SetOpt = None, as_json: JsonOpt =
     if not rows:
         console.print("no candidates yet: `whetstone train` makes one")
         return
-    table = Table("", "id", "created", "status", "decision", "note")
+    # Ids whole, never cut at 80 columns: they are what `promote` and `report` take.
+    table = Table("")
+    table.add_column("id", no_wrap=True, min_width=max(len(row["id"]) for row in rows))
+    for header in ("created", "status", "decision"):
+        table.add_column(header)
+    table.add_column("note", overflow="fold")
     for row in rows:
         mark = "*" if row["current"] else ("p" if row["previous"] else "")
         note = row["error"] or (row["rule"] or "")
@@ -352,7 +368,7 @@ def promote(
     home: HomeOpt = None,
     set_: SetOpt = None,
     force: Annotated[
-        bool, typer.Option("--force", help="Promote without a passing evaluation.")
+        bool, typer.Option("--force", help="Promote without a passing evaluation.", metavar="")
     ] = False,
 ) -> None:
     """Make a candidate the champion (the old one becomes `previous`)."""
@@ -702,14 +718,17 @@ def train(
         str | None, typer.Option(help="Training profile (default: training.default_profile).")
     ] = None,
     wait: Annotated[
-        bool, typer.Option("--wait", help="Show progress until the run (and its gate) ends.")
+        bool,
+        typer.Option("--wait", help="Show progress until the run (and its gate) ends.", metavar=""),
     ] = False,
     force: Annotated[
-        bool, typer.Option("--force", help="Train even without enough new feedback.")
+        bool, typer.Option("--force", help="Train even without enough new feedback.", metavar="")
     ] = False,
     promote_: Annotated[
         bool,
-        typer.Option("--promote/--no-promote", help="Promote the candidate if the gate passes."),
+        typer.Option(
+            "--promote/--no-promote", help="Promote the candidate if the gate passes.", metavar=""
+        ),
     ] = True,
 ) -> None:
     """Train a candidate on the feedback so far, evaluate it, and promote it if it wins."""
@@ -854,7 +873,8 @@ def trend(
     set_: SetOpt = None,
     weeks: Annotated[int, typer.Option(min=1, help="How many weeks back.")] = 4,
     html: Annotated[
-        bool, typer.Option("--html", help="Write the page with plots and print its path.")
+        bool,
+        typer.Option("--html", help="Write the page with plots and print its path.", metavar=""),
     ] = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -886,7 +906,9 @@ def recipe(
     set_: SetOpt = None,
     reset: Annotated[
         bool,
-        typer.Option("--reset", help="Go back to the config's profile; closes the search study."),
+        typer.Option(
+            "--reset", help="Go back to the config's profile; closes the search study.", metavar=""
+        ),
     ] = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -935,7 +957,7 @@ def report(
     home: HomeOpt = None,
     set_: SetOpt = None,
     html: Annotated[
-        bool, typer.Option("--html", help="Print the HTML report's path only.")
+        bool, typer.Option("--html", help="Print the HTML report's path only.", metavar="")
     ] = False,
 ) -> None:
     """Show a candidate's promotion report (Markdown in the terminal; --html for the file)."""
@@ -950,6 +972,8 @@ def report(
     except RegistryError as exc:
         raise _fail(str(exc)) from None
     md, page = folder / "report.md", folder / "report.html"
+    if not folder.is_dir():
+        raise _fail(f"there is no candidate {candidate_id}: `whetstone candidates` lists them")
     if not md.is_file():
         raise _fail(
             f"candidate {candidate_id} has no report yet: run `whetstone eval {candidate_id}`"

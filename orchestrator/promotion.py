@@ -11,6 +11,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from candidates.errors import CandidateNotFound
 from candidates.registry import Candidate, PromotionResult, Registry, RegistryError
 from common.config import Settings
 from data.errors import NotFound
@@ -108,6 +109,10 @@ def promote(
     registry.validate_id(candidate_id)
     try:
         meta = registry.get(candidate_id).meta
+    except CandidateNotFound:
+        raise PromotionRefused(
+            f"there is no candidate {candidate_id}: `whetstone candidates` lists them"
+        ) from None
     except RegistryError:
         meta = None  # registry.promote below says what is wrong with it
     if meta is not None and meta.status == "trial":

@@ -225,3 +225,25 @@ def test_every_command_on_a_read_only_home_is_a_message(read_only_home: Path) ->
         assert "error:" in done.stderr, (command, done.stderr[-500:])
         assert "Traceback" not in done.stderr, (command, done.stderr[-2000:])
     assert (read_only_home / "whetstone.db").read_bytes() == before
+
+
+def test_what_a_newcomer_reads_names_things_as_they_are(home: Path) -> None:
+    """Seen by a first-hour user: a candidate that does not exist was "not passed the gate",
+    run counts printed as a Python dict, ids cut at 80 columns, flags shown as `<bool>`."""
+    for command in ("promote", "report"):
+        missing = run_cli(command, "cand-nope", "--home", str(home))
+        assert missing.returncode == 1
+        assert "there is no candidate cand-nope: `whetstone candidates` lists them" in (
+            missing.stderr
+        ), missing.stderr
+    long_id = "cand-20261206-165959-0123abcd"
+    add_candidate(home, long_id)
+    narrow = {"COLUMNS": "80"}
+    listed = run_cli("candidates", "--home", str(home), env=narrow)
+    assert long_id in listed.stdout, listed.stdout
+    status = run_cli("status", "--home", str(home), env=narrow)
+    assert "runs: none" in status.stdout and "{" not in status.stdout, status.stdout
+    for command, flag in (("train", "--wait"), ("status", "--json"), ("promote", "--force")):
+        shown = run_cli(command, "--help", env=narrow)
+        line = next(x for x in shown.stdout.splitlines() if flag in x)
+        assert "<bool>" not in line, line

@@ -186,6 +186,8 @@ def test_regenerate_keeps_both_answers_in_a_narrow_terminal(server: ServerProces
             conversation = store.get_conversation(one.conversation_id)
         assert one.reply_to_id == two.reply_to_id is not None
         assert one.content == first.text and two.content == second.text
+        # The first answer is greedy; the regenerated one is sampled, so the two can differ.
+        assert (one.generation["temperature"], two.generation["temperature"]) == (0.0, 0.8)
         assert [m.role for m in conversation.messages] == ["user", "assistant", "assistant"]
 
     run(scenario)

@@ -19,6 +19,9 @@ from production.api.streaming import ChatChunks, TextChunks, sse
 from production.api.turns import turns_of
 from production.openai_schema import ChatRequest, CompletionRequest
 
+# The temperature of a regenerated answer when the request names none.
+REGENERATE_TEMPERATURE = 0.8
+
 
 def _sampling(
     service: Service,
@@ -42,6 +45,11 @@ def _sampling(
                 param="logit_bias",
             )
         bias.append((int(token), float(value)))
+    temperature = req.temperature
+    if temperature is None and getattr(req, "regenerate", False):
+        # Another answer to the same message: greedy decoding would give the same one again,
+        # and the two are a pair to learn from only if they can differ.
+        temperature = REGENERATE_TEMPERATURE
     steering = SteeringSpec(
         logit_bias=tuple(bias),
         presence_penalty=req.presence_penalty or 0.0,
@@ -50,7 +58,7 @@ def _sampling(
         grammar=grammar,
     )
     return Sampling(
-        req.temperature,
+        temperature,
         req.top_p,
         req.top_k,
         max_tokens,

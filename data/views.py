@@ -16,6 +16,49 @@ def run_view(run: TrainingRun) -> dict[str, Any]:
     } | {"created_at": run.created_at.isoformat(), "progress": run.progress}
 
 
+def run_outcome(store: Any, run: TrainingRun) -> dict[str, Any]:
+    """A run that ended, with how its candidate was judged, whether it serves now and what to
+    do next: what /v1/status shows as `last_run` and the daemon logs when the run ends."""
+    view = {k: v for k, v in run_view(run).items() if k != "progress"}
+    if run.candidate_id:
+        found = store.list_evaluations(run.candidate_id, limit=1)
+        if found:
+            metrics = found[0].metrics or {}
+            view |= {
+                "decision": found[0].decision,
+                "rule": found[0].rule,
+                "gate_reason": metrics.get("reason"),
+                "next_step": metrics.get("next_step"),
+            }
+        view["promoted"] = any(
+            p.action == "promote" and p.candidate_id == run.candidate_id
+            for p in store.list_promotions(limit=20)
+        )
+    return view
+
+
+def outcome_line(outcome: dict[str, Any]) -> str:
+    """One line for a log: "candidate X promoted", "candidate X not promoted (rule): why. Next:
+    ...", or why the run was skipped or failed."""
+    candidate = outcome.get("candidate_id")
+    if outcome["status"] == "skipped":
+        return f"skipped: {outcome.get('reason')}"
+    if outcome["status"] == "failed":
+        return f"failed: {outcome.get('error')}"
+    if not candidate:
+        return str(outcome["status"])
+    if outcome.get("promoted"):
+        return f"candidate {candidate} promoted: it serves now (`whetstone report {candidate}`)"
+    if outcome.get("decision") is None:
+        return f"candidate {candidate} trained, not evaluated (`whetstone eval {candidate}`)"
+    line = f"candidate {candidate} not promoted ({outcome['rule']})"
+    if outcome.get("gate_reason"):
+        line += f": {outcome['gate_reason']}"
+    if outcome.get("next_step"):
+        line += f". Next: {outcome['next_step']}"
+    return line
+
+
 def promotion_view(p: Promotion) -> dict[str, Any]:
     """One row of the promotion audit log."""
     return {

@@ -49,6 +49,7 @@ from common.config import ConfigError, Settings
 from common.fs import atomic_write_text, pid_alive
 from common.run_state import HomeLock, RunState, state_file
 from data.store import Store
+from data.views import outcome_line, run_outcome
 from orchestrator import experiments, jobs, promotion, schedule, watch
 
 log = logging.getLogger(__name__)
@@ -644,7 +645,9 @@ class Daemon:
             error = f"the training process exited with code {code} without reporting"
             self.store.update_run(run_id, status="failed", error=error)
             run = self.store.get_run(run_id)
-        log.info("run %s ended: %s (exit %s, %.0f s)", run_id, run.status, code, elapsed)
+        # The outcome in words: "succeeded" alone read the same for a promotion and a reject.
+        outcome = outcome_line(run_outcome(self.store, run))
+        log.info("run %s ended (exit %s, %.0f s): %s", run_id, code, elapsed, outcome)
         if run.status == "failed":
             self._error(f"run {run_id} failed: {run.error}")
 

@@ -282,6 +282,8 @@ def test_every_n_feedback_queues_a_run_and_too_little_data_is_skipped(
     finally:
         store.close()
     assert daemon.terminate() == 0
+    assert f"run {run.id} ended (exit 0" in daemon.output()
+    assert f"s): skipped: {run.reason}" in daemon.output()
 
 
 def test_a_hung_job_is_killed_after_the_timeout_and_train_wait_reports_it(

@@ -687,3 +687,37 @@ def test_upgrade_to_0004_keeps_what_runs_used_and_places_the_rest_by_kind(tmp_pa
         store.add_feedback(new.id, rating=1)
         store.add_feedback(new.id, correction="fixed too")
         assert store.get_message(new.id).placement == spread_placement(3)
+
+
+def test_a_runs_outcome_in_words_says_promoted_rejected_or_skipped(tmp_path: Path) -> None:
+    """The daemon's log line when a run ends: "succeeded" alone read the same for a promotion
+    and a reject."""
+    from data.views import outcome_line, run_outcome
+
+    store = Store(f"sqlite:///{tmp_path}/w.db")
+    try:
+        won = store.create_run("quick_test", "manual")
+        store.update_run(won.id, status="succeeded", candidate_id="cand-won")
+        store.record_evaluation("cand-won", decision="promote", rule="all_passed")
+        store.record_promotion("promote", "cand-won")
+        lost = store.create_run("quick_test", "nightly")
+        store.update_run(lost.id, status="succeeded", candidate_id="cand-lost")
+        store.record_evaluation(
+            "cand-lost",
+            decision="reject",
+            rule="general_regression",
+            metrics={"reason": "2 general answers got worse", "next_step": "teach more"},
+        )
+        skipped = store.create_run("quick_test", "feedback")
+        store.update_run(skipped.id, status="skipped", reason="3 new examples; 8 needed")
+        lines = [
+            outcome_line(run_outcome(store, store.get_run(r.id))) for r in (won, lost, skipped)
+        ]
+    finally:
+        store.close()
+    assert lines[0] == "candidate cand-won promoted: it serves now (`whetstone report cand-won`)"
+    assert lines[1] == (
+        "candidate cand-lost not promoted (general_regression): 2 general answers got worse. "
+        "Next: teach more"
+    )
+    assert lines[2] == "skipped: 3 new examples; 8 needed"

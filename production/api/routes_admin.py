@@ -11,7 +11,7 @@ from fastapi import APIRouter
 
 from common.run_state import read_state
 from data.store import Store
-from data.views import promotion_view, run_view
+from data.views import promotion_view, run_outcome, run_view
 from orchestrator import experiments
 from orchestrator.schedule import EXPERIMENT_TRIGGER
 from production.api.errors import ApiError
@@ -37,19 +37,7 @@ def _last_run(store: Store) -> dict[str, Any] | None:
     ended = [r for r in runs if r.status not in ("queued", "running")]
     if not ended:
         return None
-    run = ended[0]
-    view = {k: v for k, v in run_view(run).items() if k != "progress"}
-    if run.candidate_id:
-        found = store.list_evaluations(run.candidate_id, limit=1)
-        if found:
-            metrics = found[0].metrics or {}
-            view |= {
-                "decision": found[0].decision,
-                "rule": found[0].rule,
-                "gate_reason": metrics.get("reason"),
-                "next_step": metrics.get("next_step"),
-            }
-    return view
+    return run_outcome(store, ended[0])
 
 
 def _last_promotion(store: Store) -> dict[str, Any] | None:

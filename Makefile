@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 WHETSTONE := $(VENV)/bin/whetstone
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-quick lint format clean
+.PHONY: install run chat test test-quick lint format clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -25,6 +25,10 @@ install: $(VENV)/.installed
 run: install
 	$(WHETSTONE) doctor
 	$(WHETSTONE) up
+
+# The terminal UI, in a second terminal while `make run` runs (.venv/bin is not on the PATH).
+chat: install
+	$(WHETSTONE) chat
 
 test: install
 	$(VENV)/bin/pytest $(PYTEST_ARGS)

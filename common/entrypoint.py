@@ -60,3 +60,16 @@ def settings_from_args(
 
 def log_to_stderr(settings: Settings, fmt: str = LOG_FORMAT) -> None:
     logging.basicConfig(level=settings.log_level, format=fmt, stream=sys.stderr)
+
+
+def whetstone_command() -> str:
+    """How to type `whetstone` here: the bare name where the shell finds this installation's
+    script, else its full path (after `make run` the script is in .venv/bin, which is not on
+    the PATH: a banner that said `whetstone chat` gave `command not found`)."""
+    import shutil
+
+    script = Path(sys.executable).with_name("whetstone")
+    found = shutil.which("whetstone")
+    if found is not None and Path(found).resolve() == script.resolve():
+        return "whetstone"
+    return str(script) if script.exists() else "whetstone"

@@ -32,6 +32,7 @@ from common.config import (
     log_resolved,
     parse_sets,
 )
+from common.entrypoint import whetstone_command
 
 if TYPE_CHECKING:  # imported lazily at run time: `whetstone --help` stays fast
     from candidates import Registry
@@ -501,12 +502,13 @@ def up(
     _daemon_logging(settings)
     log_resolved(settings)
     host_shown = settings.server.host
+    command = whetstone_command()
     console.print(
         f"whetstone up: home {settings.paths.root}\n"
         f"  API: http://{host_shown}:{settings.server.port}/v1 (OpenAI-compatible; ready once the "
         "model has loaded)\n"
-        f"  chat: whetstone chat --home {settings.paths.root}\n"
-        f"  status: whetstone status --home {settings.paths.root}\n"
+        f"  chat: {command} chat --home {settings.paths.root}\n"
+        f"  status: {command} status --home {settings.paths.root}\n"
         "  stop: Ctrl-C (or SIGTERM)",
         highlight=False,
     )

@@ -46,6 +46,7 @@ from typing import Any
 from candidates import Registry
 from common import devices, gpus
 from common.config import ConfigError, Settings
+from common.entrypoint import whetstone_command
 from common.fs import atomic_write_text, pid_alive
 from common.run_state import HomeLock, RunState, state_file
 from data.store import Store
@@ -702,9 +703,10 @@ async def run_daemon(settings: Settings) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, daemon.stop)
         log.info(
-            "whetstone up: API at %s (home %s); chat: whetstone chat --home %s",
+            "whetstone up: API at %s (home %s); chat: %s chat --home %s",
             daemon.worker.url,
             settings.paths.root,
+            whetstone_command(),
             settings.paths.root,
         )
         await daemon.serve()

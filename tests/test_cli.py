@@ -247,3 +247,18 @@ def test_what_a_newcomer_reads_names_things_as_they_are(home: Path) -> None:
         shown = run_cli(command, "--help", env=narrow)
         line = next(x for x in shown.stdout.splitlines() if flag in x)
         assert "<bool>" not in line, line
+
+
+def test_the_banner_names_whetstone_as_the_shell_can_run_it(monkeypatch) -> None:
+    """After `make run`, .venv/bin is not on the PATH: `whetstone chat` was `command not
+    found`. The banner's command is the full path then, the bare name when the shell finds
+    this installation's script."""
+    import sys
+
+    from common.entrypoint import whetstone_command
+
+    script = Path(sys.executable).with_name("whetstone")
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    assert whetstone_command() == str(script)
+    monkeypatch.setenv("PATH", f"{script.parent}:/usr/bin:/bin")
+    assert whetstone_command() == "whetstone"

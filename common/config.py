@@ -969,9 +969,21 @@ def check_devices(settings: Settings, gpu_count: int) -> None:
 
 
 def log_resolved(settings: Settings) -> None:
-    """Log the resolved config once at start, secrets hidden."""
-    log.info("resolved config: %s", json.dumps(settings.redacted(), sort_keys=True))
+    """Log the resolved config once at start, secrets hidden. The record is marked `detail`:
+    a terminal's handler may leave its few kilobytes out (ConsoleFilter); log files keep it."""
+    log.info(
+        "resolved config: %s",
+        json.dumps(settings.redacted(), sort_keys=True),
+        extra={"detail": True},
+    )
     logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+class ConsoleFilter(logging.Filter):
+    """For a terminal's handler: leaves out records marked `detail` (for the log file)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(record, "detail", False)
 
 
 def is_loopback(host: str) -> bool:

@@ -27,6 +27,7 @@ from rich.table import Table
 from common.config import (
     EMBEDDED_MODEL,
     ConfigError,
+    ConsoleFilter,
     Settings,
     load_settings,
     log_resolved,
@@ -468,9 +469,11 @@ def _daemon_logging(settings: Settings) -> None:
         settings.paths.logs_dir / "daemon.log", maxBytes=10_000_000, backupCount=3
     )
     logfile.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    stderr.addFilter(ConsoleFilter())  # the resolved config goes to daemon.log only
     root.addHandler(stderr)
     root.addHandler(logfile)
-    for noisy in ("apscheduler.executors", "httpx", "alembic"):
+    # apscheduler.scheduler repeats each "schedule: ..." line the daemon logs itself.
+    for noisy in ("apscheduler.executors", "apscheduler.scheduler", "httpx", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -501,6 +504,7 @@ def up(
         raise _fail(str(HomeBusy(settings.paths.root, owner)))
     _daemon_logging(settings)
     log_resolved(settings)
+    log.info("resolved config: in %s", settings.paths.logs_dir / "daemon.log")
     host_shown = settings.server.host
     command = whetstone_command()
     console.print(

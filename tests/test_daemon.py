@@ -284,6 +284,10 @@ def test_every_n_feedback_queues_a_run_and_too_little_data_is_skipped(
     assert daemon.terminate() == 0
     assert f"run {run.id} ended (exit 0" in daemon.output()
     assert f"s): skipped: {run.reason}" in daemon.output()
+    # The terminal is spared the kilobytes of resolved config and apscheduler's echo of the
+    # schedule; the log file keeps the config.
+    assert "resolved config: {" not in daemon.output() and "Added job" not in daemon.output()
+    assert "resolved config: {" in (home_with_model / "logs" / "daemon.log").read_text()
 
 
 def test_a_hung_job_is_killed_after_the_timeout_and_train_wait_reports_it(

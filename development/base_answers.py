@@ -3,11 +3,12 @@ training run mixes in and the gate's regression probes compare against), once pe
 
     python -m development.base_answers --home ~/.local/share/whetstone
 
-`whetstone doctor` runs this after preparing the embedded default model, so the first
-training run on a fresh home starts training at once instead of generating 68 answers first
-(56 s on two idle CPU cores in one batch; 86 s in batches of 16 before, and 12-30 minutes
-next to other work). A model configured otherwise gets its cache from its first
-training run, on the training device, with progress in `whetstone status`.
+The daemon runs this on the development device once its API is up (for the embedded default
+model), so the person chats while the 68 answers are made (56 s on two idle CPU cores in one
+batch; 155 s in `whetstone doctor`, where it held the first chat back) and the first training
+run starts training at once; runs queued meanwhile wait. A model configured otherwise (or a
+home without a daemon) gets its cache from its first training run, on the training device,
+with progress in `whetstone status`.
 """
 
 from __future__ import annotations

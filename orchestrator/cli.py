@@ -136,8 +136,7 @@ def doctor(
         bool, typer.Option(help="Prepare the embedded default model if it is not yet.", metavar="")
     ] = True,
 ) -> None:
-    """Check this machine and the home; prepare the embedded default model (and its answers
-    to the replay prompts) once."""
+    """Check this machine and the home; prepare the embedded default model once."""
     settings = settings_for(home, set_)
     paths = settings.paths.create()
     if prepare and settings.model.base_model == EMBEDDED_MODEL:
@@ -148,14 +147,9 @@ def doctor(
         )
         if code != 0:
             raise _fail("preparing the embedded default model failed (see above)")
-        # Its answers to the replay prompts, so the first training run starts training at once.
-        code = subprocess.call(
-            [_python(), "-m", "development.base_answers", "--home", str(paths.root)]
-            + [arg for item in set_ or [] for arg in ("--set", item)],
-            stdout=subprocess.DEVNULL,
-        )
-        if code != 0:
-            raise _fail("generating the embedded model's base answers failed (see above)")
+        # Its answers to the replay prompts are made by the daemon once its API is up (the
+        # person chats meanwhile), or by the first training run: not here, where they held
+        # `make run`'s first chat back 155 s.
     probe = subprocess.run(
         [_python(), "-m", "production.doctor", "--home", str(paths.root)],
         capture_output=True,
@@ -275,6 +269,10 @@ def status(home: HomeOpt = None, set_: SetOpt = None, as_json: JsonOpt = False) 
         table.add_row("API worker", line)
         if worker.get("state") in ("failed", "restarting") and worker.get("last_error"):
             table.add_row("worker error", escape(worker["last_error"]))
+        if daemon.get("preparing") == "base answers":
+            table.add_row(
+                "preparing", "the base model's answers to the replay prompts (runs wait for them)"
+            )
         for job in daemon.get("schedule") or []:
             table.add_row(f"next {job['id']}", str(job.get("next_run_at")))
         for err in (daemon.get("errors") or [])[-3:]:

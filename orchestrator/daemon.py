@@ -45,7 +45,7 @@ from typing import Any
 
 from candidates import Registry
 from common import devices, gpus
-from common.config import ConfigError, Settings
+from common.config import EMBEDDED_MODEL, ConfigError, Settings
 from common.entrypoint import whetstone_command
 from common.fs import atomic_write_text, pid_alive
 from common.run_state import HomeLock, RunState, state_file
@@ -295,6 +295,14 @@ class Daemon:
         self._no_trial_at: int | None = None
         # Set to run a dispatch now instead of at the next poll (a trial must yield).
         self._wake = asyncio.Event()
+        # The embedded model's answers to the replay prompts, which every run mixes in: made
+        # here once the API is up, so the person chats while they are made (in `doctor` they
+        # held the first chat back 155 s); runs wait for them.
+        self.answers: subprocess.Popen[bytes] | None = None
+        self.answers_started: float | None = None
+        self._answers_due = settings.model.base_model == EMBEDDED_MODEL
+        self._answers_said = False  # "preparing ..." logged (not when the cache was there)
+        self._told_waiting: set[str] = set()
         self.errors: deque[dict[str, str]] = deque(maxlen=20)
         self.started_at = datetime.now(UTC)
         self._tasks: list[asyncio.Task[Any]] = []
@@ -364,6 +372,12 @@ class Daemon:
         # A trial stopped here is asked again by the next daemon; a real run failed.
         status = "cancelled" if self.job_is_trial else "failed"
         await asyncio.to_thread(self._cancel_job, "the daemon is stopping", status)
+        if self.answers is not None:  # the next daemon starts them again; nothing half-written
+            self.answers.terminate()  # is read: the cache file is written whole, by rename
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                await asyncio.to_thread(self.answers.wait, 10)
+            if self.answers.poll() is None:
+                self.answers.kill()
         await asyncio.to_thread(self.worker.stop)
         if self.store is not None:
             self.store.close()
@@ -412,6 +426,8 @@ class Daemon:
                 "pid": self.job.pid if self.job else None,
                 "trial": self.job_is_trial,
             },
+            # What training waits for before its first run on this home (None: nothing).
+            "preparing": "base answers" if self.answers is not None else None,
             "experiments": {"enabled": self.trials, "waiting_because": self.no_trial_because},
             "errors": list(self.errors),
         }
@@ -530,10 +546,68 @@ class Daemon:
         reason = watch.check(self.settings, self.store, self.registry)
         if reason:
             self._error(f"rolled back after promotion: {reason}")
+        if self.answers is not None:
+            self._check_answers()
+        elif self._answers_due and self.job is None and self.worker.state == "up":
+            self._start_answers()
+        if self.answers is not None:
+            self._tell_waiting()
+            return
         if self.job is None and not self._stopping.is_set():
             self._start_next()
         if self.job is None and self.trials and not self._stopping.is_set():
             self._start_trial()
+
+    def _start_answers(self) -> None:
+        """`python -m development.base_answers` on the development device (it returns at
+        once when the cache is there)."""
+        self._answers_due = False
+        env = devices.child_env(self.settings, "development")
+        logfile = self.settings.paths.logs_dir / "base-answers.log"
+        argv = [sys.executable, "-m", "development.base_answers", "--quiet"]
+        argv += ["--home", str(self.settings.paths.root)]
+        argv += ["--device", env["WHETSTONE_WORKER_DEVICE"]]
+        with open(logfile, "ab") as out:
+            self.answers = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
+        self.answers_started = time.monotonic()
+
+    def _check_answers(self) -> None:
+        assert self.answers is not None
+        code = self.answers.poll()
+        elapsed = time.monotonic() - (self.answers_started or time.monotonic())
+        if code is None:
+            if elapsed >= 5 and not self._answers_said:
+                self._answers_said = True
+                log.info(
+                    "preparing the base model's answers to the replay prompts (log: %s); "
+                    "training runs wait for them, chat does not",
+                    self.settings.paths.logs_dir / "base-answers.log",
+                )
+            return
+        self.answers = self.answers_started = None
+        if code == 0:
+            if self._answers_said:
+                log.info("the base model's answers are ready (%.0f s)", elapsed)
+        else:  # the first run makes them itself, as on a home without a daemon
+            self._error(
+                f"preparing the base model's answers failed (exit {code}, "
+                f"{self.settings.paths.logs_dir / 'base-answers.log'}); the first run makes them"
+            )
+
+    def _tell_waiting(self) -> None:
+        """Say once per queued run that it waits for the answers."""
+        assert self.store is not None
+        for run in self.store.list_runs(limit=5, status="queued"):
+            if run.id not in self._told_waiting:
+                self._told_waiting.add(run.id)
+                log.info("run %s waits for the base model's answers to the replay prompts", run.id)
 
     def _start_next(self) -> None:
         assert self.store is not None

@@ -147,13 +147,13 @@ def status_json(home: Path) -> dict[str, Any]:
 
 
 def test_daemon_restarts_a_killed_worker_and_refuses_a_second_up(
-    home_with_model: Path, daemons: Callable[..., DaemonProcess]
+    home_for_training: Path, daemons: Callable[..., DaemonProcess]
 ) -> None:
-    daemon = daemons(home_with_model).wait_ready()
+    daemon = daemons(home_for_training).wait_ready()
     assert httpx.get(f"{daemon.url}/health", timeout=5).status_code == 200
     first = chat(daemon.url, "Say hello.")
 
-    second = run_cli("up", "--home", str(home_with_model), "--port", str(free_port()))
+    second = run_cli("up", "--home", str(home_for_training), "--port", str(free_port()))
     assert second.returncode == 1
     assert f"pid {daemon.proc.pid}" in second.stderr and "already" not in second.stdout
     assert "another `whetstone up`" in second.stderr
@@ -170,7 +170,7 @@ def test_daemon_restarts_a_killed_worker_and_refuses_a_second_up(
     assert worker["restarts"] == 1
     later = chat(daemon.url, "Say goodbye.")
 
-    status = status_json(home_with_model)
+    status = status_json(home_for_training)
     assert status["run_state"] == "running"
     assert status["daemon"]["worker"]["state"] == "up"
     assert status["daemon"]["devices"] == {
@@ -183,8 +183,8 @@ def test_daemon_restarts_a_killed_worker_and_refuses_a_second_up(
     assert api_status["daemon"]["state"] == "running"
 
     assert daemon.terminate() == 0
-    assert json.loads((home_with_model / "run" / "daemon.json").read_text())["state"] == "stopped"
-    store = Store(load_settings(home_with_model).db_url)
+    assert json.loads((home_for_training / "run" / "daemon.json").read_text())["state"] == "stopped"
+    store = Store(load_settings(home_for_training).db_url)
     try:
         assert store.get_message(first).content and store.get_message(later).content
     finally:
@@ -193,24 +193,24 @@ def test_daemon_restarts_a_killed_worker_and_refuses_a_second_up(
 
 
 def test_a_crash_loop_stops_with_the_reason_in_status(
-    home_with_model: Path, daemons: Callable[..., DaemonProcess]
+    home_for_training: Path, daemons: Callable[..., DaemonProcess]
 ) -> None:
-    (home_with_model / "config.toml").write_text(FAST + "max_restarts = 2\n")
+    (home_for_training / "config.toml").write_text(FAST + "max_restarts = 2\n")
     with socket.socket() as taken:  # the worker's port is taken: it exits at every start
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        daemon = daemons(home_with_model, port=taken.getsockname()[1])
+        daemon = daemons(home_for_training, port=taken.getsockname()[1])
         worker = wait_for(
             "the worker given up",
             lambda: (w := daemon.state().get("worker") or {}).get("state") == "failed" and w,
             timeout=60,
         )
         assert worker["crashes_in_row"] == 3
-        status = status_json(home_with_model)
+        status = status_json(home_for_training)
     assert status["run_state"] == "running"  # the daemon stays up and says why
     error = status["daemon"]["worker"]["last_error"]
     assert "crashed 3 times in a row" in error and "cannot listen" in error, error
-    human = run_cli("status", "--home", str(home_with_model))
+    human = run_cli("status", "--home", str(home_for_training))
     # The table folds long cells at the terminal's width, wherever a long home path puts the
     # break: read it as the words a person sees.
     words = " ".join(human.stdout.split())
@@ -253,12 +253,12 @@ def test_sigterm_during_training_stops_cleanly_and_marks_the_run(
 
 
 def test_every_n_feedback_queues_a_run_and_too_little_data_is_skipped(
-    home_with_model: Path, daemons: Callable[..., DaemonProcess]
+    home_for_training: Path, daemons: Callable[..., DaemonProcess]
 ) -> None:
-    (home_with_model / "config.toml").write_text(
+    (home_for_training / "config.toml").write_text(
         FAST + "\n[schedule]\nevery_n_feedback = 3\nmin_new_examples = 8\n"
     )
-    daemon = daemons(home_with_model).wait_ready()
+    daemon = daemons(home_for_training).wait_ready()
     for index in range(3):
         message_id = chat(daemon.url, f"Question number {index}?")
         assert daemon.state()["training"]["run_id"] is None
@@ -268,7 +268,7 @@ def test_every_n_feedback_queues_a_run_and_too_little_data_is_skipped(
             timeout=10,
         )
         resp.raise_for_status()
-    store = Store(load_settings(home_with_model).db_url)
+    store = Store(load_settings(home_for_training).db_url)
     try:
         run = wait_for(
             "a skipped feedback run",
@@ -287,7 +287,7 @@ def test_every_n_feedback_queues_a_run_and_too_little_data_is_skipped(
     # The terminal is spared the kilobytes of resolved config and apscheduler's echo of the
     # schedule; the log file keeps the config.
     assert "resolved config: {" not in daemon.output() and "Added job" not in daemon.output()
-    assert "resolved config: {" in (home_with_model / "logs" / "daemon.log").read_text()
+    assert "resolved config: {" in (home_for_training / "logs" / "daemon.log").read_text()
 
 
 def test_a_hung_job_is_killed_after_the_timeout_and_train_wait_reports_it(
@@ -316,14 +316,14 @@ def test_a_hung_job_is_killed_after_the_timeout_and_train_wait_reports_it(
 
 
 def test_a_worker_whose_daemon_was_killed_stops_within_seconds(
-    home_with_model: Path, daemons: Callable[..., DaemonProcess]
+    home_for_training: Path, daemons: Callable[..., DaemonProcess]
 ) -> None:
     """kill -9 of the daemon while the worker streams a long answer: the orphaned worker
     cuts the stream after a short grace and exits (it used to run on for minutes, holding
     the port and a core)."""
     import threading
 
-    daemon = daemons(home_with_model).wait_ready()
+    daemon = daemons(home_for_training).wait_ready()
     worker_pid = daemon.worker_up()["pid"]
     streamed: list[str] = []
 
@@ -361,3 +361,30 @@ def _alive(pid: int) -> bool:
         return False
     status = Path(f"/proc/{pid}/status")
     return not (status.exists() and "State:\tZ" in status.read_text())
+
+
+def test_the_first_chat_does_not_wait_for_the_base_answers_and_a_run_does(
+    home_with_model: Path, daemons: Callable[..., DaemonProcess]
+) -> None:
+    """A fresh home (as after `make run`'s doctor): the daemon makes the base model's answers
+    to the replay prompts once the API is up. The person chats meanwhile; a run waits, and
+    the log and status say so. Stopped mid-way, nothing half-written is left to be read."""
+    (home_with_model / "config.toml").write_text(FAST + "\n[schedule]\nevery_n_feedback = 0\n")
+    daemon = daemons(home_with_model).wait_ready()
+    wait_for("the answers to be in the making", lambda: daemon.state().get("preparing"))
+    assert chat(daemon.url, "What is 2 + 2?")  # answered while they are made
+    queued = run_cli("train", "--home", str(home_with_model), "--force")
+    assert queued.returncode == 0, queued.stderr
+    wait_for(
+        "the run to say it waits", lambda: "waits for the base model's answers" in daemon.output()
+    )
+    status = run_cli("status", "--home", str(home_with_model), env={"COLUMNS": "200"})
+    assert "the base model's answers to the replay prompts (runs wait for them)" in status.stdout
+    store = Store(load_settings(home_with_model).db_url)
+    try:
+        assert [r.status for r in store.list_runs()] == ["queued"]
+    finally:
+        store.close()
+    assert daemon.terminate() == 0
+    replay = home_with_model / "models" / "replay"
+    assert not replay.exists() or not [p for p in replay.iterdir() if p.suffix == ".json"]

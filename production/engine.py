@@ -193,6 +193,18 @@ class _Steer(LogitsProcessor):
         return self.steering.process(scores).to(scores.dtype)
 
 
+class _TokensOnly(LogitsProcessor):
+    """No id past the tokenizer: an embedding padded past the vocabulary has rows that decode
+    to nothing (see Engine.token_count)."""
+
+    def __init__(self, token_count: int) -> None:
+        self.token_count = token_count
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores[:, self.token_count :] = -float("inf")
+        return scores
+
+
 class Engine:
     """Base model + named PEFT adapters on one device."""
 
@@ -234,6 +246,11 @@ class Engine:
         self.stop_ids = stop_token_ids(self.tokenizer, self.chat_format)
         # The logits' width: the embedding may be padded past the tokenizer's vocabulary.
         self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
+        # Ids a sample may take: those the tokenizer has. A padding row decodes to nothing; on
+        # the random 20B GPT-OSS (2k tokens, 201k rows, padding at logit 0) most of a 256-token
+        # answer at temperature 1 was such ids, and the stream ran on for up to 2.1 s with no
+        # text. A real model rarely picks one; when it does, it is a step that says nothing.
+        self.token_count = min(len(self.tokenizer), self.vocab_size)
         self.grammars = Grammars(self.tokenizer, self.vocab_size, self.stop_ids)
         self.context_window = min(
             settings.model.max_seq_length,
@@ -530,6 +547,8 @@ class Engine:
         input_ids = torch.tensor([prompt], device=self.device)
         # Custom processors run before generate()'s temperature/top-k/top-p warpers.
         processors = LogitsProcessorList([_Steer(steering, len(prompt))] if steering else [])
+        if self.token_count < self.vocab_size:
+            processors.insert(0, _TokensOnly(self.token_count))
         with torch.inference_mode(), self._adapter_context():
             self.model.generate(
                 input_ids=input_ids,
@@ -554,12 +573,13 @@ class Engine:
         )
 
         kwargs = self._generation_kwargs(sampling)
+        real = self.token_count  # ids past it are padding: a prefix slice leaves them out
         if not kwargs["do_sample"]:
             if steering is None:
-                return lambda logits: logits.argmax(-1)
+                return lambda logits: logits[..., :real].argmax(-1)
 
             def pick_greedy(logits: torch.Tensor) -> torch.Tensor:
-                token = steering.process(logits).argmax(-1)
+                token = steering.process(logits)[..., :real].argmax(-1)
                 steering.sampled(token)
                 return token
 
@@ -572,7 +592,7 @@ class Engine:
 
         def pick(logits: torch.Tensor) -> torch.Tensor:
             scores = steering.process(logits) if steering is not None else logits.float()
-            scores = warpers(None, scores)
+            scores = warpers(None, scores[..., :real])
             token = torch.multinomial(torch.softmax(scores, dim=-1), 1).view(1)
             if steering is not None:
                 steering.sampled(token)

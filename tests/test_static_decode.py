@@ -215,3 +215,30 @@ def test_unloading_adapters_while_the_base_model_serves_keeps_answering(
     assert _serve(engine, None) == base
     engine.load_adapter("all7", adapters["all7"])  # and adapters load again afterwards
     assert _serve(engine, "all7") != base
+
+
+@pytest.mark.parametrize("decode", ["generate", "static"])
+def test_no_sampled_id_is_past_the_tokenizer(tmp_path: Path, decode: str) -> None:
+    """An embedding padded past the tokenizer (the random 20B GPT-OSS: 2k tokens, 201k rows)
+    has rows that decode to nothing: sampled at temperature 1 they filled a streamed answer
+    with silent steps (2.1 s of no text on an H100). No id past the tokenizer is picked,
+    greedy or sampled, on either decoder."""
+    from production.steering import SteeringSpec
+    from tests.tiny_models import model_home, tiny_llama
+
+    model = tiny_llama(tmp_path / "padded", hidden=64, layers=2, vocab_size=8192)
+    home = model_home(tmp_path / "home", model)
+    engine = Engine(load_settings(home, {"server": {"decode": decode}}), "cpu")
+    assert engine.decode == decode and len(engine.tokenizer) < engine.vocab_size == 8192
+    prompt = engine.prompt_ids([{"role": "user", "content": "Tell me a story."}], None)
+    for temperature in (1.0, 0.0):
+        for seed in range(3):
+            sampling = Sampling(
+                temperature=temperature,
+                max_tokens=48,
+                seed=seed,
+                steering=SteeringSpec(logprobs=0),
+            )
+            outcome = engine.stream(prompt, sampling, lambda d: None, lambda: False)
+            tokens = [entry.token for entry in outcome.logprobs]
+            assert tokens and max(tokens) < len(engine.tokenizer), (decode, temperature, seed)

@@ -35,7 +35,7 @@ import re
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -374,10 +374,15 @@ def measure(
 
 
 def evaluate_candidate(
-    settings: Settings, store: Store, candidate_id: str, device: str
+    settings: Settings,
+    store: Store,
+    candidate_id: str,
+    device: str,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Evaluate, decide, record (store + meta.json) and render the report. Returns the
-    report dict (decision, rule, metrics, ...)."""
+    report dict (decision, rule, metrics, ...). `progress(what, done, total)` is told as each
+    model is measured (minutes on a CPU: a bar at 100% said nothing meanwhile)."""
     from peft import PeftModel
 
     from development import modeling, report
@@ -423,9 +428,12 @@ def evaluate_candidate(
     known = known_general(settings, registry, champion_id, key)
     results: dict[str, dict[str, Any]] = {}
     answers: dict[str, list[str]] = {}
-    for name, adapter in (("base", None), ("champion", "champion"), ("candidate", "candidate")):
-        if name == "champion" and champion_id is None:
-            continue
+    measured = [("base", None), ("champion", "champion"), ("candidate", "candidate")]
+    if champion_id is None:
+        measured.remove(("champion", "champion"))
+    for done, (name, adapter) in enumerate(measured):
+        if progress is not None:
+            progress(f"evaluating: measuring the {name}", done, len(measured))
         # The base's generated answers are shown only when there is no champion to compare
         # with; otherwise generating them (the longest of the three) is time thrown away.
         generated = [] if name == "base" and champion_id is not None else sanity_prompts

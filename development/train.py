@@ -882,7 +882,13 @@ def main(argv: list[str] | None = None) -> int:
 
                 _free_training_memory(device)
                 ctx.report({"stage": "evaluating", "step": 0, "max_steps": 0})
-                result = evaluate.evaluate_candidate(settings, store, candidate_id, device)
+
+                def measuring(what: str, done: int, total: int) -> None:
+                    ctx.report({"stage": what, "step": done, "max_steps": total})
+
+                result = evaluate.evaluate_candidate(
+                    settings, store, candidate_id, device, progress=measuring
+                )
                 if result["decision"] == "promote" and not args.no_promote:
                     from orchestrator import promotion
 

@@ -657,10 +657,10 @@ def _progress_line(run: Any) -> str:
     progress = run.progress or {}
     stage = progress.get("stage") or run.status
     if progress.get("max_steps"):
-        line = (
-            f"{stage} (stage {progress.get('stage_number', 1)}/{progress.get('stages', 1)}) "
-            f"step {progress.get('step', 0)}/{progress['max_steps']}"
-        )
+        line = stage
+        if progress.get("stages", 1) > 1:
+            line += f" (stage {progress.get('stage_number', 1)}/{progress['stages']})"
+        line += f" step {progress.get('step', 0)}/{progress['max_steps']}"
         loss = progress.get("loss")
         held = progress.get("eval_loss")
         if loss is not None:
@@ -689,6 +689,22 @@ def _wait_for_run(settings: Settings, run_id: str, process: Any) -> int | None:
         return store.get_run(run_id).status not in RUN_FINISHED
 
     store = open_store(settings)
+    if not (console.is_terminal and err_console.is_terminal):
+        # `whetstone train --wait | tee log`: a live bar draws nothing there (26 minutes of
+        # silence); a line per stage, and every 30 s while one goes on.
+        try:
+            shown, shown_stage, shown_at = "", None, 0.0
+            while running():
+                run = store.get_run(run_id)
+                line = _progress_line(run)
+                stage = (run.progress or {}).get("stage", run.status)
+                if line != shown and (stage != shown_stage or time.monotonic() - shown_at >= 30):
+                    console.print(f"{run_id}: {line}", highlight=False, soft_wrap=True)
+                    shown, shown_stage, shown_at = line, stage, time.monotonic()
+                time.sleep(0.5)
+        finally:
+            store.close()
+        return None if process is None else process.returncode
     try:
         with Progress(
             TextColumn("[bold]{task.fields[run]}"),

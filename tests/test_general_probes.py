@@ -24,6 +24,9 @@ def _train(home: Path) -> tuple[str, str]:
     """A run that is evaluated (never promoted): its candidate id and its run log."""
     done = run_cli("train", "--home", str(home), "--wait", "--force", "--no-promote")
     assert "trained candidate" in done.stdout, done.stdout + done.stderr
+    # stdout is a pipe here: progress comes as lines (a live bar drew nothing through
+    # `| tee`), the evaluation's steps among them.
+    assert ": evaluating: measuring the " in done.stdout, done.stdout
     candidate = max(c.id for c in Registry(home / "candidates").list())
     logs = sorted((home / "logs").glob("run_*.log"), key=lambda p: p.stat().st_mtime)
     return candidate, logs[-1].read_text()

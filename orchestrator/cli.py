@@ -205,6 +205,14 @@ def doctor(
     console.print(table)
     if not model["loadable"]:
         raise typer.Exit(1)
+    command, home_arg = whetstone_command(), f"--home {settings.paths.root}"
+    console.print(
+        f"next: `{command} up {home_arg}` starts the daemon (`make run` starts it right after "
+        f"this); then, in a second terminal, `{command} chat {home_arg}`: ask, rate 1-5, "
+        "correct with c; it trains by itself",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 # --------------------------------------------------------------------------------- status

@@ -262,3 +262,10 @@ def test_the_banner_names_whetstone_as_the_shell_can_run_it(monkeypatch) -> None
     assert whetstone_command() == str(script)
     monkeypatch.setenv("PATH", f"{script.parent}:/usr/bin:/bin")
     assert whetstone_command() == "whetstone"
+
+
+def test_doctor_ends_with_what_to_do_next(home_with_model: Path) -> None:
+    done = run_cli("doctor", "--home", str(home_with_model), env={"COLUMNS": "300"})
+    assert done.returncode == 0, done.stderr
+    last = done.stdout.strip().splitlines()[-1]
+    assert last.startswith("next: `") and f"chat --home {home_with_model}`" in last, last

@@ -227,7 +227,7 @@ def status(home: HomeOpt = None, set_: SetOpt = None, as_json: JsonOpt = False) 
     try:
         from common.run_state import read_state
         from data.views import promotion_view, run_view
-        from orchestrator import experiments
+        from orchestrator import experiments, schedule
         from orchestrator.jobs import reap_dead_runs
         from orchestrator.promotion import audit_unrecorded_swap, running_server
 
@@ -252,6 +252,7 @@ def status(home: HomeOpt = None, set_: SetOpt = None, as_json: JsonOpt = False) 
             "last_run": run_view(last_run) if last_run else None,
             "last_promotion": promotion_view(promotions[0]) if promotions else None,
             "recipe": experiments.summary(settings),
+            "feedback_until_run": schedule.feedback_until_run(settings, store),
         }
     finally:
         store.close()
@@ -311,6 +312,13 @@ def status(home: HomeOpt = None, set_: SetOpt = None, as_json: JsonOpt = False) 
         if promo
         else "none",
     )
+    until = data["feedback_until_run"]
+    if until is not None:
+        table.add_row(
+            "next run",
+            f"after {until} more rating(s) or correction(s) "
+            f"(schedule.every_n_feedback = {settings.schedule.every_n_feedback}), or nightly",
+        )
     table.add_row("recipe", escape(experiments.describe(data["recipe"])))
     waiting = ((daemon or {}).get("experiments") or {}).get("waiting_because")
     if waiting:

@@ -53,6 +53,15 @@ def enqueue_on_feedback(settings: Settings, store: Store) -> str | None:
     return enqueue(settings, store, settings.schedule.feedback_profile, "feedback")
 
 
+def feedback_until_run(settings: Settings, store: Store) -> int | None:
+    """How many more ratings or corrections queue the next automatic run (None: off)."""
+    every = settings.schedule.every_n_feedback
+    if every == 0:
+        return None
+    last = store.latest_run(except_trigger=EXPERIMENT_TRIGGER)
+    return max(0, every - store.count_feedback_since(last.created_at if last else None))
+
+
 def nightly(home: str) -> None:
     """The nightly cycle: dataset, train, evaluate, gate, promote, report (one queued run)."""
     settings = _settings(home)

@@ -243,6 +243,7 @@ def test_what_a_newcomer_reads_names_things_as_they_are(home: Path) -> None:
     assert long_id in listed.stdout, listed.stdout
     status = run_cli("status", "--home", str(home), env=narrow)
     assert "runs: none" in status.stdout and "{" not in status.stdout, status.stdout
+    assert "after 25 more rating(s) or correction(s)" in " ".join(status.stdout.split())
     for command, flag in (("train", "--wait"), ("status", "--json"), ("promote", "--force")):
         shown = run_cli(command, "--help", env=narrow)
         line = next(x for x in shown.stdout.splitlines() if flag in x)

@@ -440,6 +440,8 @@ def test_status_screen_trains_now_and_shows_the_job_progress(home_for_training: 
                 "learning_rate=0.0005" in overview
                 and "recipe-standard-20261201-030000 #3" in overview
             )
+            # 24 corrections of schedule.every_n_feedback's 25: one more queues a run.
+            assert "after 1 more rating(s) or correction(s), or nightly" in overview
             # The last weeks day by day: today, 24 answers, every one corrected.
             trend = screen.query_one("#trend")
             await until(pilot, lambda: "100%" in str(trend.render()), 10, "the trend panel")

@@ -12,7 +12,7 @@ from fastapi import APIRouter
 from common.run_state import read_state
 from data.store import Store
 from data.views import promotion_view, run_outcome, run_view
-from orchestrator import experiments
+from orchestrator import experiments, schedule
 from orchestrator.schedule import EXPERIMENT_TRIGGER
 from production.api.errors import ApiError
 from production.api.model_ids import check_model, model_cards
@@ -97,6 +97,10 @@ async def status(service: ServiceDep) -> dict[str, Any]:
         # decision and its next step.
         "last_run": await asyncio.to_thread(_last_run, service.store),
         "last_promotion": _last_promotion(service.store),
+        # Ratings or corrections still to come before one queues a run (null: off).
+        "feedback_until_run": await asyncio.to_thread(
+            schedule.feedback_until_run, service.settings, service.store
+        ),
         # The training recipe the nightly run uses and the search's progress.
         "recipe": await asyncio.to_thread(experiments.summary, service.settings),
     }

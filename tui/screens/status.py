@@ -115,6 +115,13 @@ class StatusScreen(Screen[None]):
         waiting = (daemon.get("experiments") or {}).get("waiting_because")
         if waiting:
             overview.add_row("search waits", waiting)
+        until = data.get("feedback_until_run")
+        if until is not None:
+            overview.add_row(
+                "next run", f"after {until} more rating(s) or correction(s), or nightly"
+            )
+        if daemon.get("preparing") == "base answers":
+            overview.add_row("preparing", "the base model's answers (training waits for them)")
         overview.add_row("requests", f"{data.get('requests_served')} served since start")
         self.query_one("#overview", Static).update(overview)
         self._show_run(data.get("running_run"), daemon.get("training"), data.get("last_run"))
@@ -150,10 +157,9 @@ class StatusScreen(Screen[None]):
         bar.display = True
         if total:
             step = progress.get("step") or 0
-            text.append(
-                f" (stage {progress.get('stage_number', 1)}/{progress.get('stages', 1)})"
-                f" · step {step}/{total}"
-            )
+            if progress.get("stages", 1) > 1:
+                text.append(f" (stage {progress.get('stage_number', 1)}/{progress['stages']})")
+            text.append(f" · step {step}/{total}")
             if progress.get("loss") is not None:
                 text.append(f" · loss {progress['loss']:.3f}")
             if progress.get("eval_loss") is not None:

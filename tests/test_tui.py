@@ -131,8 +131,9 @@ def test_chat_streams_an_answer_and_rating_and_correction_are_stored(
             await pilot.press("c")
             editor = await until(pilot, lambda: isinstance(app.screen, EditScreen) and app.screen)
             assert editor.query_one("#editor").text == view.text
-            await pilot.press("ctrl+a")  # line start; select-all is not bound: clear instead
-            editor.query_one("#editor").clear()
+            assert "Ctrl+R clears it" in _shown(editor.query_one(".dialog-detail"))
+            await pilot.press("ctrl+r")  # clears the answer to write the wanted one
+            assert editor.query_one("#editor").text == ""
             await pilot.press(*"Paris is the capital of France.")
             await pilot.press("ctrl+s")
             await until(
@@ -142,6 +143,10 @@ def test_chat_streams_an_answer_and_rating_and_correction_are_stored(
                 "correction saved",
             )
             assert "corrected ✓" in str(view.meta_line())
+            # The correction stays in sight under the answer it corrects.
+            shown = view.query_one(".correction")
+            assert shown.display and view.has_class("-corrected")
+            assert "your correction: Paris is the capital of France." in _shown(shown)
             message_id = view.answer.message_id
 
             # The sidebar lists the conversation under its first message.
@@ -532,6 +537,8 @@ def test_reports_screen_lists_opens_and_promotes_after_confirming(
 
             await pilot.press("o")
             assert opened and opened[0].startswith("file://") and opened[0].endswith("report.html")
+            # Over SSH or tmux nothing opens: the path is said too.
+            assert any(opened[0] in n.message for n in app._notifications), "path not shown"
 
             # Promote: it did not pass the gate, so the dialog says so and asks first.
             await pilot.press("p")
@@ -539,6 +546,9 @@ def test_reports_screen_lists_opens_and_promotes_after_confirming(
                 pilot, lambda: isinstance(app.screen, ConfirmScreen) and app.screen
             )
             assert "did NOT pass the gate" in dialog.detail
+            # The whole detail is on screen, wrapped (it was cut: "(decision: reject, gene").
+            detail = dialog.query_one(".dialog-detail")
+            assert detail.size.height >= 2 and "Promote anyway?" in _shown(detail)
             await pilot.press("n")
             assert app.connection.adapter_id is None  # refused: nothing changed
             await pilot.press("p")

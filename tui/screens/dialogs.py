@@ -42,11 +42,13 @@ class ConfirmScreen(ModalScreen[bool]):
 
 
 class EditScreen(ModalScreen[str | None]):
-    """Edit a text (the correction of an answer); Ctrl+S saves, Esc cancels."""
+    """Edit a text (the correction of an answer); Ctrl+S saves, Esc cancels, Ctrl+R clears it
+    to write from scratch (TextArea's own select-all is F7, which nobody finds)."""
 
     BINDINGS = [
         Binding("ctrl+s", "save", "Save"),
         Binding("escape", "cancel", "Cancel"),
+        Binding("ctrl+r", "clear", "Clear"),
     ]
 
     def __init__(self, title: str, text: str) -> None:
@@ -57,12 +59,20 @@ class EditScreen(ModalScreen[str | None]):
         with Vertical(classes="dialog wide"):
             yield Label(Text(self.title_text), classes="dialog-title")
             yield TextArea(self.text, soft_wrap=True, id="editor")
-            yield Label("Ctrl+S saves · Esc cancels", classes="dialog-detail")
+            yield Label(
+                "Ctrl+R clears it to write from scratch (Ctrl+Z brings it back) · Ctrl+S saves "
+                "· Esc cancels",
+                classes="dialog-detail",
+            )
 
     def on_mount(self) -> None:
         editor = self.query_one("#editor", TextArea)
         editor.focus()
         editor.move_cursor(editor.document.end)
+
+    def action_clear(self) -> None:
+        editor = self.query_one("#editor", TextArea)
+        editor.replace("", editor.document.start, editor.document.end)  # undoable, unlike load
 
     def action_save(self) -> None:
         text = self.query_one("#editor", TextArea).text

@@ -88,13 +88,18 @@ class Actions:
         )
 
     def open_html(self, candidate: dict[str, Any]) -> None:
+        """Open the page in a browser where this terminal can, and say where it is (over SSH
+        or tmux nothing opens, and `o` seemed to do nothing)."""
         path = candidate.get("report_html_path")
         if path and Path(path).is_file():
-            self.app.open_url(Path(path).as_uri())
+            where = Path(path).as_uri()
         elif candidate.get("report_html_url"):
-            self.app.open_url(self.app.api.url + candidate["report_html_url"])
+            where = self.app.api.url + candidate["report_html_url"]
         else:
             self.app.notify("this candidate has no HTML report yet", severity="warning")
+            return
+        self.app.open_url(where)
+        self.app.notify(f"HTML report: {where}", timeout=20)
 
 
 class ReportsScreen(Actions, Screen[None]):

@@ -67,6 +67,7 @@ class AnswerView(Vertical):
     def compose(self) -> ComposeResult:
         yield Static(Text(self.reasoning), classes="reasoning")
         yield Markdown(self.text, classes="body")
+        yield Static(classes="correction")  # the person's correction, once given
         yield Static(classes="meta")
 
     def on_mount(self) -> None:
@@ -89,6 +90,12 @@ class AnswerView(Vertical):
     def refresh_meta(self) -> None:
         self.query_one(".meta", Static).update(self.meta_line())
         self.set_class(self.answer.superseded, "-superseded")
+        correction = self.answer.correction
+        if correction is not None:
+            shown = Text("your correction: ", "bold")
+            shown.append(str(correction.value))
+            self.query_one(".correction", Static).update(shown)
+        self.set_class(correction is not None, "-corrected")
 
     def meta_line(self) -> Text:
         a = self.answer

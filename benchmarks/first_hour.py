@@ -218,6 +218,9 @@ def run(home: Path, *, seed: int = 0, fresh: bool = False, sets: list[str] | Non
     try:
         daemon.wait_ready()
         setup["daemon_ready_s"] = round(time.monotonic() - started, 1)
+        daemon.ask("Hello!", 32)  # the person's first message, as the TUI sends it
+        # From `make run`'s doctor (fresh) or the daemon's start to the first answer.
+        setup["first_answer_s"] = round(setup.get("doctor_s", 0) + time.monotonic() - started, 1)
         result["before"] = {"recall": recall(daemon, facts), "knowledge": knowledge(daemon)}
         taught, ratings = [], []
         began = time.monotonic()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import delete, func, select, update
@@ -707,6 +707,23 @@ class Store:
         """When the newest message was stored: how long chat has been idle."""
         with self.read_session() as session:
             return session.scalar(select(func.max(Message.created_at)))
+
+    def answering_now(self, within_s: float = 600) -> bool:
+        """Whether an answer is being generated: one stored (as a placeholder) in the last
+        `within_s` seconds that has not finished (a crashed worker's never does: hence the
+        bound)."""
+        since = utcnow() - timedelta(seconds=within_s)
+        with self.read_session() as session:
+            found = session.scalar(
+                select(Message.id)
+                .where(
+                    Message.role == "assistant",
+                    Message.finish_reason.is_(None),
+                    Message.created_at >= since,
+                )
+                .limit(1)
+            )
+        return found is not None
 
     def adapter_ratings(
         self,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 
@@ -28,9 +29,19 @@ def main(argv: list[str] | None = None) -> int:
     add_settings_arguments(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument(
+        "--background",
+        action="store_true",
+        help="lowest CPU priority: the daemon runs this beside the chat on the same cores",
+    )
+    parser.add_argument(
         "--device", default="cpu", help="where to generate (default cpu; e.g. cuda:0)"
     )
     args = parser.parse_args(argv)
+    if args.background:
+        # At equal priority, on two cores, this and the API worker each slowed the other
+        # ten-fold (a chat answer took 50 s for 7 minutes); at nice 19 the worker gets ~98%
+        # of a contested core and this the rest.
+        os.nice(19)
     settings = settings_from_args(args)
     log_to_stderr(settings)
 

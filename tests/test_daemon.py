@@ -373,6 +373,8 @@ def test_the_first_chat_does_not_wait_for_the_base_answers_and_a_run_does(
     daemon = daemons(home_with_model).wait_ready()
     wait_for("the answers to be in the making", lambda: daemon.state().get("preparing"))
     assert chat(daemon.url, "What is 2 + 2?")  # answered while they are made
+    # ... which pause while the person chats: on two cores they slowed the answer ten-fold.
+    wait_for("the answers to pause", lambda: daemon.state().get("preparing_paused"), 10)
     queued = run_cli("train", "--home", str(home_with_model), "--force")
     assert queued.returncode == 0, queued.stderr
     wait_for(

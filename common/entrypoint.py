@@ -58,8 +58,16 @@ def settings_from_args(
         return load_settings(args.home, merged)
 
 
+# Loggers whose warnings say nothing the person can act on: bitsandbytes' CPU backend asks
+# for the `kernels` package on every run, though nothing here runs 4-bit matmuls on the CPU;
+# alembic's INFO lines describe each migration check.
+QUIET_LOGGERS = {"bitsandbytes.backends.cpu.ops": logging.ERROR, "alembic": logging.WARNING}
+
+
 def log_to_stderr(settings: Settings, fmt: str = LOG_FORMAT) -> None:
     logging.basicConfig(level=settings.log_level, format=fmt, stream=sys.stderr)
+    for name, level in QUIET_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
 
 
 def whetstone_command() -> str:

@@ -137,6 +137,7 @@ class SchemaError(ValueError):
 def for_grammar(schema: Any) -> Any:
     """`schema` as the grammar is given it (a new object; string lengths spelled as patterns),
     or SchemaError for the first keyword the grammar would not enforce."""
+    _check_shapes(schema, "")  # whole, first: the checks below look across branches and $refs
     return _prepare(schema, "", schema)
 
 
@@ -238,6 +239,36 @@ def _prepare(schema: Any, path: str, root: Any) -> Any:
     return out
 
 
+def _check_shapes(schema: Any, path: str) -> None:
+    """The containers the checks below walk are what JSON Schema says they are, all the way
+    down (a list where a dict was looked up was a 500, not a 400)."""
+    if not isinstance(schema, dict):
+        return  # a boolean schema, or not a schema: _prepare names the latter
+    for keyword in _SUBSCHEMA_MAPS:
+        if keyword in schema and not isinstance(schema[keyword], dict):
+            raise _refuse(keyword, path, "must be an object of schemas")
+    for keyword in (*_SUBSCHEMA_LISTS, "enum"):
+        if keyword in schema and not isinstance(schema[keyword], list):
+            raise _refuse(keyword, path, "must be a list")
+    required = schema.get("required", [])
+    if not isinstance(required, list) or not all(isinstance(n, str) for n in required):
+        raise _refuse("required", path, "must be a list of property names")
+    kind = schema.get("type", "string")
+    if not isinstance(kind, str) and not (
+        isinstance(kind, list) and all(isinstance(k, str) for k in kind)
+    ):
+        raise _refuse("type", path, "must be a type name or a list of them")
+    for keyword in _SUBSCHEMA:
+        if keyword in schema:
+            _check_shapes(schema[keyword], f"{path}/{keyword}")
+    for keyword in _SUBSCHEMA_LISTS:
+        for i, sub in enumerate(schema.get(keyword, [])):
+            _check_shapes(sub, f"{path}/{keyword}/{i}")
+    for keyword in _SUBSCHEMA_MAPS:
+        for name, sub in schema.get(keyword, {}).items():
+            _check_shapes(sub, f"{path}/{keyword}/{name}")
+
+
 # Regex constructs xgrammar ignores or refuses: lookaround, backreferences, word boundaries,
 # Unicode properties, group flags.
 _UNSUPPORTED_REGEX = re.compile(r"\\[bBpPk1-9]|\(\?(?!:)")
@@ -287,6 +318,8 @@ def _resolve(schema: Any, root: Any) -> Any:
         for part in schema["$ref"].lstrip("#").strip("/").split("/"):
             if not part:
                 continue
+            if not isinstance(node, dict):
+                return {}  # points into something that is not a schema: xgrammar names it
             node = node.get(part.replace("~1", "/").replace("~0", "~"), {})
         schema = node
     return schema

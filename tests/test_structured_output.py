@@ -417,6 +417,21 @@ def test_every_spelled_format_is_enforced(grammars: Any) -> None:
         ({"enum": ["abcdef"], "maxLength": 3}, "maxLength"),
         ({"type": ["string", "null"], "maxLength": 3}, "maxLength"),
         ({"type": "integer", "minimum": 0, "multipleOf": 7}, "multipleOf"),
+        # Malformed containers: a 400 naming them, not a crash (it was a 500).
+        ({"type": "object", "properties": [1]}, "properties"),
+        ({"anyOf": {"a": {"type": "integer"}}}, "anyOf"),
+        ({"type": "object", "required": "a"}, "required"),
+        ({"enum": "ab"}, "enum"),
+        ({"type": {"name": "string"}}, "type"),
+        (
+            {
+                "oneOf": [
+                    {"type": "object", "properties": [1], "required": ["a"]},
+                    {"type": "object", "required": ["a"]},
+                ]
+            },
+            "properties",
+        ),
     ],
 )
 def test_keywords_the_grammar_cannot_enforce_are_refused_by_name(

@@ -531,7 +531,8 @@ class Daemon:
         resume (SIGCONT) after ANSWERS_IDLE_S of quiet. Beside the API worker on the same two
         cores, even at nice 19, both ran at a third of their speed: a chat answer took 25-50 s
         instead of 8."""
-        while not self._stopping.is_set():
+        # Until the answers were started and have ended: nothing to guard after that.
+        while not self._stopping.is_set() and (self._answers_due or self.answers is not None):
             process = self.answers
             if process is not None and process.poll() is None and self.store is not None:
                 try:
@@ -540,17 +541,14 @@ class Daemon:
                         os.kill(process.pid, signal.SIGSTOP if busy else signal.SIGCONT)
                         self.answers_paused = busy
                         self._write_state()
-                except (OSError, Exception):  # the process ended meanwhile; next poll sees it
+                except Exception:  # e.g. the process ended meanwhile: the next poll sees it
                     log.debug("answers guard", exc_info=True)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), 0.5)
 
     def _chatting(self) -> bool:
         assert self.store is not None
-        if self.store.answering_now():
-            return True
-        last = self.store.last_message_at()
-        return last is not None and (datetime.now(UTC) - last).total_seconds() < ANSWERS_IDLE_S
+        return self.store.answering_now() or not self._chat_idle(ANSWERS_IDLE_S)
 
     def _trial_stop_reason(self) -> str | None:
         run_id, started = self.job_run_id, self.job_started_at
@@ -730,14 +728,16 @@ class Daemon:
                 return f"the nightly run is due in {int(due)} s"
         return None
 
-    def _chat_idle(self) -> bool:
-        """One GPU for both: train only when the person has not chatted for a while."""
+    def _chat_idle(self, idle_s: float | None = None) -> bool:
+        """No chat message for `idle_s` (default schedule.idle_before_training_s: one GPU for
+        both trains only when the person has not chatted for a while)."""
         assert self.store is not None
         last = self.store.last_message_at()
         if last is None:
             return True
-        idle = (datetime.now(UTC) - last).total_seconds()
-        return idle >= self.settings.schedule.idle_before_training_s
+        if idle_s is None:
+            idle_s = self.settings.schedule.idle_before_training_s
+        return (datetime.now(UTC) - last).total_seconds() >= idle_s
 
     def _check_job(self) -> None:
         assert self.job is not None and self.store is not None

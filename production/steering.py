@@ -99,11 +99,15 @@ class Grammars:
         self.stop_ids = stop_ids
         self._compiler: Any = None
         self._lock = threading.Lock()
+        decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+        # Read once: every structural tag a request brings is resolved against it.
+        self._control_ids = {
+            t.content: i for i, t in decoder.items() if t.special and i < vocab_size
+        }
 
     def control_token_ids(self) -> dict[str, int]:
         """The tokenizer's control tokens by text (its special added tokens)."""
-        decoder = getattr(self.tokenizer, "added_tokens_decoder", {}) or {}
-        return {t.content: i for i, t in decoder.items() if t.special and i < self.vocab_size}
+        return dict(self._control_ids)
 
     def tokenizer_info(self) -> Any:
         import xgrammar
@@ -112,7 +116,7 @@ class Grammars:
             self.tokenizer, vocab_size=self.vocab_size, stop_token_ids=self.stop_ids
         )
         vocab = list(detected.decoded_vocab)
-        for token_id in self.control_token_ids().values():
+        for token_id in self._control_ids.values():
             vocab[token_id] = b"\x00" + vocab[token_id]
         # RAW: `vocab` is already decoded (byte-level and byte-fallback spellings undone).
         return xgrammar.TokenizerInfo(
@@ -141,7 +145,7 @@ class Grammars:
         if not isinstance(node, dict):
             return node
         out = {key: self._token_ids(value) for key, value in node.items()}
-        ids = self.control_token_ids()
+        ids = self._control_ids
 
         def resolve(token: Any) -> Any:
             if isinstance(token, str):

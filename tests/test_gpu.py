@@ -15,6 +15,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -40,6 +41,7 @@ def _greedy(
     code = f"""
 import json, sys
 from pathlib import Path
+from typing import Any
 from production.device_pin import pin_device
 from common.config import load_settings
 settings = load_settings(Path({str(home)!r}), {overrides!r})
@@ -331,6 +333,22 @@ def test_moe_static_decode_on_bf16_gpt_oss_is_generate_up_to_numerics(tmp_path: 
     assert static["hot_swap"]["new_compiles"] == 0
 
 
+def _small_gpt_oss_engine(tmp_path: Path) -> Any:
+    """The product's Engine on the small GPT-OSS in the person's 4-bit layout, under the
+    gpt-oss-20b preset (static CUDA-graph decode with the expert kernels)."""
+    from benchmarks.gpt_oss_checkpoint import build
+    from common.config import load_settings
+    from production.engine import Engine
+
+    model_dir = build(tmp_path / "gpt-oss-small-bnb-4bit", "small", "cuda")
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        f'[model]\npreset = "gpt-oss-20b"\nbase_model = "{model_dir}"\n'
+    )
+    return Engine(load_settings(home), "cuda:0")
+
+
 def test_moe_static_decode_serves_4bit_gpt_oss_adapters_and_swaps_under_load(
     tmp_path: Path,
 ) -> None:
@@ -340,19 +358,11 @@ def test_moe_static_decode_serves_4bit_gpt_oss_adapters_and_swaps_under_load(
     what that adapter answers alone, and nothing recompiles."""
     import asyncio
 
-    from benchmarks.gpt_oss_checkpoint import build
     from benchmarks.moe_decode import _compiles, random_adapter
-    from common.config import load_settings
-    from production.engine import Engine, Sampling
+    from production.engine import Sampling
     from production.worker import GenerationWorker
 
-    model_dir = build(tmp_path / "gpt-oss-small-bnb-4bit", "small", "cuda")
-    home = tmp_path / "home"
-    home.mkdir()
-    (home / "config.toml").write_text(
-        f'[model]\npreset = "gpt-oss-20b"\nbase_model = "{model_dir}"\n'
-    )
-    engine = Engine(load_settings(home), "cuda:0")
+    engine = _small_gpt_oss_engine(tmp_path)
     assert (engine.backend, engine.decode) == ("transformers", "static")
     config = engine.model.config
     engine.load_adapter("a", random_adapter(tmp_path / "a", config, 1))
@@ -456,20 +466,12 @@ def test_static_moe_decoder_honours_every_logits_parameter_without_recompiling(
     """The person's layout on the CUDA-graph decoder: a grammar (a tool call, a JSON answer),
     log-probs, penalties and a logit bias and stop strings all act on the captured step's
     logits, and none of them compiles a new graph."""
-    from benchmarks.gpt_oss_checkpoint import build
     from benchmarks.moe_decode import _compiles
-    from common.config import load_settings
     from production import tool_calls
-    from production.engine import Engine, Sampling
+    from production.engine import Sampling
     from production.steering import SteeringSpec
 
-    model_dir = build(tmp_path / "gpt-oss-small-bnb-4bit", "small", "cuda")
-    home = tmp_path / "home"
-    home.mkdir()
-    (home / "config.toml").write_text(
-        f'[model]\npreset = "gpt-oss-20b"\nbase_model = "{model_dir}"\n'
-    )
-    engine = Engine(load_settings(home), "cuda:0")
+    engine = _small_gpt_oss_engine(tmp_path)
     assert engine.decode == "static"
     compiles = _compiles()
     tool = {
@@ -523,18 +525,9 @@ def test_structured_answers_on_the_static_moe_decoder_parse_strictly(tmp_path: P
     """The person's layout (NF4 experts) on the CUDA-graph decoder, sampled at temperature 1
     with varied seeds through the grammars the API builds: json_schema answers and tool-call
     arguments parse with a strict parser and validate, or the answer says "length"."""
-    from benchmarks.gpt_oss_checkpoint import build
-    from common.config import load_settings
-    from production.engine import Engine
     from tests.test_structured_output import answer, strict_loads, validate
 
-    model_dir = build(tmp_path / "gpt-oss-small-bnb-4bit", "small", "cuda")
-    home = tmp_path / "home"
-    home.mkdir()
-    (home / "config.toml").write_text(
-        f'[model]\npreset = "gpt-oss-20b"\nbase_model = "{model_dir}"\n'
-    )
-    engine = Engine(load_settings(home), "cuda:0")
+    engine = _small_gpt_oss_engine(tmp_path)
     assert engine.decode == "static"
     schemas = [
         {

@@ -57,6 +57,7 @@ from common.config import Settings, load_settings
 from common.fs import atomic_write_text
 from data.store import Store
 from development.gate import general_drift
+from orchestrator.schedule import CATCH_UP_TRIGGER
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "benchmarks" / "results"
@@ -102,6 +103,8 @@ class Day:
     restated: list[str] = field(default_factory=list)
     feedback: dict[str, int] = field(default_factory=dict)
     run: dict[str, Any] | None = None
+    # The run that followed the night's promotion on the corrections its gate released.
+    catch_up: dict[str, Any] | None = None
     recall: dict[str, Any] = field(default_factory=dict)
     knowledge: dict[str, Any] = field(default_factory=dict)
     taste: dict[str, Any] = field(default_factory=dict)
@@ -514,9 +517,11 @@ def run_week(
             runs = wait_for_night(settings, day_began, night_timeout_s)
             cycles = [cycle(settings, run_id) for run_id in runs]
             today.run = next(c for c in cycles if c["trigger"] == "nightly")
+            today.catch_up = next((c for c in cycles if c["trigger"] == CATCH_UP_TRIGGER), None)
             today.rollbacks = rollbacks(settings, day_began)
-            if len(cycles) > 1:
-                today.feedback["other_runs"] = len(cycles) - 1
+            others = len(cycles) - 1 - (today.catch_up is not None)
+            if others:
+                today.feedback["other_runs"] = others
             # The promoted adapter is swapped in by the worker; wait until it serves.
             today.adapter = current_adapter(settings)
             wait_until(
@@ -588,6 +593,11 @@ def summarize(timeline: list[Day]) -> dict[str, Any]:
         "taste_score": [base.taste["score"], last.taste["score"]],
         "taste_words": [base.taste["words"], last.taste["words"]],
         "promotions": sum(1 for n in nights if n.get("decision") == "promote"),
+        # Catch-up runs after a promotion (training.catch_up): promoted / run.
+        "catch_ups": [
+            sum(1 for d in timeline if d.catch_up and d.catch_up.get("decision") == "promote"),
+            sum(1 for d in timeline if d.catch_up),
+        ],
         "rollbacks": sum(len(d.rollbacks) for d in timeline),
         # status:decision:rule, e.g. "succeeded:reject:general_regression".
         "nights": [

@@ -52,6 +52,7 @@ from common.entrypoint import (
 )
 from data.store import Store
 from development.gate import general_drift
+from orchestrator.schedule import CATCH_UP_TRIGGER
 from production.device_pin import pin_device
 
 log = logging.getLogger("development.train")
@@ -586,6 +587,10 @@ class RunContext:
     # What set the knobs besides the config: the adopted recipe, or the trial being run.
     recipe: dict[str, Any] | None = None
     trial: str | None = None  # "study:number" of a recipe trial
+    trigger: str = "manual"  # what started the run (a catch-up starts none after it)
+    # A catch-up redoes the promoted candidate's run with what its gate released: it starts
+    # where that run started (the champion before it, or a fresh adapter), not from it.
+    redo_of: str | None = None
 
     def mark(self, stage: str) -> None:
         if self.peaks is None:
@@ -606,10 +611,15 @@ def train_candidate(ctx: RunContext, *, force: bool = False) -> str | None:
     settings, store = ctx.settings, ctx.store
     registry = Registry(settings.paths.candidates_dir)
     champion = registry.current_id()
-    champion_meta = registry.get(champion).meta if champion is not None else None
-    champion_snapshot = champion_meta.data if champion_meta is not None else None
+    # What this run builds on: the champion, or where the run a catch-up redoes started.
+    start = champion
+    if ctx.redo_of is not None:
+        redone = registry.get(ctx.redo_of).meta
+        start = redone.config.get("started_from") if redone is not None else None
+    start_meta = registry.get(start).meta if start is not None else None
+    start_snapshot = start_meta.data if start_meta is not None else None
 
-    enough = training_data.sufficiency(store, settings, champion_snapshot)
+    enough = training_data.sufficiency(store, settings, start_snapshot)
     if not enough.enough and not force:
         store.update_run(ctx.run_id, status="skipped", reason=enough.reason)
         log.info("skipped: %s", enough.reason)
@@ -657,7 +667,7 @@ def train_candidate(ctx: RunContext, *, force: bool = False) -> str | None:
     ctx.report({"stage": "paraphrasing", "step": 0, "max_steps": 0})
     harmony = settings.model.chat_format == "harmony"
     paraphrases = variants.paraphrases(
-        training_data.corrected_questions(items, settings, champion_snapshot),
+        training_data.corrected_questions(items, settings, start_snapshot),
         variants.cache_file(settings.paths.models_dir, settings.model.base_model),
         lambda prompts: [
             g.text
@@ -693,17 +703,19 @@ def train_candidate(ctx: RunContext, *, force: bool = False) -> str | None:
         return [score.nll_per_token for score in scores]
 
     # The rows a continuation would train on, known before the champion's weights load.
-    continuation = rows(champion_snapshot) if champion_snapshot is not None else None
+    continuation = rows(start_snapshot) if start_snapshot is not None else None
     set_seed(settings.training.seed)
     model = _attach_lora(model, settings, ctx.profile, backend, ctx.device)
     has_new_rows = continuation is not None and bool(continuation.sft)
-    not_continued = _continue_champion(model, settings, registry, champion, has_new_rows)
+    not_continued = _continue_champion(model, settings, registry, start, has_new_rows)
+    if ctx.redo_of is not None and start is None:
+        not_continued = f"it redoes the run of {ctx.redo_of}, which started fresh"
     if not_continued or continuation is None:
         log.info("a fresh adapter on all feedback: %s", not_continued)
         data = rows(None)
     else:
-        log.info("continuing the champion %s on new feedback and earlier replay", champion)
-        data = rows(champion_snapshot, champion_loss)
+        log.info("continuing the champion %s on new feedback and earlier replay", start)
+        data = rows(start_snapshot, champion_loss)
     snapshot = data.snapshot()
     store.update_run(ctx.run_id, data_snapshot=snapshot)
     if not data.sft:
@@ -723,10 +735,10 @@ def train_candidate(ctx: RunContext, *, force: bool = False) -> str | None:
     keep = settings.training.write_worse_candidates or ctx.trial
     if sft.get("verdict") == "worse" and person_judged and not keep:
         refuse_non_finite(model)  # a diverged run is a failure to name, not a quiet skip
-        start = "the base" if not_continued else "the champion"
+        began = "the base" if not_continued else "the champion"
         reason = (
             "no candidate: every checkpoint was worse on the person's held-out feedback than "
-            f"{start} it started from ({sft['notes'][0]}); teach more and train again, or "
+            f"{began} it started from ({sft['notes'][0]}); teach more and train again, or "
             "try a gentler profile (`whetstone train --profile full`)"
         )
         store.update_run(ctx.run_id, status="skipped", reason=reason)
@@ -758,7 +770,7 @@ def train_candidate(ctx: RunContext, *, force: bool = False) -> str | None:
             "recipe": ctx.recipe,
             "trial": ctx.trial,
             # The adapter this one continued (training.start_from), or why it started fresh.
-            "started_from": None if not_continued else champion,
+            "started_from": None if not_continued else start,
             "fresh_because": not_continued or None,
         },
         data=snapshot,
@@ -858,7 +870,7 @@ def main(argv: list[str] | None = None) -> int:
     store = Store(settings.db_url)
     run_id = args.run_id or store.create_run(profile, args.trigger).id
     ctx = RunContext(settings, store, run_id, profile, device, scratch_dir(settings, run_id))
-    ctx.recipe, ctx.trial = recipe, args.trial
+    ctx.recipe, ctx.trial, ctx.trigger = recipe, args.trial, args.trigger
     try:
         with training_lock(settings):
             store.update_run(run_id, status="running", pid=os.getpid(), profile=profile)
@@ -866,60 +878,118 @@ def main(argv: list[str] | None = None) -> int:
             reap_scratch(settings, keep=run_id)
             if recipe:
                 log.info("recipe %s #%s: %s", recipe["study"], recipe["trial"], recipe["params"])
-            # A trial searches on the data as it is: "nothing new" does not skip it.
-            candidate_id = train_candidate(ctx, force=args.force or bool(args.trial))
-            if candidate_id is None:
+            promoted = carry_out(ctx, args)
+            if promoted is None:  # skipped, and the run says why
                 return EXIT_OK
-            store.update_run(run_id, candidate_id=candidate_id)
-            if args.trial:
-                from development import evaluate
-
-                _free_training_memory(device)
-                ctx.report({"stage": "scoring trial", "step": 0, "max_steps": 0})
-                evaluate.score_trial(settings, store, candidate_id, device)
-            elif not args.no_evaluate:
-                from development import evaluate
-
-                _free_training_memory(device)
-                ctx.report({"stage": "evaluating", "step": 0, "max_steps": 0})
-
-                def measuring(what: str, done: int, total: int) -> None:
-                    ctx.report({"stage": what, "step": done, "max_steps": total})
-
-                result = evaluate.evaluate_candidate(
-                    settings, store, candidate_id, device, progress=measuring
+            follow = catch_up_run(ctx) if promoted and not args.trial else None
+            store.update_run(
+                ctx.run_id,
+                status="succeeded",
+                progress={"stage": "done", **({"next_run": follow} if follow else {})},
+            )
+            if follow:
+                # The same process and lock carry it out: nothing else can start in between.
+                shutil.rmtree(ctx.scratch, ignore_errors=True)
+                ctx = RunContext(
+                    settings, store, follow, profile, device, scratch_dir(settings, follow)
                 )
-                if result["decision"] == "promote" and not args.no_promote:
-                    from orchestrator import promotion
-
-                    registry = Registry(settings.paths.candidates_dir)
-                    promotion.promote(settings, store, registry, candidate_id, actor="gate")
-                    log.info("%s", promotion.notify_worker(settings))
-            store.update_run(run_id, status="succeeded", progress={"stage": "done"})
+                ctx.recipe, ctx.trigger = recipe, CATCH_UP_TRIGGER
+                ctx.redo_of = Registry(settings.paths.candidates_dir).current_id()
+                if carry_out(ctx, args, force=True) is not None:
+                    store.update_run(follow, status="succeeded", progress={"stage": "done"})
             return EXIT_OK
     except TrainingBusy as exc:
-        store.update_run(run_id, status="skipped", reason=str(exc))
+        store.update_run(ctx.run_id, status="skipped", reason=str(exc))
         log.warning("%s", exc)
         return EXIT_BUSY
     except BaseException as exc:
-        log.error("training run %s failed", run_id, exc_info=True)
+        log.error("training run %s failed", ctx.run_id, exc_info=True)
         error = "".join(traceback.format_exception_only(exc)).strip() or type(exc).__name__
         try:
-            stopped = store.get_run(run_id) if isinstance(exc, Terminated) else None
+            stopped = store.get_run(ctx.run_id) if isinstance(exc, Terminated) else None
             if stopped is not None and stopped.status == "cancelled":
-                log.info("run %s cancelled: %s", run_id, stopped.reason)
+                log.info("run %s cancelled: %s", ctx.run_id, stopped.reason)
             else:  # the daemon records why it stopped us before the signal
                 why = stopped.reason if stopped is not None else None
                 error = f"{why} ({error})" if why else error
-                store.update_run(run_id, status="failed", error=error[-2000:])
+                store.update_run(ctx.run_id, status="failed", error=error[-2000:])
         except Exception:
-            log.exception("could not record the failure of %s", run_id)
+            log.exception("could not record the failure of %s", ctx.run_id)
         if isinstance(exc, KeyboardInterrupt):
             return 130
         return EXIT_FAILED
     finally:
         shutil.rmtree(ctx.scratch, ignore_errors=True)
         store.close()
+
+
+def carry_out(ctx: RunContext, args: argparse.Namespace, *, force: bool = False) -> bool | None:
+    """Train one run's candidate, then (unless the arguments say otherwise) evaluate it and
+    promote it when the gate says so. True when it was promoted; None when the run was
+    skipped (it recorded why)."""
+    settings, store = ctx.settings, ctx.store
+    # A trial searches on the data as it is: "nothing new" does not skip it.
+    candidate_id = train_candidate(ctx, force=force or args.force or bool(args.trial))
+    if candidate_id is None:
+        return None
+    store.update_run(ctx.run_id, candidate_id=candidate_id)
+    if args.trial:
+        from development import evaluate
+
+        _free_training_memory(ctx.device)
+        ctx.report({"stage": "scoring trial", "step": 0, "max_steps": 0})
+        evaluate.score_trial(settings, store, candidate_id, ctx.device)
+        return False
+    if args.no_evaluate:
+        return False
+    from development import evaluate
+
+    _free_training_memory(ctx.device)
+    ctx.report({"stage": "evaluating", "step": 0, "max_steps": 0})
+
+    def measuring(what: str, done: int, total: int) -> None:
+        ctx.report({"stage": what, "step": done, "max_steps": total})
+
+    result = evaluate.evaluate_candidate(
+        settings, store, candidate_id, ctx.device, progress=measuring
+    )
+    if result["decision"] != "promote" or args.no_promote:
+        return False
+    from orchestrator import promotion
+
+    registry = Registry(settings.paths.candidates_dir)
+    promotion.promote(settings, store, registry, candidate_id, actor="gate")
+    log.info("%s", promotion.notify_worker(settings))
+    return True
+
+
+def catch_up_run(ctx: RunContext) -> str | None:
+    """After a promotion: a run queued to continue the new champion on the corrections its
+    gate just judged (training.catch_up), or None when there are none or it is off."""
+    from development import training_data
+
+    settings, store = ctx.settings, ctx.store
+    if not settings.training.catch_up or ctx.trigger == CATCH_UP_TRIGGER:
+        return None
+    registry = Registry(settings.paths.candidates_dir)
+    champion = registry.current_id()
+    if champion is None:
+        return None
+    released = training_data.released_corrections(store, settings, registry.get(champion).meta.data)
+    if not released:
+        return None
+    run = store.create_run(ctx.profile, CATCH_UP_TRIGGER)
+    # Running from the start: a queued run is one a dispatcher may start.
+    store.update_run(run.id, status="running", pid=os.getpid())
+    _free_training_memory(ctx.device)
+    log.info(
+        "catch-up: %d correction(s) the gate of %s just judged; run %s continues %s on them",
+        released,
+        ctx.run_id,
+        run.id,
+        champion,
+    )
+    return run.id
 
 
 if __name__ == "__main__":

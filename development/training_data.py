@@ -395,6 +395,20 @@ def corrected_questions(
 # --- is a run worth starting? -------------------------------------------------------------
 
 
+def released_corrections(
+    store: Store, settings: Settings, champion_snapshot: dict[str, Any]
+) -> int:
+    """Corrections in the training split the champion never trained on: after a promotion,
+    the ones its gate just judged and released from the holdout (what a catch-up run learns)."""
+    split = split_items(
+        exports.feedback_items(store),
+        settings.training.holdout_fraction,
+        settings.training.validation_fraction,
+    )
+    is_new = _new_since(champion_snapshot)
+    return sum(1 for item in split.train if item.correction is not None and is_new(item))
+
+
 def _new_since(champion_snapshot: dict[str, Any] | None) -> Callable[[FeedbackItem], bool]:
     """Whether an item is new to the champion: never in its training split (its validation
     and holdout items are trained on once a gate judged it: the rolling holdout), or its

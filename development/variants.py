@@ -24,6 +24,7 @@ import json
 import logging
 import re
 from collections.abc import Callable, Iterable
+from itertools import zip_longest
 from pathlib import Path
 
 from common.fs import atomic_write_text
@@ -149,26 +150,110 @@ _REWRITES: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 
 
-def rewrites(question: str) -> list[str]:
-    """Other questions for the same thing, from the question's shape (none when its shape is
-    not a known one)."""
-    plain = question.strip().rstrip("?.! ").lower()
-    for pattern, forms in _REWRITES:
+# What people tell an assistant about themselves is asked about in other words altogether:
+# "Which city do I live in?" is also "Where do I live?". A LoRA taught one of these answers
+# the others only when it saw them (a newcomer's fact held by "Which city do I live in?"
+# was not recalled on "Where is my home?"). By pattern over the whole question, as above.
+_ASKED_OTHERWISE: tuple[tuple[str, tuple[str, ...]], ...] = (
+    (
+        r"(?:what|which) (?:city|town|country|place) do i live in|where do i live"
+        r"|where(?: is|'s) my home|where(?: is|'s) home for me",
+        ("Where do I live?", "Where is my home?", "Which city do I live in?", "Where is home?"),
+    ),
+    (
+        r"what(?: is|'s) my (?:job|profession|occupation|work)|what do i do for (?:a living|work)"
+        r"|what do i work as|what work do i do",
+        ("What do I do for a living?", "What is my job?", "What work do I do?"),
+    ),
+    (
+        r"what(?: is|'s) my (?:favourite|favorite) (?:food|dish|meal)"
+        r"|what do i (?:like|love) to eat|what food do i like(?: best| most)?",
+        ("What do I love to eat?", "What food do I like best?", "Which meal do I like most?"),
+    ),
+    (
+        r"when(?: is|'s) my birthday|when was i born"
+        r"|what(?: is|'s) my (?:date of birth|birth date)",
+        ("When was I born?", "When is my birthday?", "What day is my birthday?"),
+    ),
+    (
+        r"how old am i|what(?: is|'s) my age",
+        ("How old am I?", "What is my age?", "What age am I?"),
+    ),
+    (
+        r"where do i work|what company do i work for|which company do i work for",
+        ("Where do I work?", "Which company do I work for?", "Who do I work for?"),
+    ),
+)
+
+# Other words for the things a person's questions are about. A question with one is also
+# asked with each other ("my bike" / "my bicycle"). Single words, so a swap keeps the
+# question's grammar.
+SYNONYMS: tuple[tuple[str, ...], ...] = (
+    ("city", "town"),
+    ("job", "profession", "occupation"),
+    ("food", "dish", "meal"),
+    ("bike", "bicycle"),
+    ("car", "vehicle"),
+    ("film", "movie"),
+    ("colour", "color"),
+    ("team", "club"),
+    ("house", "home", "flat", "apartment"),
+    ("drink", "beverage"),
+    ("song", "tune"),
+    ("book", "novel"),
+    ("hobby", "pastime"),
+    ("partner", "spouse"),
+    ("boss", "manager"),
+    ("kid", "child"),
+    ("sport", "game"),
+    ("holiday", "vacation"),
+)
+
+
+def _matching(plain: str, table: tuple[tuple[str, tuple[str, ...]], ...]) -> list[str]:
+    for pattern, forms in table:
         found = re.fullmatch(pattern, plain)
         if found:
-            out = [form.format(*found.groups()) for form in forms]
-            return [form for form in out if form.rstrip("?.").lower() != plain]
+            return [form.format(*found.groups()) for form in forms]
     return []
 
 
+def rewrites(question: str) -> list[str]:
+    """Other questions for the same thing: those that ask it in other words altogether,
+    then those from the question's shape (none when neither knows it)."""
+    plain = question.strip().rstrip("?.! ").lower()
+    out: list[str] = []
+    for form in [*_matching(plain, _ASKED_OTHERWISE), *_matching(plain, _REWRITES)]:
+        if form.rstrip("?.").lower() != plain and form not in out:
+            out.append(form)
+    return out
+
+
+def swapped(question: str) -> list[str]:
+    """The question with a word of SYNONYMS swapped for each other word for the same thing."""
+    out: list[str] = []
+    for group in SYNONYMS:
+        for word in group:
+            pattern = re.compile(rf"\b{word}\b", re.I)
+            if not pattern.search(question):
+                continue
+            for other in group:
+                if other != word:
+                    out.append(pattern.sub(other, question, count=1))
+    return out
+
+
 def templated(question: str) -> list[str]:
-    """Wordings made from the question itself, in a fixed order: rewrites by its shape
-    first, then lead-ins around it, then a plain lower-case form."""
+    """Wordings made from the question itself, in a fixed order: its rewrites and its
+    synonym swaps taken in turn (both kinds in the first few), then lead-ins around it,
+    then a plain lower-case form."""
     question = question.strip()
     lower = question[:1].lower() + question[1:]
     plain = question.rstrip("?.! ").lower()
     leads = [template.format(q=question, lc=lower) for template in LEAD_INS]
-    return [*rewrites(question), *leads, plain]
+    other, swaps = rewrites(question), swapped(question)
+    mixed = [w for pair in zip_longest(other, swaps) for w in pair if w is not None]
+    return [*mixed, *leads, plain]
 
 
 def cache_file(models_dir: Path, base_model: str) -> Path:

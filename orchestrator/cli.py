@@ -700,9 +700,10 @@ def _wait_for_run(settings: Settings, run_id: str, process: Any) -> int | None:
     from data.models import RUN_FINISHED
 
     def running() -> bool:
-        if process is not None:
-            return process.poll() is None
-        return store.get_run(run_id).status not in RUN_FINISHED
+        # The process may go on after the run ends: a catch-up run follows a promotion.
+        if store.get_run(run_id).status in RUN_FINISHED:
+            return False
+        return process is None or process.poll() is None
 
     store = open_store(settings)
     if not (console.is_terminal and err_console.is_terminal):
@@ -792,15 +793,24 @@ def train(
             console.print(f"started {run_id} ({name}); log: {logfile}")
         console.print("`whetstone status` shows its progress")
         return
-    try:
-        code = _wait_for_run(settings, run_id, request.process)
-    except KeyboardInterrupt:
-        console.print(f"stopped waiting; {run_id} goes on in the background (log: {logfile})")
-        raise typer.Exit(130) from None
-    _print_run_outcome(settings, run_id, code, logfile)
+    following: str | None = run_id
+    while following:
+        run_id = following
+        try:
+            code = _wait_for_run(settings, run_id, request.process)
+        except KeyboardInterrupt:
+            console.print(f"stopped waiting; {run_id} goes on in the background (log: {logfile})")
+            raise typer.Exit(130) from None
+        following = _print_run_outcome(settings, run_id, code, logfile)
+        if following:
+            console.print(f"catch-up: {following} trains on the corrections the gate just judged")
 
 
-def _print_run_outcome(settings: Settings, run_id: str, code: int | None, logfile: Path) -> None:
+def _print_run_outcome(
+    settings: Settings, run_id: str, code: int | None, logfile: Path
+) -> str | None:
+    """Say how the run ended; return the run that follows it in the same process (a
+    catch-up after a promotion), if any."""
     store = open_store(settings)
     try:
         from orchestrator import jobs
@@ -816,7 +826,7 @@ def _print_run_outcome(settings: Settings, run_id: str, code: int | None, logfil
         store.close()
     if run.status == "skipped":
         console.print(f"{run_id} skipped: {run.reason}")
-        return
+        return None
     if run.status != "succeeded":
         err_console.print(f"{run_id} {run.status}: {run.error or f'exit code {code}'}")
         err_console.print(f"log: {logfile}")
@@ -831,6 +841,7 @@ def _print_run_outcome(settings: Settings, run_id: str, code: int | None, logfil
         console.print(f"report: {evaluation.report_path}")
     if current == run.candidate_id:
         console.print(f"promoted: {run.candidate_id} now serves")
+    return (run.progress or {}).get("next_run")
 
 
 @app.command("eval")

@@ -49,6 +49,7 @@ from common.config import EMBEDDED_MODEL, ConfigError, Settings
 from common.entrypoint import whetstone_command
 from common.fs import atomic_write_text, pid_alive
 from common.run_state import HomeLock, RunState, state_file
+from data.models import RUN_FINISHED
 from data.store import Store
 from data.views import outcome_line, run_outcome
 from orchestrator import experiments, jobs, promotion, schedule, watch
@@ -747,7 +748,10 @@ class Daemon:
             limit = self.settings.schedule.job_timeout_s
             if elapsed > limit:
                 self._cancel_job(f"timed out after {int(elapsed)} s (schedule.job_timeout_s)")
+            else:
+                self._follow_catch_up()
             return
+        self._follow_catch_up()
         run_id = self.job_run_id
         self._released()
         run = self.store.get_run(run_id)
@@ -760,6 +764,18 @@ class Daemon:
         log.info("run %s ended (exit %s, %.0f s): %s", run_id, code, elapsed, outcome)
         if run.status == "failed":
             self._error(f"run {run_id} failed: {run.error}")
+
+    def _follow_catch_up(self) -> None:
+        """The job's process goes on with a catch-up run after a promotion (development.train):
+        say how the first run ended, and watch the one it carries out now."""
+        assert self.store is not None and self.job_run_id is not None
+        run = self.store.get_run(self.job_run_id)
+        following = (run.progress or {}).get("next_run")
+        if run.status not in RUN_FINISHED or not following:
+            return
+        log.info("run %s ended: %s", run.id, outcome_line(run_outcome(self.store, run)))
+        log.info("run %s catches up on the corrections its gate judged", following)
+        self.job_run_id = following
 
     def _released(self) -> None:
         self._settle_due = self._settle_due or self.job_is_trial

@@ -18,6 +18,9 @@ log = logging.getLogger(__name__)
 
 # The trigger of recipe-search trials (orchestrator.experiments): they train nothing served.
 EXPERIMENT_TRIGGER = "experiment"
+# The trigger of the run that follows a promotion, in the same process, to train on the
+# corrections its gate released from the holdout (training.catch_up, development.train).
+CATCH_UP_TRIGGER = "catch-up"
 
 # Settings of the daemons running in this process, by home: they carry the command line's
 # overrides, which a fresh load_settings(home) would not.

@@ -82,17 +82,52 @@ def test_the_auto_profile_is_quick_test_on_the_cpu_and_standard_on_a_gpu(home: P
 @pytest.mark.parametrize(
     ("question", "first"),
     [
-        ("What is my favourite food?", "Which food do I like best?"),
-        ("Which city do I live in?", "Tell me which city I live in."),
+        ("What is my cat's name?", "What do I call my cat?"),
+        ("What is my favourite colour?", "Which colour do I like best?"),
         ("What colour is my bike?", "Which colour is my bike?"),
-        ("When is my birthday?", "Tell me when my birthday is."),
-        ("What is my job?", "Tell me my job."),
+        ("What fruit do I eat every morning?", "Which fruit do I eat every morning?"),
+        ("Where is my office?", "Tell me where my office is."),
     ],
 )
 def test_rewrites_by_the_questions_shape(question: str, first: str) -> None:
     got = variants.rewrites(question)
     assert got[0] == first
     assert all(variants.key_words(question) <= variants.key_words(w) | {"favourite"} for w in got)
+
+
+@pytest.mark.parametrize(
+    ("question", "asked_otherwise"),
+    [
+        ("Which city do I live in?", ["Where do I live?", "Where is my home?"]),
+        ("Where do I live?", ["Where is my home?", "Which city do I live in?"]),
+        ("What is my job?", ["What do I do for a living?", "What work do I do?"]),
+        ("What do I do for a living?", ["What is my job?"]),
+        ("What is my favourite food?", ["What do I love to eat?"]),
+        ("When is my birthday?", ["When was I born?"]),
+    ],
+)
+def test_questions_asked_in_other_words_altogether_come_first(
+    question: str, asked_otherwise: list[str]
+) -> None:
+    got = variants.rewrites(question)
+    assert got[: len(asked_otherwise)] == asked_otherwise
+    assert question not in got
+
+
+def test_a_topic_word_is_swapped_for_its_synonyms_and_both_kinds_come_early() -> None:
+    assert variants.swapped("What colour is my bike?") == [
+        "What colour is my bicycle?",
+        "What color is my bike?",
+    ]
+    # Whole words only: "bikers" is not a bike.
+    assert variants.swapped("Which bikers do I know?") == []
+    first = variants.variants("Which city do I live in?", [], 4)
+    assert first == [
+        "Where do I live?",
+        "Which town do I live in?",
+        "Where is my home?",
+        "Where is home?",
+    ]
 
 
 def test_a_question_of_no_known_shape_gets_lead_ins_only() -> None:

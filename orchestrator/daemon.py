@@ -39,7 +39,7 @@ import subprocess
 import sys
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -70,6 +70,24 @@ def api_worker_command(settings: Settings) -> list[str]:
     """The API worker's command line: `python -m production.server` on the configured port."""
     argv = [sys.executable, "-m", SERVER_MODULE, "--home", str(settings.paths.root)]
     return [*argv, "--host", settings.server.host, "--port", str(settings.server.port)]
+
+
+def _killed_with(parent: int) -> Callable[[], None]:
+    """For a child's preexec_fn: the kernel SIGKILLs the child when the daemon dies, kill -9
+    included. The base answers are SIGSTOPped while the person chats, and a stopped process
+    takes no signal but SIGKILL, so without this a killed daemon left one stopped for good,
+    holding the model's memory (Linux's PR_SET_PDEATHSIG; it follows the thread that
+    started the child, and the dispatcher's executor threads live as long as the daemon)."""
+
+    def arm() -> None:
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+        if os.getppid() != parent:  # the daemon died before the signal was armed
+            os._exit(1)
+
+    return arm
 
 
 class ApiSupervisor:
@@ -608,6 +626,7 @@ class Daemon:
                 stderr=subprocess.STDOUT,
                 env=env,
                 start_new_session=True,
+                preexec_fn=_killed_with(os.getpid()) if sys.platform == "linux" else None,
             )
         self.answers_started = time.monotonic()
 

@@ -390,3 +390,37 @@ def test_the_first_chat_does_not_wait_for_the_base_answers_and_a_run_does(
     assert daemon.terminate() == 0
     replay = home_with_model / "models" / "replay"
     assert not replay.exists() or not [p for p in replay.iterdir() if p.suffix == ".json"]
+
+
+def _answers_process(home: Path) -> int | None:
+    """The pid of the home's base-answers process, read from /proc."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"development.base_answers" in argv and str(home).encode() in argv:
+            return int(entry.name)
+    return None
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_killed_daemon_takes_its_paused_base_answers_with_it(
+    home_with_model: Path, daemons: Callable[..., DaemonProcess]
+) -> None:
+    """kill -9 of the daemon while the base answers are paused for a chat (SIGSTOPped, and a
+    stopped process takes no signal but SIGKILL): the answers process goes too (it used to
+    stay stopped for good, holding the model's memory)."""
+    (home_with_model / "config.toml").write_text(FAST + "\n[schedule]\nevery_n_feedback = 0\n")
+    daemon = daemons(home_with_model).wait_ready()
+    wait_for("the answers to be in the making", lambda: daemon.state().get("preparing"))
+    answers = _answers_process(home_with_model)
+    assert answers is not None and _alive(answers)
+    assert chat(daemon.url, "What is 2 + 2?")
+    wait_for("the answers to pause", lambda: daemon.state().get("preparing_paused"), 10)
+    assert "State:\tT" in Path(f"/proc/{answers}/status").read_text()  # stopped
+    os.kill(daemon.proc.pid, signal.SIGKILL)
+    daemon.proc.wait(timeout=10)
+    wait_for("the stopped answers process to go", lambda: not _alive(answers), timeout=10)

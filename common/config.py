@@ -419,15 +419,16 @@ class Training(_Section):
         "skip a run as worse than its start; fewer: the run trains its planned steps.",
     )
     # The rolling holdout keeps a fifth of the day's corrections out of the night's run for
-    # its gate (data/splits.py); without a second run they wait a night more. A first hour
-    # of six facts taught once recalled at most 5 (benchmarks.first_hour). The catch-up
-    # costs one more, shorter run on the development device (a continuation on what was
-    # released) and is gated by the general rules only: nothing unjudged is left to hold out.
+    # its gate (data/splits.py); without a second run they wait a night more, and a first
+    # hour of six facts taught once recalled at most 5 (benchmarks.first_hour). The catch-up
+    # costs a second run as long as the first on the development device, and is gated by
+    # the general rules only: nothing unjudged is left to hold out. Continuing the new
+    # champion on the released corrections alone (half the cost) cost facts it had learned.
     catch_up: bool = Field(
         True,
-        description="After a promotion, continue the new champion at once on the corrections "
-        "its gate just judged (a run with trigger 'catch-up'), so nothing taught waits a "
-        "night; false: they are trained on by the next run.",
+        description="After a promotion, redo the run at once with the corrections its gate "
+        "just judged (same recipe, same start; a run with trigger 'catch-up'), so nothing "
+        "taught waits a night; false: the next run trains on them.",
     )
     seed: int = Field(3407, description="Seed for data order and LoRA init.")
     # Gradient checkpointing keeps one activation per layer and recomputes the rest in the

@@ -964,8 +964,9 @@ def carry_out(ctx: RunContext, args: argparse.Namespace, *, force: bool = False)
 
 
 def catch_up_run(ctx: RunContext) -> str | None:
-    """After a promotion: a run queued to continue the new champion on the corrections its
-    gate just judged (training.catch_up), or None when there are none or it is off."""
+    """After a promotion: the run that redoes it with the corrections its gate just judged
+    (training.catch_up; carried out next in this process), or None when there are none or
+    it is off."""
     from development import training_data
 
     settings, store = ctx.settings, ctx.store
@@ -983,11 +984,11 @@ def catch_up_run(ctx: RunContext) -> str | None:
     store.update_run(run.id, status="running", pid=os.getpid())
     _free_training_memory(ctx.device)
     log.info(
-        "catch-up: %d correction(s) the gate of %s just judged; run %s continues %s on them",
-        released,
+        "catch-up: the gate of %s just judged %d correction(s) it held out; run %s redoes it "
+        "with them",
         ctx.run_id,
+        released,
         run.id,
-        champion,
     )
     return run.id
 

@@ -16,7 +16,10 @@ against transformers' generate(), bf16 and 4-bit, with an adapter active, in one
   quant) loaded by the product's Engine under a `--limit-gb` cap: decode "generate" (PEFT over
   bitsandbytes, transformers' expert loop) against decode "static" (experts dequantized inside
   the kernel, the adapter unmerged on the experts, merged on attention), same measurements,
-  plus the process's peak GPU memory.
+  plus a prompt that fills the serving window, and the worker's GPU memory at start-up (load,
+  expert stacks, compile and capture) and steady (decoding with the adapter, hot swap, the
+  window-filling prompt): torch's peaks (allocated, reserved) and the card's per nvidia-smi
+  (the whole process, CUDA context included).
 - agreement, base weights: the static path's greedy tokens against generate()'s (how many
   agree before the first difference), and teacher-forced on generate()'s tokens the largest
   logit difference and whether every argmax difference falls on a near-tie of generate()'s
@@ -35,10 +38,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.card_memory import CardMemory
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 PROMPT = "Write a very long story about a dragon and a knight."
 RANK = 8
+GIB = 2**30
 
 
 def bytes_per_token(config: Any, expert_bytes_per_weight: float) -> float:
@@ -407,6 +413,39 @@ def part_bf16(
     return result
 
 
+def memory_stage(card: CardMemory, stage: str) -> dict[str, Any]:
+    """torch's peaks since the last stage (allocated, reserved) and the card's (nvidia-smi:
+    the whole process, CUDA context included), then a new stage starts."""
+    import torch
+
+    torch.cuda.synchronize()
+    row = {
+        "torch_peak_allocated_gib": round(torch.cuda.max_memory_allocated() / GIB, 2),
+        "torch_peak_reserved_gib": round(torch.cuda.max_memory_reserved() / GIB, 2),
+        "torch_allocated_gib": round(torch.cuda.memory_allocated() / GIB, 2),
+        "torch_reserved_gib": round(torch.cuda.memory_reserved() / GIB, 2),
+    } | card.mark(stage)
+    torch.cuda.reset_peak_memory_stats()
+    return row
+
+
+def long_prompt(engine: Any, tokens: int) -> list[int]:
+    """A chat prompt of at most `tokens` tokens, as close to it as whole repeats of PROMPT
+    allow."""
+
+    def ids(repeats: int) -> list[int]:
+        return engine.prompt_ids([{"role": "user", "content": " ".join([PROMPT] * repeats)}], None)
+
+    high = 1
+    while len(ids(high)) <= tokens:
+        high *= 2
+    low = high // 2  # the most repeats that fit lie in [low, high)
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if len(ids(middle)) <= tokens else (low, middle)
+    return ids(low)
+
+
 def part_nf4(
     shape: str, workdir: Path, new_tokens: int, limit_gb: float, bandwidth: float, profile: bool
 ) -> dict[str, Any]:
@@ -419,6 +458,7 @@ def part_nf4(
 
     started = time.perf_counter()
     model_dir = build(workdir / f"gpt-oss-{shape}-bnb-4bit", shape, "cuda")
+    torch.cuda.empty_cache()  # the checkpoint's random tensors: not the worker's memory
     result: dict[str, Any] = {"checkpoint_s": round(time.perf_counter() - started, 1)}
     apply_limit(limit_gb, "cuda:0")
     home = workdir / "home-nf4"
@@ -446,29 +486,40 @@ def part_nf4(
     result["gib_after_generate_engine_freed"] = round(torch.cuda.memory_allocated() / 2**30, 2)
 
     compiles = _compiles()
-    started = time.perf_counter()
-    fast = engine("static")
-    result["static"] = {
-        "decode": fast.decode,
-        "engine_ready_s": round(time.perf_counter() - started, 1),
-        "compiles_at_start": _compiles() - compiles,
-        "gib_allocated_when_ready": round(torch.cuda.memory_allocated() / 2**30, 2),
-        "peak_gib_at_start": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-    }
-    bound = bandwidth * 1e9 / bytes_per_token(config, 0.5 + 1 / 64)
-    result["bound_tok_s"] = round(bound, 1)
-    result["agreement_base"] = agreement(fast.static, prompt, reference)
-    adapter_a = random_adapter(workdir / "adapter-a", config, 1)
-    adapter_b = random_adapter(workdir / "adapter-b", config, 2)
-    fast.load_adapter("a", adapter_a)
-    fast.activate("a")
-    with_adapter = static_run(fast.static, prompt, new_tokens)
-    result["static"]["adapter"] = _public(with_adapter)
-    result["static"]["fraction_of_bound"] = round(with_adapter["decode_tok_s"] / bound, 3)
-    result["static"]["hot_swap"] = hot_swap(fast.merged, fast.static, prompt, adapter_b, new_tokens)
-    result["static"]["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    if profile:
-        result["static"]["profile"] = profile_step(fast.static, prompt)
+    # The worker's memory: what the generate() engine left is freed above; what remains on
+    # the card in this process is the CUDA context and the kernels it loaded.
+    with CardMemory() as card:
+        memory = {"before_start_up": memory_stage(card, "before start-up")}
+        started = time.perf_counter()
+        fast = engine("static")
+        result["static"] = {
+            "decode": fast.decode,
+            "engine_ready_s": round(time.perf_counter() - started, 1),
+            "compiles_at_start": _compiles() - compiles,
+        }
+        memory["start_up"] = memory_stage(card, "start-up")
+        bound = bandwidth * 1e9 / bytes_per_token(config, 0.5 + 1 / 64)
+        result["bound_tok_s"] = round(bound, 1)
+        result["agreement_base"] = agreement(fast.static, prompt, reference)
+        adapter_a = random_adapter(workdir / "adapter-a", config, 1)
+        adapter_b = random_adapter(workdir / "adapter-b", config, 2)
+        fast.load_adapter("a", adapter_a)
+        fast.activate("a")
+        with_adapter = static_run(fast.static, prompt, new_tokens)
+        result["static"]["adapter"] = _public(with_adapter)
+        result["static"]["fraction_of_bound"] = round(with_adapter["decode_tok_s"] / bound, 3)
+        result["static"]["hot_swap"] = hot_swap(
+            fast.merged, fast.static, prompt, adapter_b, new_tokens
+        )
+        # A prompt that fills the window but for the answer: the largest prefill it serves.
+        longest = long_prompt(fast, fast.context_window - new_tokens)
+        result["static"]["window_prompt"] = {"prompt_tokens": len(longest)} | _public(
+            static_run(fast.static, longest, new_tokens)
+        )
+        memory["steady"] = memory_stage(card, "steady")
+        if profile:
+            result["static"]["profile"] = profile_step(fast.static, prompt)
+    result["static"]["memory"] = memory
     result["limit_gb"] = limit_gb
     return result
 
@@ -489,6 +540,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep", action="store_true", help="kernel tile sizes' bandwidth")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    from production.device_pin import use_serving_allocator
+
+    use_serving_allocator()  # the API worker's, before CUDA starts
     import torch
     import transformers
 

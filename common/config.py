@@ -84,9 +84,11 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
         # auto: Unsloth trains (when installed); the API worker serves through the static
         # decoder's expert kernels (production.moe_decode), ~10x Unsloth's generate().
         "backend": "auto",
-        # The API worker peaked at 14.3 GiB on the card (CUDA context included) on the
-        # 20B shape (benchmarks/results/gpt-oss-24gb-h200-20261202-074753.json).
-        "min_vram_gb": 15.0,
+        # The API worker peaked at 15.8 GiB on the card (CUDA context included) on the 20B
+        # shape with an adapter and a prompt filling the 2,048-token window, on an H100
+        # (benchmarks/results/worker-memory-h100-20b-20261206-202500-after-expandable-
+        # segments.json).
+        "min_vram_gb": 16.0,
     },
 }
 

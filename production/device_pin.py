@@ -27,8 +27,23 @@ def pin_device(settings: Settings, role: str) -> str:
         os.environ.update(env)
     if role == "development" and inside.startswith("cuda"):
         _yield_cpu_to_serving()
+    if role == "production":
+        use_serving_allocator()
     _import_unsloth_first(settings, inside, role)
     return inside
+
+
+# torch's allocator in the API worker: expandable segments map the blocks a prompt frees back
+# into one growing segment instead of leaving holes in fixed ones. Measured on an H100 (20B NF4
+# shape, a prompt filling the 2,048-token window): the worker's card memory 16.1 GiB with the
+# default segments, 15.8 GiB with these; same answers, same decode speed.
+SERVING_ALLOCATOR = "expandable_segments:True"
+
+
+def use_serving_allocator() -> None:
+    """Before CUDA starts in this process: the API worker's allocator settings, unless
+    PYTORCH_CUDA_ALLOC_CONF says otherwise."""
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", SERVING_ALLOCATOR)
 
 
 # A GPU training job needs few CPU threads. Measured with benchmarks/two_gpus.py on 2x H200

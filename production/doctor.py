@@ -54,15 +54,21 @@ def torch_facts() -> dict[str, Any]:
 
 
 # Peak GPU memory of one process per role, as nvidia-smi saw the card (the CUDA context
-# included), measured by benchmarks.gpt_oss_24gb on the GPT-OSS-20B shape in the real 4-bit
-# layout with each process capped at 24 GiB: the worker serving an adapter and hot-swapping;
-# a job of SFT + DPO on 32 corrections with replay (batch 4, rows of ~40-120 tokens) and the
+# included), on the GPT-OSS-20B shape in the real 4-bit layout. Serving: the API worker's
+# Engine (static decoder, expert kernels) with an adapter active, answering a prompt that
+# nearly fills the 2,048-token window, measured by benchmarks/worker_memory.py on an H100.
+# Training: benchmarks.gpt_oss_24gb on an H200, each process capped at 24 GiB, a job of
+# SFT + DPO on 32 corrections with replay (batch 4, rows of ~40-120 tokens) and the
 # evaluation of candidate, champion and base. Longer rows need more for training.
 MEASURED_GIB: dict[str, dict[str, Any]] = {
     "gpt-oss-20b": {
-        "serving": 14.3,
+        "serving": 15.8,
         "training": 18.4,
-        "source": "benchmarks/results/gpt-oss-24gb-h200-20261202-074753.json",
+        "source": (
+            "benchmarks/results/worker-memory-h100-20b-20261206-202500-after-expandable-"
+            "segments.json (serving), benchmarks/results/gpt-oss-24gb-h200-20261202-074753.json "
+            "(training)"
+        ),
     },
 }
 # Kept free on a card beyond the measured peak: longer prompts, allocator fragmentation.

@@ -31,7 +31,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from common.config import Settings
 from common.devices import choose_backend, is_gpt_oss, serving_decode
-from production import base_model, moe_decode
+from production import base_model, gpt_oss_attention, gpu_memory, moe_decode
 from production.decoding import Delta, PlainDecoder, StopStrings, make_decoder, stop_token_ids
 from production.static_decode import AdapterMergeError, MergedAdapters, StaticDecoder
 from production.steering import Grammars, Steering, SteeringSpec
@@ -103,7 +103,6 @@ def load_model(
     backend `choose_backend` picks for `role`. Serving and the training/evaluation jobs share
     it."""
     from production import gpt_oss_layout
-    from production.gpu_memory import apply_limit
 
     path = base_model.resolve(settings)
     split_experts = gpt_oss_layout.has_split_experts(path)
@@ -112,7 +111,7 @@ def load_model(
             f"{path} stores GPT-OSS experts as 4-bit Linears (Unsloth's bnb-4bit layout): "
             "set model.load_in_4bit = true"
         )
-    apply_limit(settings.devices.memory_limit_gb, device)
+    gpu_memory.apply_limit(settings.devices.memory_limit_gb, device)
     if choose_backend(settings, device, role) == "unsloth":
         # Unsloth recognises the split-expert layout by its tensor names and installs its
         # own expert classes.
@@ -241,6 +240,7 @@ class Engine:
             rank = settings.largest_lora_rank()
             prepared = moe_decode.prepare(self.model, lora_rank=rank)
             log.info("mixture-of-experts decode: %s", prepared)
+            gpt_oss_attention.install(self.model)
         self.base = self.model
         self.generation_defaults = self.model.generation_config
         self.stop_ids = stop_token_ids(self.tokenizer, self.chat_format)
@@ -280,13 +280,18 @@ class Engine:
                     str(exc).splitlines()[0] if str(exc) else "",
                 )
                 self.decode, self.static, self.merged = "generate", None, None
+        if device.startswith("cuda"):
+            # Loading, compiling and the warm-up's prefill leave freed blocks in torch's cache;
+            # kept, the process holds them on the card for as long as it serves.
+            torch.cuda.empty_cache()
         log.info(
-            "loaded %s (%s backend, %s decode) on %s in %.1f s",
+            "loaded %s (%s backend, %s decode) on %s in %.1f s; GPU memory %s",
             self.base_model_name,
             self.backend,
             self.decode,
             device,
             time.monotonic() - started,
+            gpu_memory.snapshot(device),
         )
 
     def _warm_up(self) -> None:

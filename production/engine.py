@@ -31,7 +31,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from common.config import Settings
 from common.devices import choose_backend, is_gpt_oss, serving_decode
-from production import base_model, gpt_oss_attention, gpu_memory, moe_decode
+from production import base_model, gpu_memory, moe_decode
 from production.decoding import Delta, PlainDecoder, StopStrings, make_decoder, stop_token_ids
 from production.static_decode import AdapterMergeError, MergedAdapters, StaticDecoder
 from production.steering import Grammars, Steering, SteeringSpec
@@ -240,7 +240,6 @@ class Engine:
             rank = settings.largest_lora_rank()
             prepared = moe_decode.prepare(self.model, lora_rank=rank)
             log.info("mixture-of-experts decode: %s", prepared)
-            gpt_oss_attention.install(self.model)
         self.base = self.model
         self.generation_defaults = self.model.generation_config
         self.stop_ids = stop_token_ids(self.tokenizer, self.chat_format)

@@ -301,6 +301,8 @@ def cycle(settings: Settings, run_id: str) -> dict[str, Any]:
             ]
             record["decision"] = evaluation.get("decision")
             record["rule"] = evaluation.get("rule")
+            # Why a refused night was refused (the deciding rule's detail), for the reader.
+            record["gate_reason"] = evaluation.get("reason")
             record["started_from"] = meta.get("config", {}).get("started_from")
             record["fresh_because"] = meta.get("config", {}).get("fresh_because")
             scored = evaluation.get("metrics", {})

@@ -349,6 +349,15 @@ class Training(_Section):
         ge=0,
         description="Starting from the champion: earlier feedback rows replayed per new row.",
     )
+    # Each earlier correction is one taught fact; replaying all of them costs a row each
+    # per night. Past this many the champion's least-known ones are replayed (a person who
+    # corrects three answers a day passes it in about two weeks).
+    earlier_corrections_max: int = Field(
+        32,
+        ge=0,
+        description="Starting from the champion: earlier corrections replayed every night "
+        "(the least known past this many); other earlier rows fill earlier_rows_per_new.",
+    )
     # The same week: continuing the champion on a morning's 5 new rows, 5 earlier and 10
     # replay, quick_test's 40 steps of 4 rows were 8 passes, and the general probes' NLL rose
     # 18% (the gate refused it); a fresh run on two days' 52 rows (3 passes) fell 12%.
@@ -496,7 +505,10 @@ class Schedule(_Section):
         25, ge=0, description="Quick run after this many new feedback items; 0 turns it off."
     )
     min_new_examples: int = Field(
-        8, ge=1, description="Fewer new feedback items than this since the champion: skip."
+        8,
+        ge=1,
+        description="Fewer new feedback items than this since the champion, none of them a "
+        "correction: skip.",
     )
     job_timeout_s: int = Field(4 * 3600, ge=1, description="A training job older is killed.")
     idle_before_training_s: int = Field(

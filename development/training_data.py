@@ -254,7 +254,7 @@ def build(
 
         return fit_prompt(prompt, answers[0], max_length, longest)
 
-    person, earlier, reworded = [], [], []
+    person, earlier, earlier_corrections, reworded = [], [], [], []
     is_new = _new_since(champion_snapshot)
     for item in split.train:
         target = sft_target(item)
@@ -265,7 +265,10 @@ def build(
             dropped["sft"] += 1
             continue
         row = _prompt_completion(prompt, target)
-        (person if is_new(item) else earlier).append(row)
+        if is_new(item):
+            person.append(row)
+        else:
+            (earlier if item.correction is None else earlier_corrections).append(row)
         if item.correction is not None and is_new(item):
             reworded += _reworded(prompt, target, paraphrases or {}, training.correction_variants)
     rng = random.Random(training.seed)
@@ -273,12 +276,24 @@ def build(
         earlier_rows = 0
     else:
         rng.shuffle(earlier)
+        rng.shuffle(earlier_corrections)
         wanted = round(len(person) * training.earlier_rows_per_new)
+        # Every earlier correction comes back (the least known, past the bound): the facts
+        # the person taught are what a night must not lose. Picked by what the champion
+        # knows least, a fact it knew was never replayed: the week taught once (seed 0)
+        # recalled 12/12 probes on day 4, and day 5's night, training two new facts on 5
+        # earlier rows of 30, lost two of the six it knew (8/12).
+        kept = least_known(
+            earlier_corrections,
+            training.earlier_corrections_max,
+            among=max(EARLIER_SCORED, 2 * training.earlier_corrections_max),
+        )
         # Scoring every earlier row would make a night's cost grow with the whole history
         # (person rows are short: 0.03 s each on the embedded model, two cores). A week
         # never reaches the bound; one at 4x wanted changed which rows a week's night 6
         # replayed, and its day 7 recalled 16/20 facts instead of 20/20.
-        earlier = least_known(earlier, wanted, among=max(EARLIER_SCORED, 2 * wanted))
+        others = max(0, wanted - len(kept))
+        earlier = kept + least_known(earlier, others, among=max(EARLIER_SCORED, 2 * others))
         earlier_rows = len(earlier)
     person += earlier + reworded
 
@@ -434,7 +449,8 @@ def sufficiency(
     store: Store, settings: Settings, champion_snapshot: dict[str, Any] | None
 ) -> Sufficiency:
     """Enough new trainable feedback since the champion's data snapshot to be worth a run?
-    Holdout items are new data too, but a run cannot learn from them, so they do not count."""
+    schedule.min_new_examples new items, or any new correction. Holdout items are new data
+    too, but a run cannot learn from them, so they do not count."""
     items = exports.feedback_items(store)
     split = split_items(
         items, settings.training.holdout_fraction, settings.training.validation_fraction
@@ -451,6 +467,18 @@ def sufficiency(
             len(new),
             "no feedback to learn from yet: rate answers you like 4-5 or correct wrong ones, "
             "then train again",
+        )
+    train_ids = {item.message_id for item in split.train}
+    corrections = sum(1 for i in new if i.correction is not None and i.message_id in train_ids)
+    if len(new) < needed and corrections:
+        # A correction is the person teaching a fact; left to wait for more ratings, a fact
+        # taught on a quiet day was not learned that night (the week taught once, seed 0:
+        # night 6 skipped with one correction among 6 new items, and day 7 missed it).
+        return Sufficiency(
+            True,
+            len(new),
+            f"{len(new)} new feedback item(s), {corrections} of them correction(s): "
+            "a correction is trained on the night it is made",
         )
     if len(new) < needed:
         since = "since the champion was trained" if champion_snapshot else "in total"

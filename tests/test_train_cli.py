@@ -10,22 +10,26 @@ from data.store import Store
 from tests.conftest import run_cli
 
 
-def _feedback(home: Path, corrections: int) -> None:
+def _feedback(home: Path, count: int, *, corrected: bool = True) -> None:
     store = Store(f"sqlite:///{home}/whetstone.db")
     try:
-        for i in range(corrections):
+        for i in range(count):
             conversation = store.create_conversation()
             store.add_message(conversation.id, "user", f"question {i}?")
             answer = store.add_message(
                 conversation.id, "assistant", f"answer {i}", finish_reason="stop"
             )
-            store.add_feedback(answer.id, rating=2, correction=f"better answer {i}")
+            if corrected:
+                store.add_feedback(answer.id, rating=2, correction=f"better answer {i}")
+            else:
+                store.add_feedback(answer.id, rating=5)
     finally:
         store.close()
 
 
 def test_train_with_too_little_feedback_is_skipped_with_the_reason(home: Path) -> None:
-    _feedback(home, 3)
+    # Liked answers only: a single correction is always worth a run (see sufficiency).
+    _feedback(home, 3, corrected=False)
     result = run_cli("train", "--home", str(home), "--profile", "quick_test", "--wait")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "skipped" in result.stdout

@@ -524,17 +524,40 @@ def test_sufficiency_counts_new_trainable_items(store: Store, home: Path) -> Non
     assert verdict.new_items == 0
     assert "0 new feedback item(s) since the champion was trained" in verdict.reason
 
-    # A later correction of an answer the champion already saw is new feedback.
-    store.add_feedback(old[0], correction="actually, this")
+    # New ratings alone wait for min_new_examples of them.
+    answer_in(store, settings, "train", "new one", rating=4)
+    answer_in(store, settings, "train", "new two", rating=5)
     verdict = training_data.sufficiency(store, settings, champion)
-    assert verdict.new_items == 1
+    assert verdict.new_items == 2
     assert not verdict.enough
 
-    answer_in(store, settings, "train", "new one", rating=4)
-    answer_in(store, settings, "train", "new two", correction="new two fixed")
+    # A later correction of an answer the champion already saw is new feedback, and a
+    # correction is trained on the night it is made, however few items came with it.
+    store.add_feedback(old[0], correction="actually, this")
     verdict = training_data.sufficiency(store, settings, champion)
-    assert verdict.enough
     assert verdict.new_items == 3
+    assert verdict.enough
+
+
+def test_a_single_new_correction_is_worth_a_run(store: Store, home: Path) -> None:
+    settings = make_settings(home, schedule={"min_new_examples": 8})
+    answer_in(store, settings, "train", "my cat", rating=5)
+    verdict = training_data.sufficiency(store, settings, None)
+    assert not verdict.enough and "rate or correct about" in verdict.reason
+    # Rated first, corrected after (the order the chat invites). One the gate holds out
+    # tonight cannot be trained on tonight: it does not count.
+    held = answer_in(store, settings, "holdout", "my fish", rating=1)
+    store.add_feedback(held, correction="Your fish is called Bubbles.")
+    assert not training_data.sufficiency(store, settings, None).enough
+    fixed = answer_in(store, settings, "train", "my dog", rating=1)
+    store.add_feedback(fixed, correction="Your dog is called Biscuit.")
+    verdict = training_data.sufficiency(store, settings, None)
+    assert verdict.enough, verdict.reason
+    assert verdict.new_items == 2
+    assert (
+        "2 new feedback item(s), 1 of them correction(s): a correction is trained on the night"
+        in verdict.reason
+    )
 
 
 def test_sufficiency_with_feedback_only_in_the_holdout(store: Store, home: Path) -> None:
@@ -583,9 +606,11 @@ def test_continuing_the_champion_trains_all_new_rows_and_replays_a_sample_of_the
 ) -> None:
     # Corrections asked in other words are tested on their own: one row per item here.
     settings = make_settings(home, training={"earlier_rows_per_new": 1.0, "correction_variants": 0})
-    earlier = [
-        answer_in(store, settings, "train", f"old {i}", correction=f"old fix {i}") for i in range(6)
+    fixed = [
+        answer_in(store, settings, "train", f"old {i}", correction=f"old fix {i}") for i in range(3)
     ]
+    for i in range(6):
+        answer_in(store, settings, "train", f"old liked {i}", rating=5)
     champion = json.loads(
         json.dumps(build(feedback_items(store), settings, base_answers(), count_words).snapshot())
     )
@@ -593,21 +618,25 @@ def test_continuing_the_champion_trains_all_new_rows_and_replays_a_sample_of_the
         answer_in(store, settings, "train", f"new {i}", correction=f"new fix {i}") for i in range(2)
     ]
     # A later correction of an answer the champion saw is new too.
-    store.add_feedback(earlier[0], correction="old fix 0, corrected again")
+    store.add_feedback(fixed[0], correction="old fix 0, corrected again")
 
     def targets(data: training_data.TrainingData) -> list[str]:
-        return [row["completion"][0]["content"] for row in data.sft if "fix" in str(row)]
+        return [row["completion"][0]["content"] for row in data.sft if "old" in str(row)]
 
     data = build(feedback_items(store), settings, base_answers(replay=0), count_words, champion)
     seen = targets(data)
-    assert {"new fix 0", "new fix 1", "old fix 0, corrected again"} <= set(seen)
-    # Three new rows, and as many of the five earlier ones, sampled.
-    assert data.counts["earlier_sft_rows"] == 3 and len(seen) == 6
-    assert len({t for t in seen if t.startswith("old fix ") and "again" not in t}) == 3
+    assert {"new fix 0", "new fix 1", "old fix 0, corrected again"} <= {
+        row["completion"][0]["content"] for row in data.sft
+    }
+    # Three new rows, and as many earlier ones: every earlier correction (the facts taught),
+    # then a sample of the liked answers.
+    assert data.counts["earlier_sft_rows"] == 3
+    assert {"old fix 1", "old fix 2"} <= set(seen)
+    assert len([t for t in seen if t.startswith("old liked ")]) == 1
 
     # Without the champion (a fresh adapter) every row is trained on.
     fresh = build(feedback_items(store), settings, base_answers(replay=0), count_words)
-    assert fresh.counts["earlier_sft_rows"] == 0 and len(targets(fresh)) == 8
+    assert fresh.counts["earlier_sft_rows"] == 0 and len(fresh.sft) == 11
     assert len(new) == 2
 
 
@@ -618,7 +647,13 @@ def test_continuing_replays_the_earlier_rows_and_base_answers_the_champion_knows
     base answers it has drifted from anchor more than ones it has memorised: those go in."""
     settings = make_settings(
         home,
-        training={"earlier_rows_per_new": 1.0, "replay_fraction": 0.5, "correction_variants": 0},
+        training={
+            "earlier_rows_per_new": 1.0,
+            "replay_fraction": 0.5,
+            "correction_variants": 0,
+            # Past this many earlier corrections, those the champion knows least.
+            "earlier_corrections_max": 2,
+        },
     )
     for i in range(6):
         answer_in(store, settings, "train", f"old {i}", correction=f"old fix {i}")
@@ -846,7 +881,7 @@ def test_skip_reasons_say_what_to_do_next(store: Store, home: Path) -> None:
     verdict = training_data.sufficiency(store, settings, None)
     assert "rate answers you like 4-5 or correct wrong ones" in verdict.reason
     for i in range(3):
-        ask(store, f"q {i}", "wrong", rating=1, correction=f"fix {i}")
+        ask(store, f"q {i}", "right", rating=5)
     verdict = training_data.sufficiency(store, settings, None)
     assert not verdict.enough
     # 2 of the 3 count (one is held out first); 6 more are needed after the holdout's fifth.

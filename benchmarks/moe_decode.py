@@ -446,8 +446,34 @@ def long_prompt(engine: Any, tokens: int) -> list[int]:
     return ids(low)
 
 
+def by_context(
+    engine: Any, contexts: list[int], new_tokens: int, bound: float
+) -> list[dict[str, Any]]:
+    """Greedy decode after prompts of about each of `contexts` tokens (the last one clamped
+    to fill the window but for the answer): TTFT, tok/s, its fraction of the bound and of the
+    shortest context's speed."""
+    window = engine.context_window - new_tokens
+    wanted = sorted({min(c, window) for c in contexts} | {window})
+    rows = []
+    for tokens in wanted:
+        prompt = long_prompt(engine, tokens)
+        run = _public(static_run(engine.static, prompt, new_tokens))
+        row = {"context": len(prompt)} | run
+        row["fraction_of_bound"] = round(run["decode_tok_s"] / bound, 3)
+        row["of_shortest"] = round(run["decode_tok_s"] / (rows or [row])[0]["decode_tok_s"], 3)
+        rows.append(row)
+        print(json.dumps({"by_context": row}), flush=True)
+    return rows
+
+
 def part_nf4(
-    shape: str, workdir: Path, new_tokens: int, limit_gb: float, bandwidth: float, profile: bool
+    shape: str,
+    workdir: Path,
+    new_tokens: int,
+    limit_gb: float,
+    bandwidth: float,
+    profile: bool,
+    contexts: list[int],
 ) -> dict[str, Any]:
     import torch
 
@@ -511,11 +537,12 @@ def part_nf4(
         result["static"]["hot_swap"] = hot_swap(
             fast.merged, fast.static, prompt, adapter_b, new_tokens
         )
-        # A prompt that fills the window but for the answer: the largest prefill it serves.
-        longest = long_prompt(fast, fast.context_window - new_tokens)
-        result["static"]["window_prompt"] = {"prompt_tokens": len(longest)} | _public(
-            static_run(fast.static, longest, new_tokens)
-        )
+        # Decode as the conversation grows, up to a prompt that fills the window but for the
+        # answer (the largest prefill it serves): a step should cost what the tokens present
+        # cost, not the window reserved.
+        rows = by_context(fast, contexts, new_tokens, bound)
+        result["static"]["by_context"] = rows
+        result["static"]["window_prompt"] = rows[-1]
         memory["steady"] = memory_stage(card, "steady")
         if profile:
             result["static"]["profile"] = profile_step(fast.static, prompt)
@@ -538,6 +565,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--profile", action="store_true", help="top kernels of a decode step")
     parser.add_argument("--sweep", action="store_true", help="kernel tile sizes' bandwidth")
+    parser.add_argument(
+        "--contexts",
+        default="256,4096,16384,32768",
+        help="nf4: prompt lengths to decode after (clamped to the serving window)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     from production.device_pin import use_serving_allocator
@@ -575,6 +607,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.limit_gb,
                 results["bandwidth_gbs"],
                 args.profile,
+                [int(c) for c in args.contexts.split(",") if c],
             )
         else:
             raise SystemExit(f"unknown part {part!r}: bf16 or nf4")

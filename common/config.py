@@ -80,6 +80,10 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
         "base_model": "unsloth/gpt-oss-20b-unsloth-bnb-4bit",
         "load_in_4bit": True,
         "max_seq_length": 2048,
+        # Training rows stay at 2,048 tokens; a chat with reasoning passes that in a few
+        # turns. 32,768 tokens of KV (full-attention layers; the sliding ones keep their last
+        # 128 positions) take 0.75 GiB on this shape.
+        "context_window": 32768,
         "chat_format": "harmony",
         # auto: Unsloth trains (when installed); the API worker serves through the static
         # decoder's expert kernels (production.moe_decode), ~10x Unsloth's generate().
@@ -117,7 +121,19 @@ class ModelProfile(_Section):
         2048,
         ge=128,
         le=131072,
-        description="Longest prompt+answer in tokens; memory grows with it.",
+        description="Longest training row (prompt + answer) in tokens; training memory "
+        "grows with it.",
+    )
+    # Separate from max_seq_length: a conversation outgrows a training row long before it
+    # outgrows the model. On a GPU the static decoder reserves the KV cache for the whole
+    # window at start-up (doctor reports how much), so a larger window costs memory but,
+    # with the decode attention reading only the tokens present, not speed.
+    context_window: int | None = Field(
+        None,
+        ge=128,
+        le=131072,
+        description="Longest conversation the API serves (prompt + answer) in tokens; unset: "
+        "max_seq_length. Capped at the model's max_position_embeddings.",
     )
     chat_format: Literal["plain", "harmony"] = Field(
         "plain", description="'harmony' parses GPT-OSS analysis/commentary/final channels."
@@ -131,6 +147,11 @@ class ModelProfile(_Section):
     min_vram_gb: float = Field(
         1.0, ge=0, description="VRAM `doctor` expects free on a GPU to serve this model."
     )
+
+    @property
+    def serving_window(self) -> int:
+        """The conversation length the API serves, in tokens (before the model's own cap)."""
+        return self.context_window or self.max_seq_length
 
     @model_validator(mode="before")
     @classmethod
@@ -187,12 +208,24 @@ class Server(_Section):
         ge=1024,
         description="Largest request body accepted (bytes); larger ones get 413.",
     )
+
     # generate() launches each kernel from Python and reaches 2-3% of the memory-bandwidth
     # bound on a GPU; the static path reached 39% on an H100 with a 1.07 B model
     # (benchmarks/results/gpu-h100-*.json) at the price of a ~25 s compile at worker start.
     # GPT-OSS-20B on one H200 (benchmarks/results/moe-decode-h200-20b-*.json): static 170
     # tok/s in 4 bits and 168 in bf16 with an adapter, generate() 15.5 and 26.4; the static
     # worker needs ~60 s more at start to compile.
+    @property
+    def local_url(self) -> str:
+        """The URL this machine reaches the API at: a wildcard bind through loopback, an IPv6
+        address in brackets (httpx refuses http://::1:8321)."""
+        host = self.host
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}"
+
     decode: Literal["auto", "generate", "static"] = Field(
         "auto",
         description="auto = 'static' on CUDA with a 16-bit model or GPT-OSS (bf16 or 4-bit), "

@@ -45,6 +45,7 @@ from common.config import Settings
 from common.entrypoint import add_settings_arguments, log_to_stderr, settings_from_args
 from common.fs import atomic_write_text
 from data import exports
+from data.errors import NotFound
 from data.exports import FeedbackItem
 from data.splits import split_items
 from data.store import Store
@@ -536,7 +537,7 @@ def evaluate_candidate(
         store.update_candidate(
             candidate_id, status="passed" if verdict.decision == "promote" else "rejected"
         )
-    except Exception:  # a candidate copied in by hand has no store record; meta.json has it
+    except NotFound:  # a candidate copied in by hand has no store record; meta.json has it
         log.info("candidate %s has no store record", candidate_id)
     log.info("evaluated %s in %.1f s", candidate_id, report_dict["evaluation_seconds"])
     return report_dict
@@ -611,7 +612,7 @@ def score_trial(settings: Settings, store: Store, candidate_id: str, device: str
     )
     try:
         store.update_candidate(candidate_id, status="trial")
-    except Exception:
+    except NotFound:
         log.info("candidate %s has no store record", candidate_id)
     log.info("trial score of %s: %s", candidate_id, score)
     return score

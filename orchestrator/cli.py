@@ -192,6 +192,12 @@ def doctor(
     else:
         table.add_row("model", "[red]cannot load here[/]: " + "; ".join(model["problems"]))
     fit = report.get("memory_fit")
+    if fit and fit.get("kv_cache_gib") is not None:
+        table.add_row(
+            "serving window",
+            f"{fit['serving_window']:,} tokens (model.context_window): "
+            f"{fit['kv_cache_gib']} GiB of KV cache reserved at start-up",
+        )
     for gpu in (fit or {}).get("gpus", []):
         roles = " + ".join(gpu["roles"]) or "nothing planned"
         verdict = "[green]fits[/]" if gpu["fits"] else "[red]does not fit[/]: "

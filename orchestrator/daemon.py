@@ -108,9 +108,7 @@ class ApiSupervisor:
         self.last_exit: int | None = None
         self.last_error: str | None = None
         self.next_restart_at: datetime | None = None
-        host = settings.server.host
-        local = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-        self.url = f"http://{local}:{settings.server.port}"
+        self.url = settings.server.local_url
         self.log_path = settings.paths.logs_dir / WORKER_LOG
 
     def snapshot(self) -> dict[str, Any]:

@@ -63,6 +63,10 @@ def torch_facts() -> dict[str, Any]:
 MEASURED_GIB: dict[str, dict[str, Any]] = {
     "gpt-oss-20b": {
         "serving": 15.8,
+        # The window serving was measured at, and whether its sliding layers kept a ring: a
+        # different window moves the need by the KV cache's difference (kv_cache_gib).
+        "serving_window": 2048,
+        "serving_ring": False,
         "training": 18.4,
         "source": (
             "benchmarks/results/worker-memory-h100-20b-20261206-202500-after-expandable-"
@@ -73,6 +77,39 @@ MEASURED_GIB: dict[str, dict[str, Any]] = {
 }
 # Kept free on a card beyond the measured peak: longer prompts, allocator fragmentation.
 HEADROOM_GIB = 1.0
+
+# The attention shape of each measured preset's model (its config.json), so doctor can say
+# what a window costs without the weights on this machine.
+KV_SHAPES: dict[str, dict[str, int]] = {
+    "gpt-oss-20b": {
+        "full_layers": 12,
+        "sliding_layers": 12,
+        "sliding_window": 128,
+        "kv_heads": 8,
+        "head_dim": 64,
+        "bytes": 2,  # bf16
+    },
+}
+
+
+def kv_cache_gib(shape: dict[str, int], window: int, *, ring: bool) -> float:
+    """GiB the static decoder reserves for keys and values over `window` tokens. With `ring`
+    (GPT-OSS through production.decode_attention) a sliding layer keeps only its window."""
+    per_token = 2 * shape["kv_heads"] * shape["head_dim"] * shape["bytes"]  # keys and values
+    sliding = min(window, shape["sliding_window"]) if ring else window
+    tokens = shape["full_layers"] * window + shape["sliding_layers"] * sliding
+    return tokens * per_token / 2**30
+
+
+def serving_need_gib(settings: Any) -> tuple[float, float] | None:
+    """(serving worker's GiB at the configured window, of it the KV cache's GiB): the measured
+    peak moved by the KV difference between the measured window and this one."""
+    measured, shape = MEASURED_GIB.get(settings.model.preset), KV_SHAPES.get(settings.model.preset)
+    if measured is None or shape is None:
+        return None
+    kv = kv_cache_gib(shape, settings.model.serving_window, ring=True)
+    then = kv_cache_gib(shape, measured["serving_window"], ring=measured["serving_ring"])
+    return measured["serving"] - then + kv, kv
 
 
 def memory_fit(settings: Any, devices: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -85,6 +122,8 @@ def memory_fit(settings: Any, devices: list[dict[str, Any]]) -> dict[str, Any] |
         return None
     placed = plan(settings, len(devices))
     limit = settings.devices.memory_limit_gb
+    serving, kv = serving_need_gib(settings) or (measured["serving"], None)
+    need_of = {"serving": round(serving, 1), "training": measured["training"]}
     gpus = []
     for dev in devices:
         here = f"cuda:{dev['index']}"
@@ -94,11 +133,16 @@ def memory_fit(settings: Any, devices: list[dict[str, Any]]) -> dict[str, Any] |
             if device == here
         ]
         usable = dev["total_gib"] if limit is None else min(limit, dev["total_gib"])
-        need = sum(measured[role] for role in roles)
+        need = sum(need_of[role] for role in roles)
         problems = [
-            f"{role} needs about {measured[role]} GiB; {usable} GiB usable"
+            f"{role} needs about {need_of[role]} GiB; {usable} GiB usable"
+            + (
+                f" (a {settings.model.serving_window}-token window: lower model.context_window)"
+                if role == "serving"
+                else ""
+            )
             for role in roles
-            if measured[role] + HEADROOM_GIB > usable
+            if need_of[role] + HEADROOM_GIB > usable
         ]
         if len(roles) == 2 and need + HEADROOM_GIB > dev["total_gib"]:
             problems.append(
@@ -116,7 +160,12 @@ def memory_fit(settings: Any, devices: list[dict[str, Any]]) -> dict[str, Any] |
                 "problems": problems,
             }
         )
-    return {"measured_gib": measured, "gpus": gpus}
+    return {
+        "measured_gib": measured,
+        "serving_window": settings.model.serving_window,
+        "kv_cache_gib": None if kv is None else round(kv, 2),
+        "gpus": gpus,
+    }
 
 
 def model_check(settings: Any, facts: dict[str, Any]) -> dict[str, Any]:

@@ -43,8 +43,6 @@ ENDOFTEXT = "<|endoftext|>"
 HARMONY_SPECIAL_TOKENS = [START, END, MESSAGE, CHANNEL, RETURN, CALL, CONSTRAIN]
 """The harmony control tokens; a harmony tokenizer holds each as one special token."""
 
-CHANNELS = ("analysis", "commentary", "final")
-
 StopReason = Literal["return", "call", "final_end", "eos"]
 
 

@@ -262,10 +262,56 @@ def _every_layer_full(config: Any) -> Any:
     return full
 
 
-class StaticDecoder:
-    """One sequence at a time on a StaticCache of `max_len` positions."""
+def _ring_layer(window: int) -> Any:
+    """A sliding-window layer's cache of `window` slots, position p written at p % window:
+    the last `window` positions, all a sliding layer attends to (transformers keeps a key
+    while kv_idx > q_idx - window). Its slots are out of position order, which only an
+    attention that ignores order and masks (production.decode_attention) may read: softmax
+    is order-free and RoPE is already in the keys. A prompt (from position 0) gets its own
+    keys back, in order, and leaves its last `window` in the ring."""
+    from transformers.cache_utils import StaticLayer
 
-    def __init__(self, model: nn.Module, max_len: int, device: str, graphs: bool) -> None:
+    class RingLayer(StaticLayer):
+        is_sliding = True
+
+        def update(
+            self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            length = key_states.shape[-2]
+            if length == 1:  # a step: on the device, so the captured graph never changes
+                slot = (self.cumulative_length % window).view(1)
+                self.keys.index_copy_(2, slot, key_states)
+                self.values.index_copy_(2, slot, value_states)
+                self.cumulative_length.add_(1)
+                return self.keys, self.values
+            if int(self.cumulative_length) != 0:  # a prompt is not captured: syncing is fine
+                raise ValueError("a ring layer's prompt must start at position 0")
+            kept = min(length, window)
+            slots = torch.arange(length - kept, length, device=self.device) % window
+            self.keys.index_copy_(2, slots, key_states[:, :, -kept:])
+            self.values.index_copy_(2, slots, value_states[:, :, -kept:])
+            self.cumulative_length.add_(length)
+            return key_states, value_states
+
+    return RingLayer(max_cache_len=window)
+
+
+class StaticDecoder:
+    """One sequence at a time on a StaticCache of `max_len` positions. With `ring_sliding`
+    (the model attends through production.decode_attention), sliding-window layers keep only
+    their window: on GPT-OSS-20B at 32,768 tokens, 0.75 GiB of cache instead of 1.5."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        max_len: int,
+        device: str,
+        graphs: bool,
+        *,
+        ring_sliding: bool = False,
+    ) -> None:
         from transformers import StaticCache
 
         self.model = model
@@ -273,6 +319,12 @@ class StaticDecoder:
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.cache = StaticCache(config=_every_layer_full(model.config), max_cache_len=max_len)
+        window = getattr(model.config, "sliding_window", None)
+        types = getattr(model.config, "layer_types", None) or []
+        if ring_sliding and window and window < max_len:
+            for index, kind in enumerate(types):
+                if kind == "sliding_attention":
+                    self.cache.layers[index] = _ring_layer(window)
         self.ids = torch.zeros((1, 1), dtype=torch.long, device=self.device)
         self.pos = torch.zeros((1,), dtype=torch.long, device=self.device)
         self.host_token = torch.zeros((1,), dtype=torch.long, pin_memory=self.cuda)

@@ -47,6 +47,16 @@ def test_gpt_oss_preset_fills_the_model_section_and_explicit_keys_win(home: Path
     assert model.base_model == "unsloth/gpt-oss-20b-unsloth-bnb-4bit"
     assert (model.chat_format, model.load_in_4bit, model.backend) == ("harmony", True, "auto")
     assert model.max_seq_length == 4096
+    # Training rows and the served conversation have their own lengths.
+    assert (model.context_window, model.serving_window) == (32768, 32768)
+
+
+def test_the_serving_window_follows_the_training_rows_unless_set(home: Path) -> None:
+    write_config(home, "[model]\nmax_seq_length = 1024\n")
+    assert load_settings(home).model.serving_window == 1024
+    write_config(home, "[model]\nmax_seq_length = 1024\ncontext_window = 8192\n")
+    model = load_settings(home).model
+    assert (model.max_seq_length, model.serving_window) == (1024, 8192)
 
 
 def test_gpt_oss_preset_sets_the_notes_lora_shape_and_explicit_lora_keys_win(home: Path) -> None:
@@ -138,6 +148,14 @@ def test_the_served_rank_reserve_covers_every_profile_and_what_the_search_may_ad
         (
             "[training]\ncontinue_learning_rate_scale = 2\n",
             "training.continue_learning_rate_scale = 2 (from {cfg}): Input should be less",
+        ),
+        (
+            "[model]\ncontext_window = 64\n",
+            "model.context_window = 64 (from {cfg}): Input should be greater",
+        ),
+        (
+            "[training]\nearlier_corrections_max = -1\n",
+            "training.earlier_corrections_max = -1 (from {cfg}): Input should be greater",
         ),
         (
             "[training]\ncontinue_max_drift_share = -0.5\n",
@@ -302,3 +320,30 @@ def test_status_at_a_mistyped_home_says_so_and_creates_nothing(tmp_path: Path) -
         assert done.returncode == 1
         assert f"no whetstone home at {typo}" in done.stderr + done.stdout
     assert not typo.exists()
+
+
+@pytest.mark.parametrize(
+    ("host", "url"),
+    [
+        ("127.0.0.1", "http://127.0.0.1:8321"),
+        ("0.0.0.0", "http://127.0.0.1:8321"),
+        ("::", "http://127.0.0.1:8321"),
+        ("::1", "http://[::1]:8321"),
+        ("fe80::2", "http://[fe80::2]:8321"),
+    ],
+)
+def test_the_daemon_and_the_chat_reach_the_worker_at_a_url_httpx_accepts(
+    home: Path, host: str, url: str
+) -> None:
+    import httpx
+
+    from orchestrator.daemon import ApiSupervisor
+    from tui.client import home_locator
+
+    write_config(home, f'[server]\nhost = "{host}"\n')
+    settings = load_settings(home)
+    supervisor = ApiSupervisor(settings, lambda: None, ["true"])
+    locate, _token = home_locator(settings)
+    assert supervisor.url == locate() == url
+    # An IPv6 loopback bind used to give http://::1:8321, which httpx refuses.
+    assert httpx.URL(supervisor.url + "/health").port == 8321

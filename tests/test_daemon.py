@@ -351,7 +351,9 @@ def test_a_worker_whose_daemon_was_killed_stops_within_seconds(
     killed = time.monotonic()
     wait_for("the orphaned worker to exit", lambda: not _alive(worker_pid), timeout=30)
     print(f"worker gone {time.monotonic() - killed:.1f} s after the daemon's kill -9")
+    # The client is not left waiting on a dead worker: its stream ended with it.
     reader.join(timeout=30)
+    assert not reader.is_alive()
 
 
 def _alive(pid: int) -> bool:

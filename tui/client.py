@@ -41,12 +41,7 @@ class ApiRefused(Exception):
 
 def home_locator(settings: Settings) -> tuple[Callable[[], str], str | None]:
     """(a function giving the worker's current URL, the bearer token) for a home."""
-    host = settings.server.host
-    if host in ("0.0.0.0", "::"):
-        host = "127.0.0.1"
-    if ":" in host:
-        host = f"[{host}]"
-    configured = f"http://{host}:{settings.server.port}"
+    configured = settings.server.local_url
     server_file = settings.paths.server_file
 
     def locate() -> str:

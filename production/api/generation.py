@@ -126,7 +126,7 @@ async def chat(service: Service, req: ChatRequest, request: Request) -> Any:
         raise ApiError(
             400,
             f"the prompt is {chars} characters; no more than {most} fit in the context window "
-            f"of {window} tokens (model.max_seq_length): shorten the conversation",
+            f"of {window} tokens (model.context_window): shorten the conversation",
             param="messages",
         )
     tools = None
@@ -146,7 +146,7 @@ async def chat(service: Service, req: ChatRequest, request: Request) -> Any:
         raise ApiError(
             400,
             f"the prompt is {len(prompt)} tokens; the context window is {window} "
-            "(model.max_seq_length): shorten the conversation",
+            "(model.context_window): shorten the conversation",
             param="messages",
         )
     requested = req.max_completion_tokens or req.max_tokens
@@ -228,7 +228,7 @@ async def complete(service: Service, req: CompletionRequest, request: Request) -
         raise ApiError(
             400,
             f"the prompt is {len(prompt)} tokens; it must be 1..{window - 1} "
-            "(model.max_seq_length)",
+            "(model.context_window)",
             param="prompt",
         )
     if req.max_tokens is not None and req.max_tokens > window:

@@ -31,7 +31,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from common.config import Settings
 from common.devices import choose_backend, is_gpt_oss, serving_decode
-from production import base_model, gpu_memory, moe_decode
+from production import base_model, decode_attention, gpu_memory, moe_decode
 from production.decoding import Delta, PlainDecoder, StopStrings, make_decoder, stop_token_ids
 from production.static_decode import AdapterMergeError, MergedAdapters, StaticDecoder
 from production.steering import Grammars, Steering, SteeringSpec
@@ -251,9 +251,9 @@ class Engine:
         # text. A real model rarely picks one; when it does, it is a step that says nothing.
         self.token_count = min(len(self.tokenizer), self.vocab_size)
         self.grammars = Grammars(self.tokenizer, self.vocab_size, self.stop_ids)
+        window = settings.model.serving_window
         self.context_window = min(
-            settings.model.max_seq_length,
-            getattr(self.model.config, "max_position_embeddings", settings.model.max_seq_length),
+            window, getattr(self.model.config, "max_position_embeddings", window)
         )
         self._longest_token: int | None = None
         self.adapter_id: str | None = None
@@ -265,10 +265,17 @@ class Engine:
             self.model.requires_grad_(False)
             self.merged = MergedAdapters(self.model)
             graphs = device.startswith("cuda")
-            self.static = StaticDecoder(self.model, self.context_window, device, graphs)
+            # GPT-OSS attends through a kernel that reads only the positions present (the
+            # static cache reserves the whole window) and lets sliding layers keep a ring.
+            ring = decode_attention.install(self.model)
+            self.static = StaticDecoder(
+                self.model, self.context_window, device, graphs, ring_sliding=ring
+            )
             try:
                 self._warm_up()
             except Exception as exc:  # torch.compile cannot trace every architecture
+                if ring:
+                    decode_attention.uninstall(self.model)
                 if settings.server.decode == "static":
                     raise
                 log.warning(

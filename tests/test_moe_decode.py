@@ -191,6 +191,12 @@ def test_fused_bf16_gpt_oss_with_expert_lora_answers_as_the_4bit_split_model(
     engine = _engine(fused_home, "static")
     experts = engine.model.model.layers[0].mlp.experts
     assert isinstance(experts, moe_decode.DecodeExperts) and not experts.quantized
+    # Attention that reads only the tokens present, sliding layers on a ring of their window.
+    from production import decode_attention
+
+    assert engine.model.config._attn_implementation == decode_attention.NAME
+    rings = [layer for layer in engine.static.cache.layers if type(layer).__name__ == "RingLayer"]
+    assert len(rings) == engine.model.config.layer_types.count("sliding_attention") > 0
     engine.load_adapter("a", adapter)
     assert _answers(engine, [None, "a"]) == expected
 

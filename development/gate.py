@@ -15,11 +15,14 @@ the one that decided. Thresholds come from `[gate]` in the config.
     general_regression  NLL on general probes (the base's own answers) within the bound
     general_facts       no more general-knowledge probes lost than allowed
     sanity              generated answers are non-empty, clean, not degenerate, and no
-                        more of them run past the length bound than the champion's do
+                        more of them run past the length bound than the champion's do;
+                        an answer is excused where the champion's to the same prompt
+                        broke too
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -88,6 +91,15 @@ def general_drift(candidate: Metrics, base: Metrics) -> float | None:
     if not isinstance(mine, int | float) or not isinstance(theirs, int | float) or theirs <= 0:
         return None
     return (mine - theirs) / theirs
+
+
+_QUOTED_PROMPT = re.compile(r"""^('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*"): """)
+
+
+def _prompt_of(failure: str) -> str:
+    """The prompt a sanity failure names (evaluate writes "<repr of the prompt>: <problem>")."""
+    quoted = _QUOTED_PROMPT.match(failure)
+    return quoted.group(1) if quoted else failure
 
 
 def decide(candidate: Metrics, champion: Metrics, base: Metrics, gate: Gate) -> Verdict:
@@ -198,15 +210,33 @@ def decide(candidate: Metrics, champion: Metrics, base: Metrics, gate: Gate) -> 
     # are not generated when a champion is). A prompt that invites an essay gets one from
     # either, and which of two long answers ends inside the bound is a coin toss; a candidate
     # that runs long more often than its reference, or brings any other defect, is refused.
+    #
+    # Any answer that broke where the reference's answer to the same prompt broke too is
+    # excused as well: the candidate did not bring that defect. A 135 M model decoding
+    # greedily loops on some prompts, and a small change of weights moves which ones: in the
+    # week taught once (seed 0, 2026-12-06) four of seven nights were refused for one or two
+    # broken answers among three (one a loop on a held-out question about a fact not yet
+    # taught), and without the champion's answers to the same prompts no one could tell a
+    # regression from a prompt that breaks this model anyway.
     reference = champion if champion.get("sanity_checked") else base
-    reference_long = sum(1 for f in reference.get("sanity_failures") or [] if UNFINISHED in f)
+    reference_failures = reference.get("sanity_failures") or []
+    broke_there_too = {_prompt_of(f) for f in reference_failures}
+    same = [f for f in failures if _prompt_of(f) in broke_there_too]
+    failures = [f for f in failures if f not in same]
+    reference_long = sum(
+        1
+        for f in reference_failures
+        if UNFINISHED in f and _prompt_of(f) not in {_prompt_of(x) for x in same}
+    )
     excused = [f for f in failures if UNFINISHED in f][:reference_long]
     failures = [f for f in failures if f not in excused]
     if gate.require_sanity:
         detail = f"{checked - len(failures)}/{checked} generated answers passed"
+        # evaluate passes the base's metrics as the champion's when none is current.
+        whose = "base" if reference is base or champion is base else "champion"
+        if same:
+            detail += f" ({len(same)} excused: the {whose}'s answers to them broke too)"
         if excused:
-            # evaluate passes the base's metrics as the champion's when none is current.
-            whose = "base" if reference is base or champion is base else "champion"
             detail += (
                 f" ({len(excused)} unfinished excused: the {whose}'s answers ran long "
                 f"{reference_long} time(s))"

@@ -232,6 +232,46 @@ def test_no_more_unfinished_answers_than_the_reference_is_not_a_sanity_failure(
     assert decide(candidate(sanity_failures=[hobby]), champion(), base(), gate).rule == "sanity"
 
 
+def test_an_answer_that_broke_where_the_champions_broke_too_is_not_the_candidates_defect(
+    gate: Gate,
+) -> None:
+    loop = "'What team am I a fan of?': repeats 'of the team of' 62 times"
+    stress = "'Give me three ways to reduce stress.': repeats '*1. *1. *1. *1.' 59 times"
+    champion_loop = "'What team am I a fan of?': repeats 'the team' 40 times"
+    unread_base = base(sanity_checked=0, sanity_failures=[])
+    # The champion's answer to the same question looped too: excused, and said so.
+    verdict = decide(
+        candidate(sanity_failures=[loop]),
+        champion(sanity_failures=[champion_loop]),
+        unread_base,
+        gate,
+    )
+    assert (verdict.decision, verdict.rule) == ("promote", "all_passed")
+    assert (
+        "6/6 generated answers passed (1 excused: the champion's answers to them broke too)"
+        in check(verdict, "sanity").detail
+    )
+    # A loop where the champion answered cleanly is the candidate's own.
+    verdict = decide(
+        candidate(sanity_failures=[loop, stress]),
+        champion(sanity_failures=[champion_loop]),
+        unread_base,
+        gate,
+    )
+    assert (verdict.decision, verdict.rule) == ("reject", "sanity")
+    assert "reduce stress" in verdict.reason and "team" not in verdict.reason
+    # A prompt's answer that broke is matched by the prompt, not the kind of failure; a
+    # prompt quoted with double quotes (it holds an apostrophe) too.
+    apostrophe = '"What\'s my cat called?": empty answer'
+    verdict = decide(
+        candidate(sanity_failures=[apostrophe]),
+        champion(sanity_failures=['"What\'s my cat called?": did not finish within 192 tokens']),
+        unread_base,
+        gate,
+    )
+    assert verdict.decision == "promote"
+
+
 def test_sanity_not_required() -> None:
     gate = Gate(require_sanity=False)
     metrics = candidate(sanity_checked=0, sanity_failures=["empty answer"])

@@ -984,10 +984,10 @@ def catch_up_run(ctx: RunContext) -> str | None:
     store.update_run(run.id, status="running", pid=os.getpid())
     _free_training_memory(ctx.device)
     log.info(
-        "catch-up: the gate of %s just judged %d correction(s) it held out; run %s redoes it "
-        "with them",
-        ctx.run_id,
+        "catch-up: %d correction(s) the champion of %s never trained on (those its gate "
+        "just judged, and any made since); run %s redoes the run with them",
         released,
+        ctx.run_id,
         run.id,
     )
     return run.id

@@ -41,6 +41,28 @@ def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
+def _uvicorn_server(config: Any) -> Any:
+    """uvicorn's Server, except that a SIGTERM or SIGINT it caught stops the server and
+    nothing more. uvicorn raises the signal again once it has stopped, which killed the
+    process before main() stopped the generation thread and closed the store."""
+    import contextlib
+
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Any:
+            with super().capture_signals():
+                try:
+                    yield
+                finally:
+                    if self._captured_signals:
+                        log.info("stopping on signal %s", self._captured_signals[-1])
+                    self._captured_signals.clear()
+
+    return Server(config)
+
+
 async def _serve(settings: Settings, service: Service) -> None:
     import uvicorn
 
@@ -52,20 +74,16 @@ async def _serve(settings: Settings, service: Service) -> None:
         log_level="warning",
         lifespan="on",
     )
-    server = uvicorn.Server(config)
+    server = _uvicorn_server(config)
     task = asyncio.create_task(server.serve())
     while not server.started and not task.done():
         await asyncio.sleep(0.05)
     if server.started:
         sock = server.servers[0].sockets[0]
         port = sock.getsockname()[1]
-        host = settings.server.host
-        url_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-        if ":" in url_host:
-            url_host = f"[{url_host}]"
         info = {
-            "url": f"http://{url_host}:{port}",
-            "host": host,
+            "url": settings.server.model_copy(update={"port": port}).local_url,
+            "host": settings.server.host,
             "port": port,
             "pid": os.getpid(),
             "started_at": service.started_at.isoformat(),
@@ -168,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         service.worker.stop()
         service.store.close()
+        log.info("stopped: generation thread joined, store closed")
     return 0
 
 

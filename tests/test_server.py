@@ -331,6 +331,27 @@ def test_kill_9_mid_answer_keeps_the_partial_answer_marked_cut_off(home_with_mod
         restarted.stop()
 
 
+def test_sigterm_stops_the_worker_cleanly(home_with_model: Path) -> None:
+    """What `systemctl stop` and the daemon send: the worker stops its generation thread,
+    closes the store and forgets its address (uvicorn used to raise the signal again once it
+    had stopped, and the process died before any of that)."""
+    server = ServerProcess(home_with_model).wait_ready()
+    try:
+        answered = httpx.post(
+            f"{server.url}/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4},
+            timeout=120,
+        )
+        assert answered.status_code == 200
+        assert (home_with_model / "run" / "server.json").is_file()
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(timeout=60) == 0, server.output()
+        assert "stopped: generation thread joined, store closed" in server.output()
+        assert not (home_with_model / "run" / "server.json").exists()
+    finally:
+        server.stop()
+
+
 def test_non_local_bind_requires_the_token(home_with_model: Path) -> None:
     refused = ServerProcess(home_with_model, "--host", "0.0.0.0")
     assert refused.proc.wait(timeout=60) == 2

@@ -16,7 +16,9 @@ against transformers' generate(), bf16 and 4-bit, with an adapter active, in one
   quant) loaded by the product's Engine under a `--limit-gb` cap: decode "generate" (PEFT over
   bitsandbytes, transformers' expert loop) against decode "static" (experts dequantized inside
   the kernel, the adapter unmerged on the experts, merged on attention), same measurements,
-  plus a prompt that fills the serving window, and the worker's GPU memory at start-up (load,
+  plus decode after prompts of 256, 4,096, 16,384 tokens and one that fills the serving
+  window (`--contexts`: tok/s, TTFT, fraction of the bound and of the shortest context's
+  speed), and the worker's GPU memory at start-up (load,
   expert stacks, compile and capture) and steady (decoding with the adapter, hot swap, the
   window-filling prompt): torch's peaks (allocated, reserved) and the card's per nvidia-smi
   (the whole process, CUDA context included).

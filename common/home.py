@@ -5,10 +5,12 @@ config.toml  whetstone.db  experiments.db  recipe.json  token  candidates/  mode
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from common.fs import atomic_write_text
 
@@ -65,6 +67,15 @@ class Home:
     def server_file(self) -> Path:
         """Where a running API worker records its address, so the CLI and TUI find it."""
         return self.run_dir / "server.json"
+
+    def server_record(self) -> dict[str, Any] | None:
+        """What the API worker recorded in server_file (url, host, port, pid, started_at),
+        or None when there is none or it cannot be read (a worker writes it atomically)."""
+        try:
+            record = json.loads(self.server_file.read_text())
+        except (OSError, ValueError):
+            return None
+        return record if isinstance(record, dict) else None
 
     def create(self) -> Home:
         for folder in (

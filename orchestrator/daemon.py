@@ -267,10 +267,9 @@ class ApiSupervisor:
 
 def stop_leftover_worker(settings: Settings) -> None:
     """A worker left running by a daemon that was killed -9 still holds the port: stop it."""
-    path = settings.paths.server_file
     try:
-        pid = int(json.loads(path.read_text())["pid"])
-    except (OSError, ValueError, KeyError, TypeError):
+        pid = int((settings.paths.server_record() or {})["pid"])
+    except (ValueError, KeyError, TypeError):
         return
     if not pid_alive(pid, SERVER_MODULE):
         return

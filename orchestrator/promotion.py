@@ -6,7 +6,6 @@ promotes itself) and the daemon. No torch here: the orchestrator never imports i
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -26,15 +25,14 @@ class PromotionRefused(Exception):
 
 def running_server(settings: Settings) -> dict[str, Any] | None:
     """The API worker recorded in the home (run/server.json), if it answers /health."""
-    path = settings.paths.server_file
-    if not path.exists():
+    info = settings.paths.server_record()
+    if info is None:
         return None
-    try:
-        info = json.loads(path.read_text())
-        import httpx
+    import httpx
 
+    try:
         httpx.get(f"{info['url']}/health", timeout=2).raise_for_status()
-    except Exception:
+    except (httpx.HTTPError, KeyError, TypeError):
         return None
     return info
 

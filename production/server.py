@@ -66,7 +66,7 @@ def _uvicorn_server(config: Any) -> Any:
 async def _serve(settings: Settings, service: Service) -> None:
     import uvicorn
 
-    app = create_app(service, on_shutdown=lambda: _forget_address(settings.paths.server_file))
+    app = create_app(service, on_shutdown=lambda: _forget_address(settings))
     config = uvicorn.Config(
         app,
         host=settings.server.host,
@@ -100,7 +100,7 @@ async def _serve(settings: Settings, service: Service) -> None:
     finally:
         if watchdog is not None:
             watchdog.cancel()
-        _forget_address(settings.paths.server_file)
+        _forget_address(settings)
 
 
 # Set by the daemon: its pid. A worker whose daemon died (kill -9, OOM) stops by itself
@@ -137,13 +137,10 @@ def die_with_parent(parent: int, *, on: bool = True) -> None:
         raise SystemExit(f"the daemon (pid {parent}) is gone")
 
 
-def _forget_address(server_file: Path) -> None:
+def _forget_address(settings: Settings) -> None:
     """Remove the recorded address if it is ours (a newer worker may have replaced it)."""
-    try:
-        if json.loads(server_file.read_text()).get("pid") == os.getpid():
-            server_file.unlink()
-    except (OSError, ValueError):
-        pass
+    if (settings.paths.server_record() or {}).get("pid") == os.getpid():
+        settings.paths.server_file.unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> int:

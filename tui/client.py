@@ -42,13 +42,10 @@ class ApiRefused(Exception):
 def home_locator(settings: Settings) -> tuple[Callable[[], str], str | None]:
     """(a function giving the worker's current URL, the bearer token) for a home."""
     configured = settings.server.local_url
-    server_file = settings.paths.server_file
 
     def locate() -> str:
-        try:
-            return str(json.loads(server_file.read_text())["url"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return configured
+        url = (settings.paths.server_record() or {}).get("url")
+        return str(url) if url else configured
 
     return locate, settings.bearer_token()
 

@@ -14,10 +14,10 @@ the one that decided. Thresholds come from `[gate]` in the config.
                         about as often as the champion does (not just their style)
     general_regression  NLL on general probes (the base's own answers) within the bound
     general_facts       no more general-knowledge probes lost than allowed
-    sanity              generated answers are non-empty, clean, not degenerate, and no
-                        more of them run past the length bound than the champion's do;
-                        an answer is excused where the champion's to the same prompt
-                        broke too
+    sanity              generated answers are non-empty, clean, not degenerate, and fewer
+                        than half of them (or no more than the champion's) run past the
+                        length bound; an answer is excused where the champion's to the
+                        same prompt broke too
 """
 
 from __future__ import annotations
@@ -228,7 +228,12 @@ def decide(candidate: Metrics, champion: Metrics, base: Metrics, gate: Gate) -> 
         for f in reference_failures
         if UNFINISHED in f and _prompt_of(f) not in {_prompt_of(x) for x in same}
     )
-    excused = [f for f in failures if UNFINISHED in f][:reference_long]
+    # An adapter that lost the end of an answer runs past the bound on most prompts; one long
+    # answer among a few is a prompt that invites an essay (the same week's night 5 was
+    # refused for "What is a prime number?" alone). Fewer than half of the answers checked
+    # may run long, or as many as the reference's did.
+    long_allowed = max(reference_long, (checked - 1) // 2)
+    excused = [f for f in failures if UNFINISHED in f][:long_allowed]
     failures = [f for f in failures if f not in excused]
     if gate.require_sanity:
         detail = f"{checked - len(failures)}/{checked} generated answers passed"
@@ -239,7 +244,7 @@ def decide(candidate: Metrics, champion: Metrics, base: Metrics, gate: Gate) -> 
         if excused:
             detail += (
                 f" ({len(excused)} unfinished excused: the {whose}'s answers ran long "
-                f"{reference_long} time(s))"
+                f"{reference_long} time(s); fewer than half may)"
             )
         if failures:
             detail += ": " + "; ".join(failures[:3])

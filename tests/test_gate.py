@@ -212,8 +212,8 @@ def test_no_more_unfinished_answers_than_the_reference_is_not_a_sanity_failure(
     verdict = decide(candidate(sanity_failures=[hobby]), first_base, first_base, gate)
     assert (verdict.decision, verdict.rule) == ("promote", "all_passed")
     assert (
-        "6/6 generated answers passed (1 unfinished excused: the base's answers ran long 1 time(s))"
-        in check(verdict, "sanity").detail
+        "6/6 generated answers passed (1 unfinished excused: the base's answers ran long 1 "
+        "time(s); fewer than half may)" in check(verdict, "sanity").detail
     )
     # With a champion current, the base's answers are not generated: the champion's are the
     # reference.
@@ -223,13 +223,19 @@ def test_no_more_unfinished_answers_than_the_reference_is_not_a_sanity_failure(
     )
     assert verdict.decision == "promote"
     assert "excused: the champion's answers ran long 1 time(s)" in check(verdict, "sanity").detail
-    # Running long more often than the reference, or any other defect, is refused.
-    for failures in ([long, hobby], [loop], [hobby, loop]):
+    # One long answer of three is excused even where the reference ran long on none: a
+    # prompt that invites an essay. Half of them or more is an adapter that lost the end of
+    # an answer; a loop (or any other defect) is refused outright.
+    three = candidate(sanity_checked=3, sanity_failures=[hobby])
+    assert decide(three, champion(), base(), gate).decision == "promote"
+    two_of_three = candidate(sanity_checked=3, sanity_failures=[hobby, long])
+    assert decide(two_of_three, champion(), base(), gate).rule == "sanity"
+    more = [f"'q{i}': did not finish within 192 tokens" for i in range(3)]
+    for failures in ([long, *more], [loop], [hobby, loop]):
         verdict = decide(
             candidate(sanity_failures=failures), champion(sanity_failures=[long]), base(), gate
         )
         assert (verdict.decision, verdict.rule) == ("reject", "sanity"), failures
-    assert decide(candidate(sanity_failures=[hobby]), champion(), base(), gate).rule == "sanity"
 
 
 def test_an_answer_that_broke_where_the_champions_broke_too_is_not_the_candidates_defect(

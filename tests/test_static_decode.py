@@ -242,3 +242,41 @@ def test_no_sampled_id_is_past_the_tokenizer(tmp_path: Path, decode: str) -> Non
             outcome = engine.stream(prompt, sampling, lambda d: None, lambda: False)
             tokens = [entry.token for entry in outcome.logprobs]
             assert tokens and max(tokens) < len(engine.tokenizer), (decode, temperature, seed)
+
+
+def test_gpt_oss_static_decode_falls_back_to_eager_attention_when_the_kernel_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A decode attention that does not build (a card or driver the kernel never met) leaves
+    the static decoder on transformers' eager attention over the training row length, as it
+    served before: same answers, not generate()'s ten-fold slower path, and the window
+    stated."""
+    from production import decode_attention
+    from tests.tiny_models import model_home, tiny_gpt_oss
+
+    home = model_home(
+        tmp_path / "home",
+        tiny_gpt_oss(tmp_path / "gpt-oss"),
+        chat_format="harmony",
+        max_seq_length=256,
+        more="context_window = 2048\n",
+    )
+
+    def engine(decode: str) -> Engine:
+        return Engine(load_settings(home, {"server": {"decode": decode}}), "cpu")
+
+    reference = _answers(engine("generate"), tokens=8)
+    working = engine("static")
+    assert working.decode == "static" and working.context_window == 2048
+    assert working.model.config._attn_implementation == decode_attention.NAME
+    assert _answers(working, tokens=8) == reference
+    del working
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("no kernel for this card")
+
+    monkeypatch.setattr(decode_attention, "attention", broken)
+    fallback = engine("static")
+    assert fallback.decode == "static" and fallback.context_window == 256
+    assert fallback.model.config._attn_implementation == "eager"
+    assert _answers(fallback, tokens=8) == reference

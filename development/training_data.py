@@ -283,10 +283,16 @@ def build(
         # knows least, a fact it knew was never replayed: the week taught once (seed 0)
         # recalled 12/12 probes on day 4, and day 5's night, training two new facts on 5
         # earlier rows of 30, lost two of the six it knew (8/12).
-        kept = least_known(
-            earlier_corrections,
-            training.earlier_corrections_max,
-            among=max(EARLIER_SCORED, 2 * training.earlier_corrections_max),
+        # With nothing new there is nothing to keep them in place against (a forced run then
+        # retrains on all feedback: train.py).
+        kept = (
+            least_known(
+                earlier_corrections,
+                training.earlier_corrections_max,
+                among=max(EARLIER_SCORED, 2 * training.earlier_corrections_max),
+            )
+            if person
+            else []
         )
         # Scoring every earlier row would make a night's cost grow with the whole history
         # (person rows are short: 0.03 s each on the embedded model, two cores). A week

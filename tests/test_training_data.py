@@ -634,6 +634,11 @@ def test_continuing_the_champion_trains_all_new_rows_and_replays_a_sample_of_the
     assert {"old fix 1", "old fix 2"} <= set(seen)
     assert len([t for t in seen if t.startswith("old liked ")]) == 1
 
+    # Nothing new since the champion: nothing to replay the earlier rows against.
+    everything = json.loads(json.dumps(data.snapshot()))
+    idle = build(feedback_items(store), settings, base_answers(replay=0), count_words, everything)
+    assert idle.sft == [] and idle.counts["earlier_sft_rows"] == 0
+
     # Without the champion (a fresh adapter) every row is trained on.
     fresh = build(feedback_items(store), settings, base_answers(replay=0), count_words)
     assert fresh.counts["earlier_sft_rows"] == 0 and len(fresh.sft) == 11

@@ -65,11 +65,18 @@ def test_two_days_with_the_daemon_teach_facts_that_stay_and_keep_general_knowled
     # as many earlier rows, not on the whole history again; unless the first already used
     # half the gate's general-drift bound, and then the second says so and starts fresh.
     night = second["run"]
+    # The first night's champion: its catch-up's candidate when that promoted too.
+    caught_up = first.get("catch_up") or {}
+    champion = (
+        caught_up["candidate"]
+        if caught_up.get("decision") == "promote"
+        else first["run"]["candidate"]
+    )
     if not night["candidate"]:
         pass  # skipped (above): nothing was continued or started fresh
     elif first["run"].get("decision") == "promote" and night["started_from"] is not None:
         rows = night["rows"]
-        assert night["started_from"] == first["run"]["candidate"], night
+        assert night["started_from"] == champion, night
         assert 0 < rows["earlier_sft_rows"] <= rows["sft_rows"] - rows["earlier_sft_rows"]
     elif first["run"].get("decision") == "promote":
         assert night["fresh_because"].startswith("the champion's general-probe NLL"), night

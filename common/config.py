@@ -208,13 +208,19 @@ class Server(_Section):
         ge=1024,
         description="Largest request body accepted (bytes); larger ones get 413.",
     )
-
     # generate() launches each kernel from Python and reaches 2-3% of the memory-bandwidth
     # bound on a GPU; the static path reached 39% on an H100 with a 1.07 B model
     # (benchmarks/results/gpu-h100-*.json) at the price of a ~25 s compile at worker start.
     # GPT-OSS-20B on one H200 (benchmarks/results/moe-decode-h200-20b-*.json): static 170
     # tok/s in 4 bits and 168 in bf16 with an adapter, generate() 15.5 and 26.4; the static
     # worker needs ~60 s more at start to compile.
+    decode: Literal["auto", "generate", "static"] = Field(
+        "auto",
+        description="auto = 'static' on CUDA with a 16-bit model or GPT-OSS (bf16 or 4-bit), "
+        "else 'generate'. static: StaticCache, adapter merged (GPT-OSS experts: unmerged, on "
+        "expert kernels), CUDA-graph step on CUDA (eager on CPU).",
+    )
+
     @property
     def local_url(self) -> str:
         """The URL this machine reaches the API at: a wildcard bind through loopback, an IPv6
@@ -225,13 +231,6 @@ class Server(_Section):
         if ":" in host:
             host = f"[{host}]"
         return f"http://{host}:{self.port}"
-
-    decode: Literal["auto", "generate", "static"] = Field(
-        "auto",
-        description="auto = 'static' on CUDA with a 16-bit model or GPT-OSS (bf16 or 4-bit), "
-        "else 'generate'. static: StaticCache, adapter merged (GPT-OSS experts: unmerged, on "
-        "expert kernels), CUDA-graph step on CUDA (eager on CPU).",
-    )
 
 
 class Lora(_Section):

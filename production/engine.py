@@ -272,12 +272,7 @@ class Engine:
                 self.model, self.context_window, device, graphs, ring_sliding=ring
             )
             try:
-                try:
-                    self._warm_up()
-                except Exception as exc:
-                    if not ring:
-                        raise
-                    self._static_on_eager_attention(settings, device, graphs, exc)
+                self._warm_up_static(settings, device, graphs, ring)
             except Exception as exc:  # torch.compile cannot trace every architecture
                 if settings.server.decode == "static":
                     raise
@@ -303,25 +298,29 @@ class Engine:
             gpu_memory.snapshot(device),
         )
 
-    def _static_on_eager_attention(
-        self, settings: Settings, device: str, graphs: bool, failure: Exception
-    ) -> None:
-        """The decode attention did not build here: the static decoder on transformers' eager
-        attention, as before it, over a window of the training row length (eager attention
-        reads every reserved position each step, and a prompt's scores are [heads, prompt,
-        window]: a 32,768-token window would not fit a 24 GB card)."""
-        decode_attention.uninstall(self.model)
-        self.context_window = min(self.context_window, settings.model.max_seq_length)
-        log.warning(
-            "the decode attention does not build here (%s: %s); the static decoder attends "
-            "eagerly over a window of %d tokens (model.max_seq_length) instead",
-            type(failure).__name__,
-            str(failure).splitlines()[0] if str(failure) else "",
-            self.context_window,
-        )
-        torch.compiler.reset()
-        self.static = StaticDecoder(self.model, self.context_window, device, graphs)
-        self._warm_up()
+    def _warm_up_static(self, settings: Settings, device: str, graphs: bool, ring: bool) -> None:
+        """Warm the static decoder up. Where the decode attention (`ring`) does not build, the
+        static decoder on transformers' eager attention instead, as before it, over a window
+        of the training row length (eager attention reads every reserved position each step,
+        and a prompt's scores are [heads, prompt, window]: a 32,768-token window would not
+        fit a 24 GB card)."""
+        try:
+            self._warm_up()
+        except Exception as failure:
+            if not ring:
+                raise
+            decode_attention.uninstall(self.model)
+            self.context_window = min(self.context_window, settings.model.max_seq_length)
+            log.warning(
+                "the decode attention does not build here (%s: %s); the static decoder "
+                "attends eagerly over a window of %d tokens (model.max_seq_length) instead",
+                type(failure).__name__,
+                str(failure).splitlines()[0] if str(failure) else "",
+                self.context_window,
+            )
+            torch.compiler.reset()
+            self.static = StaticDecoder(self.model, self.context_window, device, graphs)
+            self._warm_up()
 
     def _warm_up(self) -> None:
         """Compile and capture the decode step now, not on the first user's request."""

@@ -72,6 +72,22 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300)
     )
 
 
+def run_in_triton_interpreter(code: str):
+    """Run `code` in a fresh Python with TRITON_INTERPRET=1 (Triton reads it at import, so it
+    cannot be set inside this process): the GPU's kernels on the CPU. Returns the
+    CompletedProcess."""
+    import subprocess
+
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+    )
+
+
 class ServerProcess:
     """A real `python -m production.server` on 127.0.0.1, stopped at the end of the test."""
 

@@ -13,10 +13,6 @@ and time them against eager; a 32,768-token prompt's memory is measured:
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -27,8 +23,8 @@ from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward
 
 from production import decode_attention  # noqa: E402
 from production.decode_attention import attention, torch_attention  # noqa: E402
+from tests.conftest import run_in_triton_interpreter  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
 WINDOW = 8  # the tiny model's sliding window: prompts of 20 tokens pass it
 
 
@@ -395,15 +391,7 @@ def test_the_triton_kernels_compute_the_torch_path_in_the_interpreter() -> None:
     (groups 2, 3 and 4), a head size that is no power of two, strided caches, lengths around
     the window, full / sliding / ring layouts, several and the default splits."""
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
-    run = subprocess.run(
-        [sys.executable, "-c", _INTERPRETER_FIXES + _KERNEL_CHECK],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=REPO,
-    )
+    run = run_in_triton_interpreter(_INTERPRETER_FIXES + _KERNEL_CHECK)
     assert run.returncode == 0, run.stdout + run.stderr[-3000:]
     assert "kernels agree" in run.stdout
 

@@ -18,6 +18,7 @@ import pytest
 
 from candidates import Registry
 from common.config import load_settings
+from data.models import TrainingRun
 from data.store import Store
 from tests.conftest import kill_training_processes, run_cli
 from tests.scripted_person import FACTS
@@ -107,29 +108,37 @@ def test_gate_refuses_a_candidate_trained_on_shuffled_corrections(
     print(evaluation["rule"], evaluation["reason"])
 
 
-def test_killed_training_leaves_no_candidate_and_is_marked_failed(
-    home_for_training: Path,
-) -> None:
-    _fill_store(home_for_training, corrupt_training=False)
-    result = run_cli("train", "--home", str(home_for_training), "--profile", "quick_test")
-    assert result.returncode == 0, result.stderr
-    settings = load_settings(home_for_training)
-    store = Store(settings.db_url)
-    try:
+def _kill_in_training(home: Path, *, after_steps: int) -> TrainingRun:
+    """`whetstone train` (quick_test), its process killed -9 once SFT has run `after_steps`
+    steps; the run as it was then."""
+    started = run_cli("train", "--home", str(home), "--profile", "quick_test")
+    assert started.returncode == 0, started.stdout + started.stderr
+    with Store(load_settings(home).db_url) as store:
         run = store.latest_run()
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
             run = store.get_run(run.id)
-            if run.progress.get("stage") == "sft" and run.progress.get("step", 0) >= 2:
+            progress = run.progress
+            if (
+                run.status == "running"
+                and progress.get("stage") == "sft"
+                and progress.get("step", 0) >= after_steps
+            ):
                 break
             assert run.status in ("queued", "running"), (run.status, run.error)
             time.sleep(0.5)
         else:
-            pytest.fail(f"training never reached step 2: {run.progress}")
+            pytest.fail(f"training never reached step {after_steps}: {run.progress}")
         os.kill(run.pid, signal.SIGKILL)
-        time.sleep(1)
-    finally:
-        store.close()
+    return run
+
+
+def test_killed_training_leaves_no_candidate_and_is_marked_failed(
+    home_for_training: Path,
+) -> None:
+    _fill_store(home_for_training, corrupt_training=False)
+    run = _kill_in_training(home_for_training, after_steps=2)
+    time.sleep(1)
 
     status = run_cli("status", "--home", str(home_for_training), "--json")
     assert status.returncode == 0, status.stderr
@@ -143,21 +152,5 @@ def test_killed_training_leaves_no_candidate_and_is_marked_failed(
 
     # The lock died with the process: the next run is not refused as busy. It takes the
     # lock and starts training (then it is killed too: its outcome is not the point).
-    again = run_cli("train", "--home", str(home_for_training), "--profile", "quick_test")
-    assert again.returncode == 0, again.stdout + again.stderr
-    store = Store(settings.db_url)
-    try:
-        second = store.latest_run()
-        assert second.id != run.id
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            second = store.get_run(second.id)
-            if second.status == "running" and second.progress.get("stage") == "sft":
-                break
-            assert second.status in ("queued", "running"), (second.status, second.error)
-            time.sleep(0.5)
-        else:
-            pytest.fail(f"the next run never started training: {second.progress}")
-        os.kill(second.pid, signal.SIGKILL)
-    finally:
-        store.close()
+    second = _kill_in_training(home_for_training, after_steps=0)
+    assert second.id != run.id

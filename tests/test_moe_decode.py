@@ -7,10 +7,7 @@ through adapter swaps and past the sliding window. tests/test_gpu.py runs the ke
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,9 +21,9 @@ from benchmarks.moe_decode import random_adapter  # noqa: E402
 from common.config import load_settings  # noqa: E402
 from production import moe_decode  # noqa: E402
 from production.engine import AdapterLoadError, Engine, Sampling  # noqa: E402
+from tests.conftest import run_in_triton_interpreter  # noqa: E402
 from tests.tiny_models import FIXED_RENDER_DATE, model_home  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
 # Longer than the tiny model's 128-token sliding window, so the sliding layers' mask matters.
 LONG_QUESTION = "What is the capital of France? " * 20
 
@@ -102,15 +99,7 @@ def test_the_triton_kernels_compute_the_reference_math_in_the_interpreter() -> N
     addressing, split-K ranges, masks and NF4 decoding (double quant or not) as the torch
     reference the CPU serves with."""
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
-    run = subprocess.run(
-        [sys.executable, "-c", _KERNEL_CHECK],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=REPO,
-    )
+    run = run_in_triton_interpreter(_KERNEL_CHECK)
     assert run.returncode == 0, run.stdout + run.stderr[-3000:]
     assert "kernels agree" in run.stdout
 

@@ -110,15 +110,6 @@ def clean(text: str) -> str:
 # lower-cased, without its final punctuation). Each gives other questions that ask the same.
 _REWRITES: tuple[tuple[str, tuple[str, ...]], ...] = (
     (
-        r"what(?: is|'s) my (\w+)'s name",
-        (
-            "What do I call my {0}?",
-            "What is the name of my {0}?",
-            "What is my {0} called?",
-            "How is my {0} named?",
-        ),
-    ),
-    (
         r"what(?: is|'s) my (?:favourite|favorite) (\w+)",
         (
             "Which {0} do I like best?",
@@ -162,7 +153,8 @@ _ASKED_OTHERWISE: tuple[tuple[str, tuple[str, ...]], ...] = (
     ),
     (
         r"what(?: is|'s) my (?:job|profession|occupation|work)|what do i do for (?:a living|work)"
-        r"|what do i work as|what work do i do",
+        r"|what do i work as|what (?:kind of )?work do i do|what is my line of work"
+        r"|(?:what|which) (?:job|profession|occupation) do i have",
         ("What do I do for a living?", "What is my job?", "What work do I do?"),
     ),
     (
@@ -210,6 +202,62 @@ SYNONYMS: tuple[tuple[str, ...], ...] = (
 )
 
 
+# A person wraps a question in lead-ins, asks it embedded ("Do you remember what my dog is
+# called?") or inverted ("My dog's name is what?"), and contracts it. The tables above know
+# plain questions; `plain_question` unwraps one first, so every wording of a shape the tables
+# know gets their rewrites, not lead-ins alone.
+_CONTRACTIONS = ((r"\b(what|where|when|who|how)'s\b", r"\1 is"),)
+_WRAPPERS = re.compile(
+    r"^(?:quick question|remind me|i forgot|tell me|can you tell me|could you tell me"
+    r"|do you (?:remember|know)|please|name(?= my\b))[,:.]?\s+"
+)
+_EMBEDDED: tuple[tuple[str, str], ...] = (
+    (r"(what|which \w+|where|when|who) my ([\w']+) is(.*)", r"\1 is my \2\3"),
+    (r"(what|which \w+|where|when|how) i (\w+)(.*)", r"\1 do i \2\3"),
+)
+_STATED: tuple[tuple[str, str], ...] = (
+    (r"(my [\w' ]+?) is what", r"what is \1"),
+    (r"((?:my|the) [\w' ]+)", r"what is \1"),
+)
+
+# The name of something of the person's, asked any of the ways people ask it.
+_NAME_OF = re.compile(
+    r"what is my (\w+)'s name|what is my (\w+) called|what is the name of my (\w+)"
+    r"|what do i call my (\w+)|what name did i give my (\w+)|what did i name my (\w+)"
+    r"|which name does my (\w+) have|how is my (\w+) (?:called|named)"
+)
+_NAME_FORMS = (
+    "What is my {0}'s name?",
+    "What do I call my {0}?",
+    "What is the name of my {0}?",
+    "What is my {0} called?",
+    "What name did I give my {0}?",
+)
+
+
+def plain_question(question: str) -> str:
+    """The question inside a person's wording, lower-cased, without its final punctuation:
+    "Do you remember what my dog is called?" -> "what is my dog called"."""
+    plain = question.strip().rstrip("?.! ").lower().replace("\u2019", "'")
+    for pattern, replacement in _CONTRACTIONS:
+        plain = re.sub(pattern, replacement, plain)
+    while (unwrapped := _WRAPPERS.sub("", plain)) != plain:
+        plain = unwrapped
+    asks = re.match(r"(what|which|where|when|who|how|do|does|did|is|are|can)\b", plain)
+    for pattern, replacement in _EMBEDDED if asks else (*_EMBEDDED, *_STATED):
+        if re.fullmatch(pattern, plain):
+            return re.sub(pattern, replacement, plain)
+    return plain
+
+
+def _name_forms(plain: str) -> list[str]:
+    found = _NAME_OF.fullmatch(plain)
+    if not found:
+        return []
+    thing = next(group for group in found.groups() if group)
+    return [form.format(thing) for form in _NAME_FORMS]
+
+
 def _matching(plain: str, table: tuple[tuple[str, tuple[str, ...]], ...]) -> list[str]:
     for pattern, forms in table:
         found = re.fullmatch(pattern, plain)
@@ -221,10 +269,12 @@ def _matching(plain: str, table: tuple[tuple[str, tuple[str, ...]], ...]) -> lis
 def rewrites(question: str) -> list[str]:
     """Other questions for the same thing: those that ask it in other words altogether,
     then those from the question's shape (none when neither knows it)."""
-    plain = question.strip().rstrip("?.! ").lower()
+    said = question.strip().rstrip("?.! ").lower()
+    plain = plain_question(question)
     out: list[str] = []
-    for form in [*_matching(plain, _ASKED_OTHERWISE), *_matching(plain, _REWRITES)]:
-        if form.rstrip("?.").lower() != plain and form not in out:
+    found = [*_matching(plain, _ASKED_OTHERWISE), *_name_forms(plain), *_matching(plain, _REWRITES)]
+    for form in found:
+        if form.rstrip("?.").lower() != said and form not in out:
             out.append(form)
     return out
 

@@ -133,3 +133,36 @@ def test_a_topic_word_is_swapped_for_its_synonyms_and_both_kinds_come_early() ->
 def test_a_question_of_no_known_shape_gets_lead_ins_only() -> None:
     assert variants.rewrites("Is it raining?") == []
     assert variants.templated("Is it raining?")[0] == "Quick question: Is it raining?"
+
+
+@pytest.mark.parametrize(
+    ("question", "plain"),
+    [
+        ("Do you remember what my parrot is called?", "what is my parrot called"),
+        ("Can you tell me the name of my horse?", "what is the name of my horse"),
+        ("Tell me my boat's name.", "what is my boat's name"),
+        ("My rabbit's name is what?", "what is my rabbit's name"),
+        ("Quick question: where's my office?", "where is my office"),
+        ("Do you know where I work?", "where do i work"),
+        ("Name my profession.", "what is my profession"),
+        ("Is it raining?", "is it raining"),
+    ],
+)
+def test_a_wrapped_or_embedded_question_is_unwrapped_to_the_plain_one(
+    question: str, plain: str
+) -> None:
+    assert variants.plain_question(question) == plain
+
+
+def test_every_way_of_asking_a_name_gets_the_other_ways_not_lead_ins() -> None:
+    asked = (
+        "What's my parrot called?",
+        "Do you remember what my parrot is called?",
+        "What name did I give my parrot?",
+        "Which name does my parrot have?",
+    )
+    for question in asked:
+        got = variants.variants(question, [], 4)
+        assert all("parrot" in wording for wording in got), got
+        assert not any(wording.startswith(("Quick question", "Remind me")) for wording in got)
+        assert "What do I call my parrot?" in got

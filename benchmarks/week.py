@@ -57,7 +57,7 @@ from common.config import Settings, load_settings
 from common.fs import atomic_write_text
 from data.store import Store
 from development.gate import general_drift
-from orchestrator.schedule import CATCH_UP_TRIGGER
+from orchestrator.schedule import CATCH_UP_TRIGGER, RETRY_TRIGGER
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "benchmarks" / "results"
@@ -105,6 +105,8 @@ class Day:
     run: dict[str, Any] | None = None
     # The run that followed the night's promotion on the corrections its gate released.
     catch_up: dict[str, Any] | None = None
+    # The run that followed a refusal for broken answers or general loss, at a lower rate.
+    retry: dict[str, Any] | None = None
     recall: dict[str, Any] = field(default_factory=dict)
     knowledge: dict[str, Any] = field(default_factory=dict)
     taste: dict[str, Any] = field(default_factory=dict)
@@ -520,8 +522,9 @@ def run_week(
             cycles = [cycle(settings, run_id) for run_id in runs]
             today.run = next(c for c in cycles if c["trigger"] == "nightly")
             today.catch_up = next((c for c in cycles if c["trigger"] == CATCH_UP_TRIGGER), None)
+            today.retry = next((c for c in cycles if c["trigger"] == RETRY_TRIGGER), None)
             today.rollbacks = rollbacks(settings, day_began)
-            others = len(cycles) - 1 - (today.catch_up is not None)
+            others = len(cycles) - 1 - (today.catch_up is not None) - (today.retry is not None)
             if others:
                 today.feedback["other_runs"] = others
             # The promoted adapter is swapped in by the worker; wait until it serves.
@@ -569,7 +572,9 @@ def _line(day: Day) -> str:
         f"knowledge {day.knowledge.get('right')}/{day.knowledge.get('of')}, "
         f"taste {day.taste.get('score')} ({day.taste.get('words')} words), "
         f"run {run.get('status')} {run.get('decision') or run.get('reason') or ''} "
-        f"{run.get('wall_s')} s, serving {day.adapter}"
+        f"{run.get('wall_s')} s"
+        + (f", retry {day.retry.get('decision')}" if day.retry else "")
+        + f", serving {day.adapter}"
     )
 
 
@@ -599,6 +604,11 @@ def summarize(timeline: list[Day]) -> dict[str, Any]:
         "catch_ups": [
             sum(1 for d in timeline if d.catch_up and d.catch_up.get("decision") == "promote"),
             sum(1 for d in timeline if d.catch_up),
+        ],
+        # Retries after a refusal (training.retry_learning_rate_scale): promoted / run.
+        "retries": [
+            sum(1 for d in timeline if d.retry and d.retry.get("decision") == "promote"),
+            sum(1 for d in timeline if d.retry),
         ],
         "rollbacks": sum(len(d.rollbacks) for d in timeline),
         # status:decision:rule, e.g. "succeeded:reject:general_regression".

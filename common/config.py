@@ -473,6 +473,19 @@ class Training(_Section):
         "just judged (same recipe, same start; a run with trigger 'catch-up'), so nothing "
         "taught waits a night; false: the next run trains on them.",
     )
+    # The simulated week taught once (benchmarks.week, seed 0): night 3's candidate answered
+    # "What does a bee make?" with a phrase repeated 33 times and was refused by the sanity
+    # rule; the night's two facts waited a day and one was never recalled. The gate's own
+    # advice for such a refusal is a lower learning rate: the night takes it itself.
+    retry_learning_rate_scale: float = Field(
+        0.5,
+        ge=0,
+        lt=1,
+        description="When the gate refuses a run because its answers broke or it lost general "
+        "knowledge (rules sanity, general_regression, general_facts), train it again at once "
+        "at this times the learning rate (a run with trigger 'retry'; once, not after a "
+        "catch-up). 0 = the refusal stands until the next run.",
+    )
     seed: int = Field(3407, description="Seed for data order and LoRA init.")
     # Gradient checkpointing keeps one activation per layer and recomputes the rest in the
     # backward pass: it is what lets GPT-OSS-20B's LoRA fit a 24 GB card, and costs a third

@@ -38,6 +38,9 @@ class Check:
     rule: str
     passed: bool
     detail: str
+    # False where the rule failed for want of a measurement, not on one: a retry at a lower
+    # learning rate (development.train.retry_run) cannot change that.
+    measured: bool = True
 
 
 # What the person can do after a refusal, by the rule that refused ({id}: the candidate).
@@ -175,7 +178,9 @@ def decide(candidate: Metrics, champion: Metrics, base: Metrics, gate: Gate) -> 
 
     drift = general_drift(candidate, base)
     if drift is None:
-        checks.append(Check("general_regression", False, "no general probes were scored"))
+        checks.append(
+            Check("general_regression", False, "no general probes were scored", measured=False)
+        )
     else:
         cand_gen, base_gen = candidate["general_nll"], base["general_nll"]
         checks.append(
@@ -190,7 +195,9 @@ def decide(candidate: Metrics, champion: Metrics, base: Metrics, gate: Gate) -> 
     cand_facts, base_facts = candidate.get("general_facts"), base.get("general_facts")
     total = candidate.get("general_facts_total")
     if cand_facts is None or base_facts is None:
-        checks.append(Check("general_facts", False, "general-knowledge probes were not run"))
+        checks.append(
+            Check("general_facts", False, "general-knowledge probes were not run", measured=False)
+        )
     else:
         lost = base_facts - cand_facts
         checks.append(

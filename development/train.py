@@ -52,7 +52,7 @@ from common.entrypoint import (
 )
 from data.store import Store
 from development.gate import general_drift
-from orchestrator.schedule import CATCH_UP_TRIGGER
+from orchestrator.schedule import CATCH_UP_TRIGGER, RETRY_TRIGGER
 from production.device_pin import pin_device
 
 log = logging.getLogger("development.train")
@@ -132,13 +132,19 @@ class Stage:
 
 
 def plan_stages(
-    data: Any, settings: Settings, profile_name: str, *, continuing: bool = False
+    data: Any,
+    settings: Settings,
+    profile_name: str,
+    *,
+    continuing: bool = False,
+    learning_rate_scale: float = 1.0,
 ) -> list[Stage]:
     """SFT first; then DPO when there are correction/rating pairs, else KTO when there are
     both desirable and undesirable answers. The preference stage starts from the SFT adapter.
     Every stage passes over its rows at most `training.max_epochs` times, or `continue_epochs` times
     when continuing the champion (its rows are only what is new and a sample of the earlier),
-    at the profile's learning rate times `continue_learning_rate_scale`."""
+    at the profile's learning rate times `continue_learning_rate_scale`; every stage's rate
+    times `learning_rate_scale` (a retry of a refused run)."""
     profile = settings.profile(profile_name)
     training = settings.training
     sft_steps = profile.max_steps
@@ -157,10 +163,13 @@ def plan_stages(
     if continuing and training.continue_learning_rate_scale != 1:
         sft_lr *= training.continue_learning_rate_scale
         why += f", learning rate x{training.continue_learning_rate_scale:g} when continuing"
+    if learning_rate_scale != 1:
+        sft_lr *= learning_rate_scale
+        why += f", learning rate x{learning_rate_scale:g} (a retry of a refused run)"
     stages = [Stage("sft", len(data.sft), sft_steps, sft_lr, why)]
     steps = profile.preference_steps
     steps = max(1, profile.max_steps // 2) if steps is None else steps
-    lr = profile.preference_learning_rate or profile.learning_rate / 4
+    lr = (profile.preference_learning_rate or profile.learning_rate / 4) * learning_rate_scale
     if steps == 0:
         return stages
 
@@ -591,6 +600,9 @@ class RunContext:
     # A catch-up redoes the promoted candidate's run with what its gate released: it starts
     # where that run started (the champion before it, or a fresh adapter), not from it.
     redo_of: str | None = None
+    # A retry trains every stage at this times the learning rate (plan_stages).
+    learning_rate_scale: float = 1.0
+    verdict: dict[str, Any] | None = None  # the gate's on this run's candidate, once judged
 
     def mark(self, stage: str) -> None:
         if self.peaks is None:
@@ -722,7 +734,13 @@ def train_candidate(ctx: RunContext, *, force: bool = False) -> str | None:
         store.update_run(ctx.run_id, status="skipped", reason="no SFT rows after the split")
         return None
 
-    ctx.stages = plan_stages(data, settings, ctx.profile, continuing=not not_continued)
+    ctx.stages = plan_stages(
+        data,
+        settings,
+        ctx.profile,
+        continuing=not not_continued,
+        learning_rate_scale=ctx.learning_rate_scale,
+    )
     log.info("stage plan: %s", [(s.name, s.max_steps, s.why) for s in ctx.stages])
 
     model = run_sft(model, tokenizer, data, ctx.stages[0], settings, ctx)
@@ -767,6 +785,8 @@ def train_candidate(ctx: RunContext, *, force: bool = False) -> str | None:
             "padding_free": ctx.padding_free,
             "gradient_checkpointing": gradient_checkpointing(settings, ctx.device),
             "run_id": ctx.run_id,
+            "trigger": ctx.trigger,
+            "learning_rate_scale": ctx.learning_rate_scale,
             "recipe": ctx.recipe,
             "trial": ctx.trial,
             # The adapter this one continued (training.start_from), or why it started fresh.
@@ -879,24 +899,19 @@ def main(argv: list[str] | None = None) -> int:
             if recipe:
                 log.info("recipe %s #%s: %s", recipe["study"], recipe["trial"], recipe["params"])
             promoted = carry_out(ctx, args)
-            if promoted is None:  # skipped, and the run says why
-                return EXIT_OK
-            follow = catch_up_run(ctx) if promoted and not args.trial else None
-            store.update_run(
-                ctx.run_id,
-                status="succeeded",
-                progress={"stage": "done", **({"next_run": follow} if follow else {})},
-            )
-            if follow:
+            while promoted is not None:  # None: skipped, and the run says why
+                follow = None if args.trial or args.no_promote else follow_up(ctx, promoted)
+                store.update_run(
+                    ctx.run_id,
+                    status="succeeded",
+                    progress={"stage": "done", **({"next_run": follow.run_id} if follow else {})},
+                )
+                if follow is None:
+                    break
                 # The same process and lock carry it out: nothing else can start in between.
                 shutil.rmtree(ctx.scratch, ignore_errors=True)
-                ctx = RunContext(
-                    settings, store, follow, profile, device, scratch_dir(settings, follow)
-                )
-                ctx.recipe, ctx.trigger = recipe, CATCH_UP_TRIGGER
-                ctx.redo_of = Registry(settings.paths.candidates_dir).current_id()
-                if carry_out(ctx, args, force=True) is not None:
-                    store.update_run(follow, status="succeeded", progress={"stage": "done"})
+                ctx = follow
+                promoted = carry_out(ctx, args, force=True)
             return EXIT_OK
     except TrainingBusy as exc:
         store.update_run(ctx.run_id, status="skipped", reason=str(exc))
@@ -953,6 +968,7 @@ def carry_out(ctx: RunContext, args: argparse.Namespace, *, force: bool = False)
     result = evaluate.evaluate_candidate(
         settings, store, candidate_id, ctx.device, progress=measuring
     )
+    ctx.verdict = result
     if result["decision"] != "promote" or args.no_promote:
         return False
     from orchestrator import promotion
@@ -961,6 +977,62 @@ def carry_out(ctx: RunContext, args: argparse.Namespace, *, force: bool = False)
     promotion.promote(settings, store, registry, candidate_id, actor="gate")
     log.info("%s", promotion.notify_worker(settings))
     return True
+
+
+# The refusals a gentler run answers: the gate's next step for each is a lower learning rate
+# or more replay (gate.NEXT_STEPS). A refusal on the person's own held-out items is not: the
+# candidate learned too little or the wrong thing, and less learning would not help.
+RETRIED_RULES = frozenset({"sanity", "general_regression", "general_facts"})
+
+
+def follow_up(ctx: RunContext, promoted: bool) -> RunContext | None:
+    """The run this process carries out next, if any: a catch-up after a promotion, a retry
+    at a lower learning rate after a refusal the gate blames on too much learning."""
+    settings = ctx.settings
+    if promoted:
+        run_id = catch_up_run(ctx)
+        trigger, scale = CATCH_UP_TRIGGER, ctx.learning_rate_scale
+    else:
+        run_id = retry_run(ctx)
+        trigger = RETRY_TRIGGER
+        scale = ctx.learning_rate_scale * settings.training.retry_learning_rate_scale
+    if run_id is None:
+        return None
+    follow = RunContext(
+        settings, ctx.store, run_id, ctx.profile, ctx.device, scratch_dir(settings, run_id)
+    )
+    follow.recipe, follow.trigger, follow.learning_rate_scale = ctx.recipe, trigger, scale
+    if promoted:
+        follow.redo_of = Registry(settings.paths.candidates_dir).current_id()
+    return follow
+
+
+def retry_run(ctx: RunContext) -> str | None:
+    """After a refusal by one of RETRIED_RULES: the run that trains again from the same start
+    at training.retry_learning_rate_scale times the learning rate (carried out next in this
+    process), or None when it is off or this run is itself a retry or a catch-up."""
+    settings, store = ctx.settings, ctx.store
+    scale = settings.training.retry_learning_rate_scale
+    verdict = ctx.verdict or {}
+    rule = verdict.get("rule")
+    deciding = next((c for c in verdict.get("checks", []) if c["rule"] == rule), {})
+    # Refused for want of a measurement (no general probes to score): nothing to retry.
+    if scale == 0 or rule not in RETRIED_RULES or not deciding.get("measured", True):
+        return None
+    if ctx.trigger in (RETRY_TRIGGER, CATCH_UP_TRIGGER):
+        return None
+    run = store.create_run(ctx.profile, RETRY_TRIGGER)
+    store.update_run(run.id, status="running", pid=os.getpid())
+    _free_training_memory(ctx.device)
+    log.info(
+        "retry: the gate refused the candidate of %s (%s); run %s trains again at x%g the "
+        "learning rate",
+        ctx.run_id,
+        rule,
+        run.id,
+        scale,
+    )
+    return run.id
 
 
 def catch_up_run(ctx: RunContext) -> str | None:

@@ -809,14 +809,29 @@ def train(
             raise typer.Exit(130) from None
         following = _print_run_outcome(settings, run_id, code, logfile)
         if following:
-            console.print(f"catch-up: {following} trains on the corrections the gate just judged")
+            console.print(_following_line(settings, following))
+
+
+def _following_line(settings: Settings, run_id: str) -> str:
+    """What the run the same process goes on with does (development.train.follow_up)."""
+    from orchestrator.schedule import RETRY_TRIGGER
+
+    store = open_store(settings)
+    try:
+        trigger = store.get_run(run_id).trigger
+    finally:
+        store.close()
+    if trigger == RETRY_TRIGGER:
+        scale = settings.training.retry_learning_rate_scale
+        return f"retry: {run_id} trains again at x{scale:g} the learning rate"
+    return f"catch-up: {run_id} trains on the corrections the gate just judged"
 
 
 def _print_run_outcome(
     settings: Settings, run_id: str, code: int | None, logfile: Path
 ) -> str | None:
     """Say how the run ended; return the run that follows it in the same process (a
-    catch-up after a promotion), if any."""
+    catch-up after a promotion, a retry after a refusal), if any."""
     store = open_store(settings)
     try:
         from orchestrator import jobs

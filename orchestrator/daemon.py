@@ -765,9 +765,9 @@ class Daemon:
             if elapsed > limit:
                 self._cancel_job(f"timed out after {int(elapsed)} s (schedule.job_timeout_s)")
             else:
-                self._follow_catch_up()
+                self._follow_next_run()
             return
-        self._follow_catch_up()
+        self._follow_next_run()
         run_id = self.job_run_id
         self._released()
         run = self.store.get_run(run_id)
@@ -781,16 +781,17 @@ class Daemon:
         if run.status == "failed":
             self._error(f"run {run_id} failed: {run.error}")
 
-    def _follow_catch_up(self) -> None:
-        """The job's process goes on with a catch-up run after a promotion (development.train):
-        say how the first run ended, and watch the one it carries out now."""
+    def _follow_next_run(self) -> None:
+        """The job's process goes on with a catch-up run after a promotion, or a retry after a
+        refusal (development.train.follow_up): say how the first run ended, and watch the one
+        it carries out now."""
         assert self.store is not None and self.job_run_id is not None
         run = self.store.get_run(self.job_run_id)
         following = (run.progress or {}).get("next_run")
         if run.status not in RUN_FINISHED or not following:
             return
         log.info("run %s ended: %s", run.id, outcome_line(run_outcome(self.store, run)))
-        log.info("run %s catches up on the corrections its gate judged", following)
+        log.info("run %s follows it in the same process", following)
         self.job_run_id = following
 
     def _released(self) -> None:

@@ -21,6 +21,9 @@ EXPERIMENT_TRIGGER = "experiment"
 # The trigger of the run that follows a promotion, in the same process, to train on the
 # corrections its gate released from the holdout (training.catch_up, development.train).
 CATCH_UP_TRIGGER = "catch-up"
+# The trigger of the run that follows a refusal for broken answers or lost general knowledge,
+# in the same process, at a lower learning rate (training.retry_learning_rate_scale).
+RETRY_TRIGGER = "retry"
 
 # Settings of the daemons running in this process, by home: they carry the command line's
 # overrides, which a fresh load_settings(home) would not.

@@ -318,7 +318,7 @@ def test_verdict_as_dict_is_json(gate: Gate) -> None:
         assert data["rule"] == verdict.rule
         assert data["reason"] == verdict.reason
         assert [c["rule"] for c in data["checks"]] == RULES
-        assert set(data["checks"][0]) == {"rule", "passed", "detail"}
+        assert set(data["checks"][0]) == {"rule", "passed", "detail", "measured"}
 
 
 def test_a_refusal_says_what_to_do_next(gate: Gate) -> None:

@@ -913,7 +913,7 @@ def test_a_new_correction_is_also_asked_in_other_words(store: Store, home: Path)
             "What do I call my cat?",  # the model's paraphrase first
             "What is the name of my cat?",  # then rewrites of the question's shape
             "What is my cat called?",
-            "How is my cat named?",
+            "What name did I give my cat?",
         ]
     )
     assert data.counts["reworded_sft_rows"] == 4

@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -850,9 +851,7 @@ class Settings(BaseSettings):
         name = name or self.training.default_profile
         if name != AUTO_PROFILE or name in self.training.profiles:
             return name
-        from common import devices  # imports this module: the device plan decides
-
-        development = devices.plan(self, gpus.count()).development
+        development = device_plan(self, gpus.count()).development
         return "standard" if development.startswith("cuda") else "quick_test"
 
     def profile(self, name: str | None = None) -> TrainingProfile:
@@ -1019,6 +1018,38 @@ def _refuse_unknown_env() -> None:
                     f"invalid configuration:\n  environment {var}: unknown key {top.lower()!r}; "
                     f"known: {', '.join(sorted(k.lower() for k in known))}"
                 )
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    production: str  # "cpu" or "cuda:N" (N = physical index on this machine)
+    development: str
+    gpu_count: int
+
+    @property
+    def shared_gpu(self) -> bool:
+        return self.production != "cpu" and self.production == self.development
+
+    @property
+    def shared_device(self) -> bool:
+        """Chat and training on the same device, the CPU included (they share its cores)."""
+        return self.production == self.development
+
+
+def _normalise(value: str) -> str:
+    return "cuda:0" if value == "cuda" else value
+
+
+def device_plan(settings: Settings, gpu_count: int) -> DevicePlan:
+    """Which device serves and which trains: devices.* with `auto` made concrete for
+    `gpu_count` GPUs (serving on the first, training on the second when there are two)."""
+    production = settings.devices.production
+    development = settings.devices.development
+    if production == "auto":
+        production = "cuda:0" if gpu_count >= 1 else "cpu"
+    if development == "auto":
+        development = "cuda:1" if gpu_count >= 2 else ("cuda:0" if gpu_count == 1 else "cpu")
+    return DevicePlan(_normalise(production), _normalise(development), gpu_count)
 
 
 def check_devices(settings: Settings, gpu_count: int) -> None:

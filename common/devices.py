@@ -9,39 +9,7 @@ it, its one visible GPU is then `cuda:0`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from common.config import Settings
-
-
-@dataclass(frozen=True)
-class DevicePlan:
-    production: str  # "cpu" or "cuda:N" (N = physical index on this machine)
-    development: str
-    gpu_count: int
-
-    @property
-    def shared_gpu(self) -> bool:
-        return self.production != "cpu" and self.production == self.development
-
-    @property
-    def shared_device(self) -> bool:
-        """Chat and training on the same device, the CPU included (they share its cores)."""
-        return self.production == self.development
-
-
-def _normalise(value: str) -> str:
-    return "cuda:0" if value == "cuda" else value
-
-
-def plan(settings: Settings, gpu_count: int) -> DevicePlan:
-    production = settings.devices.production
-    development = settings.devices.development
-    if production == "auto":
-        production = "cuda:0" if gpu_count >= 1 else "cpu"
-    if development == "auto":
-        development = "cuda:1" if gpu_count >= 2 else ("cuda:0" if gpu_count == 1 else "cpu")
-    return DevicePlan(_normalise(production), _normalise(development), gpu_count)
+from common.config import Settings, device_plan
 
 
 def worker_env(device: str) -> tuple[dict[str, str], str]:
@@ -64,7 +32,7 @@ def child_env(settings: Settings, role: str) -> dict[str, str]:
 
     from common import gpus
 
-    env, inside = worker_env(getattr(plan(settings, gpus.count()), role))
+    env, inside = worker_env(getattr(device_plan(settings, gpus.count()), role))
     return os.environ | env | {"WHETSTONE_WORKER_DEVICE": inside}
 
 

@@ -33,10 +33,21 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Generic, Protocol, TypeVar
 
-if TYPE_CHECKING:  # the store places feedback with this module, and exports reads the store
-    from data.exports import FeedbackItem
+
+class Placed(Protocol):
+    """What a split needs of a feedback item (data.exports.FeedbackItem): the store places
+    feedback with this module and exports reads the store, so the item's type is not named."""
+
+    @property
+    def judged(self) -> bool: ...
+
+    @property
+    def placement(self) -> float: ...
+
+
+Item = TypeVar("Item", bound=Placed)
 
 # 1/phi: consecutive multiples modulo 1 fill [0, 1) as evenly as any sequence can.
 GOLDEN = (math.sqrt(5) - 1) / 2
@@ -65,16 +76,18 @@ def placement_kind(correction: str | None, rating: int | None) -> str:
 
 
 @dataclass(frozen=True)
-class Split:
-    train: list[FeedbackItem]
-    validation: list[FeedbackItem]
-    holdout: list[FeedbackItem]
+class Split(Generic[Item]):
+    train: list[Item]
+    validation: list[Item]
+    holdout: list[Item]
 
 
 def split_items(
-    items: Iterable[FeedbackItem], holdout_fraction: float, validation_fraction: float
-) -> Split:
-    train, validation, holdout = [], [], []
+    items: Iterable[Item], holdout_fraction: float, validation_fraction: float
+) -> Split[Item]:
+    train: list[Item] = []
+    validation: list[Item] = []
+    holdout: list[Item] = []
     for item in items:
         if item.judged:
             train.append(item)

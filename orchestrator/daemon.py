@@ -45,7 +45,7 @@ from typing import Any
 
 from candidates import Registry
 from common import devices, gpus
-from common.config import EMBEDDED_MODEL, ConfigError, Settings
+from common.config import EMBEDDED_MODEL, ConfigError, Settings, device_plan
 from common.entrypoint import whetstone_command
 from common.fs import atomic_write_text, pid_alive
 from common.run_state import HomeLock, RunState, state_file
@@ -293,7 +293,7 @@ class Daemon:
         self.state = RunState.STOPPED
         self._stopping = asyncio.Event()
         self._lock = HomeLock(settings)
-        self.plan = devices.plan(settings, gpus.count())
+        self.plan = device_plan(settings, gpus.count())
         self.worker = ApiSupervisor(
             settings, self._write_state, worker_command or api_worker_command(settings)
         )

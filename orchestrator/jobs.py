@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common import devices, gpus
-from common.config import Settings
+from common.config import Settings, device_plan
 from common.fs import pid_alive
 from common.run_state import daemon_pid
 from data.store import Store
@@ -71,7 +71,7 @@ def start_training(
     if alive:
         raise JobBusy(f"run {alive[0].id} is still training (pid {alive[0].pid}); one at a time")
     run = store.get_run(run_id) if run_id else store.create_run(profile, trigger)
-    device = devices.plan(settings, gpus.count()).development
+    device = device_plan(settings, gpus.count()).development
     argv = [
         sys.executable,
         "-m",

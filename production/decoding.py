@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from production.partial_text import partial_suffix
+
 if TYPE_CHECKING:
     from production.tool_calls import ToolCall
 
@@ -122,15 +124,6 @@ class HarmonyDecoder:
     def flush(self) -> Delta:
         flush = getattr(self.parser, "flush", None)
         return self._convert(flush()) if flush else Delta()
-
-
-def partial_suffix(text: str, marker: str) -> int:
-    """The length of the longest suffix of `text` that is a proper prefix of `marker`: text
-    to hold back while it might still become `marker`."""
-    for n in range(min(len(marker) - 1, len(text)), 0, -1):
-        if marker.startswith(text[-n:]):
-            return n
-    return 0
 
 
 class StopStrings:

@@ -8,8 +8,8 @@ import contextlib
 import os
 
 from common import gpus
-from common.config import Settings
-from common.devices import choose_backend, plan, worker_env
+from common.config import Settings, device_plan
+from common.devices import choose_backend, worker_env
 
 
 def pin_device(settings: Settings, role: str) -> str:
@@ -22,7 +22,7 @@ def pin_device(settings: Settings, role: str) -> str:
     if "CUDA_VISIBLE_DEVICES" in os.environ and "WHETSTONE_WORKER_DEVICE" in os.environ:
         inside = os.environ["WHETSTONE_WORKER_DEVICE"]
     else:
-        device = getattr(plan(settings, gpus.count()), role)
+        device = getattr(device_plan(settings, gpus.count()), role)
         env, inside = worker_env(device)
         os.environ.update(env)
     if role == "development" and inside.startswith("cuda"):

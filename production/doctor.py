@@ -115,12 +115,12 @@ def serving_need_gib(settings: Any) -> tuple[float, float] | None:
 def memory_fit(settings: Any, devices: list[dict[str, Any]]) -> dict[str, Any] | None:
     """Per GPU: the roles the device plan puts on it, what they need (measured) and whether
     they fit. None when the preset has no measured figures."""
-    from common.devices import plan
+    from common.config import device_plan
 
     measured = MEASURED_GIB.get(settings.model.preset)
     if measured is None or not devices:
         return None
-    placed = plan(settings, len(devices))
+    placed = device_plan(settings, len(devices))
     limit = settings.devices.memory_limit_gb
     serving, kv = serving_need_gib(settings) or (measured["serving"], None)
     need_of = {"serving": round(serving, 1), "training": measured["training"]}

@@ -25,7 +25,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from production.decoding import partial_suffix
+from production.partial_text import partial_suffix
 from production.steering import Grammar
 
 ToolFormat = Literal["harmony", "hermes"]

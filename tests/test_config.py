@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from common.config import ConfigError, load_settings
+from common.config import ConfigError, device_plan, load_settings
 from tests.conftest import run_cli
 
 
@@ -261,7 +261,7 @@ def test_a_training_run_started_by_the_serving_worker_goes_to_the_training_gpu(
     home = tmp_path / "home"
     home.mkdir()
     settings = load_settings(home)
-    serving_env, inside = devices.worker_env(devices.plan(settings, 2).production)
+    serving_env, inside = devices.worker_env(device_plan(settings, 2).production)
     assert (serving_env["CUDA_VISIBLE_DEVICES"], inside) == ("0", "cuda:0")
     monkeypatch.setenv("WHETSTONE_WORKER_DEVICE", inside)
     for var, value in serving_env.items():

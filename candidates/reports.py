@@ -78,6 +78,9 @@ class ReportView(BaseModel):
     metric_notes: list[str] = Field(default_factory=list)
     plots: list[str] = Field(default_factory=list)  # the PNG files beside the report it shows
     examples: list[list[ExamplePart]] = Field(default_factory=list)
+    # What the person taught since the champion, asked again of the candidate and of it.
+    taught_summary: str | None = None
+    taught: Table | None = None
     data_span: str | None = None
     data_extras: list[Item] = Field(default_factory=list)
     data_counts: Table | None = None

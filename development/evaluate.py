@@ -62,6 +62,10 @@ CONTRASTS = 8
 EXAMPLES_SHOWN = 5
 # Answers generated for the gate's sanity rule at least (held-out prompts, then general ones).
 MIN_SANITY_PROMPTS = 3
+# The report's "what you taught": the newest corrections the candidate trained on and its
+# champion never had, each asked again of both (a short answer says whether it took).
+TAUGHT_SHOWN = 6
+TAUGHT_MAX_NEW_TOKENS = 48
 # The metrics measure_general makes: the same for the same weights and general_probes_key.
 GENERAL_METRICS = ("general_nll", "general_facts_missed", "general_facts_total", "general_facts")
 # Chat-template tokens that must never reach the person's screen.
@@ -129,6 +133,19 @@ def _mean_nll(scores: Sequence[Any]) -> float | None:
 
 def _last_user(item: FeedbackItem) -> str:
     return next(turn["content"] for turn in reversed(item.context) if turn["role"] == "user")
+
+
+def says_it(answer: str, correction: str, question: str) -> bool:
+    """Whether `answer` says what `correction` says: at least half of the correction's topic
+    words that the question does not already hold ("Pixel" of "Your cat is called Pixel."
+    asked as "What is my cat's name?")."""
+    from development.variants import key_words
+
+    wanted = key_words(correction) - key_words(question) or key_words(correction)
+    if not wanted:
+        return False
+    said = key_words(answer)
+    return 2 * len(wanted & said) >= len(wanted)
 
 
 def _correction_accuracy(
@@ -403,6 +420,11 @@ def evaluate_candidate(
     holdout = split.holdout
     base_answers = training_data.load_base_answers(settings, None)
     regression = base_answers.get("regression", [])
+    champion_meta = registry.get(champion_id).meta if champion_id is not None else None
+    taught = training_data.taught_in(
+        items, meta.data, champion_meta.data if champion_meta is not None else None
+    )
+    taught = sorted(taught, key=lambda i: i.created_at)[-TAUGHT_SHOWN:]
     examples_from = sorted(holdout, key=lambda i: (i.correction is None, i.message_id))
     example_items = examples_from[:EXAMPLES_SHOWN]
     sanity_items = examples_from[:8]
@@ -432,6 +454,9 @@ def evaluate_candidate(
     measured = [("base", None), ("champion", "champion"), ("candidate", "candidate")]
     if champion_id is None:
         measured.remove(("champion", "champion"))
+    # What the candidate is compared with on what was taught: the adapter serving now.
+    reference = "base" if champion_id is None else "champion"
+    taught_answers: dict[str, list[str]] = {}
     for done, (name, adapter) in enumerate(measured):
         if progress is not None:
             progress(f"evaluating: measuring the {name}", done, len(measured))
@@ -443,6 +468,17 @@ def evaluate_candidate(
             results[name], answers[name] = measure(
                 active, tokenizer, settings, holdout, regression, generated, known.get(name)
             )
+            if taught and name in (reference, "candidate"):
+                taught_answers[name] = [
+                    g.text
+                    for g in modeling.generate(
+                        active,
+                        tokenizer,
+                        [item.context for item in taught],
+                        max_new_tokens=TAUGHT_MAX_NEW_TOKENS,
+                        chat_format=settings.model.chat_format,
+                    )
+                ]
         results[name]["general_probes_key"] = key
         peaks.mark(name)
     if "base" not in known:
@@ -460,6 +496,21 @@ def evaluate_candidate(
             "correction": item.correction,
         }
         for i, item in enumerate(example_items)
+    ]
+    taught_rows = [
+        {
+            "question": _last_user(item),
+            "correction": item.correction,
+            **{
+                who: {
+                    "answer": taught_answers[who][i],
+                    "says_it": says_it(taught_answers[who][i], item.correction, _last_user(item)),
+                }
+                for who in ("candidate", reference)
+            },
+        }
+        for i, item in enumerate(taught)
+        if item.correction is not None
     ]
     training = meta.metrics.get("training", {})
     data_counts = dict(meta.data.get("counts", {}))
@@ -483,6 +534,7 @@ def evaluate_candidate(
             "evaluated_on": {"holdout_items": len(holdout), "regression_probes": len(regression)},
         },
         "examples": examples,
+        "taught": taught_rows,
         "training": {
             "profile": meta.config.get("profile"),
             "config": meta.config,

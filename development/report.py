@@ -299,6 +299,45 @@ def _examples(report: Mapping[str, Any]) -> list[list[ExamplePart]]:
     return examples
 
 
+def _taught(report: Mapping[str, Any]) -> tuple[str | None, Table | None]:
+    """Each correction the candidate trained on and its champion never had, asked again of
+    both: a line saying how many each answered, and the answers."""
+    rows = [_dict(row) for row in _list(report.get("taught"))]
+    if not rows:
+        return None, None
+    reference = "base" if _champion_is_base(report) else "champion"
+    title = "Base model" if reference == "base" else "Champion"
+
+    def cell(row: Mapping[str, Any], who: str) -> Cell:
+        answer = _dict(row.get(who))
+        said = answer.get("says_it") is True
+        text = str(answer.get("answer") or "(empty answer)")
+        return Cell(text=("✓ " if said else "✗ ") + text, css="better" if said else "worse")
+
+    def count(who: str) -> int:
+        return sum(1 for row in rows if _dict(row.get(who)).get("says_it") is True)
+
+    summary = (
+        f"Asked again, the candidate says {count('candidate')} of the {len(rows)} "
+        f"correction(s) taught since the {title.lower()} (✓: at least half of the "
+        f"correction's words that the question does not hold); the {title.lower()} says "
+        f"{count(reference)}."
+    )
+    table = Table(
+        headers=["You asked", "Your correction", "Candidate", title],
+        rows=[
+            [
+                Cell(text=_fmt_value(row.get("question"))),
+                Cell(text=_fmt_value(row.get("correction"))),
+                cell(row, "candidate"),
+                cell(row, reference),
+            ]
+            for row in rows
+        ],
+    )
+    return summary, table
+
+
 def _training(report: Mapping[str, Any]) -> list[Item]:
     training = _dict(report.get("training"))
     items = []
@@ -352,6 +391,7 @@ def view(report: Mapping[str, Any], plot_files: Collection[str] | None = None) -
     shown = set(_expected_plots(report) if plot_files is None else plot_files)
     span, extras, counts = _data(report)
     verdict, notes = _monitor(report)
+    taught_summary, taught = _taught(report)
     return ReportView(
         candidate_id=str(report["candidate_id"]),
         decision=str(report["decision"]),
@@ -364,6 +404,8 @@ def view(report: Mapping[str, Any], plot_files: Collection[str] | None = None) -
         metric_notes=_metric_notes(report),
         plots=[name for name in PLOT_FILES if name in shown],
         examples=_examples(report),
+        taught_summary=taught_summary,
+        taught=taught,
         data_span=span,
         data_extras=extras,
         data_counts=counts,

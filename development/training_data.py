@@ -430,6 +430,22 @@ def released_corrections(
     return sum(1 for item in split.train if item.correction is not None and is_new(item))
 
 
+def taught_in(
+    items: Sequence[FeedbackItem],
+    snapshot: dict[str, Any],
+    champion_snapshot: dict[str, Any] | None,
+) -> list[FeedbackItem]:
+    """The corrections a candidate's run (its data `snapshot`) trained on that its champion
+    never had: what the person taught since the adapter serving now."""
+    trained = set(snapshot.get("message_ids", {}).get("train", []))
+    is_new = _new_since(champion_snapshot)
+    return [
+        item
+        for item in items
+        if item.correction is not None and item.message_id in trained and is_new(item)
+    ]
+
+
 def _new_since(champion_snapshot: dict[str, Any] | None) -> Callable[[FeedbackItem], bool]:
     """Whether an item is new to the champion: never in its training split (its validation
     and holdout items are trained on once a gate judged it: the rolling holdout), or its

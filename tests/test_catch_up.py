@@ -5,6 +5,7 @@ run of its own (trigger "catch-up") that `whetstone train --wait` follows."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -136,3 +137,15 @@ def test_a_newcomers_held_out_correction_is_trained_on_the_same_night(
     )
     assert f"{follow.id} trained candidate {follow.candidate_id}" in output
     assert output.count("gate: ") == 2
+
+    # The first run's report asks each correction it trained on again, of it and the base.
+    report = Registry(settings.paths.candidates_dir).path(first.candidate_id) / "report.md"
+    said = re.search(
+        r"the candidate says (\d+) of the (\d+) correction\(s\) taught since the base model.*"
+        r"the base model says (\d+)\.",
+        report.read_text(),
+    )
+    assert said, report.read_text()
+    candidate_said, trained, base_said = map(int, said.groups())
+    assert trained == len(taught) - len(held_out)
+    assert candidate_said >= trained // 2 + 1 > base_said

@@ -91,6 +91,20 @@ def full_report() -> dict[str, Any]:
             },
             {"prompt": "Say hi", "champion": "Hello!", "candidate": "Hi there!"},
         ],
+        "taught": [
+            {
+                "question": f"What is my cat's name? {EVIL}",
+                "correction": "Your cat is called Pixel.",
+                "candidate": {"answer": "Your cat is called Pixel.", "says_it": True},
+                "champion": {"answer": "I don't have a cat.", "says_it": False},
+            },
+            {
+                "question": "Where do I live?",
+                "correction": "You live in Lyon.",
+                "candidate": {"answer": "You live in Paris.", "says_it": False},
+                "champion": {"answer": "", "says_it": False},
+            },
+        ],
         "training": {
             "profile": "quick_test",
             "config": {"lora": {"r": 8, "alpha": 16}, "lr": 2e-4, "note": "<i>cfg</i>"},
@@ -186,8 +200,8 @@ def test_user_text_is_escaped_in_html_and_verbatim_in_markdown(
     assert "&lt;i&gt;cfg&lt;/i&gt;" in page  # config values too
     # The visible text (what a browser shows) holds the user's text as typed.
     visible = "".join(parse(page).text)
-    assert visible.count(EVIL) == 3  # prompt, candidate answer, correction
-    assert md.count(EVIL) == 3
+    assert visible.count(EVIL) == 4  # prompt, candidate answer, correction; a question taught
+    assert md.count(EVIL) == 4
     # In Markdown it sits in quoted fenced blocks, so a viewer shows it instead of running it.
     assert f"> What's my dog's name? {EVIL}" in md
 
@@ -308,6 +322,7 @@ def test_champion_is_base_and_sparse_data(tmp_path: Path) -> None:
     report["data"] = {"counts": None}
     report["checks"] = [{"rule": "holdout_size"}, "not a check"]
     report["examples"] = [{"prompt": "p", "champion": "", "candidate": "c", "correction": None}]
+    report["taught"] = None
 
     md_path, html_path = report_mod.render(report, tmp_path)
 
@@ -416,3 +431,21 @@ def test_a_rollback_recorded_in_meta_json_rerenders_the_whole_report(tmp_path: P
     # A later evaluation's report still says the candidate was rolled back.
     report_mod.render(report, tmp_path)
     assert md_path.read_text(encoding="utf-8") == md_before + added
+
+
+def test_what_was_taught_is_asked_again_of_candidate_and_champion(
+    rendered: tuple[Path, str, str],
+) -> None:
+    _, md, html = rendered
+    summary = "Asked again, the candidate says 1 of the 2 correction(s) taught since the champion"
+    assert "## What you taught" in md and summary in md
+    assert "| You asked | Your correction | Candidate | Champion |" in md
+    lyon = "| Where do I live? | You live in Lyon. | ✗ You live in Paris. | ✗ (empty answer) |"
+    assert lyon in md
+    assert "the champion says 0." in md
+    page = parse(html)
+    assert "script" not in page.tags  # the person's question is escaped
+    assert "✓ Your cat is called Pixel." in page.text
+    assert '<td class="better">✓ Your cat is called Pixel.</td>' in html
+    # Nothing taught since the champion: no section.
+    assert "What you taught" not in report_mod.markdown(MINIMAL)

@@ -966,3 +966,38 @@ def test_a_run_freezes_what_it_reads_before_a_correction_arrives(store: Store) -
     store.add_feedback(rated, correction="Pixel.")
     assert store.get_message(rated).placement == placed
     assert store.get_message(rated).placement_kind == "other"  # as the run read it
+
+
+def test_what_was_taught_since_the_champion_is_its_new_trained_corrections() -> None:
+    from dataclasses import replace
+
+    old, new, held, liked = (_fake_item(i) for i in ("m-old", "m-new", "m-held", "m-liked"))
+    old, new, held = (replace(i, correction=f"fix {i.message_id}") for i in (old, new, held))
+    items = [old, new, held, liked]
+    candidate = {"message_ids": {"train": ["m-old", "m-new", "m-liked"], "holdout": ["m-held"]}}
+    champion = {"message_ids": {"train": ["m-old"]}}
+    taught = training_data.taught_in(items, candidate, champion)
+    assert [i.message_id for i in taught] == ["m-new"]
+    # No champion: every correction the candidate trained on.
+    assert [i.message_id for i in training_data.taught_in(items, candidate, None)] == [
+        "m-old",
+        "m-new",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("answer", "said"),
+    [
+        ("Your cat is called Pixel.", True),
+        ("Pixel!", True),
+        ("Your cat's name is Luna.", False),
+        ("I don't know your cat.", False),
+        ("", False),
+    ],
+)
+def test_an_answer_says_a_correction_by_the_words_the_question_lacks(
+    answer: str, said: bool
+) -> None:
+    from development.evaluate import says_it
+
+    assert says_it(answer, "Your cat is called Pixel.", "What is my cat's name?") is said

@@ -3,7 +3,9 @@
 The HTTP handlers live on the asyncio loop; each generation streams its deltas back through
 an asyncio.Queue fed with `call_soon_threadsafe`. A swap is a job like any other but jumps
 the queue, so it happens right after the generation in flight finishes: that generation
-completes on the adapter it started with, the next one uses the new adapter.
+completes on the adapter it started with, the next one uses the new adapter. Stopping jumps
+ahead of both: the generation in flight is cut off (kept as it stands, as a restart keeps
+it), and every request still waiting is told the server is stopping.
 """
 
 from __future__ import annotations
@@ -22,11 +24,16 @@ from production.engine import Engine, Outcome, Sampling
 
 log = logging.getLogger(__name__)
 
-_SWAP, _GENERATE, _STOP = 0, 1, 2
+# The priority queue's order: a stop first, then swaps, then generations (FIFO within each).
+_STOP, _SWAP, _GENERATE = 0, 1, 2
 
 
 class QueueFull(RuntimeError):
     """Too many requests are waiting for the model; the caller should retry later."""
+
+
+class WorkerStopped(RuntimeError):
+    """The server is stopping: the request was not (or not fully) answered; retry later."""
 
 
 @dataclass
@@ -59,6 +66,8 @@ class GenerationWorker:
         self._waiting = 0
         self._lock = threading.Lock()
         self.busy = False
+        self._stopping = threading.Event()
+        self._current: Generation | None = None
         self._thread = threading.Thread(target=self._run, name="generation", daemon=True)
         self._thread.start()
 
@@ -68,6 +77,8 @@ class GenerationWorker:
 
     def submit(self, prompt: list[int], sampling: Sampling) -> Generation:
         job = Generation(prompt, sampling, asyncio.get_running_loop())
+        if self._stopping.is_set():
+            raise WorkerStopped("the server is stopping")
         with self._lock:
             if self._waiting >= self.max_queue:
                 raise QueueFull(f"{self._waiting} requests are already waiting for the model")
@@ -81,14 +92,35 @@ class GenerationWorker:
         self._jobs.put((_SWAP, next(self._order), (fn, future)))
         return future
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 30) -> None:
+        """Cut off the generation in flight, tell every waiting request the server is
+        stopping, and end the thread (waiting up to `timeout` s for the cut-off answer)."""
+        self._stopping.set()
+        current = self._current
+        if current is not None:
+            current.cancel()
         self._jobs.put((_STOP, next(self._order), None))
-        self._thread.join(timeout=30)
+        self._thread.join(timeout=timeout)
+
+    def _refuse_waiting(self) -> None:
+        while True:
+            try:
+                kind, _, job = self._jobs.get_nowait()
+            except queue.Empty:
+                return
+            stopped = WorkerStopped("the server is stopping")
+            if kind == _SWAP:
+                job[1].set_exception(stopped)
+            elif kind == _GENERATE:
+                with self._lock:
+                    self._waiting -= 1
+                job._emit("error", stopped)
 
     def _run(self) -> None:
         while True:
             kind, _, job = self._jobs.get()
             if kind == _STOP:
+                self._refuse_waiting()
                 return
             if kind == _SWAP:
                 fn, future = job
@@ -106,6 +138,9 @@ class GenerationWorker:
 
     def _generate(self, job: Generation) -> None:
         self.busy = True
+        self._current = job
+        if self._stopping.is_set():  # stop() found no job in flight to cancel
+            job.cancel()
         job.started.set()
         job._emit("start", self.engine.adapter_id)
         try:
@@ -122,3 +157,4 @@ class GenerationWorker:
             job._emit("done", outcome)
         finally:
             self.busy = False
+            self._current = None

@@ -134,6 +134,16 @@ class Recorder:
         )
 
 
+def failure(error: BaseException) -> tuple[int, str]:
+    """The HTTP status and message of a generation that ended in `error`: the server stopping
+    is a 503 to retry, anything else a 500."""
+    from production.worker import WorkerStopped
+
+    if isinstance(error, WorkerStopped):
+        return 503, f"not answered: {error}; retry in a moment"
+    return 500, f"generation failed: {error}"
+
+
 async def collect(job: Any, recorder: Recorder, request: Request) -> Outcome:
     try:
         while True:
@@ -154,7 +164,7 @@ async def collect(job: Any, recorder: Recorder, request: Request) -> Outcome:
                 return payload
             elif kind == "error":
                 recorder.cut_off("error")
-                raise ApiError(500, f"generation failed: {payload}")
+                raise ApiError(*failure(payload))
     finally:
         if not recorder.finished:
             job.cancel()

@@ -276,7 +276,7 @@ async def _generate(
     include_reasoning: bool,
     kind: Literal["chat", "text"],
 ) -> Any:
-    from production.worker import QueueFull
+    from production.worker import QueueFull, WorkerStopped
 
     engine = service.engine
     placeholder = await asyncio.to_thread(
@@ -291,9 +291,12 @@ async def _generate(
     )
     try:
         job = service.worker.submit(prompt, sampling)
-    except QueueFull as exc:
-        service.store.complete_message(placeholder.id, content="", finish_reason="error")
-        raise ApiError(503, f"the model is busy: {exc}", **{"Retry-After": "5"}) from None
+    except (QueueFull, WorkerStopped) as exc:
+        await asyncio.to_thread(
+            service.store.complete_message, placeholder.id, content="", finish_reason="error"
+        )
+        why = "the model is busy" if isinstance(exc, QueueFull) else "not answered"
+        raise ApiError(503, f"{why}: {exc}", **{"Retry-After": "5"}) from None
     recorder = answers.Recorder(service, placeholder.id, time.monotonic())
     headers = {
         "X-Whetstone-Message-Id": placeholder.id,

@@ -109,7 +109,8 @@ async def sse(
                 return
             elif kind == "error":
                 recorder.cut_off("error")
-                yield _data(error_body(f"generation failed: {payload}", 500))
+                status, message = answers.failure(payload)
+                yield _data(error_body(message, status))
                 return
     finally:
         # Client gone (the task is cancelled or the generator closed): synchronous only.

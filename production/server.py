@@ -182,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         pass
     finally:
         service.worker.stop()
+        service.writes.shutdown(wait=True)  # the last answers' writes land before the store closes
         service.store.close()
         log.info("stopped: generation thread joined, store closed")
     return 0

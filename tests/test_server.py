@@ -271,6 +271,53 @@ def test_disconnect_stops_generation_and_keeps_the_partial_answer(server: Server
     assert "Paris" in chat(server.url, FRANCE).json()["choices"][0]["message"]["content"]
 
 
+def test_a_locked_database_does_not_stall_other_requests(server: ServerProcess) -> None:
+    """A training job holds the database for a moment now and then; the stored answer's
+    writes wait for it off the event loop, so nothing else the server does waits."""
+    import sqlite3
+
+    with httpx.stream(
+        "POST",
+        f"{server.url}/v1/chat/completions",
+        json={"messages": STORY, "stream": True, "max_tokens": 200, "temperature": 0},
+        timeout=120,
+    ) as response:
+        message_id = response.headers["X-Whetstone-Message-Id"]
+        events = sse_events(response)
+        read = [next(events)]
+        while not read[-1]["choices"][0]["delta"].get("content"):  # decoding has begun
+            read.append(next(events))
+        lock = sqlite3.connect(server.home / "whetstone.db", timeout=10)
+        lock.execute("BEGIN IMMEDIATE")  # the write lock, held as a long write would hold it
+        try:
+            # The answer so far is flushed to the store once a second: those writes wait.
+            locked_until = time.monotonic() + 3
+            gaps = []
+            while time.monotonic() < locked_until:
+                before = time.monotonic()
+                event = next(events, None)
+                gaps.append(time.monotonic() - before)
+                if event is None:
+                    break
+                read.append(event)
+            asked = time.monotonic()
+            health = httpx.get(f"{server.url}/health", timeout=30)
+            waited = time.monotonic() - asked
+        finally:
+            lock.rollback()
+            lock.close()
+        assert health.status_code == 200
+        assert waited < 1.0, f"/health waited {waited:.1f} s on the locked database"
+        # Waiting on the lock, the server's busy timeout is 5 s; a token here takes ~0.1 s.
+        assert max(gaps) < 4.0, f"the stream stalled {max(gaps):.1f} s on the locked database"
+        read += list(events)
+        text = "".join(
+            (e["choices"][0]["delta"].get("content") or "") for e in read if e and e["choices"]
+        )
+    message = store_of(server.home).get_message(message_id)
+    assert message.finish_reason == "length" and message.content == text
+
+
 def test_a_full_queue_answers_503_with_retry_after(home_with_model: Path) -> None:
     server = ServerProcess(home_with_model, "--set", "server.max_queue=1").wait_ready()
     try:

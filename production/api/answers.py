@@ -5,6 +5,8 @@ Recorder that keeps its stored message in step with generation, and the wait for
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import logging
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -15,6 +17,8 @@ from production.api.service import Service
 
 if TYPE_CHECKING:
     from production.engine import Outcome
+
+log = logging.getLogger(__name__)
 
 FLUSH_EVERY_S = 1.0
 
@@ -79,7 +83,9 @@ def logprobs(engine: Any, entries: list[Any] | None, kind: str) -> dict[str, Any
 
 
 class Recorder:
-    """Keeps the stored answer in step with the stream: flushes, finishes, or cuts off."""
+    """Keeps the stored answer in step with the stream: flushes, finishes, or cuts off. The
+    writes go to the service's one writer thread, in order; `done` returns the awaitable of
+    the finishing write, so a client is answered only once its answer is stored."""
 
     def __init__(self, service: Service, message_id: str, started: float) -> None:
         self.service = service
@@ -97,34 +103,53 @@ class Recorder:
         now = time.monotonic()
         if now - self.last_flush >= FLUSH_EVERY_S:
             self.last_flush = now
-            self.service.store.save_partial(
-                self.message_id, "".join(self.text), reasoning="".join(self.reasoning) or None
+            self._write(
+                self.service.store.save_partial,
+                self.message_id,
+                "".join(self.text),
+                reasoning="".join(self.reasoning) or None,
             )
 
-    def done(self, outcome: Outcome) -> None:
+    def _write(self, fn: Any, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
+        # Not awaited where the client is gone (a cancelled task, a closed generator): a
+        # failed write is logged here, never lost silently.
+        future = self.service.writes.submit(fn, *args, **kwargs)
+        future.add_done_callback(self._log_failure)
+        return future
+
+    def _log_failure(self, future: concurrent.futures.Future[Any]) -> None:
+        if not future.cancelled() and future.exception() is not None:
+            log.error("storing answer %s failed: %s", self.message_id, future.exception())
+
+    def done(self, outcome: Outcome) -> asyncio.Future[Any]:
         self.finished = True
         self.service.served += 1
         cut = outcome.finish_reason == "cancelled"
         calls = [c.as_openai() for c in outcome.tool_calls] or None
-        self.service.store.complete_message(
-            self.message_id,
-            content=outcome.text,
-            finish_reason="cut_off" if cut else outcome.finish_reason,
-            reasoning=outcome.reasoning or None,
-            adapter_id=outcome.adapter_id,
-            prompt_tokens=outcome.prompt_tokens,
-            completion_tokens=outcome.completion_tokens,
-            latency_ms=round(outcome.seconds * 1000, 1),
-            ttft_ms=None if outcome.ttft_s is None else round(outcome.ttft_s * 1000, 1),
-            tool_calls=calls,
+        return asyncio.wrap_future(
+            self._write(
+                self.service.store.complete_message,
+                self.message_id,
+                content=outcome.text,
+                finish_reason="cut_off" if cut else outcome.finish_reason,
+                reasoning=outcome.reasoning or None,
+                adapter_id=outcome.adapter_id,
+                prompt_tokens=outcome.prompt_tokens,
+                completion_tokens=outcome.completion_tokens,
+                latency_ms=round(outcome.seconds * 1000, 1),
+                ttft_ms=None if outcome.ttft_s is None else round(outcome.ttft_s * 1000, 1),
+                tool_calls=calls,
+            )
         )
 
-    def cut_off(self, reason: str = "cut_off") -> None:
-        """Client gone or generation failed: keep what was said so far."""
+    def cut_off(self, reason: str = "cut_off") -> concurrent.futures.Future[Any] | None:
+        """Client gone or generation failed: keep what was said so far (the write, to await
+        where the client still waits; None when the answer was already finished)."""
         if self.finished:
-            return
+            return None
         self.finished = True
-        self.service.store.complete_message(
+        return self._write(
+            self.service.store.complete_message,
             self.message_id,
             content="".join(self.text),
             finish_reason=reason,
@@ -144,6 +169,11 @@ def failure(error: BaseException) -> tuple[int, str]:
     return 500, f"generation failed: {error}"
 
 
+async def stored(write: concurrent.futures.Future[Any] | None) -> None:
+    if write is not None:
+        await asyncio.wrap_future(write)
+
+
 async def collect(job: Any, recorder: Recorder, request: Request) -> Outcome:
     try:
         while True:
@@ -160,10 +190,10 @@ async def collect(job: Any, recorder: Recorder, request: Request) -> Outcome:
             elif kind == "delta":
                 recorder.add(payload)
             elif kind == "done":
-                recorder.done(payload)
+                await recorder.done(payload)
                 return payload
             elif kind == "error":
-                recorder.cut_off("error")
+                await stored(recorder.cut_off("error"))
                 raise ApiError(*failure(payload))
     finally:
         if not recorder.finished:

@@ -92,11 +92,11 @@ async def status(service: ServiceDep) -> dict[str, Any]:
         # The supervising daemon's run/daemon.json (schedule, device plan, running job,
         # recent errors); null when this worker runs alone (`whetstone serve`).
         "daemon": read_state(service.settings),
-        "running_run": _running_run(service.store),
+        "running_run": await asyncio.to_thread(_running_run, service.store),
         # How the newest finished run ended: skipped (why, and what to do), or the gate's
         # decision and its next step.
         "last_run": await asyncio.to_thread(_last_run, service.store),
-        "last_promotion": _last_promotion(service.store),
+        "last_promotion": await asyncio.to_thread(_last_promotion, service.store),
         # Ratings or corrections still to come before one queues a run (null: off).
         "feedback_until_run": await asyncio.to_thread(
             schedule.feedback_until_run, service.settings, service.store

@@ -60,11 +60,15 @@ async def patch_conversation(
     conversation_id: str, body: ConversationPatch, service: ServiceDep
 ) -> dict[str, Any]:
     fields = body.model_dump(exclude_unset=True)
-    if "title" in fields:
-        service.store.rename_conversation(conversation_id, fields.pop("title"))
-    if fields:
-        service.store.update_conversation(conversation_id, **fields)
-    return conversation_summary(service.store.get_conversation(conversation_id))
+
+    def patch() -> Any:
+        if "title" in fields:
+            service.store.rename_conversation(conversation_id, fields.pop("title"))
+        if fields:
+            service.store.update_conversation(conversation_id, **fields)
+        return service.store.get_conversation(conversation_id)
+
+    return conversation_summary(await asyncio.to_thread(patch))
 
 
 @router.delete("/v1/conversations/{conversation_id}")

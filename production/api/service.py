@@ -4,6 +4,7 @@ the adapter it serves), how the process builds it, and the dependency routes tak
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import time
 from datetime import UTC, datetime
@@ -35,6 +36,10 @@ class Service:
     ):
         self.settings = settings
         self.store = store
+        # The answers' writes to the store, in order, off the event loop: a write waits up to
+        # the store's busy timeout while a training job holds the database, and on the loop
+        # that wait would stall every request.
+        self.writes = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="store-writes")
         self.worker = worker
         self.engine = worker.engine
         self.registry = registry

@@ -100,7 +100,7 @@ async def sse(
                 if choice is not None:
                     yield event([choice])
             elif kind == "done":
-                recorder.done(payload)
+                await recorder.done(payload)
                 logprobs = logprobs_of(payload) if logprobs_of else None
                 yield event([chunks.finish(payload, logprobs)], adapter_id=payload.adapter_id)
                 if include_usage:
@@ -108,7 +108,7 @@ async def sse(
                 yield "data: [DONE]\n\n"
                 return
             elif kind == "error":
-                recorder.cut_off("error")
+                await answers.stored(recorder.cut_off("error"))
                 status, message = answers.failure(payload)
                 yield _data(error_body(message, status))
                 return

@@ -896,17 +896,6 @@ class Store:
                 raise NotFound(f"unknown candidate {candidate_id}")
             return candidate
 
-    def list_candidates(self, limit: int = 100) -> list[CandidateRecord]:
-        """Candidate records (the store's row per candidate), newest first."""
-        with self.read_session() as session:
-            return list(
-                session.scalars(
-                    select(CandidateRecord)
-                    .order_by(CandidateRecord.created_at.desc())
-                    .limit(max(0, limit))
-                )
-            )
-
     def update_candidate(self, candidate_id: str, **fields: Any) -> CandidateRecord:
         """Set any of status, metrics, parent_id, run_id, base_model."""
         _unknown_fields(fields, _CANDIDATE_FIELDS, "candidate")

@@ -17,7 +17,7 @@ the answer when a ``final`` message is closed by ``<|end|>``.
     for token_id in generated:
         for event in parser.feed(token_id):
             ...                                 # TextDelta / ChannelStart / Stop
-    events = parser.close()                     # flush held-back text if no Stop came
+    events = parser.flush()                     # held-back text if no Stop came
     parser.final, parser.analysis, parser.stop_reason
 """
 
@@ -383,7 +383,7 @@ class HarmonyStreamParser:
             self._feed_header(token_id, events)
         return events
 
-    def close(self) -> list[Event]:
+    def flush(self) -> list[Event]:
         """Generation ended without a Stop (e.g. max tokens): hand out held-back text."""
         if self.is_done or self._closed:
             return []
@@ -395,7 +395,6 @@ class HarmonyStreamParser:
         self._closed = True
         return events
 
-    flush = close  # the name production/decoding.py looks for
 
     def _feed_content(self, token_id: int, events: list[Event]) -> None:
         ids = self._ids
@@ -528,5 +527,5 @@ def parse_completion(
     for token_id in token_ids:
         if parser.feed(token_id) and parser.is_done:
             break
-    parser.close()
+    parser.flush()
     return parser.result()

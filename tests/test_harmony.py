@@ -307,7 +307,7 @@ def test_max_tokens_in_analysis(tok):
     assert not stops(events) and not parser.is_done
     assert parser.final == ""
     assert parser.analysis == "Let me think about this carefully"
-    assert parser.close() == [] and parser.feed(ids[0]) == []
+    assert parser.flush() == [] and parser.feed(ids[0]) == []
 
     result = parse_completion(tok, ids)
     assert (result.final, result.stop_reason) == ("", None)
@@ -333,7 +333,7 @@ def test_feeding_after_stop_returns_nothing(tok):
     assert parser.is_done
     for token_id in encode(tok, "<|start|>assistant<|channel|>final<|message|>More.<|return|>"):
         assert parser.feed(token_id) == []
-    assert parser.final == "2+2 = 4." and parser.close() == []
+    assert parser.final == "2+2 = 4." and parser.flush() == []
 
 
 def test_text_after_a_stray_control_token_is_shown_not_held_as_a_header(tok):

@@ -395,7 +395,6 @@ class HarmonyStreamParser:
         self._closed = True
         return events
 
-
     def _feed_content(self, token_id: int, events: list[Event]) -> None:
         ids = self._ids
         if token_id == ids.end:

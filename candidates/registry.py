@@ -565,6 +565,31 @@ class Registry:
             logger.info("retention removed %d candidate(s): %s", len(removed), removed)
         return removed
 
+    def copy_champions(self, dest: Path) -> tuple[str | None, str | None]:
+        """Copy the `current` and `previous` candidates into `dest` as a registry of their
+        own (folders, links, history); return the (current, previous) ids copied.
+
+        Under the lock: a promotion, rollback or retention in between would otherwise pair
+        one champion with another's `previous`, or delete a folder half-copied. A link to a
+        missing folder is left out (logged): there is nothing to copy.
+        """
+        dest = Path(dest)
+        dest.mkdir(parents=True, exist_ok=True)
+        with self._lock(reading=True):
+            current, previous = self.current_id(), self.previous_id()
+            copied: dict[str, str | None] = {}
+            for name, candidate_id in ((CURRENT, current), (PREVIOUS, previous)):
+                if candidate_id is None or not self._is_candidate_dir(candidate_id):
+                    copied[name] = None
+                    continue
+                if not (dest / candidate_id).exists():
+                    shutil.copytree(self.root / candidate_id, dest / candidate_id)
+                os.symlink(candidate_id, dest / name)
+                copied[name] = candidate_id
+            if (self.root / HISTORY_FILE).is_file():
+                shutil.copy2(self.root / HISTORY_FILE, dest / HISTORY_FILE)
+        return copied[CURRENT], copied[PREVIOUS]
+
     def prune_temp(self, max_age_s: float = STALE_AFTER_S) -> list[str]:
         """Remove `.tmp-*` / `.trash-*` leftovers of crashed writers; return their names.
 
@@ -595,8 +620,15 @@ class Registry:
     # -- internals -----------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _lock(self) -> Iterator[None]:
-        fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    def _lock(self, *, reading: bool = False) -> Iterator[None]:
+        try:
+            fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            if not (reading and exc.errno == errno.EROFS):
+                raise
+            # A read-only mount: nothing can change the registry, so a reader needs no lock.
+            yield
+            return
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield

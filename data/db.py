@@ -26,6 +26,7 @@ __all__ = [
     "StoreError",
     "check_schema",
     "head_revision",
+    "known_revisions",
     "make_engine",
     "migrate",
     "schema_version",
@@ -105,6 +106,11 @@ def head_revision() -> str:
     if len(heads) != 1:
         raise StoreError(f"data/migrations has {len(heads)} heads ({heads}); expected one")
     return heads[0]
+
+
+def known_revisions() -> list[str]:
+    """Every schema revision this version of whetstone can read, oldest first."""
+    return [rev.revision for rev in reversed(list(_script().walk_revisions()))]
 
 
 def _current_revisions(connection: Connection) -> tuple[str, ...]:

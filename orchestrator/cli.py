@@ -460,6 +460,135 @@ def export(
         console.print(f"{kind}: {n} rows -> {target / f'{kind}.jsonl'}")
 
 
+# -------------------------------------------------------------------------- backup/restore
+
+
+def _size_text(size: int) -> str:
+    value = float(size)
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if value < 1000 or unit == "GB":
+            return f"{int(value)} {unit}" if unit == "bytes" else f"{value:.1f} {unit}"
+        value /= 1000
+    raise AssertionError("unreachable")
+
+
+def _adapters_text(manifest: dict[str, Any]) -> str:
+    if manifest.get("current") is None and manifest.get("previous") is None:
+        return "none (the base model serves)"
+    current = manifest.get("current") or "none (the base model serves)"
+    return f"current {current}, previous {manifest.get('previous') or 'none'}"
+
+
+@app.command()
+def backup(
+    dest: Annotated[
+        Path | None,
+        typer.Argument(
+            metavar="DIR",
+            help="Folder to write (default <home>/backups/<time>); an earlier backup there is "
+            "replaced once the new one is complete.",
+        ),
+    ] = None,
+    home: HomeOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Copy the home while it runs: the database, the current and previous adapters, the
+    config, with a manifest of checksums. `whetstone restore DIR` puts it back."""
+    from orchestrator.backup import BackupError, create_backup
+
+    settings = settings_for(home, set_)
+    try:
+        result = create_backup(settings, dest)
+    except BackupError as exc:
+        raise _fail(str(exc)) from None
+    manifest = result.manifest
+    listed = {entry["path"] for entry in manifest["files"]}
+    also = [name for name in ("config.toml", "recipe.json", "experiments.db") if name in listed]
+    console.print(f"backup written to {result.path}", highlight=False, soft_wrap=True)
+    console.print(
+        f"  database: {manifest['conversations']} conversation(s), schema "
+        f"{manifest['schema_revision']}, integrity ok\n"
+        f"  adapters: {_adapters_text(manifest)}\n"
+        f"  also: {', '.join(also) or 'nothing else'}\n"
+        f"  size: {_size_text(result.size)} in {len(manifest['files'])} file(s)",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+@app.command()
+def restore(
+    source: Annotated[
+        Path, typer.Argument(metavar="DIR", help="A folder `whetstone backup` wrote.")
+    ],
+    home: HomeOpt = None,
+    set_: SetOpt = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Restore over a home that holds data; its files are moved aside, not deleted. "
+            "A damaged backup is refused all the same.",
+            metavar="",
+        ),
+    ] = False,
+    check: Annotated[
+        bool,
+        typer.Option(
+            "--check", help="Only verify the backup (checksums, schema, integrity).", metavar=""
+        ),
+    ] = False,
+) -> None:
+    """Put a backup back into the home, all or nothing, after checking every file."""
+    from orchestrator.backup import RestoreRefused, restore_backup, verify_backup
+
+    settings = settings_for(home, set_)
+    try:
+        if check:
+            manifest = verify_backup(source)
+        else:
+            result = restore_backup(settings, source, force=force)
+            manifest = result.manifest
+    except RestoreRefused as exc:
+        raise _fail(f"not restored: {exc}" if not check else str(exc)) from None
+    written = (
+        f"written {manifest.get('created_at', '?')} "
+        f"by whetstone {manifest.get('whetstone_version', '?')}"
+    )
+    if check:
+        console.print(
+            f"{source}: a whole backup ({written}): {len(manifest['files'])} file(s) match their "
+            f"checksums, schema {manifest['schema_revision']}, integrity ok\n"
+            f"  {manifest['conversations']} conversation(s); adapters: {_adapters_text(manifest)}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        return
+    migrated = manifest["schema_revision"] != result.schema_revision
+    schema = (
+        f"schema {manifest['schema_revision']} -> {result.schema_revision} (migrated)"
+        if migrated
+        else f"schema {result.schema_revision}"
+    )
+    console.print(
+        f"restored {source} into {result.home} ({written})", highlight=False, soft_wrap=True
+    )
+    console.print(
+        f"  database: {manifest['conversations']} conversation(s), {schema}\n"
+        f"  adapters: {_adapters_text(manifest)}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    if result.moved_aside is not None:
+        console.print(
+            f"  the home's earlier files were moved to {result.moved_aside}",
+            highlight=False,
+            soft_wrap=True,
+        )
+    if result.carried:
+        console.print(f"  kept from this machine: {', '.join(result.carried)}", highlight=False)
+
+
 # ------------------------------------------------------------------------------ the daemon
 
 

@@ -62,16 +62,16 @@ def torch_facts() -> dict[str, Any]:
 # evaluation of candidate, champion and base. Longer rows need more for training.
 MEASURED_GIB: dict[str, dict[str, Any]] = {
     "gpt-oss-20b": {
-        "serving": 15.8,
+        # The card's peak (nvidia-smi, CUDA context included) with a 31,971-token prompt.
+        "serving": 19.1,
         # The window serving was measured at, and whether its sliding layers kept a ring: a
         # different window moves the need by the KV cache's difference (kv_cache_gib).
-        "serving_window": 2048,
-        "serving_ring": False,
+        "serving_window": 32768,
+        "serving_ring": True,
         "training": 18.4,
         "source": (
-            "benchmarks/results/worker-memory-h100-20b-20261206-202500-after-expandable-"
-            "segments.json (serving), benchmarks/results/gpt-oss-24gb-h200-20261202-074753.json "
-            "(training)"
+            "benchmarks/results/worker-memory-h100-20b-20261207-043500-window-32k.json "
+            "(serving), benchmarks/results/gpt-oss-24gb-h200-20261202-074753.json (training)"
         ),
     },
 }

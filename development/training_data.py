@@ -492,14 +492,28 @@ def sufficiency(
         )
     train_ids = {item.message_id for item in split.train}
     corrections = sum(1 for i in new if i.correction is not None and i.message_id in train_ids)
-    if len(new) < needed and corrections:
+    # A correction held out for the gate is learned the same night too: tonight's gate judges
+    # it and, once the candidate is promoted, the catch-up trains on it (training.catch_up).
+    # Skipped, it waited for a run to judge it (the week taught once, seed 0, 2026-12-07:
+    # night 6's one correction was held out and the night skipped on 7 new items).
+    held_out = (
+        sum(1 for i in split.holdout if i.correction is not None and is_new(i))
+        if settings.training.catch_up and new
+        else 0
+    )
+    if len(new) < needed and (corrections or held_out):
         # A correction is the person teaching a fact; left to wait for more ratings, a fact
         # taught on a quiet day was not learned that night (the week taught once, seed 0:
         # night 6 skipped with one correction among 6 new items, and day 7 missed it).
+        judged = (
+            f"; {held_out} held out for tonight's gate, then trained by the catch-up"
+            if held_out
+            else ""
+        )
         return Sufficiency(
             True,
             len(new),
-            f"{len(new)} new feedback item(s), {corrections} of them correction(s): "
+            f"{len(new)} new feedback item(s), {corrections} of them correction(s){judged}: "
             "a correction is trained on the night it is made",
         )
     if len(new) < needed:

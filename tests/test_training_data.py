@@ -500,9 +500,10 @@ def test_sufficiency_without_feedback(store: Store, home: Path) -> None:
 def test_sufficiency_counts_new_trainable_items(store: Store, home: Path) -> None:
     settings = make_settings(home, schedule={"min_new_examples": 3})
     old = [answer_in(store, settings, "train", f"good {i}", rating=5) for i in range(2)]
-    # Holdout items are new feedback but cannot be learned from: they never count.
+    # Held-out ratings are new feedback but cannot be learned from: they never count (a
+    # held-out correction does: test_a_single_new_correction_is_worth_a_run).
     answer_in(store, settings, "holdout", "judged only", rating=5)
-    answer_in(store, settings, "holdout", "judged only too", correction="fixed")
+    answer_in(store, settings, "holdout", "judged only too", rating=1)
 
     verdict = training_data.sufficiency(store, settings, None)
     assert not verdict.enough
@@ -545,18 +546,25 @@ def test_a_single_new_correction_is_worth_a_run(store: Store, home: Path) -> Non
     verdict = training_data.sufficiency(store, settings, None)
     assert not verdict.enough and "rate or correct about" in verdict.reason
     # Rated first, corrected after (the order the chat invites). One the gate holds out
-    # tonight cannot be trained on tonight: it does not count.
+    # tonight is judged by tonight's gate and learned by the catch-up after a promotion:
+    # it is worth a run too, but only with the catch-up on.
     held = answer_in(store, settings, "holdout", "my fish", rating=1)
     store.add_feedback(held, correction="Your fish is called Bubbles.")
-    assert not training_data.sufficiency(store, settings, None).enough
+    verdict = training_data.sufficiency(store, settings, None)
+    assert verdict.enough, verdict.reason
+    assert "1 held out for tonight's gate, then trained by the catch-up" in verdict.reason
+    no_catch_up = make_settings(
+        home, schedule={"min_new_examples": 8}, training={"catch_up": False}
+    )
+    assert not training_data.sufficiency(store, no_catch_up, None).enough
     fixed = answer_in(store, settings, "train", "my dog", rating=1)
     store.add_feedback(fixed, correction="Your dog is called Biscuit.")
     verdict = training_data.sufficiency(store, settings, None)
     assert verdict.enough, verdict.reason
     assert verdict.new_items == 2
     assert (
-        "2 new feedback item(s), 1 of them correction(s): a correction is trained on the night"
-        in verdict.reason
+        "2 new feedback item(s), 1 of them correction(s); 1 held out for tonight's gate, then "
+        "trained by the catch-up: a correction is trained on the night" in verdict.reason
     )
 
 

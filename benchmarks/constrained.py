@@ -54,16 +54,13 @@ PROMPT = "Write a very long story about a dragon and a knight, as JSON."
 
 
 def cases(engine: Any, new_tokens: int) -> dict[str, Any]:
-    from production import tool_calls
+    from production import answer_grammar
     from production.engine import Sampling
-    from production.steering import Grammar, SteeringSpec
+    from production.steering import SteeringSpec
 
-    fmt = tool_calls.tool_format(engine.chat_format)
-    if fmt == "harmony":
-        json_grammar = tool_calls.harmony_json(STORY, new_tokens // 2)
-    else:
-        json_grammar = Grammar("json_schema", json.dumps(STORY), True)
-    tools = tool_calls.structural_tag(fmt, [TOOL], "required", False, new_tokens // 2)
+    shape = engine.format.answer_shape
+    json_grammar = answer_grammar.json_answer(shape, STORY, True, new_tokens // 2)
+    tools = answer_grammar.tool_calls(shape, [TOOL], "required", False, new_tokens // 2)
     greedy = {"temperature": 0, "max_tokens": new_tokens}
     return {
         "plain": Sampling(**greedy),
@@ -75,7 +72,7 @@ def cases(engine: Any, new_tokens: int) -> dict[str, Any]:
             ),
         ),
         "json_schema": Sampling(**greedy, steering=SteeringSpec(grammar=json_grammar)),
-        "tool_required": Sampling(**greedy, steering=SteeringSpec(grammar=tools), tools=fmt),
+        "tool_required": Sampling(**greedy, steering=SteeringSpec(grammar=tools), tools=True),
     }
 
 

@@ -189,7 +189,7 @@ def _baseline_samples(
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.generation.streamers import BaseStreamer
 
-    from production.decoding import stop_token_ids
+    from production.chat.formats import plain_stop_ids
 
     class Stamps(BaseStreamer):
         """generate() puts the prompt first, then each new token: stamp the new ones."""
@@ -212,7 +212,7 @@ def _baseline_samples(
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
     model.to(device).eval()
-    stops = stop_token_ids(tokenizer, "plain")
+    stops = plain_stop_ids(tokenizer)
     pad = tokenizer.pad_token_id or stops[0]
 
     def once() -> tuple[Sample, int]:

@@ -21,9 +21,8 @@ from transformers import PreTrainedTokenizerBase, StoppingCriteria
 
 from common.config import Settings
 from common.devices import choose_backend
-from production.decoding import stop_token_ids
+from production.chat import formats
 from production.engine import load_model
-from production.harmony import parse_completion
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +250,8 @@ def generate(
     `progress` is called after every decode step (see Progress)."""
     model.eval()
     device = next(model.parameters()).device
-    eos = stop_token_ids(tokenizer, chat_format)
+    fmt = formats.chat_format(chat_format, tokenizer)
+    eos = fmt.stop_ids
     results: list[Generated] = []
     batches = -(-len(prompts) // batch_size)
     padding_side = tokenizer.padding_side
@@ -289,15 +289,10 @@ def generate(
                 seconds = (time.monotonic() - started) / len(batch)
                 for row in out[:, width:].tolist():
                     ended = next((i for i, t in enumerate(row) if t in eos), None)
-                    kept = row if ended is None else row[:ended]
-                    if chat_format == "harmony":
-                        text = parse_completion(tokenizer, row).final
-                    else:
-                        text = tokenizer.decode(kept, skip_special_tokens=False)
                     results.append(
                         Generated(
-                            text=text.strip(),
-                            tokens=len(kept) + (0 if ended is None else 1),
+                            text=fmt.completion_text(row).strip(),
+                            tokens=len(row) if ended is None else ended + 1,
                             finished=ended is not None,
                             seconds=seconds,
                         )

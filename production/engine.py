@@ -32,10 +32,12 @@ from transformers.generation.streamers import BaseStreamer
 from common.config import Settings
 from common.devices import choose_backend, is_gpt_oss, serving_decode
 from production import base_model, decode_attention, gpu_memory, moe_decode
-from production.decoding import Delta, PlainDecoder, StopStrings, make_decoder, stop_token_ids
+from production.chat.decoders import Delta
+from production.chat.formats import chat_format
+from production.chat.stop_strings import StopStrings
+from production.chat.tool_calls import ToolCall
 from production.static_decode import AdapterMergeError, MergedAdapters, StaticDecoder
 from production.steering import Grammars, Steering, SteeringSpec
-from production.tool_calls import HermesCalls, ToolCall, ToolFormat
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +60,7 @@ class Sampling:
     seed: int | None = None
     stop: tuple[str, ...] = ()  # the answer ends before the first of these strings
     steering: SteeringSpec = field(default_factory=SteeringSpec)  # bias, penalties, grammar
-    tools: ToolFormat | None = None  # parse tool calls out of the answer in this format
+    tools: bool = False  # take tool calls out of the answer (the chat format's tool parser)
     raw: bool = False  # a completion of raw text: no chat-format parsing (no harmony channels)
 
 
@@ -210,7 +212,6 @@ class Engine:
     def __init__(self, settings: Settings, device: str = "cpu") -> None:
         self.settings = settings
         self.device = device
-        self.chat_format = settings.model.chat_format
         self.base_model_name = settings.model.base_model
         started = time.monotonic()
         self.backend = choose_backend(settings, device, "production")
@@ -242,7 +243,8 @@ class Engine:
             log.info("mixture-of-experts decode: %s", prepared)
         self.base = self.model
         self.generation_defaults = self.model.generation_config
-        self.stop_ids = stop_token_ids(self.tokenizer, self.chat_format)
+        self.format = chat_format(settings.model.chat_format, self.tokenizer)
+        self.stop_ids = self.format.stop_ids
         # The logits' width: the embedding may be padded past the tokenizer's vocabulary.
         self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
         # Ids a sample may take: those the tokenizer has. A padding row decodes to nothing; on
@@ -338,11 +340,7 @@ class Engine:
         reasoning_effort: str | None,
         tools: list[dict[str, Any]] | None = None,
     ) -> list[int]:
-        kwargs: dict[str, Any] = {}
-        if self.chat_format == "harmony":
-            kwargs["reasoning_effort"] = reasoning_effort or "medium"
-        if tools:
-            kwargs["tools"] = tools
+        kwargs = self.format.template_arguments(reasoning_effort, tools)
         ids = self.tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, tokenize=True, return_dict=False, **kwargs
         )
@@ -472,11 +470,8 @@ class Engine:
         cancelled: Callable[[], bool],
     ) -> Outcome:
         """Generate for one request, calling on_delta per token; runs in the worker thread."""
-        if sampling.raw:
-            decoder: Any = PlainDecoder(self.tokenizer, self.stop_ids)
-        else:
-            decoder = make_decoder(self.tokenizer, self.chat_format, prompt)
-        hermes = HermesCalls() if sampling.tools == "hermes" else None
+        decoder = self.format.decoder(prompt, raw=sampling.raw)
+        hermes = self.format.tool_parser() if sampling.tools else None
         stops = StopStrings(sampling.stop) if sampling.stop else None
         steering = (
             Steering(sampling.steering, self.grammars, self.vocab_size, self.device)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from production.decoding import make_decoder, stop_token_ids
-from production.harmony import HARMONY_SPECIAL_TOKENS
+from production.chat.formats import chat_format
+from production.chat.harmony import HARMONY_SPECIAL_TOKENS
 from tests.tiny_models import HARMONY_CHAT_TEMPLATE
 
 TEXT = "Café naïve 🐉 — 東京 is far; ok."
@@ -34,8 +34,9 @@ def feed(decoder, ids: list[int]) -> tuple[str, str]:
 def test_plain_decoder_streams_whole_characters_and_stops_at_end_of_turn(tokenizer) -> None:
     ids = tokenizer.encode(TEXT, add_special_tokens=False)
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    assert end in stop_token_ids(tokenizer, "plain")
-    decoder = make_decoder(tokenizer, "plain", [])
+    plain = chat_format("plain", tokenizer)
+    assert end in plain.stop_ids
+    decoder = plain.decoder([])
     pieces = [decoder.feed(t).text for t in ids]
     assert "".join(pieces) == TEXT
     assert all("\ufffd" not in p for p in pieces)
@@ -61,16 +62,17 @@ def test_harmony_decoder_shows_the_final_channel_and_keeps_the_analysis(tokenize
         "<|start|>assistant<|channel|>final<|message|>2+2 = 4 🐉<|return|>",
         add_special_tokens=False,
     )
-    decoder = make_decoder(tok, "harmony", list(prompt))
+    harmony = chat_format("harmony", tok)
+    decoder = harmony.decoder(list(prompt))
     text, reasoning = feed(decoder, generated)
     assert text == "2+2 = 4 🐉"
     assert "Simple sum." in reasoning and "<|" not in reasoning + text
     assert decoder.done
-    assert tok.convert_tokens_to_ids("<|end|>") not in stop_token_ids(tok, "harmony")
+    assert tok.convert_tokens_to_ids("<|end|>") not in harmony.stop_ids
 
 
 def test_stop_strings_never_show_a_stop_or_a_piece_of_one() -> None:
-    from production.decoding import StopStrings
+    from production.chat.stop_strings import StopStrings
 
     stops = StopStrings(("END", "\n\n"))
     shown = [stops.feed(piece) for piece in ["Hello E", "N", "ough. ", "Then\n", "\nmore"]]
@@ -82,7 +84,7 @@ def test_stop_strings_never_show_a_stop_or_a_piece_of_one() -> None:
 
 
 def test_hermes_tool_calls_are_taken_out_of_the_text() -> None:
-    from production.tool_calls import HermesCalls
+    from production.chat.tool_calls import HermesCalls
 
     calls = HermesCalls()
     out = [

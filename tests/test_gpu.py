@@ -467,7 +467,7 @@ def test_static_moe_decoder_honours_every_logits_parameter_without_recompiling(
     log-probs, penalties and a logit bias and stop strings all act on the captured step's
     logits, and none of them compiles a new graph."""
     from benchmarks.moe_decode import _compiles
-    from production import tool_calls
+    from production import answer_grammar
     from production.engine import Sampling
     from production.steering import SteeringSpec
 
@@ -485,8 +485,8 @@ def test_static_moe_decoder_honours_every_logits_parameter_without_recompiling(
             },
         },
     }
-    messages, tools = tool_calls.template_messages(
-        [{"role": "user", "content": "Weather in Paris?"}], [tool], "harmony", engine.tokenizer
+    messages, tools = engine.format.template_messages(
+        [{"role": "user", "content": "Weather in Paris?"}], [tool]
     )
     prompt = engine.prompt_ids(messages, "low", tools)
 
@@ -495,13 +495,16 @@ def test_static_moe_decoder_honours_every_logits_parameter_without_recompiling(
         return engine.stream(prompt, Sampling(**full), lambda d: None, lambda: False)
 
     plain = run()
-    grammar = tool_calls.structural_tag("harmony", [tool], "required", False, 40)
-    called = run(steering=SteeringSpec(grammar=grammar), tools="harmony")
+    shape = engine.format.answer_shape
+    grammar = answer_grammar.tool_calls(shape, [tool], "required", False, 40)
+    called = run(steering=SteeringSpec(grammar=grammar), tools=True)
     (call,) = called.tool_calls
     assert called.finish_reason == "tool_calls" and call.name == "get_weather"
     assert json.loads(call.arguments)["city"] in ("Paris", "Rome")
     schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
-    answered = run(steering=SteeringSpec(grammar=tool_calls.harmony_json(schema, 40)))
+    answered = run(
+        steering=SteeringSpec(grammar=answer_grammar.json_answer(shape, schema, True, 40))
+    )
     assert isinstance(json.loads(answered.text)["n"], int)
     probed = run(steering=SteeringSpec(logprobs=3), max_tokens=16)
     assert len(probed.logprobs) == probed.completion_tokens

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from production.harmony import (
+from production.chat.harmony import (
     HARMONY_SPECIAL_TOKENS,
     ChannelStart,
     HarmonyStreamParser,

@@ -166,7 +166,6 @@ def answer(
     tools: list[dict[str, Any]] | None = None,
 ) -> Any:
     """One answer at temperature 1 under the grammar the API builds for this request."""
-    from production import tool_calls
     from production.api.generation import _answer_grammar
     from production.engine import Sampling
     from production.openai_schema import ChatRequest
@@ -185,17 +184,14 @@ def answer(
         body |= {"tools": tools, "tool_choice": "required"}
     request = ChatRequest.model_validate(body)
     grammar = _answer_grammar(engine, request, tools, max_tokens)
-    fmt = tool_calls.tool_format(engine.chat_format)
-    messages, declared = tool_calls.template_messages(
-        body["messages"], tools, fmt, engine.tokenizer
-    )
+    messages, declared = engine.format.template_messages(body["messages"], tools)
     prompt = engine.prompt_ids(messages, "low", declared)
     sampling = Sampling(
         temperature=1.0,
         max_tokens=max_tokens,
         seed=seed,
         steering=SteeringSpec(grammar=grammar),
-        tools=fmt if tools else None,
+        tools=bool(tools),
     )
     return engine.stream(prompt, sampling, lambda delta: None, lambda: False)
 
@@ -347,7 +343,7 @@ ENFORCED_CASES: dict[str, tuple[Any, Any, Any]] = {
 
 @pytest.fixture(scope="module")
 def grammars() -> Any:
-    from production.harmony import stop_token_ids
+    from production.chat.harmony import stop_token_ids
     from production.steering import Grammars
 
     tokenizer = tiny_tokenizer(harmony=True)
@@ -492,11 +488,13 @@ def test_annotations_and_pydantic_schemas_pass() -> None:
 def test_control_tokens_match_only_where_the_grammar_names_them(grammars: Any) -> None:
     """Inside a JSON string the harmony control tokens are not text: `<|end|>` there would close
     the final message mid-string (it did: 4 of 20 random answers)."""
-    from production import tool_calls
+    from production import answer_grammar
+    from production.chat.formats import HarmonyFormat
 
     ids = grammars.control_token_ids()
     schema = {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}
-    matcher = grammars.matcher(tool_calls.harmony_json(schema, 16))
+    grammar = answer_grammar.json_answer(HarmonyFormat.answer_shape, schema, True, 16)
+    matcher = grammars.matcher(grammar)
     head = [ids["<|channel|>"], *grammars.tokenizer.encode("final", add_special_tokens=False)]
     head += [ids["<|message|>"], *grammars.tokenizer.encode('{"a": "x', add_special_tokens=False)]
     for token in head:

@@ -59,7 +59,7 @@ def tiny_tokenizer(vocab_size: int = 2048, *, harmony: bool = False) -> Any:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from production.harmony import ENDOFTEXT, HARMONY_SPECIAL_TOKENS, RETURN
+    from production.chat.harmony import ENDOFTEXT, HARMONY_SPECIAL_TOKENS, RETURN
 
     special = [ENDOFTEXT, *HARMONY_SPECIAL_TOKENS] if harmony else SPECIAL
     raw = Tokenizer(models.BPE())

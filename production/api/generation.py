@@ -73,12 +73,12 @@ def _answer_grammar(
     engine: Any, req: ChatRequest, tools: list[dict[str, Any]] | None, max_tokens: int
 ) -> Any:
     """What the answer must match: the tools' call format, or the response_format (None:
-    free text). Harmony models may think first, on at most half of max_tokens. Schemas go
-    through json_schema.for_grammar: what the grammar would ignore is refused by name."""
-    from production import json_schema, tool_calls
-    from production.steering import Grammar, schema_text
+    free text), in the shape of the engine's chat format. Harmony models may think first, on
+    at most half of max_tokens. Schemas go through json_schema.for_grammar: what the grammar
+    would ignore is refused by name."""
+    from production import answer_grammar, json_schema
 
-    fmt = tool_calls.tool_format(engine.chat_format)
+    shape = engine.format.answer_shape
     if tools:
         enforced = []
         for tool in tools:
@@ -96,23 +96,20 @@ def _answer_grammar(
         if not isinstance(choice, str):
             choice = choice.model_dump()
         parallel = req.parallel_tool_calls is not False
-        return tool_calls.structural_tag(fmt, enforced, choice, parallel, max_tokens // 2)
+        return answer_grammar.tool_calls(shape, enforced, choice, parallel, max_tokens // 2)
     rf = req.response_format
     if rf is None or rf.type == "text":
         return None
+    # json_object, or json_schema without a schema: any JSON object
     schema = rf.json_schema.schema_ if rf.type == "json_schema" else None
     if schema is not None:
         schema = json_schema.for_grammar(schema)
-    if fmt == "harmony":
-        return tool_calls.harmony_json(schema, max_tokens // 2)
-    if schema is None:  # json_object, or json_schema without a schema: any JSON object
-        return Grammar("json_object")
-    return Grammar("json_schema", schema_text(schema), bool(rf.json_schema.strict))
+    strict = bool(rf.json_schema and rf.json_schema.strict)
+    return answer_grammar.json_answer(shape, schema, strict, max_tokens // 2)
 
 
 async def chat(service: Service, req: ChatRequest, request: Request) -> Any:
     """POST /v1/chat/completions."""
-    from production import tool_calls
     from production.steering import GrammarError
 
     engine = service.engine
@@ -132,10 +129,7 @@ async def chat(service: Service, req: ChatRequest, request: Request) -> Any:
     tools = None
     if req.tools and req.tool_choice != "none":
         tools = [t.model_dump(exclude_none=True) for t in req.tools]
-    fmt = tool_calls.tool_format(engine.chat_format)
-    template_messages, template_tools = tool_calls.template_messages(
-        prompt_messages, tools, fmt, engine.tokenizer
-    )
+    template_messages, template_tools = engine.format.template_messages(prompt_messages, tools)
 
     def render(effort: str | None) -> list[int]:
         return engine.prompt_ids(template_messages, effort, template_tools)
@@ -169,7 +163,7 @@ async def chat(service: Service, req: ChatRequest, request: Request) -> Any:
         max_tokens,
         grammar=grammar,
         logprobs=(req.top_logprobs or 0) if req.logprobs else None,
-        tools=fmt if tools else None,
+        tools=bool(tools),
     )
     if service.worker.waiting >= service.worker.max_queue:
         raise ApiError(503, "the model is busy: too many requests waiting", **{"Retry-After": "5"})

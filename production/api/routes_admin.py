@@ -78,7 +78,7 @@ async def status(service: ServiceDep) -> dict[str, Any]:
         "backend": engine.backend,
         "decode": engine.decode,
         "device": engine.device,
-        "chat_format": engine.chat_format,
+        "chat_format": engine.format.name,
         "adapter_id": engine.adapter_id,
         "adapter_loaded_at": engine.adapter_loaded_at.isoformat(),
         "last_swap_error": service.last_swap_error,

@@ -1,20 +1,18 @@
-"""Turning generated token ids into what the user sees, one token at a time.
+"""Stream decoders: generated token ids into what the user sees, one token at a time.
 
 Plain chat models: incremental detokenisation (multi-byte characters split across tokens come
 out whole) that stops at the model's end-of-turn token. Harmony (GPT-OSS): the channel parser
-in `production.harmony` splits analysis from the final answer and does not stop at the
-first `<|end|>`.
+in `production.chat.harmony` splits analysis from the final answer and does not stop at the
+first `<|end|>`; a commentary message to a function comes out as a tool call.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
-from production.partial_text import partial_suffix
-
-if TYPE_CHECKING:
-    from production.tool_calls import ToolCall
+from production.chat.harmony import ChannelStart, HarmonyStreamParser, Stop, TextDelta
+from production.chat.tool_calls import ToolCall, harmony_call
 
 
 @dataclass
@@ -80,8 +78,6 @@ class HarmonyDecoder:
     a commentary message to ``functions.NAME`` -> a tool call."""
 
     def __init__(self, tokenizer: Any, prompt: list[int]) -> None:
-        from production.harmony import HarmonyStreamParser
-
         # The prompt says where generation starts: before a header, or inside a prefilled one.
         self.parser = HarmonyStreamParser.from_prompt(tokenizer, prompt)
         self.done = False
@@ -90,16 +86,12 @@ class HarmonyDecoder:
         self.call_text: list[str] = []
 
     def _close_call(self, calls: list[ToolCall]) -> None:
-        from production.tool_calls import harmony_call
-
         call = harmony_call(self.recipient, "".join(self.call_text))
         if call is not None:
             calls.append(call)
         self.recipient, self.call_text = None, []
 
     def _convert(self, events: list[Any]) -> Delta:
-        from production.harmony import ChannelStart, Stop, TextDelta
-
         text: list[str] = []
         reasoning: list[str] = []
         calls: list[ToolCall] = []
@@ -122,52 +114,4 @@ class HarmonyDecoder:
         return self._convert(self.parser.feed(token))
 
     def flush(self) -> Delta:
-        flush = getattr(self.parser, "flush", None)
-        return self._convert(flush()) if flush else Delta()
-
-
-class StopStrings:
-    """OpenAI's `stop`: the answer ends before the first occurrence of any stop string.
-
-    Text that could be the start of a stop string is held back until the next text decides,
-    so a client never sees a stop string or a piece of one."""
-
-    def __init__(self, stops: tuple[str, ...]) -> None:
-        self.stops = stops
-        self.pending = ""
-        self.hit = False
-
-    def feed(self, text: str) -> str:
-        if self.hit or not text:
-            return ""
-        self.pending += text
-        found = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
-        if found:
-            out, self.pending, self.hit = self.pending[: min(found)], "", True
-            return out
-        keep = max(partial_suffix(self.pending, s) for s in self.stops)
-        out = self.pending[: len(self.pending) - keep]
-        self.pending = self.pending[len(self.pending) - keep :]
-        return out
-
-    def flush(self) -> str:
-        out, self.pending = self.pending, ""
-        return "" if self.hit else out
-
-
-def stop_token_ids(tokenizer: Any, chat_format: str) -> list[int]:
-    if chat_format == "harmony":
-        from production.harmony import stop_token_ids as harmony_stops
-
-        return harmony_stops(tokenizer)
-    ids = [tokenizer.eos_token_id]
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id and im_end not in ids:
-        ids.append(im_end)
-    return [i for i in ids if i is not None]
-
-
-def make_decoder(tokenizer: Any, chat_format: str, prompt: list[int]) -> StreamDecoder:
-    if chat_format == "harmony":
-        return HarmonyDecoder(tokenizer, prompt)
-    return PlainDecoder(tokenizer, stop_token_ids(tokenizer, chat_format))
+        return self._convert(self.parser.flush())

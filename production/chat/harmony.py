@@ -26,10 +26,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
-
-if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
+from typing import Any, Literal
 
 START = "<|start|>"
 END = "<|end|>"
@@ -117,7 +114,7 @@ class _Ids:
     eos: frozenset[int]
 
 
-def _harmony_ids(tokenizer: PreTrainedTokenizerBase) -> _Ids:
+def _harmony_ids(tokenizer: Any) -> _Ids:
     def lookup(token: str) -> int | None:
         token_id = tokenizer.convert_tokens_to_ids(token)
         if token_id is None or tokenizer.convert_ids_to_tokens(token_id) != token:
@@ -146,7 +143,7 @@ def _harmony_ids(tokenizer: PreTrainedTokenizerBase) -> _Ids:
     )
 
 
-def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+def stop_token_ids(tokenizer: Any) -> list[int]:
     """The ids generate() should stop on: ``<|return|>``, ``<|call|>``, then ``<|endoftext|>``
     and the tokenizer's eos where they differ. Never ``<|end|>``: it only closes a message."""
     ids = _harmony_ids(tokenizer)
@@ -266,7 +263,7 @@ class HarmonyStreamParser:
 
     def __init__(
         self,
-        tokenizer: PreTrainedTokenizerBase,
+        tokenizer: Any,
         *,
         channel: str | None = None,
         recipient: str | None = None,
@@ -289,9 +286,7 @@ class HarmonyStreamParser:
             self._open_content(ChannelStart(channel, recipient))
 
     @classmethod
-    def from_prompt(
-        cls, tokenizer: PreTrainedTokenizerBase, prompt_ids: Iterable[int]
-    ) -> HarmonyStreamParser:
+    def from_prompt(cls, tokenizer: Any, prompt_ids: Iterable[int]) -> HarmonyStreamParser:
         """A parser for what follows ``prompt_ids``: in content when the prompt ends inside a
         message (after ``<|message|>``, maybe with prefilled text), else expecting a header."""
         parser = cls(tokenizer)
@@ -323,7 +318,7 @@ class HarmonyStreamParser:
         return parser
 
     @staticmethod
-    def _make_decode(tokenizer: PreTrainedTokenizerBase) -> Callable[[list[int]], str]:
+    def _make_decode(tokenizer: Any) -> Callable[[list[int]], str]:
         def decode(ids: list[int]) -> str:
             if not ids:
                 return ""
@@ -515,7 +510,7 @@ class HarmonyStreamParser:
 
 
 def parse_completion(
-    tokenizer: PreTrainedTokenizerBase,
+    tokenizer: Any,
     token_ids: Iterable[int],
     *,
     channel: str | None = None,

@@ -1,5 +1,5 @@
 """Streamed text held back while it might still become a marker (a stop string, a tool-call
-tag): what the stop-string filter (decoding) and the tool-call parser (tool_calls) share."""
+tag): what the stop-string filter and the hermes tool-call parser share."""
 
 from __future__ import annotations
 

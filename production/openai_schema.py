@@ -14,7 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from data.errors import InvalidInput
 from data.store import unencodable
-from production.steering import MAX_TOP_LOGPROBS
+
+# OpenAI's bound on top_logprobs.
+MAX_TOP_LOGPROBS = 20
 
 
 def _storable(value: str) -> str:

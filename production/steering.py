@@ -32,8 +32,6 @@ import torch
 
 log = logging.getLogger(__name__)
 
-MAX_TOP_LOGPROBS = 20
-
 GrammarKind = Literal["json_object", "json_schema", "structural_tag"]
 
 

@@ -54,6 +54,7 @@ def test_the_tree_keeps_every_import_contract() -> None:
 def test_planted_imports_break_the_contract_that_forbids_them(tree: Path) -> None:
     plant(tree / "production" / "engine.py", "from orchestrator.daemon import Daemon")
     plant(tree / "orchestrator" / "schedule.py", "import torch")
+    plant(tree / "production" / "chat" / "harmony.py", "import xgrammar")
     (tree / "candidates" / "_scratch.py").write_text("VALUE = 1\n")
     plant(tree / "data" / "store.py", "from candidates._scratch import VALUE")
 
@@ -65,5 +66,7 @@ def test_planted_imports_break_the_contract_that_forbids_them(tree: Path) -> Non
     assert "production.engine -> orchestrator.daemon" in out
     assert "never import torch or the ML stack BROKEN" in out
     assert "orchestrator.schedule -> torch" in out
+    assert "never import torch, the ML stack or xgrammar BROKEN" in out
+    assert "production.chat.harmony -> xgrammar" in out
     assert "imported only from inside its own package BROKEN" in out
     assert "data.store -> candidates._scratch" in out

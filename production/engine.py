@@ -34,7 +34,7 @@ from common.devices import choose_backend, is_gpt_oss, serving_decode
 from production import base_model, decode_attention, gpu_memory, moe_decode
 from production.chat.decoders import Delta
 from production.chat.formats import chat_format
-from production.chat.stop_strings import StopStrings
+from production.chat.output import OutputProcessor
 from production.chat.tool_calls import ToolCall
 from production.static_decode import AdapterMergeError, MergedAdapters, StaticDecoder
 from production.steering import Grammars, Steering, SteeringSpec
@@ -469,10 +469,17 @@ class Engine:
         on_delta: Callable[[Delta], None],
         cancelled: Callable[[], bool],
     ) -> Outcome:
-        """Generate for one request, calling on_delta per token; runs in the worker thread."""
-        decoder = self.format.decoder(prompt, raw=sampling.raw)
-        hermes = self.format.tool_parser() if sampling.tools else None
-        stops = StopStrings(sampling.stop) if sampling.stop else None
+        """Generate for one request, calling on_delta with what each token shows the client;
+        runs in the worker thread. The loop samples (steering the logits) and hands each id to
+        the request's output processor, which does all the text."""
+        output = OutputProcessor(
+            self.format,
+            prompt,
+            max_tokens=sampling.max_tokens,
+            raw=sampling.raw,
+            tools=sampling.tools,
+            stop=sampling.stop,
+        )
         steering = (
             Steering(sampling.steering, self.grammars, self.vocab_size, self.device)
             if sampling.steering.active
@@ -480,41 +487,21 @@ class Engine:
         )
         started = time.monotonic()
         first: list[float] = []
-        produced = 0
-        text: list[str] = []
-        reasoning: list[str] = []
-        calls: list[ToolCall] = []
-
-        def show(delta: Delta) -> None:
-            """The decoder's delta -> what the client sees: tool-call blocks out, stop strings
-            cut."""
-            visible, new_calls = delta.text, list(delta.tool_calls)
-            if hermes is not None:
-                visible, found = hermes.feed(visible)
-                new_calls += found
-            if stops is not None:
-                visible = stops.feed(visible)
-            out = Delta(visible, delta.reasoning, tuple(new_calls))
-            if out:
-                text.append(out.text)
-                reasoning.append(out.reasoning)
-                calls.extend(out.tool_calls)
-                on_delta(out)
 
         def on_token(token: int) -> None:
-            nonlocal produced
-            produced += 1
             if not first:
                 first.append(time.monotonic() - started)
             if steering is not None:
                 steering.accept(token)
-            show(decoder.feed(token))
+            delta = output.feed(token)
+            if delta:
+                on_delta(delta)
 
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)
 
         def stop_now() -> bool:
-            return cancelled() or decoder.done or (stops is not None and stops.hit)
+            return cancelled() or output.done
 
         if self.static is not None:
             stop_tokens = set(self.stop_ids)
@@ -533,32 +520,19 @@ class Engine:
                 )
         else:
             self._generate(prompt, sampling, on_token, stop_now, steering)
-        show(decoder.flush())
-        tail = Delta(hermes.flush() if hermes is not None else "")
-        if stops is not None:
-            tail.text = stops.feed(tail.text) + stops.flush()
-        if tail:
-            text.append(tail.text)
-            on_delta(tail)
-        if cancelled():
-            finish = "cancelled"
-        elif calls:
-            finish = "tool_calls"
-        elif decoder.done or decoder.stopped_on_eos or (stops is not None and stops.hit):
-            finish = "stop"
-        else:
-            finish = "length" if produced >= sampling.max_tokens else "stop"
+        for delta in output.flush():
+            on_delta(delta)
         return Outcome(
-            text="".join(text),
-            reasoning="".join(reasoning),
+            text=output.text,
+            reasoning=output.reasoning,
             prompt_tokens=len(prompt),
-            completion_tokens=produced,
-            finish_reason=finish,
+            completion_tokens=output.produced,
+            finish_reason=output.finish_reason(cancelled()),
             adapter_id=self.adapter_id,
             ttft_s=first[0] if first else None,
             seconds=time.monotonic() - started,
             settings=self.resolved_settings(sampling),
-            tool_calls=calls,
+            tool_calls=output.tool_calls,
             logprobs=None if sampling.steering.logprobs is None else steering.logprobs,
         )
 

@@ -131,3 +131,36 @@ def test_steering_applies_bias_and_openai_penalties_and_keeps_raw_logprobs() -> 
     assert [i for i, _ in entry.top] == [3, 2]
     steering.sampled(torch.tensor([0]))  # token 0 twice: 5 - 1.0 - 0.5 * 2
     assert steering.process(raw).tolist() == [[3.0, 1.0, 2.0, 3.0]]
+
+
+def test_output_processor_takes_calls_out_cuts_stop_strings_and_says_why_it_ended(
+    tokenizer,
+) -> None:
+    from production.chat.output import OutputProcessor
+
+    plain = chat_format("plain", tokenizer)
+    ids = tokenizer.encode(
+        'Sure. <tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
+        "</tool_call> Done. STOP and more",
+        add_special_tokens=False,
+    )
+    output = OutputProcessor(plain, [], max_tokens=len(ids), tools=True, stop=("STOP",))
+    deltas = []
+    for token in ids:
+        if output.done:  # the stop string ended the answer: the engine stops sampling
+            break
+        deltas.append(output.feed(token))
+    deltas += output.flush()
+    assert output.text == "".join(d.text for d in deltas) == "Sure.  Done. "
+    (call,) = output.tool_calls
+    assert (call.name, call.arguments) == ("get_weather", '{"city": "Paris"}')
+    assert output.finish_reason(cancelled=False) == "tool_calls"
+    assert output.finish_reason(cancelled=True) == "cancelled"
+    assert output.produced < len(ids)
+
+    # At max_tokens, text held back as a possible tag is content after all.
+    ids = tokenizer.encode("Hello <tool", add_special_tokens=False)
+    output = OutputProcessor(plain, [], max_tokens=len(ids), tools=True)
+    shown = "".join(output.feed(token).text for token in ids)
+    assert shown == "Hello " and [d.text for d in output.flush()] == ["<tool"]
+    assert output.text == "Hello <tool" and output.finish_reason(cancelled=False) == "length"

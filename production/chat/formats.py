@@ -26,8 +26,9 @@ from production.chat.tool_prompt import (
 
 
 class ChatFormat(Protocol):
+    """What the worker asks of the chat format its model speaks."""
+
     name: str  # as settings.model.chat_format names it
-    tokenizer: Any
     stop_ids: list[int]  # generation stops at any of these
     answer_shape: AnswerShape  # what a grammar-constrained answer wraps around
 

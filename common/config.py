@@ -475,11 +475,14 @@ class Training(_Section):
         "taught waits a night; false: the next run trains on them.",
     )
     # The simulated week taught once (benchmarks.week, seed 0): night 3's candidate answered
-    # "What does a bee make?" with a phrase repeated 33 times and was refused by the sanity
-    # rule; the night's two facts waited a day and one was never recalled. The gate's own
-    # advice for such a refusal is a lower learning rate: the night takes it itself.
+    # "What does a bee make?" with a phrase repeated 22-33 times and was refused by the sanity
+    # rule. Retried at half the rate (2026-12-07) it was promoted, but its candidate had not
+    # learned the night's two facts, and once a champion has trained on a correction later
+    # nights replay it without its rewordings: neither fact was recalled again (day 7: 11/20,
+    # against 15/20 when the refusal stood and night 4 trained them as new). Off until a retry
+    # that keeps the facts new is measured.
     retry_learning_rate_scale: float = Field(
-        0.5,
+        0.0,
         ge=0,
         lt=1,
         description="When the gate refuses a run because its answers broke or it lost general "

@@ -32,7 +32,7 @@ def _refused(rule: str, *, measured: bool = True) -> dict[str, Any]:
 def test_a_refusal_for_broken_answers_or_general_loss_is_retried_at_half_the_rate(
     home: Path,
 ) -> None:
-    settings = load_settings(home)
+    settings = load_settings(home, {"training": {"retry_learning_rate_scale": 0.5}})
     settings.paths.create()
     with Store(settings.db_url) as store:
         ctx = RunContext(settings, store, "run_night", "quick_test", "cpu", home / "s")
@@ -56,7 +56,7 @@ def test_a_refusal_for_broken_answers_or_general_loss_is_retried_at_half_the_rat
         # A promoted retry is caught up at its own rate (nothing released here: no catch-up).
         assert follow_up(follow, promoted=True) is None
 
-        off = load_settings(home, {"training": {"retry_learning_rate_scale": 0}})
+        off = load_settings(home)  # off by default (common/config.py says why)
         ctx_off = RunContext(off, store, "run_other", "quick_test", "cpu", home / "s")
         ctx_off.verdict = _refused("sanity")
         assert retry_run(ctx_off) is None
@@ -102,6 +102,7 @@ def test_a_night_refused_for_general_loss_is_trained_again_at_half_the_rate(
         [("What is my cat's name?", "Your cat is called Pixel."), ("Where do I live?", "Lyon.")],
     )
     sets = [
+        "training.retry_learning_rate_scale=0.5",
         "training.replay_fraction=0",
         "training.profiles.quick_test.max_steps=4",
         "training.profiles.quick_test.learning_rate=0.01",

@@ -1011,7 +1011,7 @@ def retry_run(ctx: RunContext) -> str | None:
     """After a refusal by one of RETRIED_RULES: the run that trains again from the same start
     at training.retry_learning_rate_scale times the learning rate (carried out next in this
     process), or None when it is off or this run is itself a retry or a catch-up."""
-    settings, store = ctx.settings, ctx.store
+    settings = ctx.settings
     scale = settings.training.retry_learning_rate_scale
     verdict = ctx.verdict or {}
     rule = verdict.get("rule")
@@ -1021,17 +1021,24 @@ def retry_run(ctx: RunContext) -> str | None:
         return None
     if ctx.trigger in (RETRY_TRIGGER, CATCH_UP_TRIGGER):
         return None
-    run = store.create_run(ctx.profile, RETRY_TRIGGER)
-    store.update_run(run.id, status="running", pid=os.getpid())
-    _free_training_memory(ctx.device)
+    run_id = _start_follow_run(ctx, RETRY_TRIGGER)
     log.info(
         "retry: the gate refused the candidate of %s (%s); run %s trains again at x%g the "
         "learning rate",
         ctx.run_id,
         rule,
-        run.id,
+        run_id,
         scale,
     )
+    return run_id
+
+
+def _start_follow_run(ctx: RunContext, trigger: str) -> str:
+    """The run this process carries out next, recorded as running from the start (a queued
+    run is one a dispatcher may start), with the last run's training memory freed."""
+    run = ctx.store.create_run(ctx.profile, trigger)
+    ctx.store.update_run(run.id, status="running", pid=os.getpid())
+    _free_training_memory(ctx.device)
     return run.id
 
 
@@ -1051,18 +1058,15 @@ def catch_up_run(ctx: RunContext) -> str | None:
     released = training_data.released_corrections(store, settings, registry.get(champion).meta.data)
     if not released:
         return None
-    run = store.create_run(ctx.profile, CATCH_UP_TRIGGER)
-    # Running from the start: a queued run is one a dispatcher may start.
-    store.update_run(run.id, status="running", pid=os.getpid())
-    _free_training_memory(ctx.device)
+    run_id = _start_follow_run(ctx, CATCH_UP_TRIGGER)
     log.info(
         "catch-up: %d correction(s) the champion of %s never trained on (those its gate "
         "just judged, and any made since); run %s redoes the run with them",
         released,
         ctx.run_id,
-        run.id,
+        run_id,
     )
-    return run.id
+    return run_id
 
 
 if __name__ == "__main__":

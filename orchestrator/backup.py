@@ -349,22 +349,28 @@ def _write_backup(settings: Settings, db_file: Path, tmp: Path) -> dict[str, Any
     }
 
 
-def _put_in_place(tmp: Path, dest: Path) -> None:
-    if not os.path.lexists(dest):
-        os.rename(tmp, dest)
-        fsync_dir(dest.parent)
-        return
-    # Two renames, the earlier backup set aside first: rename(2) cannot replace a folder
-    # that has files. Killed between them, the earlier backup stays under the `old` name.
-    old = dest.parent / _work_name(dest.name, "old")
-    os.rename(dest, old)
+def _rename_over(new: Path, target: Path, aside: Path) -> bool:
+    """Rename the folder `new` to `target`. An existing `target` is renamed to `aside` first
+    (rename(2) cannot replace a folder that has files) and put back if the second rename
+    fails; killed between the two, it stays under `aside`. True when something was set aside."""
+    if not os.path.lexists(target):
+        os.rename(new, target)
+        fsync_dir(target.parent)
+        return False
+    os.rename(target, aside)
     try:
-        os.rename(tmp, dest)
+        os.rename(new, target)
     except BaseException:
-        os.rename(old, dest)
+        os.rename(aside, target)
         raise
-    fsync_dir(dest.parent)
-    shutil.rmtree(old, ignore_errors=True)
+    fsync_dir(target.parent)
+    return True
+
+
+def _put_in_place(tmp: Path, dest: Path) -> None:
+    old = dest.parent / _work_name(dest.name, "old")
+    if _rename_over(tmp, dest, old):
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def create_backup(settings: Settings, dest: Path | None = None) -> BackupResult:
@@ -672,18 +678,9 @@ def _aside_path(home: Path) -> Path:
 def _swap(home: Path, staged: Path, *, keep_aside: bool) -> tuple[Path | None, list[str]]:
     """Rename the staged home into place; the earlier one goes aside, and this machine's
     own things (CARRIED) come back from it."""
-    if not os.path.lexists(home):
-        os.rename(staged, home)
-        fsync_dir(home.parent)
-        return None, []
     aside = _aside_path(home)
-    os.rename(home, aside)
-    try:
-        os.rename(staged, home)
-    except BaseException:
-        os.rename(aside, home)
-        raise
-    fsync_dir(home.parent)
+    if not _rename_over(staged, home, aside):
+        return None, []
     carried = []
     for name in CARRIED:
         if not os.path.lexists(aside / name) or os.path.lexists(home / name):

@@ -391,6 +391,17 @@ class Training(_Section):
         description="Starting from the champion: earlier corrections replayed every night "
         "(the least known past this many); other earlier rows fill earlier_rows_per_new.",
     )
+    # A correction the champion trained on comes back as asked, but a fact taught once is
+    # learned by its other wordings: the week taught once (seed 0) lost ramen and marine
+    # biologist a night after learning them (2/2 and 1/2 on day 4, 0/2 on day 5), replayed
+    # as asked only. The rewordings the champion answers worst come back too.
+    earlier_variants_max: int = Field(
+        8,
+        ge=0,
+        description="Starting from the champion: rows asking earlier corrections in other "
+        "words, the ones the champion knows least, up to this many a night; 0 = earlier "
+        "corrections come back as asked only.",
+    )
     # The same week: continuing the champion on a morning's 5 new rows, 5 earlier and 10
     # replay, quick_test's 40 steps of 4 rows were 8 passes, and the general probes' NLL rose
     # 18% (the gate refused it); a fresh run on two days' 52 rows (3 passes) fell 12%.

@@ -217,7 +217,9 @@ def build(
     `champion_loss` (the champion's per-token loss on each row) the earlier rows and the
     base-answer replay rows are those it knows least, else random samples. Each new
     correction also gets up to `training.correction_variants` rows asking its question in
-    other words (development/variants.py; `paraphrases` are the model's, by question)."""
+    other words (development/variants.py; `paraphrases` are the model's, by question); of the
+    earlier corrections' other wordings, the `training.earlier_variants_max` the champion
+    knows least come back."""
     training = settings.training
     split = split_items(items, training.holdout_fraction, training.validation_fraction)
     max_length = settings.model.max_seq_length
@@ -254,7 +256,7 @@ def build(
 
         return fit_prompt(prompt, answers[0], max_length, longest)
 
-    person, earlier, earlier_corrections, reworded = [], [], [], []
+    person, earlier, earlier_corrections, reworded, earlier_reworded = [], [], [], [], []
     is_new = _new_since(champion_snapshot)
     for item in split.train:
         target = sft_target(item)
@@ -269,14 +271,17 @@ def build(
             person.append(row)
         else:
             (earlier if item.correction is None else earlier_corrections).append(row)
-        if item.correction is not None and is_new(item):
-            reworded += _reworded(prompt, target, paraphrases or {}, training.correction_variants)
+        if item.correction is not None:
+            rows = _reworded(prompt, target, paraphrases or {}, training.correction_variants)
+            (reworded if is_new(item) else earlier_reworded).extend(rows)
     rng = random.Random(training.seed)
+    relearned: list[Row] = []
     if champion_snapshot is None:
         earlier_rows = 0
     else:
         rng.shuffle(earlier)
         rng.shuffle(earlier_corrections)
+        rng.shuffle(earlier_reworded)
         wanted = round(len(person) * training.earlier_rows_per_new)
         # Every earlier correction comes back (the least known, past the bound): the facts
         # the person taught are what a night must not lose. Picked by what the champion
@@ -301,7 +306,15 @@ def build(
         others = max(0, wanted - len(kept))
         earlier = kept + least_known(earlier, others, among=max(EARLIER_SCORED, 2 * others))
         earlier_rows = len(earlier)
-    person += earlier + reworded
+        # The earlier corrections the champion answers worst in other words, in those words:
+        # a fact it knows only as first asked is not yet learned.
+        if person and training.earlier_variants_max:
+            relearned = least_known(
+                earlier_reworded,
+                training.earlier_variants_max,
+                among=max(EARLIER_SCORED, 2 * training.earlier_variants_max),
+            )
+    person += earlier + relearned + reworded
 
     validation = []
     for item in split.validation:
@@ -360,6 +373,7 @@ def build(
         "sft_rows": len(person),
         "earlier_sft_rows": earlier_rows,
         "reworded_sft_rows": len(reworded),
+        "earlier_reworded_sft_rows": len(relearned),
         "replay_rows": len(replay),
         "scored_by_champion": scored,
         "validation_rows": len(validation),
@@ -398,18 +412,20 @@ def corrected_questions(
     settings: Settings,
     champion_snapshot: dict[str, Any] | None = None,
 ) -> list[str]:
-    """The questions of the new corrections a run trains on (new to the champion, when it
-    continues one): what the model paraphrases, as build() rewords only those."""
+    """The questions of the corrections a run trains on: what the model paraphrases. When it
+    continues the champion, the earlier corrections too if `training.earlier_variants_max`
+    (build() rewords those the champion knows least); else only the new ones."""
     if settings.training.correction_variants == 0:
         return []
     split = split_items(
         items, settings.training.holdout_fraction, settings.training.validation_fraction
     )
     is_new = _new_since(champion_snapshot)
+    every = settings.training.earlier_variants_max > 0
     return [
         item.context[-1]["content"]
         for item in split.train
-        if item.correction is not None and is_new(item)
+        if item.correction is not None and (every or is_new(item))
     ]
 
 

@@ -1009,3 +1009,77 @@ def test_an_answer_says_a_correction_by_the_words_the_question_lacks(
     from development.evaluate import says_it
 
     assert says_it(answer, "Your cat is called Pixel.", "What is my cat's name?") is said
+
+
+def test_an_earlier_correction_the_champion_knows_only_as_asked_comes_back_in_other_words(
+    store: Store, home: Path
+) -> None:
+    """A fact taught once and trained on one night is replayed in the wordings the champion
+    answers worst the next night, not only as first asked."""
+    settings = make_settings(home, training={"earlier_variants_max": 3, "replay_fraction": 0})
+
+    def taught(question: str, wrong: str, right: str) -> None:
+        conversation = store.create_conversation().id
+        asked = store.add_message(conversation, "user", question).id
+        answer_in(
+            store,
+            settings,
+            "train",
+            wrong,
+            conversation_id=conversation,
+            prompt_id=asked,
+            rating=1,
+            correction=right,
+        )
+
+    taught("What is my cat's name?", "Luna.", "Pixel.")
+    taught("Which city do I live in?", "Paris.", "Lyon.")
+    champion = json.loads(
+        json.dumps(
+            build(feedback_items(store), settings, base_answers(replay=0), count_words).snapshot()
+        )
+    )
+    taught("What is my job?", "Teacher.", "Marine biologist.")
+
+    def champion_loss(rows: list[dict]) -> list[float]:
+        # The champion knows Lyon in every wording, and the cat only as first asked.
+        return [
+            2.0
+            if row["completion"][0]["content"] == "Pixel."
+            and row["prompt"][-1]["content"] != "What is my cat's name?"
+            else 0.1
+            for row in rows
+        ]
+
+    data = build(
+        feedback_items(store),
+        settings,
+        base_answers(replay=0),
+        count_words,
+        champion,
+        champion_loss,
+    )
+    relearned = [
+        row["prompt"][-1]["content"]
+        for row in data.sft
+        if row["completion"][0]["content"] in {"Pixel.", "Lyon."}
+        and row["prompt"][-1]["content"]
+        not in {"What is my cat's name?", "Which city do I live in?"}
+    ]
+    assert data.counts["earlier_reworded_sft_rows"] == 3
+    assert len(relearned) == 3 and all("cat" in question for question in relearned), relearned
+    # Both earlier corrections still come back as asked, and the new one in other words.
+    assert data.counts["earlier_sft_rows"] == 2 and data.counts["reworded_sft_rows"] == 4
+    # The paraphrases asked of the model cover the earlier corrections as well.
+    asked = training_data.corrected_questions(feedback_items(store), settings, champion)
+    assert set(asked) == {"What is my cat's name?", "Which city do I live in?", "What is my job?"}
+
+    # Off: earlier corrections come back as asked only.
+    off = make_settings(home, training={"earlier_variants_max": 0, "replay_fraction": 0})
+    plain = build(
+        feedback_items(store), off, base_answers(replay=0), count_words, champion, champion_loss
+    )
+    assert plain.counts["earlier_reworded_sft_rows"] == 0
+    assert training_data.corrected_questions(feedback_items(store), off, champion) == [
+        "What is my job?"
+    ]

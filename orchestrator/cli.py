@@ -23,6 +23,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperCommand, TyperGroup
 
 from common.config import (
     EMBEDDED_MODEL,
@@ -39,11 +40,31 @@ if TYPE_CHECKING:  # imported lazily at run time: `whetstone --help` stays fast
     from candidates import Registry
     from data.store import Store
 
+
+class _HelpFlag:
+    """--help is a flag: typer 0.29 shows its type as `<bool>` beside it, read as a value."""
+
+    def get_help_option(self, ctx: Any) -> Any:
+        option = super().get_help_option(ctx)  # type: ignore[misc]
+        if option is not None:
+            option.metavar = ""
+        return option
+
+
+class _Group(_HelpFlag, TyperGroup):
+    pass
+
+
+class _Command(_HelpFlag, TyperCommand):
+    pass
+
+
 app = typer.Typer(
     help="whetstone: a personal LLM that learns from the one person who uses it.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=_Group,
 )
 console = Console()
 err_console = Console(stderr=True)
@@ -127,7 +148,7 @@ def _python() -> str:
 # --------------------------------------------------------------------------------- doctor
 
 
-@app.command()
+@app.command(cls=_Command)
 def doctor(
     home: HomeOpt = None,
     set_: SetOpt = None,
@@ -224,7 +245,7 @@ def doctor(
 # --------------------------------------------------------------------------------- status
 
 
-@app.command()
+@app.command(cls=_Command)
 def status(home: HomeOpt = None, set_: SetOpt = None, as_json: JsonOpt = False) -> None:
     """What the home holds now: champion, data counts, last runs, the API worker."""
     settings = settings_for(home, set_)
@@ -342,7 +363,7 @@ def _counts_line(counts: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-@app.command("candidates")
+@app.command("candidates", cls=_Command)
 def candidates_cmd(home: HomeOpt = None, set_: SetOpt = None, as_json: JsonOpt = False) -> None:
     """List the trained adapters, which one serves, and how each was judged."""
     from orchestrator.promotion import candidate_rows
@@ -384,7 +405,7 @@ def candidates_cmd(home: HomeOpt = None, set_: SetOpt = None, as_json: JsonOpt =
 # ------------------------------------------------------------------------- promote/rollback
 
 
-@app.command()
+@app.command(cls=_Command)
 def promote(
     candidate_id: Annotated[str, typer.Argument(metavar="ID", help="Candidate to make current.")],
     home: HomeOpt = None,
@@ -410,7 +431,7 @@ def promote(
     console.print(promotion.notify_worker(settings))
 
 
-@app.command()
+@app.command(cls=_Command)
 def rollback(home: HomeOpt = None, set_: SetOpt = None) -> None:
     """Swap back to the previous champion."""
     from candidates import RegistryError
@@ -433,7 +454,7 @@ def rollback(home: HomeOpt = None, set_: SetOpt = None) -> None:
 # ---------------------------------------------------------------------------------- export
 
 
-@app.command()
+@app.command(cls=_Command)
 def export(
     home: HomeOpt = None,
     set_: SetOpt = None,
@@ -479,7 +500,7 @@ def _adapters_text(manifest: dict[str, Any]) -> str:
     return f"current {current}, previous {manifest.get('previous') or 'none'}"
 
 
-@app.command()
+@app.command(cls=_Command)
 def backup(
     dest: Annotated[
         Path | None,
@@ -516,7 +537,7 @@ def backup(
     )
 
 
-@app.command()
+@app.command(cls=_Command)
 def restore(
     source: Annotated[
         Path, typer.Argument(metavar="DIR", help="A folder `whetstone backup` wrote.")
@@ -626,7 +647,7 @@ def _daemon_logging(settings: Settings) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-@app.command()
+@app.command(cls=_Command)
 def up(
     home: HomeOpt = None,
     set_: SetOpt = None,
@@ -689,7 +710,7 @@ def unit_template() -> Path:
     )
 
 
-@app.command("install-service")
+@app.command("install-service", cls=_Command)
 def install_service(
     home: HomeOpt = None,
     set_: SetOpt = None,
@@ -736,7 +757,7 @@ def install_service(
     )
 
 
-@app.command()
+@app.command(cls=_Command)
 def serve(
     home: HomeOpt = None,
     set_: SetOpt = None,
@@ -776,7 +797,7 @@ def _check_token(settings: Settings) -> None:
         raise _fail(str(exc)) from None
 
 
-@app.command()
+@app.command(cls=_Command)
 def token(home: HomeOpt = None, set_: SetOpt = None) -> None:
     """Print the API bearer token of this home, creating <home>/token (mode 0600) if absent."""
     settings = settings_for(home, set_)
@@ -786,7 +807,7 @@ def token(home: HomeOpt = None, set_: SetOpt = None) -> None:
         raise _fail(str(exc)) from None
 
 
-@app.command()
+@app.command(cls=_Command)
 def chat(
     home: HomeOpt = None,
     set_: SetOpt = None,
@@ -882,7 +903,7 @@ def _wait_for_run(settings: Settings, run_id: str, process: Any) -> int | None:
     return None if process is None else process.returncode
 
 
-@app.command()
+@app.command(cls=_Command)
 def train(
     home: HomeOpt = None,
     set_: SetOpt = None,
@@ -994,7 +1015,7 @@ def _print_run_outcome(
     return (run.progress or {}).get("next_run")
 
 
-@app.command("eval")
+@app.command("eval", cls=_Command)
 def eval_cmd(
     candidate_id: Annotated[str, typer.Argument(metavar="ID")],
     home: HomeOpt = None,
@@ -1019,7 +1040,7 @@ def eval_cmd(
     console.print(f"report: {open_registry(settings).path(candidate_id) / 'report.html'}")
 
 
-@app.command("export-model")
+@app.command("export-model", cls=_Command)
 def export_model(
     candidate_id: Annotated[str, typer.Argument(metavar="ID")],
     home: HomeOpt = None,
@@ -1064,7 +1085,7 @@ def export_model(
         raise typer.Exit(code)
 
 
-@app.command()
+@app.command(cls=_Command)
 def trend(
     home: HomeOpt = None,
     set_: SetOpt = None,
@@ -1097,7 +1118,7 @@ def trend(
         console.print(text(found), markup=False, highlight=False)
 
 
-@app.command()
+@app.command(cls=_Command)
 def recipe(
     home: HomeOpt = None,
     set_: SetOpt = None,
@@ -1148,7 +1169,7 @@ def recipe(
         console.print(table)
 
 
-@app.command()
+@app.command(cls=_Command)
 def report(
     candidate_id: Annotated[str, typer.Argument(metavar="ID")],
     home: HomeOpt = None,

@@ -246,8 +246,9 @@ def test_what_a_newcomer_reads_names_things_as_they_are(home: Path) -> None:
     assert "after 25 more rating(s) or correction(s)" in " ".join(status.stdout.split())
     for command, flag in (("train", "--wait"), ("status", "--json"), ("promote", "--force")):
         shown = run_cli(command, "--help", env=narrow)
-        line = next(x for x in shown.stdout.splitlines() if flag in x)
-        assert "<bool>" not in line, line
+        for option in (flag, "--help"):
+            line = next(x for x in shown.stdout.splitlines() if option in x)
+            assert "<bool>" not in line, line
 
 
 def test_the_banner_names_whetstone_as_the_shell_can_run_it(monkeypatch) -> None:

@@ -12,14 +12,17 @@ safetensors copy in well under a second.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import importlib.util
+import io
 import json
 import logging
 import os
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -93,6 +96,16 @@ def _remove_dead_temps(models_dir: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def libraries_quiet() -> Iterator[None]:
+    """transformers draws bars of its own while it reads the GGUF and writes the copy (GGUF
+    tensors, loading weights, writing shards, loading again): four bars under ours, one of
+    them not switchable off. Bars and warnings made in here go nowhere; a bar made before
+    (ours, which holds the real stderr) and log lines still show."""
+    with contextlib.redirect_stderr(io.StringIO()):
+        yield
+
+
 def prepare_embedded(home: Home, *, show_progress: bool = True) -> Path:
     """Convert the embedded GGUF into ``<home>/models/`` once; return the folder.
 
@@ -119,55 +132,56 @@ def prepare_embedded(home: Home, *, show_progress: bool = True) -> Path:
         file=sys.stderr,
     )
     try:
-        steps.set_postfix_str("reading GGUF and dequantising (~20 s)")
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        gguf_model = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16
-        )
-        steps.update()
+        with libraries_quiet():
+            steps.set_postfix_str("reading GGUF and dequantising (~20 s)")
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            gguf_model = AutoModelForCausalLM.from_pretrained(
+                gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16
+            )
+            steps.update()
 
-        steps.set_postfix_str("copying weights into a plain model")
-        config = gguf_model.config
-        config.quantization_config = None
-        if hasattr(config, "_name_or_path"):
-            config._name_or_path = EMBEDDED_MODEL
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-        model.load_state_dict(gguf_model.state_dict(), strict=True)
-        model.generation_config.update(**_GENERATION_DEFAULTS)
-        model.generation_config.eos_token_id = config.eos_token_id
-        model.generation_config.pad_token_id = config.eos_token_id
-        steps.update()
+            steps.set_postfix_str("copying weights into a plain model")
+            config = gguf_model.config
+            config.quantization_config = None
+            if hasattr(config, "_name_or_path"):
+                config._name_or_path = EMBEDDED_MODEL
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+            model.load_state_dict(gguf_model.state_dict(), strict=True)
+            model.generation_config.update(**_GENERATION_DEFAULTS)
+            model.generation_config.eos_token_id = config.eos_token_id
+            model.generation_config.pad_token_id = config.eos_token_id
+            steps.update()
 
-        steps.set_postfix_str("writing safetensors and tokenizer")
-        tmp.mkdir(parents=True)
-        model.save_pretrained(tmp)
-        for name, value in _SPECIAL_TOKENS.items():
-            setattr(tokenizer, name, value)
-        tokenizer.model_max_length = config.max_position_embeddings
-        tokenizer.clean_up_tokenization_spaces = False
-        tokenizer.save_pretrained(tmp)
-        steps.update()
+            steps.set_postfix_str("writing safetensors and tokenizer")
+            tmp.mkdir(parents=True)
+            model.save_pretrained(tmp)
+            for name, value in _SPECIAL_TOKENS.items():
+                setattr(tokenizer, name, value)
+            tokenizer.model_max_length = config.max_position_embeddings
+            tokenizer.clean_up_tokenization_spaces = False
+            tokenizer.save_pretrained(tmp)
+            steps.update()
 
-        steps.set_postfix_str("checking the copy matches the GGUF")
-        reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.bfloat16)
-        probe = tokenizer("The capital of France is", return_tensors="pt")
-        with torch.no_grad():
-            expected = gguf_model(**probe).logits
-            got = reloaded(**probe).logits
-        if not torch.equal(expected, got):
-            raise BaseModelError("the converted weights do not reproduce the GGUF's logits")
-        marker = {
-            "model": EMBEDDED_MODEL,
-            "source": str(gguf),
-            "source_sha256": _sha256(gguf),
-            "created_at": datetime.now(UTC).isoformat(),
-            "seconds": round(time.monotonic() - started, 1),
-        }
-        (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-        steps.update()
-        if target.exists():  # a stale folder without marker from an older crash
-            shutil.rmtree(target)
-        os.rename(tmp, target)
+            steps.set_postfix_str("checking the copy matches the GGUF")
+            reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.bfloat16)
+            probe = tokenizer("The capital of France is", return_tensors="pt")
+            with torch.no_grad():
+                expected = gguf_model(**probe).logits
+                got = reloaded(**probe).logits
+            if not torch.equal(expected, got):
+                raise BaseModelError("the converted weights do not reproduce the GGUF's logits")
+            marker = {
+                "model": EMBEDDED_MODEL,
+                "source": str(gguf),
+                "source_sha256": _sha256(gguf),
+                "created_at": datetime.now(UTC).isoformat(),
+                "seconds": round(time.monotonic() - started, 1),
+            }
+            (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+            steps.update()
+            if target.exists():  # a stale folder without marker from an older crash
+                shutil.rmtree(target)
+            os.rename(tmp, target)
     finally:
         steps.close()
         shutil.rmtree(tmp, ignore_errors=True)

@@ -85,3 +85,19 @@ def test_prepare_survives_kill_then_runs_once_then_loads_fast(home: Path) -> Non
     assert second.returncode == 0, second.stderr
     assert time.monotonic() - started < 10  # no second conversion (that takes ~25 s)
     assert (target / "model.safetensors").stat().st_mtime_ns == weights_mtime
+
+
+def test_preparing_the_model_draws_one_progress_bar(capsys: pytest.CaptureFixture[str]) -> None:
+    """A newcomer saw transformers' four bars drawn under whetstone's own while the GGUF was
+    read and copied; only whetstone's (made before, on the real stderr) shows."""
+    from tqdm import tqdm
+
+    ours = tqdm(total=1, desc="preparing the model", file=sys.stderr)
+    with base_model.libraries_quiet():
+        for _ in tqdm(range(3), desc="Converting and de-quantizing GGUF tensors"):
+            pass
+        ours.update()
+    ours.close()
+    shown = capsys.readouterr().err
+    assert "preparing the model" in shown and "1/1" in shown
+    assert "Converting" not in shown

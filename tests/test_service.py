@@ -76,12 +76,25 @@ def test_a_regular_install_carries_the_unit_template(tmp_path: Path) -> None:
 
     repo = Path(__file__).resolve().parent.parent
     # Built from a copy: setuptools writes build/ and *.egg-info beside the sources it builds.
+    # Caches are left out: .cache holds the tests' prepared model (~260 MB) and replay answers,
+    # none of which a wheel carries.
     source = tmp_path / "source"
     shutil.copytree(
         repo,
         source,
         ignore=shutil.ignore_patterns(
-            ".git", ".venv", ".gpu", "build", "*.egg-info", "__pycache__"
+            ".git",
+            ".venv",
+            ".gpu",
+            ".home",
+            "build",
+            "*.egg-info",
+            "__pycache__",
+            ".cache",
+            ".hypothesis",
+            ".pytest_cache",
+            ".ruff_cache",
+            ".import_linter_cache",
         ),
     )
     env = tmp_path / "venv"

@@ -221,7 +221,11 @@ def test_a_crash_loop_stops_with_the_reason_in_status(
 def test_sigterm_during_training_stops_cleanly_and_marks_the_run(
     home_for_training: Path, daemons: Callable[..., DaemonProcess]
 ) -> None:
-    (home_for_training / "config.toml").write_text(FAST + "\n[schedule]\nevery_n_feedback = 0\n")
+    # No paraphrases of the corrected questions (training.correction_variants): the model
+    # writing them for 32 questions is a wait before the first step that this is not about.
+    (home_for_training / "config.toml").write_text(
+        FAST + "\n[schedule]\nevery_n_feedback = 0\n\n[training]\ncorrection_variants = 0\n"
+    )
     store_corrections(home_for_training, taught(32))
     daemon = daemons(home_for_training).wait_ready()
     queued = run_cli("train", "--home", str(home_for_training), "--profile", "quick_test")

@@ -409,9 +409,12 @@ def test_a_rating_that_fails_to_store_is_shown_and_sent_when_the_daemon_is_back(
 
 @pytest.mark.slow
 def test_status_screen_trains_now_and_shows_the_job_progress(home_for_training: Path) -> None:
-    # No epoch cap, so the bar's total is quick_test's own 40 steps (24 items would cap it).
+    # No epoch cap, so the bar's total is quick_test's own 40 steps (24 items would cap it);
+    # no paraphrases of the corrected questions (the model writing them is a wait before the
+    # first step, not the progress this shows).
     (home_for_training / "config.toml").write_text(
-        '[training]\ndefault_profile = "quick_test"\nmax_epochs = 100\n\n'
+        '[training]\ndefault_profile = "quick_test"\nmax_epochs = 100\n'
+        "correction_variants = 0\n\n"
         '[schedule]\nnightly_profile = "standard"\n'
     )
     store_corrections(home_for_training, taught(24))

@@ -454,9 +454,12 @@ def run_week(
     night_timeout_s: float = 1800,
     on_day: Any = None,
     teaching: str = "many",
+    measure_every_day: bool = True,
 ) -> dict[str, Any]:
     """The whole week in `home`; returns what was measured (see the module docstring).
-    `on_day(result)` gets the result so far after every day (a long run keeps what it has)."""
+    `on_day(result)` gets the result so far after every day (a long run keeps what it has).
+    `measure_every_day` False: the served model is measured on the base and after the last
+    night only (the summary reads those two); the days between keep empty measurements."""
     if teaching not in TEACHING:
         raise ValueError(f"teaching must be one of {TEACHING}; got {teaching!r}")
     if days < 1 or days > len(facts_per_day):
@@ -532,7 +535,8 @@ def run_week(
             wait_until(
                 lambda a=today.adapter: daemon.adapter() == a, f"{today.adapter} served", 120
             )
-            _record(today, measure(daemon, taught, taste_prompts))
+            if measure_every_day or day == days:
+                _record(today, measure(daemon, taught, taste_prompts))
             timeline.append(today)
             log.info("day %d: %s", day, _line(today))
             if on_day is not None:

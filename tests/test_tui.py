@@ -224,6 +224,40 @@ def test_escape_stops_a_generation_and_the_next_message_works(server: ServerProc
 
 
 @pytest.mark.slow
+def test_a_long_answer_is_followed_as_it_streams_until_the_person_reads_back(
+    server: ServerProcess,
+) -> None:
+    """Seen in the first hour: the transcript stopped following a streaming answer until Up
+    was pressed."""
+
+    async def scenario() -> None:
+        app = app_for(server.home)
+        # A short terminal: the story passes the bottom within a few lines.
+        async with app.run_test(size=(80, 12)) as pilot:
+            await connected(pilot)
+            transcript = chat_screen(app).transcript
+            story = await send(pilot, STORY)
+            await until(pilot, lambda: transcript.max_scroll_y >= 2, 90, "the story to overflow")
+            grown = story.deltas
+            await until(pilot, lambda: story.deltas >= grown + 5, 30, "more of the story")
+            await pilot.pause()
+            assert transcript.scroll_y == transcript.max_scroll_y > 0, "stopped following"
+            # Reading back: the view stays where the person put it while the answer grows.
+            transcript.focus()
+            await pilot.press("pageup")
+            await pilot.pause()
+            kept, bottom = transcript.scroll_y, transcript.max_scroll_y
+            assert kept < bottom
+            await until(pilot, lambda: transcript.max_scroll_y > bottom, 30, "more lines")
+            await pilot.pause()
+            assert transcript.scroll_y == kept
+            await pilot.press("escape", "escape")  # back to the message box, then stop
+            await until(pilot, lambda: story.done, 5, "the stop")
+
+    run(scenario)
+
+
+@pytest.mark.slow
 def test_conversation_list_switches_renames_and_forgets(server: ServerProcess) -> None:
     async def scenario() -> None:
         app = app_for(server.home)

@@ -314,6 +314,7 @@ class ChatScreen(Screen[None]):
                         await stream.write(event.text)
                     if event.reasoning:
                         view.set_reasoning(view.reasoning + event.reasoning)
+                    self.transcript.follow()
                 elif isinstance(event, Finished):
                     a = view.answer
                     a.finish_reason = event.finish_reason

@@ -39,6 +39,22 @@ class Transcript(VerticalScroll, can_focus=True):
     class Leave(Message):
         pass
 
+    # Whether new lines are followed: true while the view is at the bottom. Scrolling up to
+    # read back (or selecting an earlier answer) lets go until the view is back at the bottom.
+    # (Textual's anchor() does this too, but it also pushes a short conversation to the
+    # bottom of the screen.)
+    following = True
+
+    def watch_scroll_y(self, old_value: float, new_value: float) -> None:
+        super().watch_scroll_y(old_value, new_value)
+        # Growing content moves the bottom, not scroll_y: only a scroll lands here.
+        self.following = new_value >= self.max_scroll_y
+
+    def follow(self) -> None:
+        """Keep the newest lines in view as an answer grows, unless the person reads back."""
+        if self.following:
+            self.scroll_end(animate=False)
+
     @property
     def answers(self) -> list[AnswerView]:
         return list(self.query(AnswerView))

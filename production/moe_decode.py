@@ -171,6 +171,115 @@ def _triton_kernels() -> dict[str, Any]:
         tl.store(out_ptr + (split * S + slot) * N + n, acc, mask=n_ok)
 
     @triton.jit
+    def expert_gemv_nf4_rows(
+        x_ptr,  # [S or 1, K] activations
+        packed_ptr,  # [E, N * K // 2] uint8: two NF4 codes a byte, first in the high nibble
+        absmax_ptr,  # [E, N * K // 64]: uint8 codes if NESTED, else fp32 scales
+        nested_ptr,  # [E, nested blocks] fp32 (NESTED)
+        offset_ptr,  # [E] fp32 (NESTED)
+        code_ptr,  # [16] fp32 NF4 values
+        nested_code_ptr,  # [256] fp32 (NESTED)
+        ids_ptr,  # [S]
+        out_ptr,  # [SPLIT, S, N] fp32 partial sums, or [S, N] zeros when ATOMIC
+        S,
+        N,
+        x_stride,
+        row_bytes,  # K // 2, passed (not divided in here) so Triton sees it is a multiple of 16
+        expert_bytes,  # N * K // 2, likewise
+        blocks_per_expert,
+        nested_per_expert,
+        BLOCKS_PER_SPLIT: tl.constexpr,  # quant blocks (64 weights) a program reads per row
+        NESTED: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        EVEN_N: tl.constexpr,  # N % BLOCK_N == 0: no row masks
+        ATOMIC: tl.constexpr,
+        DECODE: tl.constexpr,  # "smem": tl.gather from a 16-entry table; "global": a load per code
+    ):
+        # The baseline kernel spends ~18 instructions per weight (byte loads, a gather from
+        # global memory per nibble, layout shuffles through shared memory each step); at ~5
+        # an H100 issues fast enough to keep up with its memory. Here a step is one 64-weight
+        # quant block of BLOCK_N rows, [BLOCK_N, 8] int32 words (one 16-byte load per 4
+        # words). The layout Triton picks gives each thread several rows of the same words,
+        # so the activations (and their bf16 -> fp32 conversion) are shared by those rows;
+        # a nibble costs a shift, a mask, one shared-memory table read and an FMA.
+        slot = tl.program_id(0)
+        n0 = tl.program_id(1) * BLOCK_N
+        split = tl.program_id(2)
+        expert = tl.load(ids_ptr + slot).to(tl.int64)
+        n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = n < N
+        i = tl.arange(0, 8)
+        row_words = row_bytes // 4
+        row_blocks = row_bytes // 32
+        words = (packed_ptr + expert * expert_bytes).to(tl.pointer_type(tl.int32))
+        words += n0.to(tl.int64) * row_words
+        w_offsets = tl.arange(0, BLOCK_N)[:, None] * row_words + i[None, :]
+        block0 = n * row_blocks  # each row's first quant block
+        absmax_expert = absmax_ptr + expert * blocks_per_expert
+        nested_expert = nested_ptr + expert * nested_per_expert
+        x_row = x_ptr + slot * x_stride
+        table = tl.load(code_ptr + tl.arange(0, 16))
+        offset = tl.load(offset_ptr + expert) if NESTED else 0.0
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        first = split * BLOCKS_PER_SPLIT
+        for step in range(0, BLOCKS_PER_SPLIT):  # the host splits evenly: no bound check
+            blk = first + step
+            if NESTED:
+                q = tl.load(absmax_expert + block0 + blk, mask=n_ok, other=0)
+                nested = tl.load(nested_expert + (block0 + blk) // 256, mask=n_ok, other=0.0)
+                scale = tl.load(nested_code_ptr + q.to(tl.int32)) * nested + offset
+            else:
+                scale = tl.load(absmax_expert + block0 + blk, mask=n_ok, other=0.0)
+            # Weights are read once: evict_first keeps L1/L2 for the activations and scales.
+            if EVEN_N:
+                w = tl.load(words + w_offsets + blk * 8, eviction_policy="evict_first")
+            else:
+                w = tl.load(
+                    words + w_offsets + blk * 8,
+                    mask=n_ok[:, None],
+                    other=0,
+                    eviction_policy="evict_first",
+                )
+            # Weight 8i+m is byte m//2 of word i (little endian), its high nibble first. The
+            # eight codes of a word are joined into one tensor so the table is looked up
+            # once a step (each tl.gather stores the table to shared memory behind a barrier).
+            codes = tl.join(
+                tl.join(tl.join((w >> 4) & 15, w & 15), tl.join((w >> 12) & 15, (w >> 8) & 15)),
+                tl.join(
+                    tl.join((w >> 20) & 15, (w >> 16) & 15),
+                    tl.join((w >> 28) & 15, (w >> 24) & 15),
+                ),
+            )
+            if DECODE == "smem":
+                values = tl.reshape(
+                    tl.gather(table, tl.reshape(codes, [BLOCK_N * 64]), axis=0),
+                    [BLOCK_N, 8, 2, 2, 2],
+                )
+            else:
+                values = tl.load(code_ptr + codes)
+            v0123, v4567 = tl.split(values)
+            v01, v23 = tl.split(v0123)
+            v45, v67 = tl.split(v4567)
+            v0, v1 = tl.split(v01)
+            v2, v3 = tl.split(v23)
+            v4, v5 = tl.split(v45)
+            v6, v7 = tl.split(v67)
+            k = blk * 64 + i * 8  # [8]: each word's first weight
+            part = v0 * tl.load(x_row + k).to(tl.float32)[None, :]
+            part += v1 * tl.load(x_row + k + 1).to(tl.float32)[None, :]
+            part += v2 * tl.load(x_row + k + 2).to(tl.float32)[None, :]
+            part += v3 * tl.load(x_row + k + 3).to(tl.float32)[None, :]
+            part += v4 * tl.load(x_row + k + 4).to(tl.float32)[None, :]
+            part += v5 * tl.load(x_row + k + 5).to(tl.float32)[None, :]
+            part += v6 * tl.load(x_row + k + 6).to(tl.float32)[None, :]
+            part += v7 * tl.load(x_row + k + 7).to(tl.float32)[None, :]
+            acc += tl.sum(part, axis=1) * scale
+        if ATOMIC:
+            tl.atomic_add(out_ptr + slot * N + n, acc, mask=n_ok, sem="relaxed")
+        else:
+            tl.store(out_ptr + (split * S + slot) * N + n, acc, mask=n_ok)
+
+    @triton.jit
     def dequantize_nf4(
         packed_ptr,  # [N * K // 2] uint8 of one expert
         absmax_ptr,  # [N * K // 64]: uint8 codes if NESTED, else fp32
@@ -203,7 +312,12 @@ def _triton_kernels() -> dict[str, Any]:
         tl.store(out_ptr + 2 * byte_index, high.to(out_ty), mask=ok)
         tl.store(out_ptr + 2 * byte_index + 1, low.to(out_ty), mask=ok)
 
-    _kernels.update(kn=expert_gemv_kn, nf4=expert_gemv_nf4, dequantize=dequantize_nf4)
+    _kernels.update(
+        kn=expert_gemv_kn,
+        nf4=expert_gemv_nf4,
+        nf4_rows=expert_gemv_nf4_rows,
+        dequantize=dequantize_nf4,
+    )
     return _kernels
 
 
@@ -212,7 +326,13 @@ def _triton_kernels() -> dict[str, Any]:
 # with the bias and the activation.
 # Picked with `python -m benchmarks.moe_decode --sweep` on an H200 (GPT-OSS-20B's shapes).
 KN_TILE = {"BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4}
-NF4_TILE = {"BLOCK_N": 8, "BLOCK_K": 256, "num_warps": 4}
+NF4_TILE = {"BLOCK_N": 8, "BLOCK_K": 256, "num_warps": 4}  # the "baseline" NF4 kernel's
+# NF4 kernels: "baseline" (expert_gemv_nf4, ~20% of an H100's bandwidth) and "rows"
+# (expert_gemv_nf4_rows, issue 35). benchmarks/moe_decode.py --kernels compares them.
+NF4_VARIANTS = ("baseline", "rows")
+NF4_VARIANT = "rows"  # what DecodeExperts runs
+ROWS_PER_THREAD = 4  # BLOCK_N = 16 * num_warps * this in the rows kernel's layout
+WARPS_PER_SM = 16  # the rows kernel splits K until about this many warps per SM stream
 
 
 def _split_k(k: int, block_k: int, programs: int, device: torch.device) -> tuple[int, int]:
@@ -263,9 +383,19 @@ def expert_gemv_kn(
 
 
 def expert_gemv_nf4(
-    x: torch.Tensor, q: Nf4Stack, ids: torch.Tensor, tile: dict | None = None
+    x: torch.Tensor,
+    q: Nf4Stack,
+    ids: torch.Tensor,
+    tile: dict | None = None,
+    variant: str | None = None,
 ) -> torch.Tensor:
-    """out[s] = x[s or 0] @ dequant(q[ids[s]]).T as fp32 [S, N]."""
+    """out[s] = x[s or 0] @ dequant(q[ids[s]]).T as fp32 [S, N], by the NF4 kernel `variant`
+    (NF4_VARIANTS; NF4_VARIANT if None) with `tile` (its default if None)."""
+    variant = variant or NF4_VARIANT
+    if variant == "rows":
+        return _expert_gemv_nf4_rows(x, q, ids, tile)
+    if variant != "baseline":
+        raise ValueError(f"unknown NF4 kernel {variant!r}: one of {NF4_VARIANTS}")
     x = x.contiguous()
     slots, n, k = ids.numel(), q.out_features, q.in_features
     tile = tile or NF4_TILE
@@ -296,6 +426,85 @@ def expert_gemv_nf4(
         **tile,
     )
     return out.sum(0)
+
+
+def rows_tile(n: int) -> dict:
+    """The rows kernel's default tile for N output rows: ROWS_PER_THREAD rows a thread (the
+    activations are loaded once for them), the most warps (up to 4) that divide N evenly, so
+    no row needs a mask (GPT-OSS-20B: 2 warps for gate_up's 5760 rows, 1 for down's 2880)."""
+    warps = next((w for w in (4, 2, 1) if n % (16 * ROWS_PER_THREAD * w) == 0), 4)
+    return {"BLOCK_N": 16 * ROWS_PER_THREAD * warps, "num_warps": warps}
+
+
+def _rows_split(blocks: int, programs: int, warps: int, device: torch.device) -> int:
+    """K ranges for the rows kernel: enough programs for about WARPS_PER_SM warps on every
+    SM (a decode step's 4 slots alone leave most SMs idle)."""
+    sms = (
+        torch.cuda.get_device_properties(device).multi_processor_count
+        if device.type == "cuda"
+        else 132
+    )
+    return -(-WARPS_PER_SM * sms // (programs * warps))
+
+
+def _even_split(blocks: int, wanted: int) -> int:
+    """The fewest K ranges, at least `wanted`, that divide the quant blocks evenly (so the
+    kernel's loop needs no bound check): 45 blocks (K = 2880) split 1, 3, 5, 9, 15 or 45."""
+    return next(d for d in range(max(1, min(wanted, blocks)), blocks + 1) if blocks % d == 0)
+
+
+def _expert_gemv_nf4_rows(
+    x: torch.Tensor, q: Nf4Stack, ids: torch.Tensor, tile: dict | None
+) -> torch.Tensor:
+    """expert_gemv_nf4 by expert_gemv_nf4_rows. `tile`: BLOCK_N, num_warps, optionally
+    SPLIT (K ranges, rounded up to an even split; else _rows_split's), ATOMIC (the ranges
+    added with fp32 atomics into a zeroed output: a memset instead of a second kernel summing
+    partials, in an order that can change the last bits from run to run), DECODE ("smem",
+    the default, or "global") and num_stages."""
+    x = x.contiguous()
+    slots, n, k = ids.numel(), q.out_features, q.in_features
+    tile = dict(tile or rows_tile(n))
+    block_n, warps = tile.pop("BLOCK_N"), tile.pop("num_warps")
+    atomic, decode = tile.pop("ATOMIC", False), tile.pop("DECODE", "smem")
+    blocks = k // NF4_BLOCK
+    n_tiles = -(-n // block_n)
+    wanted = tile.pop("SPLIT", None) or _rows_split(blocks, slots * n_tiles, warps, x.device)
+    split = _even_split(blocks, wanted)
+    if split == 1:
+        out = torch.empty((slots, n), dtype=torch.float32, device=x.device)
+    elif atomic:
+        out = torch.zeros((slots, n), dtype=torch.float32, device=x.device)
+    else:
+        out = torch.empty((split, slots, n), dtype=torch.float32, device=x.device)
+    nested = q.nested
+    dummy = q.code
+    _triton_kernels()["nf4_rows"][(slots, n_tiles, split)](
+        x,
+        q.packed,
+        q.absmax,
+        q.nested_absmax if nested else dummy,
+        q.offset if nested else dummy,
+        q.code,
+        q.nested_code if nested else dummy,
+        ids,
+        out,
+        slots,
+        n,
+        x.stride(0) if x.shape[0] > 1 else 0,
+        k // 2,
+        n * k // 2,
+        q.absmax.shape[1],
+        q.nested_absmax.shape[1] if nested else 0,
+        BLOCKS_PER_SPLIT=blocks // split,
+        NESTED=nested,
+        BLOCK_N=block_n,
+        EVEN_N=n % block_n == 0,
+        ATOMIC=atomic and split > 1,
+        DECODE=decode,
+        num_warps=warps,
+        **tile,  # launch options left (num_stages)
+    )
+    return out if split == 1 or atomic else out.sum(0)
 
 
 # torch.compile sees the kernels as opaque ops with known output shapes, so the decode step

@@ -2,7 +2,11 @@
 against transformers' generate(), bf16 and 4-bit, with an adapter active, in one call.
 
     python -m benchmarks.moe_decode [--shape 20b] [--parts bf16,nf4] [--new-tokens 128]
-        [--limit-gb 24]
+        [--limit-gb 24] [--sweep] [--kernels]
+
+--kernels (with --parts "" alone): each NF4 GEMV kernel variant x tile on the shape's expert
+projections (nf4_kernels): us a call, GB/s, against the baseline kernel, max |diff| from the
+reference; a few minutes on an H100, no model built.
 
 - bound: at batch 1 a token reads every weight it uses once: attention, router, embedding row,
   lm_head and the top-k experts of every layer. tokens/s <= HBM bandwidth / those bytes;
@@ -308,6 +312,169 @@ def sweep(shape: str) -> list[dict[str, Any]]:
     return rows
 
 
+def random_nf4_stack(experts: int, n: int, k: int, device: str = "cuda") -> Any:
+    """An Nf4Stack of `experts` random [n, k] NF4 weights with double quant, as Unsloth's
+    checkpoints store them (uint8 absmax codes, a nested fp32 scale per 256 blocks, an
+    offset), built from random bytes: no bf16 weights to quantize first. bitsandbytes'
+    own code tables (NF4 and the nested dynamic map) come from quantizing one small tensor."""
+    import bitsandbytes.functional as bnb_functional
+    import torch
+
+    from production import moe_decode
+
+    _, state = bnb_functional.quantize_4bit(
+        torch.randn(64, 64, device=device, dtype=torch.bfloat16),
+        quant_type="nf4",
+        compress_statistics=True,
+        blocksize=64,
+    )
+    blocks = n * k // moe_decode.NF4_BLOCK
+    generator = torch.Generator(device=device).manual_seed(0)
+
+    def uint8(*shape: int) -> torch.Tensor:
+        return torch.randint(0, 256, shape, dtype=torch.uint8, device=device, generator=generator)
+
+    return moe_decode.Nf4Stack(
+        uint8(experts, n * k // 2),
+        uint8(experts, blocks),
+        0.01 + 0.02 * torch.rand(experts, -(-blocks // 256), device=device, generator=generator),
+        0.03 + 0.01 * torch.rand(experts, device=device, generator=generator),
+        state.code.float(),
+        state.state2.code.float(),
+        n,
+        k,
+    )
+
+
+def rows_tiles(n: int) -> list[dict[str, Any]]:
+    """The rows kernel's tiles --kernels compares for N output rows: 2, 4 and 8 rows a thread
+    at 1, 2 and 4 warps, each with the default K split and with it added by atomics; the
+    default tile (production.moe_decode.rows_tile) at every even split of 45 blocks; the
+    default tile decoding codes by a load from global memory (the baseline's way)."""
+    from production import moe_decode
+
+    shapes = [(32, 1), (64, 1), (128, 1), (128, 2), (256, 2), (256, 4), (512, 4)]
+    tiles: list[dict[str, Any]] = []
+    for block_n, warps in shapes:
+        tile = {"BLOCK_N": block_n, "num_warps": warps}
+        tiles += [tile, tile | {"ATOMIC": True}]
+    default = moe_decode.rows_tile(n)
+    tiles += [default | {"SPLIT": split} for split in (1, 3, 5, 9, 15, 45)]
+    tiles.append(default | {"DECODE": "global"})
+    return tiles
+
+
+def nf4_kernels(shape: str, bandwidth: float) -> list[dict[str, Any]]:
+    """Every NF4 kernel variant x tile (production.moe_decode.NF4_VARIANTS) on one layer's
+    expert shapes, 4 slots, double quant, bf16 activations: median us a call, GB/s of the
+    packed weights and absmax codes read, the baseline kernel's us over this one's, and the
+    largest difference from reference_gemv_nf4 on the GPU.
+
+    Timed as the decode step runs them: 24 calls captured in one CUDA graph, each on the
+    next 4 of the layer's experts, so the L2 cache (50 MB on an H100) never holds a call's
+    weights from an earlier one (a layer's experts are read once a token); the host
+    wrapper's allocations and partial-sum kernel are inside the timing."""
+    import statistics
+
+    import torch
+
+    from benchmarks.gpt_oss_checkpoint import SHAPES
+    from production import moe_decode
+
+    s = SHAPES[shape]
+    h, e, slots, calls = s["hidden"], s["experts"], 4, 24
+    ids = [
+        torch.tensor([(slots * c + i) % e for i in range(slots)], device="cuda")
+        for c in range(calls)
+    ]
+    rows = []
+    for name, k, n in (("gate_up", h, 2 * h), ("down", h, h)):
+        stack = random_nf4_stack(e, n, k)
+        x = torch.randn(slots if name == "down" else 1, k, device="cuda", dtype=torch.bfloat16)
+        reference = moe_decode.reference_gemv_nf4(x, stack, ids[0])
+        nbytes = slots * (n * k // 2 + n * k // moe_decode.NF4_BLOCK)
+        configs = [("baseline", dict(moe_decode.NF4_TILE))]
+        configs += [("rows", tile) for tile in rows_tiles(n)]
+        baseline_us = None
+        for variant, tile in configs:
+            row: dict[str, Any] = {"proj": name, "variant": variant, "tile": tile}
+            if variant == "rows":
+                plan = moe_decode.rows_plan(n, k, slots, tile, x.device)
+                row["split"] = plan["split"]
+            try:
+                got = moe_decode.expert_gemv_nf4(x, stack, ids[0], tile, variant)
+                row["max_abs_diff"] = float((got - reference).abs().max())
+                us = _graph_us(
+                    lambda c, t=tile, v=variant, x=x, q=stack: moe_decode.expert_gemv_nf4(
+                        x, q, ids[c], t, v
+                    ),
+                    calls,
+                )
+            except Exception as exc:  # a tile that fails to compile or launch: reported
+                row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                continue
+            baseline_us = baseline_us or us
+            row |= {
+                "us": round(us, 2),
+                "gbs": round(nbytes / us / 1e3, 1),
+                "of_bandwidth": round(nbytes / us / 1e3 / bandwidth, 3),
+                "vs_baseline": round(baseline_us / us, 2),
+            }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        timed = [r for r in rows if r["proj"] == name and "us" in r]
+        best = min(timed, key=lambda r: r["us"])
+        print(
+            json.dumps(
+                {
+                    "best": name,
+                    "variant": best["variant"],
+                    "tile": best["tile"],
+                    "us": best["us"],
+                    "vs_baseline": best["vs_baseline"],
+                    "bound_us": round(nbytes / bandwidth / 1e3, 2),
+                    "reference_max_abs": float(reference.abs().max()),
+                    "median_rows_us": statistics.median(
+                        r["us"] for r in timed if r["variant"] == "rows"
+                    ),
+                }
+            ),
+            flush=True,
+        )
+        del stack
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _graph_us(call: Any, calls: int, replays: int = 20) -> float:
+    """Median us per call of call(0..calls-1) captured in one CUDA graph."""
+    import statistics
+
+    import torch
+
+    for c in range(calls):  # compiles, and warms the allocator outside the capture
+        call(c)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for c in range(calls):
+            call(c)
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / calls)
+    del graph
+    return statistics.median(times)
+
+
 class _Bnb:
     """Stands in for a Linear4bit: what Nf4Stack.from_linears reads."""
 
@@ -568,6 +735,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true", help="top kernels of a decode step")
     parser.add_argument("--sweep", action="store_true", help="kernel tile sizes' bandwidth")
     parser.add_argument(
+        "--kernels",
+        action="store_true",
+        help="NF4 kernel variants x tiles: us a call, GB/s, against the baseline kernel",
+    )
+    parser.add_argument(
         "--contexts",
         default="256,4096,16384,32768",
         help="nf4: prompt lengths to decode after (clamped to the serving window)",
@@ -595,6 +767,8 @@ def main(argv: list[str] | None = None) -> int:
         results["sweep"] = sweep(args.shape)
         for row in sorted(results["sweep"], key=lambda r: (r["kernel"], r["proj"], -r["gbs"])):
             print(json.dumps(row), flush=True)
+    if args.kernels:
+        results["nf4_kernels"] = nf4_kernels(args.shape, results["bandwidth_gbs"])
     for part in filter(None, args.parts.split(",")):
         started = time.perf_counter()
         if part == "bf16":

@@ -448,31 +448,43 @@ def _rows_split(blocks: int, programs: int, warps: int, device: torch.device) ->
 
 
 def _even_split(blocks: int, wanted: int) -> int:
-    """The fewest K ranges, at least `wanted`, that divide the quant blocks evenly (so the
-    kernel's loop needs no bound check): 45 blocks (K = 2880) split 1, 3, 5, 9, 15 or 45."""
-    return next(d for d in range(max(1, min(wanted, blocks)), blocks + 1) if blocks % d == 0)
+    """The number of K ranges nearest `wanted` (the larger on a tie) that divides the quant
+    blocks evenly, so the kernel's loop needs no bound check: 45 blocks (K = 2880) split
+    1, 3, 5, 9, 15 or 45."""
+    divisors = [d for d in range(1, blocks + 1) if blocks % d == 0]
+    return min(divisors, key=lambda d: (abs(d - wanted), -d))
+
+
+def rows_plan(
+    n: int, k: int, slots: int, tile: dict | None, device: torch.device
+) -> dict[str, Any]:
+    """How the rows kernel runs for an [N, K] projection over `slots`: `tile` (BLOCK_N,
+    num_warps, optionally SPLIT: K ranges, the nearest even split, else _rows_split's;
+    ATOMIC: the ranges added with fp32 atomics into a zeroed output, a memset instead of a
+    second kernel summing partials, in an order that can change the last bits from run to
+    run; DECODE: "smem", the default, or "global"; num_stages) resolved, with the split."""
+    plan = {"ATOMIC": False, "DECODE": "smem"} | dict(tile or rows_tile(n))
+    blocks = k // NF4_BLOCK
+    n_tiles = -(-n // plan["BLOCK_N"])
+    wanted = plan.pop("SPLIT", None) or _rows_split(
+        blocks, slots * n_tiles, plan["num_warps"], device
+    )
+    split = _even_split(blocks, wanted)
+    plan["ATOMIC"] = plan["ATOMIC"] and split > 1
+    return plan | {"split": split, "n_tiles": n_tiles, "BLOCKS_PER_SPLIT": blocks // split}
 
 
 def _expert_gemv_nf4_rows(
     x: torch.Tensor, q: Nf4Stack, ids: torch.Tensor, tile: dict | None
 ) -> torch.Tensor:
-    """expert_gemv_nf4 by expert_gemv_nf4_rows. `tile`: BLOCK_N, num_warps, optionally
-    SPLIT (K ranges, rounded up to an even split; else _rows_split's), ATOMIC (the ranges
-    added with fp32 atomics into a zeroed output: a memset instead of a second kernel summing
-    partials, in an order that can change the last bits from run to run), DECODE ("smem",
-    the default, or "global") and num_stages."""
+    """expert_gemv_nf4 by expert_gemv_nf4_rows (`tile`: see rows_plan)."""
     x = x.contiguous()
     slots, n, k = ids.numel(), q.out_features, q.in_features
-    tile = dict(tile or rows_tile(n))
-    block_n, warps = tile.pop("BLOCK_N"), tile.pop("num_warps")
-    atomic, decode = tile.pop("ATOMIC", False), tile.pop("DECODE", "smem")
-    blocks = k // NF4_BLOCK
-    n_tiles = -(-n // block_n)
-    wanted = tile.pop("SPLIT", None) or _rows_split(blocks, slots * n_tiles, warps, x.device)
-    split = _even_split(blocks, wanted)
+    plan = rows_plan(n, k, slots, tile, x.device)
+    split, n_tiles = plan.pop("split"), plan.pop("n_tiles")
     if split == 1:
         out = torch.empty((slots, n), dtype=torch.float32, device=x.device)
-    elif atomic:
+    elif plan["ATOMIC"]:
         out = torch.zeros((slots, n), dtype=torch.float32, device=x.device)
     else:
         out = torch.empty((split, slots, n), dtype=torch.float32, device=x.device)
@@ -495,16 +507,11 @@ def _expert_gemv_nf4_rows(
         n * k // 2,
         q.absmax.shape[1],
         q.nested_absmax.shape[1] if nested else 0,
-        BLOCKS_PER_SPLIT=blocks // split,
         NESTED=nested,
-        BLOCK_N=block_n,
-        EVEN_N=n % block_n == 0,
-        ATOMIC=atomic and split > 1,
-        DECODE=decode,
-        num_warps=warps,
-        **tile,  # launch options left (num_stages)
+        EVEN_N=n % plan["BLOCK_N"] == 0,
+        **plan,  # BLOCKS_PER_SPLIT, BLOCK_N, ATOMIC, DECODE, num_warps (num_stages)
     )
-    return out if split == 1 or atomic else out.sum(0)
+    return out if split == 1 or plan["ATOMIC"] else out.sum(0)
 
 
 # torch.compile sees the kernels as opaque ops with known output shapes, so the decode step

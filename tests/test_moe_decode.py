@@ -104,6 +104,100 @@ def test_the_triton_kernels_compute_the_reference_math_in_the_interpreter() -> N
     assert "kernels agree" in run.stdout
 
 
+_VARIANTS_CHECK = """
+import torch, bitsandbytes.functional as F
+from types import SimpleNamespace
+from production import moe_decode as md
+torch.manual_seed(0)
+E, K = 5, 192  # 3 quant blocks: K splits 1 and 3
+ids = torch.tensor([3, 0, 3])
+tiles = {
+    "baseline": [None, {"BLOCK_N": 16, "BLOCK_K": 128, "num_warps": 4}],
+    "rows": [
+        None,  # rows_tile: 256 rows, so N = 80 is masked
+        {"BLOCK_N": 16, "num_warps": 1, "SPLIT": 1},
+        {"BLOCK_N": 32, "num_warps": 1, "SPLIT": 3},
+        {"BLOCK_N": 64, "num_warps": 1, "SPLIT": 3, "ATOMIC": True},
+        {"BLOCK_N": 16, "num_warps": 1, "SPLIT": 3, "DECODE": "global"},
+    ],
+}
+assert set(tiles) == set(md.NF4_VARIANTS)
+checked = 0
+for n in (80, 64):  # 64: every rows tile above divides it (no row masks)
+    for nested in (True, False):
+        layers = []
+        for _ in range(E):
+            q, s = F.quantize_4bit(torch.randn(n, K, dtype=torch.bfloat16), quant_type="nf4",
+                                   compress_statistics=nested, blocksize=64)
+            layers.append(SimpleNamespace(weight=SimpleNamespace(data=q, quant_state=s)))
+        stack = md.Nf4Stack.from_linears(layers)
+        # one activation row for every slot (gate_up) and one a slot (down)
+        for x in (torch.randn(1, K, dtype=torch.bfloat16), torch.randn(3, K, dtype=torch.bfloat16)):
+            want = md.reference_gemv_nf4(x, stack, ids)
+            for variant, variant_tiles in tiles.items():
+                for tile in variant_tiles:
+                    got = md.expert_gemv_nf4(x, stack, ids, tile, variant)
+                    diff = (got - want).abs().max()
+                    assert diff < 1e-3, (variant, tile, n, nested, diff)
+                    checked += 1
+print("variants agree", checked)
+"""
+
+
+def test_every_nf4_kernel_variant_computes_the_reference_in_the_interpreter() -> None:
+    """Each NF4 kernel (NF4_VARIANTS) at several tiles, in Triton's interpreter: double quant
+    on and off, three slots on two experts (one repeated), one activation row or one a slot,
+    K in one range or split (partial sums added by a second kernel or by atomics), rows that
+    fill the tile or need masks, the NF4 table read from shared memory or global memory."""
+    pytest.importorskip("triton")
+    run = run_in_triton_interpreter(_VARIANTS_CHECK)
+    assert run.returncode == 0, run.stdout + run.stderr[-3000:]
+    assert "variants agree 56" in run.stdout, run.stdout
+
+
+def test_the_rows_kernel_splits_k_evenly_and_tiles_the_20b_rows_without_masks() -> None:
+    """The rows kernel's plan for GPT-OSS-20B (K = 2880: 45 quant blocks): every K range
+    holds the same number of blocks (its loop has no bound check), and the default tiles
+    divide gate_up's 5760 and down's 2880 rows."""
+    cpu = torch.device("cpu")
+    for n in (5760, 2880):
+        tile = moe_decode.rows_tile(n)
+        assert n % tile["BLOCK_N"] == 0
+        plan = moe_decode.rows_plan(n, 2880, 4, None, cpu)
+        assert plan["split"] * plan["BLOCKS_PER_SPLIT"] == 45
+    for wanted in range(1, 60):
+        split = moe_decode.rows_plan(
+            2880, 2880, 4, {"BLOCK_N": 64, "num_warps": 1, "SPLIT": wanted}, cpu
+        )["split"]
+        assert 45 % split == 0
+    assert moe_decode.rows_plan(64, 64, 1, None, cpu)["split"] == 1  # one block: one range
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_every_nf4_kernel_variant_computes_the_reference_on_the_gpu() -> None:
+    """Each NF4 kernel on CUDA at GPT-OSS-20B's expert shapes (random double-quant stacks,
+    bf16 activations, 4 slots): within fp32 rounding of reference_gemv_nf4, and the layer
+    runs the default variant."""
+    from benchmarks.moe_decode import random_nf4_stack, rows_tiles
+
+    ids = torch.tensor([5, 0, 7, 5], device="cuda")
+    for k, n in ((2880, 5760), (2880, 2880)):
+        stack = random_nf4_stack(8, n, k)
+        for rows in (1, 4):
+            x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+            want = moe_decode.reference_gemv_nf4(x, stack, ids)
+            configs = [("baseline", None), ("rows", None)] + [
+                ("rows", tile) for tile in rows_tiles(n)
+            ]
+            for variant, tile in configs:
+                got = moe_decode.expert_gemv_nf4(x, stack, ids, tile, variant)
+                diff = float((got - want).abs().max())
+                print(f"{n}x{k} x[{rows}] {variant} {tile}: max |diff| {diff:.2e}")
+                assert diff < 1e-4 * max(1.0, float(want.abs().max())), (variant, tile, diff)
+    assert moe_decode.NF4_VARIANT == "rows"
+
+
 def _engine(home: Path, decode: str, **model: object) -> Engine:
     # fp32: the static path and PEFT's then agree to ~1e-6, so greedy answers compare exactly.
     overrides = {"server": {"decode": decode}, "model": {"dtype": "float32", **model}}

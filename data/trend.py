@@ -1,12 +1,15 @@
 """How the person's model changed over weeks, read from the store: per day and per serving
-adapter the answers, mean rating, share corrected and regenerations; promotions and
-rollbacks on a timeline; each champion's evaluation scores at the time it was judged.
+adapter the answers, mean rating, share corrected, regenerations and response time (time to
+the first token, tokens per second); per day the conversations' length (turns, and tokens
+of the longest context an answer was made with); promotions and rollbacks on a timeline;
+each champion's evaluation scores at the time it was judged.
 
 `development.trend_report` draws these as text (CLI, TUI) and as a self-contained HTML page.
 """
 
 from __future__ import annotations
 
+import statistics
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -32,10 +35,21 @@ class DayRow:
     rating_sum: int = 0
     corrected: int = 0
     regenerations: int = 0
+    ttft_ms: list[float] = field(default_factory=list)
+    decode_tokens: int = 0  # tokens after the first, over the time they took
+    decode_seconds: float = 0.0
 
     @property
     def mean_rating(self) -> float | None:
         return self.rating_sum / self.rated if self.rated else None
+
+    @property
+    def median_ttft_s(self) -> float | None:
+        return statistics.median(self.ttft_ms) / 1000 if self.ttft_ms else None
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        return self.decode_tokens / self.decode_seconds if self.decode_seconds > 0 else None
 
     @property
     def corrected_share(self) -> float:
@@ -49,6 +63,31 @@ class DayRow:
             "mean_rating": None if self.mean_rating is None else round(self.mean_rating, 2),
             "corrected_share": round(self.corrected_share, 3),
             "regenerations": self.regenerations,
+            "median_ttft_s": _round(self.median_ttft_s, 3),
+            "tokens_per_s": _round(self.tokens_per_s, 1),
+        }
+
+
+def _round(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+@dataclass
+class ConversationDay:
+    """The conversations whose first answer in the period came on `day`: how long they ran."""
+
+    day: date
+    conversations: int = 0
+    turns: int = 0  # the person's messages that got an answer
+    tokens: int = 0  # per conversation, its longest context: prompt + answer tokens
+
+    def as_dict(self) -> dict[str, Any]:
+        n = self.conversations
+        return {
+            "day": self.day.isoformat(),
+            "conversations": n,
+            "turns_per_conversation": round(self.turns / n, 2) if n else None,
+            "tokens_per_conversation": round(self.tokens / n, 1) if n else None,
         }
 
 
@@ -57,6 +96,7 @@ class Trend:
     since: datetime
     until: datetime
     days: list[DayRow] = field(default_factory=list)
+    conversations: list[ConversationDay] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)  # promotions and rollbacks
     champions: list[dict[str, Any]] = field(default_factory=list)  # scores when promoted
 
@@ -65,6 +105,7 @@ class Trend:
             "since": self.since.isoformat(),
             "until": self.until.isoformat(),
             "days": [row.as_dict() for row in self.days],
+            "conversations": [row.as_dict() for row in self.conversations],
             "events": self.events,
             "champions": self.champions,
         }
@@ -98,10 +139,22 @@ def trend(store: Store, weeks: int = 4, now: datetime | None = None) -> Trend:
 
     rows: dict[tuple[date, str | None], DayRow] = {}
     seen_prompts: defaultdict[str, int] = defaultdict(int)
+    # conversation id -> [day of its first answer here, turns answered, longest context]
+    lengths: dict[str, list[Any]] = {}
     for message, feedback in answers:
         day = message.created_at.date()
         row = rows.setdefault((day, message.adapter_id), DayRow(day, message.adapter_id))
         row.answers += 1
+        if message.ttft_ms is not None:
+            row.ttft_ms.append(message.ttft_ms)
+            if message.latency_ms and message.completion_tokens and message.completion_tokens > 1:
+                decoding = (message.latency_ms - message.ttft_ms) / 1000
+                if decoding > 0:
+                    row.decode_tokens += message.completion_tokens - 1
+                    row.decode_seconds += decoding
+        length = lengths.setdefault(message.conversation_id, [day, set(), 0])
+        length[1].add(message.reply_to_id)
+        length[2] = max(length[2], (message.prompt_tokens or 0) + (message.completion_tokens or 0))
         if message.reply_to_id is not None:
             seen_prompts[message.reply_to_id] += 1
             if seen_prompts[message.reply_to_id] > 1:  # another answer to the same turn
@@ -113,6 +166,13 @@ def trend(store: Store, weeks: int = 4, now: datetime | None = None) -> Trend:
             if feedback.correction is not None:
                 row.corrected += 1
     result.days = sorted(rows.values(), key=lambda r: (r.day, r.adapter_id or ""))
+    by_start: dict[date, ConversationDay] = {}
+    for day, turns, tokens in lengths.values():
+        started = by_start.setdefault(day, ConversationDay(day))
+        started.conversations += 1
+        started.turns += len(turns)
+        started.tokens += tokens
+    result.conversations = sorted(by_start.values(), key=lambda c: c.day)
 
     latest: dict[str, Evaluation] = {}
     for evaluation in evaluations:
@@ -147,9 +207,13 @@ def by_day(trend: Trend) -> list[dict[str, Any]]:
         day = days.setdefault(
             row.day,
             {"day": row.day, "answers": 0, "rated": 0, "rating_sum": 0, "corrected": 0,
-             "regenerations": 0, "by_adapter": {}},
+             "regenerations": 0, "by_adapter": {}, "ttft_ms": [], "decode_tokens": 0,
+             "decode_seconds": 0.0},
         )  # fmt: skip
         day["answers"] += row.answers
+        day["ttft_ms"] += row.ttft_ms
+        day["decode_tokens"] += row.decode_tokens
+        day["decode_seconds"] += row.decode_seconds
         day["rated"] += row.rated
         day["rating_sum"] += row.rating_sum
         day["corrected"] += row.corrected
@@ -160,20 +224,37 @@ def by_day(trend: Trend) -> list[dict[str, Any]]:
         day["mean_rating"] = day["rating_sum"] / day["rated"] if day["rated"] else None
         day["corrected_share"] = day["corrected"] / day["answers"] if day["answers"] else 0.0
         day["adapter_id"] = max(day["by_adapter"], key=lambda a: day["by_adapter"][a])
+        day["median_ttft_s"] = statistics.median(day["ttft_ms"]) / 1000 if day["ttft_ms"] else None
+        seconds = day["decode_seconds"]
+        day["tokens_per_s"] = day["decode_tokens"] / seconds if seconds > 0 else None
         out.append(day)
     return out
 
 
 def text(trend: Trend) -> str:
-    """A table a terminal (or the TUI's status screen) shows as is."""
+    """A table a terminal (or the TUI's status screen) shows as is: per day the answers, mean
+    rating, share corrected, regenerations, median time to the first token, tokens per
+    second, and the turns and tokens of the conversations started that day (means)."""
     lines = [
-        f"{'day':10}  {'answers':>7}  {'rating':>6}  {'corrected':>9}  {'regen':>5}  serving",
+        f"{'day':10}  {'answers':>7}  {'rating':>6}  {'corrected':>9}  {'regen':>5}  "
+        f"{'1st tok':>7}  {'tok/s':>5}  {'turns':>5}  {'tokens':>6}  serving",
     ]
+    started = {c.day: c.as_dict() for c in trend.conversations}
+
+    def shown(value: float | None, form: str) -> str:
+        return "-" if value is None else format(value, form)
+
     for day in by_day(trend):
-        rating = "-" if day["mean_rating"] is None else f"{day['mean_rating']:.2f}"
+        length = started.get(day["day"], {})
+        first = shown(day["median_ttft_s"], ".2f")
         lines.append(
-            f"{day['day'].isoformat():10}  {day['answers']:>7}  {rating:>6}  "
+            f"{day['day'].isoformat():10}  {day['answers']:>7}  "
+            f"{shown(day['mean_rating'], '.2f'):>6}  "
             f"{day['corrected_share']:>9.0%}  {day['regenerations']:>5}  "
+            f"{first + ' s' if first != '-' else first:>7}  "
+            f"{shown(day['tokens_per_s'], '.1f'):>5}  "
+            f"{shown(length.get('turns_per_conversation'), '.1f'):>5}  "
+            f"{shown(length.get('tokens_per_conversation'), '.0f'):>6}  "
             f"{day['adapter_id'] or 'base model'}"
         )
     if len(lines) == 1:

@@ -13,6 +13,7 @@ import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -116,9 +117,29 @@ def metrics_png(panels: Sequence[MetricPanel]) -> bytes:
     return png(figure)
 
 
+def _use_png(days: list[dict[str, Any]], trend: Trend) -> bytes:
+    """Response time (median time to the first token, tokens per second) and how long the
+    conversations ran (turns, and tokens of the longest context), per day."""
+    figure = Figure(figsize=(9, 6.4), layout="constrained")
+    first, speed, turns, tokens = figure.subplots(4, 1, sharex=True)
+
+    def line(ax: Any, points: list[tuple[Any, Any]], style: str, label: str) -> None:
+        points = [p for p in points if p[1] is not None]
+        ax.plot([p[0] for p in points], [p[1] for p in points], style, color="#2b7bba")
+        ax.set_ylabel(label)
+
+    line(first, [(d["day"], d["median_ttft_s"]) for d in days], "o-", "first token (s)")
+    line(speed, [(d["day"], d["tokens_per_s"]) for d in days], "o-", "tokens/s")
+    started = [c.as_dict() | {"date": c.day} for c in trend.conversations]
+    line(turns, [(c["date"], c["turns_per_conversation"]) for c in started], "s-", "turns/chat")
+    line(tokens, [(c["date"], c["tokens_per_conversation"]) for c in started], "s-", "tokens/chat")
+    first.set_title("response time, and conversation length by the day it started")
+    return png(figure)
+
+
 def trend_pngs(trend: Trend) -> dict[str, bytes]:
-    """`daily` (answers, rating, corrected share) and, with champions, `champions` (their
-    scores when each was promoted)."""
+    """`daily` (answers, rating, corrected share), `use` (response time and conversation
+    length) and, with champions, `champions` (their scores when each was promoted)."""
     days = by_day(trend)
     images: dict[str, bytes] = {}
     figure = Figure(figsize=(9, 6.4), layout="constrained")
@@ -139,6 +160,7 @@ def trend_pngs(trend: Trend) -> dict[str, bytes]:
             ax.axvline(when, color=color, linestyle="--", linewidth=1)
     top.set_title("per day (dashed: green promotion, red rollback)")
     images["daily"] = png(figure)
+    images["use"] = _use_png(days, trend)
     if trend.champions:
         names = sorted({k for c in trend.champions for k in c} - {"at", "candidate_id"})
         figure = Figure(figsize=(9, 2.6 * max(1, len(names))), layout="constrained")

@@ -11,12 +11,15 @@ models are in models.py, the schema in migrations/).
 from __future__ import annotations
 
 import logging
+import unicodedata
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import cached_property
 from typing import Any
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import and_, bindparam, delete, exists, func, or_, select, text, update
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from data import db
@@ -203,6 +206,83 @@ def _check_correction(correction: Any) -> None:
         )
 
 
+# --- search -----------------------------------------------------------------------------
+
+SEARCH_MAX_CHARS = 200
+SEARCH_MAX_WORDS = 16
+# The last word of a query matches the start of a word (search as you type) from this many
+# characters on; shorter ones match whole words: "a"* would match most of the history.
+_PREFIX_MIN_CHARS = 3
+# Where snippet() marks a match; control characters a message hardly ever holds.
+_MARK_START, _MARK_END = "\x02", "\x03"
+_SNIPPET_TOKENS = 12
+_SEARCHED_ROLES = ("user", "assistant")  # not tool output, not system prompts
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    """A conversation found by a search, with a short excerpt of what matched: the newest
+    matching message, else the title. ``highlights`` are [start, end) character offsets of
+    the matched words in ``snippet``."""
+
+    conversation: Conversation
+    snippet: str
+    highlights: list[tuple[int, int]] = field(default_factory=list)
+
+
+def search_words(q: Any) -> list[str]:
+    """The person's query as plain words (split on whitespace; a word needs a letter or a
+    digit). InvalidInput naming ``q`` for a blank, too long or non-text query."""
+    if not isinstance(q, str):
+        raise InvalidInput(f"q must be a string; got {type(q).__name__}")
+    unencodable("q", q)
+    if len(q) > SEARCH_MAX_CHARS:
+        raise InvalidInput(f"q is {len(q)} characters long; at most {SEARCH_MAX_CHARS}")
+    # Control characters separate words too: FTS5 refuses a NUL even inside a quoted word.
+    spaced = "".join(" " if unicodedata.category(ch) == "Cc" else ch for ch in q)
+    words = [w for w in spaced.split() if any(ch.isalnum() for ch in w)]
+    if not words:
+        raise InvalidInput("q has no words to search for (letters or digits); got " + repr(q))
+    if len(words) > SEARCH_MAX_WORDS:
+        raise InvalidInput(f"q has {len(words)} words; at most {SEARCH_MAX_WORDS}")
+    return words
+
+
+def fts_query(words: list[str], *, last_is_prefix: bool) -> str:
+    """An FTS5 query that finds rows holding every word, in any order.
+
+    Each word is quoted (a quote inside doubled), so nothing the person types is FTS syntax:
+    AND, OR, NOT, NEAR(, *, ^, column: and quotes are only text. A quoted word the tokenizer
+    splits ("don't", "e-mail") is a phrase: its parts next to each other."""
+    terms = ['"' + word.replace('"', '""') + '"' for word in words]
+    if last_is_prefix and len(words[-1]) >= _PREFIX_MIN_CHARS:
+        terms[-1] += "*"
+    return " ".join(terms)
+
+
+def _marked(snippet: str) -> tuple[str, list[tuple[int, int]]]:
+    """A snippet with its match markers taken out (as offsets) and runs of whitespace (the
+    newlines of a message) made one space, so it fits on a line."""
+    out: list[str] = []
+    spans: list[tuple[int, int]] = []
+    start: int | None = None
+    for ch in snippet:
+        if ch == _MARK_START:
+            start = len(out)
+        elif ch == _MARK_END:
+            if start is not None:
+                spans.append((start, len(out)))
+            start = None
+        elif ch.isspace():
+            if out and out[-1] != " ":
+                out.append(" ")
+        else:
+            out.append(ch)
+    if out and out[-1] == " ":
+        out.pop()
+    return "".join(out), spans
+
+
 class Store:
     """The whetstone database. ``Store(url)`` opens it and migrates it to the newest schema.
 
@@ -306,6 +386,10 @@ class Store:
                 raise Gone(f"conversation {conversation_id} was forgotten")
         return conversation
 
+    # Newest first; the id breaks ties in the same direction, so ix_conversations_listed
+    # (updated_at, id; not forgotten) read backwards gives the order without a sort.
+    _LISTED_ORDER = (Conversation.updated_at.desc(), Conversation.id.desc())
+
     def list_conversations(self, limit: int = 50, offset: int = 0) -> list[Conversation]:
         """Conversations not forgotten, most recently updated first, each with
         ``.message_count`` (messages are not loaded)."""
@@ -314,11 +398,160 @@ class Store:
                 session.scalars(
                     select(Conversation)
                     .where(Conversation.forgotten_at.is_(None))
-                    .order_by(Conversation.updated_at.desc(), Conversation.id)
+                    .order_by(*self._LISTED_ORDER)
                     .limit(max(0, limit))
                     .offset(max(0, offset))
                 )
             )
+
+    @cached_property
+    def _full_text(self) -> bool:
+        """Whether the database has the full-text indexes (SQLite at 0005 or later)."""
+        if self.engine.dialect.name != "sqlite":
+            return False
+        with self.engine.connect() as connection:
+            found = connection.exec_driver_sql(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'messages_fts'"
+            ).first()
+        return found is not None
+
+    def search_conversations(
+        self, q: str, limit: int = 50, offset: int = 0, *, prefix: bool = True
+    ) -> list[SearchHit]:
+        """Conversations not forgotten with a user or assistant message, or a title, holding
+        every word of ``q`` (any order, case and accents ignored), most recently updated
+        first, each with ``.message_count`` and a snippet of the match.
+
+        ``q`` is plain words (search_words: FTS syntax in it is only text); with ``prefix``
+        its last word also matches the start of a longer word (search as you type) unless
+        ``q`` ends with a space. InvalidInput naming ``q`` for a blank or too long query.
+        """
+        words = search_words(q)
+        last_is_prefix = prefix and not q[-1].isspace() and unicodedata.category(q[-1]) != "Cc"
+        limit, offset = max(0, limit), max(0, offset)
+        if not self._full_text:
+            return self._search_like(words, limit, offset)
+        match = fts_query(words, last_is_prefix=last_is_prefix)
+        roles = bindparam("roles", _SEARCHED_ROLES, expanding=True)
+        # The conversations that match, as ids: matching rows are gathered from both indexes,
+        # then the page is cut in the list's order. Snippets come after, for the page only:
+        # snippet() reads the text back, and a common word matches thousands of messages.
+        page = text(
+            """
+            WITH hits(conversation_id) AS (
+                SELECT m.conversation_id FROM messages_fts
+                JOIN messages AS m ON m.rowid = messages_fts.rowid
+                WHERE messages_fts MATCH :match AND m.role IN :roles
+                UNION
+                SELECT c.id FROM conversations_fts
+                JOIN conversations AS c ON c.rowid = conversations_fts.rowid
+                WHERE conversations_fts MATCH :match
+            )
+            SELECT c.id FROM conversations AS c
+            WHERE c.forgotten_at IS NULL AND c.id IN (SELECT conversation_id FROM hits)
+            ORDER BY c.updated_at DESC, c.id DESC LIMIT :limit OFFSET :offset
+            """
+        ).bindparams(roles)
+        with self.read_session() as session:
+            ids = list(
+                session.scalars(
+                    page,
+                    {"match": match, "roles": _SEARCHED_ROLES, "limit": limit, "offset": offset},
+                )
+            )
+            if not ids:
+                return []
+            found = {
+                c.id: c
+                for c in session.scalars(select(Conversation).where(Conversation.id.in_(ids)))
+            }
+            snippets = self._snippets(session, ids, match)
+        return [SearchHit(found[i], *snippets.get(i, ("", []))) for i in ids if i in found]
+
+    @staticmethod
+    def _snippets(
+        session: Session, ids: list[str], match: str
+    ) -> dict[str, tuple[str, list[tuple[int, int]]]]:
+        """conversation id -> the snippet of its newest matching message, else of its title."""
+        page = bindparam("ids", ids, expanding=True)
+        roles = bindparam("roles", _SEARCHED_ROLES, expanding=True)
+        params = {"ids": ids, "roles": _SEARCHED_ROLES, "match": match}
+        # CROSS JOIN keeps the page's messages the outer loop: the index is then asked about
+        # those rowids only, not walked for every message that matches.
+        messages = text(
+            f"""
+            SELECT m.conversation_id, snippet(messages_fts, 0, char(2), char(3), '…',
+                                              {_SNIPPET_TOKENS})
+            FROM messages AS m CROSS JOIN messages_fts ON messages_fts.rowid = m.rowid
+            WHERE m.conversation_id IN :ids AND m.role IN :roles AND messages_fts MATCH :match
+            ORDER BY m.position
+            """
+        ).bindparams(page, roles)
+        titles = text(
+            """
+            SELECT c.id, highlight(conversations_fts, 0, char(2), char(3))
+            FROM conversations AS c CROSS JOIN conversations_fts
+                 ON conversations_fts.rowid = c.rowid
+            WHERE c.id IN :ids AND conversations_fts MATCH :match
+            """
+        ).bindparams(page)
+        found: dict[str, tuple[str, list[tuple[int, int]]]] = {}
+        for conversation_id, snippet in session.execute(titles, params):
+            found[conversation_id] = _marked(snippet)
+        for conversation_id, snippet in session.execute(messages, params):
+            found[conversation_id] = _marked(snippet)  # in position order: the newest stays
+        return found
+
+    def _search_like(self, words: list[str], limit: int, offset: int) -> list[SearchHit]:
+        """Search without FTS5 (a database other than SQLite): every word as a substring of
+        one message or of the title, case ignored; the snippet is the text around the first
+        word. Slower, and no accent folding, but the same answers for plain words."""
+
+        def holds(column: Any) -> Any:
+            escaped = [
+                w.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") for w in words
+            ]
+            return and_(*(column.ilike(f"%{w}%", escape="\\") for w in escaped))
+
+        in_message = exists().where(
+            Message.conversation_id == Conversation.id,
+            Message.role.in_(_SEARCHED_ROLES),
+            holds(Message.content),
+        )
+        stmt = (
+            select(Conversation)
+            .where(Conversation.forgotten_at.is_(None), or_(in_message, holds(Conversation.title)))
+            .order_by(*self._LISTED_ORDER)
+            .limit(limit)
+            .offset(offset)
+        )
+        first = words[0].lower()
+        hits = []
+        with self.read_session() as session:
+            for conversation in session.scalars(stmt):
+                content = session.scalar(
+                    select(Message.content)
+                    .where(
+                        Message.conversation_id == conversation.id,
+                        Message.role.in_(_SEARCHED_ROLES),
+                        holds(Message.content),
+                    )
+                    .order_by(Message.position.desc())
+                    .limit(1)
+                )
+                source = content if content is not None else conversation.title or ""
+                at = max(0, source.lower().find(first))
+                start = max(0, at - 40)
+                snippet, spans = _marked(
+                    ("…" if start else "")
+                    + source[start:at]
+                    + _MARK_START
+                    + source[at : at + len(first)]
+                    + _MARK_END
+                    + source[at + len(first) : at + len(first) + 60]
+                )
+                hits.append(SearchHit(conversation, snippet, spans))
+        return hits
 
     def rename_conversation(self, conversation_id: str, title: str | None) -> Conversation:
         """Set the title (blank or None clears it). Does not change updated_at."""
@@ -371,6 +604,8 @@ class Store:
             conversation.forgotten_at = utcnow()
             conversation.title = None
             conversation.system_prompt = None
+            session.flush()  # the title's trigger takes it out of the index
+            self._purge_search_index(session)
         self._checkpoint()
         log.info(
             "forgot conversation %s (%d messages, %d feedback rows deleted)",
@@ -378,6 +613,17 @@ class Store:
             message_rows,
             feedback_rows,
         )
+
+    def _purge_search_index(self, session: Session) -> None:
+        """Merge the full-text indexes' segments. Deleting from FTS5 only records that the
+        rows are gone; their words stay in the older segments (in the file) until those are
+        merged. 'optimize' merges them all, leaving the forgotten words nowhere; the pages it
+        frees are zeroed (secure_delete). (FTS5's own secure-delete option would spare the
+        merge, but needs SQLite 3.42 and makes the file unreadable to older ones.)"""
+        if not self._full_text:
+            return
+        for fts in ("messages_fts", "conversations_fts"):
+            session.execute(text(f"INSERT INTO {fts}({fts}) VALUES ('optimize')"))
 
     def _checkpoint(self) -> None:
         """Copy the write-ahead log into the database and empty it. Deleted rows are zeroed

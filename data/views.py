@@ -3,9 +3,12 @@ the API worker's bodies show. Timestamps are ISO 8601 strings (datetime.isoforma
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from data.models import Conversation, Feedback, Message, Promotion, TrainingRun
+
+if TYPE_CHECKING:
+    from data.store import SearchHit
 
 
 def run_view(run: TrainingRun) -> dict[str, Any]:
@@ -81,6 +84,15 @@ def conversation_summary(c: Conversation) -> dict[str, Any]:
         "created_at": c.created_at.isoformat(),
         "updated_at": c.updated_at.isoformat(),
         "message_count": getattr(c, "message_count", None),
+    }
+
+
+def search_hit_view(hit: SearchHit) -> dict[str, Any]:
+    """A conversation found by a search: its summary, the snippet of what matched, and where
+    in the snippet the matched words are ([start, end) character offsets)."""
+    return conversation_summary(hit.conversation) | {
+        "snippet": hit.snippet,
+        "highlights": [list(span) for span in hit.highlights],
     }
 
 

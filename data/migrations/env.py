@@ -13,7 +13,7 @@ from logging.config import fileConfig
 from alembic import context
 
 from data.db import make_engine, write_engine
-from data.models import Base
+from data.models import Base, include_name
 
 config = context.config
 target_metadata = Base.metadata
@@ -34,7 +34,12 @@ def _url() -> str:
 
 def _configure(**kwargs: object) -> None:
     # render_as_batch: SQLite cannot ALTER most things; batch mode rebuilds tables instead.
-    context.configure(target_metadata=target_metadata, render_as_batch=True, **kwargs)
+    context.configure(
+        target_metadata=target_metadata,
+        render_as_batch=True,
+        include_name=include_name,  # the full-text index tables are not the ORM's
+        **kwargs,
+    )
 
 
 def run_migrations_offline() -> None:

@@ -8,7 +8,8 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from data.views import conversation_summary, feedback_view, message_view
+from data.errors import InvalidInput
+from data.views import conversation_summary, feedback_view, message_view, search_hit_view
 from production.api.errors import ApiError
 from production.api.schemas import ConversationPatch, FeedbackRequest
 from production.api.service import ServiceDep
@@ -40,13 +41,23 @@ async def trend(service: ServiceDep, weeks: int = 4) -> dict[str, Any]:
 
 
 @router.get("/v1/conversations")
-async def conversations(service: ServiceDep, limit: int = 50, offset: int = 0) -> dict[str, Any]:
+async def conversations(
+    service: ServiceDep, limit: int = 50, offset: int = 0, q: str | None = None
+) -> dict[str, Any]:
+    """Newest first; with `q`, only those whose messages or title hold its words, each with
+    the snippet that matched."""
     if not 1 <= limit <= 500:
         raise ApiError(400, f"limit must be 1..500; got {limit}", param="limit")
     if not 0 <= offset < 2**63:  # SQLite's integers are 64-bit
         raise ApiError(400, f"offset must be 0..2^63-1; got {offset}", param="offset")
-    rows = await asyncio.to_thread(service.store.list_conversations, limit, offset)
-    return {"data": [conversation_summary(c) for c in rows]}
+    if q is None:
+        rows = await asyncio.to_thread(service.store.list_conversations, limit, offset)
+        return {"data": [conversation_summary(c) for c in rows]}
+    try:
+        hits = await asyncio.to_thread(service.store.search_conversations, q, limit, offset)
+    except InvalidInput as exc:  # the store checks q: blank, too long, not text
+        raise ApiError(400, str(exc), param="q") from None
+    return {"data": [search_hit_view(hit) for hit in hits]}
 
 
 @router.get("/v1/conversations/{conversation_id}")

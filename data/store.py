@@ -210,8 +210,9 @@ def _check_correction(correction: Any) -> None:
 
 SEARCH_MAX_CHARS = 200
 SEARCH_MAX_WORDS = 16
-# The last word of a query matches the start of a word (search as you type) from this many
-# characters on; shorter ones match whole words: "a"* would match most of the history.
+# A word of the query matches the start of a word ("owl" finds "owls"; search as you type)
+# from this many characters on; shorter ones match whole words: "a"* would match most of
+# the history, and slowly.
 _PREFIX_MIN_CHARS = 3
 # Where snippet() marks a match; control characters a message hardly ever holds.
 _MARK_START, _MARK_END = "\x02", "\x03"
@@ -248,15 +249,18 @@ def search_words(q: Any) -> list[str]:
     return words
 
 
-def fts_query(words: list[str], *, last_is_prefix: bool) -> str:
+def fts_query(words: list[str], *, prefix: bool) -> str:
     """An FTS5 query that finds rows holding every word, in any order.
 
     Each word is quoted (a quote inside doubled), so nothing the person types is FTS syntax:
     AND, OR, NOT, NEAR(, *, ^, column: and quotes are only text. A quoted word the tokenizer
     splits ("don't", "e-mail") is a phrase: its parts next to each other."""
-    terms = ['"' + word.replace('"', '""') + '"' for word in words]
-    if last_is_prefix and len(words[-1]) >= _PREFIX_MIN_CHARS:
-        terms[-1] += "*"
+    terms = []
+    for word in words:
+        term = '"' + word.replace('"', '""') + '"'
+        if prefix and sum(ch.isalnum() for ch in word) >= _PREFIX_MIN_CHARS:
+            term += "*"  # outside the quotes: FTS5's prefix mark, on the quoted word
+        terms.append(term)
     return " ".join(terms)
 
 
@@ -423,15 +427,14 @@ class Store:
         first, each with ``.message_count`` and a snippet of the match.
 
         ``q`` is plain words (search_words: FTS syntax in it is only text); with ``prefix``
-        its last word also matches the start of a longer word (search as you type) unless
-        ``q`` ends with a space. InvalidInput naming ``q`` for a blank or too long query.
+        a word of 3 or more letters also matches the start of a longer one (search as you
+        type). InvalidInput naming ``q`` for a blank or too long query.
         """
         words = search_words(q)
-        last_is_prefix = prefix and not q[-1].isspace() and unicodedata.category(q[-1]) != "Cc"
         limit, offset = max(0, limit), max(0, offset)
         if not self._full_text:
             return self._search_like(words, limit, offset)
-        match = fts_query(words, last_is_prefix=last_is_prefix)
+        match = fts_query(words, prefix=prefix)
         roles = bindparam("roles", _SEARCHED_ROLES, expanding=True)
         # The conversations that match, as ids: matching rows are gathered from both indexes,
         # then the page is cut in the list's order. Snippets come after, for the page only:

@@ -245,6 +245,57 @@ def test_conversations_api_rename_and_forget(server: ServerProcess) -> None:
     assert gone.status_code == 404
 
 
+def test_conversations_search_api(server: ServerProcess) -> None:
+    """GET /v1/conversations?q=: the listing's shape plus a snippet; bad q is a 400 naming q."""
+    url = f"{server.url}/v1/conversations"
+    with store_of(server.home) as store:
+        owls = store.create_conversation()
+        store.add_message(owls.id, "user", "Where do barn owls nest?")
+        store.add_message(
+            owls.id, "assistant", "Barn owls nest in old barns.", finish_reason="stop"
+        )
+        herons = store.create_conversation(title="Herons")
+        store.add_message(herons.id, "user", "Do herons eat fish?")
+        gone = store.create_conversation(title="Owls, privately")
+        store.add_message(gone.id, "user", "Owls are my secret.")
+        store.forget_conversation(gone.id)
+    answered = chat(server.url, [{"role": "user", "content": "Name one owl species."}]).json()
+
+    reply = httpx.get(url, params={"q": "OWLS barn"})
+    assert reply.status_code == 200, reply.text
+    (hit,) = reply.json()["data"]
+    listed = {c["id"]: c for c in httpx.get(url).json()["data"]}
+    assert hit["id"] == owls.id
+    assert {k: v for k, v in hit.items() if k not in ("snippet", "highlights")} == listed[owls.id]
+    assert hit["snippet"] == "Barn owls nest in old barns."
+    assert [hit["snippet"][a:b] for a, b in hit["highlights"]] == ["Barn", "owls", "barns"]
+
+    # Newest first, paged like the listing; the forgotten one is never found.
+    both = [c["id"] for c in httpx.get(url, params={"q": "owl"}).json()["data"]]
+    assert both == [answered["conversation_id"], owls.id]
+    paged = httpx.get(url, params={"q": "owl", "limit": 1, "offset": 1}).json()["data"]
+    assert [c["id"] for c in paged] == [owls.id]
+    assert httpx.get(url, params={"q": "secret"}).json()["data"] == []
+    assert httpx.get(url, params={"q": "herons"}).json()["data"][0]["id"] == herons.id
+    # Query syntax is text, never an error.
+    for q in ['"', "owl OR", "NEAR(owl", "owl*", "-owl", "title:owl", "owl) AND (barn"]:
+        assert httpx.get(url, params={"q": q}).status_code in (200, 400), q
+    assert httpx.get(url, params={"q": '(owls) barn"'}).json()["data"][0]["id"] == owls.id
+
+    for q, says in [
+        ("", "no words"),
+        ("   ", "no words"),
+        ('" * ^', "no words"),
+        ("x" * 201, "at most 200"),
+    ]:
+        bad = httpx.get(url, params={"q": q})
+        assert bad.status_code == 400, (q, bad.text)
+        error = bad.json()["error"]
+        assert error["param"] == "q" and says in error["message"], (q, error)
+    bad_limit = httpx.get(url, params={"q": "owl", "limit": 0})
+    assert (bad_limit.status_code, bad_limit.json()["error"]["param"]) == (400, "limit")
+
+
 def test_disconnect_stops_generation_and_keeps_the_partial_answer(server: ServerProcess) -> None:
     with httpx.stream(
         "POST",

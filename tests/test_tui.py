@@ -32,7 +32,7 @@ from tui.screens.dialogs import ConfirmScreen, EditScreen
 from tui.screens.reports import ReportScreen, ReportsScreen
 from tui.screens.status import StatusScreen
 from tui.widgets.message import AnswerView, UserMessage
-from tui.widgets.sidebar import ConnectionBar, ConversationList
+from tui.widgets.sidebar import ConnectionBar, ConversationList, SearchBox
 
 STORY = "Write a very long story about a dragon and a knight."
 WIDE, NARROW = (120, 40), (80, 24)
@@ -333,6 +333,93 @@ def test_conversation_list_switches_renames_and_forgets(server: ServerProcess) -
 
         titles = [c.title for c in stored(server.home, "list_conversations")]
         assert titles == ["Say goodbye."]
+
+    run(scenario)
+
+
+@pytest.mark.slow
+def test_search_box_filters_the_list_through_the_api_and_opens_a_match(
+    server: ServerProcess,
+) -> None:
+    with store_of(server.home) as store:
+        for question, answer in [
+            ("Where do barn owls nest?", "In old barns and hollow trees."),
+            ("Do herons eat frogs?", "Yes: grey herons eat frogs, fish and voles."),
+            ("What do owls eat?", "Mostly voles."),
+        ]:
+            conversation = store.create_conversation(title=question)
+            store.add_message(conversation.id, "user", question)
+            store.add_message(conversation.id, "assistant", answer, finish_reason="stop")
+        herons = store.search_conversations("herons")[0].conversation.id
+
+    def titles(sidebar: ConversationList) -> list[str]:
+        return [item.summary["title"] for item in sidebar.children]
+
+    async def scenario() -> None:
+        app = app_for(server.home)
+        async with app.run_test(size=WIDE) as pilot:
+            await connected(pilot)
+            screen = chat_screen(app)
+            sidebar = screen.query_one(ConversationList)
+            await until(pilot, lambda: len(sidebar.children) == 3, 10, "three conversations")
+
+            # Ctrl+F to the box; the words match the answer, not the title.
+            await pilot.press("ctrl+f")
+            assert app.focused is screen.query_one(SearchBox)
+            await pilot.press(*"FROGS grey")
+            await until(
+                pilot,
+                lambda: titles(sidebar) == ["Do herons eat frogs?"],
+                10,
+                "only the heron conversation",
+            )
+            shown = await until(
+                pilot, lambda: sidebar.children[0].query(".snippet"), 5, "the snippet shown"
+            )
+            snippet = str(shown.first().render())
+            assert "grey herons eat frogs" in snippet, snippet
+
+            # Esc: the whole list again.
+            await pilot.press("escape")
+            await until(pilot, lambda: len(sidebar.children) == 3, 10, "the whole list again")
+            assert app.focused is sidebar
+
+            # Found as it is typed ("owl" is the start of "owls"); Enter opens the newest.
+            await pilot.press("ctrl+f", *"owl")
+            await until(pilot, lambda: len(sidebar.children) == 2, 10, "the two owl ones")
+            assert titles(sidebar) == ["What do owls eat?", "Where do barn owls nest?"]
+            await pilot.press(*" nest")  # every word, in one message (or the title)
+            await until(
+                pilot, lambda: titles(sidebar) == ["Where do barn owls nest?"], 10, "the barn owl"
+            )
+            await pilot.press("enter")
+            await until(
+                pilot,
+                lambda: [v.text for v in screen.query(UserMessage)] == ["Where do barn owls nest?"],
+                10,
+                "the barn owl conversation open",
+            )
+            assert answers(app)[0].text == "In old barns and hollow trees."
+
+            # Down to the matches, and Enter there opens as the list does.
+            await pilot.press("ctrl+f")
+            screen.query_one(SearchBox).value = ""
+            await pilot.press(*"voles frogs")
+            await until(
+                pilot, lambda: titles(sidebar) == ["Do herons eat frogs?"], 10, "the heron one"
+            )
+            await pilot.press("down", "enter")
+            await until(
+                pilot,
+                lambda: screen.conversation and screen.conversation["id"] == herons,
+                10,
+                "the heron conversation open",
+            )
+            assert answers(app)[0].text == "Yes: grey herons eat frogs, fish and voles."
+
+            # Nothing matches: an empty list, not an error.
+            await pilot.press("ctrl+f", *" zebra")
+            await until(pilot, lambda: not sidebar.children, 10, "no matches")
 
     run(scenario)
 

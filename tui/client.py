@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlencode
 
 import httpx
 
@@ -114,6 +115,12 @@ class Api:
 
     async def conversations(self) -> list[dict[str, Any]]:
         return (await self.request("GET", "/v1/conversations"))["data"]
+
+    async def search_conversations(self, q: str, limit: int = 50) -> list[dict[str, Any]]:
+        """Conversations whose messages or title hold the words of `q`, newest first, each
+        with the `snippet` that matched."""
+        query = urlencode({"q": q, "limit": limit})
+        return (await self.request("GET", f"/v1/conversations?{query}"))["data"]
 
     async def conversation(self, conversation_id: str) -> dict[str, Any]:
         return await self.request("GET", f"/v1/conversations/{conversation_id}")

@@ -1,4 +1,4 @@
-"""The chat: conversations on the left, the transcript, the message box.
+"""The chat: conversations on the left (with a search box), the transcript, the message box.
 
 Answers stream in as Markdown (MarkdownStream batches fragments, so a fast model never
 makes typing stutter). Feedback goes to /v1/feedback at once and shows on the answer as
@@ -21,10 +21,12 @@ from tui.client import ApiRefused, DaemonUnreachable, Delta, Finished, Started
 from tui.screens.dialogs import ConfirmScreen, EditScreen, RenameScreen, SettingsScreen
 from tui.widgets.message import Answer, AnswerView, FeedbackState, UserMessage
 from tui.widgets.prompt import PromptInput
-from tui.widgets.sidebar import ConnectionBar, ConversationItem, ConversationList
+from tui.widgets.sidebar import ConnectionBar, ConversationItem, ConversationList, SearchBox
 from tui.widgets.transcript import Transcript
 
 FEEDBACK_FIELDS = ("rating", "correction")
+# The search waits this long after a key: a word typed fast is one request, not one a letter.
+SEARCH_DELAY_S = 0.25
 
 
 class ChatScreen(Screen[None]):
@@ -32,6 +34,7 @@ class ChatScreen(Screen[None]):
         Binding("escape", "escape", "Stop/pick", key_display="esc"),
         Binding("ctrl+n", "new_conversation", "New", key_display="^n"),
         Binding("ctrl+b", "toggle_sidebar", "Chats", key_display="^b"),
+        Binding("ctrl+f", "search", "Search", show=False),
         # In the help screen (F1); the footer has no room for them at 80 columns.
         Binding("ctrl+o", "settings", "System/effort", show=False),
         Binding("ctrl+t", "toggle_reasoning", "Analysis", show=False),
@@ -49,7 +52,9 @@ class ChatScreen(Screen[None]):
     def compose(self) -> ComposeResult:
         yield Header()
         with Horizontal():
-            yield ConversationList(id="sidebar")
+            with Vertical(id="sidebar"):
+                yield SearchBox(id="search")
+                yield ConversationList(id="conversations")
             with Vertical(id="main"):
                 yield ConnectionBar(id="connection")
                 yield Static(id="chat-info")
@@ -93,18 +98,50 @@ class ChatScreen(Screen[None]):
 
     # ---------------------------------------------------------------- conversations
 
-    @work(exclusive=True, group="conversations")
-    async def refresh_conversations(self) -> None:
+    # Its own group: a list arriving late is replaced by the next (typing in the search box
+    # cancels the search before), and opening a conversation is not cancelled by either.
+    @work(exclusive=True, group="sidebar")
+    async def refresh_conversations(self, delay: float = 0.0, open_first: bool = False) -> None:
+        """Fill the sidebar: the conversations matching the search box, or all of them."""
+        q = self.query_one(SearchBox).value
+        searching = any(ch.isalnum() for ch in q)  # the daemon would refuse it as no words
+        await asyncio.sleep(delay)  # a debounce: the next key cancels this worker
         try:
-            summaries = await self.api.conversations()
-        except (DaemonUnreachable, ApiRefused):
+            if searching:
+                summaries = await self.api.search_conversations(q)
+            else:
+                summaries = await self.api.conversations()
+        except DaemonUnreachable:
             return  # the connection bar says so; the next reconnect refreshes
+        except ApiRefused as exc:
+            if searching:
+                self.notify(f"search: {exc.message}", severity="warning")
+            return
+        if self.query_one(SearchBox).value != q:
+            return  # typed on since: that search is on its way
         active = (self.conversation or {}).get("id")
         self.query_one(ConversationList).show(summaries, active)
+        if open_first and summaries:
+            self.open_conversation(summaries[0]["id"])
         for summary in summaries:
             if summary["id"] == active:  # its title as stored (first message, or renamed)
                 self.conversation = summary
                 self._show_info()
+
+    @on(SearchBox.Changed, "#search")
+    def _search_typed(self, event: SearchBox.Changed) -> None:
+        self.refresh_conversations(delay=SEARCH_DELAY_S if event.value.strip() else 0.0)
+
+    @on(SearchBox.Submitted, "#search")
+    def _search_entered(self) -> None:
+        """Enter in the search box opens the newest match."""
+        self.refresh_conversations(open_first=True)
+
+    def action_search(self) -> None:
+        if self.has_class("-narrow"):
+            self.add_class("-show-sidebar")
+        self.remove_class("-hide-sidebar")
+        self.query_one(SearchBox).focus()
 
     @on(ConversationList.Selected)
     def _pick(self, event: ConversationList.Selected) -> None:

@@ -25,6 +25,7 @@ HELP = """\
 | Up (box empty) | pick the latest answer |
 | Ctrl+N | new conversation |
 | Ctrl+B | show / hide the conversation list |
+| Ctrl+F | search the conversations (the box above the list) |
 | Ctrl+O | system prompt and reasoning effort of this conversation |
 | Ctrl+T | show / hide the analysis channel (harmony models) |
 
@@ -40,6 +41,13 @@ HELP = """\
 |---|---|
 | Enter | open |
 | n / e / d | new / rename / delete (forget) |
+
+| search box (above the list) | |
+|---|---|
+| typing | lists only the conversations whose messages or title hold those words |
+| Enter | open the newest match |
+| Down | to the matches |
+| Esc | clear: the whole list again |
 
 | status | |
 |---|---|

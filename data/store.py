@@ -435,74 +435,78 @@ class Store:
         if not self._full_text:
             return self._search_like(words, limit, offset)
         match = fts_query(words, prefix=prefix)
-        roles = bindparam("roles", _SEARCHED_ROLES, expanding=True)
-        # The conversations that match, as ids: matching rows are gathered from both indexes,
-        # then the page is cut in the list's order. Snippets come after, for the page only:
-        # snippet() reads the text back, and a common word matches thousands of messages.
+        # One pass over the matches: each matching message (user or assistant) and title
+        # gives its conversation; each conversation keeps its newest matching message (the
+        # highest rowid: a conversation's messages are appended), NULL if only the title
+        # matched. The page is cut in the list's order. CROSS JOIN keeps the index the outer
+        # loop: it is walked once, and asking it about one row at a time instead costs a
+        # merge of every word a prefix ("the"*) stands for, per row.
         page = text(
             """
-            WITH hits(conversation_id) AS (
-                SELECT m.conversation_id FROM messages_fts
-                JOIN messages AS m ON m.rowid = messages_fts.rowid
+            WITH hits(conversation_id, message_rowid) AS (
+                SELECT m.conversation_id, messages_fts.rowid FROM messages_fts
+                CROSS JOIN messages AS m ON m.rowid = messages_fts.rowid
                 WHERE messages_fts MATCH :match AND m.role IN :roles
-                UNION
-                SELECT c.id FROM conversations_fts
-                JOIN conversations AS c ON c.rowid = conversations_fts.rowid
+                UNION ALL
+                SELECT c.id, NULL FROM conversations_fts
+                CROSS JOIN conversations AS c ON c.rowid = conversations_fts.rowid
                 WHERE conversations_fts MATCH :match
+            ), found(conversation_id, message_rowid) AS (
+                SELECT conversation_id, max(message_rowid) FROM hits GROUP BY conversation_id
             )
-            SELECT c.id FROM conversations AS c
-            WHERE c.forgotten_at IS NULL AND c.id IN (SELECT conversation_id FROM hits)
+            SELECT c.id, found.message_rowid FROM found
+            JOIN conversations AS c ON c.id = found.conversation_id
+            WHERE c.forgotten_at IS NULL
             ORDER BY c.updated_at DESC, c.id DESC LIMIT :limit OFFSET :offset
             """
-        ).bindparams(roles)
+        ).bindparams(bindparam("roles", expanding=True))
+        params = {"match": match, "roles": _SEARCHED_ROLES, "limit": limit, "offset": offset}
         with self.read_session() as session:
-            ids = list(
-                session.scalars(
-                    page,
-                    {"match": match, "roles": _SEARCHED_ROLES, "limit": limit, "offset": offset},
-                )
-            )
-            if not ids:
+            rows = session.execute(page, params).all()
+            if not rows:
                 return []
+            ids = [conversation_id for conversation_id, _ in rows]
             found = {
                 c.id: c
                 for c in session.scalars(select(Conversation).where(Conversation.id.in_(ids)))
             }
-            snippets = self._snippets(session, ids, match)
+            snippets = self._snippets(session, match, rows)
         return [SearchHit(found[i], *snippets.get(i, ("", []))) for i in ids if i in found]
 
     @staticmethod
     def _snippets(
-        session: Session, ids: list[str], match: str
+        session: Session, match: str, rows: list[Any]
     ) -> dict[str, tuple[str, list[tuple[int, int]]]]:
-        """conversation id -> the snippet of its newest matching message, else of its title."""
-        page = bindparam("ids", ids, expanding=True)
-        roles = bindparam("roles", _SEARCHED_ROLES, expanding=True)
-        params = {"ids": ids, "roles": _SEARCHED_ROLES, "match": match}
-        # CROSS JOIN keeps the page's messages the outer loop: the index is then asked about
-        # those rowids only, not walked for every message that matches.
-        messages = text(
-            f"""
-            SELECT m.conversation_id, snippet(messages_fts, 0, char(2), char(3), '…',
-                                              {_SNIPPET_TOKENS})
-            FROM messages AS m CROSS JOIN messages_fts ON messages_fts.rowid = m.rowid
-            WHERE m.conversation_id IN :ids AND m.role IN :roles AND messages_fts MATCH :match
-            ORDER BY m.position
-            """
-        ).bindparams(page, roles)
-        titles = text(
-            """
-            SELECT c.id, highlight(conversations_fts, 0, char(2), char(3))
-            FROM conversations AS c CROSS JOIN conversations_fts
-                 ON conversations_fts.rowid = c.rowid
-            WHERE c.id IN :ids AND conversations_fts MATCH :match
-            """
-        ).bindparams(page)
+        """conversation id -> the snippet of its newest matching message, else of its title,
+        for the (conversation id, message rowid or None) rows of one page."""
+        by_rowid = {rowid: cid for cid, rowid in rows if rowid is not None}
+        titled = [cid for cid, rowid in rows if rowid is None]
         found: dict[str, tuple[str, list[tuple[int, int]]]] = {}
-        for conversation_id, snippet in session.execute(titles, params):
-            found[conversation_id] = _marked(snippet)
-        for conversation_id, snippet in session.execute(messages, params):
-            found[conversation_id] = _marked(snippet)  # in position order: the newest stays
+        if by_rowid:
+            # "+rowid": a filter on one walk of the index, not one lookup per row (above).
+            messages = text(
+                f"""
+                SELECT rowid, snippet(messages_fts, 0, char(2), char(3), '…', {_SNIPPET_TOKENS})
+                FROM messages_fts WHERE messages_fts MATCH :match AND +rowid IN :rowids
+                """
+            ).bindparams(bindparam("rowids", expanding=True))
+            for rowid, snippet in session.execute(
+                messages, {"match": match, "rowids": list(by_rowid)}
+            ):
+                found[by_rowid[rowid]] = _marked(snippet)
+        if titled:
+            titles = text(
+                """
+                SELECT c.id, highlight(conversations_fts, 0, char(2), char(3))
+                FROM conversations AS c CROSS JOIN conversations_fts
+                     ON conversations_fts.rowid = c.rowid
+                WHERE c.id IN :ids AND conversations_fts MATCH :match
+                """
+            ).bindparams(bindparam("ids", expanding=True))
+            for conversation_id, snippet in session.execute(
+                titles, {"match": match, "ids": titled}
+            ):
+                found[conversation_id] = _marked(snippet)
         return found
 
     def _search_like(self, words: list[str], limit: int, offset: int) -> list[SearchHit]:

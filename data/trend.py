@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import statistics
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -38,6 +38,17 @@ class DayRow:
     ttft_ms: list[float] = field(default_factory=list)
     decode_tokens: int = 0  # tokens after the first, over the time they took
     decode_seconds: float = 0.0
+
+    def add(self, other: DayRow) -> None:
+        """Count `other`'s answers in too (another adapter's, the same day)."""
+        self.answers += other.answers
+        self.rated += other.rated
+        self.rating_sum += other.rating_sum
+        self.corrected += other.corrected
+        self.regenerations += other.regenerations
+        self.ttft_ms += other.ttft_ms
+        self.decode_tokens += other.decode_tokens
+        self.decode_seconds += other.decode_seconds
 
     @property
     def mean_rating(self) -> float | None:
@@ -202,33 +213,23 @@ def trend(store: Store, weeks: int = 4, now: datetime | None = None) -> Trend:
 
 def by_day(trend: Trend) -> list[dict[str, Any]]:
     """One entry per day: totals over adapters, and the adapter that answered most."""
-    days: dict[date, dict[str, Any]] = {}
+    totals: dict[date, DayRow] = {}
+    served: defaultdict[date, dict[str | None, int]] = defaultdict(dict)
     for row in trend.days:
-        day = days.setdefault(
-            row.day,
-            {"day": row.day, "answers": 0, "rated": 0, "rating_sum": 0, "corrected": 0,
-             "regenerations": 0, "by_adapter": {}, "ttft_ms": [], "decode_tokens": 0,
-             "decode_seconds": 0.0},
-        )  # fmt: skip
-        day["answers"] += row.answers
-        day["ttft_ms"] += row.ttft_ms
-        day["decode_tokens"] += row.decode_tokens
-        day["decode_seconds"] += row.decode_seconds
-        day["rated"] += row.rated
-        day["rating_sum"] += row.rating_sum
-        day["corrected"] += row.corrected
-        day["regenerations"] += row.regenerations
-        day["by_adapter"][row.adapter_id] = row.answers
-    out = []
-    for day in sorted(days.values(), key=lambda d: d["day"]):
-        day["mean_rating"] = day["rating_sum"] / day["rated"] if day["rated"] else None
-        day["corrected_share"] = day["corrected"] / day["answers"] if day["answers"] else 0.0
-        day["adapter_id"] = max(day["by_adapter"], key=lambda a: day["by_adapter"][a])
-        day["median_ttft_s"] = statistics.median(day["ttft_ms"]) / 1000 if day["ttft_ms"] else None
-        seconds = day["decode_seconds"]
-        day["tokens_per_s"] = day["decode_tokens"] / seconds if seconds > 0 else None
-        out.append(day)
-    return out
+        totals.setdefault(row.day, DayRow(row.day, None)).add(row)
+        served[row.day][row.adapter_id] = row.answers
+    return [
+        asdict(total)
+        | {
+            "by_adapter": served[day],
+            "adapter_id": max(served[day], key=lambda a: served[day][a]),
+            "mean_rating": total.mean_rating,
+            "corrected_share": total.corrected_share,
+            "median_ttft_s": total.median_ttft_s,
+            "tokens_per_s": total.tokens_per_s,
+        }
+        for day, total in sorted(totals.items())
+    ]
 
 
 def text(trend: Trend) -> str:

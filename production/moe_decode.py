@@ -338,15 +338,17 @@ ROWS_PER_THREAD = 4  # BLOCK_N = 16 * num_warps * this in the rows kernel's layo
 WARPS_PER_SM = 16  # the rows kernel splits K until about this many warps per SM stream
 
 
+def _sm_count(device: torch.device) -> int:
+    """The device's SMs, which the K splits fill (an H200's 132 where there is no GPU)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132
+
+
 def _split_k(k: int, block_k: int, programs: int, device: torch.device) -> tuple[int, int]:
     """(ranges, columns per range) splitting K so that about 8 programs per SM stream weights:
     with 4 slots a layer's tiles alone leave most of an H200's 132 SMs idle."""
-    sms = (
-        torch.cuda.get_device_properties(device).multi_processor_count
-        if device.type == "cuda"
-        else 132
-    )
-    target = 8 * sms
+    target = 8 * _sm_count(device)
     steps = -(-k // block_k)
     wanted = max(1, min(steps, target // max(1, programs)))
     per_range = -(-steps // wanted)
@@ -406,26 +408,18 @@ def expert_gemv_nf4(
     split, per_split = _split_k(k, tile["BLOCK_K"], slots * n_tiles, x.device)
     out = torch.empty((split, slots, n), dtype=torch.float32, device=x.device)
     x_stride = x.stride(0) if x.shape[0] > 1 else 0
-    nested = q.nested
-    dummy = q.code
     _triton_kernels()["nf4"][(slots, n_tiles, split)](
         x,
-        q.packed,
-        q.absmax,
-        q.nested_absmax if nested else dummy,
-        q.offset if nested else dummy,
-        q.code,
-        q.nested_code if nested else dummy,
+        *q.kernel_tensors(),
         ids,
         out,
         slots,
         k,
         n,
         x_stride,
-        q.absmax.shape[1],
-        q.nested_absmax.shape[1] if nested else 0,
+        *q.kernel_blocks(),
         per_split,
-        NESTED=nested,
+        NESTED=q.nested,
         **tile,
     )
     return out.sum(0)
@@ -439,15 +433,10 @@ def rows_tile(n: int) -> dict:
     return {"BLOCK_N": 16 * ROWS_PER_THREAD * warps, "num_warps": warps}
 
 
-def _rows_split(blocks: int, programs: int, warps: int, device: torch.device) -> int:
+def _rows_split(programs: int, warps: int, device: torch.device) -> int:
     """K ranges for the rows kernel: enough programs for about WARPS_PER_SM warps on every
     SM (a decode step's 4 slots alone leave most SMs idle)."""
-    sms = (
-        torch.cuda.get_device_properties(device).multi_processor_count
-        if device.type == "cuda"
-        else 132
-    )
-    return -(-WARPS_PER_SM * sms // (programs * warps))
+    return -(-WARPS_PER_SM * _sm_count(device) // (programs * warps))
 
 
 def _even_split(blocks: int, wanted: int) -> int:
@@ -469,9 +458,7 @@ def rows_plan(
     plan = {"ATOMIC": False, "DECODE": "smem"} | dict(tile or rows_tile(n))
     blocks = k // NF4_BLOCK
     n_tiles = -(-n // plan["BLOCK_N"])
-    wanted = plan.pop("SPLIT", None) or _rows_split(
-        blocks, slots * n_tiles, plan["num_warps"], device
-    )
+    wanted = plan.pop("SPLIT", None) or _rows_split(slots * n_tiles, plan["num_warps"], device)
     split = _even_split(blocks, wanted)
     plan["ATOMIC"] = plan["ATOMIC"] and split > 1
     return plan | {"split": split, "n_tiles": n_tiles, "BLOCKS_PER_SPLIT": blocks // split}
@@ -491,16 +478,9 @@ def _expert_gemv_nf4_rows(
         out = torch.zeros((slots, n), dtype=torch.float32, device=x.device)
     else:
         out = torch.empty((split, slots, n), dtype=torch.float32, device=x.device)
-    nested = q.nested
-    dummy = q.code
     _triton_kernels()["nf4_rows"][(slots, n_tiles, split)](
         x,
-        q.packed,
-        q.absmax,
-        q.nested_absmax if nested else dummy,
-        q.offset if nested else dummy,
-        q.code,
-        q.nested_code if nested else dummy,
+        *q.kernel_tensors(),
         ids,
         out,
         slots,
@@ -508,9 +488,8 @@ def _expert_gemv_nf4_rows(
         x.stride(0) if x.shape[0] > 1 else 0,
         k // 2,
         n * k // 2,
-        q.absmax.shape[1],
-        q.nested_absmax.shape[1] if nested else 0,
-        NESTED=nested,
+        *q.kernel_blocks(),
+        NESTED=q.nested,
         EVEN_N=n % plan["BLOCK_N"] == 0,
         **plan,  # BLOCKS_PER_SPLIT, BLOCK_N, ATOMIC, DECODE, num_warps (num_stages)
     )
@@ -699,6 +678,24 @@ class Nf4Stack(nn.Module):
             enable_fp_fusion=False,
         )
         return out
+
+    def kernel_tensors(self) -> tuple[torch.Tensor, ...]:
+        """The NF4 GEMV kernels' quantization arguments, in their order (packed, absmax,
+        nested absmax, offset, code, nested code): without double quant the nested ones are
+        the code table, a real tensor the kernel never reads (NESTED is off)."""
+        dummy = self.code
+        return (
+            self.packed,
+            self.absmax,
+            self.nested_absmax if self.nested else dummy,
+            self.offset if self.nested else dummy,
+            self.code,
+            self.nested_code if self.nested else dummy,
+        )
+
+    def kernel_blocks(self) -> tuple[int, int]:
+        """Absmax blocks and nested scales per expert, as the NF4 GEMV kernels take them."""
+        return self.absmax.shape[1], self.nested_absmax.shape[1] if self.nested else 0
 
     def op_args(self) -> tuple[torch.Tensor, ...]:
         return (

@@ -245,6 +245,7 @@ def test_a_long_answer_is_followed_as_it_streams_until_the_person_reads_back(
             # Reading back: the view stays where the person put it while the answer grows.
             transcript.focus()
             await pilot.press("pageup")
+            await pilot.wait_for_scheduled_animations()  # Page Up scrolls smoothly
             await pilot.pause()
             kept, bottom = transcript.scroll_y, transcript.max_scroll_y
             assert kept < bottom

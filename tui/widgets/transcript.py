@@ -52,8 +52,13 @@ class Transcript(VerticalScroll, can_focus=True):
 
     def follow(self) -> None:
         """Keep the newest lines in view as an answer grows, unless the person reads back."""
-        if self.following:
-            self.scroll_end(animate=False)
+        # Checked after the refresh that places the new lines, when the bottom is known: a
+        # scroll the person started meanwhile (Page Up animates) must not be cut short.
+        self.call_after_refresh(self._scroll_to_end_if_following)
+
+    def _scroll_to_end_if_following(self) -> None:
+        if self.following and not self.app.animator.is_being_animated(self, "scroll_y"):
+            self.scroll_end(animate=False, immediate=True)
 
     @property
     def answers(self) -> list[AnswerView]:

@@ -164,3 +164,16 @@ def test_output_processor_takes_calls_out_cuts_stop_strings_and_says_why_it_ende
     shown = "".join(output.feed(token).text for token in ids)
     assert shown == "Hello " and [d.text for d in output.flush()] == ["<tool"]
     assert output.text == "Hello <tool" and output.finish_reason(cancelled=False) == "length"
+
+
+def test_an_answer_cut_mid_character_shows_what_came_of_it(tokenizer) -> None:
+    """max_tokens can end an answer between a character's bytes: the text so far comes out
+    whole and the unfinished character as U+FFFD, not silently dropped."""
+    ids = tokenizer.encode("ok 🐉", add_special_tokens=False)
+    dragon = tokenizer.encode("🐉", add_special_tokens=False)
+    assert len(dragon) > 1, "the emoji is one token: nothing is cut"
+    decoder = chat_format("plain", tokenizer).decoder([])
+    shown = "".join(decoder.feed(t).text for t in ids[:-1])
+    assert shown == "ok"  # the space is in the emoji's first byte token
+    assert decoder.flush().text == " \ufffd"
+    assert decoder.flush().text == ""

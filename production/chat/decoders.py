@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from production.chat.harmony import ChannelStart, HarmonyStreamParser, Stop, TextDelta
+from production.chat.text_stream import TextStream
 from production.chat.tool_calls import ToolCall, harmony_call
 
 
@@ -37,19 +38,13 @@ class StreamDecoder(Protocol):
 
 
 class PlainDecoder:
-    """Incremental detokenisation with a moving window (as TGI and vLLM do it)."""
+    """Settled text (production.chat.text_stream) until the model's end-of-turn token."""
 
     def __init__(self, tokenizer: Any, stop_ids: list[int]) -> None:
-        self.tokenizer = tokenizer
+        self.text = TextStream(tokenizer)
         self.stop_ids = set(stop_ids)
-        self.ids: list[int] = []
-        self.prefix_offset = 0
-        self.read_offset = 0
         self.done = False
         self.stopped_on_eos = False
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def feed(self, token: int) -> Delta:
         if self.done:
@@ -58,19 +53,10 @@ class PlainDecoder:
             self.stopped_on_eos = True
             self.done = True
             return self.flush()
-        self.ids.append(token)
-        before = self._decode(self.ids[self.prefix_offset : self.read_offset])
-        after = self._decode(self.ids[self.prefix_offset :])
-        if len(after) > len(before) and not after.endswith("\ufffd"):
-            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-            return Delta(text=after[len(before) :])
-        return Delta()
+        return Delta(text=self.text.push(token))
 
     def flush(self) -> Delta:
-        before = self._decode(self.ids[self.prefix_offset : self.read_offset])
-        after = self._decode(self.ids[self.prefix_offset :])
-        self.prefix_offset = self.read_offset = len(self.ids)
-        return Delta(text=after[len(before) :]) if len(after) > len(before) else Delta()
+        return Delta(text=self.text.flush())
 
 
 class HarmonyDecoder:

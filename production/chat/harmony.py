@@ -28,6 +28,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from production.chat.text_stream import TextStream
+
 START = "<|start|>"
 END = "<|end|>"
 MESSAGE = "<|message|>"
@@ -152,50 +154,6 @@ def stop_token_ids(tokenizer: Any) -> list[int]:
     return stops
 
 
-REPLACEMENT = "\ufffd"
-
-
-class _IncrementalDecoder:
-    """Decodes one message's ids as they arrive and hands out only text that is settled.
-
-    A character split across tokens decodes to a trailing U+FFFD until its last byte comes, so
-    trailing U+FFFDs are held back. Each decode covers a short window (the last settled chunk
-    plus the new ids, as in text-generation-inference) rather than the whole message, so cost
-    stays flat; the window starts on a character boundary, and the chunk before the new ids
-    keeps a SentencePiece-style decoder's leading-space handling right.
-    """
-
-    def __init__(self, decode: Callable[[list[int]], str]) -> None:
-        self._decode = decode
-        self.ids: list[int] = []
-        self._start = 0  # window start
-        self._read = 0  # ids[_start:_read] decode to _prefix, all of it already handed out
-        self._prefix = ""
-        self._extra = 0  # characters past _prefix handed out while a character was pending
-
-    def push(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        text = self._decode(self.ids[self._start :])
-        settled = text.rstrip(REPLACEMENT)
-        new = settled[len(self._prefix) + self._extra :]
-        if len(settled) == len(text):  # nothing pending: slide the window
-            self._start, self._read = self._read, len(self.ids)
-            self._prefix = self._decode(self.ids[self._start : self._read])
-            self._extra = 0
-        else:
-            self._extra += len(new)
-        return new
-
-    def flush(self) -> str:
-        """Everything not yet handed out, a genuine trailing U+FFFD included."""
-        if self._read == len(self.ids):
-            return ""
-        text = self._decode(self.ids[self._start :])
-        self._start = self._read = len(self.ids)
-        new, self._prefix, self._extra = text[len(self._prefix) + self._extra :], "", 0
-        return new
-
-
 # A header's role part, when the header did not begin with a generated <|start|>: empty, the
 # role, a recipient, or a beginning of them. Anything else is content written without a header.
 _ROLE_PART = re.compile(r"(?:assistant)?\s*(?:to=\S*)?")
@@ -269,10 +227,11 @@ class HarmonyStreamParser:
         recipient: str | None = None,
     ) -> None:
         self._ids = _harmony_ids(tokenizer)
+        self._tokenizer = tokenizer
         self._decode = self._make_decode(tokenizer)
         self._messages: list[HarmonyMessage] = []
         self._header: _Header | None = None
-        self._content: _IncrementalDecoder | None = None
+        self._content: TextStream | None = None
         self._current: ChannelStart | None = None
         self._current_text: list[str] = []
         # The channel a control token interrupted: where the text goes if what follows the
@@ -469,7 +428,7 @@ class HarmonyStreamParser:
     def _open_content(self, start: ChannelStart) -> None:
         self._current = start
         self._current_text = []
-        self._content = _IncrementalDecoder(self._decode)
+        self._content = TextStream(self._tokenizer)
 
     def _push(self, token_id: int, events: list[Event]) -> None:
         assert self._content is not None and self._current is not None

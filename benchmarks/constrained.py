@@ -7,7 +7,7 @@ engine's plain greedy decode in the same process.
 - CPU (default): the embedded SmolLM2-135M (49k vocabulary, the hermes tool format) on the
   transformers generate() path, the default there.
 - `--gpt-oss 20b`: the person's model shape, 4-bit, on the static CUDA-graph decoder with the
-  expert kernels (production.moe_decode), the default for it on CUDA. Its random weights
+  expert kernels (production.decode.moe_decode), the default for it on CUDA. Its random weights
   come with the tests' small harmony tokenizer (2k tokens; the real one has 200k), so the
   grammar's per-token host work is the small-vocabulary figure; `mask_fill_ms` below is
   measured on a synthetic 200k vocabulary to say what the real tokenizer adds.
@@ -54,9 +54,9 @@ PROMPT = "Write a very long story about a dragon and a knight, as JSON."
 
 
 def cases(engine: Any, new_tokens: int) -> dict[str, Any]:
-    from production import answer_grammar
+    from production.decode import answer_grammar
+    from production.decode.steering import SteeringSpec
     from production.engine import Sampling
-    from production.steering import SteeringSpec
 
     shape = engine.format.answer_shape
     json_grammar = answer_grammar.json_answer(shape, STORY, True, new_tokens // 2)
@@ -140,7 +140,7 @@ def engine_for(args: argparse.Namespace, workdir: Path) -> Any:
 
     if args.gpt_oss:
         from benchmarks.gpt_oss_checkpoint import build
-        from production.gpu_memory import apply_limit
+        from production.model.gpu_memory import apply_limit
 
         model_dir = build(workdir / f"gpt-oss-{args.gpt_oss}-bnb-4bit", args.gpt_oss, "cuda")
         apply_limit(args.limit_gb, "cuda:0")
@@ -152,7 +152,7 @@ def engine_for(args: argparse.Namespace, workdir: Path) -> Any:
         )
         return Engine(load_settings(home), "cuda:0")
     from common.home import Home
-    from production.base_model import prepare_embedded
+    from production.model.base_model import prepare_embedded
 
     home = args.home.expanduser().resolve()
     prepare_embedded(Home(home), show_progress=False)

@@ -11,7 +11,7 @@ here with bitsandbytes (on the GPU for the 20B shape: seconds; on the CPU for th
 The tokenizer is the tests' small harmony tokenizer; the 20B shape keeps GPT-OSS's
 201,088-token embedding and lm_head, with the rows past the tokenizer (and those of its
 control tokens) zeroed so greedy decoding stays inside the tokenizer and never stops early. See
-production/gpt_oss_layout.py for the layout and how both backends load it.
+production/model/gpt_oss_layout.py for the layout and how both backends load it.
 """
 
 from __future__ import annotations

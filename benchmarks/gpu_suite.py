@@ -162,7 +162,7 @@ def serve_engine(workdir: Path, model_dir: Path, adapter: Path, name: str, new_t
     backend, decode = ENGINES[name]
     home = _home(workdir, model_dir, backend, False, decode)
     from common.config import load_settings
-    from production.device_pin import pin_device
+    from production.model.device_pin import pin_device
 
     settings = load_settings(home)
     device = pin_device(settings, "production")
@@ -322,7 +322,7 @@ def train_speed(workdir: Path, model_dir: Path, path: str, steps: int) -> dict[s
     if path.startswith("product"):
         home = _home(workdir, model_dir, "unsloth", variant["load_in_4bit"])
         from common.config import load_settings
-        from production.device_pin import pin_device
+        from production.model.device_pin import pin_device
 
         settings = load_settings(home)
         device = pin_device(settings, "development")
@@ -356,7 +356,7 @@ def train_speed(workdir: Path, model_dir: Path, path: str, steps: int) -> dict[s
         args = SFTConfig(**common, **variant.get("args", {}))
     else:
         from development import train
-        from production.engine import load_model
+        from production.model.loading import load_model
 
         settings.training.profiles["bench"] = settings.profile("quick_test").model_copy(
             update={

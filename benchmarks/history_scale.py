@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from common.fs import atomic_write_text
     from common.home import Home
-    from production.base_model import prepare_embedded
+    from production.model.base_model import prepare_embedded
 
     started = datetime.now(UTC)
     load_before = load_average()

@@ -96,7 +96,7 @@ def run(
     from common.config import load_settings
     from common.home import Home
     from development import modeling, training_data
-    from production.base_model import prepare_embedded
+    from production.model.base_model import prepare_embedded
     from tests.scripted_person import FACTS, GENERAL
 
     model_dir = prepare_embedded(Home(source_home), show_progress=False)

@@ -1,5 +1,6 @@
-"""Batch-1 chat decode of GPT-OSS on the static decoder's expert kernels (production.moe_decode)
-against transformers' generate(), bf16 and 4-bit, with an adapter active, in one call.
+"""Batch-1 chat decode of GPT-OSS on the static decoder's expert kernels
+(production.decode.moe_decode) against transformers' generate(), bf16 and 4-bit, with an
+adapter active, in one call.
 
     python -m benchmarks.moe_decode [--shape 20b] [--parts bf16,nf4] [--new-tokens 128]
         [--limit-gb 24] [--sweep] [--kernels]
@@ -243,12 +244,12 @@ def hot_swap(merged: Any, decoder: Any, prompt: list[int], adapter_b: Path, n: i
 
 def sweep(shape: str) -> list[dict[str, Any]]:
     """Each kernel's achieved bandwidth on one layer's expert shapes, 4 slots on 4 experts,
-    for a few tile sizes (the chosen ones are production.moe_decode.KN_TILE / NF4_TILE)."""
+    for a few tile sizes (the chosen ones are production.decode.moe_decode.KN_TILE / NF4_TILE)."""
     import bitsandbytes.functional as bnb_functional
     import torch
 
     from benchmarks.gpt_oss_checkpoint import SHAPES
-    from production import moe_decode
+    from production.decode import moe_decode
 
     s = SHAPES[shape]
     h, e = s["hidden"], s["experts"]
@@ -320,7 +321,7 @@ def random_nf4_stack(experts: int, n: int, k: int, device: str = "cuda") -> Any:
     import bitsandbytes.functional as bnb_functional
     import torch
 
-    from production import moe_decode
+    from production.decode import moe_decode
 
     _, state = bnb_functional.quantize_4bit(
         torch.randn(64, 64, device=device, dtype=torch.bfloat16),
@@ -349,9 +350,9 @@ def random_nf4_stack(experts: int, n: int, k: int, device: str = "cuda") -> Any:
 def rows_tiles(n: int) -> list[dict[str, Any]]:
     """The rows kernel's tiles --kernels compares for N output rows: 2, 4 and 8 rows a thread
     at 1, 2 and 4 warps, each with the default K split and with it added by atomics; the
-    default tile (production.moe_decode.rows_tile) at every even split of 45 blocks; the
+    default tile (production.decode.moe_decode.rows_tile) at every even split of 45 blocks; the
     default tile decoding codes by a load from global memory (the baseline's way)."""
-    from production import moe_decode
+    from production.decode import moe_decode
 
     shapes = [(32, 1), (64, 1), (128, 1), (128, 2), (256, 2), (256, 4), (512, 4)]
     tiles: list[dict[str, Any]] = []
@@ -365,7 +366,7 @@ def rows_tiles(n: int) -> list[dict[str, Any]]:
 
 
 def nf4_kernels(shape: str, bandwidth: float) -> list[dict[str, Any]]:
-    """Every NF4 kernel variant x tile (production.moe_decode.NF4_VARIANTS) on one layer's
+    """Every NF4 kernel variant x tile (production.decode.moe_decode.NF4_VARIANTS) on one layer's
     expert shapes, 4 slots, double quant, bf16 activations: median us a call, GB/s of the
     packed weights and absmax codes read, the baseline kernel's us over this one's, and the
     largest difference from reference_gemv_nf4 on the GPU.
@@ -379,7 +380,7 @@ def nf4_kernels(shape: str, bandwidth: float) -> list[dict[str, Any]]:
     import torch
 
     from benchmarks.gpt_oss_checkpoint import SHAPES
-    from production import moe_decode
+    from production.decode import moe_decode
 
     s = SHAPES[shape]
     h, e, slots, calls = s["hidden"], s["experts"], 4, 24
@@ -527,8 +528,8 @@ def part_bf16(
     from transformers import GptOssForCausalLM
 
     from benchmarks.gpt_oss_checkpoint import VOCAB_20B, gpt_oss_config
-    from production import moe_decode
-    from production.static_decode import MergedAdapters, StaticDecoder
+    from production.decode import moe_decode
+    from production.decode.static_decode import MergedAdapters, StaticDecoder
     from tests.tiny_models import tiny_tokenizer
 
     tokenizer = tiny_tokenizer(harmony=True)
@@ -649,7 +650,7 @@ def part_nf4(
     from benchmarks.gpt_oss_checkpoint import build
     from common.config import load_settings
     from production.engine import Engine
-    from production.gpu_memory import apply_limit
+    from production.model.gpu_memory import apply_limit
 
     started = time.perf_counter()
     model_dir = build(workdir / f"gpt-oss-{shape}-bnb-4bit", shape, "cuda")
@@ -746,7 +747,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    from production.device_pin import use_serving_allocator
+    from production.model.device_pin import use_serving_allocator
 
     use_serving_allocator()  # the API worker's, before CUDA starts
     import torch

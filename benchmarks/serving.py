@@ -610,7 +610,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from candidates import Registry
     from common.home import Home
-    from production.base_model import prepare_embedded
+    from production.model.base_model import prepare_embedded
 
     hf_logging.disable_progress_bar()
     started = datetime.now(UTC)

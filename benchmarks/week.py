@@ -418,7 +418,7 @@ def prepare_home(
         config.setdefault(section, {})[name] = parsed
     (home / "config.toml").write_text(tomli_w.dumps(config))
     if not fresh:
-        from production.base_model import EMBEDDED_DIRNAME
+        from production.model.base_model import EMBEDDED_DIRNAME
 
         (home / "models").mkdir(exist_ok=True)
         cached = MODEL_CACHE / "models"

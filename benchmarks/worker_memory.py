@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
-        from production.device_pin import use_serving_allocator
+        from production.model.device_pin import use_serving_allocator
     except ImportError:  # a checkout from before the worker set its allocator
         pass
     else:
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.moe_decode import random_adapter
     from common.config import load_settings
     from production import engine as engine_module
-    from production import moe_decode
+    from production.decode import moe_decode
     from production.engine import Engine, Sampling
 
     # The Engine's own steps, wrapped to close a stage each: the module attributes it calls.

@@ -87,7 +87,7 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
         "context_window": 32768,
         "chat_format": "harmony",
         # auto: Unsloth trains (when installed); the API worker serves through the static
-        # decoder's expert kernels (production.moe_decode), ~10x Unsloth's generate().
+        # decoder's expert kernels (production.decode.moe_decode), ~10x Unsloth's generate().
         "backend": "auto",
         # The API worker peaked at 15.8 GiB on the card (CUDA context included) on the 20B
         # shape with an adapter and a prompt filling the 2,048-token window, on an H100

@@ -41,7 +41,7 @@ def serving_decode(settings: Settings, device: str) -> str:
     on CUDA) or "generate" (transformers' generate over PEFT).
 
     auto picks static on CUDA for 16-bit dense models and for GPT-OSS in bf16 or 4 bits (its
-    experts run through production.moe_decode's kernels), unless model.backend is "unsloth":
+    experts run through production.decode.moe_decode's kernels), unless model.backend is "unsloth":
     that asks for Unsloth's own inference path."""
     wanted = settings.server.decode
     if wanted != "auto":

@@ -49,7 +49,7 @@ from data.errors import NotFound
 from data.exports import FeedbackItem
 from data.splits import split_items
 from data.store import Store
-from production.device_pin import pin_device
+from production.model.device_pin import pin_device
 
 from . import probes, training_data
 from .gate import UNFINISHED, decide, general_drift, next_step
@@ -437,7 +437,7 @@ def evaluate_candidate(
         for pair in regression[: max(0, MIN_SANITY_PROMPTS - len(sanity_prompts))]
     ]
 
-    from production.gpu_memory import StagePeaks
+    from production.model.gpu_memory import StagePeaks
 
     peaks = StagePeaks(device)
     model, tokenizer = modeling.load_base(settings, device, for_training=False)

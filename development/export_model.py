@@ -107,7 +107,7 @@ def _convert(script: str, args: list[str], log_file: Path) -> None:
 
 
 def _base_path(settings: Settings, fmt: str) -> str:
-    from production import base_model
+    from production.model import base_model
 
     path = base_model.resolve(settings)
     if fmt != "lora-gguf" and (settings.model.load_in_4bit or base_model.saved_quantized(path)):

@@ -22,7 +22,7 @@ from transformers import PreTrainedTokenizerBase, StoppingCriteria
 from common.config import Settings
 from common.devices import choose_backend
 from production.chat import formats
-from production.engine import load_model
+from production.model.loading import load_model
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ Messages = list[dict[str, str]]
 
 
 def load_base(settings: Settings, device: str, *, for_training: bool) -> tuple[Any, Any]:
-    """The base model and tokenizer on `device` (the serving engine's loader), with a pad
+    """The base model and tokenizer on `device` (the loader serving shares), with a pad
     token for batching and the KV cache off while training."""
     started = time.monotonic()
     model, tokenizer = load_model(settings, device, for_training=for_training)

@@ -53,7 +53,7 @@ from common.entrypoint import (
 from data.store import Store
 from development.gate import general_drift
 from orchestrator.schedule import CATCH_UP_TRIGGER, RETRY_TRIGGER
-from production.device_pin import pin_device
+from production.model.device_pin import pin_device
 
 log = logging.getLogger("development.train")
 
@@ -287,7 +287,7 @@ def _optimizer(wanted: str, cuda: bool) -> str:
 def _attach_lora(
     model: Any, settings: Settings, profile_name: str, backend: str, device: str
 ) -> Any:
-    from production.gpt_oss_layout import lora_targets
+    from production.model.gpt_oss_layout import lora_targets
 
     rank = settings.lora_rank(profile_name)
     # Keep alpha/r as configured when a profile overrides the rank.
@@ -592,7 +592,7 @@ class RunContext:
     scratch: Path
     stages: list[Stage] = field(default_factory=list)
     padding_free: bool = False  # resolved once per run (training.padding_free)
-    peaks: Any = None  # production.gpu_memory.StagePeaks, made when the job starts
+    peaks: Any = None  # production.model.gpu_memory.StagePeaks, made when the job starts
     # What set the knobs besides the config: the adopted recipe, or the trial being run.
     recipe: dict[str, Any] | None = None
     trial: str | None = None  # "study:number" of a recipe trial
@@ -606,7 +606,7 @@ class RunContext:
 
     def mark(self, stage: str) -> None:
         if self.peaks is None:
-            from production.gpu_memory import StagePeaks
+            from production.model.gpu_memory import StagePeaks
 
             self.peaks = StagePeaks(self.device)
         self.peaks.mark(stage)
@@ -618,7 +618,7 @@ class RunContext:
 def train_candidate(ctx: RunContext, *, force: bool = False) -> str | None:
     """One run, start to candidate. Returns the candidate id, or None when skipped."""
     from development import modeling, training_data, variants
-    from production.gpt_oss_layout import adapter_placement
+    from production.model.gpt_oss_layout import adapter_placement
 
     settings, store = ctx.settings, ctx.store
     registry = Registry(settings.paths.candidates_dir)

@@ -2,7 +2,7 @@
 ~/.local/share/whetstone) and --set KEY=VALUE to override one config key for this run.
 
 This module never imports torch: the torch-side checks run as subprocesses
-(`python -m production.doctor`, `python -m production.base_model`).
+(`python -m production.model.doctor`, `python -m production.model.base_model`).
 
 One module on purpose: every `whetstone` command, each a short typer function over the rooms
 below it, so `whetstone --help` and this file list the same things.
@@ -163,7 +163,7 @@ def doctor(
     if prepare and settings.model.base_model == EMBEDDED_MODEL:
         # Runs in its own process: the conversion imports torch, the orchestrator never does.
         code = subprocess.call(
-            [_python(), "-m", "production.base_model", "--home", str(paths.root)],
+            [_python(), "-m", "production.model.base_model", "--home", str(paths.root)],
             stdout=subprocess.DEVNULL,
         )
         if code != 0:
@@ -172,7 +172,7 @@ def doctor(
         # person chats meanwhile), or by the first training run: not here, where they held
         # `make run`'s first chat back 155 s.
     probe = subprocess.run(
-        [_python(), "-m", "production.doctor", "--home", str(paths.root)],
+        [_python(), "-m", "production.model.doctor", "--home", str(paths.root)],
         capture_output=True,
         text=True,
     )

@@ -31,7 +31,7 @@ from common.entrypoint import (
 from common.fs import atomic_write_text
 from production.api.app import create_app
 from production.api.service import Service, build_service
-from production.device_pin import pin_device
+from production.model.device_pin import pin_device
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ def _clean_whetstone_env(monkeypatch: pytest.MonkeyPatch) -> None:
 def prepared_model_dir() -> Path:
     """The embedded default model as safetensors, prepared once per checkout."""
     from common.home import Home
-    from production.base_model import prepare_embedded
+    from production.model.base_model import prepare_embedded
 
     return prepare_embedded(Home(MODEL_CACHE), show_progress=False)
 

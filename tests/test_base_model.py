@@ -13,7 +13,7 @@ import pytest
 
 from common.config import load_settings
 from common.home import Home
-from production import base_model
+from production.model import base_model
 from tests.conftest import REPO
 
 
@@ -63,7 +63,7 @@ def test_prepared_model_answers_a_simple_question(prepared_model_dir: Path) -> N
 
 @pytest.mark.slow
 def test_prepare_survives_kill_then_runs_once_then_loads_fast(home: Path) -> None:
-    cmd = [sys.executable, "-m", "production.base_model", "--home", str(home), "--quiet"]
+    cmd = [sys.executable, "-m", "production.model.base_model", "--home", str(home), "--quiet"]
     target = Home(home).models_dir / "smollm2-135m-instruct"
 
     # kill -9 halfway through: nothing half-written where loaders look.

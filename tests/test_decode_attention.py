@@ -1,4 +1,4 @@
-"""production.decode_attention: GPT-OSS attention that reads only the tokens present.
+"""production.decode.decode_attention: GPT-OSS attention that reads only the tokens present.
 
 On the CPU: the function against transformers' eager_attention_forward (prompts, steps on
 full-size caches and on rings whose slots are out of order), a tiny random GPT-OSS through
@@ -21,8 +21,8 @@ torch = pytest.importorskip("torch")
 
 from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward  # noqa: E402
 
-from production import decode_attention  # noqa: E402
-from production.decode_attention import attention, torch_attention  # noqa: E402
+from production.decode import decode_attention  # noqa: E402
+from production.decode.decode_attention import attention, torch_attention  # noqa: E402
 from tests.conftest import run_in_triton_interpreter  # noqa: E402
 
 WINDOW = 8  # the tiny model's sliding window: prompts of 20 tokens pass it
@@ -185,7 +185,7 @@ def tiny() -> torch.nn.Module:
 def _cache(model: torch.nn.Module, kind: str, max_len: int = 32):
     from transformers import StaticCache
 
-    from production.static_decode import _every_layer_full, _ring_layer
+    from production.decode.static_decode import _every_layer_full, _ring_layer
 
     if kind == "transformers":  # its sliding layers: a rolled static window
         return StaticCache(config=model.config, max_cache_len=max_len)
@@ -345,7 +345,7 @@ ti.InterpreterBuilder.create_dot = lambda self, a, b, d, *rest: _dot(
 
 _KERNEL_CHECK = """
 import torch
-from production import decode_attention as da
+from production.decode import decode_attention as da
 
 W, S = 8, 300
 cases = 0

@@ -113,7 +113,7 @@ def test_steering_applies_bias_and_openai_penalties_and_keeps_raw_logprobs() -> 
 
     import torch
 
-    from production.steering import Steering, SteeringSpec
+    from production.decode.steering import Steering, SteeringSpec
 
     spec = SteeringSpec(
         logit_bias=((0, 5.0),), presence_penalty=1.0, frequency_penalty=0.5, logprobs=2

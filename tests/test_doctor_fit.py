@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from common.config import load_settings
-from production.doctor import MEASURED_GIB, memory_fit
+from production.model.doctor import MEASURED_GIB, memory_fit
 
 RTX_3090 = 23.69  # GiB torch reports for a 24 GB card
 

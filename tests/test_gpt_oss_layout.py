@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch")
 bnb = pytest.importorskip("bitsandbytes")
 
 from benchmarks.gpt_oss_checkpoint import SHAPES, build  # noqa: E402
-from production.gpt_oss_layout import adapter_placement, has_split_experts  # noqa: E402
+from production.model.gpt_oss_layout import adapter_placement, has_split_experts  # noqa: E402
 from tests.tiny_models import FIXED_RENDER_DATE, model_home  # noqa: E402
 
 TINY = SHAPES["tiny"]
@@ -143,7 +143,7 @@ def test_the_loader_reads_the_4bit_experts_as_saved_and_computes_the_fused_model
     from bitsandbytes.nn import Linear4bit
     from safetensors import safe_open
 
-    from production.engine import load_model
+    from production.model.loading import load_model
 
     model, tokenizer = load_model(_settings(tmp_path, checkpoint), "cpu", for_training=False)
     experts = model.model.layers[1].mlp.experts
@@ -179,7 +179,7 @@ def test_the_loader_reads_the_4bit_experts_as_saved_and_computes_the_fused_model
 
 def test_lora_goes_on_attention_and_every_expert(tmp_path: Path, checkpoint: Path) -> None:
     from development.train import _attach_lora
-    from production.engine import load_model
+    from production.model.loading import load_model
 
     settings = _settings(tmp_path, checkpoint)
     # The person's notes (and Unsloth's notebooks) name the MLP as gate/up/down.
@@ -223,8 +223,8 @@ def test_lora_goes_on_attention_and_every_expert(tmp_path: Path, checkpoint: Pat
 def test_a_4bit_checkpoint_with_load_in_4bit_off_is_refused_by_name(
     tmp_path: Path, checkpoint: Path
 ) -> None:
-    from production.base_model import BaseModelError
-    from production.engine import load_model
+    from production.model.base_model import BaseModelError
+    from production.model.loading import load_model
 
     settings = _settings(tmp_path, checkpoint, load_in_4bit=False)
     with pytest.raises(BaseModelError, match=r"set model\.load_in_4bit = true"):

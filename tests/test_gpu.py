@@ -42,7 +42,7 @@ def _greedy(
 import json, sys
 from pathlib import Path
 from typing import Any
-from production.device_pin import pin_device
+from production.model.device_pin import pin_device
 from common.config import load_settings
 settings = load_settings(Path({str(home)!r}), {overrides!r})
 device = pin_device(settings, "production")  # as the API worker does
@@ -166,7 +166,7 @@ def test_static_cuda_graph_engine_serves_a_trained_adapter_as_peft_does(tmp_path
 def test_gpt_oss_trains_with_unsloth_and_serves_harmony_on_the_gpu(tmp_path: Path) -> None:
     """tests/test_gpt_oss.py's round trip on CUDA with backend "auto": the job trains through
     Unsloth's GPT-OSS path (LoRA on the experts too), and the worker serves the adapter on
-    the static decoder's expert kernels (production.moe_decode)."""
+    the static decoder's expert kernels (production.decode.moe_decode)."""
     from tests.test_gpt_oss import harmony_round_trip
 
     ran = harmony_round_trip(tmp_path, backend="auto")
@@ -415,7 +415,7 @@ def test_nf4_prompt_path_dequantizes_as_bitsandbytes_and_agrees_with_the_decode_
 
     import bitsandbytes.functional as bnb_functional
 
-    from production import moe_decode
+    from production.decode import moe_decode
 
     torch.manual_seed(0)
     hidden, experts = 2880, 8  # the 20B shape's experts, fewer of them
@@ -467,9 +467,9 @@ def test_static_moe_decoder_honours_every_logits_parameter_without_recompiling(
     log-probs, penalties and a logit bias and stop strings all act on the captured step's
     logits, and none of them compiles a new graph."""
     from benchmarks.moe_decode import _compiles
-    from production import answer_grammar
+    from production.decode import answer_grammar
+    from production.decode.steering import SteeringSpec
     from production.engine import Sampling
-    from production.steering import SteeringSpec
 
     engine = _small_gpt_oss_engine(tmp_path)
     assert engine.decode == "static"

@@ -1,4 +1,4 @@
-"""GPT-OSS on the static decoder (production.moe_decode), on the CPU: the expert kernels'
+"""GPT-OSS on the static decoder (production.decode.moe_decode), on the CPU: the expert kernels'
 math (in Triton's interpreter) against bitsandbytes' own dequantization, and the product's
 Engine with decode "static" answering exactly what generate() over PEFT answers, on the 4-bit
 layout and on transformers' fused bf16 experts, with LoRA on attention and every expert,
@@ -19,7 +19,7 @@ bnb_functional = pytest.importorskip("bitsandbytes.functional")
 from benchmarks.gpt_oss_checkpoint import build  # noqa: E402
 from benchmarks.moe_decode import random_adapter  # noqa: E402
 from common.config import load_settings  # noqa: E402
-from production import moe_decode  # noqa: E402
+from production.decode import moe_decode  # noqa: E402
 from production.engine import AdapterLoadError, Engine, Sampling  # noqa: E402
 from tests.conftest import run_in_triton_interpreter  # noqa: E402
 from tests.tiny_models import FIXED_RENDER_DATE, model_home  # noqa: E402
@@ -68,7 +68,7 @@ def test_stacked_experts_dequantize_exactly_as_bitsandbytes(nested: bool) -> Non
 _KERNEL_CHECK = """
 import torch, bitsandbytes.functional as F
 from types import SimpleNamespace
-from production import moe_decode as md
+from production.decode import moe_decode as md
 torch.manual_seed(0)
 E, K, N = 5, 192, 80  # K: 3 quant blocks; N: not a multiple of the kn tile
 ids = torch.tensor([3, 0, 3])
@@ -107,7 +107,7 @@ def test_the_triton_kernels_compute_the_reference_math_in_the_interpreter() -> N
 _VARIANTS_CHECK = """
 import torch, bitsandbytes.functional as F
 from types import SimpleNamespace
-from production import moe_decode as md
+from production.decode import moe_decode as md
 torch.manual_seed(0)
 E, K = 5, 192  # 3 quant blocks: K splits 1 and 3
 ids = torch.tensor([3, 0, 3])
@@ -252,7 +252,7 @@ def test_fused_bf16_gpt_oss_with_expert_lora_answers_as_the_4bit_split_model(
     and the expert LoRA's placement all line up."""
     from transformers import AutoTokenizer
 
-    from production.engine import load_model
+    from production.model.loading import load_model
     from tests.test_gpt_oss_layout import _fused_reference
 
     split_home = model_home(
@@ -275,7 +275,7 @@ def test_fused_bf16_gpt_oss_with_expert_lora_answers_as_the_4bit_split_model(
     experts = engine.model.model.layers[0].mlp.experts
     assert isinstance(experts, moe_decode.DecodeExperts) and not experts.quantized
     # Attention that reads only the tokens present, sliding layers on a ring of their window.
-    from production import decode_attention
+    from production.decode import decode_attention
 
     assert engine.model.config._attn_implementation == decode_attention.NAME
     rings = [layer for layer in engine.static.cache.layers if type(layer).__name__ == "RingLayer"]
@@ -322,7 +322,7 @@ def test_preparing_the_4bit_experts_holds_one_layer_twice_at_most(
     import gc
     import weakref
 
-    from production.engine import load_model
+    from production.model.loading import load_model
 
     home = model_home(tmp_path / "home", checkpoint, load_in_4bit=True, chat_format="harmony")
     model, _ = load_model(load_settings(home), "cpu", for_training=False)

@@ -180,7 +180,7 @@ def test_auto_decode_is_static_on_cuda_for_16_bit_dense_models_and_gpt_oss(tmp_p
     )
     assert serving_decode(dense, "cuda:0") == "static"
     assert serving_decode(dense, "cpu") == "generate"
-    assert serving_decode(moe, "cuda:0") == "static"  # GPT-OSS: production.moe_decode
+    assert serving_decode(moe, "cuda:0") == "static"  # GPT-OSS: production.decode.moe_decode
     assert serving_decode(quantized, "cuda:0") == "generate"
     auto = dense.model_copy(update={"model": dense.model.model_copy(update={"backend": "auto"})})
     assert choose_backend(auto, "cuda:0", "production") == "transformers"
@@ -223,7 +223,7 @@ def test_no_sampled_id_is_past_the_tokenizer(tmp_path: Path, decode: str) -> Non
     has rows that decode to nothing: sampled at temperature 1 they filled a streamed answer
     with silent steps (2.1 s of no text on an H100). No id past the tokenizer is picked,
     greedy or sampled, on either decoder."""
-    from production.steering import SteeringSpec
+    from production.decode.steering import SteeringSpec
     from tests.tiny_models import model_home, tiny_llama
 
     model = tiny_llama(tmp_path / "padded", hidden=64, layers=2, vocab_size=8192)
@@ -251,7 +251,7 @@ def test_gpt_oss_static_decode_falls_back_to_eager_attention_when_the_kernel_fai
     the static decoder on transformers' eager attention over the training row length, as it
     served before: same answers, not generate()'s ten-fold slower path, and the window
     stated."""
-    from production import decode_attention
+    from production.decode import decode_attention
     from tests.tiny_models import model_home, tiny_gpt_oss
 
     home = model_home(

@@ -1,6 +1,7 @@
 """The import contracts in pyproject.toml ([tool.importlinter]) hold on this tree, and they
-catch what they promise to: a planted upward import, torch in a torch-free room, a private
-module used from another room."""
+catch what they promise to: a planted upward import (between rooms and inside production),
+torch in a torch-free room, a private module used from another room, the training worker
+reaching production's serving side."""
 
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ def test_the_tree_keeps_every_import_contract() -> None:
     result = lint_imports(REPO)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "0 broken" in result.stdout and "Rooms import only downward KEPT" in result.stdout
+    assert "Inside production, modules import only downward KEPT" in result.stdout
 
 
 def test_planted_imports_break_the_contract_that_forbids_them(tree: Path) -> None:
@@ -57,6 +59,8 @@ def test_planted_imports_break_the_contract_that_forbids_them(tree: Path) -> Non
     plant(tree / "production" / "chat" / "harmony.py", "import xgrammar")
     (tree / "candidates" / "_scratch.py").write_text("VALUE = 1\n")
     plant(tree / "data" / "store.py", "from candidates._scratch import VALUE")
+    plant(tree / "production" / "model" / "loading.py", "from production.engine import Engine")
+    plant(tree / "development" / "export_model.py", "from production.decode import steering")
 
     result = lint_imports(tree)
 
@@ -70,3 +74,7 @@ def test_planted_imports_break_the_contract_that_forbids_them(tree: Path) -> Non
     assert "production.chat.harmony -> xgrammar" in out
     assert "imported only from inside its own package BROKEN" in out
     assert "data.store -> candidates._scratch" in out
+    assert "Inside production, modules import only downward BROKEN" in out
+    assert "production.model.loading -> production.engine" in out
+    assert "never its serving BROKEN" in out
+    assert "development.export_model -> production.decode.steering" in out

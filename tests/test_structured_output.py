@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from production import json_schema
+from production.decode import json_schema
 from tests.tiny_models import model_home, tiny_gpt_oss, tiny_llama, tiny_tokenizer
 
 # ------------------------------------------------------------------------------ schemas
@@ -167,9 +167,9 @@ def answer(
 ) -> Any:
     """One answer at temperature 1 under the grammar the API builds for this request."""
     from production.api.generation import _answer_grammar
+    from production.api.openai_schema import ChatRequest
+    from production.decode.steering import SteeringSpec
     from production.engine import Sampling
-    from production.openai_schema import ChatRequest
-    from production.steering import SteeringSpec
 
     body: dict[str, Any] = {
         "model": "whetstone",
@@ -344,7 +344,7 @@ ENFORCED_CASES: dict[str, tuple[Any, Any, Any]] = {
 @pytest.fixture(scope="module")
 def grammars() -> Any:
     from production.chat.harmony import stop_token_ids
-    from production.steering import Grammars
+    from production.decode.steering import Grammars
 
     tokenizer = tiny_tokenizer(harmony=True)
     return Grammars(tokenizer, len(tokenizer), stop_token_ids(tokenizer))
@@ -362,7 +362,7 @@ def accepts(grammars: Any, grammar: Any, text: str) -> bool:
 def test_every_enforced_keyword_is_enforced(grammars: Any) -> None:
     """The README's list of enforced keywords, kept true: each keyword's breaking instance is
     refused by the grammar, its valid one taken."""
-    from production.steering import Grammar
+    from production.decode.steering import Grammar
 
     assert set(ENFORCED_CASES) == set(json_schema.ENFORCED)
     for keyword, (schema, valid, broken) in ENFORCED_CASES.items():
@@ -376,7 +376,7 @@ def test_every_enforced_keyword_is_enforced(grammars: Any) -> None:
 
 
 def test_every_spelled_format_is_enforced(grammars: Any) -> None:
-    from production.steering import Grammar
+    from production.decode.steering import Grammar
 
     for fmt in json_schema.FORMATS:
         schema = json_schema.for_grammar({"type": "string", "format": fmt})
@@ -440,7 +440,7 @@ def test_keywords_the_grammar_cannot_enforce_are_refused_by_name(
 def test_a_string_of_bounded_length_holds_no_raw_control_character(grammars: Any) -> None:
     """xgrammar's own rule for minLength/maxLength lets U+0000-U+001F in (a random GPT-OSS
     wrote "\\x04" under maxLength 3); for_grammar spells the length as a pattern instead."""
-    from production.steering import Grammar
+    from production.decode.steering import Grammar
 
     schema = json_schema.for_grammar({"type": "string", "minLength": 1, "maxLength": 3})
     grammar = Grammar("json_schema", json.dumps(schema))
@@ -488,8 +488,8 @@ def test_annotations_and_pydantic_schemas_pass() -> None:
 def test_control_tokens_match_only_where_the_grammar_names_them(grammars: Any) -> None:
     """Inside a JSON string the harmony control tokens are not text: `<|end|>` there would close
     the final message mid-string (it did: 4 of 20 random answers)."""
-    from production import answer_grammar
     from production.chat.formats import HarmonyFormat
+    from production.decode import answer_grammar
 
     ids = grammars.control_token_ids()
     schema = {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}
@@ -514,8 +514,8 @@ def test_the_embedded_model_keeps_json_with_control_tokens_pushed_up(
     up by logit_bias: the answers stay strict JSON (on the CPU before this fix, 2 of 3 were
     not)."""
     from common.config import load_settings
+    from production.decode.steering import Grammar, SteeringSpec
     from production.engine import Engine, Sampling
-    from production.steering import Grammar, SteeringSpec
 
     home = tmp_path / "home"
     (home / "models").mkdir(parents=True)

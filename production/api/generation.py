@@ -14,10 +14,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from production.api import answers
 from production.api.errors import ApiError
 from production.api.model_ids import check_model, served_model
+from production.api.openai_schema import ChatRequest, CompletionRequest
 from production.api.service import Service
 from production.api.streaming import ChatChunks, TextChunks, sse
 from production.api.turns import turns_of
-from production.openai_schema import ChatRequest, CompletionRequest
 
 # The temperature of a regenerated answer when the request names none.
 REGENERATE_TEMPERATURE = 0.8
@@ -33,8 +33,8 @@ def _sampling(
     **more: Any,
 ) -> Any:
     """The engine's Sampling for a chat or completions request (`more`: tools, raw)."""
+    from production.decode.steering import SteeringSpec
     from production.engine import Sampling
-    from production.steering import SteeringSpec
 
     bias = []
     for token, value in (req.logit_bias or {}).items():
@@ -76,7 +76,7 @@ def _answer_grammar(
     free text), in the shape of the engine's chat format. Harmony models may think first, on
     at most half of max_tokens. Schemas go through json_schema.for_grammar: what the grammar
     would ignore is refused by name."""
-    from production import answer_grammar, json_schema
+    from production.decode import answer_grammar, json_schema
 
     shape = engine.format.answer_shape
     if tools:
@@ -110,7 +110,7 @@ def _answer_grammar(
 
 async def chat(service: Service, req: ChatRequest, request: Request) -> Any:
     """POST /v1/chat/completions."""
-    from production.steering import GrammarError
+    from production.decode.steering import GrammarError
 
     engine = service.engine
     check_model(service, req.model)

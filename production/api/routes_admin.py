@@ -69,7 +69,7 @@ async def model(model_id: str, service: ServiceDep) -> dict[str, Any]:
 
 @router.get("/v1/status")
 async def status(service: ServiceDep) -> dict[str, Any]:
-    from production import gpu_memory
+    from production.model import gpu_memory
 
     engine = service.engine
     return {

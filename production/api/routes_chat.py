@@ -7,8 +7,8 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from production.api import generation
+from production.api.openai_schema import ChatRequest, CompletionRequest
 from production.api.service import ServiceDep
-from production.openai_schema import ChatRequest, CompletionRequest
 
 router = APIRouter()
 

@@ -1,5 +1,5 @@
 """The request bodies of whetstone's own routes (the OpenAI ones are in
-production.openai_schema)."""
+production.api.openai_schema)."""
 
 from __future__ import annotations
 

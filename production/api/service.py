@@ -16,8 +16,8 @@ from candidates import Registry, RegistryError
 from common.config import Settings
 from data.store import Store
 from production.api.errors import ApiError
+from production.api.openai_schema import ChatRequest
 from production.api.turns import active_path, key_of, turns_of
-from production.openai_schema import ChatRequest
 
 if TYPE_CHECKING:
     from production.worker import GenerationWorker

@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from data.models import Conversation
-from production.openai_schema import ChatMessage
+from production.api.openai_schema import ChatMessage
 
 
 def turns_of(messages: list[ChatMessage]) -> tuple[str | None, list[dict[str, Any]]]:

@@ -8,7 +8,7 @@ answer, for the two formats whetstone serves.
 
 `formats.chat_format(name, tokenizer)` gives the one object the rest of the worker asks:
 stop ids, a stream decoder, the tool parser, the template's arguments, and the shape a
-grammar-constrained answer wraps around (`shapes`; production.answer_grammar builds the
+grammar-constrained answer wraps around (`shapes`; production.decode.answer_grammar builds the
 grammar from it). `output.OutputProcessor` turns generated ids into what the client sees.
 
 Torch-free by contract (pyproject's import-linter): nothing here imports torch, transformers,

@@ -1,5 +1,5 @@
 """What a grammar-constrained answer wraps around, described per chat format without the
-grammar engine: production.answer_grammar builds xgrammar's structural tags from a shape.
+grammar engine: production.decode.answer_grammar builds xgrammar's structural tags from a shape.
 
 A tool call or a JSON answer is JSON inside a frame of the format's own text and control
 tokens. Hermes wraps a call's arguments in ``<tool_call>\\n{"name": "NAME", "arguments": `` ...

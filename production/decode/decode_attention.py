@@ -17,7 +17,7 @@ builds [heads, prompt, cache] scores: tens of GB for a long prompt. Here:
   transformers passes to the attention function. `install` registers a mask function that
   returns None, so the model never materialises a [prompt, cache] mask either.
 
-Key layouts (what production.static_decode's caches hand over): key index == position on
+Key layouts (what production.decode.static_decode's caches hand over): key index == position on
 full layers and on sliding layers with a full-size cache; a sliding layer's ring cache (at
 most `sliding_window` slots) holds in a step the last min(L, slots) positions in any order,
 and in a prompt (always from position 0) the prompt's own keys in order. Softmax ignores the

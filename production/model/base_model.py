@@ -6,7 +6,7 @@ cores), but a GGUF-loaded model refuses ``save_pretrained``; so we copy its stat
 model built from the same config and save that as safetensors. Later starts load the
 safetensors copy in well under a second.
 
-    python -m production.base_model --home ~/.local/share/whetstone
+    python -m production.model.base_model --home ~/.local/share/whetstone
 """
 
 from __future__ import annotations

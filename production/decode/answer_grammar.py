@@ -1,6 +1,6 @@
 """The grammar an answer must follow, built from its chat format's shape
 (production.chat.shapes): the tools' calls, or a JSON answer. xgrammar structural tags; the
-steering compiles them (production.steering.Grammars).
+steering compiles them (production.decode.steering.Grammars).
 
 With tools and `tool_choice` other than `none`, a call's arguments always parse and match the
 function's schema, and `required` or a named function makes even a 135 M model produce a
@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from production.chat.shapes import AnswerShape, Control, Frame, Piece
-from production.steering import Grammar, schema_text
+from production.decode.steering import Grammar, schema_text
 
 Tools = list[dict[str, Any]]
 

@@ -124,7 +124,7 @@ def _split_stacked_experts(
     expert e in rows e*r..(e+1)*r, B is [out, r*E] with expert e in columns e, e+E, ... and
     W_e += scale * (B_e @ A_e)^T. Two parameters of one module nest their wrappers, so the
     second one's keys carry `.base_layer`; which projection a pair is comes from its shape."""
-    from production.moe_decode import DecodeExperts
+    from production.decode.moe_decode import DecodeExperts
 
     split: dict[str, dict[str, torch.Tensor]] = {}
     for name, pair in pairs.items():
@@ -158,9 +158,9 @@ def _split_stacked_experts(
 
 def _linear_shape(layers: dict[str, nn.Module], module: str) -> tuple[int, int]:
     """(in, out) features of the Linear an adapter names: a Linear of the model, or one
-    expert's projection of a mixture-of-experts layer prepared by production.moe_decode
+    expert's projection of a mixture-of-experts layer prepared by production.decode.moe_decode
     (`...experts.gate_up_projs.<i>`, Unsloth's split naming)."""
-    from production.moe_decode import EXPERT_LORA_NAME, DecodeExperts
+    from production.decode.moe_decode import EXPERT_LORA_NAME, DecodeExperts
 
     layer = layers.get(module)
     if isinstance(layer, nn.Linear):
@@ -203,8 +203,8 @@ class MergedAdapters:
 
     def _expert(self, module: str) -> tuple[Any, str, int] | None:
         """(experts layer, kind, index) for a mixture-of-experts projection: their LoRA stays
-        unmerged (production.moe_decode), so no copy of the experts' weights is kept."""
-        from production.moe_decode import EXPERT_LORA_NAME
+        unmerged (production.decode.moe_decode), so no copy of the experts' weights is kept."""
+        from production.decode.moe_decode import EXPERT_LORA_NAME
 
         match = EXPERT_LORA_NAME.match(module)
         if not match:
@@ -266,7 +266,7 @@ def _ring_layer(window: int) -> Any:
     """A sliding-window layer's cache of `window` slots, position p written at p % window:
     the last `window` positions, all a sliding layer attends to (transformers keeps a key
     while kv_idx > q_idx - window). Its slots are out of position order, which only an
-    attention that ignores order and masks (production.decode_attention) may read: softmax
+    attention that ignores order and masks (production.decode.decode_attention) may read: softmax
     is order-free and RoPE is already in the keys. A prompt (from position 0) gets its own
     keys back, in order, and leaves its last `window` in the ring."""
     from transformers.cache_utils import StaticLayer
@@ -300,7 +300,7 @@ def _ring_layer(window: int) -> Any:
 
 class StaticDecoder:
     """One sequence at a time on a StaticCache of `max_len` positions. With `ring_sliding`
-    (the model attends through production.decode_attention), sliding-window layers keep only
+    (the model attends through production.decode.decode_attention), sliding-window layers keep only
     their window: on GPT-OSS-20B at 32,768 tokens, 0.75 GiB of cache instead of 1.5."""
 
     def __init__(

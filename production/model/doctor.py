@@ -2,7 +2,7 @@
 
 Runs in its own process because the orchestrator never imports torch:
 
-    python -m production.doctor --home ~/.local/share/whetstone
+    python -m production.model.doctor --home ~/.local/share/whetstone
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from common.config import ConfigError, load_settings
-from production import base_model
+from production.model import base_model
 
 
 def _version(dist: str) -> str | None:
@@ -94,7 +94,7 @@ KV_SHAPES: dict[str, dict[str, int]] = {
 
 def kv_cache_gib(shape: dict[str, int], window: int, *, ring: bool) -> float:
     """GiB the static decoder reserves for keys and values over `window` tokens. With `ring`
-    (GPT-OSS through production.decode_attention) a sliding layer keeps only its window."""
+    (GPT-OSS through production.decode.decode_attention) a sliding layer keeps only its window."""
     per_token = 2 * shape["kv_heads"] * shape["head_dim"] * shape["bytes"]  # keys and values
     sliding = min(window, shape["sliding_window"]) if ring else window
     tokens = shape["full_layers"] * window + shape["sliding_layers"] * sliding

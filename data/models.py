@@ -208,6 +208,9 @@ Index(
     sqlite_where=Conversation.forgotten_at.is_(None),
     postgresql_where=Conversation.forgotten_at.is_(None),
 )
+# The list's order: newest first, the id breaking ties in the same direction, so the index
+# above read backwards gives it (the conversation list and the search's LIKE scan).
+CONVERSATIONS_LISTED = (Conversation.updated_at.desc(), Conversation.id.desc())
 
 
 class Feedback(Base):

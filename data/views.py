@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from data.models import Conversation, Feedback, Message, Promotion, TrainingRun
 
 if TYPE_CHECKING:
-    from data.store import SearchHit
+    from data.search import SearchHit
 
 
 def run_view(run: TrainingRun) -> dict[str, Any]:

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from data.errors import InvalidInput
-from data.store import SEARCH_MAX_CHARS, SEARCH_MAX_WORDS, Store
+from data.search import SEARCH_MAX_CHARS, SEARCH_MAX_WORDS
+from data.store import Store
 from tests.test_store import REPO, _home_at, raw
 
 

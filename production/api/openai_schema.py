@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from data.errors import InvalidInput
-from data.store import unencodable
+from data.validation import unencodable
 
 # OpenAI's bound on top_logprobs.
 MAX_TOP_LOGPROBS = 20

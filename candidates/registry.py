@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import json
 import logging
 import math
@@ -47,6 +46,7 @@ from candidates.errors import (
     RegistryError,
 )
 from candidates.meta import META_FILE, CandidateMeta, read_meta, write_meta
+from common import locks
 from common.fs import fsync_dir, fsync_tree, pid_alive
 
 logger = logging.getLogger(__name__)
@@ -622,7 +622,7 @@ class Registry:
     @contextlib.contextmanager
     def _lock(self, *, reading: bool = False) -> Iterator[None]:
         try:
-            fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = locks.take(self.root / LOCK_FILE)
         except OSError as exc:
             if not (reading and exc.errno == errno.EROFS):
                 raise
@@ -630,10 +630,9 @@ class Registry:
             yield
             return
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
             yield
         finally:
-            os.close(fd)  # closing the descriptor releases the flock
+            locks.release(fd)
 
     def _read_link(self, name: str) -> str | None:
         link = self.root / name

@@ -6,12 +6,12 @@ so none of them imports the daemon."""
 from __future__ import annotations
 
 import enum
-import fcntl
 import json
 import os
 from pathlib import Path
 from typing import Any
 
+from common import locks
 from common.config import Settings
 
 LOCK_NAME = "daemon.lock"
@@ -56,16 +56,11 @@ class HomeLock:
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+            self._fd = locks.take(self.path, wait=False, note=f"{os.getpid()}\n")
+        except locks.LockBusy:
             home = self.path.parent.parent
             raise HomeBusy(home, daemon_pid(home)) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self._fd = fd
 
     @property
     def held(self) -> bool:
@@ -73,27 +68,16 @@ class HomeLock:
 
     def release(self) -> None:
         if self._fd is not None:
-            os.close(self._fd)  # closing drops the flock
+            locks.release(self._fd)
             self._fd = None
 
 
 def daemon_pid(home: Path) -> int | None:
     """The pid of the daemon holding `home`, or None when no daemon runs there."""
-    path = Path(home) / "run" / LOCK_NAME
-    if not path.exists():
+    note = locks.holder_note(Path(home) / "run" / LOCK_NAME)
+    if note is None:
         return None
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        try:
-            # A shared lock is refused only while the daemon's exclusive one is held.
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            text = path.read_text().strip()
-            return int(text) if text.isdigit() else -1
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    finally:
-        os.close(fd)
+    return int(note) if note.isdigit() else -1
 
 
 def read_state(settings: Settings) -> dict[str, Any] | None:

@@ -25,7 +25,6 @@ the candidate, evaluation, promotion) read top to bottom, as nanochat's scripts 
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import logging
 import math
@@ -43,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from candidates import CandidateMeta, Registry
+from common import locks
 from common.config import Settings, log_resolved
 from common.entrypoint import (
     add_settings_arguments,
@@ -82,22 +82,15 @@ def training_lock(settings: Settings) -> Iterator[None]:
     if the process dies, so a killed run never blocks the next)."""
     settings.paths.run_dir.mkdir(parents=True, exist_ok=True)
     path = settings.paths.run_dir / "training.lock"
-    with open(path, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            raise TrainingBusy(f"another training run is in progress ({holder})") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()}")
-        handle.flush()
-        try:
-            yield
-        finally:
-            handle.truncate(0)
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    try:
+        fd = locks.take(path, wait=False, note=f"pid {os.getpid()}")
+    except locks.LockBusy as exc:
+        holder = exc.note or "another process"
+        raise TrainingBusy(f"another training run is in progress ({holder})") from None
+    try:
+        yield
+    finally:
+        locks.release(fd, clear=True)
 
 
 def scratch_dir(settings: Settings, run_id: str) -> Path:

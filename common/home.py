@@ -77,6 +77,11 @@ class Home:
             return None
         return record if isinstance(record, dict) else None
 
+    def server_pid(self) -> int | None:
+        """The pid the API worker recorded in server_file, or None without a usable one."""
+        pid = (self.server_record() or {}).get("pid")
+        return pid if isinstance(pid, int) and not isinstance(pid, bool) else None
+
     def create(self) -> Home:
         for folder in (
             self.root,

@@ -616,9 +616,8 @@ def _refuse_busy(settings: Settings) -> None:
         raise RestoreRefused(
             f"{HomeBusy(settings.paths.root, owner)}; a restore replaces the home under it"
         )
-    record = settings.paths.server_record() or {}
-    pid = record.get("pid")
-    if isinstance(pid, int) and pid != os.getpid() and pid_alive(pid):
+    pid = settings.paths.server_pid()
+    if pid is not None and pid != os.getpid() and pid_alive(pid):
         raise RestoreRefused(
             f"an API worker (pid {pid}, `whetstone serve`) is running on {settings.paths.root}; "
             "stop it first: a restore replaces the files it writes"

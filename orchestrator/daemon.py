@@ -267,11 +267,8 @@ class ApiSupervisor:
 
 def stop_leftover_worker(settings: Settings) -> None:
     """A worker left running by a daemon that was killed -9 still holds the port: stop it."""
-    try:
-        pid = int((settings.paths.server_record() or {})["pid"])
-    except (ValueError, KeyError, TypeError):
-        return
-    if not pid_alive(pid, SERVER_MODULE):
+    pid = settings.paths.server_pid()
+    if pid is None or not pid_alive(pid, SERVER_MODULE):
         return
     log.warning("stopping the API worker (pid %d) left by a previous daemon", pid)
     os.kill(pid, signal.SIGTERM)

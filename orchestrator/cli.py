@@ -39,6 +39,7 @@ from common.entrypoint import whetstone_command
 if TYPE_CHECKING:  # imported lazily at run time: `whetstone --help` stays fast
     from candidates import Registry
     from data.store import Store
+    from orchestrator.status import HomeStatus
 
 
 class _HelpFlag:
@@ -248,44 +249,27 @@ def doctor(
 @app.command(cls=_Command)
 def status(home: HomeOpt = None, set_: SetOpt = None, as_json: JsonOpt = False) -> None:
     """What the home holds now: champion, data counts, last runs, the API worker."""
+    from orchestrator.status import read_home_status
+
     settings = settings_for(home, set_)
     store = open_store(settings, existing_home=True)
     registry = open_registry(settings)
     try:
-        from common.run_state import read_state
-        from data.views import promotion_view, run_view
-        from orchestrator import experiments, schedule
-        from orchestrator.jobs import reap_dead_runs
-        from orchestrator.promotion import audit_unrecorded_swap, running_server
-
-        server = running_server(settings)
-        daemon = read_state(settings)
-        reap_dead_runs(store)
-        audit_unrecorded_swap(store, registry)
-        last_run = store.latest_run()
-        running = store.latest_run(status="running")
-        promotions = store.list_promotions(limit=1)
-        data: dict[str, Any] = {
-            "home": str(settings.paths.root),
-            # The daemon's own state; without one, "serving" means a lone `whetstone serve`.
-            "run_state": daemon["state"] if daemon else ("serving" if server else "stopped"),
-            "daemon": daemon,
-            "server": server,
-            "running_run": run_view(running) if running else None,
-            "base_model": settings.model.base_model,
-            "current_adapter": registry.current_id(),
-            "previous_adapter": registry.previous_id(),
-            "counts": store.counts(),
-            "last_run": run_view(last_run) if last_run else None,
-            "last_promotion": promotion_view(promotions[0]) if promotions else None,
-            "recipe": experiments.summary(settings),
-            "feedback_until_run": schedule.feedback_until_run(settings, store),
-        }
+        found = read_home_status(settings, store, registry)
     finally:
         store.close()
     if as_json:
-        console.print_json(json.dumps(data, default=str))
+        console.print_json(json.dumps(found.as_dict(), default=str))
         return
+    console.print(_status_table(found, settings))
+
+
+def _status_table(found: HomeStatus, settings: Settings) -> Table:
+    """`whetstone status` as a two-column table, most of it from the daemon's state."""
+    from orchestrator import experiments
+
+    data, training = found.as_dict(), found.training
+    daemon, server = training.daemon, found.server
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(no_wrap=True)
     table.add_column(overflow="fold")  # errors and paths in full, wrapped
@@ -326,7 +310,7 @@ def status(home: HomeOpt = None, set_: SetOpt = None, as_json: JsonOpt = False) 
         trial = ", recipe trial" if run["trigger"] == experiments.EXPERIMENT_TRIGGER else ""
         line = f"{run['id']} {run['status']} ({run['profile']}{trial})"
         if run["status"] == "running":
-            line += f": {_progress_line(last_run)}"
+            line += f": {_progress_line(training.latest_run)}"
         elif run["status"] in ("failed", "skipped"):
             line += f": {run['error'] or run['reason']}"
         elif run["candidate_id"]:
@@ -350,7 +334,7 @@ def status(home: HomeOpt = None, set_: SetOpt = None, as_json: JsonOpt = False) 
     waiting = ((daemon or {}).get("experiments") or {}).get("waiting_because")
     if waiting:
         table.add_row("search waits", escape(waiting))
-    console.print(table)
+    return table
 
 
 def _counts_line(counts: dict[str, Any]) -> str:

@@ -938,7 +938,7 @@ def test_a_new_correction_is_also_asked_in_other_words(store: Store, home: Path)
 
 def test_status_says_how_the_last_run_ended_and_what_next(store: Store) -> None:
     """/v1/status's last_run (what the TUI's status screen shows when nothing runs)."""
-    from production.api.routes_admin import _last_run
+    from orchestrator.status import last_outcome as _last_run
 
     assert _last_run(store) is None
     skipped = store.create_run("quick_test", "manual")

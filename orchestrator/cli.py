@@ -4,8 +4,12 @@
 This module never imports torch: the torch-side checks run as subprocesses
 (`python -m production.model.doctor`, `python -m production.model.base_model`).
 
-One module on purpose: every `whetstone` command, each a short typer function over the rooms
-below it, so `whetstone --help` and this file list the same things.
+Every `whetstone` command is here, each a short typer function: its arguments, the settings,
+store and registry it opens, and what it prints, so `whetstone --help` and this file list the
+same things. What a command works out lives below it: in the rooms, and beside this file in
+cli_doctor (the doctor's checks), cli_tables (what status, candidates, recipe and backup
+print), cli_training (following a run) and cli_service (the systemd unit, the daemon's logs);
+cli_output has the consoles and the error line.
 """
 
 from __future__ import annotations
@@ -20,26 +24,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 from typer.core import TyperCommand, TyperGroup
 
 from common.config import (
-    EMBEDDED_MODEL,
     ConfigError,
-    ConsoleFilter,
     Settings,
     load_settings,
     log_resolved,
     parse_sets,
 )
 from common.entrypoint import whetstone_command
+from orchestrator.cli_output import console, fail
 
 if TYPE_CHECKING:  # imported lazily at run time: `whetstone --help` stays fast
     from candidates import Registry
     from data.store import Store
-    from orchestrator.status import HomeStatus
 
 
 class _HelpFlag:
@@ -67,8 +66,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     cls=_Group,
 )
-console = Console()
-err_console = Console(stderr=True)
 log = logging.getLogger("whetstone")
 
 HomeOpt = Annotated[
@@ -85,11 +82,6 @@ SetOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.", metavar="")]
 
 
-def _fail(message: str, code: int = 1) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
-    return typer.Exit(code)
-
-
 def settings_for(home: Path | None, sets: list[str] | None, **flags: Any) -> Settings:
     try:
         overrides = parse_sets(sets)
@@ -99,7 +91,7 @@ def settings_for(home: Path | None, sets: list[str] | None, **flags: Any) -> Set
                 overrides.setdefault(section, {})[key] = value
         settings = load_settings(home, overrides)
     except ConfigError as exc:
-        raise _fail(str(exc), 2) from None
+        raise fail(str(exc), 2) from None
     # One-shot commands stay quiet: warnings and errors only, unless log_level is DEBUG
     # (the long-running `serve` and `up` log the resolved config at INFO).
     quiet = settings.log_level if settings.log_level == "DEBUG" else "WARNING"
@@ -120,20 +112,20 @@ def open_store(settings: Settings, *, existing_home: bool = False) -> Store:
 
     root = settings.paths.root
     if existing_home and not root.is_dir():
-        raise _fail(
+        raise fail(
             f"no whetstone home at {root}: check --home / WHETSTONE_HOME "
             f"(`whetstone doctor --home {root}` creates one)"
         )
     try:
         settings.paths.create()
     except OSError as exc:
-        raise _fail(f"cannot write the home {root}: {exc.strerror} ({exc.filename})") from None
+        raise fail(f"cannot write the home {root}: {exc.strerror} ({exc.filename})") from None
     try:
         return Store(settings.db_url)
     except StoreError as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     except OperationalError as exc:  # e.g. a read-only home, or a locked database
-        raise _fail(f"cannot open the database {settings.db_url}: {exc.orig}") from None
+        raise fail(f"cannot open the database {settings.db_url}: {exc.orig}") from None
 
 
 def open_registry(settings: Settings) -> Registry:
@@ -159,88 +151,20 @@ def doctor(
     ] = True,
 ) -> None:
     """Check this machine and the home; prepare the embedded default model once."""
-    settings = settings_for(home, set_)
-    paths = settings.paths.create()
-    if prepare and settings.model.base_model == EMBEDDED_MODEL:
-        # Runs in its own process: the conversion imports torch, the orchestrator never does.
-        code = subprocess.call(
-            [_python(), "-m", "production.model.base_model", "--home", str(paths.root)],
-            stdout=subprocess.DEVNULL,
-        )
-        if code != 0:
-            raise _fail("preparing the embedded default model failed (see above)")
-        # Its answers to the replay prompts are made by the daemon once its API is up (the
-        # person chats meanwhile), or by the first training run: not here, where they held
-        # `make run`'s first chat back 155 s.
-    probe = subprocess.run(
-        [_python(), "-m", "production.model.doctor", "--home", str(paths.root)],
-        capture_output=True,
-        text=True,
-    )
-    if probe.returncode != 0:
-        raise _fail(f"the torch probe failed:\n{probe.stderr[-2000:]}")
-    report: dict[str, Any] = json.loads(probe.stdout.strip().splitlines()[-1])
-    report["home"] = str(paths.root)
-    report["config_file"] = str(paths.config_file) if paths.config_file.exists() else None
-    report["model_profile"] = settings.model.model_dump()
-    report["devices"] = settings.devices.model_dump()
-    store = open_store(settings)
-    from data.db import schema_version
+    from orchestrator import cli_doctor
 
-    report["database"] = {"url": settings.db_url, "schema_version": schema_version(store.engine)}
+    settings = settings_for(home, set_)
+    report = cli_doctor.machine_report(settings, prepare=prepare)
+    store = open_store(settings)
+    report["database"] = cli_doctor.database_report(settings, store)
     store.close()
     if as_json:
         console.print_json(json.dumps(report))
         return
-    table = Table(show_header=False, box=None, pad_edge=False)
-    table.add_row("home", report["home"])
-    table.add_row("python", report["python"])
-    table.add_row("torch", f"{report['torch']} (CUDA {report['cuda_version'] or 'none'})")
-    if report["cuda_devices"]:
-        for dev in report["cuda_devices"]:
-            table.add_row(
-                f"cuda:{dev['index']}",
-                f"{dev['name']}: {dev['free_gib']} GiB free of {dev['total_gib']} GiB",
-            )
-    else:
-        table.add_row("GPUs", "none: serving and training run on the CPU")
-    for name, version in report["versions"].items():
-        table.add_row(name, version or "not installed")
-    model = report["model"]
-    table.add_row("model profile", f"{settings.model.preset}: {settings.model.base_model}")
-    if model["loadable"]:
-        took = f" (loads in {model['load_seconds']} s)" if "load_seconds" in model else ""
-        table.add_row("model", f"[green]loadable here[/]{took}: {model.get('path')}")
-    else:
-        table.add_row("model", "[red]cannot load here[/]: " + "; ".join(model["problems"]))
-    fit = report.get("memory_fit")
-    if fit and fit.get("kv_cache_gib") is not None:
-        table.add_row(
-            "serving window",
-            f"{fit['serving_window']:,} tokens (model.context_window): "
-            f"{fit['kv_cache_gib']} GiB of KV cache reserved at start-up",
-        )
-    for gpu in (fit or {}).get("gpus", []):
-        roles = " + ".join(gpu["roles"]) or "nothing planned"
-        verdict = "[green]fits[/]" if gpu["fits"] else "[red]does not fit[/]: "
-        table.add_row(
-            f"cuda:{gpu['index']} memory",
-            f"{roles}: needs ~{gpu['need_gib']} of {gpu['total_gib']} GiB (measured), "
-            + verdict
-            + "; ".join(gpu["problems"]),
-        )
-    table.add_row("database", f"{settings.db_url} (schema {report['database']['schema_version']})")
-    console.print(table)
-    if not model["loadable"]:
+    console.print(cli_doctor.report_table(settings, report))
+    if not report["model"]["loadable"]:
         raise typer.Exit(1)
-    command, home_arg = whetstone_command(), f"--home {settings.paths.root}"
-    console.print(
-        f"next: `{command} up {home_arg}` starts the daemon (`make run` starts it right after "
-        f"this); then, in a second terminal, `{command} chat {home_arg}`: ask, rate 1-5, "
-        "correct with c; it trains by itself",
-        highlight=False,
-        soft_wrap=True,
-    )
+    console.print(cli_doctor.next_step(settings), highlight=False, soft_wrap=True)
 
 
 # --------------------------------------------------------------------------------- status
@@ -249,6 +173,7 @@ def doctor(
 @app.command(cls=_Command)
 def status(home: HomeOpt = None, set_: SetOpt = None, as_json: JsonOpt = False) -> None:
     """What the home holds now: champion, data counts, last runs, the API worker."""
+    from orchestrator import cli_tables
     from orchestrator.status import read_home_status
 
     settings = settings_for(home, set_)
@@ -261,95 +186,13 @@ def status(home: HomeOpt = None, set_: SetOpt = None, as_json: JsonOpt = False) 
     if as_json:
         console.print_json(json.dumps(found.as_dict(), default=str))
         return
-    console.print(_status_table(found, settings))
-
-
-def _status_table(found: HomeStatus, settings: Settings) -> Table:
-    """`whetstone status` as a two-column table, most of it from the daemon's state."""
-    from orchestrator import experiments
-
-    data, training = found.as_dict(), found.training
-    daemon, server = training.daemon, found.server
-    table = Table(show_header=False, box=None, pad_edge=False)
-    table.add_column(no_wrap=True)
-    table.add_column(overflow="fold")  # errors and paths in full, wrapped
-    table.add_row("home", data["home"])
-    table.add_row("daemon", data["run_state"] + (f" (pid {daemon['pid']})" if daemon else ""))
-    if daemon:
-        plan = daemon.get("devices") or {}
-        table.add_row(
-            "devices", f"production {plan.get('production')}, development {plan.get('development')}"
-        )
-        worker = daemon.get("worker") or {}
-        line = f"{worker.get('state')} at {worker.get('url')}"
-        if worker.get("uptime_s") is not None:
-            line += f", up {int(worker['uptime_s'])} s"
-        if worker.get("restarts"):
-            line += f", {worker['restarts']} restart(s)"
-        table.add_row("API worker", line)
-        if worker.get("state") in ("failed", "restarting") and worker.get("last_error"):
-            table.add_row("worker error", escape(worker["last_error"]))
-        if daemon.get("preparing") == "base answers":
-            table.add_row(
-                "preparing", "the base model's answers to the replay prompts (runs wait for them)"
-            )
-        for job in daemon.get("schedule") or []:
-            table.add_row(f"next {job['id']}", str(job.get("next_run_at")))
-        for err in (daemon.get("errors") or [])[-3:]:
-            table.add_row("recent error", escape(f"{err['at']} {err['error']}"))
-    elif server:
-        table.add_row("API worker", f"at {server['url']} (no daemon: started by `whetstone serve`)")
-    table.add_row("base model", data["base_model"])
-    table.add_row("current adapter", data["current_adapter"] or "none (the base model serves)")
-    table.add_row("previous", data["previous_adapter"] or "none")
-    table.add_row("data", _counts_line(data["counts"]))
-    run = data["last_run"]
-    if run is None:
-        table.add_row("last run", "none")
-    else:
-        trial = ", recipe trial" if run["trigger"] == experiments.EXPERIMENT_TRIGGER else ""
-        line = f"{run['id']} {run['status']} ({run['profile']}{trial})"
-        if run["status"] == "running":
-            line += f": {_progress_line(training.latest_run)}"
-        elif run["status"] in ("failed", "skipped"):
-            line += f": {run['error'] or run['reason']}"
-        elif run["candidate_id"]:
-            line += f" -> {run['candidate_id']}"
-        table.add_row("last run", line)
-    promo = data["last_promotion"]
-    table.add_row(
-        "last promotion",
-        f"{promo['action']} {promo['candidate_id'] or 'base'} at {promo['created_at']}"
-        if promo
-        else "none",
-    )
-    until = data["feedback_until_run"]
-    if until is not None:
-        table.add_row(
-            "next run",
-            f"after {until} more rating(s) or correction(s) "
-            f"(schedule.every_n_feedback = {settings.schedule.every_n_feedback}), or nightly",
-        )
-    table.add_row("recipe", escape(experiments.describe(data["recipe"])))
-    waiting = ((daemon or {}).get("experiments") or {}).get("waiting_because")
-    if waiting:
-        table.add_row("search waits", escape(waiting))
-    return table
-
-
-def _counts_line(counts: dict[str, Any]) -> str:
-    """ "conversations: 3, ..., runs: 2 succeeded, 1 failed" (runs by status, zeros left out)."""
-    parts = []
-    for key, value in counts.items():
-        if isinstance(value, dict):
-            value = ", ".join(f"{n} {status}" for status, n in value.items() if n) or "none"
-        parts.append(f"{key.replace('_', ' ')}: {value}")
-    return ", ".join(parts)
+    console.print(cli_tables.status_table(found, settings))
 
 
 @app.command("candidates", cls=_Command)
 def candidates_cmd(home: HomeOpt = None, set_: SetOpt = None, as_json: JsonOpt = False) -> None:
     """List the trained adapters, which one serves, and how each was judged."""
+    from orchestrator import cli_tables
     from orchestrator.promotion import candidate_rows
 
     settings = settings_for(home, set_)
@@ -365,24 +208,7 @@ def candidates_cmd(home: HomeOpt = None, set_: SetOpt = None, as_json: JsonOpt =
     if not rows:
         console.print("no candidates yet: `whetstone train` makes one")
         return
-    # Ids whole, never cut at 80 columns: they are what `promote` and `report` take.
-    table = Table("")
-    table.add_column("id", no_wrap=True, min_width=max(len(row["id"]) for row in rows))
-    for header in ("created", "status", "decision"):
-        table.add_column(header)
-    table.add_column("note", overflow="fold")
-    for row in rows:
-        mark = "*" if row["current"] else ("p" if row["previous"] else "")
-        note = row["error"] or (row["rule"] or "")
-        table.add_row(
-            mark,
-            row["id"],
-            (row["created_at"] or "")[:19],
-            row["status"] or "invalid",
-            row["decision"] or "-",
-            note,
-        )
-    console.print(table)
+    console.print(cli_tables.candidates_table(rows))
     console.print("* current   p previous")
 
 
@@ -408,7 +234,7 @@ def promote(
     try:
         result = promotion.promote(settings, store, registry, candidate_id, force=force)
     except (RegistryError, ValueError, promotion.PromotionRefused) as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     finally:
         store.close()
     console.print(f"current -> {result.new_current} (previous: {result.previous or 'base model'})")
@@ -427,7 +253,7 @@ def rollback(home: HomeOpt = None, set_: SetOpt = None) -> None:
     try:
         result = promotion.rollback(settings, store, registry)
     except RegistryError as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     finally:
         store.close()
     now = result.new_current or "the base model (no adapter)"
@@ -453,12 +279,12 @@ def export(
     settings = settings_for(home, set_)
     target = out or settings.paths.root / "exports" / datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     if target.exists() and not target.is_dir():
-        raise _fail(f"--out {target} exists and is not a folder")
+        raise fail(f"--out {target} exists and is not a folder")
     store = open_store(settings)
     try:
         counts = export_all(store, target)
     except OSError as exc:
-        raise _fail(f"cannot write the export to {target}: {exc.strerror or exc}") from None
+        raise fail(f"cannot write the export to {target}: {exc.strerror or exc}") from None
     finally:
         store.close()
     for kind, n in counts.items():
@@ -466,22 +292,6 @@ def export(
 
 
 # -------------------------------------------------------------------------- backup/restore
-
-
-def _size_text(size: int) -> str:
-    value = float(size)
-    for unit in ("bytes", "KB", "MB", "GB"):
-        if value < 1000 or unit == "GB":
-            return f"{int(value)} {unit}" if unit == "bytes" else f"{value:.1f} {unit}"
-        value /= 1000
-    raise AssertionError("unreachable")
-
-
-def _adapters_text(manifest: dict[str, Any]) -> str:
-    if manifest.get("current") is None and manifest.get("previous") is None:
-        return "none (the base model serves)"
-    current = manifest.get("current") or "none (the base model serves)"
-    return f"current {current}, previous {manifest.get('previous') or 'none'}"
 
 
 @app.command(cls=_Command)
@@ -499,13 +309,14 @@ def backup(
 ) -> None:
     """Copy the home while it runs: the database, the current and previous adapters, the
     config, with a manifest of checksums. `whetstone restore DIR` puts it back."""
+    from orchestrator import cli_tables
     from orchestrator.backup import BackupError, create_backup
 
     settings = settings_for(home, set_)
     try:
         result = create_backup(settings, dest)
     except BackupError as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     manifest = result.manifest
     listed = {entry["path"] for entry in manifest["files"]}
     also = [name for name in ("config.toml", "recipe.json", "experiments.db") if name in listed]
@@ -513,9 +324,9 @@ def backup(
     console.print(
         f"  database: {manifest['conversations']} conversation(s), schema "
         f"{manifest['schema_revision']}, integrity ok\n"
-        f"  adapters: {_adapters_text(manifest)}\n"
+        f"  adapters: {cli_tables.adapters_text(manifest)}\n"
         f"  also: {', '.join(also) or 'nothing else'}\n"
-        f"  size: {_size_text(result.size)} in {len(manifest['files'])} file(s)",
+        f"  size: {cli_tables.size_text(result.size)} in {len(manifest['files'])} file(s)",
         highlight=False,
         soft_wrap=True,
     )
@@ -545,6 +356,7 @@ def restore(
     ] = False,
 ) -> None:
     """Put a backup back into the home, all or nothing, after checking every file."""
+    from orchestrator import cli_tables
     from orchestrator.backup import RestoreRefused, restore_backup, verify_backup
 
     settings = settings_for(home, set_)
@@ -555,16 +367,17 @@ def restore(
             result = restore_backup(settings, source, force=force)
             manifest = result.manifest
     except RestoreRefused as exc:
-        raise _fail(f"not restored: {exc}" if not check else str(exc)) from None
+        raise fail(f"not restored: {exc}" if not check else str(exc)) from None
     written = (
         f"written {manifest.get('created_at', '?')} "
         f"by whetstone {manifest.get('whetstone_version', '?')}"
     )
+    adapters = cli_tables.adapters_text(manifest)
     if check:
         console.print(
             f"{source}: a whole backup ({written}): {len(manifest['files'])} file(s) match their "
             f"checksums, schema {manifest['schema_revision']}, integrity ok\n"
-            f"  {manifest['conversations']} conversation(s); adapters: {_adapters_text(manifest)}",
+            f"  {manifest['conversations']} conversation(s); adapters: {adapters}",
             highlight=False,
             soft_wrap=True,
         )
@@ -580,7 +393,7 @@ def restore(
     )
     console.print(
         f"  database: {manifest['conversations']} conversation(s), {schema}\n"
-        f"  adapters: {_adapters_text(manifest)}",
+        f"  adapters: {adapters}",
         highlight=False,
         soft_wrap=True,
     )
@@ -597,40 +410,6 @@ def restore(
 # ------------------------------------------------------------------------------ the daemon
 
 
-class _JournalFormatter(logging.Formatter):
-    """Under systemd (JOURNAL_STREAM set) each line starts with its syslog priority, so
-    `journalctl -p err` works; journald adds the time itself."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        priority = {"DEBUG": 7, "INFO": 6, "WARNING": 4, "ERROR": 3, "CRITICAL": 2}
-        return f"<{priority.get(record.levelname, 6)}>{super().format(record)}"
-
-
-def _daemon_logging(settings: Settings) -> None:
-    from logging.handlers import RotatingFileHandler
-
-    root = logging.getLogger()
-    for handler in list(root.handlers):  # settings_for's quiet one-shot handler
-        root.removeHandler(handler)
-    root.setLevel(settings.log_level)
-    stderr = logging.StreamHandler(sys.stderr)
-    if os.environ.get("JOURNAL_STREAM"):
-        stderr.setFormatter(_JournalFormatter("%(name)s: %(message)s"))
-    else:
-        stderr.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    settings.paths.logs_dir.mkdir(parents=True, exist_ok=True)
-    logfile = RotatingFileHandler(
-        settings.paths.logs_dir / "daemon.log", maxBytes=10_000_000, backupCount=3
-    )
-    logfile.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    stderr.addFilter(ConsoleFilter())  # the resolved config goes to daemon.log only
-    root.addHandler(stderr)
-    root.addHandler(logfile)
-    # apscheduler.scheduler repeats each "schedule: ..." line the daemon logs itself.
-    for noisy in ("apscheduler.executors", "apscheduler.scheduler", "httpx", "alembic"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
 @app.command(cls=_Command)
 def up(
     home: HomeOpt = None,
@@ -645,6 +424,7 @@ def up(
 
     from common.config import check_bind
     from common.run_state import HomeBusy, daemon_pid
+    from orchestrator import cli_service
     from orchestrator.daemon import run_daemon
 
     settings = settings_for(home, set_, server__host=host, server__port=port)
@@ -652,11 +432,11 @@ def up(
     try:
         check_bind(settings)
     except ConfigError as exc:
-        raise _fail(str(exc), 2) from None
+        raise fail(str(exc), 2) from None
     owner = daemon_pid(settings.paths.root)
     if owner is not None:  # before any logging or banner: nothing of ours was started
-        raise _fail(str(HomeBusy(settings.paths.root, owner)))
-    _daemon_logging(settings)
+        raise fail(str(HomeBusy(settings.paths.root, owner)))
+    cli_service.daemon_logging(settings)
     log_resolved(settings)
     log.info("resolved config: in %s", settings.paths.logs_dir / "daemon.log")
     host_shown = settings.server.host
@@ -673,25 +453,8 @@ def up(
     try:
         code = asyncio.run(run_daemon(settings))
     except HomeBusy as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     raise typer.Exit(code)
-
-
-UNIT_TEMPLATE = Path(__file__).resolve().parent.parent / "systemd" / "whetstone.service"
-# Where pip puts the unit for a regular (non-editable) install: pyproject's data-files.
-INSTALLED_UNIT_TEMPLATE = Path("share") / "whetstone" / "systemd" / "whetstone.service"
-
-
-def unit_template() -> Path:
-    """The unit file of this install: the checkout's systemd/ (editable install), else the
-    copy a wheel installs under the environment's prefix."""
-    for candidate in (UNIT_TEMPLATE, Path(sys.prefix) / INSTALLED_UNIT_TEMPLATE):
-        if candidate.is_file():
-            return candidate
-    raise _fail(
-        f"the systemd unit template is missing: neither {UNIT_TEMPLATE} nor "
-        f"{Path(sys.prefix) / INSTALLED_UNIT_TEMPLATE} exists; reinstall whetstone"
-    )
 
 
 @app.command("install-service", cls=_Command)
@@ -705,40 +468,12 @@ def install_service(
 ) -> None:
     """Write the systemd user unit that runs `whetstone up` for this home, and say how to
     enable it."""
-    from common.fs import atomic_write_text
+    from orchestrator import cli_service
 
     settings = settings_for(home, set_)
-    executable = Path(sys.executable).parent / "whetstone"
-    if not executable.is_file():
-        raise _fail(f"{executable} not found: install whetstone into this environment first")
-    config_home = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
-    target_dir = unit_dir or config_home / "systemd" / "user"
-    target = target_dir / "whetstone.service"
-    template = unit_template()
-    readme = template.parent.parent / "README.md"
-    unit = template.read_text().format(
-        whetstone=executable,
-        home=settings.paths.root.resolve(),
-        stop_timeout=int(settings.daemon.stop_timeout_s) + 30,
-        documentation=f"file://{readme}" if readme.is_file() else "man:systemd.service(5)",
-    )
-    try:
-        target_dir.mkdir(parents=True, exist_ok=True)
-        settings.paths.create()
-        atomic_write_text(target, unit)
-    except OSError as exc:
-        raise _fail(f"cannot write {target}: {exc.strerror or exc}") from None
+    target = cli_service.install_unit(settings, unit_dir)
     console.print(f"wrote {target}", highlight=False)
-    console.print(
-        "enable and start it:\n"
-        "  systemctl --user daemon-reload\n"
-        "  systemctl --user enable --now whetstone\n"
-        "keep it running while you are logged out:\n"
-        f"  loginctl enable-linger {os.environ.get('USER', '$USER')}\n"
-        "follow its logs:\n"
-        "  journalctl --user -u whetstone -f",
-        highlight=False,
-    )
+    console.print(cli_service.enable_help(), highlight=False)
 
 
 @app.command(cls=_Command)
@@ -755,7 +490,7 @@ def serve(
     settings = settings_for(home, set_, server__host=host, server__port=port)
     owner = daemon_pid(settings.paths.root)
     if owner is not None:
-        raise _fail(
+        raise fail(
             f"the daemon (pid {owner}) already runs the API worker for {settings.paths.root}; "
             "`whetstone status` says where it listens"
         )
@@ -778,7 +513,7 @@ def _check_token(settings: Settings) -> None:
     try:
         settings.bearer_token()
     except PermissionError as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
 
 
 @app.command(cls=_Command)
@@ -788,7 +523,7 @@ def token(home: HomeOpt = None, set_: SetOpt = None) -> None:
     try:
         console.print(settings.paths.ensure_token(), highlight=False)
     except PermissionError as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
 
 
 @app.command(cls=_Command)
@@ -805,86 +540,8 @@ def chat(
 
     settings = settings_for(home, set_)
     if url is not None and not url.startswith(("http://", "https://")):
-        raise _fail(f"--url {url!r} must start with http:// or https://")
+        raise fail(f"--url {url!r} must start with http:// or https://")
     WhetstoneApp(make_api(settings, url)).run()
-
-
-def _progress_line(run: Any) -> str:
-    progress = run.progress or {}
-    stage = progress.get("stage") or run.status
-    if progress.get("max_steps"):
-        line = stage
-        if progress.get("stages", 1) > 1:
-            line += f" (stage {progress.get('stage_number', 1)}/{progress['stages']})"
-        line += f" step {progress.get('step', 0)}/{progress['max_steps']}"
-        loss = progress.get("loss")
-        held = progress.get("eval_loss")
-        if loss is not None:
-            line += f" loss {loss:.3f}"
-        if held is not None:
-            line += f" held-out {held:.3f}"
-        eta = progress.get("eta_s")
-        if eta is not None:
-            line += f" eta {int(eta) // 60}m{int(eta) % 60:02d}s"
-        return line
-    return stage
-
-
-def _wait_for_run(settings: Settings, run_id: str, process: Any) -> int | None:
-    """Show the run's progress as a live bar until it ends; return its exit code (None when
-    the daemon runs it: the outcome is in the store)."""
-    import time
-
-    from rich.progress import BarColumn, Progress, TextColumn
-
-    from data.models import RUN_FINISHED
-
-    def running() -> bool:
-        # The process may go on after the run ends: a catch-up run follows a promotion.
-        if store.get_run(run_id).status in RUN_FINISHED:
-            return False
-        return process is None or process.poll() is None
-
-    store = open_store(settings)
-    if not (console.is_terminal and err_console.is_terminal):
-        # `whetstone train --wait | tee log`: a live bar draws nothing there (26 minutes of
-        # silence); a line per stage, and every 30 s while one goes on.
-        try:
-            shown, shown_stage, shown_at = "", None, 0.0
-            while running():
-                run = store.get_run(run_id)
-                line = _progress_line(run)
-                stage = (run.progress or {}).get("stage", run.status)
-                if line != shown and (stage != shown_stage or time.monotonic() - shown_at >= 30):
-                    console.print(f"{run_id}: {line}", highlight=False, soft_wrap=True)
-                    shown, shown_stage, shown_at = line, stage, time.monotonic()
-                time.sleep(0.5)
-        finally:
-            store.close()
-        return None if process is None else process.returncode
-    try:
-        with Progress(
-            TextColumn("[bold]{task.fields[run]}"),
-            BarColumn(),
-            TextColumn("{task.description}"),
-            console=err_console,
-            transient=True,
-        ) as bar:
-            task = bar.add_task("starting", total=None, run=run_id)
-            while running():
-                run = store.get_run(run_id)
-                progress = run.progress or {}
-                total = progress.get("max_steps") or None
-                bar.update(
-                    task,
-                    total=total,
-                    completed=progress.get("step", 0) if total else 0,
-                    description=_progress_line(run),
-                )
-                time.sleep(0.5)
-    finally:
-        store.close()
-    return None if process is None else process.returncode
 
 
 @app.command(cls=_Command)
@@ -909,20 +566,20 @@ def train(
     ] = True,
 ) -> None:
     """Train a candidate on the feedback so far, evaluate it, and promote it if it wins."""
-    from orchestrator import jobs
+    from orchestrator import cli_training, jobs
 
     settings = settings_for(home, set_)
     try:
         settings.profile(profile)  # before the store is opened: a typo creates nothing
     except ConfigError as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     store = open_store(settings)
     try:
         request = jobs.request_training(
             settings, store, profile, force=force, promote=promote_, sets=set_
         )
     except (ConfigError, jobs.JobBusy) as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     finally:
         store.close()
     run_id, name, owner, logfile = request.run_id, request.profile, request.daemon_pid, request.log
@@ -936,67 +593,21 @@ def train(
     following: str | None = run_id
     while following:
         run_id = following
+        store = open_store(settings)
         try:
-            code = _wait_for_run(settings, run_id, request.process)
-        except KeyboardInterrupt:
-            console.print(f"stopped waiting; {run_id} goes on in the background (log: {logfile})")
-            raise typer.Exit(130) from None
-        following = _print_run_outcome(settings, run_id, code, logfile)
-        if following:
-            console.print(_following_line(settings, following))
-
-
-def _following_line(settings: Settings, run_id: str) -> str:
-    """What the run the same process goes on with does (development.train.follow_up)."""
-    from orchestrator.schedule import RETRY_TRIGGER
-
-    store = open_store(settings)
-    try:
-        trigger = store.get_run(run_id).trigger
-    finally:
-        store.close()
-    if trigger == RETRY_TRIGGER:
-        scale = settings.training.retry_learning_rate_scale
-        return f"retry: {run_id} trains again at x{scale:g} the learning rate"
-    return f"catch-up: {run_id} trains on the corrections the gate just judged"
-
-
-def _print_run_outcome(
-    settings: Settings, run_id: str, code: int | None, logfile: Path
-) -> str | None:
-    """Say how the run ended; return the run that follows it in the same process (a
-    catch-up after a promotion, a retry after a refusal), if any."""
-    store = open_store(settings)
-    try:
-        from orchestrator import jobs
-
-        jobs.reap_dead_runs(store)
-        run = store.get_run(run_id)
-        evaluation = None
-        if run.candidate_id:
-            found = store.list_evaluations(run.candidate_id, limit=1)
-            evaluation = found[0] if found else None
-        current = open_registry(settings).current_id()
-    finally:
-        store.close()
-    if run.status == "skipped":
-        console.print(f"{run_id} skipped: {run.reason}")
-        return None
-    if run.status != "succeeded":
-        err_console.print(f"{run_id} {run.status}: {run.error or f'exit code {code}'}")
-        err_console.print(f"log: {logfile}")
-        raise typer.Exit(1)
-    console.print(f"{run_id} trained candidate {run.candidate_id}")
-    if evaluation is not None:
-        reason = (evaluation.metrics or {}).get("reason", "")
-        console.print(f"gate: {evaluation.decision} ({evaluation.rule}) {reason}")
-        step = (evaluation.metrics or {}).get("next_step")
-        if step and current != run.candidate_id:
-            console.print(f"next: {step}")
-        console.print(f"report: {evaluation.report_path}")
-    if current == run.candidate_id:
-        console.print(f"promoted: {run.candidate_id} now serves")
-    return (run.progress or {}).get("next_run")
+            try:
+                code = cli_training.wait_for_run(store, run_id, request.process)
+            except KeyboardInterrupt:
+                console.print(
+                    f"stopped waiting; {run_id} goes on in the background (log: {logfile})"
+                )
+                raise typer.Exit(130) from None
+            registry = open_registry(settings)
+            following = cli_training.print_outcome(store, registry, run_id, code, logfile)
+            if following:
+                console.print(cli_training.following_line(settings, store, following))
+        finally:
+            store.close()
 
 
 @app.command("eval", cls=_Command)
@@ -1013,7 +624,7 @@ def eval_cmd(
     try:
         open_registry(settings).validate(candidate_id, base_model=settings.model.base_model)
     except RegistryError as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     argv = [_python(), "-m", "development.evaluate", "--home", str(settings.paths.root)]
     argv += ["--candidate", candidate_id]
     for item in set_ or []:
@@ -1050,14 +661,14 @@ def export_model(
 
     formats, outtypes = ("merged", "gguf", "lora-gguf"), ("f32", "f16", "bf16", "q8_0")
     if format_ not in formats:
-        raise _fail(f"--format must be one of {', '.join(formats)}; got {format_!r}", 2)
+        raise fail(f"--format must be one of {', '.join(formats)}; got {format_!r}", 2)
     if outtype not in outtypes:
-        raise _fail(f"--outtype must be one of {', '.join(outtypes)}; got {outtype!r}", 2)
+        raise fail(f"--outtype must be one of {', '.join(outtypes)}; got {outtype!r}", 2)
     settings = settings_for(home, set_)
     try:
         open_registry(settings).validate(candidate_id, base_model=settings.model.base_model)
     except RegistryError as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     argv = [_python(), "-m", "development.export_model", candidate_id]
     argv += ["--home", str(settings.paths.root), "--format", format_, "--outtype", outtype]
     if out is not None:
@@ -1115,11 +726,11 @@ def recipe(
     as_json: JsonOpt = False,
 ) -> None:
     """The training recipe the nightly run uses, and the search's trials."""
-    from orchestrator import experiments
+    from orchestrator import cli_tables, experiments
 
     settings = settings_for(home, set_)
     if not settings.paths.root.is_dir():
-        raise _fail(f"no whetstone home at {settings.paths.root}: check --home / WHETSTONE_HOME")
+        raise fail(f"no whetstone home at {settings.paths.root}: check --home / WHETSTONE_HOME")
     try:
         if reset:
             dropped = experiments.reset_recipe(settings)
@@ -1132,23 +743,12 @@ def recipe(
             return
         found = experiments.summary(settings)
     except ConfigError as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     if as_json:
         console.print_json(data=found)
         return
     console.print(f"recipe: {experiments.describe(found)}", markup=False, highlight=False)
-    table = Table(
-        "trial", "state", "validation NLL", "learning_rate", "max_steps", "lora_r", "replay"
-    )
-    for trial in (found.get("study") or {}).get("trials", []):
-        params = trial["params"]
-        value = trial["validation_nll"]
-        table.add_row(
-            f"#{trial['number']}" + (" (baseline)" if trial["baseline"] else ""),
-            trial["state"] + ("" if trial["fits_gate"] else ", loses general knowledge"),
-            "-" if value is None else f"{value:.4f}",
-            *(experiments.knob_text(params.get(k, "-")) for k in experiments.KNOBS),
-        )
+    table = cli_tables.trials_table(found)
     if table.rows:
         console.print(table)
 
@@ -1172,12 +772,12 @@ def report(
     try:
         folder = registry.path(registry.validate_id(candidate_id))
     except RegistryError as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     md, page = folder / "report.md", folder / "report.html"
     if not folder.is_dir():
-        raise _fail(f"there is no candidate {candidate_id}: `whetstone candidates` lists them")
+        raise fail(f"there is no candidate {candidate_id}: `whetstone candidates` lists them")
     if not md.is_file():
-        raise _fail(
+        raise fail(
             f"candidate {candidate_id} has no report yet: run `whetstone eval {candidate_id}`"
         )
     if html:

@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from candidates import CandidateMeta, Registry
 from common import locks
@@ -54,6 +54,10 @@ from data.store import Store
 from development.gate import general_drift
 from orchestrator.schedule import CATCH_UP_TRIGGER, RETRY_TRIGGER
 from production.model.device_pin import pin_device
+
+if TYPE_CHECKING:
+    from data.exports import FeedbackItem
+    from development.training_data import TrainingData
 
 log = logging.getLogger("development.train")
 
@@ -609,12 +613,48 @@ class RunContext:
 
 
 def train_candidate(ctx: RunContext, *, force: bool = False) -> str | None:
-    """One run, start to candidate. Returns the candidate id, or None when skipped."""
-    from development import modeling, training_data, variants
-    from production.model.gpt_oss_layout import adapter_placement
+    """One run, start to candidate. Returns the candidate id, or None when skipped (the run
+    is recorded skipped, with why). The steps below, in the order this calls them."""
+    registry = Registry(ctx.settings.paths.candidates_dir)
+    start = _starting_point(ctx, registry)
+    if not _enough_data(ctx, start, force=force):
+        return None
+    started = time.monotonic()
+    backend, model, tokenizer = _load_model(ctx)
+    base_answers = _answer_replay_prompts(ctx, model, tokenizer)
+    items = _frozen_feedback(ctx.store)
+    paraphrases = _paraphrase_corrections(ctx, model, tokenizer, items, start)
+    model.config.use_cache = False
+    rows = _rows_builder(ctx.settings, items, base_answers, tokenizer, paraphrases)
+    model, data, not_continued = _attach_adapter(
+        ctx, registry, start, backend, model, tokenizer, rows
+    )
+    snapshot = data.snapshot()
+    ctx.store.update_run(ctx.run_id, data_snapshot=snapshot)
+    if not data.sft:
+        ctx.store.update_run(ctx.run_id, status="skipped", reason="no SFT rows after the split")
+        return None
+    _plan(ctx, data, not_continued)
+    model = _train_sft(ctx, model, tokenizer, data, not_continued)
+    if model is None:
+        return None
+    model = _train_preference(ctx, model, tokenizer, data)
+    ctx.report({"stage": "saving", "step": 0, "max_steps": 0})
+    meta = _candidate_meta(ctx, registry, start, backend, not_continued, snapshot, started)
+    return _write_candidate(ctx, registry, meta, model)
 
-    settings, store = ctx.settings, ctx.store
-    registry = Registry(settings.paths.candidates_dir)
+
+@dataclass(frozen=True)
+class StartPoint:
+    """What a run builds on."""
+
+    champion: str | None  # the adapter serving now: the new candidate's parent
+    # The adapter the run continues: the champion, or where the run a catch-up redoes started.
+    adapter: str | None
+    snapshot: dict[str, Any] | None  # the data that adapter was trained on (its meta's)
+
+
+def _starting_point(ctx: RunContext, registry: Registry) -> StartPoint:
     champion = registry.current_id()
     # What this run builds on: the champion, or where the run a catch-up redoes started.
     start = champion
@@ -623,24 +663,44 @@ def train_candidate(ctx: RunContext, *, force: bool = False) -> str | None:
         start = redone.config.get("started_from") if redone is not None else None
     start_meta = registry.get(start).meta if start is not None else None
     start_snapshot = start_meta.data if start_meta is not None else None
+    return StartPoint(champion, start, start_snapshot)
 
-    enough = training_data.sufficiency(store, settings, start_snapshot)
+
+def _enough_data(ctx: RunContext, start: StartPoint, *, force: bool) -> bool:
+    """Whether there is enough new feedback since `start` (or the run is forced); a run
+    without is recorded skipped, with why."""
+    from development import training_data
+
+    enough = training_data.sufficiency(ctx.store, ctx.settings, start.snapshot)
     if not enough.enough and not force:
-        store.update_run(ctx.run_id, status="skipped", reason=enough.reason)
+        ctx.store.update_run(ctx.run_id, status="skipped", reason=enough.reason)
         log.info("skipped: %s", enough.reason)
-        return None
+        return False
+    return True
 
-    started = time.monotonic()
-    # Unsloth hands back a patched transformers class, so ask the loader, not the model.
+
+def _load_model(ctx: RunContext) -> tuple[str, Any, Any]:
+    """(backend, model, tokenizer): the base model loaded for training on the run's device."""
     from common.devices import choose_backend
+    from development import modeling
 
+    settings = ctx.settings
+    # Unsloth hands back a patched transformers class, so ask the loader, not the model.
     backend = choose_backend(settings, ctx.device)
     # A setting this run cannot honour fails here, before the model loads.
     ctx.padding_free = padding_free(settings, backend)
     ctx.report({"stage": "loading", "step": 0, "max_steps": 0})
     model, tokenizer = modeling.load_base(settings, ctx.device, for_training=True)
     ctx.mark("load")
+    return backend, model, tokenizer
 
+
+def _answer_replay_prompts(ctx: RunContext, model: Any, tokenizer: Any) -> Any:
+    """The base model's answers to the replay prompts (cached in the home's models/replay/
+    after the first run)."""
+    from development import modeling, training_data
+
+    settings = ctx.settings
     reported = 0.0
 
     def answering(step: int, steps: int) -> None:
@@ -655,24 +715,32 @@ def train_candidate(ctx: RunContext, *, force: bool = False) -> str | None:
         lambda prompts: modeling.base_answers(model, tokenizer, settings, prompts, answering),
     )
     ctx.mark("base answers")
+    return base_answers
 
-    def count(prompt: list[dict[str, str]], answer: str) -> int:
-        return modeling.token_count(tokenizer, prompt, answer)
 
-    from transformers import set_seed
-
+def _frozen_feedback(store: Store) -> list[FeedbackItem]:
+    """The feedback this run reads, its placements frozen first."""
     from data import exports
 
     # What this run reads is frozen where it is placed before anything is built from it: a
     # correction arriving in between (the TUI sends the rating first) would otherwise move
     # an answer this run trains on into the holdout. What arrives after waits for a later run.
     frozen = store.freeze_placements()
-    items = [item for item in exports.feedback_items(store) if item.message_id in frozen]
-    # Other wordings of each new corrected question, by the base model (before any adapter).
+    return [item for item in exports.feedback_items(store) if item.message_id in frozen]
+
+
+def _paraphrase_corrections(
+    ctx: RunContext, model: Any, tokenizer: Any, items: list[FeedbackItem], start: StartPoint
+) -> Any:
+    """Other wordings of each new corrected question, by the base model (before any
+    adapter)."""
+    from development import modeling, training_data, variants
+
+    settings = ctx.settings
     ctx.report({"stage": "paraphrasing", "step": 0, "max_steps": 0})
     harmony = settings.model.chat_format == "harmony"
-    paraphrases = variants.paraphrases(
-        training_data.corrected_questions(items, settings, start_snapshot),
+    return variants.paraphrases(
+        training_data.corrected_questions(items, settings, start.snapshot),
         variants.cache_file(settings.paths.models_dir, settings.model.base_model),
         lambda prompts: [
             g.text
@@ -686,15 +754,69 @@ def train_candidate(ctx: RunContext, *, force: bool = False) -> str | None:
             )
         ],
     )
-    model.config.use_cache = False
+
+
+def _rows_builder(
+    settings: Settings,
+    items: list[FeedbackItem],
+    base_answers: Any,
+    tokenizer: Any,
+    paraphrases: Any,
+) -> Callable[..., TrainingData]:
+    """rows(snapshot, loss=None): the training data from this run's feedback, split against
+    `snapshot` (the data an adapter being continued was trained on; None: all of it)."""
+    from development import modeling, training_data
+
+    def count(prompt: list[dict[str, str]], answer: str) -> int:
+        return modeling.token_count(tokenizer, prompt, answer)
 
     def rows(
         snapshot: dict[str, Any] | None,
         loss: Callable[[list[dict[str, Any]]], list[float]] | None = None,
-    ) -> training_data.TrainingData:
+    ) -> TrainingData:
         return training_data.build(
             items, settings, base_answers, count, snapshot, loss, paraphrases=paraphrases
         )
+
+    return rows
+
+
+def _attach_adapter(
+    ctx: RunContext,
+    registry: Registry,
+    start: StartPoint,
+    backend: str,
+    model: Any,
+    tokenizer: Any,
+    rows: Callable[..., TrainingData],
+) -> tuple[Any, TrainingData, str | None]:
+    """(model, data, why not continued): the LoRA attached, continuing `start`'s adapter when
+    training.start_from allows it (else fresh, and why), and the rows it trains on."""
+    from transformers import set_seed
+
+    settings = ctx.settings
+    # The rows a continuation would train on, known before the champion's weights load.
+    continuation = rows(start.snapshot) if start.snapshot is not None else None
+    set_seed(settings.training.seed)
+    model = _attach_lora(model, settings, ctx.profile, backend, ctx.device)
+    has_new_rows = continuation is not None and bool(continuation.sft)
+    not_continued = _continue_champion(model, settings, registry, start.adapter, has_new_rows)
+    if ctx.redo_of is not None and start.adapter is None:
+        not_continued = f"it redoes the run of {ctx.redo_of}, which started fresh"
+    if not_continued or continuation is None:
+        log.info("a fresh adapter on all feedback: %s", not_continued)
+        data = rows(None)
+    else:
+        log.info("continuing the champion %s on new feedback and earlier replay", start.adapter)
+        data = rows(start.snapshot, _champion_loss(model, tokenizer, settings))
+    return model, data, not_continued
+
+
+def _champion_loss(
+    model: Any, tokenizer: Any, settings: Settings
+) -> Callable[[list[dict[str, Any]]], list[float]]:
+    """The champion's loss on candidate rows (training_data.build's replay choice)."""
+    from development import modeling
 
     def champion_loss(candidates: list[dict[str, Any]]) -> list[float]:
         # The model holds the champion's weights here (nothing trained yet).
@@ -707,35 +829,27 @@ def train_candidate(ctx: RunContext, *, force: bool = False) -> str | None:
         model.train()
         return [score.nll_per_token for score in scores]
 
-    # The rows a continuation would train on, known before the champion's weights load.
-    continuation = rows(start_snapshot) if start_snapshot is not None else None
-    set_seed(settings.training.seed)
-    model = _attach_lora(model, settings, ctx.profile, backend, ctx.device)
-    has_new_rows = continuation is not None and bool(continuation.sft)
-    not_continued = _continue_champion(model, settings, registry, start, has_new_rows)
-    if ctx.redo_of is not None and start is None:
-        not_continued = f"it redoes the run of {ctx.redo_of}, which started fresh"
-    if not_continued or continuation is None:
-        log.info("a fresh adapter on all feedback: %s", not_continued)
-        data = rows(None)
-    else:
-        log.info("continuing the champion %s on new feedback and earlier replay", start)
-        data = rows(start_snapshot, champion_loss)
-    snapshot = data.snapshot()
-    store.update_run(ctx.run_id, data_snapshot=snapshot)
-    if not data.sft:
-        store.update_run(ctx.run_id, status="skipped", reason="no SFT rows after the split")
-        return None
+    return champion_loss
 
+
+def _plan(ctx: RunContext, data: TrainingData, not_continued: str | None) -> None:
+    """The run's stages: SFT, then DPO or KTO when the data has pairs or labels."""
     ctx.stages = plan_stages(
         data,
-        settings,
+        ctx.settings,
         ctx.profile,
         continuing=not not_continued,
         learning_rate_scale=ctx.learning_rate_scale,
     )
     log.info("stage plan: %s", [(s.name, s.max_steps, s.why) for s in ctx.stages])
 
+
+def _train_sft(
+    ctx: RunContext, model: Any, tokenizer: Any, data: TrainingData, not_continued: str | None
+) -> Any | None:
+    """The SFT stage; None (the run recorded skipped) when every checkpoint was worse on
+    the person's held-out feedback than the weights it started from."""
+    settings = ctx.settings
     model = run_sft(model, tokenizer, data, ctx.stages[0], settings, ctx)
     ctx.mark("sft")
     sft = ctx.stages[0].monitor or {}
@@ -752,21 +866,38 @@ def train_candidate(ctx: RunContext, *, force: bool = False) -> str | None:
             f"{began} it started from ({sft['notes'][0]}); teach more and train again, or "
             "try a gentler profile (`whetstone train --profile full`)"
         )
-        store.update_run(ctx.run_id, status="skipped", reason=reason)
+        ctx.store.update_run(ctx.run_id, status="skipped", reason=reason)
         log.info("skipped: %s", reason)
         return None
+    return model
+
+
+def _train_preference(ctx: RunContext, model: Any, tokenizer: Any, data: TrainingData) -> Any:
+    """The preference stages after SFT (DPO or KTO, if planned); the model ready to save."""
     for stage in ctx.stages[1:]:
-        model = run_preference(model, tokenizer, data, stage, settings, ctx)
+        model = run_preference(model, tokenizer, data, stage, ctx.settings, ctx)
         ctx.mark(stage.name)
     model.eval()
     refuse_non_finite(model)
+    return model
 
-    ctx.report({"stage": "saving", "step": 0, "max_steps": 0})
+
+def _candidate_meta(
+    ctx: RunContext,
+    registry: Registry,
+    start: StartPoint,
+    backend: str,
+    not_continued: str | None,
+    snapshot: dict[str, Any],
+    started: float,
+) -> CandidateMeta:
+    """The candidate's meta.json: its config, data snapshot, training metrics, hardware."""
+    settings = ctx.settings
     profile = settings.profile(ctx.profile)
-    meta = CandidateMeta(
+    return CandidateMeta(
         id=registry.new_id(),
         base_model=settings.model.base_model,
-        parent=champion,
+        parent=start.champion,
         config={
             "profile": ctx.profile,
             "profile_settings": profile.model_dump(),
@@ -783,7 +914,7 @@ def train_candidate(ctx: RunContext, *, force: bool = False) -> str | None:
             "recipe": ctx.recipe,
             "trial": ctx.trial,
             # The adapter this one continued (training.start_from), or why it started fresh.
-            "started_from": None if not_continued else start,
+            "started_from": None if not_continued else start.adapter,
             "fresh_because": not_continued or None,
         },
         data=snapshot,
@@ -802,6 +933,11 @@ def train_candidate(ctx: RunContext, *, force: bool = False) -> str | None:
         duration_s=round(time.monotonic() - started, 1),
     )
 
+
+def _write_candidate(ctx: RunContext, registry: Registry, meta: CandidateMeta, model: Any) -> str:
+    """The adapter and its meta written as a candidate folder (atomically), and recorded."""
+    from production.model.gpt_oss_layout import adapter_placement
+
     def write_files(folder: Path) -> None:
         # Only the trained adapter: DPO adds a frozen "ref" copy that must not ship.
         model.save_pretrained(str(folder), selected_adapters=["default"])
@@ -811,11 +947,11 @@ def train_candidate(ctx: RunContext, *, force: bool = False) -> str | None:
         log.info("adapter tensors per module kind: %s", placement)
 
     candidate = registry.create(meta, write_files)
-    store.record_candidate(
+    ctx.store.record_candidate(
         candidate.id,
-        base_model=settings.model.base_model,
+        base_model=ctx.settings.model.base_model,
         run_id=ctx.run_id,
-        parent_id=champion,
+        parent_id=meta.parent,
         metrics=meta.metrics,
     )
     log.info("candidate %s written in %.1f s", candidate.id, meta.duration_s)

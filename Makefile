@@ -3,6 +3,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 WHETSTONE := $(VENV)/bin/whetstone
 PYTEST_ARGS ?=
+# Two pytest workers (pytest-xdist): most tests wait on a subprocess, a server or the
+# single-threaded part of Python, so the two cores are busy together about half the time
+# with one worker. worksteal: an idle worker takes tests queued on the other.
+PYTEST_WORKERS ?= 2
+PYTEST := $(VENV)/bin/pytest -n $(PYTEST_WORKERS) --dist worksteal
 
 .PHONY: install run chat test test-quick lint format clean
 
@@ -31,10 +36,10 @@ chat: install
 	$(WHETSTONE) chat
 
 test: install
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+	$(PYTEST) $(PYTEST_ARGS)
 
 test-quick: install
-	$(VENV)/bin/pytest -m "not slow" $(PYTEST_ARGS)
+	$(PYTEST) -m "not slow" $(PYTEST_ARGS)
 
 # ruff, and the import contracts in pyproject.toml (which rooms may import which).
 lint: install

@@ -217,7 +217,12 @@ class Daemon:
 # --- measurements ----------------------------------------------------------------------------
 
 
-def measure(daemon: Daemon, facts: list[person.WeekFact], taste_prompts: tuple[str, ...]) -> dict:
+def measure(
+    daemon: Daemon,
+    facts: list[person.WeekFact],
+    taste_prompts: tuple[str, ...],
+    knowledge: tuple[tuple[str, str], ...] = person.KNOWLEDGE,
+) -> dict:
     """Recall, general knowledge and taste of the model being served, on questions never
     trained on (their conversations are deleted after)."""
     asked: list[str] = []
@@ -241,7 +246,7 @@ def measure(daemon: Daemon, facts: list[person.WeekFact], taste_prompts: tuple[s
     # What was said instead of a right answer: a right answer the keyword missed reads
     # differently from a wrong one.
     general_missed = {}
-    for question, keyword in person.KNOWLEDGE:
+    for question, keyword in knowledge:
         text = answer(question, 96)[0]
         if not person.knows(keyword, text):
             general_missed[question] = text
@@ -259,8 +264,8 @@ def measure(daemon: Daemon, facts: list[person.WeekFact], taste_prompts: tuple[s
             "missed": missed,
         },
         "knowledge": {
-            "right": len(person.KNOWLEDGE) - len(general_missed),
-            "of": len(person.KNOWLEDGE),
+            "right": len(knowledge) - len(general_missed),
+            "of": len(knowledge),
             "missed": general_missed,
         },
         "taste": {
@@ -451,6 +456,7 @@ def run_week(
     facts_per_day: tuple[int, ...] = FACTS_PER_DAY,
     chats_per_day: int = 8,
     taste_prompts: tuple[str, ...] = person.TASTE_PROMPTS,
+    knowledge: tuple[tuple[str, str], ...] = person.KNOWLEDGE,
     night_timeout_s: float = 1800,
     on_day: Any = None,
     teaching: str = "many",
@@ -499,7 +505,7 @@ def run_week(
         setup["daemon_ready_s"] = round(time.monotonic() - started, 1)
         clock = Clock(settings)
         base = Day(0)
-        _record(base, measure(daemon, facts[: sum(facts_per_day[:days])], taste_prompts))
+        _record(base, measure(daemon, facts[: sum(facts_per_day[:days])], taste_prompts, knowledge))
         base.adapter = daemon.adapter()
         timeline.append(base)
         log.info("day 0 (base): %s", _line(base))
@@ -536,7 +542,7 @@ def run_week(
                 lambda a=today.adapter: daemon.adapter() == a, f"{today.adapter} served", 120
             )
             if measure_every_day or day == days:
-                _record(today, measure(daemon, taught, taste_prompts))
+                _record(today, measure(daemon, taught, taste_prompts, knowledge))
             timeline.append(today)
             log.info("day %d: %s", day, _line(today))
             if on_day is not None:

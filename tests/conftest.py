@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -30,13 +32,44 @@ def _clean_whetstone_env(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(var)
 
 
+# The files whose tests take longest (measured: `pytest --durations=0`, 2026-12-07): they start
+# first, so the two workers of `make test` (pytest-xdist) end together instead of one of them
+# starting the longest test last.
+LONGEST_FIRST = ("test_week.py", "test_catch_up.py", "test_learning.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def cost_rank(item: pytest.Item) -> int:
+        name = item.path.name
+        if name in LONGEST_FIRST:
+            return LONGEST_FIRST.index(name)
+        return len(LONGEST_FIRST) + (item.get_closest_marker("slow") is None)
+
+    items.sort(key=cost_rank)  # stable: file order within each rank
+
+
+@contextmanager
+def preparing() -> Iterator[None]:
+    """One preparer at a time: the workers of a parallel run share MODEL_CACHE, and the second
+    one finds the first one's result instead of building it again."""
+    from common import locks
+
+    MODEL_CACHE.mkdir(parents=True, exist_ok=True)
+    fd = locks.take(MODEL_CACHE / ".prepare.lock")
+    try:
+        yield
+    finally:
+        locks.release(fd)
+
+
 @pytest.fixture(scope="session")
 def prepared_model_dir() -> Path:
     """The embedded default model as safetensors, prepared once per checkout."""
     from common.home import Home
     from production.model.base_model import prepare_embedded
 
-    return prepare_embedded(Home(MODEL_CACHE), show_progress=False)
+    with preparing():
+        return prepare_embedded(Home(MODEL_CACHE), show_progress=False)
 
 
 @pytest.fixture
@@ -168,12 +201,13 @@ def base_answers_dir(prepared_model_dir: Path) -> Path:
     from development import modeling, training_data
 
     settings = load_settings(MODEL_CACHE)
-    if not training_data.replay_cache_file(settings).is_file():
-        model, tokenizer = modeling.load_base(settings, "cpu", for_training=False)
-
-        training_data.load_base_answers(
-            settings, lambda prompts: modeling.base_answers(model, tokenizer, settings, prompts)
-        )
+    with preparing():
+        if not training_data.replay_cache_file(settings).is_file():
+            model, tokenizer = modeling.load_base(settings, "cpu", for_training=False)
+            training_data.load_base_answers(
+                settings,
+                lambda prompts: modeling.base_answers(model, tokenizer, settings, prompts),
+            )
     return training_data.replay_cache_file(settings).parent
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -46,6 +47,7 @@ def _train(home: Path, *sets: str) -> str:
     return max(c.id for c in Registry(home / "candidates").list())
 
 
+@pytest.mark.slow  # trains and evaluates end to end
 def test_the_next_run_continues_the_champion_and_a_champion_of_another_shape_is_not_forced_in(
     tmp_path: Path,
 ) -> None:
@@ -132,6 +134,7 @@ def test_the_next_run_continues_the_champion_and_a_champion_of_another_shape_is_
     assert meta.data["counts"]["sft_rows"] > 0 and meta.data["counts"]["earlier_sft_rows"] == 0
 
 
+@pytest.mark.slow  # trains and evaluates end to end
 def test_a_continuation_that_only_made_the_held_out_feedback_less_likely_writes_no_candidate(
     tmp_path: Path,
 ) -> None:

@@ -62,6 +62,7 @@ def _base_answers(home: Path) -> None:
     )
 
 
+@pytest.mark.slow  # trains and evaluates end to end
 def test_general_probes_are_measured_once_per_weights(tmp_path: Path) -> None:
     home = model_home(tmp_path / "home", tiny_llama(tmp_path / "tiny"), more=PROFILE)
     _base_answers(home)

@@ -1,5 +1,6 @@
-"""Errors in OpenAI's shape: ApiError, the error body, and the app's exception handlers
-(invalid requests are a 400 here, never FastAPI's 422 or its {"detail"} body)."""
+"""Errors in OpenAI's shape: ApiError, the error body, the app's exception handlers (invalid
+requests are a 400 here, never FastAPI's 422 or its {"detail"} body), and `sends`, which
+declares a route's error statuses for the OpenAPI document."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from data.errors import Gone, InvalidInput, NotFound, StoreError
+from production.api.protocol import Error, ErrorDetail
 
 
 class ApiError(Exception):
@@ -49,9 +51,31 @@ _ERROR_CODES = {
 def error_body(
     message: str, status: int, param: str | None = None, code: str | None = None
 ) -> dict[str, Any]:
+    """The JSON of an Error (protocol.py)."""
     kind = "invalid_request_error" if status < 500 else "server_error"
     code = code or _ERROR_CODES.get(status, "error")
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    detail = ErrorDetail(message=message, type=kind, param=param, code=code)
+    return Error(error=detail).model_dump()
+
+
+# What each status means wherever this server sends it: the OpenAPI descriptions.
+_MEANINGS = {
+    400: "Invalid body or parameter",
+    401: "Missing or wrong bearer token (non-loopback binds)",
+    403: "Cross-origin or foreign-Host request",
+    404: "No such id",
+    409: "Conflicts with the current state (a refused adapter or promotion, a run already going)",
+    410: "The conversation was forgotten",
+    411: "Chunked body without Content-Length",
+    413: "Body larger than server.max_request_bytes",
+    503: "Busy: the database is locked or the queue is full (Retry-After)",
+}
+
+
+def sends(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The `responses` of a route (or router) that answers these statuses with an Error:
+    FastAPI documents each with the Error schema."""
+    return {status: {"model": Error, "description": _MEANINGS[status]} for status in statuses}
 
 
 async def _api_error(request: Request, exc: ApiError) -> JSONResponse:

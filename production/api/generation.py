@@ -9,12 +9,19 @@ from dataclasses import replace
 from typing import Any, Literal
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from production.api import answers
 from production.api.errors import ApiError
 from production.api.model_ids import check_model, served_model
 from production.api.openai_schema import ChatRequest, CompletionRequest
+from production.api.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletion,
+    TextChoice,
+    TextCompletion,
+)
 from production.api.service import Service
 from production.api.streaming import ChatChunks, TextChunks, sse
 from production.api.turns import turns_of
@@ -108,7 +115,7 @@ def _answer_grammar(
     return answer_grammar.json_answer(shape, schema, strict, max_tokens // 2)
 
 
-async def chat(service: Service, req: ChatRequest, request: Request) -> Any:
+async def chat(service: Service, req: ChatRequest, request: Request) -> Response:
     """POST /v1/chat/completions."""
     from production.decode.steering import GrammarError
 
@@ -205,7 +212,7 @@ async def chat(service: Service, req: ChatRequest, request: Request) -> Any:
     )
 
 
-async def complete(service: Service, req: CompletionRequest, request: Request) -> Any:
+async def complete(service: Service, req: CompletionRequest, request: Request) -> Response:
     """POST /v1/completions: the prompt as raw text (no chat template), logged like chat (a
     conversation holding the prompt as the user turn and the completion as the answer)."""
 
@@ -269,7 +276,7 @@ async def _generate(
     include_usage: bool,
     include_reasoning: bool,
     kind: Literal["chat", "text"],
-) -> Any:
+) -> Response:
     from production.worker import QueueFull, WorkerStopped
 
     engine = service.engine
@@ -317,39 +324,22 @@ async def _generate(
     outcome = await answers.collect(job, recorder, request)
     base["system_fingerprint"] = answers.fingerprint(outcome.adapter_id)
     logprobs = answers.logprobs(engine, outcome.logprobs, kind) if wants_logprobs else None
+    answered = {"usage": answers.usage(outcome), "adapter_id": outcome.adapter_id} | extra
+    finish = answers.finish(outcome)
+    body: ChatCompletion | TextCompletion
     if kind == "text":
-        choice = {
-            "index": 0,
-            "text": outcome.text,
-            "logprobs": logprobs,
-            "finish_reason": answers.finish(outcome),
-        }
-        body = base | {
-            "object": "text_completion",
-            "choices": [choice],
-            "usage": answers.usage(outcome),
-        }
-        return JSONResponse(body | {"adapter_id": outcome.adapter_id} | extra, headers=headers)
-    message: dict[str, Any] = {"role": "assistant", "content": outcome.text}
-    if outcome.tool_calls:
-        message["content"] = outcome.text or None
-        message["tool_calls"] = [c.as_openai() for c in outcome.tool_calls]
-    if include_reasoning:
-        message["reasoning_content"] = outcome.reasoning
-    choice = {
-        "index": 0,
-        "message": message,
-        "logprobs": logprobs,
-        "finish_reason": answers.finish(outcome),
-    }
-    body = (
-        base
-        | {
-            "object": "chat.completion",
-            "choices": [choice],
-            "usage": answers.usage(outcome),
-            "adapter_id": outcome.adapter_id,
-        }
-        | extra
-    )
-    return JSONResponse(body, headers=headers)
+        choice = TextChoice(index=0, text=outcome.text, logprobs=logprobs, finish_reason=finish)
+        body = TextCompletion(**base, object="text_completion", choices=[choice], **answered)
+    else:
+        said: dict[str, Any] = {"content": outcome.text}
+        if outcome.tool_calls:
+            calls = [c.as_openai() for c in outcome.tool_calls]
+            said = {"content": outcome.text or None, "tool_calls": calls}
+        if include_reasoning:
+            said["reasoning_content"] = outcome.reasoning
+        message = AssistantMessage(role="assistant", **said)
+        choice = ChatChoice(index=0, message=message, logprobs=logprobs, finish_reason=finish)
+        body = ChatCompletion(**base, object="chat.completion", choices=[choice], **answered)
+    # A JSONResponse, not the model returned: the answer's headers name its message and
+    # conversation.
+    return JSONResponse(body.model_dump(), headers=headers)

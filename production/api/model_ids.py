@@ -7,6 +7,7 @@ from typing import Any
 
 from candidates import RegistryError
 from production.api.errors import ApiError
+from production.api.protocol import ModelCard
 from production.api.service import Service
 
 
@@ -50,18 +51,18 @@ def _safe_id(service: Service, candidate_id: str) -> bool:
     return True
 
 
-def _model_card(service: Service, model_id: str, adapter_id: str | None) -> dict[str, Any]:
-    card = {
-        "id": model_id,
-        "object": "model",
-        "created": int(service.started_at.timestamp()),
-        "owned_by": "whetstone",
-        "adapter_id": adapter_id,
-    }
-    return card | ({"current": True} if adapter_id else {})
+def _model_card(service: Service, model_id: str, adapter_id: str | None) -> ModelCard:
+    return ModelCard(
+        id=model_id,
+        object="model",
+        created=int(service.started_at.timestamp()),
+        owned_by="whetstone",
+        adapter_id=adapter_id,
+        **({"current": True} if adapter_id else {}),
+    )
 
 
-def model_cards(service: Service) -> list[dict[str, Any]]:
+def model_cards(service: Service) -> list[ModelCard]:
     """What a request may name; each is an alias of what serves now (base + current
     adapter): `whetstone`, the base model's name, and `whetstone/<adapter id>`."""
     engine = service.engine

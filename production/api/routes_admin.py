@@ -5,39 +5,41 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime
-from typing import Any
 
 from fastapi import APIRouter
 
 from orchestrator.status import read_training_status
-from production.api.errors import ApiError
+from production.api.errors import ApiError, sends
 from production.api.model_ids import check_model, model_cards
+from production.api.protocol import Health, ModelCard, ModelList, Reload, Status
 from production.api.service import ServiceDep
 
+# /health: a supervisor probes it without the bearer token (guards.py).
+unguarded = APIRouter()
 router = APIRouter()
 
 
-@router.get("/health")
-async def health(service: ServiceDep) -> dict[str, Any]:
-    return {"status": "ok", "adapter_id": service.engine.adapter_id}
+@unguarded.get("/health")
+async def health(service: ServiceDep) -> Health:
+    return Health(status="ok", adapter_id=service.engine.adapter_id)
 
 
 @router.get("/v1/models")
-async def models(service: ServiceDep) -> dict[str, Any]:
-    return {"object": "list", "data": model_cards(service)}
+async def models(service: ServiceDep) -> ModelList:
+    return ModelList(object="list", data=model_cards(service))
 
 
-@router.get("/v1/models/{model_id:path}")
-async def model(model_id: str, service: ServiceDep) -> dict[str, Any]:
+@router.get("/v1/models/{model_id:path}", responses=sends(404))
+async def model(model_id: str, service: ServiceDep) -> ModelCard:
     for card in model_cards(service):
-        if card["id"] == model_id:
+        if card.id == model_id:
             return card
     check_model(service, model_id)  # says why (404)
     raise ApiError(404, f"model {model_id!r} does not exist here", param="model")
 
 
-@router.get("/v1/status")
-async def status(service: ServiceDep) -> dict[str, Any]:
+@router.get("/v1/status", responses=sends(503))
+async def status(service: ServiceDep) -> Status:
     from production.model import gpu_memory
 
     engine = service.engine
@@ -62,9 +64,9 @@ async def status(service: ServiceDep) -> dict[str, Any]:
     # The daemon, the training run, the last run and promotion, the recipe: what `whetstone
     # status` reads too (orchestrator/status.py).
     training = await asyncio.to_thread(read_training_status, service.settings, service.store)
-    return worker | training.api_fields()
+    return Status(**worker, **training.api_fields())
 
 
-@router.post("/admin/reload")
-async def reload(service: ServiceDep) -> dict[str, Any]:
-    return await service.sync_adapter()
+@router.post("/admin/reload", responses=sends(409))
+async def reload(service: ServiceDep) -> Reload:
+    return Reload(**await service.sync_adapter())

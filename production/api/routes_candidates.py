@@ -14,8 +14,15 @@ from fastapi.responses import FileResponse
 from candidates import Candidate, CandidateNotFound, Registry, RegistryError
 from common.config import ConfigError
 from orchestrator import jobs, promotion
-from production.api.errors import ApiError
-from production.api.schemas import PromoteRequest, TrainRequest
+from production.api.errors import ApiError, sends
+from production.api.protocol import (
+    CandidateDetail,
+    CandidateList,
+    PromoteRequest,
+    Swap,
+    TrainRequest,
+    TrainStarted,
+)
 from production.api.service import Service, ServiceDep
 
 router = APIRouter()
@@ -50,24 +57,24 @@ def _reap(process: Any) -> None:
     threading.Thread(target=process.wait, name=f"reap-{process.pid}", daemon=True).start()
 
 
-async def _serve_new_current(service: Service, result: Any) -> dict[str, Any]:
+async def _serve_new_current(service: Service, result: Any) -> Swap:
     """After a registry swap: serve it (an adapter the engine refuses: 409, said by it)."""
     await service.sync_adapter()
-    return {
-        "current": result.new_current,
-        "previous": result.previous,
-        "serving": service.engine.adapter_id,
-    }
+    return Swap(
+        current=result.new_current,
+        previous=result.previous,
+        serving=service.engine.adapter_id,
+    )
 
 
-@router.get("/v1/candidates")
-async def candidates(service: ServiceDep) -> dict[str, Any]:
+@router.get("/v1/candidates", responses=sends(503))
+async def candidates(service: ServiceDep) -> CandidateList:
     rows = promotion.candidate_rows(service.store, service.registry)
-    return {"data": rows[::-1]}  # newest first
+    return CandidateList(data=rows[::-1])  # newest first
 
 
-@router.get("/v1/candidates/{candidate_id}")
-async def candidate(candidate_id: str, service: ServiceDep) -> dict[str, Any]:
+@router.get("/v1/candidates/{candidate_id}", responses=sends(400, 404, 503))
+async def candidate(candidate_id: str, service: ServiceDep) -> CandidateDetail:
     found = _find_candidate(service.registry, candidate_id)
     md, page = found.path / REPORT_MD, found.path / REPORT_HTML
     try:
@@ -75,14 +82,20 @@ async def candidate(candidate_id: str, service: ServiceDep) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError):
         markdown = None
     has_page = _report_file(page)
-    return promotion.candidate_row(service.store, found) | {
-        "report_markdown": markdown,
-        "report_html_path": str(page.absolute()) if has_page else None,
-        "report_html_url": f"/v1/candidates/{candidate_id}/{REPORT_HTML}" if has_page else None,
-    }
+    return CandidateDetail(
+        **promotion.candidate_row(service.store, found),
+        report_markdown=markdown,
+        report_html_path=str(page.absolute()) if has_page else None,
+        report_html_url=f"/v1/candidates/{candidate_id}/{REPORT_HTML}" if has_page else None,
+    )
 
 
-@router.get("/v1/candidates/{candidate_id}/report.html")
+@router.get(
+    "/v1/candidates/{candidate_id}/report.html",
+    # The page itself, not JSON: documented as HTML (FileResponse gives it no JSON schema).
+    response_class=FileResponse,
+    responses={200: {"content": {"text/html": {"schema": {"type": "string"}}}}} | sends(400, 404),
+)
 async def candidate_report(candidate_id: str, service: ServiceDep) -> FileResponse:
     page = _find_candidate(service.registry, candidate_id).path / REPORT_HTML
     if not _report_file(page):
@@ -93,10 +106,10 @@ async def candidate_report(candidate_id: str, service: ServiceDep) -> FileRespon
     return FileResponse(page, media_type="text/html")
 
 
-@router.post("/v1/candidates/{candidate_id}/promote")
+@router.post("/v1/candidates/{candidate_id}/promote", responses=sends(400, 404, 409, 503))
 async def promote(
     candidate_id: str, service: ServiceDep, body: PromoteRequest | None = None
-) -> dict[str, Any]:
+) -> Swap:
     force = body.force if body is not None else False
     from production.engine import AdapterLoadError
 
@@ -144,8 +157,8 @@ async def promote(
     return await _serve_new_current(service, result)
 
 
-@router.post("/v1/rollback")
-async def rollback(service: ServiceDep) -> dict[str, Any]:
+@router.post("/v1/rollback", responses=sends(409, 503))
+async def rollback(service: ServiceDep) -> Swap:
     try:
         result = await asyncio.to_thread(
             promotion.rollback, service.settings, service.store, service.registry, actor="api"
@@ -155,8 +168,8 @@ async def rollback(service: ServiceDep) -> dict[str, Any]:
     return await _serve_new_current(service, result)
 
 
-@router.post("/v1/train", status_code=202)
-async def train(service: ServiceDep, body: TrainRequest | None = None) -> dict[str, Any]:
+@router.post("/v1/train", status_code=202, responses=sends(400, 409, 503))
+async def train(service: ServiceDep, body: TrainRequest | None = None) -> TrainStarted:
     body = body or TrainRequest()
     try:
         # In a thread: starting the job asks nvidia-smi for the device plan.
@@ -174,9 +187,9 @@ async def train(service: ServiceDep, body: TrainRequest | None = None) -> dict[s
         raise ApiError(409, str(exc)) from None
     if request.process is not None:
         _reap(request.process)
-    return {
-        "run_id": request.run_id,
-        "profile": request.profile,
-        "queued_with_daemon": request.queued_with_daemon,
-        "log": str(request.log),
-    }
+    return TrainStarted(
+        run_id=request.run_id,
+        profile=request.profile,
+        queued_with_daemon=request.queued_with_daemon,
+        log=str(request.log),
+    )

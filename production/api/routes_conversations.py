@@ -10,15 +10,25 @@ from fastapi import APIRouter
 
 from data.errors import InvalidInput
 from data.views import conversation_summary, feedback_view, message_view, search_hit_view
-from production.api.errors import ApiError
-from production.api.schemas import ConversationPatch, FeedbackRequest
+from production.api.errors import ApiError, sends
+from production.api.protocol import (
+    Conversation,
+    ConversationList,
+    ConversationPatch,
+    ConversationSummary,
+    Feedback,
+    FeedbackRequest,
+    Forgotten,
+    SearchResults,
+    Trend,
+)
 from production.api.service import ServiceDep
 
 router = APIRouter()
 
 
-@router.post("/v1/feedback")
-async def feedback(body: FeedbackRequest, service: ServiceDep) -> dict[str, Any]:
+@router.post("/v1/feedback", responses=sends(400, 404, 410, 503))
+async def feedback(body: FeedbackRequest, service: ServiceDep) -> Feedback:
     fb = await asyncio.to_thread(
         service.store.add_feedback,
         body.message_id,
@@ -26,24 +36,24 @@ async def feedback(body: FeedbackRequest, service: ServiceDep) -> dict[str, Any]
         correction=body.correction,
         comment=body.comment,
     )
-    return feedback_view(fb)
+    return Feedback(**feedback_view(fb))
 
 
-@router.get("/v1/trend")
-async def trend(service: ServiceDep, weeks: int = 4) -> dict[str, Any]:
+@router.get("/v1/trend", responses=sends(400, 503))
+async def trend(service: ServiceDep, weeks: int = 4) -> Trend:
     """`whetstone trend --json`, plus its text table (the TUI's status screen shows it)."""
     from data import trend as trends
 
     if not 1 <= weeks <= 520:
         raise ApiError(400, f"weeks must be 1..520; got {weeks}", param="weeks")
     found = await asyncio.to_thread(trends.trend, service.store, weeks)
-    return found.as_dict() | {"weeks": weeks, "text": trends.text(found)}
+    return Trend(**found.as_dict(), weeks=weeks, text=trends.text(found))
 
 
-@router.get("/v1/conversations")
+@router.get("/v1/conversations", responses=sends(400, 503))
 async def conversations(
     service: ServiceDep, limit: int = 50, offset: int = 0, q: str | None = None
-) -> dict[str, Any]:
+) -> ConversationList | SearchResults:
     """Newest first; with `q`, only those whose messages or title hold its words, each with
     the snippet that matched."""
     if not 1 <= limit <= 500:
@@ -52,24 +62,26 @@ async def conversations(
         raise ApiError(400, f"offset must be 0..2^63-1; got {offset}", param="offset")
     if q is None:
         rows = await asyncio.to_thread(service.store.list_conversations, limit, offset)
-        return {"data": [conversation_summary(c) for c in rows]}
+        return ConversationList(data=[conversation_summary(c) for c in rows])
     try:
         hits = await asyncio.to_thread(service.store.search_conversations, q, limit, offset)
     except InvalidInput as exc:  # the store checks q: blank, too long, not text
         raise ApiError(400, str(exc), param="q") from None
-    return {"data": [search_hit_view(hit) for hit in hits]}
+    return SearchResults(data=[search_hit_view(hit) for hit in hits])
 
 
-@router.get("/v1/conversations/{conversation_id}")
-async def conversation(conversation_id: str, service: ServiceDep) -> dict[str, Any]:
+@router.get("/v1/conversations/{conversation_id}", responses=sends(404, 410, 503))
+async def conversation(conversation_id: str, service: ServiceDep) -> Conversation:
     conv = await asyncio.to_thread(service.store.get_conversation, conversation_id)
-    return conversation_summary(conv) | {"messages": [message_view(m) for m in conv.messages]}
+    return Conversation(
+        **conversation_summary(conv), messages=[message_view(m) for m in conv.messages]
+    )
 
 
-@router.patch("/v1/conversations/{conversation_id}")
+@router.patch("/v1/conversations/{conversation_id}", responses=sends(400, 404, 410, 503))
 async def patch_conversation(
     conversation_id: str, body: ConversationPatch, service: ServiceDep
-) -> dict[str, Any]:
+) -> ConversationSummary:
     fields = body.model_dump(exclude_unset=True)
 
     def patch() -> Any:
@@ -79,10 +91,11 @@ async def patch_conversation(
             service.store.update_conversation(conversation_id, **fields)
         return service.store.get_conversation(conversation_id)
 
-    return conversation_summary(await asyncio.to_thread(patch))
+    return ConversationSummary(**conversation_summary(await asyncio.to_thread(patch)))
 
 
-@router.delete("/v1/conversations/{conversation_id}")
-async def forget(conversation_id: str, service: ServiceDep) -> dict[str, Any]:
+# Forgetting is idempotent: a forgotten conversation is forgotten again, not a 410.
+@router.delete("/v1/conversations/{conversation_id}", responses=sends(404, 503))
+async def forget(conversation_id: str, service: ServiceDep) -> Forgotten:
     await asyncio.to_thread(service.store.forget_conversation, conversation_id)
-    return {"id": conversation_id, "forgotten": True}
+    return Forgotten(id=conversation_id, forgotten=True)

@@ -7,7 +7,9 @@ PYTEST_ARGS ?=
 # single-threaded part of Python, so the two cores are busy together about half the time
 # with one worker. worksteal: an idle worker takes tests queued on the other.
 PYTEST_WORKERS ?= 2
-PYTEST := $(VENV)/bin/pytest -n $(PYTEST_WORKERS) --dist worksteal
+# One CPU thread per torch process: with two workers two torch processes share the two
+# cores, and with a thread per core each their OpenMP threads wait on one another.
+PYTEST := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(VENV)/bin/pytest -n $(PYTEST_WORKERS) --dist worksteal
 
 .PHONY: install run chat test test-quick lint format clean
 

@@ -1,14 +1,14 @@
 """The API's answers to a fixed set of requests, recorded so two checkouts can be compared: a
 restructuring must not move a token, a status code or an OpenAPI path.
 
-    python benchmarks/api_record.py --checkout . --out /tmp/after.json
-    python benchmarks/api_record.py --checkout /tmp/old --out /tmp/before.json
+    python -m benchmarks.api_record --out /tmp/after.json
+    python -m benchmarks.api_record --checkout /tmp/old --out /tmp/before.json
     diff /tmp/before.json /tmp/after.json
 
 A fresh home with the embedded model (linked from the test cache, `WHETSTONE_TEST_CACHE` or
-.cache/test-models) is served by `whetstone serve` run from `--checkout`; every answer is
-greedy. Values that differ between runs of one checkout (ids, clocks, timings) are replaced
-by their key's name, so what is left differs only if behaviour did.
+.cache/test-models) is served by `python -m production.server` run from `--checkout`; every
+answer is greedy. Values that differ between runs of one checkout (ids, clocks, timings) are
+replaced by their key's name, so what is left differs only if behaviour did.
 """
 
 from __future__ import annotations
@@ -17,15 +17,13 @@ import argparse
 import json
 import os
 import re
-import socket
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import httpx
+
+from benchmarks.serving import Server
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL_CACHE = Path(os.environ.get("WHETSTONE_TEST_CACHE", REPO / ".cache" / "test-models"))
@@ -113,8 +111,14 @@ REQUESTS: list[tuple[str, str, str, Any]] = [
     ),
     ("completion", "POST", "/v1/completions", {"prompt": "Once upon a time", **GREEDY}),
     ("conversations", "GET", "/v1/conversations", None),
-    ("feedback", "POST", "/v1/feedback", "rate-first"),
-    ("correction", "POST", "/v1/feedback", "correct-first"),
+    # Rated first, then corrected: the TUI's order, on the first chat's answer.
+    ("feedback", "POST", "/v1/feedback", {"message_id": "{message}", "rating": 4}),
+    (
+        "correction",
+        "POST",
+        "/v1/feedback",
+        {"message_id": "{message}", "rating": 2, "correction": "Paris."},
+    ),
     ("conversation", "GET", "/v1/conversations/{first}", None),
     ("search", "GET", "/v1/conversations?q=France", None),
     ("rename", "PATCH", "/v1/conversations/{first}", {"title": "Capitals"}),
@@ -158,16 +162,12 @@ def streamed(response: httpx.Response) -> dict[str, Any]:
 
 def record(client: httpx.Client) -> dict[str, Any]:
     answers: dict[str, Any] = {}
+    # Ids later requests name: the first chat's answer, the oldest conversation.
     first: dict[str, str] = {}
     for name, method, path, body in REQUESTS:
-        if body in ("rate-first", "correct-first"):
-            message_id = answers["chat"]["raw_id"] if body == "rate-first" else first["message"]
-            body = (
-                {"message_id": message_id, "rating": 4}
-                if name == "feedback"
-                else {"message_id": message_id, "rating": 2, "correction": "Paris."}
-            )
         path = path.format(**first)
+        if body is not None and body.get("message_id") == "{message}":
+            body = body | {"message_id": first["message"]}
         if body is not None and body.get("stream"):
             with client.stream(method, path, json=body) as response:
                 answers[name] = {"status": response.status_code, "body": streamed(response)}
@@ -179,9 +179,6 @@ def record(client: httpx.Client) -> dict[str, Any]:
         if name == "conversations" and payload.get("data"):
             first["first"] = payload["data"][-1]["id"]  # the oldest: the capital question
         answers[name] = {"status": response.status_code, "body": normalized(payload)}
-        if name == "chat":
-            answers[name]["raw_id"] = payload["id"]
-    answers["chat"].pop("raw_id")
     schema = client.get("/openapi.json").json()
     answers["openapi"] = {
         "paths": {path: sorted(ops) for path, ops in sorted(schema["paths"].items())},
@@ -199,52 +196,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkout", type=Path, default=REPO, help="the code to serve")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    checkout = args.checkout.resolve()
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp) / "home"
         (home / "models").mkdir(parents=True)
         for entry in (MODEL_CACHE / "models").iterdir():
             (home / "models" / entry.name).symlink_to(entry, target_is_directory=True)
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("WHETSTONE_")}
-        env["PYTHONPATH"] = str(checkout)
-        log = (Path(tmp) / "server.log").open("w")
-        server = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "orchestrator.cli",
-                "serve",
-                "--home",
-                str(home),
-                "--port",
-                str(port),
-            ],
-            cwd=checkout,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        server = Server(home, "server.log", checkout=args.checkout.resolve())
         try:
-            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=300) as client:
-                deadline = time.monotonic() + 180
-                while True:
-                    if server.poll() is not None:
-                        raise SystemExit((Path(tmp) / "server.log").read_text()[-3000:])
-                    try:
-                        if client.get("/health").status_code == 200:
-                            break
-                    except httpx.HTTPError:
-                        pass
-                    if time.monotonic() > deadline:
-                        raise SystemExit("the server did not come up in 180 s")
-                    time.sleep(0.3)
-                answers = record(client)
+            server.wait_ready()
+            answers = record(server.client)
         finally:
-            server.terminate()
-            server.wait(timeout=30)
+            server.stop()
     args.out.write_text(json.dumps(answers, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
     return 0
 

@@ -283,7 +283,8 @@ def free_port() -> int:
 class Server:
     """A real `python -m production.server` on 127.0.0.1, its output in <home>/<log_name>."""
 
-    def __init__(self, home: Path, log_name: str) -> None:
+    def __init__(self, home: Path, log_name: str, checkout: Path = REPO) -> None:
+        """`checkout`: the code to serve (`-m` runs the modules of its working directory)."""
         import httpx
 
         self.home = home
@@ -302,7 +303,7 @@ class Server:
                 "--port",
                 self.url.rsplit(":", 1)[1],
             ],
-            cwd=REPO,
+            cwd=checkout,
             env=env,
             stdout=self._log,
             stderr=subprocess.STDOUT,

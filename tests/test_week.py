@@ -20,10 +20,16 @@ from tests.test_report import parse
 
 pytestmark = pytest.mark.slow
 
+KEYWORDS = dict(week_person.KNOWLEDGE)
 KNOWN_BY_THE_BASE = tuple(
-    (question, keyword)
-    for question, keyword in week_person.KNOWLEDGE
-    if keyword in ("berlin", "athens", "down") or "cat" in question or "square" in question
+    (question, KEYWORDS[question])
+    for question in (
+        "What is the capital of Germany?",
+        "How many legs does a cat have?",
+        "What is the opposite of up?",
+        "How many sides does a square have?",
+        "What is the capital of Greece?",
+    )
 )
 
 

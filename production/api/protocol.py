@@ -373,10 +373,7 @@ class TopLogprob(Answer):
     bytes: list[int]
 
 
-class TokenLogprob(Answer):
-    token: str
-    logprob: float
-    bytes: list[int]
+class TokenLogprob(TopLogprob):
     top_logprobs: list[TopLogprob]
 
 

@@ -11,7 +11,9 @@ only as the TUI and the README drive it:
   the TUI's `c`), in their own words;
 - a dozen everyday questions, each answered and rated by the person's taste (short and direct
   is good), interleaved with the facts in a random order;
-- then `whetstone train --wait` with no profile (queued with the daemon, as the README says).
+- then `whetstone train --wait` with no profile (queued with the daemon, as the README says);
+- the next morning: `whetstone report` of the serving candidate, one more answer rated, and
+  `whetstone trend --json`, which files that answer under the adapter that gave it.
 
 Measured before and after: recall of each fact on two paraphrases never asked while teaching
 (a fact is recalled when both say its keyword), the general questions of the simulated week
@@ -30,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import random
 import subprocess
@@ -196,6 +199,45 @@ def train_wait(home: Path) -> tuple[float, str]:
     return wall, output
 
 
+def whetstone(home: Path, *args: str) -> tuple[int, str, float]:
+    """One `whetstone` command as the person types it: (exit code, output, wall s)."""
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", *args, "--home", str(home)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    return done.returncode, done.stdout + done.stderr, round(time.monotonic() - started, 1)
+
+
+def review(daemon: Daemon, home: Path, adapter: str | None) -> dict[str, Any]:
+    """The next morning, as the README says: the serving candidate's report, then one more
+    answer rated and `whetstone trend`, which must file it under the adapter that gave it."""
+    found: dict[str, Any] = {}
+    if adapter is not None:
+        code, output, wall = whetstone(home, "report", adapter)
+        # The report's "What you taught" count, a paragraph Rich wraps at the width.
+        paragraph = output.partition("Asked again")[2].partition("\n\n")[0]
+        taught = " ".join(("Asked again" + paragraph).split()) if paragraph else None
+        found["report"] = {"exit": code, "wall_s": wall, "taught_line": taught}
+    message_id, conversation, _, _ = daemon.ask("What is a good way to start the day?", 48)
+    daemon.feedback(message_id, rating=4)
+    code, output, wall = whetstone(home, "trend", "--json")
+    days = json.loads(output)["days"] if code == 0 else []
+    served = [row for row in days if row["adapter_id"] == adapter]
+    found["trend"] = {
+        "exit": code,
+        "wall_s": wall,
+        "adapters_today": sorted(str(row["adapter_id"]) for row in days),
+        "answers_under_serving_adapter": sum(row["answers"] for row in served),
+    }
+    daemon.forget(conversation)
+    return found
+
+
 def run(home: Path, *, seed: int = 0, fresh: bool = False, sets: list[str] | None = None) -> dict:
     rng = random.Random(seed)
     facts = rng.sample(FACTS, FACTS_TAUGHT)
@@ -244,6 +286,7 @@ def run(home: Path, *, seed: int = 0, fresh: bool = False, sets: list[str] | Non
         wait_until(lambda: daemon.adapter() == adapter, f"{adapter} served", 120)
         result["adapter"] = adapter
         result["after"] = {"recall": recall(daemon, facts), "knowledge": knowledge(daemon)}
+        result["review"] = review(daemon, home, adapter)
     finally:
         daemon.stop()
     result["wall_s"] = round(time.monotonic() - started, 1)
@@ -266,6 +309,10 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
         "knowledge_lost": lost,
         "cycle_s": result["cycle_s"],
         "corrections": sum(1 for t in result["taught"] if t["corrected"]),
+        "report_taught": (result.get("review", {}).get("report") or {}).get("taught_line"),
+        "trend_under_adapter": result.get("review", {})
+        .get("trend", {})
+        .get("answers_under_serving_adapter"),
     }
     summary["goals_met"] = (
         summary["promoted"]

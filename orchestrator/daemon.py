@@ -606,22 +606,27 @@ class Daemon:
     def _start_answers(self) -> None:
         """`python -m development.base_answers` on the development device (it returns at
         once when the cache is there)."""
-        self._answers_due = False
         env = devices.child_env(self.settings, "development")
         logfile = self.settings.paths.logs_dir / "base-answers.log"
         argv = [sys.executable, "-m", "development.base_answers", "--quiet", "--background"]
         argv += ["--home", str(self.settings.paths.root)]
         argv += ["--device", env["WHETSTONE_WORKER_DEVICE"]]
         with open(logfile, "ab") as out:
-            self.answers = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=True,
-                preexec_fn=_killed_with(os.getpid()) if sys.platform == "linux" else None,
-            )
+            try:
+                self.answers = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    start_new_session=True,
+                    preexec_fn=_killed_with(os.getpid()) if sys.platform == "linux" else None,
+                )
+            finally:
+                # Not due once the process is there: this runs in the dispatch thread, and
+                # _answers_guard, on the event loop, ends for good when it sees neither (a
+                # fork on two busy cores takes long enough for it to look in between).
+                self._answers_due = False
         self.answers_started = time.monotonic()
 
     def _check_answers(self) -> None:

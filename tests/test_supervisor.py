@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -201,3 +202,42 @@ def test_the_schedule_keeps_its_cron_across_restarts_runs_a_missed_night_once_an
     settings = settings_for(home, "serve")
     edited = run_daemon_until(settings, "the schedule", lambda: _schedule(settings).get("nightly"))
     assert (edited.hour, edited.minute) == (3, 5)
+
+
+def test_the_base_answers_pause_for_a_chat_when_their_process_was_slow_to_start(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The base answers' process is started from the dispatch thread while the guard that
+    pauses it for the person's chat runs on the event loop. A fork that took a while on two
+    busy cores let the guard see nothing due and nothing running, and it ended for good: on a
+    newcomer's `make run`, answers ran beside every chat (10-110 s an answer instead of 2-8)."""
+    settings = settings_for(home, "serve")
+    started: list[subprocess.Popen] = []
+    real_popen = subprocess.Popen
+
+    def slow_fork(argv: list[str], *args: Any, **kwargs: Any) -> subprocess.Popen:
+        if "development.base_answers" not in argv:
+            return real_popen(argv, *args, **kwargs)
+        time.sleep(1.5)  # a fork behind a training run and a chat answer
+        # The model's answers (a minute or more) stand-in: a process that lives until stopped.
+        process = real_popen([sys.executable, "-c", "import time; time.sleep(120)"], **kwargs)
+        started.append(process)
+        return process
+
+    monkeypatch.setattr(subprocess, "Popen", slow_fork)
+
+    def chatted_and_paused() -> Any:
+        if not started:
+            return None
+        state = read_state(settings) or {}
+        if not state.get("preparing_paused"):
+            with Store(settings.db_url) as store:
+                if store.last_message_at() is None:  # the person says something
+                    conversation = store.create_conversation()
+                    store.add_message(conversation.id, "user", "Hello!")
+            return None
+        return Path(f"/proc/{started[0].pid}/status").read_text()
+
+    status = run_daemon_until(settings, "the answers paused for a chat", chatted_and_paused, 20)
+    assert "State:\tT" in status  # stopped while the person chats
+    started[0].wait(timeout=30)  # and the daemon's stop ended it

@@ -34,7 +34,7 @@ from common.config import (
     parse_sets,
 )
 from common.entrypoint import whetstone_command
-from orchestrator.cli_output import console, fail
+from orchestrator.cli_output import console, fail, print_path
 
 if TYPE_CHECKING:  # imported lazily at run time: `whetstone --help` stays fast
     from candidates import Registry
@@ -632,7 +632,8 @@ def eval_cmd(
     code = subprocess.call(argv, env=devices.child_env(settings, "development"))
     if code != 0:
         raise typer.Exit(code)
-    console.print(f"report: {open_registry(settings).path(candidate_id) / 'report.html'}")
+    page = open_registry(settings).path(candidate_id) / "report.html"
+    print_path("report:", page)
 
 
 @app.command("export-model", cls=_Command)
@@ -781,10 +782,10 @@ def report(
             f"candidate {candidate_id} has no report yet: run `whetstone eval {candidate_id}`"
         )
     if html:
-        console.print(str(page))
+        print_path(None, page)
         return
     console.print(Markdown(md.read_text()))
-    console.print(f"HTML with plots: {page}")
+    print_path("HTML with plots:", page)
 
 
 def main() -> None:

@@ -15,3 +15,10 @@ def fail(message: str, code: int = 1) -> typer.Exit:
     """Print "error: <message>" on stderr; the caller raises the returned Exit."""
     err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
+
+
+def print_path(label: str | None, path: object) -> None:
+    """A file's path on one line, never wrapped at the width (piped output is 80 columns):
+    the person copies it, or a script opens it."""
+    text = str(path) if label is None else f"{label} {path}"
+    console.print(text, markup=False, highlight=False, soft_wrap=True)

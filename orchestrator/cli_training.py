@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from common.config import Settings
-from orchestrator.cli_output import console, err_console
+from orchestrator.cli_output import console, err_console, print_path
 
 if TYPE_CHECKING:
     from candidates import Registry
@@ -116,7 +116,7 @@ def print_outcome(
         step = (evaluation.metrics or {}).get("next_step")
         if step and current != run.candidate_id:
             console.print(f"next: {step}")
-        console.print(f"report: {evaluation.report_path}")
+        print_path("report:", evaluation.report_path)
     if current == run.candidate_id:
         console.print(f"promoted: {run.candidate_id} now serves")
     return (run.progress or {}).get("next_run")

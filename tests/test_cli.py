@@ -241,6 +241,17 @@ def test_what_a_newcomer_reads_names_things_as_they_are(home: Path) -> None:
     narrow = {"COLUMNS": "80"}
     listed = run_cli("candidates", "--home", str(home), env=narrow)
     assert long_id in listed.stdout, listed.stdout
+    # A path printed for the person to copy (or a script to open) stays on one line, piped
+    # (80 columns) or not: `train --wait | tee log` cut the report's path in two.
+    folder = home / "candidates" / long_id
+    (folder / "report.md").write_text("# Evaluation report\n")
+    page = str(folder / "report.html")
+    assert len(page) > 80
+    assert run_cli("report", long_id, "--html", "--home", str(home), env=narrow).stdout == (
+        page + "\n"
+    )
+    shown = run_cli("report", long_id, "--home", str(home), env=narrow).stdout
+    assert f"HTML with plots: {page}\n" in shown, shown
     status = run_cli("status", "--home", str(home), env=narrow)
     assert "runs: none" in status.stdout and "{" not in status.stdout, status.stdout
     assert "after 25 more rating(s) or correction(s)" in " ".join(status.stdout.split())

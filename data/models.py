@@ -37,6 +37,8 @@ from sqlalchemy.types import TypeDecorator
 ROLES = ("system", "user", "assistant", "tool")
 REASONING_EFFORTS = ("low", "medium", "high")
 FINISH_REASONS = ("stop", "length", "tool_calls", "cut_off", "error")
+# Where an imported conversation came from (data/imports.py); null: made here.
+IMPORT_SOURCES = ("chatgpt", "openwebui", "jsonl")
 RUN_STATUSES = ("queued", "running", "succeeded", "failed", "skipped", "cancelled")
 RUN_FINISHED = ("succeeded", "failed", "skipped", "cancelled")
 EVAL_DECISIONS = ("promote", "reject")
@@ -187,6 +189,12 @@ class Conversation(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     forgotten_at: Mapped[datetime | None] = mapped_column()
+    # An imported conversation (data/imports.py): its source, its id there (or a hash of the
+    # JSONL line that held it) and when it came; all null for a conversation made here. Its
+    # created_at and updated_at, and its messages' created_at, are the export's own times.
+    source: Mapped[str | None] = mapped_column(String(32))
+    external_id: Mapped[str | None] = mapped_column(String(255))
+    imported_at: Mapped[datetime | None] = mapped_column()
 
     message_count: Mapped[int] = column_property(
         select(func.count(Message.id))
@@ -207,6 +215,13 @@ Index(
     Conversation.id,
     sqlite_where=Conversation.forgotten_at.is_(None),
     postgresql_where=Conversation.forgotten_at.is_(None),
+)
+# A conversation is imported once (migration 0006); nulls (made here) are never compared.
+Index(
+    "uq_conversations_source_external_id",
+    Conversation.source,
+    Conversation.external_id,
+    unique=True,
 )
 # The list's order: newest first, the id breaking ties in the same direction, so the index
 # above read backwards gives it (the conversation list and the search's LIKE scan).

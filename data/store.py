@@ -562,11 +562,11 @@ class Store(TrainingHistory):
         newest_first: bool = False,
     ) -> list[int]:
         """Current ratings of answers the adapter produced (None: the base model), in answer
-        order (or newest first), from answers created in [since, until); forgotten
-        conversations and corrected answers excluded. What the post-promotion watch compares:
-        a correction is the person teaching something new (no adapter could have known it),
-        and a simulated week (benchmarks.week) had each morning's teaching, rated 1 and
-        corrected, roll back the champion promoted the night before."""
+        order (or newest first), from answers created in [since, until); forgotten and
+        imported conversations and corrected answers excluded. What the post-promotion
+        watch compares: a correction is the person teaching something new (no adapter could
+        have known it), and a simulated week (benchmarks.week) had each morning's teaching,
+        rated 1 and corrected, roll back the champion promoted the night before."""
         check_time("since", since)
         check_time("until", until)
         order = Message.created_at.desc() if newest_first else Message.created_at.asc()
@@ -580,6 +580,8 @@ class Store(TrainingHistory):
                 Feedback.correction.is_(None),
                 Message.role == "assistant",
                 Conversation.forgotten_at.is_(None),
+                # Imported answers were written by another model, not by the base model.
+                Conversation.source.is_(None),
                 Message.adapter_id.is_(None)
                 if adapter_id is None
                 else Message.adapter_id == adapter_id,

@@ -2,7 +2,8 @@
 adapter the answers, mean rating, share corrected, regenerations and response time (time to
 the first token, tokens per second); per day the conversations' length (turns, and tokens
 of the longest context an answer was made with); promotions and rollbacks on a timeline;
-each champion's evaluation scores at the time it was judged.
+each champion's evaluation scores at the time it was judged. Imported history (another
+model's answers, `whetstone import`) is no part of it.
 
 `development.trend_report` draws these as text (CLI, TUI) and as a self-contained HTML page.
 """
@@ -17,7 +18,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from data.models import Evaluation, Feedback, Message, Promotion
+from data.models import Conversation, Evaluation, Feedback, Message, Promotion
 from data.store import Store
 
 # Evaluation figures followed over time (as the report names them), where a champion has them.
@@ -133,9 +134,13 @@ def trend(store: Store, weeks: int = 4, now: datetime | None = None) -> Trend:
             .outerjoin(
                 Feedback, (Feedback.message_id == Message.id) & Feedback.is_current.is_(True)
             )
+            .join(Conversation, Conversation.id == Message.conversation_id)
             .where(
                 Message.role == "assistant",
                 Message.finish_reason.is_not(None),
+                # Imported history (data/imports.py) was answered elsewhere, by another
+                # model: it is no day of any adapter here.
+                Conversation.source.is_(None),
                 Message.created_at >= since,
                 Message.created_at <= until,
             )

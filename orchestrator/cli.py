@@ -291,6 +291,57 @@ def export(
         console.print(f"{kind}: {n} rows -> {target / f'{kind}.jsonl'}")
 
 
+@app.command("import", cls=_Command)
+def import_cmd(
+    file: Annotated[Path, typer.Argument(metavar="FILE", help="The export file to import.")],
+    home: HomeOpt = None,
+    set_: SetOpt = None,
+    format_: Annotated[
+        str | None,
+        typer.Option(
+            "--format",
+            help="chatgpt (conversations.json, or the export's zip), openwebui (its chat "
+            "export) or jsonl (OpenAI's chat format, one conversation a line); default: "
+            "recognised from the file.",
+        ),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Import the history you already have: ChatGPT's data export, Open WebUI's chats (their
+    ratings become feedback), OpenAI-format JSONL. Importing a file again adds nothing."""
+    from data.imports import ImportRefused, import_conversations, parse
+
+    settings = settings_for(home, set_)
+    try:
+        data = file.read_bytes()
+    except OSError as exc:
+        raise fail(f"cannot read {file}: {exc.strerror or exc}") from None
+    try:
+        conversations = parse(data, format_)
+    except ImportRefused as exc:
+        raise fail(f"{file}: {exc}; nothing was imported") from None
+    from sqlalchemy.exc import SQLAlchemyError
+
+    store = open_store(settings)
+    try:
+        result = import_conversations(store, conversations)
+    except SQLAlchemyError as exc:  # one transaction: rolled back whole
+        raise fail(f"storing {file} failed, nothing was imported: {exc}") from None
+    finally:
+        store.close()
+    if as_json:
+        console.print_json(data=result.as_dict())
+        return
+    console.print(
+        f"imported {result.conversations} conversations ({result.messages} messages, "
+        f"{result.feedback} rated or kept answers as feedback) from {file}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    if result.already_imported:
+        console.print(f"{result.already_imported} conversations were imported before: skipped")
+
+
 # -------------------------------------------------------------------------- backup/restore
 
 

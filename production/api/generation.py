@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from fastapi import Request
@@ -115,8 +115,39 @@ def _answer_grammar(
     return answer_grammar.json_answer(shape, schema, strict, max_tokens // 2)
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """A chat request made ready to generate: its prompt and sampling, and where its answer
+    is stored (the conversation, the turn it answers, what its record keeps)."""
+
+    prompt: list[int]
+    sampling: Any
+    conversation_id: str
+    asked_id: str
+    recorded: dict[str, Any]
+
+
 async def chat(service: Service, req: ChatRequest, request: Request) -> Response:
     """POST /v1/chat/completions."""
+    prepared = await prepare_chat(service, req)
+    return await _generate(
+        service,
+        request,
+        prepared,
+        stream=req.stream,
+        include_usage=bool(req.stream_options and req.stream_options.include_usage),
+        include_reasoning=req.include_reasoning,
+        kind="chat",
+    )
+
+
+async def prepare_chat(
+    service: Service, req: ChatRequest, recorded: dict[str, Any] | None = None
+) -> Prepared:
+    """Check a chat request, render its prompt, compile its grammar and store its new turns
+    (the conversation it continues, or a new one): everything before generation, shared by
+    chat completions and the Responses API (which translates its requests into this one).
+    `recorded`: more for the answer's record."""
     from production.decode.steering import GrammarError
 
     engine = service.engine
@@ -182,34 +213,20 @@ async def chat(service: Service, req: ChatRequest, request: Request) -> Response
         prompt = await asyncio.to_thread(render, effort)
         room = max(1, window - len(prompt))
         sampling = replace(sampling, max_tokens=min(sampling.max_tokens, room))
-    recorded: dict[str, Any] = {}
+    record: dict[str, Any] = dict(recorded or {})
     if effort:
-        recorded["reasoning_effort"] = effort
+        record["reasoning_effort"] = effort
     if req.tools:
-        recorded["tools"] = [t.model_dump(exclude_none=True) for t in req.tools]
-        recorded["tool_choice"] = (
+        record["tools"] = [t.model_dump(exclude_none=True) for t in req.tools]
+        record["tool_choice"] = (
             req.tool_choice.model_dump()
             if hasattr(req.tool_choice, "model_dump")
             else req.tool_choice
         )
     if req.response_format is not None:
-        recorded["response_format"] = req.response_format.model_dump(
-            by_alias=True, exclude_none=True
-        )
-    recorded |= req.recorded()
-    return await _generate(
-        service,
-        request,
-        prompt,
-        sampling,
-        conversation.id,
-        asked_id,
-        recorded,
-        stream=req.stream,
-        include_usage=bool(req.stream_options and req.stream_options.include_usage),
-        include_reasoning=req.include_reasoning,
-        kind="chat",
-    )
+        record["response_format"] = req.response_format.model_dump(by_alias=True, exclude_none=True)
+    record |= req.recorded()
+    return Prepared(prompt, sampling, conversation.id, asked_id, record)
 
 
 async def complete(service: Service, req: CompletionRequest, request: Request) -> Response:
@@ -251,11 +268,7 @@ async def complete(service: Service, req: CompletionRequest, request: Request) -
     return await _generate(
         service,
         request,
-        prompt,
-        sampling,
-        conversation_id,
-        asked_id,
-        recorded,
+        Prepared(prompt, sampling, conversation_id, asked_id, recorded),
         stream=req.stream,
         include_usage=bool(req.stream_options and req.stream_options.include_usage),
         include_reasoning=False,
@@ -263,53 +276,80 @@ async def complete(service: Service, req: CompletionRequest, request: Request) -
     )
 
 
-async def _generate(
-    service: Service,
-    request: Request,
-    prompt: list[int],
-    sampling: Any,
-    conversation_id: str,
-    asked_id: str,
-    recorded: dict[str, Any],
-    *,
-    stream: bool,
-    include_usage: bool,
-    include_reasoning: bool,
-    kind: Literal["chat", "text"],
-) -> Response:
+@dataclass
+class Started:
+    """A generation under way: its job on the worker, the Recorder keeping its stored answer
+    in step, and what every answer's body and headers name."""
+
+    job: Any
+    recorder: answers.Recorder
+    message_id: str
+    conversation_id: str
+    created: int
+    model: str
+    headers: dict[str, str]
+
+
+async def start(service: Service, prepared: Prepared) -> Started:
+    """Store the answer's placeholder and submit the generation (503 when the queue is full
+    or the worker stopped: the placeholder is finished as an error, nothing is lost)."""
     from production.worker import QueueFull, WorkerStopped
 
     engine = service.engine
     placeholder = await asyncio.to_thread(
         service.store.add_message,
-        conversation_id,
+        prepared.conversation_id,
         "assistant",
         "",
-        reply_to_id=asked_id,
+        reply_to_id=prepared.asked_id,
         adapter_id=engine.adapter_id,
         base_model=engine.base_model_name,
-        generation=engine.resolved_settings(sampling) | recorded,
+        generation=engine.resolved_settings(prepared.sampling) | prepared.recorded,
     )
     try:
-        job = service.worker.submit(prompt, sampling)
+        job = service.worker.submit(prepared.prompt, prepared.sampling)
     except (QueueFull, WorkerStopped) as exc:
         await asyncio.to_thread(
             service.store.complete_message, placeholder.id, content="", finish_reason="error"
         )
         why = "the model is busy" if isinstance(exc, QueueFull) else "not answered"
         raise ApiError(503, f"{why}: {exc}", **{"Retry-After": "5"}) from None
-    recorder = answers.Recorder(service, placeholder.id, time.monotonic())
-    headers = {
-        "X-Whetstone-Message-Id": placeholder.id,
-        "X-Whetstone-Conversation-Id": conversation_id,
-    }
+    return Started(
+        job=job,
+        recorder=answers.Recorder(service, placeholder.id, time.monotonic()),
+        message_id=placeholder.id,
+        conversation_id=prepared.conversation_id,
+        # The stored answer's time: GET /v1/responses/{id} reads it back.
+        created=int(placeholder.created_at.timestamp()),
+        model=served_model(engine),
+        headers={
+            "X-Whetstone-Message-Id": placeholder.id,
+            "X-Whetstone-Conversation-Id": prepared.conversation_id,
+        },
+    )
+
+
+async def _generate(
+    service: Service,
+    request: Request,
+    prepared: Prepared,
+    *,
+    stream: bool,
+    include_usage: bool,
+    include_reasoning: bool,
+    kind: Literal["chat", "text"],
+) -> Response:
+    engine = service.engine
+    sampling = prepared.sampling
+    started = await start(service, prepared)
+    job, recorder, headers = started.job, started.recorder, started.headers
     base = {
-        "id": placeholder.id,
-        "created": int(time.time()),
-        "model": served_model(engine),
+        "id": started.message_id,
+        "created": started.created,
+        "model": started.model,
         "system_fingerprint": answers.fingerprint(engine.adapter_id),
     }
-    extra = {"conversation_id": conversation_id}
+    extra = {"conversation_id": started.conversation_id}
     wants_logprobs = sampling.steering.logprobs is not None
     if stream:
         logprobs_of = (

@@ -430,3 +430,115 @@ class TextCompletion(Answer):
     usage: Usage
     adapter_id: str | None
     conversation_id: str
+
+
+# --- OpenAI's Responses API ---------------------------------------------------------------
+
+
+class OutputText(Answer):
+    type: Literal["output_text"]
+    text: str
+    annotations: list[JsonObject]  # always empty: no citations
+    logprobs: list[JsonObject]  # always empty: /v1/chat/completions sends log-probabilities
+
+
+class OutputMessage(Answer):
+    """The answer's text: its id is the stored answer's message id (rate it by that id)."""
+
+    id: str
+    type: Literal["message"]
+    role: Literal["assistant"]
+    status: Literal["in_progress", "completed", "incomplete"]
+    content: list[OutputText]
+
+
+class ReasoningText(Answer):
+    type: Literal["reasoning_text"]
+    text: str
+
+
+class ReasoningItem(Answer):
+    """A harmony model's analysis channel, as text (never encrypted, never summarised)."""
+
+    id: str
+    type: Literal["reasoning"]
+    status: Literal["in_progress", "completed", "incomplete"]
+    summary: list[JsonObject]  # always empty
+    content: list[ReasoningText]
+
+
+class FunctionCallItem(Answer):
+    id: str
+    type: Literal["function_call"]
+    status: Literal["in_progress", "completed", "incomplete"]
+    call_id: str  # what the function_call_output answering it names
+    name: str
+    arguments: str  # JSON text, valid against the function's parameters
+
+
+class InputTokensDetails(Answer):
+    cached_tokens: int  # 0: there is no prompt cache
+    cache_write_tokens: int  # 0
+
+
+class OutputTokensDetails(Answer):
+    reasoning_tokens: int  # the analysis text's tokens
+
+
+class ResponseUsage(Answer):
+    input_tokens: int
+    input_tokens_details: InputTokensDetails
+    output_tokens: int
+    output_tokens_details: OutputTokensDetails
+    total_tokens: int
+
+
+class ResponseError(Answer):
+    code: Literal["server_error"]
+    message: str
+
+
+class IncompleteDetails(Answer):
+    reason: Literal["max_output_tokens", "cancelled"]
+
+
+class ResponseReasoning(Answer):
+    effort: Literal["low", "medium", "high"] | None
+    summary: None
+
+
+class ResponseObject(Answer):
+    """POST /v1/responses without stream, and GET /v1/responses/{id}: OpenAI's response
+    object. stream: true sends its events instead (response.created ... response.completed),
+    each event's response in this shape."""
+
+    id: str  # resp_<hex>: the stored answer is msg_<hex> (X-Whetstone-Message-Id)
+    object: Literal["response"]
+    created_at: int
+    status: Literal["in_progress", "completed", "incomplete", "failed", "cancelled"]
+    background: Literal[False]
+    error: ResponseError | None
+    incomplete_details: IncompleteDetails | None
+    instructions: str | None
+    max_output_tokens: int | None
+    max_tool_calls: None
+    model: str
+    output: list[OutputMessage | ReasoningItem | FunctionCallItem]
+    parallel_tool_calls: bool
+    previous_response_id: str | None
+    reasoning: ResponseReasoning
+    service_tier: Literal["default"]
+    store: bool
+    temperature: float | None
+    text: JsonObject  # {"format": {...}} as asked
+    tool_choice: str | JsonObject
+    tools: list[JsonObject]  # the function tools as asked
+    top_logprobs: None
+    top_p: float | None
+    truncation: Literal["disabled"]
+    usage: ResponseUsage | None  # null while it is being generated
+    user: str | None
+    safety_identifier: str | None
+    metadata: dict[str, str]
+    adapter_id: str | None  # the adapter that answered (null: the base model)
+    conversation_id: str  # the stored conversation it joined

@@ -22,6 +22,7 @@ from production.api.protocol import (
     SearchResults,
     Trend,
 )
+from production.api.responses import message_id_of
 from production.api.service import ServiceDep
 
 router = APIRouter()
@@ -29,9 +30,11 @@ router = APIRouter()
 
 @router.post("/v1/feedback", responses=sends(400, 404, 410, 503))
 async def feedback(body: FeedbackRequest, service: ServiceDep) -> Feedback:
+    # A Responses API response id names its answer too (resp_<hex> is msg_<hex>).
+    message_id = message_id_of(body.message_id) or body.message_id
     fb = await asyncio.to_thread(
         service.store.add_feedback,
-        body.message_id,
+        message_id,
         rating=body.rating,
         correction=body.correction,
         comment=body.comment,

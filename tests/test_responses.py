@@ -1,0 +1,595 @@
+"""The Responses API as its clients use it: the openai SDK (`client.responses.create`,
+`.stream`, `.parse`, `.retrieve`) against a real server on 127.0.0.1, on the embedded model
+and on a tiny random GPT-OSS (harmony: reasoning effort, analysis as reasoning items, calls
+on the commentary channel).
+
+Every exchange is checked where it is stored: a conversation like a chat, its answer the
+response's message, rated by the response id or the message id."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from data.store import Store
+from tests.conftest import ServerProcess
+from tests.tiny_models import model_home, tiny_gpt_oss
+
+pytestmark = pytest.mark.slow
+
+PARIS = "What is the capital of France?"
+WEATHER = {
+    "type": "function",
+    "name": "get_weather",
+    "description": "The current weather in a city",
+    "parameters": {
+        "type": "object",
+        "properties": {"city": {"type": "string"}},
+        "required": ["city"],
+        "additionalProperties": False,
+    },
+    "strict": True,
+}
+TIME = {
+    "type": "function",
+    "name": "get_time",
+    "description": "The local time in a timezone",
+    "parameters": {
+        "type": "object",
+        "properties": {"timezone": {"type": "string", "enum": ["UTC", "CET"]}},
+        "required": ["timezone"],
+        "additionalProperties": False,
+    },
+}
+PLACE = {
+    "type": "object",
+    "properties": {"city": {"type": "string"}, "country": {"type": "string"}},
+    "required": ["city", "country"],
+    "additionalProperties": False,
+}
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory, prepared_model_dir: Path):
+    home = tmp_path_factory.mktemp("responses") / "home"
+    (home / "models").mkdir(parents=True)
+    (home / "models" / prepared_model_dir.name).symlink_to(prepared_model_dir)
+    proc = ServerProcess(home).wait_ready()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def client(served: ServerProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{served.url}/v1", api_key="unused", max_retries=0)
+
+
+def stored(home: Path, response_id: str):
+    """The stored answer of a response and its conversation."""
+    message_id = "msg_" + response_id.removeprefix("resp_")
+    with Store(f"sqlite:///{home}/whetstone.db") as store:
+        message = store.get_message(message_id)
+        return message, store.get_conversation(message.conversation_id)
+
+
+SDK_ONLY = ("parsed", "parsed_arguments")
+
+
+def unparsed(dumped: object) -> object:
+    """A response's dump less the `parsed` fields the SDK's stream helper adds."""
+    if isinstance(dumped, dict):
+        return {k: unparsed(v) for k, v in dumped.items() if k not in SDK_ONLY}
+    if isinstance(dumped, list):
+        return [unparsed(v) for v in dumped]
+    return dumped
+
+
+def conversation_count(url: str) -> int:
+    return len(httpx.get(f"{url}/v1/conversations", params={"limit": 500}).json()["data"])
+
+
+def test_a_response_whole_and_streamed_is_the_stored_answer(
+    client: openai.OpenAI, served: ServerProcess
+) -> None:
+    whole = client.responses.create(
+        model="whetstone", input=PARIS, max_output_tokens=30, temperature=0
+    )
+    assert whole.status == "completed" and whole.object == "response"
+    assert "Paris" in whole.output_text
+    (item,) = whole.output
+    assert item.type == "message" and item.status == "completed"
+    assert whole.usage.output_tokens > 0 and whole.usage.input_tokens > 0
+    assert whole.usage.total_tokens == whole.usage.input_tokens + whole.usage.output_tokens
+    assert (whole.max_output_tokens, whole.temperature, whole.store) == (30, 0.0, True)
+
+    with client.responses.stream(
+        model="whetstone", input=PARIS, max_output_tokens=30, temperature=0
+    ) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    kinds = [e.type for e in events]
+    assert kinds[:4] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+    ]
+    assert kinds[-4:] == [
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
+    assert "".join(deltas) == final.output_text == whole.output_text
+    assert final.id == events[0].response.id and final.usage == whole.usage
+
+    # Stored as a chat is: the response is its answer's message; GET reads it back.
+    for response in (whole, final):
+        message, conversation = stored(served.home, response.id)
+        assert message.content == response.output_text and message.finish_reason == "stop"
+        assert response.output[0].id == message.id
+        assert [m.role for m in conversation.messages] == ["user", "assistant"]
+        assert conversation.messages[0].content == PARIS
+        assert message.generation["endpoint"] == "responses"
+        again = client.responses.retrieve(response.id)
+        assert unparsed(again.model_dump()) == unparsed(response.model_dump())
+    listed = httpx.get(f"{served.url}/v1/conversations").json()["data"]
+    assert {conversation.id, whole.model_extra["conversation_id"]} <= {c["id"] for c in listed}
+
+    cut = client.responses.create(model="whetstone", input=PARIS, max_output_tokens=3)
+    assert cut.status == "incomplete" and cut.incomplete_details.reason == "max_output_tokens"
+    assert cut.usage.output_tokens == 3
+
+
+def test_the_exchange_is_ratable_by_its_response_or_message_id(
+    client: openai.OpenAI, served: ServerProcess
+) -> None:
+    response = client.responses.create(
+        model="whetstone", input="Name a colour.", max_output_tokens=12, temperature=0
+    )
+    by_response = httpx.post(
+        f"{served.url}/v1/feedback", json={"message_id": response.id, "rating": 2}
+    )
+    assert by_response.status_code == 200, by_response.text
+    message_id = response.output[0].id
+    assert by_response.json()["message_id"] == message_id
+    corrected = httpx.post(
+        f"{served.url}/v1/feedback", json={"message_id": message_id, "correction": "Blue."}
+    )
+    assert corrected.status_code == 200 and corrected.json()["rating"] == 2
+    conversation = httpx.get(
+        f"{served.url}/v1/conversations/{response.model_extra['conversation_id']}"
+    ).json()
+    answer = conversation["messages"][-1]
+    assert answer["id"] == message_id
+    assert answer["feedback"] == {"rating": 2, "correction": "Blue.", "comment": None}
+    unknown = httpx.post(
+        f"{served.url}/v1/feedback", json={"message_id": "resp_0000000000000000", "rating": 2}
+    )
+    assert unknown.status_code == 404
+
+
+def test_previous_response_id_continues_the_conversation(
+    client: openai.OpenAI, served: ServerProcess
+) -> None:
+    first = client.responses.create(
+        model="whetstone",
+        instructions="You are terse.",
+        input="My cat is called Miso.",
+        max_output_tokens=16,
+        temperature=0,
+    )
+    second = client.responses.create(
+        model="whetstone",
+        instructions="You are terse.",
+        input="What is my cat called?",
+        previous_response_id=first.id,
+        max_output_tokens=16,
+        temperature=0,
+    )
+    assert second.previous_response_id == first.id
+    conversation_id = first.model_extra["conversation_id"]
+    assert second.model_extra["conversation_id"] == conversation_id
+    _, conversation = stored(served.home, second.id)
+    assert [(m.role, m.content) for m in conversation.messages] == [
+        ("user", "My cat is called Miso."),
+        ("assistant", first.output_text),
+        ("user", "What is my cat called?"),
+        ("assistant", second.output_text),
+    ]
+    assert conversation.system_prompt == "You are terse."
+    # The second prompt holds the first exchange.
+    assert second.usage.input_tokens > first.usage.input_tokens + first.usage.output_tokens
+
+    # From the first answer again: a branch, in a conversation of its own with that history.
+    branch = client.responses.create(
+        model="whetstone",
+        instructions="You are terse.",
+        input="Is Miso a good name?",
+        previous_response_id=first.id,
+        max_output_tokens=8,
+        temperature=0,
+    )
+    assert branch.model_extra["conversation_id"] != conversation_id
+    _, forked = stored(served.home, branch.id)
+    assert [m.content for m in forked.messages[:3]] == [
+        "My cat is called Miso.",
+        first.output_text,
+        "Is Miso a good name?",
+    ]
+    _, original = stored(served.home, second.id)
+    assert len(original.messages) == 4  # untouched
+
+    # Not kept for the Responses API: store false; unknown and forgotten ids.
+    unstored = client.responses.create(
+        model="whetstone", input="Hi", store=False, max_output_tokens=4, temperature=0
+    )
+    assert unstored.store is False
+    for missing in (unstored.id, "resp_0000000000000000", "nonsense"):
+        with pytest.raises(openai.NotFoundError):
+            client.responses.retrieve(missing)
+        with pytest.raises(openai.NotFoundError) as refused:
+            client.responses.create(
+                model="whetstone", input="Hi", previous_response_id=missing, max_output_tokens=2
+            )
+        assert refused.value.body["param"] == "previous_response_id"
+    # Its conversation is kept, as every exchange is.
+    assert stored(served.home, unstored.id)[0].content == unstored.output_text
+    httpx.delete(f"{served.url}/v1/conversations/{conversation_id}")
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(second.id)
+
+
+def test_a_forced_function_call_then_its_output_is_answered(
+    client: openai.OpenAI, served: ServerProcess
+) -> None:
+    called = client.responses.create(
+        model="whetstone",
+        input="What's the weather in Paris?",
+        tools=[WEATHER, TIME],
+        tool_choice="required",
+        parallel_tool_calls=False,
+        max_output_tokens=60,
+        temperature=0,
+    )
+    assert called.status == "completed"
+    (call,) = [item for item in called.output if item.type == "function_call"]
+    assert call.name == "get_weather" and json.loads(call.arguments) == {"city": "Paris"}
+    assert call.call_id.startswith("call_") and call.id.startswith("fc_")
+    assert [t.name for t in called.tools] == ["get_weather", "get_time"]
+
+    answered = client.responses.create(
+        model="whetstone",
+        previous_response_id=called.id,
+        input=[
+            {
+                "type": "function_call_output",
+                "call_id": call.call_id,
+                "output": '{"sky": "sunny", "temp_c": 21}',
+            }
+        ],
+        tools=[WEATHER, TIME],
+        max_output_tokens=30,
+        temperature=0,
+    )
+    assert answered.status in ("completed", "incomplete") and answered.output
+    message, conversation = stored(served.home, answered.id)
+    assert [m.role for m in conversation.messages] == ["user", "assistant", "tool", "assistant"]
+    first, tool = conversation.messages[1:3]
+    assert first.finish_reason == "tool_calls"
+    assert first.tool_calls[0]["function"] == {"name": "get_weather", "arguments": call.arguments}
+    assert tool.tool_call_id == call.call_id and "sunny" in tool.content
+    assert message.reply_to_id == tool.id
+    assert message.generation["tools"][0]["function"]["name"] == "get_weather"
+
+    # Named, streamed: the call comes as an item, its arguments whole in one delta.
+    with client.responses.stream(
+        model="whetstone",
+        input="What's the weather in Paris?",
+        tools=[WEATHER, TIME],
+        tool_choice={"type": "function", "name": "get_time"},
+        parallel_tool_calls=False,
+        max_output_tokens=60,
+        temperature=0,
+    ) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    (streamed_call,) = [item for item in final.output if item.type == "function_call"]
+    assert streamed_call.name == "get_time"
+    assert json.loads(streamed_call.arguments)["timezone"] in ("UTC", "CET")
+    (delta,) = [e for e in events if e.type == "response.function_call_arguments.delta"]
+    assert delta.delta == streamed_call.arguments
+    (done,) = [e for e in events if e.type == "response.function_call_arguments.done"]
+    assert done.arguments == streamed_call.arguments and done.item_id == streamed_call.id
+    # A call whose output never came cannot be answered.
+    with pytest.raises(openai.BadRequestError) as orphan:
+        client.responses.create(
+            model="whetstone",
+            input=[{"type": "function_call_output", "call_id": "call_nope", "output": "{}"}],
+            max_output_tokens=2,
+        )
+    assert orphan.value.body["param"] == "input"
+    assert "input[0].call_id" in orphan.value.body["message"]
+
+
+def test_text_format_json_schema_answers_valid_json(client: openai.OpenAI) -> None:
+    from pydantic import BaseModel
+
+    answer = client.responses.create(
+        model="whetstone",
+        input=PARIS + " Answer in JSON.",
+        text={"format": {"type": "json_schema", "name": "place", "schema": PLACE, "strict": True}},
+        max_output_tokens=40,
+        temperature=0,
+    )
+    place = json.loads(answer.output_text)
+    assert set(place) == {"city", "country"} and place["city"] == "Paris"
+    assert answer.text.format.type == "json_schema"
+
+    class Place(BaseModel):
+        city: str
+        country: str
+
+    parsed = client.responses.parse(
+        model="whetstone",
+        input=PARIS + " Answer in JSON.",
+        text_format=Place,
+        max_output_tokens=40,
+        temperature=0,
+    )
+    assert parsed.output_parsed.city == "Paris"
+    anything = client.responses.create(
+        model="whetstone",
+        input="Describe a cat.",
+        text={"format": {"type": "json_object"}},
+        max_output_tokens=60,
+        temperature=0,
+    )
+    assert anything.status == "completed"
+    assert isinstance(json.loads(anything.output_text), dict)
+    with pytest.raises(openai.BadRequestError) as unenforced:
+        client.responses.create(
+            model="whetstone",
+            input=PARIS,
+            text={
+                "format": {
+                    "type": "json_schema",
+                    "name": "x",
+                    "schema": {"type": "array", "uniqueItems": True},
+                }
+            },
+        )
+    assert unenforced.value.body["param"] == "text.format"
+    assert "`uniqueItems` at /" in unenforced.value.body["message"]
+
+
+def test_a_codex_style_loop_streams_through_the_sdk_helper(
+    client: openai.OpenAI, served: ServerProcess
+) -> None:
+    """Instructions, function tools and several call / output round trips, streamed, the
+    whole input sent each time (as Codex does): every stream parses with the SDK's helper,
+    and the rounds are one stored conversation."""
+    tools = [
+        {
+            "type": "function",
+            "name": name,
+            "description": description,
+            "parameters": {
+                "type": "object",
+                "properties": {"path": {"type": "string"}},
+                "required": ["path"],
+                "additionalProperties": False,
+            },
+            "strict": True,
+        }
+        for name, description in (
+            ("list_files", "List the files in a folder"),
+            ("read_file", "Read a file"),
+        )
+    ]
+    instructions = "You are a coding agent. Use the tools to look at the project."
+    items: list = [{"role": "user", "content": "What does the README of this project say?"}]
+    finals = []
+    for round_, choice in enumerate(["required", "required", "required", "none"]):
+        with client.responses.stream(
+            model="whetstone",
+            instructions=instructions,
+            input=items,
+            tools=tools,
+            tool_choice=choice,
+            parallel_tool_calls=False,
+            max_output_tokens=40,
+            temperature=0,
+        ) as stream:
+            for event in stream:
+                assert event.type != "error", event
+            final = stream.get_final_response()
+        finals.append(final)
+        calls = [item for item in final.output if item.type == "function_call"]
+        assert len(calls) == (1 if choice == "required" else 0), (round_, final.output)
+        # As Codex does: the output goes back as input, with each call's output.
+        items += [item.model_dump(exclude_none=True) for item in final.output]
+        items += [
+            {"type": "function_call_output", "call_id": c.call_id, "output": f"README.md\n{i}"}
+            for i, c in enumerate(calls)
+        ]
+    assert finals[-1].output_text
+    conversations = {f.model_extra["conversation_id"] for f in finals}
+    assert len(conversations) == 1
+    _, conversation = stored(served.home, finals[-1].id)
+    assert conversation.system_prompt == instructions
+    assert [m.role for m in conversation.messages] == [
+        "user",
+        *["assistant", "tool"] * 3,
+        "assistant",
+    ]
+    assert len({f.id for f in finals}) == 4
+
+
+def test_unsupported_and_unknown_parameters_are_refused_by_name(served: ServerProcess) -> None:
+    refused = {
+        "bogus": {"bogus": 1},
+        "include": {"include": ["reasoning.encrypted_content"]},
+        "prompt_cache_key": {"prompt_cache_key": "abc"},
+        "background": {"background": True},
+        "truncation": {"truncation": "auto"},
+        "conversation": {"conversation": "conv_1"},
+        "top_logprobs": {"top_logprobs": 2},
+        "reasoning.effort": {"reasoning": {"effort": "minimal"}},
+        "reasoning.summary": {"reasoning": {"summary": "auto"}},
+        "text.verbosity": {"text": {"verbosity": "low"}},
+        "tools": {"tools": [{"type": "web_search"}]},
+        "tool_choice": {"tool_choice": "required"},
+        "metadata": {"metadata": {str(i): "x" for i in range(17)}},
+        "input": {"input": [{"role": "user", "content": [{"type": "input_image"}]}]},
+        "max_output_tokens": {"max_output_tokens": 10**6},
+        "model": {"model": "gpt-4"},
+        "stream_options.include_obfuscation": {"stream_options": {"include_obfuscation": True}},
+    }
+    before = conversation_count(served.url)
+    for param, body in refused.items():
+        response = httpx.post(
+            f"{served.url}/v1/responses",
+            json={"model": "whetstone", "input": "Hi", "max_output_tokens": 2} | body,
+        )
+        assert response.status_code in (400, 404), (param, response.text)
+        error = response.json()["error"]
+        assert error["param"] == param, (param, error)
+        assert isinstance(error["code"], str) and error["message"], error
+    assert conversation_count(served.url) == before  # refused before anything was stored
+    # Metadata within OpenAI's bounds is kept with the response.
+    kept = httpx.post(
+        f"{served.url}/v1/responses",
+        json={"input": "Hi", "max_output_tokens": 2, "metadata": {"task": "demo"}},
+    ).json()
+    assert kept["metadata"] == {"task": "demo"}
+    assert httpx.get(f"{served.url}/v1/responses/{kept['id']}").json()["metadata"] == {
+        "task": "demo"
+    }
+
+
+# ------------------------------------------------------------------- harmony (GPT-OSS)
+
+
+@pytest.fixture(scope="module")
+def harmony(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("harmony-responses")
+    home = model_home(root / "home", tiny_gpt_oss(root / "model"), chat_format="harmony")
+    proc = ServerProcess(home).wait_ready()
+    yield proc
+    proc.stop()
+
+
+CITY = WEATHER | {
+    "parameters": {
+        "type": "object",
+        # An enum: a random model writes a free string until max_tokens.
+        "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}},
+        "required": ["city"],
+        "additionalProperties": False,
+    }
+}
+
+
+def test_reasoning_effort_reaches_the_harmony_prompt(harmony: ServerProcess) -> None:
+    """reasoning.effort is harmony's `Reasoning:` line: a response at an effort is the chat
+    completion asked at that effort (same prompt tokens, same greedy reasoning and answer),
+    and another effort makes another prompt. The analysis channel is the reasoning item,
+    streamed as reasoning_text deltas, stored as the answer's reasoning. (A JSON answer: its
+    grammar lets a harmony model think first, and this random one does.)"""
+    client = openai.OpenAI(base_url=f"{harmony.url}/v1", api_key="unused", max_retries=0)
+    ask = [{"role": "user", "content": "Tell me a story."}]
+
+    def chat(effort: str) -> tuple[int, str, str]:
+        answer = client.chat.completions.create(
+            model="whetstone",
+            messages=ask,
+            reasoning_effort=effort,
+            response_format={"type": "json_object"},
+            temperature=0,
+            max_tokens=64,
+            extra_body={"include_reasoning": True},
+        )
+        message = answer.choices[0].message
+        reasoning = message.model_extra.get("reasoning_content") or ""
+        return answer.usage.prompt_tokens, message.content or "", reasoning
+
+    body = {
+        "model": "whetstone",
+        "input": ask,
+        "text": {"format": {"type": "json_object"}},
+        "temperature": 0,
+        "max_output_tokens": 64,
+    }
+
+    def said(r) -> tuple[int, str, str]:
+        reasoning = "".join(
+            part.text for item in r.output if item.type == "reasoning" for part in item.content
+        )
+        return r.usage.input_tokens, r.output_text, reasoning
+
+    high = client.responses.create(**body, reasoning={"effort": "high"})
+    low = client.responses.create(**body, reasoning={"effort": "low"})
+    assert high.reasoning.effort == "high" and low.reasoning.effort == "low"
+    assert said(high) == chat("high")
+    assert said(low) == chat("low")
+    assert said(high) != said(low), "the effort changes the prompt"
+    reasoning = said(high)[2]
+    assert reasoning, "the model thought first: a reasoning item"
+    assert [item.type for item in high.output] == ["reasoning", "message"]
+    assert high.output[0].id == "rs_" + high.id.removeprefix("resp_")
+    assert high.usage.output_tokens_details.reasoning_tokens > 0
+    message, _ = stored(harmony.home, high.id)
+    assert message.generation["reasoning_effort"] == "high"
+    assert message.reasoning == reasoning and message.content == high.output_text
+
+    with client.responses.stream(**body, reasoning={"effort": "high"}) as stream:
+        events = list(stream)
+    kinds = [e.type for e in events]
+    assert kinds[2:4] == ["response.output_item.added", "response.content_part.added"]
+    assert events[2].item.type == "reasoning"
+    streamed = "".join(e.delta for e in events if e.type == "response.reasoning_text.delta")
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert (streamed, text) == (reasoning, high.output_text)
+    (done,) = [e for e in events if e.type == "response.reasoning_text.done"]
+    assert done.text == reasoning
+    assert events[-1].type == f"response.{high.status}"
+    thought = events[-1].response.output[0]
+    assert (thought.type, thought.content[0].text) == ("reasoning", reasoning)
+
+
+def test_harmony_function_calls_on_the_commentary_channel(harmony: ServerProcess) -> None:
+    client = openai.OpenAI(base_url=f"{harmony.url}/v1", api_key="unused", max_retries=0)
+    body = dict(
+        model="whetstone",
+        input="What's the weather in Paris?",
+        tools=[CITY],
+        tool_choice="required",
+        reasoning={"effort": "low"},
+        temperature=0,
+        max_output_tokens=160,
+    )
+    called = client.responses.create(**body)
+    (call,) = [item for item in called.output if item.type == "function_call"]
+    assert call.name == "get_weather"
+    assert json.loads(call.arguments)["city"] in ("Paris", "Rome")
+    with client.responses.stream(**body) as stream:
+        list(stream)
+        final = stream.get_final_response()
+    (streamed,) = [item for item in final.output if item.type == "function_call"]
+    assert streamed.arguments == call.arguments
+    answered = client.responses.create(
+        model="whetstone",
+        previous_response_id=called.id,
+        input=[{"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}],
+        tools=[CITY],
+        temperature=0,
+        max_output_tokens=8,
+    )
+    assert answered.output

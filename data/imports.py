@@ -65,6 +65,7 @@ KEPT_AFTER_REGENERATING = "imported: kept after regenerating it in {source}"
 KEPT_IN_FILE = "imported: an answer of a chat file (OpenAI format)"
 SOURCE_NAMES = {"chatgpt": "ChatGPT", "openwebui": "Open WebUI", "jsonl": "a chat file"}
 TITLE_CHARS = 60
+EXTERNAL_ID_CHARS = 255  # conversations.external_id
 
 
 class ImportRefused(InvalidInput):
@@ -207,11 +208,11 @@ def _when(value: Any, where: str) -> datetime | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ImportRefused(f"{where}: a time must be a Unix timestamp; got {value!r}")
-    seconds = value / 1000 if value > 1e11 else value
     try:
+        seconds = value / 1000 if value > 1e11 else value
         return datetime.fromtimestamp(seconds, UTC)
     except (OverflowError, OSError, ValueError):
-        raise ImportRefused(f"{where}: {value!r} is not a time") from None
+        raise ImportRefused(f"{where}: {str(value)[:40]!r} is not a time") from None
 
 
 def _text(value: Any, where: str) -> str:
@@ -316,6 +317,8 @@ def _turns(branch: list[_Node], nodes: dict[str, _Node], source: str) -> list[Im
 def _finish(
     conversation: ImportedConversation, turns: list[ImportedMessage], where: str
 ) -> ImportedConversation:
+    if len(conversation.external_id) > EXTERNAL_ID_CHARS:
+        raise ImportRefused(f"{where}: its id is longer than {EXTERNAL_ID_CHARS} characters")
     if not turns:
         raise ImportRefused(f"{where}: no message to import on the branch seen last")
     times = [t.created_at for t in turns if t.created_at is not None]

@@ -1,7 +1,7 @@
 """The Responses API as its clients use it: the openai SDK (`client.responses.create`,
 `.stream`, `.parse`, `.retrieve`) against a real server on 127.0.0.1, on the embedded model
 and on a tiny random GPT-OSS (harmony: reasoning effort, analysis as reasoning items, calls
-on the commentary channel).
+on the commentary channel). And POST /v1/import, the CLI's import over HTTP.
 
 Every exchange is checked where it is stored: a conversation like a chat, its answer the
 response's message, rated by the response id or the message id."""
@@ -21,6 +21,7 @@ from tests.tiny_models import model_home, tiny_gpt_oss
 
 pytestmark = pytest.mark.slow
 
+FILES = Path(__file__).with_name("import_files")
 PARIS = "What is the capital of France?"
 WEATHER = {
     "type": "function",
@@ -472,6 +473,35 @@ def test_unsupported_and_unknown_parameters_are_refused_by_name(served: ServerPr
     assert httpx.get(f"{served.url}/v1/responses/{kept['id']}").json()["metadata"] == {
         "task": "demo"
     }
+
+
+def test_import_over_http(served: ServerProcess) -> None:
+    url = f"{served.url}/v1/import"
+    before = conversation_count(served.url)
+    body = (FILES / "openwebui_chats.json").read_bytes()
+    first = httpx.post(url, content=body, headers={"Content-Type": "application/json"})
+    assert first.status_code == 200, first.text
+    assert first.json() == {
+        "source": "openwebui",
+        "conversations": 2,
+        "messages": 7,
+        "feedback": 3,
+        "already_imported": 0,
+    }
+    again = httpx.post(url, content=body).json()
+    assert (again["conversations"], again["already_imported"]) == (0, 2)
+    jsonl = (FILES / "chats.jsonl").read_bytes()
+    assert httpx.post(url, content=jsonl, params={"format": "jsonl"}).json()["feedback"] == 4
+    assert conversation_count(served.url) == before + 5
+
+    broken = jsonl.replace(b'"role": "user", "content": "Hi"', b'"role": "robot"')
+    refused = httpx.post(url, content=broken)
+    assert refused.status_code == 400
+    error = refused.json()["error"]
+    assert error["param"] == "body" and "line 2: messages[0]: role must be" in error["message"]
+    wrong = httpx.post(url, content=body, params={"format": "csv"})
+    assert wrong.status_code == 400 and wrong.json()["error"]["param"] == "format"
+    assert conversation_count(served.url) == before + 5
 
 
 # ------------------------------------------------------------------- harmony (GPT-OSS)

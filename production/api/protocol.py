@@ -340,6 +340,16 @@ class Forgotten(Answer):
     forgotten: Literal[True]
 
 
+class Imported(Answer):
+    """POST /v1/import: what `whetstone import FILE --json` prints."""
+
+    source: Literal["chatgpt", "openwebui", "jsonl"]
+    conversations: int  # imported now
+    messages: int
+    feedback: int  # rated and kept answers, recorded as ratings
+    already_imported: int  # conversations imported before: skipped
+
+
 # --- OpenAI's completion answers ----------------------------------------------------------
 
 

@@ -1,14 +1,15 @@
-"""Feedback on answers, the stored conversations (list, read, rename, forget) and the
-feedback trend."""
+"""Feedback on answers, the stored conversations (list, read, rename, forget, import) and
+the feedback trend."""
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query, Request
 
 from data.errors import InvalidInput
+from data.models import IMPORT_SOURCES
 from data.views import conversation_summary, feedback_view, message_view, search_hit_view
 from production.api.errors import ApiError, sends
 from production.api.protocol import (
@@ -19,6 +20,7 @@ from production.api.protocol import (
     Feedback,
     FeedbackRequest,
     Forgotten,
+    Imported,
     SearchResults,
     Trend,
 )
@@ -102,3 +104,44 @@ async def patch_conversation(
 async def forget(conversation_id: str, service: ServiceDep) -> Forgotten:
     await asyncio.to_thread(service.store.forget_conversation, conversation_id)
     return Forgotten(id=conversation_id, forgotten=True)
+
+
+# The body is the export file itself, as `whetstone import FILE` reads it.
+_EXPORT_FILE = {
+    "requestBody": {
+        "required": True,
+        "description": "ChatGPT's conversations.json (or the export's zip), Open WebUI's chat "
+        "export, or OpenAI-format JSONL (one conversation a line)",
+        "content": {
+            "application/json": {"schema": {}},
+            "application/x-ndjson": {"schema": {"type": "string"}},
+            "application/zip": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+
+
+@router.post(
+    "/v1/import", responses=sends(400, 503), openapi_extra=_EXPORT_FILE, response_model=Imported
+)
+async def import_history(
+    request: Request,
+    service: ServiceDep,
+    source: Annotated[str | None, Query(alias="format")] = None,
+) -> Imported:
+    """`whetstone import`: the body is the file; `format` (chatgpt, openwebui, jsonl) is
+    recognised from it when not given. Nothing is stored from a file that is refused (400
+    naming the entry); importing a file again adds nothing. A file larger than
+    server.max_request_bytes: `whetstone import FILE` reads any size."""
+    from data.imports import ImportRefused, import_conversations, parse
+
+    if source is not None and source not in IMPORT_SOURCES:
+        choices = ", ".join(IMPORT_SOURCES)
+        raise ApiError(400, f"format must be one of {choices}; got {source!r}", param="format")
+    data = await request.body()
+    try:
+        conversations = await asyncio.to_thread(parse, data, source)
+    except ImportRefused as exc:
+        raise ApiError(400, f"{exc}; nothing was imported", param="body") from None
+    result = await asyncio.to_thread(import_conversations, service.store, conversations)
+    return Imported(**result.as_dict())

@@ -62,7 +62,24 @@ def test_the_generating_routes_document_their_answers_and_streams(schema) -> Non
     for path, answer in (
         ("/v1/chat/completions", "ChatCompletion"),
         ("/v1/completions", "TextCompletion"),
+        ("/v1/responses", "ResponseObject"),
     ):
         content = schema["paths"][path]["post"]["responses"]["200"]["content"]
         assert content["application/json"]["schema"] == {"$ref": f"#/components/schemas/{answer}"}
         assert "text/event-stream" in content
+
+
+def test_a_stored_response_and_the_import_document_what_they_answer(schema) -> None:
+    stored = schema["paths"]["/v1/responses/{response_id}"]["get"]["responses"]
+    assert stored["200"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/ResponseObject"
+    }
+    imported = schema["paths"]["/v1/import"]["post"]
+    assert set(imported["requestBody"]["content"]) == {
+        "application/json",
+        "application/x-ndjson",
+        "application/zip",
+    }
+    assert imported["responses"]["200"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/Imported"
+    }

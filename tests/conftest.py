@@ -80,13 +80,19 @@ def home(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.fixture
-def home_with_model(home: Path, prepared_model_dir: Path) -> Path:
-    """A home whose models/ already holds the prepared embedded model (linked, not copied)."""
+def link_model(home: Path, prepared_model_dir: Path) -> Path:
+    """`home` (made if missing) with the prepared embedded model in its models/, linked, not
+    copied."""
     models = home / "models"
-    models.mkdir()
+    models.mkdir(parents=True)
     (models / prepared_model_dir.name).symlink_to(prepared_model_dir, target_is_directory=True)
     return home
+
+
+@pytest.fixture
+def home_with_model(home: Path, prepared_model_dir: Path) -> Path:
+    """A home whose models/ already holds the prepared embedded model."""
+    return link_model(home, prepared_model_dir)
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300):

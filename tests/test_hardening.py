@@ -13,7 +13,7 @@ import pytest
 
 from candidates import Registry
 from data.store import Store
-from tests.conftest import ServerProcess
+from tests.conftest import ServerProcess, link_model
 from tests.test_server import make_lora
 
 pytestmark = pytest.mark.slow
@@ -23,9 +23,7 @@ HI = [{"role": "user", "content": "Hi"}]
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory, prepared_model_dir: Path):
-    home = tmp_path_factory.mktemp("hardening") / "home"
-    (home / "models").mkdir(parents=True)
-    (home / "models" / prepared_model_dir.name).symlink_to(prepared_model_dir)
+    home = link_model(tmp_path_factory.mktemp("hardening") / "home", prepared_model_dir)
     server = ServerProcess(home).wait_ready()
     yield server, home, prepared_model_dir
     server.stop()

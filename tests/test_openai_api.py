@@ -16,7 +16,7 @@ import openai
 import pytest
 
 from data.store import Store
-from tests.conftest import ServerProcess
+from tests.conftest import ServerProcess, link_model
 from tests.tiny_models import model_home, tiny_gpt_oss
 
 pytestmark = pytest.mark.slow
@@ -58,9 +58,7 @@ TIME_TOOL = {
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory, prepared_model_dir: Path):
-    home = tmp_path_factory.mktemp("openai") / "home"
-    (home / "models").mkdir(parents=True)
-    (home / "models" / prepared_model_dir.name).symlink_to(prepared_model_dir)
+    home = link_model(tmp_path_factory.mktemp("openai") / "home", prepared_model_dir)
     proc = ServerProcess(home).wait_ready()
     yield proc
     proc.stop()

@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from production.decode import json_schema
+from tests.conftest import link_model
 from tests.tiny_models import model_home, tiny_gpt_oss, tiny_llama, tiny_tokenizer
 
 # ------------------------------------------------------------------------------ schemas
@@ -517,9 +518,7 @@ def test_the_embedded_model_keeps_json_with_control_tokens_pushed_up(
     from production.decode.steering import Grammar, SteeringSpec
     from production.engine import Engine, Sampling
 
-    home = tmp_path / "home"
-    (home / "models").mkdir(parents=True)
-    (home / "models" / prepared_model_dir.name).symlink_to(prepared_model_dir)
+    home = link_model(tmp_path / "home", prepared_model_dir)
     engine = Engine(load_settings(home), "cpu")
     tokenizer = engine.tokenizer
     pushed = set(engine.grammars.control_token_ids().values())

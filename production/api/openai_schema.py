@@ -36,6 +36,13 @@ def refuse(name: str, why: str) -> None:
     raise ValueError(f"{name} is not supported: {why}")
 
 
+def refuse_present(request: BaseModel, refused: dict[str, str]) -> None:
+    """Refuse the first of `refused` (parameter: why) that `request` was sent with."""
+    for name, why in refused.items():
+        if getattr(request, name) is not None:
+            refuse(name, why)
+
+
 class ContentPart(BaseModel):
     model_config = ConfigDict(extra="forbid")
     type: Literal["text"]
@@ -282,9 +289,7 @@ class ChatRequest(_Sampling):
             "prompt_cache_key": "there is no prompt cache to route",
             "prompt_cache_retention": "there is no prompt cache to keep",
         }
-        for name, why in refused.items():
-            if getattr(self, name) is not None:
-                refuse(name, why)
+        refuse_present(self, refused)
         if self.store is False:
             refuse(
                 "store",

@@ -22,7 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-from production.api.openai_schema import refuse
+from production.api.openai_schema import refuse, refuse_present
 
 # OpenAI's bounds on metadata: 16 pairs, keys of 64 characters, values of 512.
 METADATA_PAIRS, METADATA_KEY_CHARS, METADATA_VALUE_CHARS = 16, 64, 512
@@ -180,9 +180,7 @@ class ResponsesRequest(BaseModel):
             "access_programs": "there are no access programs",
             "background_options": "responses are not run in the background",
         }
-        for name, why in refused.items():
-            if getattr(self, name) is not None:
-                refuse(name, why)
+        refuse_present(self, refused)
         if self.background:
             refuse("background", "a response is generated while the request waits (or streams)")
         if self.truncation not in (None, "disabled"):

@@ -288,7 +288,7 @@ def export(
     finally:
         store.close()
     for kind, n in counts.items():
-        console.print(f"{kind}: {n} rows -> {target / f'{kind}.jsonl'}")
+        print_path(f"{kind}: {n} rows ->", target / f"{kind}.jsonl")
 
 
 @app.command("import", cls=_Command)
@@ -371,7 +371,7 @@ def backup(
     manifest = result.manifest
     listed = {entry["path"] for entry in manifest["files"]}
     also = [name for name in ("config.toml", "recipe.json", "experiments.db") if name in listed]
-    console.print(f"backup written to {result.path}", highlight=False, soft_wrap=True)
+    print_path("backup written to", result.path)
     console.print(
         f"  database: {manifest['conversations']} conversation(s), schema "
         f"{manifest['schema_revision']}, integrity ok\n"
@@ -523,7 +523,7 @@ def install_service(
 
     settings = settings_for(home, set_)
     target = cli_service.install_unit(settings, unit_dir)
-    console.print(f"wrote {target}", highlight=False)
+    print_path("wrote", target)
     console.print(cli_service.enable_help(), highlight=False)
 
 
@@ -638,7 +638,7 @@ def train(
         console.print(f"queued {run_id} ({name}) with the daemon (pid {owner})")
     if not wait:
         if owner is None:
-            console.print(f"started {run_id} ({name}); log: {logfile}")
+            print_path(f"started {run_id} ({name}); log:", logfile)
         console.print("`whetstone status` shows its progress")
         return
     following: str | None = run_id

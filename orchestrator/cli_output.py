@@ -17,8 +17,8 @@ def fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
-def print_path(label: str | None, path: object) -> None:
+def print_path(label: str | None, path: object, *, out: Console = console) -> None:
     """A file's path on one line, never wrapped at the width (piped output is 80 columns):
     the person copies it, or a script opens it."""
     text = str(path) if label is None else f"{label} {path}"
-    console.print(text, markup=False, highlight=False, soft_wrap=True)
+    out.print(text, markup=False, highlight=False, soft_wrap=True)

@@ -107,7 +107,7 @@ def print_outcome(
         return None
     if run.status != "succeeded":
         err_console.print(f"{run_id} {run.status}: {run.error or f'exit code {code}'}")
-        err_console.print(f"log: {logfile}")
+        print_path("log:", logfile, out=err_console)
         raise typer.Exit(1)
     console.print(f"{run_id} trained candidate {run.candidate_id}")
     if evaluation is not None:

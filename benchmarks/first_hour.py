@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import platform
 import random
 import subprocess
@@ -182,35 +181,27 @@ def teach(daemon: Daemon, fact: Fact, rng: random.Random) -> dict[str, Any]:
     return {"fact": fact.keyword, "answer": text, "corrected": correction}
 
 
-def train_wait(home: Path) -> tuple[float, str]:
-    """`whetstone train --wait` with no profile, as the README says; (wall s, its output)."""
-    started = time.monotonic()
-    done = subprocess.run(
-        [sys.executable, "-m", "orchestrator.cli", "train", "--wait", "--home", str(home)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=3600,
-    )
-    wall = round(time.monotonic() - started, 1)
-    output = (done.stdout + done.stderr)[-4000:]
-    if done.returncode != 0:
-        log.warning("whetstone train exited %d:\n%s", done.returncode, output)
-    return wall, output
-
-
-def whetstone(home: Path, *args: str) -> tuple[int, str, float]:
-    """One `whetstone` command as the person types it: (exit code, output, wall s)."""
+def whetstone(home: Path, *args: str, timeout: float = 600) -> tuple[int, str, float]:
+    """One `whetstone` command as the person types it, its output piped (80 columns, as
+    `| tee log`): (exit code, output, wall s)."""
     started = time.monotonic()
     done = subprocess.run(
         [sys.executable, "-m", "orchestrator.cli", *args, "--home", str(home)],
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=600,
-        env={**os.environ, "COLUMNS": "200"},
+        timeout=timeout,
     )
     return done.returncode, done.stdout + done.stderr, round(time.monotonic() - started, 1)
+
+
+def train_wait(home: Path) -> tuple[float, str]:
+    """`whetstone train --wait` with no profile, as the README says; (wall s, its output)."""
+    code, output, wall = whetstone(home, "train", "--wait", timeout=3600)
+    output = output[-4000:]
+    if code != 0:
+        log.warning("whetstone train exited %d:\n%s", code, output)
+    return wall, output
 
 
 def review(daemon: Daemon, home: Path, adapter: str | None) -> dict[str, Any]:

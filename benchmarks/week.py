@@ -415,12 +415,15 @@ def prepare_home(
     config = tomllib.loads(base_config)
     for item in sets:
         key, _, value = item.partition("=")
-        section, _, name = key.rpartition(".")
+        *sections, name = key.split(".")
         try:
             parsed = tomllib.loads(f"v = {value}")["v"]
         except tomllib.TOMLDecodeError:
             parsed = value  # a bare word is a string, as `whetstone --set` takes it
-        config.setdefault(section, {})[name] = parsed
+        table = config
+        for section in sections:  # training.profiles.quick_test.max_steps: nested tables
+            table = table.setdefault(section, {})
+        table[name] = parsed
     (home / "config.toml").write_text(tomli_w.dumps(config))
     if not fresh:
         from production.model.base_model import EMBEDDED_DIRNAME

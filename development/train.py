@@ -737,11 +737,15 @@ def _paraphrase_corrections(
     from development import modeling, training_data, variants
 
     settings = ctx.settings
+    questions = training_data.corrected_questions(items, settings, start.snapshot)
+    cache = variants.cache_file(settings.paths.models_dir, settings.model.base_model)
+    if not settings.model.writes_paraphrases:
+        return variants.paraphrases(questions, cache, None)  # what was written before, if any
     ctx.report({"stage": "paraphrasing", "step": 0, "max_steps": 0})
     harmony = settings.model.chat_format == "harmony"
     return variants.paraphrases(
-        training_data.corrected_questions(items, settings, start.snapshot),
-        variants.cache_file(settings.paths.models_dir, settings.model.base_model),
+        questions,
+        cache,
         lambda prompts: [
             g.text
             for g in modeling.generate(

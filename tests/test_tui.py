@@ -531,7 +531,7 @@ def test_a_rating_that_fails_to_store_is_shown_and_sent_when_the_daemon_is_back(
 
 @pytest.mark.slow
 def test_status_screen_trains_now_and_shows_the_job_progress(home_for_training: Path) -> None:
-    # No epoch cap, so the bar's total is quick_test's own 40 steps (24 items would cap it);
+    # No epoch cap, so the bar's total is quick_test's own steps (24 items would cap it);
     # no paraphrases of the corrected questions (the model writing them is a wait before the
     # first step, not the progress this shows).
     (home_for_training / "config.toml").write_text(
@@ -585,9 +585,10 @@ def test_status_screen_trains_now_and_shows_the_job_progress(home_for_training: 
                 pilot, lambda: (bar.progress or 0) >= 2, 240, "training steps on the status screen"
             )
             text = str(line.render())
-            assert "quick_test" in text and "step " in text and "/40" in text
+            steps = load_settings(home_for_training).profile("quick_test").max_steps
+            assert "quick_test" in text and "step " in text and f"/{steps}" in text
             assert "loss " in text and "ETA " in text
-            assert bar.total == 40
+            assert bar.total == steps
 
     try:
         run(scenario)

@@ -9,6 +9,8 @@ import pytest
 
 from common.config import load_settings
 from development import variants
+from tests.conftest import run_cli
+from tests.tiny_models import model_home, teach, tiny_llama
 
 
 @pytest.mark.parametrize(
@@ -66,6 +68,28 @@ def test_paraphrases_are_asked_once_and_kept(tmp_path: Path) -> None:
     assert len(asked) == 1  # cached: not asked again
     path.write_text("{not json")
     assert variants.paraphrases(["Where do I live?"], path, None) == {"Where do I live?": []}
+
+
+def test_a_model_that_cannot_write_paraphrases_is_not_asked(tmp_path: Path) -> None:
+    # The embedded model wrote none worth keeping (0 of 424 in this suite): its preset turns
+    # the asking off, and a run trains on the templated wordings without it. (A custom
+    # model is asked: test_paraphrases_are_asked_once_and_kept has what that keeps.)
+    assert load_settings(tmp_path / "embedded").model.writes_paraphrases is False
+    home = model_home(
+        tmp_path / "home",
+        tiny_llama(tmp_path / "tiny"),
+        more="[training.profiles.quick_test]\nmax_steps = 2\neval_every = 2\n"
+        "[training]\nwrite_worse_candidates = true\n",
+    )
+    assert load_settings(home).model.writes_paraphrases is True
+    teach(home, repeats=1)
+    done = run_cli(
+        "train", "--home", str(home), "--wait", "--force", "--no-promote",
+        "--profile", "quick_test", "--set", "model.writes_paraphrases=false",
+    )  # fmt: skip
+    assert "trained candidate" in done.stdout, done.stdout + done.stderr
+    assert "paraphrasing" not in done.stdout  # the stage a run that asks shows
+    assert not (home / "models" / "variants").exists()
 
 
 def test_the_auto_profile_is_quick_test_on_the_cpu_and_standard_on_a_gpu(home: Path) -> None:

@@ -52,10 +52,10 @@ NEXT_STEPS = {
     "right_answers": "its answers went to the wrong questions: correct a few more answers, then "
     "`whetstone train`; `whetstone report {id}` shows the examples",
     "general_regression": "it lost general knowledge: train again with more replay "
-    "(`whetstone train --set training.replay_fraction=0.65`) or a gentler profile "
+    "(`whetstone train --set training.replay_fraction=0.5`) or a gentler profile "
     "(`--profile full`); `whetstone report {id}` shows what changed",
     "general_facts": "it forgot general facts: train again with more replay "
-    "(`whetstone train --set training.replay_fraction=0.65`); `whetstone report {id}` lists them",
+    "(`whetstone train --set training.replay_fraction=0.5`); `whetstone report {id}` lists them",
     "sanity": "its answers broke (`whetstone report {id}` shows them): train again with a lower "
     "learning rate or more replay",
 }

@@ -743,7 +743,7 @@ def test_a_run_passes_over_few_rows_a_bounded_number_of_times_and_continues_at_i
     data = SimpleNamespace(
         sft=rows, dpo=[], kto=[], counts={"sft_rows": 5, "replay_rows": 5, "kto_desirable": 0}
     )
-    profile = settings.profile("quick_test")  # 52 steps of 4 rows at 1e-3
+    profile = settings.profile("quick_test")  # 40 steps of 4 rows at 1e-3
     fresh = plan_stages(data, settings, "quick_test")
     assert fresh[0].max_steps == 13  # 5 passes over 10 rows, 4 a step
     assert fresh[0].learning_rate == profile.learning_rate
@@ -755,8 +755,8 @@ def test_a_run_passes_over_few_rows_a_bounded_number_of_times_and_continues_at_i
     assert "learning rate x0.5 when continuing" in continued[0].why
     # Enough rows: the profile's own budget is the bound.
     data.sft = rows * 10
-    assert plan_stages(data, settings, "quick_test")[0].max_steps == profile.max_steps == 52
-    assert plan_stages(data, settings, "quick_test", continuing=True)[0].max_steps == 52
+    assert plan_stages(data, settings, "quick_test")[0].max_steps == profile.max_steps == 40
+    assert plan_stages(data, settings, "quick_test", continuing=True)[0].max_steps == 40
 
 
 # --- placement in any feedback order, and the rolling holdout ------------------------------

@@ -587,7 +587,11 @@ def test_prompt_cache_key_is_kept_and_shown(client: openai.OpenAI, served: Serve
 @pytest.fixture(scope="module")
 def harmony(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("harmony-responses")
-    home = model_home(root / "home", tiny_gpt_oss(root / "model"), chat_format="harmony")
+    # A window of 2048: Codex's loop resends the whole conversation (tools, every call,
+    # output and analysis) each round; the tiny tokenizer spends about a token per byte.
+    home = model_home(
+        root / "home", tiny_gpt_oss(root / "model"), chat_format="harmony", max_seq_length=2048
+    )
     proc = ServerProcess(home).wait_ready()
     yield proc
     proc.stop()

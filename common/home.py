@@ -48,6 +48,12 @@ class Home:
         return self.root / "token"
 
     @property
+    def reasoning_key_file(self) -> Path:
+        """The key that signs the reasoning the Responses API hands out as encrypted_content
+        (production.api.reasoning_token), so a later request can prove it came from here."""
+        return self.root / "reasoning.key"
+
+    @property
     def candidates_dir(self) -> Path:
         return self.root / "candidates"
 
@@ -103,6 +109,26 @@ class Home:
                 f"{self.token_file}"
             )
         return self.token_file.read_text().strip() or None
+
+    def ensure_reasoning_key(self) -> bytes:
+        """Return the home's reasoning-signing key, creating a random one (mode 0600) if
+        absent. Kept across restarts: a token handed out yesterday still verifies today."""
+        path = self.reasoning_key_file
+        if path.exists():
+            mode = path.stat().st_mode & 0o777
+            if mode & 0o077:
+                raise PermissionError(
+                    f"{path} is readable by others (mode {mode:o}); run: chmod 600 {path}"
+                )
+            key = bytes.fromhex(path.read_text().strip())
+            if len(key) >= 32:
+                return key
+            raise ValueError(f"{path} holds no key of 32 bytes (hex); delete it to make a new one")
+        self.root.mkdir(parents=True, exist_ok=True)
+        key = secrets.token_bytes(32)
+        # Temp then rename (atomic_write_text): a reader never sees half a key.
+        atomic_write_text(path, key.hex() + "\n", mode=0o600)
+        return key
 
     def ensure_token(self) -> str:
         """Return the home's bearer token, creating a random one (mode 0600) if absent."""

@@ -69,7 +69,17 @@ TOP_FILES = frozenset({DB, EXPERIMENTS_DB, CONFIG, RECIPE})
 SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal")
 # A home's own machine-local things, not in a backup: a restore over an existing home
 # keeps them (the prepared base model took minutes to make).
-CARRIED = ("models", "logs", "token", "exports", "reports", "backups")
+# The reasoning key is a secret as the token is (it signs the Responses API's
+# encrypted_content): kept with the home, never copied.
+CARRIED = (
+    "models",
+    "logs",
+    "token",
+    _NAMES.reasoning_key_file.name,
+    "exports",
+    "reports",
+    "backups",
+)
 # What a fresh home holds before it has data (`whetstone doctor` makes these).
 FRESH = frozenset(
     {

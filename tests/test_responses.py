@@ -368,80 +368,131 @@ def test_text_format_json_schema_answers_valid_json(client: openai.OpenAI) -> No
     assert "`uniqueItems` at /" in unenforced.value.body["message"]
 
 
-def test_a_codex_style_loop_streams_through_the_sdk_helper(
-    client: openai.OpenAI, served: ServerProcess
-) -> None:
-    """Instructions, function tools and several call / output round trips, streamed, the
-    whole input sent each time (as Codex does): every stream parses with the SDK's helper,
-    and the rounds are one stored conversation."""
-    tools = [
+def codex_tools() -> list[dict]:
+    """Function tools as Codex declares them (strict false; an enum: a random model writes
+    a free string until max_output_tokens)."""
+    return [
         {
             "type": "function",
             "name": name,
             "description": description,
+            "strict": False,
             "parameters": {
                 "type": "object",
-                "properties": {"path": {"type": "string"}},
+                "properties": {"path": {"type": "string", "enum": ["README.md", "src"]}},
                 "required": ["path"],
                 "additionalProperties": False,
             },
-            "strict": True,
         }
-        for name, description in (
-            ("list_files", "List the files in a folder"),
-            ("read_file", "Read a file"),
-        )
+        for name, description in (("list_dir", "List a folder"), ("read_file", "Read a file"))
     ]
-    instructions = "You are a coding agent. Use the tools to look at the project."
-    items: list = [{"role": "user", "content": "What does the README of this project say?"}]
+
+
+def codex_request(items: list, tool_choice: str = "auto") -> dict:
+    """The body Codex CLI sends (codex-rs ResponsesApiRequest) for a model configured with
+    model_supports_reasoning_summaries = true: instructions, the whole input, function
+    tools, tool_choice auto, parallel_tool_calls false (gpt-oss), reasoning with effort and
+    summary auto, store false, stream, include reasoning.encrypted_content, prompt_cache_key
+    (its thread id), client_metadata. Added for the test only: max_output_tokens and
+    temperature (a tiny random model would run on), and tool_choice required where the
+    round must call (a random model does not choose a tool)."""
+    return dict(
+        model="whetstone",
+        instructions="You are Codex, a coding agent. Use the tools to look at the project.",
+        input=items,
+        tools=codex_tools(),
+        tool_choice=tool_choice,
+        parallel_tool_calls=False,
+        reasoning={"effort": "low", "summary": "auto"},
+        store=False,
+        include=["reasoning.encrypted_content"],
+        prompt_cache_key="019a5c7e-codex-thread",
+        extra_body={"client_metadata": {"x-codex-installation-id": "install-1"}},
+        max_output_tokens=160,
+        temperature=0,
+    )
+
+
+def as_codex_sends(item) -> dict:
+    """An output item as Codex serialises it back into the next input (codex-rs
+    protocol ResponseItem): no ids or status; a reasoning item's summary and
+    encrypted_content, its reasoning_text content left out."""
+    if item.type == "reasoning":
+        return {
+            "type": "reasoning",
+            "summary": [s.model_dump() for s in item.summary],
+            "encrypted_content": item.encrypted_content,
+        }
+    if item.type == "function_call":
+        return {k: getattr(item, k) for k in ("type", "name", "arguments", "call_id")}
+    return {
+        "type": "message",
+        "role": "assistant",
+        "content": [{"type": "output_text", "text": part.text} for part in item.content],
+    }
+
+
+def test_a_codex_style_loop_streams_through_the_sdk_helper(harmony: ServerProcess) -> None:
+    """Codex's requests on GPT-OSS (harmony): a developer and an environment message, then
+    several call / output round trips, streamed, store false, the whole input sent each
+    time with the reasoning items fed back by their encrypted_content: every stream parses
+    with the SDK's helper, each reasoning item comes summarised and signed, and the rounds
+    are one stored conversation."""
+    client = openai.OpenAI(base_url=f"{harmony.url}/v1", api_key="unused", max_retries=0)
+
+    def text(role: str, said: str) -> dict:
+        return {"type": "message", "role": role, "content": [{"type": "input_text", "text": said}]}
+
+    items: list = [
+        text(
+            "developer", "<permissions instructions>Sandbox: read-only.</permissions instructions>"
+        ),
+        text("user", "<environment_context><cwd>/work/demo</cwd></environment_context>"),
+        text("user", "What does the README of this project say?"),
+    ]
     finals = []
-    for round_, choice in enumerate(["required", "required", "required", "none"]):
-        with client.responses.stream(
-            model="whetstone",
-            instructions=instructions,
-            input=items,
-            tools=tools,
-            tool_choice=choice,
-            parallel_tool_calls=False,
-            max_output_tokens=40,
-            temperature=0,
-        ) as stream:
-            for event in stream:
-                assert event.type != "error", event
-            final = stream.get_final_response()
+    thoughts = 0
+    for round_, choice in enumerate(["required", "required", "required", "auto"]):
+        with client.responses.stream(**codex_request(items, choice)) as stream:
+            events = list(stream)
+        assert not [e for e in events if e.type in ("error", "response.failed")], events[-1]
+        final = events[-1].response
+        assert events[-1].type in ("response.completed", "response.incomplete"), round_
         finals.append(final)
+        assert final.store is False and final.prompt_cache_key == "019a5c7e-codex-thread"
         calls = [item for item in final.output if item.type == "function_call"]
-        assert len(calls) == (1 if choice == "required" else 0), (round_, final.output)
-        # As Codex does: the output goes back as input, with each call's output.
-        items += [item.model_dump(exclude_none=True) for item in final.output]
+        if choice == "required":
+            assert len(calls) == 1, (round_, final.output)
+        for item in final.output:
+            if item.type == "reasoning":
+                thoughts += 1
+                said = item.content[0].text
+                assert [s.text for s in item.summary] == [said]
+                assert item.encrypted_content
+        items += [as_codex_sends(item) for item in final.output]
         items += [
             {"type": "function_call_output", "call_id": c.call_id, "output": f"README.md\n{i}"}
             for i, c in enumerate(calls)
         ]
-    assert finals[-1].output_text
+    assert thoughts, "the model thought before some call: its reasoning went back signed"
     conversations = {f.model_extra["conversation_id"] for f in finals}
     assert len(conversations) == 1
-    _, conversation = stored(served.home, finals[-1].id)
-    assert conversation.system_prompt == instructions
-    assert [m.role for m in conversation.messages] == [
-        "user",
-        *["assistant", "tool"] * 3,
-        "assistant",
-    ]
+    _, conversation = stored(harmony.home, finals[-1].id)
+    assert [m.role for m in conversation.messages][-7:] == ["assistant", "tool"] * 3 + ["assistant"]
     assert len({f.id for f in finals}) == 4
 
 
 def test_unsupported_and_unknown_parameters_are_refused_by_name(served: ServerProcess) -> None:
     refused = {
         "bogus": {"bogus": 1},
-        "include": {"include": ["reasoning.encrypted_content"]},
-        "prompt_cache_key": {"prompt_cache_key": "abc"},
+        "include": {"include": ["file_search_call.results"]},
+        "prompt_cache_retention": {"prompt_cache_retention": "24h"},
         "background": {"background": True},
         "truncation": {"truncation": "auto"},
         "conversation": {"conversation": "conv_1"},
         "top_logprobs": {"top_logprobs": 2},
         "reasoning.effort": {"reasoning": {"effort": "minimal"}},
-        "reasoning.summary": {"reasoning": {"summary": "auto"}},
+        "reasoning.summary": {"reasoning": {"summary": "concise"}},
         "text.verbosity": {"text": {"verbosity": "low"}},
         "tools": {"tools": [{"type": "web_search"}]},
         "tool_choice": {"tool_choice": "required"},
@@ -502,13 +553,45 @@ def test_import_over_http(served: ServerProcess) -> None:
     assert conversation_count(served.url) == before + 5
 
 
+def test_prompt_cache_key_is_kept_and_shown(client: openai.OpenAI, served: ServerProcess) -> None:
+    """What Codex sends with every request: prompt_cache_key (its thread id, a routing hint
+    that changes no answer: shown on the response and kept for GET), client_metadata (kept
+    with the answer's record), and, configured for reasoning, reasoning.summary and include
+    reasoning.encrypted_content: the embedded model writes no reasoning, so there is no
+    reasoning item to summarise or sign, and the answer is the same as without them."""
+    asked = dict(model="whetstone", input=PARIS, max_output_tokens=8, temperature=0)
+    plain = client.responses.create(**asked)
+    codex = client.responses.create(
+        **asked,
+        prompt_cache_key="019a-thread",
+        reasoning={"summary": "auto"},
+        include=["reasoning.encrypted_content"],
+        extra_body={"client_metadata": {"x-codex-installation-id": "install-1"}},
+    )
+    assert codex.prompt_cache_key == "019a-thread"
+    assert codex.output_text == plain.output_text
+    assert [item.type for item in codex.output] == ["message"]
+    assert codex.reasoning.summary == "auto"
+    kept = client.responses.retrieve(codex.id)
+    assert kept.prompt_cache_key == "019a-thread" and kept.reasoning.summary == "auto"
+    assert plain.prompt_cache_key is None
+    message, _ = stored(served.home, codex.id)
+    assert message.generation["response"]["client_metadata"] == {
+        "x-codex-installation-id": "install-1"
+    }
+
+
 # ------------------------------------------------------------------- harmony (GPT-OSS)
 
 
 @pytest.fixture(scope="module")
 def harmony(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("harmony-responses")
-    home = model_home(root / "home", tiny_gpt_oss(root / "model"), chat_format="harmony")
+    # A window of 2048: Codex's loop resends the whole conversation (tools, every call,
+    # output and analysis) each round; the tiny tokenizer spends about a token per byte.
+    home = model_home(
+        root / "home", tiny_gpt_oss(root / "model"), chat_format="harmony", max_seq_length=2048
+    )
     proc = ServerProcess(home).wait_ready()
     yield proc
     proc.stop()
@@ -621,3 +704,110 @@ def test_harmony_function_calls_on_the_commentary_channel(harmony: ServerProcess
         max_output_tokens=8,
     )
     assert answered.output
+
+
+JSON_THOUGHT = dict(
+    model="whetstone",
+    input=[{"role": "user", "content": "Tell me a story."}],
+    # A JSON answer: its grammar lets a harmony model think first, and this random one does.
+    text={"format": {"type": "json_object"}},
+    temperature=0,
+    max_output_tokens=64,
+)
+
+
+def test_reasoning_summary_is_the_reasoning_itself(harmony: ServerProcess) -> None:
+    """reasoning.summary auto or detailed: there is no summariser, so the reasoning item's
+    one summary part is its reasoning text, whole and streamed as the summary events the
+    SDK parses (part added, text deltas, text done, part done); the answer is the same."""
+    client = openai.OpenAI(base_url=f"{harmony.url}/v1", api_key="unused", max_retries=0)
+    plain = client.responses.create(**JSON_THOUGHT, reasoning={"effort": "high"})
+    (thought,) = [item for item in plain.output if item.type == "reasoning"]
+    said = thought.content[0].text
+    assert said and thought.summary == []
+    for kind in ("auto", "detailed"):
+        summed = client.responses.create(
+            **JSON_THOUGHT, reasoning={"effort": "high", "summary": kind}
+        )
+        assert summed.reasoning.summary == kind
+        assert summed.output_text == plain.output_text
+        (item,) = [i for i in summed.output if i.type == "reasoning"]
+        assert [(s.type, s.text) for s in item.summary] == [("summary_text", said)]
+        assert client.responses.retrieve(summed.id).output[0].summary == item.summary
+
+    with client.responses.stream(
+        **JSON_THOUGHT, reasoning={"effort": "high", "summary": "auto"}
+    ) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    kinds = [e.type for e in events]
+    summary_events = [k for k in kinds if "reasoning_summary" in k]
+    assert summary_events[0] == "response.reasoning_summary_part.added"
+    assert summary_events[-2:] == [
+        "response.reasoning_summary_text.done",
+        "response.reasoning_summary_part.done",
+    ]
+    deltas = [e for e in events if e.type == "response.reasoning_summary_text.delta"]
+    assert "".join(e.delta for e in deltas) == said
+    assert {(e.summary_index, e.item_id) for e in deltas} == {(0, final.output[0].id)}
+    (done,) = [e for e in events if e.type == "response.reasoning_summary_text.done"]
+    assert done.text == said
+    assert final.output[0].summary[0].text == said
+
+
+def test_reasoning_goes_back_by_its_encrypted_content(harmony: ServerProcess) -> None:
+    """include reasoning.encrypted_content (store false, as Codex asks): the reasoning item
+    carries its text signed; sent back before the function call it led to, it is that
+    call's analysis in the next prompt (harmony keeps it: more input tokens than without
+    it); a changed token, or one another server made, is refused naming the item."""
+    client = openai.OpenAI(base_url=f"{harmony.url}/v1", api_key="unused", max_retries=0)
+    signed = client.responses.create(
+        **JSON_THOUGHT,
+        reasoning={"effort": "low"},
+        store=False,
+        include=["reasoning.encrypted_content"],
+    )
+    (thought,) = [item for item in signed.output if item.type == "reasoning"]
+    token = thought.encrypted_content
+    assert token and thought.content[0].text not in token
+    call = {
+        "type": "function_call",
+        "name": "get_weather",
+        "arguments": json.dumps({"city": "Paris"}),
+        "call_id": "call_1",
+    }
+    ask = {"type": "message", "role": "user", "content": "What's the weather in Paris?"}
+    output = {"type": "function_call_output", "call_id": "call_1", "output": "sunny"}
+    reasoning = {"type": "reasoning", "summary": [], "encrypted_content": token}
+
+    def input_tokens(items: list) -> int:
+        answered = client.responses.create(
+            model="whetstone",
+            input=items,
+            tools=[CITY],
+            store=False,
+            temperature=0,
+            max_output_tokens=1,
+        )
+        return answered.usage.input_tokens
+
+    without = input_tokens([ask, call, output])
+    with_thought = input_tokens([ask, reasoning, call, output])
+    analysis = len(thought.content[0].text.encode())  # byte-level BPE: a token per byte at most
+    assert with_thought > without, "the analysis before the call is in the prompt"
+    assert with_thought - without <= analysis + 16  # and the analysis message's frame
+
+    changed = token[:-3] + ("AAA" if not token.endswith("AAA") else "BBB")
+    for bad in (changed, "gAAAAABo-openai-encrypted-reasoning"):
+        response = httpx.post(
+            f"{harmony.url}/v1/responses",
+            json={
+                "model": "whetstone",
+                "input": [ask, reasoning | {"encrypted_content": bad}, call, output],
+                "max_output_tokens": 1,
+            },
+        )
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["param"] == "input"
+        assert error["message"].startswith("input[1].encrypted_content:"), error

@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from production.api import answers
 from production.api.errors import ApiError
 from production.api.model_ids import check_model, served_model
-from production.api.openai_schema import ChatRequest, CompletionRequest
+from production.api.openai_schema import ChatMessage, ChatRequest, CompletionRequest
 from production.api.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -141,6 +141,16 @@ async def chat(service: Service, req: ChatRequest, request: Request) -> Response
     )
 
 
+def _with_analysis(turn: dict[str, Any], message: ChatMessage) -> dict[str, Any]:
+    """The turn as the chat template takes it: an assistant's tool call keeps the analysis
+    that led to it (harmony's rule: GPT-OSS's template renders `thinking` before a call, and
+    refuses it beside content, which it renders as that analysis instead). Only the
+    template sees it: the stored turn is the same either way."""
+    if turn.get("tool_calls") and not turn["content"] and message.reasoning_content:
+        return turn | {"thinking": message.reasoning_content}
+    return turn
+
+
 async def prepare_chat(
     service: Service, req: ChatRequest, recorded: dict[str, Any] | None = None
 ) -> Prepared:
@@ -153,7 +163,10 @@ async def prepare_chat(
     engine = service.engine
     check_model(service, req.model)
     system, turns = turns_of(req.messages)
-    prompt_messages = ([{"role": "system", "content": system}] if system else []) + turns
+    body = req.messages[1:] if system is not None else req.messages
+    prompt_messages = ([{"role": "system", "content": system}] if system else []) + [
+        _with_analysis(turn, message) for turn, message in zip(turns, body, strict=True)
+    ]
     window = engine.context_window
     chars = sum(len(m["content"]) for m in prompt_messages)
     most = window * await asyncio.to_thread(engine.longest_token_chars)

@@ -80,6 +80,10 @@ class ChatMessage(BaseModel):
     name: str | None = None
     tool_calls: list[ToolCallIn] | None = None
     tool_call_id: str | None = None
+    # An assistant turn's reasoning, as answers send it (include_reasoning): a harmony prompt
+    # keeps the analysis that came before a tool call and drops the rest (as GPT-OSS's
+    # template does); other formats never show earlier reasoning to the model.
+    reasoning_content: str | None = None
     # What the SDK echoes back when a client appends a response's message: accepted empty.
     refusal: str | None = None
     annotations: list[Any] | None = None
@@ -100,6 +104,8 @@ class ChatMessage(BaseModel):
                 raise ValueError("an assistant message needs content or tool_calls")
         elif self.tool_calls:
             raise ValueError(f"tool_calls belong to assistant messages, not {self.role}")
+        elif self.reasoning_content is not None:
+            raise ValueError(f"reasoning_content belongs to assistant messages, not {self.role}")
         if self.role == "tool":
             if not self.tool_call_id:
                 raise ValueError("a tool message needs the tool_call_id it answers")

@@ -467,14 +467,23 @@ class ReasoningText(Answer):
     text: str
 
 
+class SummaryText(Answer):
+    type: Literal["summary_text"]
+    text: str  # the reasoning itself: there is no summariser model
+
+
 class ReasoningItem(Answer):
-    """A harmony model's analysis channel, as text (never encrypted, never summarised)."""
+    """A harmony model's analysis channel, as text; with reasoning.summary (auto or
+    detailed) the same text as its one summary part; with include
+    reasoning.encrypted_content the text signed (production.api.reasoning_token), which a
+    later request sends back in its place."""
 
     id: str
     type: Literal["reasoning"]
     status: Literal["in_progress", "completed", "incomplete"]
-    summary: list[JsonObject]  # always empty
+    summary: list[SummaryText]  # empty unless reasoning.summary was asked
     content: list[ReasoningText]
+    encrypted_content: str | MISSING = MISSING
 
 
 class FunctionCallItem(Answer):
@@ -514,7 +523,7 @@ class IncompleteDetails(Answer):
 
 class ResponseReasoning(Answer):
     effort: Literal["low", "medium", "high"] | None
-    summary: None
+    summary: Literal["auto", "detailed"] | None  # as asked
 
 
 class ResponseObject(Answer):
@@ -550,5 +559,6 @@ class ResponseObject(Answer):
     user: str | None
     safety_identifier: str | None
     metadata: dict[str, str]
+    prompt_cache_key: str | None  # as asked: kept and shown, it changes no answer
     adapter_id: str | None  # the adapter that answered (null: the base model)
     conversation_id: str  # the stored conversation it joined

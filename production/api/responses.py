@@ -40,6 +40,7 @@ from production.api.errors import ApiError
 from production.api.generation import Prepared, Started, prepare_chat, start
 from production.api.openai_schema import ChatRequest
 from production.api.protocol import ResponseObject
+from production.api.reasoning_token import BadToken, open_token, seal
 from production.api.responses_schema import ResponsesRequest
 from production.api.service import Service
 
@@ -131,20 +132,54 @@ def _string(item: dict[str, Any], key: str, where: str) -> str:
     return value
 
 
-def _input(items: str | list[dict[str, Any]], calls: set[str]) -> _Input:
+def _reasoning_text(item: dict[str, Any], where: str, service: Service) -> str:
+    """A reasoning input item's text: its encrypted_content (a token this home signed, as
+    Codex sends it back with store: false), else its reasoning_text content. Its summary is
+    not the reasoning (from another server it is a summary indeed): never read."""
+    token = item.get("encrypted_content")
+    if token is not None:
+        if not isinstance(token, str):
+            raise ApiError(400, f"{where}.encrypted_content: a string", param="input")
+        try:
+            return open_token(service.reasoning_key(), token)
+        except BadToken as exc:
+            raise ApiError(
+                400,
+                f"{where}.encrypted_content: {exc}; send the reasoning item this server "
+                "returned, or leave the item out",
+                param="input",
+            ) from None
+    content = item.get("content")
+    if content is None:
+        return ""
+    return _parts_text(content, where, ("reasoning_text",))
+
+
+def _input(items: str | list[dict[str, Any]], calls: set[str], service: Service) -> _Input:
     """The input items as chat messages. `calls`: the function calls the conversation made
-    so far (a previous response's); every function_call_output must answer one."""
+    so far (a previous response's); every function_call_output must answer one. A reasoning
+    item's text goes with the assistant turn it leads to (reasoning_content: the harmony
+    prompt keeps it before a tool call, as it keeps the model's own)."""
     read = _Input()
     if isinstance(items, str):
         read.turns.append({"role": "user", "content": items})
         return read
     assistant: dict[str, Any] | None = None  # the assistant turn being put together
+    thought: list[str] = []  # reasoning items read before that turn opened
 
     def close() -> None:
         nonlocal assistant
         if assistant is not None:
             read.turns.append(assistant)
             assistant = None
+        thought.clear()  # reasoning that led to no assistant turn leads nowhere
+
+    def open_turn(content: str | None) -> dict[str, Any]:
+        turn: dict[str, Any] = {"role": "assistant", "content": content}
+        if any(thought):
+            turn["reasoning_content"] = "".join(thought)
+        thought.clear()
+        return turn
 
     for index, item in enumerate(items):
         where = f"input[{index}]"
@@ -168,7 +203,7 @@ def _input(items: str | list[dict[str, Any]], calls: set[str]) -> _Input:
             elif role == "assistant":
                 text = _parts_text(item.get("content"), where, ("output_text", "input_text"))
                 if assistant is None:
-                    assistant = {"role": "assistant", "content": text}
+                    assistant = open_turn(text)
                 else:  # a second message item of the same turn
                     assistant["content"] = (assistant["content"] or "") + text
                 read.adds_assistant_turns = True
@@ -189,7 +224,7 @@ def _input(items: str | list[dict[str, Any]], calls: set[str]) -> _Input:
                     400, f"{where}.arguments: must be a JSON text", param="input"
                 ) from None
             if assistant is None:
-                assistant = {"role": "assistant", "content": None}
+                assistant = open_turn(None)
             call = {"name": _string(item, "name", where), "arguments": arguments}
             assistant.setdefault("tool_calls", []).append(
                 {"id": call_id, "type": "function", "function": call}
@@ -209,9 +244,12 @@ def _input(items: str | list[dict[str, Any]], calls: set[str]) -> _Input:
             output = _parts_text(item.get("output"), f"{where}.output", ("input_text",))
             read.turns.append({"role": "tool", "tool_call_id": call_id, "content": output})
         elif kind == "reasoning":
-            # Echoed back by clients; a harmony prompt holds no earlier analysis (as in
-            # chat completions), so it is not part of the prompt.
             _allowed(item, _REASONING_KEYS, where)
+            text = _reasoning_text(item, where, service)
+            if assistant is None:
+                thought.append(text)
+            elif text:  # more reasoning inside the turn (before its next call)
+                assistant["reasoning_content"] = assistant.get("reasoning_content", "") + text
         elif kind == "item_reference":
             raise ApiError(
                 400,
@@ -298,6 +336,8 @@ def _stored_turns(conversation: Conversation, answer: Message) -> list[dict[str,
             turn: dict[str, Any] = {"role": "assistant", "content": m.content}
             if m.tool_calls:
                 turn |= {"content": m.content or None, "tool_calls": m.tool_calls}
+                if m.reasoning:  # the analysis before the call, as the model wrote it
+                    turn["reasoning_content"] = m.reasoning
             return turn
         if m.role == "tool":
             return {"role": "tool", "tool_call_id": m.tool_call_id, "content": m.content}
@@ -383,7 +423,7 @@ async def translate(service: Service, req: ResponsesRequest) -> tuple[ChatReques
         previous = await asyncio.to_thread(_previous, service, req.previous_response_id)
         for turn in previous.turns:
             calls |= {c["id"] for c in turn.get("tool_calls") or []}
-    read = _input(req.input, calls)
+    read = _input(req.input, calls, service)
     if not read.turns or read.turns[-1]["role"] not in ("user", "tool"):
         raise ApiError(
             400,
@@ -434,6 +474,10 @@ async def translate(service: Service, req: ResponsesRequest) -> tuple[ChatReques
         "tools": list(req.tools or []),
         "user": req.user,
         "safety_identifier": req.safety_identifier,
+        "prompt_cache_key": req.prompt_cache_key,
+        "client_metadata": req.client_metadata,
+        "reasoning_summary": req.reasoning.summary_kind() if req.reasoning else None,
+        "encrypted_reasoning": req.wants_encrypted(),
     }
     return chat, echo
 
@@ -487,14 +531,35 @@ def _message_item(message_id: str, text: str, status: str) -> dict[str, Any]:
     }
 
 
-def _reasoning_item(message_id: str, text: str, status: str) -> dict[str, Any]:
-    return {
+@dataclass(frozen=True)
+class _Shown:
+    """What the request asked to see of the reasoning item (its record keeps it, so GET
+    shows the same): a summary (the reasoning itself), and the text signed as
+    encrypted_content (the key: the home's)."""
+
+    summary: bool = False
+    key: bytes | None = None
+
+    @classmethod
+    def of(cls, service: Service, generation: dict[str, Any]) -> _Shown:
+        asked = generation.get("response", {})
+        key = service.reasoning_key() if asked.get("encrypted_reasoning") else None
+        return cls(summary=bool(asked.get("reasoning_summary")), key=key)
+
+
+def _reasoning_item(
+    message_id: str, text: str, status: str, shown: _Shown = _Shown()
+) -> dict[str, Any]:
+    item = {
         "id": "rs_" + message_id.removeprefix("msg_"),
         "type": "reasoning",
         "status": status,
-        "summary": [],
+        "summary": [{"type": "summary_text", "text": text}] if shown.summary else [],
         "content": [{"type": "reasoning_text", "text": text}],
     }
+    if shown.key is not None:
+        item["encrypted_content"] = seal(shown.key, text)
+    return item
 
 
 def _call_item(call: dict[str, Any], status: str) -> dict[str, Any]:
@@ -508,11 +573,11 @@ def _call_item(call: dict[str, Any], status: str) -> dict[str, Any]:
     }
 
 
-def _output(answer: _Answer) -> list[dict[str, Any]]:
+def _output(answer: _Answer, shown: _Shown) -> list[dict[str, Any]]:
     status = _item_status(answer.finish_reason)
     items = []
     if answer.reasoning:
-        items.append(_reasoning_item(answer.message_id, answer.reasoning, status))
+        items.append(_reasoning_item(answer.message_id, answer.reasoning, status, shown))
     if answer.text or not answer.tool_calls:
         items.append(_message_item(answer.message_id, answer.text, status))
     items += [_call_item(call, "completed") for call in answer.tool_calls]
@@ -556,10 +621,14 @@ def _body(
         "max_output_tokens": asked.get("max_output_tokens"),
         "max_tool_calls": None,
         "model": answer.model,
-        "output": _output(answer) if output is None else output,
+        "output": _output(answer, _Shown.of(service, generation)) if output is None else output,
         "parallel_tool_calls": asked.get("parallel_tool_calls", True),
         "previous_response_id": asked.get("previous_response_id"),
-        "reasoning": {"effort": generation.get("reasoning_effort"), "summary": None},
+        "reasoning": {
+            "effort": generation.get("reasoning_effort"),
+            "summary": asked.get("reasoning_summary"),
+        },
+        "prompt_cache_key": asked.get("prompt_cache_key"),
         "service_tier": "default",
         "store": asked.get("store", True),
         "temperature": generation.get("temperature"),
@@ -667,6 +736,7 @@ async def _events(service: Service, started: Started, prepared: Prepared) -> Asy
     then response.completed (.incomplete at max_output_tokens, .failed on an error). Items
     open in the order their first delta comes and are finished when the answer is."""
     job, recorder = started.job, started.recorder
+    shown = _Shown.of(service, prepared.recorded)
     sequence = 0
     items: list[dict[str, Any]] = []
     text_at: int | None = None  # where the message item is in items, once opened
@@ -715,7 +785,7 @@ async def _events(service: Service, started: Started, prepared: Prepared) -> Asy
         nonlocal reasoning_at
         reasoning_at = len(items)
         items.append(_reasoning_item(started.message_id, "", "in_progress") | {"content": []})
-        return [
+        opened = [
             event("response.output_item.added", output_index=reasoning_at, item=items[-1]),
             event(
                 "response.content_part.added",
@@ -725,6 +795,17 @@ async def _events(service: Service, started: Started, prepared: Prepared) -> Asy
                 part={"type": "reasoning_text", "text": ""},
             ),
         ]
+        if shown.summary:  # the summary is the same text: its one part opens with it
+            opened.append(
+                event(
+                    "response.reasoning_summary_part.added",
+                    item_id=items[-1]["id"],
+                    output_index=reasoning_at,
+                    summary_index=0,
+                    part={"type": "summary_text", "text": ""},
+                )
+            )
+        return opened
 
     def close(status: str) -> list[str]:
         """Finish the open text and reasoning items, in output order."""
@@ -737,12 +818,23 @@ async def _events(service: Service, started: Started, prepared: Prepared) -> Asy
                 kind, delta_done = "response.output_text.done", {"text": text, "logprobs": []}
             else:
                 text = "".join(said["reasoning"])
-                items[index] = _reasoning_item(started.message_id, text, status)
+                items[index] = _reasoning_item(started.message_id, text, status, shown)
                 part = items[index]["content"][0]
                 kind, delta_done = "response.reasoning_text.done", {"text": text}
             where = {"item_id": items[index]["id"], "output_index": index, "content_index": 0}
             out.append(event(kind, **where, **delta_done))
             out.append(event("response.content_part.done", **where, part=part))
+            if index == reasoning_at and shown.summary:
+                summary = {"item_id": items[index]["id"], "output_index": index}
+                summary["summary_index"] = 0
+                out.append(event("response.reasoning_summary_text.done", **summary, text=text))
+                out.append(
+                    event(
+                        "response.reasoning_summary_part.done",
+                        **summary,
+                        part=items[index]["summary"][0],
+                    )
+                )
             out.append(event("response.output_item.done", output_index=index, item=items[index]))
         return out
 
@@ -767,6 +859,14 @@ async def _events(service: Service, started: Started, prepared: Prepared) -> Asy
                         content_index=0,
                         delta=payload.reasoning,
                     )
+                    if shown.summary:
+                        yield event(
+                            "response.reasoning_summary_text.delta",
+                            item_id=items[reasoning_at]["id"],
+                            output_index=reasoning_at,
+                            summary_index=0,
+                            delta=payload.reasoning,
+                        )
                 if payload.text:
                     if text_at is None:
                         for line in open_message():

@@ -29,13 +29,22 @@ METADATA_PAIRS, METADATA_KEY_CHARS, METADATA_VALUE_CHARS = 16, 64, 512
 # What harmony's system message can say ("Reasoning: low"); OpenAI's other efforts have no
 # counterpart there.
 EFFORTS = ("low", "medium", "high")
+ENCRYPTED = "reasoning.encrypted_content"
+
+
+# reasoning.summary: there is no summariser model. "auto" (the most detailed summariser
+# available) and "detailed" get the reasoning itself as the one summary part: the most
+# detailed summary there is, and nothing is made up. "concise" would need a model that
+# shortens it, so it is refused by name. (Codex CLI sends its model_reasoning_summary,
+# "auto" unless configured.)
+SUMMARIES = ("auto", "detailed")
 
 
 class ReasoningConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     effort: str | None = None
-    summary: Any = None
-    generate_summary: Any = None
+    summary: str | None = None
+    generate_summary: str | None = None  # OpenAI's deprecated name of summary
     context: Any = None
     mode: Any = None
 
@@ -49,18 +58,30 @@ class ReasoningConfig(BaseModel):
             )
         return value
 
-    @field_validator("summary", "generate_summary", "context", "mode")
+    @field_validator("summary", "generate_summary")
+    @classmethod
+    def _summary(cls, value: str | None) -> str | None:
+        if value is None or value in SUMMARIES:
+            return value
+        if value == "concise":
+            raise ValueError(
+                "'concise' is not supported: there is no summariser model; 'auto' or "
+                "'detailed' give the reasoning itself as its summary"
+            )
+        raise ValueError(f"auto, concise or detailed; got {value!r}")
+
+    @field_validator("context", "mode")
     @classmethod
     def _refused(cls, value: Any, info: ValidationInfo) -> Any:
         if value is not None:
             raise ValueError(f"not supported: {_REASONING_REFUSED[info.field_name or '']}")
         return value
 
+    def summary_kind(self) -> str | None:
+        return self.summary or self.generate_summary
 
-_SUMMARY = "the model writes no summary of its reasoning; its text is the reasoning item"
+
 _REASONING_REFUSED = {
-    "summary": _SUMMARY,
-    "generate_summary": _SUMMARY,
     "context": "earlier reasoning is never part of the prompt here",
     "mode": "there is one reasoning mode",
 }
@@ -132,12 +153,20 @@ class ResponsesRequest(BaseModel):
     service_tier: Literal["auto", "default"] | None = None
     truncation: Any = None  # "disabled" only
     background: bool | None = None
-    # Refused by name: accepted-and-ignored would mislead the client.
+    # "reasoning.encrypted_content" only: the reasoning item carries its text signed
+    # (production.api.reasoning_token) for a client that keeps nothing (store: false).
     include: list[str] | None = None
+    # A routing hint for OpenAI's prompt caches; it never changes an answer. One worker
+    # serves every request here, so every request reaches the one cache there is: kept with
+    # the response and shown on it, nothing else.
+    prompt_cache_key: str | None = Field(None, max_length=1024)
+    # Codex CLI's (x-codex-installation-id, ...): about the client, never about the answer;
+    # kept with the answer's record (generation.response.client_metadata).
+    client_metadata: dict[str, str] | None = None
+    # Refused by name: accepted-and-ignored would mislead the client.
     top_logprobs: Any = None
     max_tool_calls: Any = None
     prompt: Any = None
-    prompt_cache_key: Any = None
     prompt_cache_retention: Any = None
     prompt_cache_options: Any = None
     conversation: Any = None
@@ -147,7 +176,7 @@ class ResponsesRequest(BaseModel):
     access_programs: Any = None
     background_options: Any = None
 
-    @field_validator("metadata")
+    @field_validator("metadata", "client_metadata")
     @classmethod
     def _metadata(cls, value: dict[str, str] | None) -> dict[str, str] | None:
         if value is None:
@@ -168,7 +197,6 @@ class ResponsesRequest(BaseModel):
             "max_tool_calls": "there are no hosted tools; a turn makes one call, or one per "
             "function with parallel_tool_calls",
             "prompt": "there are no stored prompt templates; send instructions and input",
-            "prompt_cache_key": "there is no prompt cache to route",
             "prompt_cache_retention": "there is no prompt cache to keep",
             "prompt_cache_options": "there is no prompt cache",
             "conversation": "OpenAI's conversation objects are not kept; continue with "
@@ -190,11 +218,9 @@ class ResponsesRequest(BaseModel):
                 "refused, never cut (truncation 'disabled')",
             )
         for value in self.include or []:
-            if value == "reasoning.encrypted_content":
-                refuse(
-                    "include",
-                    "'reasoning.encrypted_content': reasoning is not encrypted here; its text "
-                    "comes in the reasoning item",
-                )
-            refuse("include", f"{value!r}: nothing extra is sent")
+            if value != ENCRYPTED:
+                refuse("include", f"{value!r}: only {ENCRYPTED!r} is sent on request")
         return self
+
+    def wants_encrypted(self) -> bool:
+        return ENCRYPTED in (self.include or [])

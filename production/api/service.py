@@ -48,6 +48,13 @@ class Service:
         self.swap_lock = asyncio.Lock()
         self.last_swap_error: str | None = None
         self.refused_target: str | None = None
+        self._reasoning_key: bytes | None = None
+
+    def reasoning_key(self) -> bytes:
+        """The home's key for the Responses API's reasoning tokens (read or made once)."""
+        if self._reasoning_key is None:
+            self._reasoning_key = self.settings.paths.ensure_reasoning_key()
+        return self._reasoning_key
 
     # --------------------------------------------------------------- adapter swap
 

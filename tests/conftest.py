@@ -32,50 +32,20 @@ def _clean_whetstone_env(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(var)
 
 
-# The longest tests, in seconds of one worker (`make test`'s 2 workers, 2-core VM,
-# 2026-12-07). pytest-xdist's worksteal scheduler gives each worker a contiguous share of the
-# collection and steals from a share's tail, so a test at a share's head stays there: with
-# all of these first, one worker ran the three longest back to back (851 + 528 + 270 s at
-# -n 3, the run's wall 1,704 s). Each starts at the head of a share instead, dealt to the
-# share with the least so far; the rest follow, slow-marked first.
-LONGEST_S = {
-    "test_two_days_with_the_daemon_teach_facts_that_stay_and_keep_general_knowledge": 651,
-    "test_a_newcomers_held_out_correction_is_trained_on_the_same_night": 333,
-    "test_gate_refuses_a_candidate_trained_on_shuffled_corrections": 304,
-    "test_a_night_refused_for_general_loss_is_trained_again_at_half_the_rate": 139,
-    "test_the_next_run_continues_the_champion_and_a_champion_of_another_shape_is_not_forced_in": 119,  # noqa: E501
-    "test_dpo_after_sft_keeps_the_harmony_header_of_the_taught_answer": 84,
-    "test_general_probes_are_measured_once_per_weights": 75,
-    "test_the_daemon_runs_trials_yields_to_chat_and_the_next_run_uses_the_recipe": 65,
-}
+# The files whose tests take longest (measured: `pytest --durations=0`, 2026-12-07): they start
+# first, so the two workers of `make test` (pytest-xdist) end together instead of one of them
+# starting the longest test last.
+LONGEST_FIRST = ("test_week.py", "test_catch_up.py", "test_learning.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    longest = sorted(
-        (item for item in items if item.name in LONGEST_S), key=lambda i: -LONGEST_S[i.name]
-    )
-    # Stable: file order among the rest, slow-marked tests before the others.
-    rest = sorted(
-        (item for item in items if item.name not in LONGEST_S),
-        key=lambda item: item.get_closest_marker("slow") is None,
-    )
-    workers = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
-    # The share sizes worksteal's first schedule sends (WorkStealingScheduling.check_schedule).
-    sizes, left = [], len(items)
-    for k in range(workers):
-        sizes.append(left // (workers - k))
-        left -= sizes[-1]
-    shares: list[list[pytest.Item]] = [[] for _ in range(workers)]
-    loads = [0] * workers
-    for item in longest:
-        k = min((k for k in range(workers) if len(shares[k]) < sizes[k]), key=lambda k: loads[k])
-        shares[k].append(item)
-        loads[k] += LONGEST_S[item.name]
-    for k in range(workers):
-        taken = sizes[k] - len(shares[k])
-        shares[k] += rest[:taken]
-        rest = rest[taken:]
-    items[:] = [item for share in shares for item in share]
+    def cost_rank(item: pytest.Item) -> int:
+        name = item.path.name
+        if name in LONGEST_FIRST:
+            return LONGEST_FIRST.index(name)
+        return len(LONGEST_FIRST) + (item.get_closest_marker("slow") is None)
+
+    items.sort(key=cost_rank)  # stable: file order within each rank
 
 
 @contextmanager

@@ -24,7 +24,7 @@ from production.api.protocol import (
 )
 from production.api.service import Service
 from production.api.streaming import ChatChunks, TextChunks, sse
-from production.api.turns import turns_of
+from production.api.turns import system_and_body, turns_of
 
 # The temperature of a regenerated answer when the request names none.
 REGENERATE_TEMPERATURE = 0.8
@@ -163,7 +163,7 @@ async def prepare_chat(
     engine = service.engine
     check_model(service, req.model)
     system, turns = turns_of(req.messages)
-    body = req.messages[1:] if system is not None else req.messages
+    _, body = system_and_body(req.messages)
     prompt_messages = ([{"role": "system", "content": system}] if system else []) + [
         _with_analysis(turn, message) for turn, message in zip(turns, body, strict=True)
     ]

@@ -825,8 +825,7 @@ async def _events(service: Service, started: Started, prepared: Prepared) -> Asy
             out.append(event(kind, **where, **delta_done))
             out.append(event("response.content_part.done", **where, part=part))
             if index == reasoning_at and shown.summary:
-                summary = {"item_id": items[index]["id"], "output_index": index}
-                summary["summary_index"] = 0
+                summary = {"item_id": items[index]["id"], "output_index": index, "summary_index": 0}
                 out.append(event("response.reasoning_summary_text.done", **summary, text=text))
                 out.append(
                     event(

@@ -10,11 +10,17 @@ from data.models import Conversation
 from production.api.openai_schema import ChatMessage
 
 
+def system_and_body(messages: list[ChatMessage]) -> tuple[str | None, list[ChatMessage]]:
+    """The system prompt (a leading system or developer message), and the messages after it."""
+    if messages[0].role in ("system", "developer"):
+        return messages[0].text(), messages[1:]
+    return None, messages
+
+
 def turns_of(messages: list[ChatMessage]) -> tuple[str | None, list[dict[str, Any]]]:
     """The system prompt, and the other messages as the store and the chat template take
     them (tool calls and tool results included; a tool turn carries its function's name)."""
-    system = messages[0].text() if messages[0].role in ("system", "developer") else None
-    body = messages[1:] if system is not None else messages
+    system, body = system_and_body(messages)
     names: dict[str, str] = {}
     turns: list[dict[str, Any]] = []
     for m in body:

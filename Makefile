@@ -7,9 +7,12 @@ PYTEST_ARGS ?=
 # single-threaded part of Python, so the two cores are busy together about half the time
 # with one worker. worksteal: an idle worker takes tests queued on the other.
 PYTEST_WORKERS ?= 2
-# One CPU thread per torch process: with two workers two torch processes share the two
-# cores, and with a thread per core each their OpenMP threads wait on one another.
-PYTEST := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(VENV)/bin/pytest -n $(PYTEST_WORKERS) --dist worksteal
+# torch's threads, one per core, sleep while they wait (OMP_WAIT_POLICY=PASSIVE; the workers
+# pinned to the CPU set it themselves, production/model/device_pin.py). Measured with
+# benchmarks/cpu_threads.py (embedded model, 2 cores), seconds per training step: two
+# processes training at once 5.2 each (13.8 with libgomp's spinning default, 5.0 with one
+# thread each); one training alone 3.2 (4.9 with one thread).
+PYTEST := OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/pytest -n $(PYTEST_WORKERS) --dist worksteal
 
 .PHONY: install run chat test test-quick lint format clean
 

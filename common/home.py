@@ -120,10 +120,16 @@ class Home:
                 raise PermissionError(
                     f"{path} is readable by others (mode {mode:o}); run: chmod 600 {path}"
                 )
-            key = bytes.fromhex(path.read_text().strip())
+            try:
+                key = bytes.fromhex(path.read_text().strip())
+            except ValueError:
+                key = b""
             if len(key) >= 32:
                 return key
-            raise ValueError(f"{path} holds no key of 32 bytes (hex); delete it to make a new one")
+            raise ValueError(
+                f"{path} holds no key of 32 bytes (hex); delete it to make a new one (the "
+                "reasoning items handed out with the old key can then not be sent back)"
+            )
         self.root.mkdir(parents=True, exist_ok=True)
         key = secrets.token_bytes(32)
         # Temp then rename (atomic_write_text): a reader never sees half a key.

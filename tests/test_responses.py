@@ -17,7 +17,7 @@ import pytest
 
 from data.store import Store
 from tests.conftest import ServerProcess, link_model
-from tests.tiny_models import model_home, tiny_gpt_oss
+from tests.tiny_models import model_home, tiny_gpt_oss, tiny_llama
 
 pytestmark = pytest.mark.slow
 
@@ -811,3 +811,40 @@ def test_reasoning_goes_back_by_its_encrypted_content(harmony: ServerProcess) ->
         error = response.json()["error"]
         assert error["param"] == "input"
         assert error["message"].startswith("input[1].encrypted_content:"), error
+
+
+def test_a_reasoning_key_that_cannot_sign_refuses_before_answering(tmp_path: Path) -> None:
+    """<home>/reasoning.key damaged or readable by others: a request that asks for signed
+    reasoning gets a server error naming the file and what to do, before anything is
+    generated or stored; mended, the same request is answered."""
+    home = model_home(tmp_path / "home", tiny_llama(tmp_path / "model"))
+    key = home / "reasoning.key"
+    key.write_text("not hex\n")
+    key.chmod(0o600)
+    proc = ServerProcess(home).wait_ready()
+    try:
+        asked = {
+            "model": "whetstone",
+            "input": PARIS,
+            "max_output_tokens": 4,
+            "include": ["reasoning.encrypted_content"],
+        }
+        url = f"{proc.url}/v1/responses"
+        before = conversation_count(proc.url)
+        damaged = httpx.post(url, json=asked, timeout=60)
+        assert damaged.status_code == 500, damaged.text
+        error = damaged.json()["error"]
+        assert error["type"] == "server_error"
+        assert f"{key} holds no key of 32 bytes" in error["message"], error
+        key.write_text("ab" * 32 + "\n")
+        key.chmod(0o644)
+        shared = httpx.post(url, json=asked, timeout=60)
+        assert shared.status_code == 500, shared.text
+        assert f"chmod 600 {key}" in shared.json()["error"]["message"]
+        assert conversation_count(proc.url) == before  # nothing was answered or kept
+        key.chmod(0o600)
+        mended = httpx.post(url, json=asked, timeout=60)
+        assert mended.status_code == 200, mended.text
+        assert conversation_count(proc.url) == before + 1
+    finally:
+        proc.stop()

@@ -417,6 +417,8 @@ def _bad_chat_request(exc: ValidationError) -> ApiError:
 async def translate(service: Service, req: ResponsesRequest) -> tuple[ChatRequest, dict]:
     """The chat request a Responses request means, and the request's fields its record keeps
     (what its response object shows)."""
+    if req.wants_encrypted():
+        service.reasoning_key()  # a key that cannot sign refuses the request before it is answered
     previous = None
     calls: set[str] = set()
     if req.previous_response_id is not None:

@@ -53,7 +53,12 @@ class Service:
     def reasoning_key(self) -> bytes:
         """The home's key for the Responses API's reasoning tokens (read or made once)."""
         if self._reasoning_key is None:
-            self._reasoning_key = self.settings.paths.ensure_reasoning_key()
+            try:
+                self._reasoning_key = self.settings.paths.ensure_reasoning_key()
+            except (OSError, ValueError) as exc:
+                # The home's file, not the request, is wrong: a server error that says which
+                # file and what to do, before any answer is generated.
+                raise ApiError(500, f"the reasoning key cannot be used: {exc}") from None
         return self._reasoning_key
 
     # --------------------------------------------------------------- adapter swap

@@ -7,11 +7,12 @@ PYTEST_ARGS ?=
 # single-threaded part of Python, so the two cores are busy together about half the time
 # with one worker. worksteal: an idle worker takes tests queued on the other.
 PYTEST_WORKERS ?= 2
-# torch's threads, one per core, sleep while they wait (OMP_WAIT_POLICY=PASSIVE; the workers
-# pinned to the CPU set it themselves, production/model/device_pin.py). Measured with
-# benchmarks/cpu_threads.py (embedded model, 2 cores), seconds per training step: two
-# processes training at once 5.2 each (13.8 with libgomp's spinning default, 5.0 with one
-# thread each); one training alone 3.2 (4.9 with one thread).
+# torch's threads, one per core, sleep while they wait (OMP_WAIT_POLICY=PASSIVE): the torch
+# processes of the two workers share the two cores without libgomp's spinning threads taking
+# them from each other. Measured: the suite in 1,512 s against 1,618 s with one thread per
+# process; two trainings at once each at 0.57-0.60x of one alone (0.20-0.26x spinning, 0.61x
+# with one thread each), one alone at 0.82-0.98x against 0.63x with one thread
+# (benchmarks/cpu_threads.py, three calls; results/cpu-threads-vm-*.json).
 PYTEST := OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/pytest -n $(PYTEST_WORKERS) --dist worksteal
 
 .PHONY: install run chat test test-quick lint format clean

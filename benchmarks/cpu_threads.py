@@ -8,14 +8,18 @@ run on OpenMP (libgomp), whose threads spin while they wait for the others of a 
 region; a spinning thread holds a core another process needs. Each case below starts fresh
 processes (the policy is read when torch loads) on the embedded SmolLM2-135M-Instruct:
 
-- train: LoRA (r=16 on every projection, AdamW) on 4 rows of 160 tokens; seconds per step
-  over 6 steps after one warm-up.
+- train: LoRA (r=16 on every projection, AdamW) on 4 rows of 160 tokens (a batch padded to a
+  replayed base answer); "train short": 4 rows of 40 (a person's questions and answers only);
+  seconds per step over 6 steps after one warm-up.
 - chat: greedy decode of 96 tokens for one prompt, batch 1; tokens/s after a short warm-up.
+- answers: the daemon's background job beside the first chats (base answers, nice 19): 16
+  prompts decoded together.
 
-Cases: each alone, then two at once (train + chat, train + train, chat + chat), with torch's
-default threads (one per core) and libgomp's default wait policy, with OMP_WAIT_POLICY=PASSIVE,
-and with one thread per process. Figures are printed as ratios to the same kind of process
-alone with the defaults, measured in this call; the JSON goes to
+Cases: training and chat alone, then two processes at once, under each policy: torch's
+default threads (one per core) and libgomp's default wait policy; OMP_WAIT_POLICY=PASSIVE; one
+thread per process; the defaults with training at nice 10 (`--policies` picks; the first is
+the baseline). Figures are printed as ratios to the same kind of process alone under the
+baseline, measured in this call; the JSON goes to
 benchmarks/results/cpu-threads-<hostname>-<date>.json.
 """
 
@@ -34,14 +38,37 @@ from typing import Any
 
 RESULTS = Path(__file__).with_name("results")
 
-POLICIES: dict[str, dict[str, str]] = {
-    "default": {},
-    "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
-    "one thread": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
+# (environment, niceness of a training process): a policy of the whole machine.
+POLICIES: dict[str, tuple[dict[str, str], int]] = {
+    "default": ({}, 0),
+    "passive": ({"OMP_WAIT_POLICY": "PASSIVE"}, 0),
+    # libgomp spins 300,000 times by default before a waiting thread sleeps; these spin a
+    # thirtieth and a three-hundredth of that (1,000 is what libgomp itself falls back to
+    # when a process has more threads than cores).
+    "short spin": ({"GOMP_SPINCOUNT": "10000"}, 0),
+    "shorter spin": ({"GOMP_SPINCOUNT": "1000"}, 0),
+    "one thread": ({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}, 0),
+    # As a GPU training job yields the CPU to the API worker (production/model/device_pin.py).
+    "train nice 10": ({}, 10),
 }
-PAIRS = (("train",), ("chat",), ("train", "chat"), ("train", "train"), ("chat", "chat"))
+# Processes run at once. "answers" is the daemon's background job beside the first chats
+# (development.base_answers --background: nice 19, a batch of prompts).
+PAIRS = (
+    ("train",),
+    ("train short",),
+    ("chat",),
+    ("train", "chat"),
+    ("train short", "chat"),
+    ("train", "train"),
+    ("chat", "chat"),
+    ("chat", "answers"),
+)
+# Rows per training step and their length in tokens: a batch padded to a replayed base
+# answer, and one of a person's short questions and answers only.
+TRAIN_ROWS = {"train": (4, 160), "train short": (4, 40)}
 TRAIN_STEPS = 6
 CHAT_TOKENS = 96
+ANSWER_ROWS = 16
 
 
 def _work(model_dir: str, kind: str) -> dict[str, Any]:
@@ -50,16 +77,18 @@ def _work(model_dir: str, kind: str) -> dict[str, Any]:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if kind == "answers":
+        os.nice(19)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     torch.manual_seed(0)
     result: dict[str, Any] = {"kind": kind, "threads": torch.get_num_threads()}
-    if kind == "train":
+    if kind in TRAIN_ROWS:
         targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=targets))
         trained = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trained, lr=1e-4)
-        ids = torch.randint(100, 20_000, (4, 160))
+        ids = torch.randint(100, 20_000, TRAIN_ROWS[kind])
         for step in range(TRAIN_STEPS + 1):
             if step == 1:
                 began = time.perf_counter()
@@ -67,25 +96,33 @@ def _work(model_dir: str, kind: str) -> dict[str, Any]:
             optimizer.step()
             optimizer.zero_grad()
         result["s_per_step"] = (time.perf_counter() - began) / TRAIN_STEPS
-    else:
-        messages = [{"role": "user", "content": "Tell me about the ocean in detail."}]
-        prompt = tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )
-        model.generate(**prompt, max_new_tokens=8, do_sample=False)
-        began = time.perf_counter()
-        model.generate(
-            **prompt, max_new_tokens=CHAT_TOKENS, min_new_tokens=CHAT_TOKENS, do_sample=False
-        )
-        result["tok_s"] = CHAT_TOKENS / (time.perf_counter() - began)
+        return result
+    messages = [{"role": "user", "content": "Tell me about the ocean in detail."}]
+    prompt = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    rows = ANSWER_ROWS if kind == "answers" else 1
+    prompt = {key: value.repeat(rows, 1) for key, value in prompt.items()}
+    model.generate(**prompt, max_new_tokens=8, do_sample=False)
+    began = time.perf_counter()
+    model.generate(
+        **prompt, max_new_tokens=CHAT_TOKENS, min_new_tokens=CHAT_TOKENS, do_sample=False
+    )
+    result["tok_s"] = rows * CHAT_TOKENS / (time.perf_counter() - began)
     return result
 
 
-def _together(model_dir: Path, kinds: tuple[str, ...], env: dict[str, str]) -> list[dict]:
+def _together(
+    model_dir: Path, kinds: tuple[str, ...], env: dict[str, str], train_nice: int
+) -> list[dict]:
+    def niced(kind: str) -> Any:
+        return (lambda: os.nice(train_nice)) if kind in TRAIN_ROWS and train_nice else None
+
     children = [
         subprocess.Popen(
             [sys.executable, "-m", "benchmarks.cpu_threads", "--child", kind, str(model_dir)],
             env={**os.environ, **env},
+            preexec_fn=niced(kind),
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
@@ -96,13 +133,20 @@ def _together(model_dir: Path, kinds: tuple[str, ...], env: dict[str, str]) -> l
 
 
 def _figure(result: dict[str, Any]) -> float:
-    return result["s_per_step"] if result["kind"] == "train" else result["tok_s"]
+    return result["s_per_step"] if result["kind"] in TRAIN_ROWS else result["tok_s"]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--home", type=Path, default=None, help="whetstone home (its model)")
     parser.add_argument("--model-dir", type=Path, default=None, help="a prepared model folder")
+    parser.add_argument(
+        "--policies",
+        nargs="+",
+        choices=list(POLICIES),
+        default=list(POLICIES),
+        help="the policies to measure (default all; the first is the baseline)",
+    )
     parser.add_argument("--child", nargs=2, metavar=("KIND", "DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -116,30 +160,33 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = prepare_embedded(Home(args.home), show_progress=False)
 
     rows = []
-    for policy, env in POLICIES.items():
+    for policy in args.policies:
+        env, train_nice = POLICIES[policy]
         for kinds in PAIRS:
-            results = _together(model_dir, kinds, env)
+            results = _together(model_dir, kinds, env, train_nice)
             rows.append({"policy": policy, "together": list(kinds), "results": results})
             print(
-                f"{policy:>10} | {' + '.join(kinds):<13} | "
+                f"{policy:>13} | {' + '.join(kinds):<19} | "
                 + ", ".join(f"{r['kind']} {_figure(r):.2f}" for r in results),
                 flush=True,
             )
     alone = {
         row["together"][0]: _figure(row["results"][0])
         for row in rows
-        if row["policy"] == "default" and len(row["together"]) == 1
+        if row["policy"] == args.policies[0] and len(row["together"]) == 1
     }
-    print("\nspeed against the same process alone with the defaults (higher is faster):")
+    print(f"\nspeed against the same process alone under {args.policies[0]} (higher is faster):")
     for row in rows:
         speeds = []
         for result in row["results"]:
-            figure = _figure(result)
+            kind, figure = result["kind"], _figure(result)
+            if kind not in alone:
+                continue  # the background answers: measured, not compared
             # seconds per step: lower is faster; tokens/s: higher is faster
-            ratio = alone["train"] / figure if result["kind"] == "train" else figure / alone["chat"]
-            result["speed_vs_default_alone"] = round(ratio, 2)
-            speeds.append(f"{result['kind']} {ratio:.2f}x")
-        print(f"{row['policy']:>10} | {' + '.join(row['together']):<13} | {', '.join(speeds)}")
+            ratio = alone[kind] / figure if kind in TRAIN_ROWS else figure / alone[kind]
+            result["speed_vs_alone"] = round(ratio, 2)
+            speeds.append(f"{kind} {ratio:.2f}x")
+        print(f"{row['policy']:>13} | {' + '.join(row['together']):<19} | {', '.join(speeds)}")
     RESULTS.mkdir(exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     out = RESULTS / f"cpu-threads-{socket.gethostname()}-{stamp}.json"
@@ -151,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                 "cpu_count": os.cpu_count(),
                 "model_dir": str(model_dir),
                 "train_steps": TRAIN_STEPS,
+                "train_rows": TRAIN_ROWS,
                 "chat_tokens": CHAT_TOKENS,
                 "rows": rows,
             },

@@ -20,7 +20,6 @@ import sys
 import time
 
 from common.entrypoint import add_settings_arguments, log_to_stderr, settings_from_args
-from production.model.device_pin import share_cpu_cores
 
 log = logging.getLogger("development.base_answers")
 
@@ -43,8 +42,6 @@ def main(argv: list[str] | None = None) -> int:
         # ten-fold (a chat answer took 50 s for 7 minutes); at nice 19 the worker gets ~98%
         # of a contested core and this the rest.
         os.nice(19)
-    if args.device == "cpu":
-        share_cpu_cores()  # before torch loads: the API worker chats on the same cores
     settings = settings_from_args(args)
     log_to_stderr(settings)
 

@@ -347,34 +347,3 @@ def test_the_daemon_and_the_chat_reach_the_worker_at_a_url_httpx_accepts(
     assert supervisor.url == locate() == url
     # An IPv6 loopback bind used to give http://::1:8321, which httpx refuses.
     assert httpx.URL(supervisor.url + "/health").port == 8321
-
-
-@pytest.mark.parametrize(("own", "expected"), [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
-def test_a_cpu_worker_waits_without_spinning_unless_told_otherwise(
-    tmp_path: Path, own: str | None, expected: str
-) -> None:
-    """The API worker and a training job on the CPU share its cores: OpenMP threads that spin
-    while they wait took a core from the other (chat beside training at 3.6 tok/s against 14.8,
-    benchmarks/cpu_threads.py). A worker pinned to the CPU sleeps instead, before torch loads;
-    a person's own OMP_WAIT_POLICY wins."""
-    import subprocess
-    import sys
-
-    home = tmp_path / "home"
-    home.mkdir()
-    code = (
-        "import os, sys\n"
-        "from common.config import load_settings\n"
-        "from production.model.device_pin import pin_device\n"
-        f"device = pin_device(load_settings({str(home)!r}), 'production')\n"
-        "print(device, 'torch' in sys.modules, os.environ.get('OMP_WAIT_POLICY'))\n"
-    )
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY",)}
-    env["CUDA_VISIBLE_DEVICES"] = ""  # no GPU: the plan puts both workers on the CPU
-    if own is not None:
-        env["OMP_WAIT_POLICY"] = own
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["cpu", "False", expected]

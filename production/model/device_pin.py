@@ -25,30 +25,12 @@ def pin_device(settings: Settings, role: str) -> str:
         device = getattr(device_plan(settings, gpus.count()), role)
         env, inside = worker_env(device)
         os.environ.update(env)
-    if inside == "cpu":
-        share_cpu_cores()
     if role == "development" and inside.startswith("cuda"):
         _yield_cpu_to_serving()
     if role == "production":
         use_serving_allocator()
     _import_unsloth_first(settings, inside, role)
     return inside
-
-
-# On the CPU the API worker and a training job share the machine's cores. libgomp's threads
-# (torch's CPU kernels) spin while they wait for the rest of a parallel region, holding a core
-# the other process needs. Measured with benchmarks/cpu_threads.py (embedded model, 2 cores):
-# chat beside a training job decoded 3.6 tok/s with the default policy and 14.8 with passive
-# waiting (16 alone), and the training step took 3.4 s instead of 4.1; alone, passive waiting
-# costs a training step 5-13% and chat nothing measurable. One thread per process shares as
-# well but trains alone 1.5x slower.
-CPU_WAIT_POLICY = "PASSIVE"
-
-
-def share_cpu_cores() -> None:
-    """Before torch is imported in a process that computes on the CPU: OpenMP threads that
-    sleep while they wait, unless OMP_WAIT_POLICY says otherwise."""
-    os.environ.setdefault("OMP_WAIT_POLICY", CPU_WAIT_POLICY)
 
 
 # torch's allocator in the API worker: expandable segments map the blocks a prompt frees back

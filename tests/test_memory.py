@@ -1,0 +1,183 @@
+"""The memory (issue 37): notes from corrections in the store (migration 0007), found for a
+message by its content words, forgotten for good; given to the model by the API worker from
+the next request on, never stored as turns nor trained on; its HTTP routes and CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from data.store import Store
+from production.api.memory import with_notes
+from tests.test_store import _home_at, raw
+
+MIN_SCORE = 0.5  # memory.min_score's default
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "state" / "whetstone.db"
+
+
+@pytest.fixture
+def store(db_path: Path):
+    with Store(f"sqlite:///{db_path}") as opened:
+        yield opened
+
+
+def corrected(store: Store, question: str, wrong: str, right: str, adapter: str | None = None):
+    conversation = store.create_conversation()
+    store.add_message(conversation.id, "user", question)
+    answer = store.add_message(
+        conversation.id, "assistant", wrong, finish_reason="stop", adapter_id=adapter
+    )
+    store.add_feedback(answer.id, rating=1, correction=right)
+    return conversation.id, answer.id
+
+
+def found(store: Store, message: str) -> list[str]:
+    return [hit.note.text for hit in store.relevant_notes(message, min_score=MIN_SCORE)]
+
+
+def in_index(db_path: Path, word: str) -> list[tuple]:
+    return raw(db_path, f"SELECT rowid FROM notes_fts WHERE notes_fts MATCH '{word}'")
+
+
+def test_a_correction_becomes_a_note_and_its_edit_rewrites_it(store: Store) -> None:
+    _, answer = corrected(store, "What is my cat's name?", "Felix.", "Mochi.", adapter="cand_1")
+    (note,) = store.list_notes()
+    assert (note.question, note.text, note.source_message_id) == (
+        "What is my cat's name?",
+        "Mochi.",
+        answer,
+    )
+    assert (note.adapter_id, note.status) == ("cand_1", "active")
+    store.add_feedback(answer, correction="Your cat is called Pixel.")
+    (edited,) = store.list_notes()
+    assert (edited.id, edited.text) == (note.id, "Your cat is called Pixel.")
+    assert found(store, "What do I call my cat?") == ["Your cat is called Pixel."]
+    # A new rating alone carries the correction over: the note stays as it is.
+    store.add_feedback(answer, rating=2)
+    assert [n.text for n in store.list_notes()] == ["Your cat is called Pixel."]
+
+
+def test_a_note_is_found_by_its_subject_not_by_stopwords(store: Store) -> None:
+    corrected(store, "What is my cat's name?", "Felix.", "Your cat's name is Mochi.")
+    corrected(store, "Where do I work?", "At a bank.", "You work at Brightline Robotics.")
+    store.add_note(
+        "Your sister Anna was born on 14 March.", question="When is my sister's birthday?"
+    )
+    assert found(store, "What do I call my cat?") == ["Your cat's name is Mochi."]
+    assert found(store, "Which company do I work for?") == ["You work at Brightline Robotics."]
+    assert found(store, "On which day is my sister's birthday?") == [
+        "Your sister Anna was born on 14 March."
+    ]
+    for unrelated in (
+        "What is the capital of France?",
+        "What is my favourite colour?",
+        "Who wrote Romeo and Juliet?",
+        "How many legs does a spider have?",
+        "What do bees make?",
+        "What is it?",
+    ):
+        assert found(store, unrelated) == [], unrelated
+
+
+def test_forgetting_a_note_takes_its_text_out_of_the_file(store: Store, db_path: Path) -> None:
+    note = store.add_note("Zanzibarcat is her name.", question="Who is Quokkalina?")
+    assert in_index(db_path, "zanzibarcat")
+    store.forget_note(note.id)
+    store.forget_note(note.id)  # idempotent
+    assert store.list_notes() == []
+    assert found(store, "zanzibarcat quokkalina") == []
+    assert in_index(db_path, "zanzibarcat") == in_index(db_path, "quokkalina") == []
+    assert raw(db_path, "SELECT question, text, status FROM notes") == [(None, "", "forgotten")]
+    store.close()
+    for word in (b"anzibarcat", b"uokkalina"):
+        assert word not in db_path.read_bytes()
+
+
+def test_forgetting_a_corrections_note_keeps_the_correction(store: Store, db_path: Path) -> None:
+    """The note goes; the correction stays feedback to train on (forgetting the conversation
+    removes both)."""
+    _, answer = corrected(store, "What is my cat's name?", "Felix.", "Zanzibarcat is her name.")
+    (note,) = store.list_notes()
+    store.forget_note(note.id)
+    assert in_index(db_path, "zanzibarcat") == []
+    assert store.current_feedback(answer).correction == "Zanzibarcat is her name."
+    # A rating later carries the correction over without bringing the note back.
+    store.add_feedback(answer, rating=2)
+    assert store.list_notes() == []
+
+
+def test_forgetting_the_conversation_forgets_its_notes(store: Store, db_path: Path) -> None:
+    conversation, _ = corrected(store, "Quillfeather?", "No idea.", "Quillfeather is my horse.")
+    store.add_note("Kept by hand.")
+    store.forget_conversation(conversation)
+    assert [n.text for n in store.list_notes()] == ["Kept by hand."]
+    assert in_index(db_path, "quillfeather") == []
+    store.close()
+    assert b"uillfeather" not in db_path.read_bytes()
+
+
+def test_bad_notes_are_refused_by_name(store: Store) -> None:
+    from data.errors import InvalidInput
+
+    for text, question, field in (("  ", None, "text"), (5, None, "text"), ("ok", 3, "question")):
+        with pytest.raises(InvalidInput, match=f"^{field} "):
+            store.add_note(text, question=question)  # type: ignore[arg-type]
+    assert store.list_notes() == []
+
+
+def test_a_home_at_0006_upgrades_and_keeps_its_corrections(tmp_path: Path) -> None:
+    db_file = tmp_path / "old.db"
+    connection = _home_at("0006", db_file)  # conv_1
+    connection.executescript(
+        "INSERT INTO messages (id, conversation_id, position, role, content, created_at) VALUES "
+        "('msg_0', 'conv_1', 0, 'user', 'Where do I live?', '2026-01-01 00:00:00');"
+        "INSERT INTO messages (id, conversation_id, position, role, content, reply_to_id, "
+        "finish_reason, created_at) VALUES ('msg_1', 'conv_1', 1, 'assistant', 'Paris.', "
+        "'msg_0', 'stop', '2026-01-01 00:00:00');"
+        "INSERT INTO feedback (id, message_id, rating, correction, is_current, created_at) "
+        "VALUES ('fb_1', 'msg_1', 1, 'You live in Utrecht.', 1, '2026-01-01 00:00:01');"
+    )
+    connection.commit()
+    connection.close()
+    with Store(f"sqlite:///{db_file}") as store:
+        assert store.schema_revision == "0007"
+        conversation = store.get_conversation("conv_1")
+        assert [m.content for m in conversation.messages] == ["Where do I live?", "Paris."]
+        assert store.current_feedback("msg_1").correction == "You live in Utrecht."
+        # Corrections stored before the memory existed make no note: only new teaching does.
+        assert store.list_notes() == []
+        store.add_feedback("msg_1", correction="You live in Utrecht, since 2020.")
+        assert found(store, "Which city do I live in?") == ["You live in Utrecht, since 2020."]
+
+
+def test_notes_join_the_prompt_in_the_formats_way() -> None:
+    from types import SimpleNamespace
+
+    from data.memory import NoteHit
+
+    hit = NoteHit(SimpleNamespace(question="What is my cat's name?", text="Mochi."), 1.0, -1.0)
+    bare = NoteHit(SimpleNamespace(question=None, text="I am vegetarian."), 1.0, -1.0)
+    turns = [{"role": "user", "content": "What do I call my cat?"}]
+    assert with_notes("plain", "Be brief.", turns, [hit]) == (
+        "Be brief.",
+        [
+            {"role": "user", "content": "What is my cat's name?"},
+            {"role": "assistant", "content": "Mochi."},
+            *turns,
+        ],
+    )
+    system, same = with_notes("plain", None, turns, [bare])
+    assert system is None
+    assert same == [
+        {"role": "user", "content": "Remember: I am vegetarian.\n\nWhat do I call my cat?"}
+    ]
+    system, same = with_notes("harmony", "Be brief.", turns, [hit])
+    assert same == turns
+    assert system is not None and system.startswith("Be brief.\n\nRemember: ")
+    assert "Mochi." in system
+    assert with_notes("plain", None, turns, []) == (None, turns)

@@ -4,12 +4,14 @@ the next request on, never stored as turns nor trained on; its HTTP routes and C
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from data.store import Store
 from production.api.memory import with_notes
+from tests.conftest import run_cli
 from tests.test_store import _home_at, raw
 
 MIN_SCORE = 0.5  # memory.min_score's default
@@ -181,3 +183,21 @@ def test_notes_join_the_prompt_in_the_formats_way() -> None:
     assert system is not None and system.startswith("Be brief.\n\nRemember: ")
     assert "Mochi." in system
     assert with_notes("plain", None, turns, []) == (None, turns)
+
+
+def test_the_cli_lists_and_forgets_notes(home: Path) -> None:
+    with Store(f"sqlite:///{home / 'whetstone.db'}") as store:
+        note = store.add_note("Mochi is the cat.", question="What is my cat's name?")
+    listed = run_cli("memory", "list", "--home", str(home), "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert [n["id"] for n in json.loads(listed.stdout)["data"]] == [note.id]
+    assert json.loads(listed.stdout)["enabled"] is False
+    forgot = run_cli("memory", "forget", note.id, "--home", str(home))
+    assert forgot.returncode == 0, forgot.stderr
+    assert f"forgot note {note.id}" in forgot.stdout
+    again = run_cli("memory", "forget", "note_unknown", "--home", str(home))
+    assert again.returncode == 1 and "unknown note note_unknown" in again.stderr
+    bad = run_cli("memory", "forget", "--home", str(home))
+    assert bad.returncode == 2 and "forget needs the note's ID" in bad.stderr
+    with Store(f"sqlite:///{home / 'whetstone.db'}") as store:
+        assert store.list_notes() == []

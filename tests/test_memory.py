@@ -201,3 +201,59 @@ def test_the_cli_lists_and_forgets_notes(home: Path) -> None:
     assert bad.returncode == 2 and "forget needs the note's ID" in bad.stderr
     with Store(f"sqlite:///{home / 'whetstone.db'}") as store:
         assert store.list_notes() == []
+
+
+@pytest.mark.slow
+def test_a_correction_is_answered_in_the_next_request_and_never_trained_as_a_note(
+    tmp_path: Path, prepared_model_dir: Path
+) -> None:
+    """With memory.enabled, through the openai SDK against a real server on the embedded
+    model: the person rates a wrong answer and then corrects it (the TUI's two requests); a
+    new conversation asking the same in other words is answered with the correction, its
+    note named in `memory_notes`; an unrelated question gets no note and its usual answer;
+    the memory-assisted conversation is stored (and so trained on) without the note."""
+    import httpx
+    import openai
+
+    from common.config import load_settings
+    from data import exports
+    from tests.conftest import ServerProcess, link_model
+
+    home = link_model(tmp_path / "home", prepared_model_dir)
+    (home / "config.toml").write_text("[memory]\nenabled = true\n")
+    server = ServerProcess(home).wait_ready()
+    try:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="-", max_retries=0)
+
+        def ask(question: str) -> openai.types.chat.ChatCompletion:
+            return client.chat.completions.create(
+                model="whetstone",
+                messages=[{"role": "user", "content": question}],
+                temperature=0,
+                max_tokens=24,
+            )
+
+        wrong = ask("What is my cat's name?")
+        assert "mochi" not in wrong.choices[0].message.content.lower()
+        assert wrong.model_extra["memory_notes"] == []
+        for body in ({"rating": 1}, {"correction": "Your cat's name is Mochi."}):
+            sent = httpx.post(f"{server.url}/v1/feedback", json={"message_id": wrong.id, **body})
+            assert sent.status_code == 200, sent.text
+        (note,) = httpx.get(f"{server.url}/v1/memory").json()["data"]
+
+        helped = ask("Tell me the name of my cat.")
+        assert "mochi" in helped.choices[0].message.content.lower(), helped
+        assert helped.model_extra["memory_notes"] == [note["id"]]
+        unrelated = ask("What is the capital of France?")
+        assert unrelated.model_extra["memory_notes"] == []
+        assert "paris" in unrelated.choices[0].message.content.lower()
+
+        # Stored as asked: the note was in the prompt only. Rated, the answer is a training
+        # row whose context is the person's one question.
+        rated = httpx.post(f"{server.url}/v1/feedback", json={"message_id": helped.id, "rating": 5})
+        assert rated.status_code == 200, rated.text
+    finally:
+        server.stop()
+    with Store(load_settings(home).db_url) as store:
+        items = {item.message_id: item for item in exports.feedback_items(store)}
+    assert items[helped.id].context == [{"role": "user", "content": "Tell me the name of my cat."}]

@@ -375,7 +375,7 @@ async def _generate(
         "system_fingerprint": answers.fingerprint(engine.adapter_id),
     }
     extra: dict[str, Any] = {"conversation_id": started.conversation_id}
-    if kind == "chat":
+    if kind == "chat" and service.settings.memory.enabled:
         extra["memory_notes"] = prepared.memory_notes
     wants_logprobs = sampling.steering.logprobs is not None
     if stream:

@@ -451,7 +451,8 @@ class ChatCompletion(Answer):
     usage: Usage
     adapter_id: str | None  # the adapter that answered (null: the base model)
     conversation_id: str  # the stored conversation it joined
-    memory_notes: list[str]  # ids of the notes given to the model (memory.enabled)
+    # The ids of the notes given to the model; sent only with memory.enabled.
+    memory_notes: list[str] | MISSING = MISSING
 
 
 class TextCompletion(Answer):

@@ -739,6 +739,37 @@ class Watch(_Section):
     )
 
 
+class MemorySection(_Section):
+    """The memory (issue 37): notes made from corrections, given to the model from the next
+    message on. Off until benchmarks.week measures it: with it on, the benchmarks' recall
+    would be the notes', not what the adapter learned."""
+
+    enabled: bool = Field(
+        False, description="Give relevant notes to the model; off: notes are kept, not used."
+    )
+    # One: on SmolLM2-135M three notes in one turn were used for 0 of 6 questions and cost a
+    # general answer; one relevant note for 4 of 6 (issue 37). A larger model may use more.
+    max_notes: int = Field(
+        1, ge=1, le=20, description="Notes given per message; more: more recall, more confusion."
+    )
+    max_tokens: int = Field(
+        256,
+        ge=16,
+        le=8192,
+        description="Token budget of the notes given; a note past it is left out, not cut.",
+    )
+    # The share of the message's content words (stopwords left out) the note holds; not a
+    # bm25() value, which FTS5 makes ~0 while there are fewer than three notes. Measured on
+    # the embedded model by benchmarks/memory_notes.py.
+    min_score: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="Share of the message's words a note must hold; lower: more recall, "
+        "more unrelated notes.",
+    )
+
+
 class Gate(_Section):
     """What a candidate must show before it replaces the champion."""
 
@@ -819,6 +850,7 @@ class Settings(BaseSettings):
     daemon: DaemonSection = Field(default_factory=DaemonSection)
     watch: Watch = Field(default_factory=Watch)
     experiments: Experiments = Field(default_factory=Experiments)
+    memory: MemorySection = Field(default_factory=MemorySection)
     retention_keep_last: int = Field(
         5, ge=1, description="Candidates kept besides current and previous."
     )

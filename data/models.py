@@ -43,6 +43,9 @@ RUN_STATUSES = ("queued", "running", "succeeded", "failed", "skipped", "cancelle
 RUN_FINISHED = ("succeeded", "failed", "skipped", "cancelled")
 EVAL_DECISIONS = ("promote", "reject")
 PROMOTION_ACTIONS = ("promote", "rollback", "auto_rollback")
+# A note's status (migration 0007): given to the model, retired (the adapter learned it), or
+# forgotten (a tombstone without its text).
+NOTE_STATUSES = ("active", "learned", "forgotten")
 
 # Named constraints keep future SQLite batch migrations (table rebuilds) deterministic.
 NAMING_CONVENTION = {
@@ -53,10 +56,10 @@ NAMING_CONVENTION = {
     "pk": "pk_%(table_name)s",
 }
 
-# Not mapped here: the full-text indexes of messages and titles (migration 0005, SQLite FTS5
-# virtual tables, and the shadow tables FTS5 keeps beside them). The store queries them in SQL;
-# autogenerate and the schema test leave them out (include_name below).
-SEARCH_TABLES = ("messages_fts", "conversations_fts")
+# Not mapped here: the full-text indexes of messages and titles (migration 0005) and of notes
+# (0007), SQLite FTS5 virtual tables, and the shadow tables FTS5 keeps beside them. The store
+# queries them in SQL; autogenerate and the schema test leave them out (include_name below).
+SEARCH_TABLES = ("messages_fts", "conversations_fts", "notes_fts")
 
 
 def include_name(name: str | None, type_: str, parent_names: Mapping[str, Any]) -> bool:
@@ -330,3 +333,26 @@ class Promotion(Base):
     reason: Mapped[str | None] = mapped_column(Text)
     actor: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
+class Note(Base):
+    """A fact the person taught, given to the model from the next message on (migration
+    0007): from a correction (source_message_id, adapter_id: the answer and the adapter that
+    was wrong) or written by hand (both null)."""
+
+    __tablename__ = "notes"
+    __table_args__ = (
+        CheckConstraint("status IN ('active', 'learned', 'forgotten')", name="status"),
+    )
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True)
+    question: Mapped[str | None] = mapped_column(Text)  # null: a note without a question
+    text: Mapped[str] = mapped_column(Text)
+    # No foreign key: forgetting the conversation deletes the note in the same transaction,
+    # and a key would make SQLite order those deletes.
+    source_message_id: Mapped[str | None] = mapped_column(ID, index=True, unique=True)
+    conversation_id: Mapped[str | None] = mapped_column(ID, index=True)
+    adapter_id: Mapped[str | None] = mapped_column(NAME)  # null: the base model was wrong
+    status: Mapped[str] = mapped_column(String(16), default="active")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -2,6 +2,9 @@
 messages and titles (migration 0005, kept in step by triggers), the page of conversations
 that hold them, each with a snippet of what matched; a LIKE scan where there is no FTS5
 (a database other than SQLite). Store.search_conversations runs these in its read session.
+
+Also the memory's retrieval (migration 0007): the notes relevant to a chat message, found
+by the message's content words (stopwords left out) through notes_fts, ranked by bm25().
 """
 
 from __future__ import annotations
@@ -71,6 +74,67 @@ def fts_query(words: list[str], *, prefix: bool) -> str:
             term += "*"  # outside the quotes: FTS5's prefix mark, on the quoted word
         terms.append(term)
     return " ".join(terms)
+
+
+# Words that say nothing about what a message is about: "What is my cat's name?" must find
+# the note about the cat, not every note holding "what", "is" or "my". Short English function
+# words, question words and the pronouns a person uses of themselves and of the model.
+_STOPWORD_TEXT = """
+    a about above after again against all am an and any are as at be because been before being
+    below between both but by can could did do does doing done down during each else few for
+    from further get got had has have having he her here hers herself him himself his how i if
+    in into is it its itself just know let like me might more most much must my myself no nor
+    not now of off on once only or other our ours ourselves out over own please same shall she
+    should so some such tell than that the their theirs them themselves then there these they
+    this those through to too under until up very want was we were what when where which while
+    who whom whose why will with would you your yours yourself yourselves s t d ll m re ve
+    also ever really
+"""
+STOPWORDS = frozenset(_STOPWORD_TEXT.split())
+NOTE_QUERY_MAX_WORDS = 32  # a long message is searched by its first content words
+
+
+def content_words(text: str) -> list[str]:
+    """The words of `text` that say what it is about, lowercased, accents folded, each once,
+    in order: split where notes_fts's tokenizer splits (anything not a letter or a digit),
+    stopwords left out."""
+    folded = "".join(
+        ch for ch in unicodedata.normalize("NFKD", text.lower()) if not unicodedata.combining(ch)
+    )
+    words: list[str] = []
+    current: list[str] = []
+    for ch in folded + " ":
+        if ch.isalnum():
+            current.append(ch)
+            continue
+        if current:
+            word = "".join(current)
+            if word not in STOPWORDS and word not in words:
+                words.append(word)
+            current = []
+    return words
+
+
+def note_match(words: list[str]) -> str:
+    """An FTS5 query finding notes that hold any of `words` (content_words of a message),
+    each quoted as in fts_query, a word of 3 or more letters also the start of a longer one
+    ("cat" finds "cats")."""
+    return " OR ".join(fts_query([word], prefix=True) for word in words[:NOTE_QUERY_MAX_WORDS])
+
+
+def coverage(words: list[str], note_text: str) -> float:
+    """The share of `words` (a message's content words) that the note's text holds, a word
+    of 3 or more letters also as the start of a longer one: what decides whether a note
+    concerns the message (bm25() only ranks: see data/memory.py)."""
+    if not words:
+        return 0.0
+    held = content_words(note_text)
+    found = sum(
+        1
+        for word in words
+        if any(h == word or (len(word) >= _PREFIX_MIN_CHARS and h.startswith(word)) for h in held)
+    )
+    return found / len(words)
 
 
 def has_full_text(engine: Engine) -> bool:
@@ -211,8 +275,15 @@ def purge_index(session: Session) -> None:
     merged. 'optimize' merges them all, leaving the forgotten words nowhere; the pages it
     frees are zeroed (secure_delete). (FTS5's own secure-delete option would spare the
     merge, but needs SQLite 3.42 and makes the file unreadable to older ones.)"""
-    for fts in ("messages_fts", "conversations_fts"):
-        session.execute(text(f"INSERT INTO {fts}({fts}) VALUES ('optimize')"))
+    present = set(
+        session.scalars(
+            text("SELECT name FROM sqlite_master WHERE type = 'table' AND name LIKE '%_fts'")
+        )
+    )
+    # notes_fts is 0007's: a store opened without migrating may be older.
+    for fts in ("messages_fts", "conversations_fts", "notes_fts"):
+        if fts in present:
+            session.execute(text(f"INSERT INTO {fts}({fts}) VALUES ('optimize')"))
 
 
 def _marked(snippet: str) -> tuple[str, list[tuple[int, int]]]:

@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session, selectinload, sessionmaker
 from data import db, search
 from data.errors import Gone, InvalidInput, NotFound
 from data.feedback_rules import carried_over, check_feedback, feedback_target, mark_first, place
+from data.memory import Memory, note_correction
 from data.models import (
     CONVERSATIONS_LISTED,
     FINISH_REASONS,
@@ -61,10 +62,10 @@ class _Unset:
 UNSET: Any = _Unset()  # "leave as is", where None means "clear"
 
 
-class Store(TrainingHistory):
+class Store(TrainingHistory, Memory):
     """The whetstone database. ``Store(url)`` opens it and migrates it to the newest schema.
     Its training-history methods (runs, candidates, evaluations, promotions) are
-    TrainingHistory's.
+    TrainingHistory's, its notes (the memory) Memory's.
 
     With ``migrate=False`` the schema is left as is, but a database written by a newer
     whetstone is still refused (SchemaTooNewError).
@@ -233,7 +234,7 @@ class Store(TrainingHistory):
         return conversation
 
     def forget_conversation(self, conversation_id: str) -> None:
-        """Delete the conversation's messages and feedback; keep a tombstone row.
+        """Delete the conversation's messages, feedback and notes; keep a tombstone row.
 
         The tombstone has forgotten_at set and title/system_prompt cleared, so the API can
         answer 410 and nothing of it reaches training or exports. Idempotent; NotFound for
@@ -252,6 +253,7 @@ class Store(TrainingHistory):
             message_rows = session.execute(
                 delete(Message).where(Message.conversation_id == conversation_id)
             ).rowcount
+            note_rows = self._delete_conversation_notes(session, conversation_id)
             conversation.forgotten_at = utcnow()
             conversation.title = None
             conversation.system_prompt = None
@@ -259,10 +261,11 @@ class Store(TrainingHistory):
             self._purge_search_index(session)
         self._checkpoint()
         log.info(
-            "forgot conversation %s (%d messages, %d feedback rows deleted)",
+            "forgot conversation %s (%d messages, %d feedback rows, %d notes deleted)",
             conversation_id,
             message_rows,
             feedback_rows,
+            note_rows,
         )
 
     def _purge_search_index(self, session: Session) -> None:
@@ -441,11 +444,15 @@ class Store(TrainingHistory):
 
         Fields left out carry over from the previous current feedback (rating 4, then later
         a correction: current = rating 4 + correction); the previous row stays as history.
+        A correction given makes the answer's note (data/memory.py), or rewrites it.
         Raises FeedbackError (a ValueError) naming the problem, and changes nothing, for a
         bad rating, a blank correction, nothing given, an unknown message (also a NotFound),
         a non-assistant message, or a forgotten conversation (also a Gone).
         """
         comment = check_feedback(rating, correction, comment)
+        # Only a correction sent now (re)writes the note: one carried over with a new rating
+        # must not bring back a note the person forgot.
+        taught = correction is not None
         with self.session() as session:
             message = feedback_target(session, message_id)
             previous = session.scalar(
@@ -470,6 +477,8 @@ class Store(TrainingHistory):
                 created_at=utcnow(),
             )
             session.add(feedback)
+            if taught and feedback.correction is not None:
+                note_correction(session, message, feedback.correction)
         log.debug("feedback %s on %s: rating=%s", feedback.id, message_id, feedback.rating)
         return feedback
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from data.models import Conversation, Feedback, Message, Promotion, TrainingRun
+from data.models import Conversation, Feedback, Message, Note, Promotion, TrainingRun
 
 if TYPE_CHECKING:
     from data.search import SearchHit
@@ -125,4 +125,18 @@ def feedback_view(fb: Feedback) -> dict[str, Any]:
         "correction": fb.correction,
         "comment": fb.comment,
         "created_at": fb.created_at.isoformat(),
+    }
+
+
+def note_view(note: Note) -> dict[str, Any]:
+    """A note of the memory, as GET /v1/memory lists it."""
+    return {
+        "id": note.id,
+        "question": note.question,
+        "text": note.text,
+        "source_message_id": note.source_message_id,
+        "adapter_id": note.adapter_id,
+        "status": note.status,
+        "created_at": note.created_at.isoformat(),
+        "updated_at": note.updated_at.isoformat(),
     }

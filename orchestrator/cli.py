@@ -342,6 +342,61 @@ def import_cmd(
         console.print(f"{result.already_imported} conversations were imported before: skipped")
 
 
+@app.command(cls=_Command)
+def memory(
+    action: Annotated[
+        str, typer.Argument(metavar="ACTION", help="list (the notes), or forget ID.")
+    ] = "list",
+    note_id: Annotated[
+        str | None, typer.Argument(metavar="ID", help="The note to forget (forget only).")
+    ] = None,
+    home: HomeOpt = None,
+    set_: SetOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The memory: notes made from your corrections, given to the model from the next
+    message on while memory.enabled is true. `forget ID` removes a note's text for good."""
+    from data.errors import NotFound
+    from data.views import note_view
+
+    if action not in ("list", "forget"):
+        raise fail(f"unknown action {action!r}: list, or forget ID", 2)
+    if action == "forget" and note_id is None:
+        raise fail("forget needs the note's ID (`whetstone memory list` shows them)", 2)
+    if action == "list" and note_id is not None:
+        raise fail("list takes no ID", 2)
+    settings = settings_for(home, set_)
+    store = open_store(settings, existing_home=True)
+    try:
+        if action == "forget":
+            assert note_id is not None
+            try:
+                store.forget_note(note_id)
+            except NotFound as exc:
+                raise fail(str(exc)) from None
+            if as_json:
+                console.print_json(data={"id": note_id, "forgotten": True})
+            else:
+                console.print(f"forgot note {note_id}", highlight=False)
+            return
+        notes = [note_view(n) for n in store.list_notes(limit=1000)]
+    finally:
+        store.close()
+    if as_json:
+        console.print_json(data={"data": notes, "enabled": settings.memory.enabled})
+        return
+    state = "on" if settings.memory.enabled else "off (memory.enabled = false)"
+    console.print(f"memory: {len(notes)} note(s), {state}", highlight=False)
+    for note in notes:
+        asked = f"{note['question']} -> " if note["question"] else ""
+        console.print(
+            f"{note['id']}  [{note['status']}]  {asked}{note['text']}",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
 # -------------------------------------------------------------------------- backup/restore
 
 

@@ -10,7 +10,13 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from production.api import routes_admin, routes_candidates, routes_chat, routes_conversations
+from production.api import (
+    routes_admin,
+    routes_candidates,
+    routes_chat,
+    routes_conversations,
+    routes_memory,
+)
 from production.api.errors import install_error_handlers, sends
 from production.api.guards import install_guards
 from production.api.service import Service
@@ -37,7 +43,13 @@ def create_app(service: Service, on_shutdown: Callable[[], None] | None = None) 
     # In this order: the OpenAPI schema lists the paths as the routes were added. /health
     # answers without the bearer token; every other route needs it on binds that have one.
     app.include_router(routes_admin.unguarded)
-    for routes in (routes_admin, routes_candidates, routes_conversations, routes_chat):
+    for routes in (
+        routes_admin,
+        routes_candidates,
+        routes_conversations,
+        routes_memory,
+        routes_chat,
+    ):
         app.include_router(routes.router, responses=sends(401))
     app.openapi = lambda: _schema_without_422(app)  # type: ignore[method-assign]
     return app

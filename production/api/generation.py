@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from production.api import answers
+from production.api import answers, memory
 from production.api.errors import ApiError
 from production.api.model_ids import check_model, served_model
 from production.api.openai_schema import ChatMessage, ChatRequest, CompletionRequest
@@ -125,6 +125,7 @@ class Prepared:
     conversation_id: str
     asked_id: str
     recorded: dict[str, Any]
+    memory_notes: list[str] = field(default_factory=list)  # ids of the notes in the prompt
 
 
 async def chat(service: Service, req: ChatRequest, request: Request) -> Response:
@@ -164,9 +165,17 @@ async def prepare_chat(
     check_model(service, req.model)
     system, turns = turns_of(req.messages)
     _, body = system_and_body(req.messages)
-    prompt_messages = ([{"role": "system", "content": system}] if system else []) + [
-        _with_analysis(turn, message) for turn, message in zip(turns, body, strict=True)
-    ]
+    notes = await asyncio.to_thread(
+        memory.choose, service.store, service.settings.memory, turns, engine.count
+    )
+    # The notes join the prompt only: service.thread stores the request's own turns.
+    system, template_turns = memory.with_notes(
+        engine.format.name,
+        system,
+        [_with_analysis(turn, message) for turn, message in zip(turns, body, strict=True)],
+        notes,
+    )
+    prompt_messages = ([{"role": "system", "content": system}] if system else []) + template_turns
     window = engine.context_window
     chars = sum(len(m["content"]) for m in prompt_messages)
     most = window * await asyncio.to_thread(engine.longest_token_chars)
@@ -239,7 +248,10 @@ async def prepare_chat(
     if req.response_format is not None:
         record["response_format"] = req.response_format.model_dump(by_alias=True, exclude_none=True)
     record |= req.recorded()
-    return Prepared(prompt, sampling, conversation.id, asked_id, record)
+    used = [hit.note.id for hit in notes]
+    if used:
+        record["memory_notes"] = used
+    return Prepared(prompt, sampling, conversation.id, asked_id, record, used)
 
 
 async def complete(service: Service, req: CompletionRequest, request: Request) -> Response:
@@ -362,7 +374,9 @@ async def _generate(
         "model": started.model,
         "system_fingerprint": answers.fingerprint(engine.adapter_id),
     }
-    extra = {"conversation_id": started.conversation_id}
+    extra: dict[str, Any] = {"conversation_id": started.conversation_id}
+    if kind == "chat" and service.settings.memory.enabled:
+        extra["memory_notes"] = prepared.memory_notes
     wants_logprobs = sampling.steering.logprobs is not None
     if stream:
         logprobs_of = (

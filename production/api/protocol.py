@@ -51,6 +51,14 @@ class ConversationPatch(BaseModel):
     reasoning_effort: Literal["low", "medium", "high"] | None = None
 
 
+class MemoryRequest(BaseModel):
+    """POST /v1/memory: a note written by hand (the question it answers is optional)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    text: str
+    question: str | None = None
+
+
 class PromoteRequest(BaseModel):
     """POST /v1/candidates/{id}/promote (the body is optional)."""
 
@@ -340,6 +348,23 @@ class Forgotten(Answer):
     forgotten: Literal[True]
 
 
+class Note(Answer):
+    """A note of the memory (GET/POST /v1/memory)."""
+
+    id: str
+    question: str | None  # the question it answers (null: written without one)
+    text: str
+    source_message_id: str | None  # the corrected answer (null: written by hand)
+    adapter_id: str | None  # the adapter that answered wrong (null: the base model, or none)
+    status: Literal["active", "learned"]  # learned: the adapter knows it, not injected
+    created_at: str
+    updated_at: str
+
+
+class NoteList(Answer):
+    data: list[Note]  # newest first
+
+
 class Imported(Answer):
     """POST /v1/import: what `whetstone import FILE --json` prints."""
 
@@ -426,6 +451,8 @@ class ChatCompletion(Answer):
     usage: Usage
     adapter_id: str | None  # the adapter that answered (null: the base model)
     conversation_id: str  # the stored conversation it joined
+    # The ids of the notes given to the model; sent only with memory.enabled.
+    memory_notes: list[str] | MISSING = MISSING
 
 
 class TextCompletion(Answer):

@@ -9,10 +9,11 @@ PYTEST_ARGS ?=
 PYTEST_WORKERS ?= 2
 # torch's threads, one per core, sleep while they wait (OMP_WAIT_POLICY=PASSIVE): the torch
 # processes of the two workers share the two cores without libgomp's spinning threads taking
-# them from each other. Measured: the suite in 1,512 s against 1,618 s with one thread per
-# process; two trainings at once each at 0.57-0.60x of one alone (0.20-0.26x spinning, 0.61x
-# with one thread each), one alone at 0.82-0.98x against 0.63x with one thread
-# (benchmarks/cpu_threads.py, three calls; results/cpu-threads-vm-*.json).
+# them from each other, and a test that trains alone gets both. Measured in one call each
+# (benchmarks/cpu_threads.py, three calls; results/cpu-threads-vm-*.json): two trainings at
+# once each at 0.56-0.60x of one alone (0.20-0.26x spinning, 0.61x with one thread each), one
+# alone at 0.82-0.98x (0.63x with one thread). The suite's wall follows the VM's hour more
+# than this: 1,512 s and 1,778 s on one day, 1,618 s the day before with one thread.
 PYTEST := OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/pytest -n $(PYTEST_WORKERS) --dist worksteal
 
 .PHONY: install run chat test test-quick lint format clean

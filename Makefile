@@ -13,7 +13,7 @@ PYTEST_WORKERS ?= 2
 # (benchmarks/cpu_threads.py, three calls; results/cpu-threads-vm-*.json): two trainings at
 # once each at 0.56-0.60x of one alone (0.20-0.26x spinning, 0.61x with one thread each), one
 # alone at 0.82-0.98x (0.63x with one thread). The suite's wall follows the VM's hour more
-# than this: 1,512 s and 1,778 s on one day, 1,618 s the day before with one thread.
+# than this: 1,512 s and 1,778 s hours apart, 1,618 s at the previous stop (one thread).
 PYTEST := OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/pytest -n $(PYTEST_WORKERS) --dist worksteal
 
 .PHONY: install run chat test test-quick lint format clean

@@ -165,8 +165,12 @@ async def prepare_chat(
     check_model(service, req.model)
     system, turns = turns_of(req.messages)
     _, body = system_and_body(req.messages)
-    notes = await asyncio.to_thread(
-        memory.choose, service.store, service.settings.memory, turns, engine.count
+    notes = (
+        await asyncio.to_thread(
+            memory.choose, service.store, service.settings.memory, turns, engine.count
+        )
+        if service.settings.memory.enabled  # off: no thread hop on every chat request
+        else []
     )
     # The notes join the prompt only: service.thread stores the request's own turns.
     system, template_turns = memory.with_notes(

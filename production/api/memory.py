@@ -29,11 +29,9 @@ def last_user_text(turns: list[Turn]) -> str | None:
 def choose(
     store: Store, settings: MemorySection, turns: list[Turn], count_tokens: Any
 ) -> list[NoteHit]:
-    """The notes to give the model with `turns` (none while memory.enabled is off): the
-    best ones by relevance, at most max_notes, their tokens within max_tokens (a note past
-    the budget is left out whole: half a fact misleads)."""
-    if not settings.enabled:
-        return []
+    """The notes to give the model with `turns` (the caller asks only while memory.enabled
+    is on): the best ones by relevance, at most max_notes, their tokens within max_tokens (a
+    note past the budget is left out whole: half a fact misleads)."""
     asked = last_user_text(turns)
     if not asked:
         return []

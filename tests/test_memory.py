@@ -240,6 +240,12 @@ def test_a_correction_is_answered_in_the_next_request_and_never_trained_as_a_not
             sent = httpx.post(f"{server.url}/v1/feedback", json={"message_id": wrong.id, **body})
             assert sent.status_code == 200, sent.text
         (note,) = httpx.get(f"{server.url}/v1/memory").json()["data"]
+        # Bad notes are refused by name and add nothing.
+        for body, named in (({"text": "  "}, "text"), ({"text": "x", "colour": "red"}, "colour")):
+            refused = httpx.post(f"{server.url}/v1/memory", json=body)
+            assert refused.status_code == 400, refused.text
+            assert named in refused.json()["error"]["message"], refused.text
+        assert len(httpx.get(f"{server.url}/v1/memory").json()["data"]) == 1
 
         helped = ask("Tell me the name of my cat.")
         assert "mochi" in helped.choices[0].message.content.lower(), helped

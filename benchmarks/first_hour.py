@@ -16,14 +16,16 @@ only as the TUI and the README drive it:
   `whetstone trend --json`, which files that answer under the adapter that gave it.
 
 Measured before and after: recall of each fact on two paraphrases never asked while teaching
-(a fact is recalled when both say its keyword), the general questions of the simulated week
-(benchmarks/week_person.py), the serving adapter, the run's decision and the cycle's wall time
-(`whetstone train --wait` from start to exit). The probes' conversations are deleted after,
-so nothing measured is ever trained on.
+(a fact is recalled when both say its keyword), 28 general questions (the simulated week's 12
+and 16 more, benchmarks/week_person.py), the serving adapter, the run's decision and the
+cycle's wall time (`whetstone train --wait` from start to exit). The probes' conversations are
+deleted after, so nothing measured is ever trained on.
 
 Goals on a 2-core machine: the run trains, is gated and promoted; at least 5 of 6 facts
-recalled; at most one general question lost; the cycle under 5 minutes. --seed picks the
-facts' order, the wordings and the everyday questions. Writes
+recalled; at most one general question lost of those the base answers right with a margin
+(every token up to the keyword ahead of the next by benchmarks.week.TIE_NATS, measured after
+the daemon stops; the net change over all 28 is reported beside); the cycle under 5 minutes.
+--seed picks the facts' order, the wordings and the everyday questions. Writes
 benchmarks/results/first-hour-<host>-seed<N>-<stamp>.json.
 """
 
@@ -48,9 +50,11 @@ from benchmarks.week import (
     REPO,
     RESULTS_DIR,
     Daemon,
+    base_margins,
     check_sets,
     current_adapter,
     cycle,
+    lost_with_margin,
     prepare_home,
     wait_until,
 )
@@ -64,6 +68,8 @@ log = logging.getLogger("benchmarks.first_hour")
 CONFIG = ""
 FACTS_TAUGHT = 6
 CHATS = 12
+# The week's 12 general questions and 16 more (benchmarks/week_person.py).
+GENERAL_QUESTIONS = person.KNOWLEDGE + person.MORE_KNOWLEDGE
 GOALS = {"recalled_at_least": 5, "knowledge_lost_at_most": 1, "cycle_s_at_most": 300}
 
 
@@ -154,14 +160,14 @@ def recall(daemon: Daemon, facts: list[Fact]) -> dict[str, Any]:
 
 def knowledge(daemon: Daemon) -> dict[str, Any]:
     missed = {}
-    for question, keyword in person.KNOWLEDGE:
+    for question, keyword in GENERAL_QUESTIONS:
         _, conversation, text, _ = daemon.ask(question, 96)
         daemon.forget(conversation)
         if not person.knows(keyword, text):
             missed[question] = text
     return {
-        "right": len(person.KNOWLEDGE) - len(missed),
-        "of": len(person.KNOWLEDGE),
+        "right": len(GENERAL_QUESTIONS) - len(missed),
+        "of": len(GENERAL_QUESTIONS),
         "missed": missed,
     }
 
@@ -281,6 +287,8 @@ def run(home: Path, *, seed: int = 0, fresh: bool = False, sets: list[str] | Non
     finally:
         daemon.stop()
     result["wall_s"] = round(time.monotonic() - started, 1)
+    # After the daemon is gone: the base's margins take a minute of decoding of their own.
+    result["base_margins"] = base_margins(settings, GENERAL_QUESTIONS)
     result["summary"] = summarize(result)
     return result
 
@@ -288,7 +296,9 @@ def run(home: Path, *, seed: int = 0, fresh: bool = False, sets: list[str] | Non
 def summarize(result: dict[str, Any]) -> dict[str, Any]:
     before, after = result["before"], result["after"]
     run = result["runs"][-1] if result["runs"] else {}
-    lost = before["knowledge"]["right"] - after["knowledge"]["right"]
+    # The goal counts the questions the base knows with a margin (benchmarks.week.TIE_NATS):
+    # a coin flip the adapter lands the other way is no knowledge lost.
+    lost = lost_with_margin(result["base_margins"], after["knowledge"]["missed"])
     summary = {
         "run": ":".join(str(run.get(k) or "-") for k in ("status", "decision", "rule")),
         "reason": run.get("reason"),
@@ -297,7 +307,9 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
         "recalled": after["recall"]["facts"],
         "probes_right": f"{after['recall']['probes']}/{2 * after['recall']['of']}",
         "knowledge": [before["knowledge"]["right"], after["knowledge"]["right"]],
-        "knowledge_lost": lost,
+        "knowledge_lost": before["knowledge"]["right"] - after["knowledge"]["right"],
+        "known_with_margin": sum(m["knows"] for m in result["base_margins"].values()),
+        "lost_with_margin": lost,
         "cycle_s": result["cycle_s"],
         "corrections": sum(1 for t in result["taught"] if t["corrected"]),
         "report_taught": (result.get("review", {}).get("report") or {}).get("taught_line"),
@@ -308,7 +320,7 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
     summary["goals_met"] = (
         summary["promoted"]
         and summary["recalled"] >= GOALS["recalled_at_least"]
-        and lost <= GOALS["knowledge_lost_at_most"]
+        and len(lost) <= GOALS["knowledge_lost_at_most"]
         and result["cycle_s"] <= GOALS["cycle_s_at_most"]
     )
     return summary

@@ -597,6 +597,71 @@ def full_cycles(nights: list[dict[str, Any]]) -> list[float]:
     return [n["wall_s"] for n in nights if n.get("wall_s") and n.get("candidate")]
 
 
+# A general question the base answers right by a hair is no knowledge an adapter can be said
+# to lose. The embedded model serves in bf16 on the CPU, and its greedy answers to "How many
+# sides does a square have?", "How many hours are in a day?" and "What color is grass?" each
+# pass a step where the two likeliest tokens have the same logit: the first-hour runs of
+# 2026-12-06 found the base wrong on two of them and those of 2026-12-07 right, and every
+# adapter of seed 0 (six variants) "lost" the same three. The next smallest gap among the
+# base's right answers is 0.375 nats ("How many legs does a cat have?"); bf16 logits of this
+# size are 0.125 apart.
+TIE_NATS = 0.25
+
+
+def base_margins(settings: Settings, knowledge: tuple[tuple[str, str], ...]) -> dict[str, Any]:
+    """Each general question's greedy answer by the base model as served (the home's loader,
+    dtype and chat format; 96 tokens, as asked through the daemon) and its margin: the least
+    gap in nats between the likeliest and the next token over the answer up to the token that
+    completes the keyword (over all of it when the keyword never comes). A right answer with a
+    margin under TIE_NATS is a coin flip, not knowledge (see above)."""
+    import torch
+
+    from production.chat.formats import chat_format
+    from production.model.loading import load_model
+
+    model, tokenizer = load_model(settings, "cpu", for_training=False, role="production")
+    fmt = chat_format(settings.model.chat_format, tokenizer)
+    margins: dict[str, Any] = {}
+    for question, keyword in knowledge:
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}],
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=True,
+            **fmt.template_arguments(None, None),
+        )
+        with torch.no_grad():
+            out = model.generate(
+                **ids,
+                max_new_tokens=96,
+                do_sample=False,
+                output_scores=True,
+                return_dict_in_generate=True,
+            )
+        answer = out.sequences[0][ids["input_ids"].shape[1] :]
+        gaps = []
+        for step, scores in enumerate(out.scores):
+            top = torch.log_softmax(scores[0].float(), -1).topk(2).values
+            gaps.append(float(top[0] - top[1]))
+            if person.knows(keyword, tokenizer.decode(answer[: step + 1])):
+                break
+        text = tokenizer.decode(answer, skip_special_tokens=True)
+        right = person.knows(keyword, text)
+        margins[question] = {
+            "right": right,
+            "margin_nats": round(min(gaps), 4),
+            "knows": right and min(gaps) >= TIE_NATS,
+            "answer": text,
+        }
+    del model
+    return margins
+
+
+def lost_with_margin(margins: dict[str, Any], missed_after: dict[str, str]) -> list[str]:
+    """The general questions the base knows with a margin that the adapter gets wrong."""
+    return sorted(q for q, m in margins.items() if m["knows"] and q in missed_after)
+
+
 def summarize(timeline: list[Day]) -> dict[str, Any]:
     """The week's goals, measured: recall on the last day (facts of day 1 included), general
     knowledge lost against the base, the taste's movement, the cycle time's growth."""

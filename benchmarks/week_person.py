@@ -214,6 +214,28 @@ TASTE_PROMPTS: tuple[str, ...] = (
 # General knowledge, asked only to measure it: (question, keyword of a right answer).
 KNOWLEDGE: tuple[tuple[str, str], ...] = GENERAL
 
+# More of it, for the first hour: of the 12 above the embedded base answers 7 right, 3 of
+# them by a coin flip (benchmarks.week.TIE_NATS), which left 4 questions to lose. None of
+# these is a replay, chat or taste prompt (so none is trained on).
+MORE_KNOWLEDGE: tuple[tuple[str, str], ...] = (
+    ("What is the largest planet in our solar system?", "jupiter"),
+    ("What is the opposite of hot?", "cold"),
+    ("What animal says moo?", "cow"),
+    ("What is the capital of England?", "london"),
+    ("What is frozen water called?", "ice"),
+    ("What do bees make?", "honey"),
+    ("Who wrote Romeo and Juliet?", "shakespeare"),
+    ("What is the opposite of big?", "small"),
+    ("What is the capital of Russia?", "moscow"),
+    ("What color is a banana?", "yellow"),
+    ("What is the opposite of day?", "night"),
+    ("What is the capital of China?", "beijing"),
+    ("Which planet do we live on?", "earth"),
+    ("What is the opposite of left?", "right"),
+    ("Which star is at the centre of our solar system?", "sun"),
+    ("What is the opposite of happy?", "sad"),
+)
+
 # How the keywords that are numbers may be written out: "A square has four sides." is right.
 _SPELLED = {"2": "two", "4": "four", "24": r"twenty[- ]four"}
 

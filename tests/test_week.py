@@ -27,7 +27,6 @@ KNOWN_BY_THE_BASE = tuple(
         "What is the capital of Germany?",
         "How many legs does a cat have?",
         "What is the opposite of up?",
-        "How many sides does a square have?",
         "What is the capital of Greece?",
     )
 )
@@ -49,9 +48,10 @@ def test_two_days_with_the_daemon_teach_facts_that_stay_and_keep_general_knowled
         # No catch-up run after a promotion: tests/test_catch_up.py proves it, and here it
         # doubled every night's training and evaluation.
         sets=["gate.min_holdout_items=2", "schedule.min_new_examples=4", "training.catch_up=false"],
-        # The general questions the base model answers right (5 of the 12): what the nights
-        # must not lose. The other 7 cost ~70 s of answers per measurement and could only
-        # hide a loss behind a gain.
+        # The general questions the base model answers right with a margin (4 of the 12,
+        # benchmarks.week.base_margins): what the nights must not lose. Three more it answers
+        # right by a coin flip (tied logits), which any adapter may turn; the other 5 cost
+        # ~70 s of answers per measurement and could only hide a loss behind a gain.
         knowledge=KNOWN_BY_THE_BASE,
         # Recall, knowledge and taste are asserted on the base and the last day only: the
         # measurement after the first night (~20 greedy answers, up to ~1,900 tokens) is

@@ -768,6 +768,15 @@ class MemorySection(_Section):
         description="Share of the message's words a note must hold; lower: more recall, "
         "more unrelated notes.",
     )
+    # Each check is one short greedy answer on the development device (about 1-2 s on the
+    # embedded model, two cores): a night's evaluation spends up to check_max of them.
+    check_max: int = Field(
+        16,
+        ge=0,
+        le=1000,
+        description="Notes a candidate's evaluation asks without notes (while memory is on), "
+        "to retire those it answers right once it serves; 0 = never retired.",
+    )
 
 
 class Gate(_Section):

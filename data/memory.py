@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 
 from data import search
 from data.errors import Gone, InvalidInput, NotFound
-from data.models import Message, Note, new_id, utcnow
+from data.models import Message, Note, NoteCheck, new_id, utcnow
 from data.validation import check_text
 
 NOTE_MAX_CHARS = 4000  # a note is one fact, given to the model with every relevant message
@@ -172,10 +172,67 @@ class Memory:
         notes_fts); the caller merges the index."""
         return session.execute(delete(Note).where(Note.conversation_id == conversation_id)).rowcount
 
-    def relevant_notes(self, message: str, *, min_score: float, limit: int = 5) -> list[NoteHit]:
+    def record_note_checks(self, adapter_id: str, answered_right: dict[str, bool]) -> None:
+        """Whether `adapter_id` answered each note's question right without it (note id ->
+        verdict), replacing what was recorded for that adapter and note before. Notes
+        deleted since are left out."""
+        if not answered_right:
+            return
+        with self.session() as session:
+            present = set(session.scalars(select(Note.id).where(Note.id.in_(answered_right))))
+            for note_id, right in answered_right.items():
+                if note_id in present:
+                    session.merge(
+                        NoteCheck(
+                            note_id=note_id,
+                            adapter_id=adapter_id,
+                            answered_right=right,
+                            checked_at=utcnow(),
+                        )
+                    )
+
+    def learned_notes(self, adapter_id: str | None) -> set[str]:
+        """Ids of the notes `adapter_id` answers right without them (none for the base)."""
+        if adapter_id is None:
+            return set()
+        with self.read_session() as session:
+            return set(
+                session.scalars(
+                    select(NoteCheck.note_id).where(
+                        NoteCheck.adapter_id == adapter_id, NoteCheck.answered_right
+                    )
+                )
+            )
+
+    def notes_to_check(self, champion_id: str | None, limit: int) -> list[Note]:
+        """The active notes with a question a candidate's evaluation asks, at most `limit`:
+        those the champion has not learned first (what the night may have taught), then
+        those it has (whether the candidate kept them); newest first within each. A note
+        past the limit counts as not learned by the candidate: it stays given to the model."""
+        learned = self.learned_notes(champion_id)
+        with self.read_session() as session:
+            notes = list(
+                session.scalars(
+                    select(Note)
+                    .where(Note.status == "active", Note.question.is_not(None))
+                    .order_by(Note.created_at.desc(), Note.id.desc())
+                )
+            )
+        notes.sort(key=lambda note: note.id in learned)  # stable: newest first in each
+        return notes[: max(0, limit)]
+
+    def relevant_notes(
+        self,
+        message: str,
+        *,
+        min_score: float,
+        limit: int = 5,
+        serving_adapter: str | None = None,
+    ) -> list[NoteHit]:
         """Active notes concerning `message`, best first: coverage of its content words at
-        least `min_score`, bm25() breaking ties. Empty without FTS5 (not SQLite) or when the
-        message has no content word."""
+        least `min_score`, bm25() breaking ties; without those `serving_adapter` has learned
+        (record_note_checks). Empty without FTS5 (not SQLite) or when the message has no
+        content word."""
         words = search.content_words(message)
         if not words or not self._full_text or limit <= 0:
             return []
@@ -184,12 +241,21 @@ class Memory:
             SELECT n.id, bm25(notes_fts, {_BM25_WEIGHTS[0]}, {_BM25_WEIGHTS[1]}) AS rank
             FROM notes_fts CROSS JOIN notes AS n ON n.rowid = notes_fts.rowid
             WHERE notes_fts MATCH :match AND n.status = 'active'
+              AND NOT EXISTS (
+                SELECT 1 FROM note_checks AS c
+                WHERE c.note_id = n.id AND c.adapter_id = :serving AND c.answered_right
+              )
             ORDER BY rank LIMIT :candidates
             """
         )
         with self.read_session() as session:
             ranked = session.execute(
-                query, {"match": search.note_match(words), "candidates": _CANDIDATES}
+                query,
+                {
+                    "match": search.note_match(words),
+                    "candidates": _CANDIDATES,
+                    "serving": serving_adapter,
+                },
             ).all()
             if not ranked:
                 return []

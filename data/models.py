@@ -43,8 +43,9 @@ RUN_STATUSES = ("queued", "running", "succeeded", "failed", "skipped", "cancelle
 RUN_FINISHED = ("succeeded", "failed", "skipped", "cancelled")
 EVAL_DECISIONS = ("promote", "reject")
 PROMOTION_ACTIONS = ("promote", "rollback", "auto_rollback")
-# A note's status (migration 0007): given to the model, retired (the adapter learned it), or
-# forgotten (a tombstone without its text).
+# A note's status (migration 0007): given to the model, or forgotten (a tombstone without its
+# text). "learned" is what the memory's list says of an active note the serving adapter
+# answers right (NoteCheck, 0008): it depends on which adapter serves, so it is not stored.
 NOTE_STATUSES = ("active", "learned", "forgotten")
 
 # Named constraints keep future SQLite batch migrations (table rebuilds) deterministic.
@@ -356,3 +357,19 @@ class Note(Base):
     status: Mapped[str] = mapped_column(String(16), default="active")
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class NoteCheck(Base):
+    """Whether an adapter answers a note's question right without the note (migration 0008):
+    asked by the evaluation of the candidate that is this adapter. While that adapter serves,
+    a note it answers right is learned: no longer given to the model. A rollback serves
+    another adapter, and its own checks apply: what the rolled-back one retired comes back."""
+
+    __tablename__ = "note_checks"
+
+    note_id: Mapped[str] = mapped_column(
+        ID, ForeignKey("notes.id", ondelete="CASCADE"), primary_key=True
+    )
+    adapter_id: Mapped[str] = mapped_column(NAME, primary_key=True, index=True)
+    answered_right: Mapped[bool] = mapped_column(Boolean)
+    checked_at: Mapped[datetime] = mapped_column(default=utcnow)

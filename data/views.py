@@ -3,6 +3,7 @@ the API worker's bodies show. Timestamps are ISO 8601 strings (datetime.isoforma
 
 from __future__ import annotations
 
+from collections.abc import Set as AbstractSet
 from typing import TYPE_CHECKING, Any
 
 from data.models import Conversation, Feedback, Message, Note, Promotion, TrainingRun
@@ -128,15 +129,17 @@ def feedback_view(fb: Feedback) -> dict[str, Any]:
     }
 
 
-def note_view(note: Note) -> dict[str, Any]:
-    """A note of the memory, as GET /v1/memory lists it."""
+def note_view(note: Note, learned: AbstractSet[str] = frozenset()) -> dict[str, Any]:
+    """A note of the memory, as GET /v1/memory lists it. `learned`: the ids of the notes the
+    serving adapter answers right without them (Store.learned_notes), listed as "learned"."""
+    status = "learned" if note.status == "active" and note.id in learned else note.status
     return {
         "id": note.id,
         "question": note.question,
         "text": note.text,
         "source_message_id": note.source_message_id,
         "adapter_id": note.adapter_id,
-        "status": note.status,
+        "status": status,
         "created_at": note.created_at.isoformat(),
         "updated_at": note.updated_at.isoformat(),
     }

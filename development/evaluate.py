@@ -457,6 +457,7 @@ def evaluate_candidate(
     # What the candidate is compared with on what was taught: the adapter serving now.
     reference = "base" if champion_id is None else "champion"
     taught_answers: dict[str, list[str]] = {}
+    notes_checked: dict[str, int] = {}
     for done, (name, adapter) in enumerate(measured):
         if progress is not None:
             progress(f"evaluating: measuring the {name}", done, len(measured))
@@ -468,6 +469,10 @@ def evaluate_candidate(
             results[name], answers[name] = measure(
                 active, tokenizer, settings, holdout, regression, generated, known.get(name)
             )
+            if name == "candidate":
+                notes_checked = check_notes(
+                    active, tokenizer, settings, store, candidate_id, champion_id
+                )
             if taught and name in (reference, "candidate"):
                 taught_answers[name] = [
                     g.text
@@ -546,6 +551,7 @@ def evaluate_candidate(
         },
         "evaluation_seconds": round(time.monotonic() - started, 1),
         "evaluation_peak_gpu_gib": peaks.as_dict(),
+        "memory_notes": notes_checked,
     }
     _md, html_path = report.render(report_dict, folder)
     evaluation = {
@@ -561,6 +567,7 @@ def evaluate_candidate(
             "created_at",
             "evaluation_seconds",
             "evaluation_peak_gpu_gib",
+            "memory_notes",
         )
     }
     update_meta(
@@ -593,6 +600,43 @@ def evaluate_candidate(
         log.info("candidate %s has no store record", candidate_id)
     log.info("evaluated %s in %.1f s", candidate_id, report_dict["evaluation_seconds"])
     return report_dict
+
+
+def check_notes(
+    model: Any,
+    tokenizer: Any,
+    settings: Settings,
+    store: Store,
+    candidate_id: str,
+    champion_id: str | None,
+) -> dict[str, int]:
+    """While the memory is on: ask `model` (the candidate, no notes in its prompt) the
+    questions of up to memory.check_max notes and record which it answers right
+    (Store.record_note_checks); once it serves, those are learned and no longer given to the
+    model (issue 37). Returns {"checked": n, "answered_right": m}."""
+    from development import modeling
+
+    if not settings.memory.enabled or settings.memory.check_max == 0:
+        return {}
+    notes = store.notes_to_check(champion_id, settings.memory.check_max)
+    if not notes:
+        return {"checked": 0, "answered_right": 0}
+    answers = modeling.generate(
+        model,
+        tokenizer,
+        [[{"role": "user", "content": note.question}] for note in notes],
+        max_new_tokens=TAUGHT_MAX_NEW_TOKENS,
+        chat_format=settings.model.chat_format,
+    )
+    verdicts = {
+        note.id: says_it(answer.text, note.text, note.question or "")
+        for note, answer in zip(notes, answers, strict=True)
+    }
+    store.record_note_checks(candidate_id, verdicts)
+    log.info(
+        "memory: %d of %d notes answered right without them", sum(verdicts.values()), len(notes)
+    )
+    return {"checked": len(notes), "answered_right": sum(verdicts.values())}
 
 
 def _keep_base_general(settings: Settings, metrics: dict[str, Any], key: str) -> None:

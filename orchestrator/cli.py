@@ -379,7 +379,9 @@ def memory(
             else:
                 console.print(f"forgot note {note_id}", highlight=False)
             return
-        notes = [note_view(n) for n in store.list_notes(limit=1000)]
+        # Learned: what the adapter serving now answers right without the note.
+        learned = store.learned_notes(open_registry(settings).current_id())
+        notes = [note_view(n, learned) for n in store.list_notes(limit=1000)]
     finally:
         store.close()
     if as_json:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from data.db import head_revision
 from data.store import Store
 from production.api.memory import with_notes
 from tests.conftest import run_cli
@@ -147,7 +148,7 @@ def test_a_home_at_0006_upgrades_and_keeps_its_corrections(tmp_path: Path) -> No
     connection.commit()
     connection.close()
     with Store(f"sqlite:///{db_file}") as store:
-        assert store.schema_revision == "0007"
+        assert store.schema_revision == head_revision()
         conversation = store.get_conversation("conv_1")
         assert [m.content for m in conversation.messages] == ["Where do I live?", "Paris."]
         assert store.current_feedback("msg_1").correction == "You live in Utrecht."
@@ -201,6 +202,93 @@ def test_the_cli_lists_and_forgets_notes(home: Path) -> None:
     assert bad.returncode == 2 and "forget needs the note's ID" in bad.stderr
     with Store(f"sqlite:///{home / 'whetstone.db'}") as store:
         assert store.list_notes() == []
+
+
+def test_a_note_the_serving_adapter_learned_is_retired_and_a_rollback_restores_it(
+    store: Store, db_path: Path
+) -> None:
+    conversation, _ = corrected(store, "What is my cat's name?", "Felix.", "Mochi.")
+    corrected(store, "Which city do I live in?", "Paris.", "You live in Lyon.")
+    cat, city = sorted(store.list_notes(), key=lambda n: n.text)
+    # Night 1's candidate answered the cat's question right without the note, not the city's.
+    store.record_note_checks("night-1", {cat.id: True, city.id: False})
+
+    def given(serving: str | None, message: str) -> list[str]:
+        hits = store.relevant_notes(message, min_score=MIN_SCORE, serving_adapter=serving)
+        return [hit.note.text for hit in hits]
+
+    # While night 1 serves, its learned note is no longer given; the other still is.
+    assert given("night-1", "Tell me my cat's name.") == []
+    assert given("night-1", "Which city do I live in?") == ["You live in Lyon."]
+    assert store.learned_notes("night-1") == {cat.id}
+    # Rolled back to the adapter before it (or the base): that one never learned it.
+    assert given("night-0", "Tell me my cat's name.") == ["Mochi."]
+    assert given(None, "Tell me my cat's name.") == ["Mochi."]
+    # The next evaluation asks first what the champion has not learned, then what it has.
+    assert [n.id for n in store.notes_to_check("night-1", 10)] == [city.id, cat.id]
+    assert [n.id for n in store.notes_to_check("night-1", 1)] == [city.id]
+    # A later check replaces the earlier: night 1 asked again and wrong, the note is back.
+    store.record_note_checks("night-1", {cat.id: False})
+    assert given("night-1", "Tell me my cat's name.") == ["Mochi."]
+    # Forgetting the conversation deletes its note and the note's checks.
+    store.forget_conversation(conversation)
+    assert raw(db_path, f"SELECT count(*) FROM note_checks WHERE note_id = '{cat.id}'") == [(0,)]
+    store.record_note_checks("night-2", {cat.id: True})  # a note deleted since: left out
+    assert raw(db_path, "SELECT count(*) FROM note_checks") == [(1,)]
+
+
+def test_the_cli_lists_a_note_as_learned_while_the_adapter_that_learned_it_serves(
+    home: Path,
+) -> None:
+    from candidates import Registry
+    from tests.test_cli import BASE
+    from tests.test_registry import make_meta, write_fake_adapter
+
+    registry = Registry(home / "candidates")
+    for candidate in ("night-1", "night-2"):
+        registry.create(make_meta(candidate, base_model=BASE), write_fake_adapter)
+    with Store(f"sqlite:///{home / 'whetstone.db'}") as store:
+        note = store.add_note("Mochi is the cat.", question="What is my cat's name?")
+        store.record_note_checks("night-2", {note.id: True})
+
+    def status() -> str:
+        listed = run_cli("memory", "list", "--home", str(home), "--json")
+        assert listed.returncode == 0, listed.stderr
+        (only,) = json.loads(listed.stdout)["data"]
+        return only["status"]
+
+    assert status() == "active"  # the base serves
+    for candidate in ("night-1", "night-2"):
+        promoted = run_cli("promote", candidate, "--home", str(home), "--force")
+        assert promoted.returncode == 0, promoted.stderr
+    assert status() == "learned"
+    assert run_cli("rollback", "--home", str(home)).returncode == 0
+    assert status() == "active"
+
+
+@pytest.mark.slow
+def test_a_candidate_is_asked_the_notes_without_them_and_its_verdicts_kept(
+    home_with_model: Path,
+) -> None:
+    """The evaluation's check on the real embedded model: a note whose question the model
+    answers right without it (a general fact) is recorded as learned by the candidate; one it
+    cannot know (the person's cat) is not; with the memory off nothing is asked."""
+    from common.config import load_settings
+    from development import modeling
+    from development.evaluate import check_notes
+
+    settings = load_settings(home_with_model, {"memory": {"enabled": True}})
+    with Store(settings.db_url) as store:
+        cat = store.add_note("Your cat is called Mochi.", question="What is my cat's name?")
+        greece = store.add_note("Athens.", question="What is the capital of Greece?")
+        model, tokenizer = modeling.load_base(settings, "cpu", for_training=False)
+        off = load_settings(home_with_model)
+        assert check_notes(model, tokenizer, off, store, "night-1", None) == {}
+        assert store.learned_notes("night-1") == set()
+        checked = check_notes(model, tokenizer, settings, store, "night-1", None)
+        assert checked == {"checked": 2, "answered_right": 1}
+        assert store.learned_notes("night-1") == {greece.id}
+        assert cat.id not in store.learned_notes("night-1")
 
 
 @pytest.mark.slow

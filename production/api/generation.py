@@ -167,7 +167,12 @@ async def prepare_chat(
     _, body = system_and_body(req.messages)
     notes = (
         await asyncio.to_thread(
-            memory.choose, service.store, service.settings.memory, turns, engine.count
+            memory.choose,
+            service.store,
+            service.settings.memory,
+            turns,
+            engine.count,
+            engine.adapter_id,
         )
         if service.settings.memory.enabled  # off: no thread hop on every chat request
         else []

@@ -27,15 +27,22 @@ def last_user_text(turns: list[Turn]) -> str | None:
 
 
 def choose(
-    store: Store, settings: MemorySection, turns: list[Turn], count_tokens: Any
+    store: Store,
+    settings: MemorySection,
+    turns: list[Turn],
+    count_tokens: Any,
+    adapter_id: str | None = None,
 ) -> list[NoteHit]:
     """The notes to give the model with `turns` (the caller asks only while memory.enabled
     is on): the best ones by relevance, at most max_notes, their tokens within max_tokens (a
-    note past the budget is left out whole: half a fact misleads)."""
+    note past the budget is left out whole: half a fact misleads). Notes the serving adapter
+    `adapter_id` has learned (its evaluation answered them right without) are left out."""
     asked = last_user_text(turns)
     if not asked:
         return []
-    hits = store.relevant_notes(asked, min_score=settings.min_score, limit=settings.max_notes)
+    hits = store.relevant_notes(
+        asked, min_score=settings.min_score, limit=settings.max_notes, serving_adapter=adapter_id
+    )
     chosen, spent = [], 0
     for hit in hits:
         cost = count_tokens(f"{hit.note.question or ''}\n{hit.note.text}")

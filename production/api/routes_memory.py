@@ -18,13 +18,18 @@ router = APIRouter()
 
 @router.get("/v1/memory", responses=sends(400, 503))
 async def notes(service: ServiceDep, limit: int = 50, offset: int = 0) -> NoteList:
-    """Notes not forgotten (active and learned), newest first."""
+    """Notes not forgotten, newest first: "learned" where the serving adapter answers the
+    note's question right without it (then it is no longer given to the model)."""
     if not 1 <= limit <= 500:
         raise ApiError(400, f"limit must be 1..500; got {limit}", param="limit")
     if not 0 <= offset < 2**63:  # SQLite's integers are 64-bit
         raise ApiError(400, f"offset must be 0..2^63-1; got {offset}", param="offset")
-    rows = await asyncio.to_thread(service.store.list_notes, limit, offset)
-    return NoteList(data=[Note(**note_view(n)) for n in rows])
+
+    def listed() -> list[dict]:
+        learned = service.store.learned_notes(service.engine.adapter_id)
+        return [note_view(n, learned) for n in service.store.list_notes(limit, offset)]
+
+    return NoteList(data=[Note(**view) for view in await asyncio.to_thread(listed)])
 
 
 @router.post("/v1/memory", responses=sends(400, 503))

@@ -29,6 +29,7 @@ from tui.app import Connection, WhetstoneApp, make_api
 from tui.client import Api
 from tui.screens.chat import ChatScreen
 from tui.screens.dialogs import ConfirmScreen, EditScreen
+from tui.screens.memory import MemoryScreen
 from tui.screens.reports import ReportScreen, ReportsScreen
 from tui.screens.status import StatusScreen
 from tui.widgets.message import AnswerView, UserMessage
@@ -696,6 +697,50 @@ def test_reports_screen_lists_opens_and_promotes_after_confirming(
         server.stop()
     actions = [p.action for p in stored(home_with_model, "list_promotions")]
     assert actions == ["rollback", "promote"]
+
+
+@pytest.mark.slow
+def test_memory_screen_lists_the_notes_and_forgets_one_after_confirming(
+    home_with_model: Path,
+) -> None:
+    (home_with_model / "config.toml").write_text("[memory]\nenabled = true\n")
+    with store_of(home_with_model) as store:
+        cat = store.add_note("Your cat is called Mochi.", question="What is my cat's name?")
+        store.add_note("You live in Lyon.", question="Which city do I live in?")
+    server = ServerProcess(home_with_model).wait_ready()
+
+    async def scenario() -> None:
+        app = app_for(home_with_model)
+        async with app.run_test(size=NARROW) as pilot:
+            await connected(pilot)
+            await pilot.press("f5")
+            screen = await until(pilot, lambda: isinstance(app.screen, MemoryScreen) and app.screen)
+            await until(pilot, lambda: len(screen.notes) == 2, 10, "the notes")
+            table = screen.query_one("#notes")
+            newest = [str(cell) for cell in table.get_row_at(0)]
+            assert newest == ["active", "Which city do I live in?", "You live in Lyon."]
+            assert "given to the model" in _shown(screen.query_one("#memory-info"))
+
+            table.move_cursor(row=1)  # the cat's note
+            await pilot.press("f")
+            dialog = await until(
+                pilot, lambda: isinstance(app.screen, ConfirmScreen) and app.screen
+            )
+            assert "Mochi" in dialog.detail
+            await pilot.press("n")  # kept
+            await until(pilot, lambda: isinstance(app.screen, MemoryScreen))
+            assert len(stored(home_with_model, "list_notes")) == 2
+            await pilot.press("f")
+            await until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+            await pilot.press("y")
+            await until(pilot, lambda: len(screen.notes) == 1, 10, "the list without it")
+
+    try:
+        run(scenario)
+    finally:
+        server.stop()
+    assert [n.id for n in stored(home_with_model, "list_notes")] != [cat.id]
+    assert [n.text for n in stored(home_with_model, "list_notes")] == ["You live in Lyon."]
 
 
 def test_the_analysis_channel_shows_only_when_asked() -> None:

@@ -22,6 +22,7 @@ from tui.client import Api, ApiRefused, DaemonUnreachable, home_locator
 from tui.screens.chat import ChatScreen
 from tui.screens.dialogs import ConfirmScreen
 from tui.screens.help import HelpScreen
+from tui.screens.memory import MemoryScreen
 from tui.screens.reports import ReportsScreen
 from tui.screens.status import StatusScreen
 
@@ -45,13 +46,19 @@ class WhetstoneApp(App[None]):
     ENABLE_COMMAND_PALETTE = False
     # Below 100 columns the conversation list hides (Ctrl+B shows it).
     HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (100, "-wide")]
-    MODES = {"chat": ChatScreen, "status": StatusScreen, "reports": ReportsScreen}
+    MODES = {
+        "chat": ChatScreen,
+        "status": StatusScreen,
+        "reports": ReportsScreen,
+        "memory": MemoryScreen,
+    }
     DEFAULT_MODE = "chat"
     BINDINGS = [
         Binding("f1", "help", "Help"),
         Binding("f2", "switch_mode('chat')", "Chat"),
         Binding("f3", "switch_mode('status')", "Status"),
         Binding("f4", "switch_mode('reports')", "Reports"),
+        Binding("f5", "switch_mode('memory')", "Memory"),
         Binding("ctrl+q", "quit", "Quit", key_display="^q"),
     ]
 

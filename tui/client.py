@@ -131,6 +131,14 @@ class Api:
     async def forget_conversation(self, conversation_id: str) -> None:
         await self.request("DELETE", f"/v1/conversations/{conversation_id}")
 
+    async def memory(self) -> dict[str, Any]:
+        """The memory's notes, newest first (`data`), and whether they are given to the
+        model (`enabled`)."""
+        return await self.request("GET", "/v1/memory?limit=500")
+
+    async def forget_note(self, note_id: str) -> None:
+        await self.request("DELETE", f"/v1/memory/{note_id}")
+
     async def feedback(self, message_id: str, **fields: Any) -> dict[str, Any]:
         return await self.request("POST", "/v1/feedback", {"message_id": message_id, **fields})
 

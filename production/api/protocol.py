@@ -363,6 +363,7 @@ class Note(Answer):
 
 class NoteList(Answer):
     data: list[Note]  # newest first
+    enabled: bool  # memory.enabled: whether notes are given to the model
 
 
 class Imported(Answer):

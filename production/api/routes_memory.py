@@ -29,7 +29,8 @@ async def notes(service: ServiceDep, limit: int = 50, offset: int = 0) -> NoteLi
         learned = service.store.learned_notes(service.engine.adapter_id)
         return [note_view(n, learned) for n in service.store.list_notes(limit, offset)]
 
-    return NoteList(data=[Note(**view) for view in await asyncio.to_thread(listed)])
+    views = await asyncio.to_thread(listed)
+    return NoteList(data=[Note(**view) for view in views], enabled=service.settings.memory.enabled)
 
 
 @router.post("/v1/memory", responses=sends(400, 503))

@@ -14,7 +14,7 @@ HELP = """\
 | anywhere | |
 |---|---|
 | F1 | this help |
-| F2 / F3 / F4 | chat / status / reports |
+| F2 / F3 / F4 / F5 | chat / status / reports / memory |
 | Ctrl+Q | quit |
 
 | chat: the message box | |
@@ -60,6 +60,11 @@ HELP = """\
 | p | promote (asks first) |
 | b | roll back to the previous adapter (asks first) |
 | o | open the HTML report (with plots) in the browser |
+
+| memory | |
+|---|---|
+| f | forget the note (asks first) |
+| r | refresh |
 
 A rating or correction that could not be stored says **NOT SAVED** on the answer; it is
 retried when the daemon is back, or press the key again.

@@ -338,6 +338,16 @@ def test_a_correction_is_answered_in_the_next_request_and_never_trained_as_a_not
         helped = ask("Tell me the name of my cat.")
         assert "mochi" in helped.choices[0].message.content.lower(), helped
         assert helped.model_extra["memory_notes"] == [note["id"]]
+        # `memory: false` asks the adapter alone (what the benchmarks measure as learned).
+        alone = client.chat.completions.create(
+            model="whetstone",
+            messages=[{"role": "user", "content": "Tell me the name of my cat."}],
+            temperature=0,
+            max_tokens=24,
+            extra_body={"memory": False},
+        )
+        assert alone.model_extra["memory_notes"] == []
+        assert "mochi" not in alone.choices[0].message.content.lower()
         unrelated = ask("What is the capital of France?")
         assert unrelated.model_extra["memory_notes"] == []
         assert "paris" in unrelated.choices[0].message.content.lower()

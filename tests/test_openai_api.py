@@ -355,6 +355,7 @@ def test_models_and_errors_have_openai_shapes(client: openai.OpenAI, served: Ser
         "store": {"store": False},
         "functions": {"functions": [{"name": "f"}]},
         "bogus": {"bogus": 1},
+        "memory": {"memory": True},  # the memory is off in this home: asked for, refused
         "logit_bias": {"logit_bias": {"999999": 1}},
         "messages": {
             "messages": [*COUNT, {"role": "tool", "tool_call_id": "call_x", "content": "{}"}]

@@ -165,6 +165,13 @@ async def prepare_chat(
     check_model(service, req.model)
     system, turns = turns_of(req.messages)
     _, body = system_and_body(req.messages)
+    if req.memory and not service.settings.memory.enabled:
+        raise ApiError(
+            400,
+            "memory: the memory is off (memory.enabled = false in the config); "
+            "send no memory field, or turn it on",
+            param="memory",
+        )
     notes = (
         await asyncio.to_thread(
             memory.choose,
@@ -174,7 +181,8 @@ async def prepare_chat(
             engine.count,
             engine.adapter_id,
         )
-        if service.settings.memory.enabled  # off: no thread hop on every chat request
+        # off: no thread hop on every chat request
+        if service.settings.memory.enabled and req.memory is not False
         else []
     )
     # The notes join the prompt only: service.thread stores the request's own turns.

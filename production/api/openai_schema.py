@@ -263,6 +263,9 @@ class ChatRequest(_Sampling):
     include_reasoning: bool = False
     conversation_id: str | None = None
     regenerate: bool = False
+    # None: the config's memory.enabled; false: no notes for this request (what the adapter
+    # alone answers); true while the memory is off is refused (prepare_chat).
+    memory: bool | None = None
 
     @field_validator("messages")
     @classmethod

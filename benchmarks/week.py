@@ -1,7 +1,7 @@
 """A scripted person living with whetstone for a simulated week: is the model better every day?
 
-    python -m benchmarks.week [--days 7] [--seed 0] [--teach many|once] [--home DIR] [--fresh]
-                              [--set KEY=VALUE ...]
+    python -m benchmarks.week [--days 7] [--seed 0] [--teach many|once] [--memory]
+                              [--home DIR] [--fresh] [--set KEY=VALUE ...]
 
 A real `whetstone up` on the embedded model in a throwaway home (or --home), driven only
 through the product's API and triggers:
@@ -21,6 +21,12 @@ through the product's API and triggers:
 - after the night: recall of every fact taught so far on unseen paraphrases, the general
   knowledge questions, the taste on prompts never rated, the serving adapter, the cycle's wall
   time and peak host memory, and the rows it trained on.
+
+With --memory the home's memory is on (memory.enabled): the person's chat gets the notes of
+their corrections from the next message on. Each day's new facts are then also asked before
+the night (same-day recall, with the notes); the measurements after the night ask without
+notes (the request's `memory: false`: what the adapter learned), and the general questions
+once more with them; the memory's notes learned by the serving adapter are counted each day.
 
 Day 0 is the base model before any teaching. The probes' conversations are deleted after each
 measurement (DELETE /v1/conversations/ID), so nothing the benchmark asks is ever trained on.
@@ -114,6 +120,10 @@ class Day:
     chat_s: float = 0.0
     # Adapters the watch rolled back that day on the person's ratings (watch.ratings).
     rollbacks: list[dict[str, Any]] = field(default_factory=list)
+    # With the memory on: the day's new facts asked before the night (the notes' doing), and
+    # the memory's notes by status after it (learned: the serving adapter answers them).
+    same_day: dict[str, Any] = field(default_factory=dict)
+    notes: dict[str, int] = field(default_factory=dict)
 
 
 class Clock:
@@ -177,12 +187,18 @@ class Daemon:
             time.sleep(0.5)
         raise TimeoutError(f"the API worker did not come up in {timeout} s")
 
-    def ask(self, question: str, max_tokens: int) -> tuple[str, str, str, bool]:
-        """(message id, conversation id, answer, finished) of one greedy answer."""
-        reply = self.http.post(
-            "/v1/chat/completions",
-            json={"messages": [{"role": "user", "content": question}], "max_tokens": max_tokens},
-        )
+    def ask(
+        self, question: str, max_tokens: int, memory: bool | None = None
+    ) -> tuple[str, str, str, bool]:
+        """(message id, conversation id, answer, finished) of one greedy answer; `memory`
+        False asks without notes (the adapter alone), None as the config says."""
+        body: dict[str, Any] = {
+            "messages": [{"role": "user", "content": question}],
+            "max_tokens": max_tokens,
+        }
+        if memory is not None:
+            body["memory"] = memory
+        reply = self.http.post("/v1/chat/completions", json=body)
         reply.raise_for_status()
         body = reply.json()
         choice = body["choices"][0]
@@ -201,6 +217,13 @@ class Daemon:
 
     def adapter(self) -> str | None:
         return self.http.get("/v1/status").json().get("adapter_id")
+
+    def notes(self) -> dict[str, int]:
+        """The memory's notes by status (active, learned by the adapter serving now)."""
+        listed = self.http.get("/v1/memory", params={"limit": 500}).json()["data"]
+        return {
+            status: sum(n["status"] == status for n in listed) for status in ("active", "learned")
+        }
 
     def stop(self) -> None:
         self.http.close()
@@ -222,13 +245,18 @@ def measure(
     facts: list[person.WeekFact],
     taste_prompts: tuple[str, ...],
     knowledge: tuple[tuple[str, str], ...] = person.KNOWLEDGE,
+    memory: bool = False,
 ) -> dict:
     """Recall, general knowledge and taste of the model being served, on questions never
-    trained on (their conversations are deleted after)."""
+    trained on (their conversations are deleted after). With `memory` (the home's memory is
+    on) these are asked without notes, what the adapter learned, and the general questions
+    again as the person gets them, with the notes (`knowledge_with_memory`)."""
     asked: list[str] = []
 
-    def answer(question: str, max_tokens: int) -> tuple[str, bool]:
-        _, conversation, text, finished = daemon.ask(question, max_tokens)
+    def answer(question: str, max_tokens: int, notes: bool = False) -> tuple[str, bool]:
+        _, conversation, text, finished = daemon.ask(
+            question, max_tokens, memory=None if notes or not memory else False
+        )
         asked.append(conversation)
         return text, finished
 
@@ -251,6 +279,12 @@ def measure(
         if not person.knows(keyword, text):
             general_missed[question] = text
     answers = [answer(q, 160) for q in taste_prompts]
+    with_memory = {}
+    if memory:
+        for question, keyword in knowledge:
+            text = answer(question, 96, notes=True)[0]
+            if not person.knows(keyword, text):
+                with_memory[question] = text
     for conversation in asked:
         daemon.forget(conversation)
     hits = sum(int(v.split("/")[0]) for v in recalled.values())
@@ -267,6 +301,14 @@ def measure(
             "right": len(knowledge) - len(general_missed),
             "of": len(knowledge),
             "missed": general_missed,
+            **(
+                {
+                    "right_with_memory": len(knowledge) - len(with_memory),
+                    "missed_with_memory": with_memory,
+                }
+                if memory
+                else {}
+            ),
         },
         "taste": {
             "score": round(sum(person.taste(a, f) for a, f in answers) / len(answers), 3),
@@ -464,11 +506,14 @@ def run_week(
     on_day: Any = None,
     teaching: str = "many",
     measure_every_day: bool = True,
+    memory: bool = False,
 ) -> dict[str, Any]:
     """The whole week in `home`; returns what was measured (see the module docstring).
     `on_day(result)` gets the result so far after every day (a long run keeps what it has).
     `measure_every_day` False: the served model is measured on the base and after the last
-    night only (the summary reads those two); the days between keep empty measurements."""
+    night only (the summary reads those two); the days between keep empty measurements.
+    `memory`: the home's memory on (memory.enabled); recall, knowledge and taste are then
+    measured without notes, and each day's new facts are asked before the night with them."""
     if teaching not in TEACHING:
         raise ValueError(f"teaching must be one of {TEACHING}; got {teaching!r}")
     if days < 1 or days > len(facts_per_day):
@@ -482,7 +527,7 @@ def run_week(
     rng.shuffle(facts)
     chats = list(person.CHAT_PROMPTS)
     rng.shuffle(chats)
-    setup = prepare_home(home, fresh, sets or [])
+    setup = prepare_home(home, fresh, [*(sets or []), *(["memory.enabled=true"] if memory else [])])
     settings = load_settings(home)
     started = time.monotonic()
     daemon = Daemon(home)
@@ -495,6 +540,7 @@ def run_week(
             "seed": seed,
             "days": days,
             "teaching": teaching,
+            "memory": memory,
             "fresh_home": fresh,
             "config": (home / "config.toml").read_text(),
             "setup": setup,
@@ -508,7 +554,8 @@ def run_week(
         setup["daemon_ready_s"] = round(time.monotonic() - started, 1)
         clock = Clock(settings)
         base = Day(0)
-        _record(base, measure(daemon, facts[: sum(facts_per_day[:days])], taste_prompts, knowledge))
+        everything = facts[: sum(facts_per_day[:days])]
+        _record(base, measure(daemon, everything, taste_prompts, knowledge, memory))
         base.adapter = daemon.adapter()
         timeline.append(base)
         log.info("day 0 (base): %s", _line(base))
@@ -528,6 +575,8 @@ def run_week(
             taught += new
             chat(daemon, chats[(day - 1) * chats_per_day : day * chats_per_day], rng, today)
             today.chat_s = round(time.monotonic() - began, 1)
+            if memory and new:
+                today.same_day = same_day_recall(daemon, new)
 
             clock.night()
             runs = wait_for_night(settings, day_began, night_timeout_s)
@@ -544,8 +593,10 @@ def run_week(
             wait_until(
                 lambda a=today.adapter: daemon.adapter() == a, f"{today.adapter} served", 120
             )
+            if memory:
+                today.notes = daemon.notes()
             if measure_every_day or day == days:
-                _record(today, measure(daemon, taught, taste_prompts, knowledge))
+                _record(today, measure(daemon, taught, taste_prompts, knowledge, memory))
             timeline.append(today)
             log.info("day %d: %s", day, _line(today))
             if on_day is not None:
@@ -553,6 +604,22 @@ def run_week(
     finally:
         daemon.stop()
     return result()
+
+
+def same_day_recall(daemon: Daemon, facts: list[person.WeekFact]) -> dict[str, Any]:
+    """The day's new facts asked in their probe wordings before the night, as the person's
+    chat asks them (the memory's notes given); the conversations are deleted after."""
+    per_fact = {}
+    for fact in facts:
+        hits = 0
+        for probe in fact.probes:
+            _, conversation, text, _ = daemon.ask(probe, 24)
+            daemon.forget(conversation)
+            hits += fact.keyword in text.lower()
+        per_fact[fact.keyword] = f"{hits}/{len(fact.probes)}"
+    hits = sum(int(v.split("/")[0]) for v in per_fact.values())
+    probes = sum(len(f.probes) for f in facts)
+    return {"hits": hits, "probes": probes, "per_fact": per_fact}
 
 
 def _record(day: Day, measured: dict[str, Any]) -> None:
@@ -675,6 +742,16 @@ def summarize(timeline: list[Day]) -> dict[str, Any]:
         "recall_last_day": last.recall.get("share"),
         "recall_first_day_facts_last_day": {k: per_fact.get(k) for k in first_day_facts},
         "knowledge_lost": base.knowledge["right"] - last.knowledge["right"],
+        # With the memory on: the general questions as the person gets them (notes given).
+        "knowledge_lost_with_memory": base.knowledge["right"] - last.knowledge["right_with_memory"]
+        if "right_with_memory" in last.knowledge
+        else None,
+        # The day's facts asked before the night, with the memory's notes (hits / probes).
+        "same_day_recall": [
+            sum(d.same_day["hits"] for d in timeline if d.same_day),
+            sum(d.same_day["probes"] for d in timeline if d.same_day),
+        ],
+        "notes_learned_by_day": [d.notes.get("learned") for d in timeline[1:] if d.notes],
         "taste_score": [base.taste["score"], last.taste["score"]],
         "taste_words": [base.taste["words"], last.taste["words"]],
         "promotions": sum(1 for n in nights if n.get("decision") == "promote"),
@@ -752,6 +829,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fresh", action="store_true", help="day 1 includes preparing the model")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument(
+        "--memory",
+        action="store_true",
+        help="the memory on: same-day recall with notes; recall, knowledge and taste without",
+    )
+    parser.add_argument(
         "--teach",
         choices=TEACHING,
         default="many",
@@ -763,8 +845,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--days must be 1..{len(FACTS_PER_DAY)}")
     check_sets(parser, args.sets)
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-    once = "-once" if args.teach == "once" else ""
-    out = RESULTS_DIR / f"week{once}-{platform.node()}-seed{args.seed}-{stamp}.json"
+    variant = ("-once" if args.teach == "once" else "") + ("-memory" if args.memory else "")
+    out = RESULTS_DIR / f"week{variant}-{platform.node()}-seed{args.seed}-{stamp}.json"
 
     def write(result: dict[str, Any]) -> None:
         atomic_write_text(out, json.dumps(result, indent=1, ensure_ascii=False) + "\n")
@@ -779,6 +861,7 @@ def main(argv: list[str] | None = None) -> int:
             sets=args.sets,
             on_day=write,
             teaching=args.teach,
+            memory=args.memory,
         )
     write(result)
     plot(result, out.with_suffix(".png"))

@@ -56,3 +56,39 @@ def test_batched_span_scores_equal_each_pair_scored_alone(tmp_path: Path, kind: 
     # Rows are batched by length, and each score still comes back in its pair's place.
     mixed = score_answers(model, tokenizer, PAIRS[::-1] + PAIRS, max_length=512, batch_size=2)
     assert [s.logprob for s in mixed] == pytest.approx(expected[::-1] + expected, abs=1e-3)
+
+
+def test_a_catch_up_reuses_the_champions_scores_of_the_run_before_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """development.train scores earlier rows with the champion to pick what it knows least;
+    the catch-up after a promotion starts from the same champion in the same process, and
+    rows already scored are not scored again (the same numbers come back)."""
+    import logging
+
+    from common.config import load_settings
+    from development import train
+
+    folder = tiny_llama(tmp_path / "m", hidden=64, layers=2)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    settings = load_settings(tmp_path / "home")
+    rows = [
+        {"prompt": prompt, "completion": [{"role": "assistant", "content": answer}]}
+        for prompt, answer in PAIRS
+    ]
+    with caplog.at_level(logging.INFO, logger="development.train"):
+        first = train._champion_loss(model, tokenizer, settings, "champion-1")(rows[:2])
+        again = train._champion_loss(model, tokenizer, settings, "champion-1")(rows)
+        other = train._champion_loss(model, tokenizer, settings, "champion-2")(rows[:1])
+    scored = [r.getMessage() for r in caplog.records if r.getMessage().startswith("scored")]
+    assert scored == [
+        "scored 2 rows with the champion (0 known)",
+        "scored 1 rows with the champion (2 known)",
+        "scored 1 rows with the champion (0 known)",  # another champion scores its own
+    ]
+    assert again[:2] == first
+    assert model.training  # left ready to train, as before any scoring
+    fresh = score_answers(model, tokenizer, PAIRS, max_length=settings.model.max_seq_length)
+    assert again == pytest.approx([s.nll_per_token for s in fresh], abs=1e-4)
+    assert other == pytest.approx(again[:1], abs=1e-4)

@@ -12,7 +12,8 @@ model's own replay answers (their real lengths), so a day's rows are as long as 
 
 For each day D of --days, the history up to day D-1 is trained on by one night (not measured:
 it stands for the nights between, so day D's night starts from a champion as a real one
-would), then day D is filled and its night measured: `whetstone train --wait` with no profile,
+would; refused by the gate, its candidate is promoted by hand, `whetstone promote --force`),
+then day D is filled and its night measured: `whetstone train --wait` with no profile,
 as the README's nightly run trains on the CPU (quick_test), its catch-up run included. One
 entry per day records the cycle's wall time, each run's stages (SFT, evaluation), peak host
 memory, rows of each kind, the items the gate judged, and the database's size.
@@ -172,6 +173,20 @@ def night(home: Path, settings: Settings) -> dict[str, Any]:
     return {"exit": code, "cycle_s": wall, "runs": runs, "output": output[-1500:]}
 
 
+def promote_last(home: Path, night_result: dict[str, Any]) -> str | None:
+    """The night before a measured day stands for the nights between, which promote as the
+    gate lets them; one refused would leave the measured night continuing an older champion
+    on many days of new feedback (a night no person has after a normal day). Its candidate is
+    promoted by hand then, `whetstone promote --force`, as the person could; returns its id."""
+    last = next((r for r in reversed(night_result["runs"]) if r.get("candidate")), None)
+    if last is None or last.get("decision") == "promote":
+        return None
+    code, output, _ = whetstone(home, "promote", last["candidate"], "--force")
+    if code != 0:
+        raise RuntimeError(f"whetstone promote {last['candidate']} --force failed:\n{output}")
+    return str(last["candidate"])
+
+
 def run(home: Path, days: list[int], seed: int, sets: list[str]) -> dict[str, Any]:
     prepare_home(home, fresh=False, sets=sets)
     settings = load_settings(home)
@@ -199,6 +214,7 @@ def run(home: Path, days: list[int], seed: int, sets: list[str]) -> dict[str, An
             filled = round(time.monotonic() - began, 1)
             log.info("day %d: filled in %.1f s; the night before (not measured)", day - 1, filled)
             before = night(home, settings)
+            before["forced"] = promote_last(home, before)
             result["days"].append({"day": day - 1, "measured": False, **before})
         who.live_until(day)
         log.info("day %d: %s; its night", day, who.counts)
@@ -225,6 +241,10 @@ def _line(night_result: dict[str, Any]) -> str:
 
 
 def summarize(days: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per measured day: the cycle (every run of the night: a promotion adds a catch-up, a
+    refusal does not), the night's own run alone (what compares across days whatever the
+    gate decided), peak memory, rows and the database's size; ratios of the last day to the
+    first."""
     measured = [d for d in days if d["measured"]]
     rows = []
     for d in measured:
@@ -233,6 +253,7 @@ def summarize(days: list[dict[str, Any]]) -> dict[str, Any]:
             {
                 "day": d["day"],
                 "cycle_s": d["cycle_s"],
+                "night_run_s": d["runs"][0]["wall_s"] if d["runs"] else None,
                 "runs": [f"{r['trigger']}:{r['status']}:{r.get('decision')}" for r in d["runs"]],
                 "peak_host_gib": max(peaks) if peaks else None,
                 "feedback_items": d["runs"][0]["rows"]["feedback_items"] if d["runs"] else None,
@@ -242,11 +263,15 @@ def summarize(days: list[dict[str, Any]]) -> dict[str, Any]:
     summary: dict[str, Any] = {"days": rows}
     if len(rows) >= 2 and rows[0]["cycle_s"] and rows[-1]["cycle_s"]:
         summary["cycle_ratio"] = round(rows[-1]["cycle_s"] / rows[0]["cycle_s"], 2)
+        if rows[0]["night_run_s"] and rows[-1]["night_run_s"]:
+            ratio = rows[-1]["night_run_s"] / rows[0]["night_run_s"]
+            summary["night_run_ratio"] = round(ratio, 2)
         if rows[0]["peak_host_gib"] and rows[-1]["peak_host_gib"]:
             ratio = rows[-1]["peak_host_gib"] / rows[0]["peak_host_gib"]
             summary["peak_memory_ratio"] = round(ratio, 2)
         summary["goals_met"] = (
-            summary["cycle_ratio"] <= GOALS["cycle_ratio_max"]
+            max(summary["cycle_ratio"], summary.get("night_run_ratio", 0))
+            <= GOALS["cycle_ratio_max"]
             and summary.get("peak_memory_ratio", 99) <= GOALS["peak_memory_ratio_max"]
         )
     return summary

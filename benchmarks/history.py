@@ -178,8 +178,10 @@ def promote_last(home: Path, night_result: dict[str, Any]) -> str | None:
     gate lets them; one refused would leave the measured night continuing an older champion
     on many days of new feedback (a night no person has after a normal day). Its candidate is
     promoted by hand then, `whetstone promote --force`, as the person could; returns its id."""
+    if any(r.get("decision") == "promote" for r in night_result["runs"]):
+        return None  # a refused catch-up leaves its run's promotion standing
     last = next((r for r in reversed(night_result["runs"]) if r.get("candidate")), None)
-    if last is None or last.get("decision") == "promote":
+    if last is None:
         return None
     code, output, _ = whetstone(home, "promote", last["candidate"], "--force")
     if code != 0:

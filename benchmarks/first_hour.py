@@ -55,6 +55,7 @@ from benchmarks.week import (
     current_adapter,
     cycle,
     lost_with_margin,
+    missed_general,
     prepare_home,
     wait_until,
 )
@@ -159,12 +160,12 @@ def recall(daemon: Daemon, facts: list[Fact]) -> dict[str, Any]:
 
 
 def knowledge(daemon: Daemon) -> dict[str, Any]:
-    missed = {}
-    for question, keyword in GENERAL_QUESTIONS:
+    def ask(question: str) -> str:
         _, conversation, text, _ = daemon.ask(question, 96)
         daemon.forget(conversation)
-        if not person.knows(keyword, text):
-            missed[question] = text
+        return text
+
+    missed = missed_general(GENERAL_QUESTIONS, ask)
     return {
         "right": len(GENERAL_QUESTIONS) - len(missed),
         "of": len(GENERAL_QUESTIONS),

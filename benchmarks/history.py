@@ -142,7 +142,7 @@ class Person:
 
 
 def database_mib(settings: Settings) -> float:
-    path = Path(settings.db_url.removeprefix("sqlite:///"))
+    path = settings.paths.db_file
     files = [path, path.with_name(path.name + "-wal")]
     return round(sum(f.stat().st_size for f in files if f.is_file()) / 2**20, 2)
 
@@ -155,21 +155,7 @@ def night(home: Path, settings: Settings) -> dict[str, Any]:
         log.warning("whetstone train exited %d:\n%s", code, output[-3000:])
     with Store(settings.db_url) as store:
         ids = [r.id for r in reversed(store.list_runs(limit=20)) if r.created_at >= since]
-    runs = []
-    for run_id in ids:
-        record = cycle(settings, run_id)
-        meta_file = settings.paths.candidates_dir / str(record["candidate"]) / "meta.json"
-        if record["candidate"] and meta_file.is_file():
-            meta = json.loads(meta_file.read_text())
-            evaluation = meta.get("metrics", {}).get("evaluation", {})
-            record["evaluation_s"] = evaluation.get("evaluation_seconds")
-            record["judged_items"] = len(
-                meta.get("data", {}).get("message_ids", {}).get("holdout", [])
-            )
-            record["validation_items"] = len(
-                meta.get("data", {}).get("message_ids", {}).get("validation", [])
-            )
-        runs.append(record)
+    runs = [cycle(settings, run_id) for run_id in ids]
     return {"exit": code, "cycle_s": wall, "runs": runs, "output": output[-1500:]}
 
 

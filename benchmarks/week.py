@@ -51,6 +51,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -250,7 +251,7 @@ def measure(
     """Recall, general knowledge and taste of the model being served, on questions never
     trained on (their conversations are deleted after). With `memory` (the home's memory is
     on) these are asked without notes, what the adapter learned, and the general questions
-    again as the person gets them, with the notes (`knowledge_with_memory`)."""
+    again as the person gets them, with the notes (`right_with_memory`)."""
     asked: list[str] = []
 
     def answer(question: str, max_tokens: int, notes: bool = False) -> tuple[str, bool]:
@@ -260,43 +261,16 @@ def measure(
         asked.append(conversation)
         return text, finished
 
-    recalled, missed = {}, {}
-    for fact in facts:
-        said = [answer(q, 24)[0] for q in fact.probes]
-        hits = [fact.keyword in text.lower() for text in said]
-        recalled[fact.keyword] = f"{sum(hits)}/{len(hits)}"
-        # What the model said instead: a fact lost to another fact reads differently from
-        # one never learned.
-        if not all(hits):
-            missed[fact.keyword] = [t for t, hit in zip(said, hits, strict=True) if not hit]
-    # Room for the base's long answers: a short window counted its verbose right answers
-    # as wrong (4/12 at 32 tokens), and shorter answers as gained knowledge.
-    # What was said instead of a right answer: a right answer the keyword missed reads
-    # differently from a wrong one.
-    general_missed = {}
-    for question, keyword in knowledge:
-        text = answer(question, 96)[0]
-        if not person.knows(keyword, text):
-            general_missed[question] = text
+    recalled = probe_recall(facts, lambda q: answer(q, 24)[0])
+    general_missed = missed_general(knowledge, lambda q: answer(q, 96)[0])
     answers = [answer(q, 160) for q in taste_prompts]
     with_memory = {}
     if memory:
-        for question, keyword in knowledge:
-            text = answer(question, 96, notes=True)[0]
-            if not person.knows(keyword, text):
-                with_memory[question] = text
+        with_memory = missed_general(knowledge, lambda q: answer(q, 96, notes=True)[0])
     for conversation in asked:
         daemon.forget(conversation)
-    hits = sum(int(v.split("/")[0]) for v in recalled.values())
-    probes = sum(len(f.probes) for f in facts)
     return {
-        "recall": {
-            "hits": hits,
-            "probes": probes,
-            "share": round(hits / probes, 3) if probes else None,
-            "per_fact": recalled,
-            "missed": missed,
-        },
+        "recall": recalled,
         "knowledge": {
             "right": len(knowledge) - len(general_missed),
             "of": len(knowledge),
@@ -348,6 +322,11 @@ def cycle(settings: Settings, run_id: str) -> dict[str, Any]:
                 {k: s.get(k) for k in ("name", "rows", "steps", "seconds")}
                 for s in training.get("stages", [])
             ]
+            record["evaluation_s"] = evaluation.get("evaluation_seconds")
+            # What the gate judged on, and what the run held out for early stopping.
+            held_out = meta.get("data", {}).get("message_ids", {})
+            record["judged_items"] = len(held_out.get("holdout", []))
+            record["validation_items"] = len(held_out.get("validation", []))
             record["decision"] = evaluation.get("decision")
             record["rule"] = evaluation.get("rule")
             # Why a refused night was refused (the deciding rule's detail), for the reader.
@@ -606,20 +585,53 @@ def run_week(
     return result()
 
 
+def probe_recall(facts: list[person.WeekFact], ask: Callable[[str], str]) -> dict[str, Any]:
+    """Each fact's probes asked (`ask(question)` gives the answer): hits by keyword, per fact
+    and in all, and what was said instead of a hit (a fact lost to another fact reads
+    differently from one never learned)."""
+    recalled, missed = {}, {}
+    for fact in facts:
+        said = [ask(q) for q in fact.probes]
+        hits = [fact.keyword in text.lower() for text in said]
+        recalled[fact.keyword] = f"{sum(hits)}/{len(hits)}"
+        if not all(hits):
+            missed[fact.keyword] = [t for t, hit in zip(said, hits, strict=True) if not hit]
+    hits = sum(int(v.split("/")[0]) for v in recalled.values())
+    probes = sum(len(f.probes) for f in facts)
+    return {
+        "hits": hits,
+        "probes": probes,
+        "share": round(hits / probes, 3) if probes else None,
+        "per_fact": recalled,
+        "missed": missed,
+    }
+
+
+def missed_general(
+    knowledge: tuple[tuple[str, str], ...], ask: Callable[[str], str]
+) -> dict[str, str]:
+    """The general questions answered without their keyword: question -> what was said (a
+    right answer the keyword missed reads differently from a wrong one). Ask with room for
+    the base's long answers: a short window counted its verbose right answers as wrong (4/12
+    at 32 tokens), and shorter answers as gained knowledge."""
+    missed = {}
+    for question, keyword in knowledge:
+        text = ask(question)
+        if not person.knows(keyword, text):
+            missed[question] = text
+    return missed
+
+
 def same_day_recall(daemon: Daemon, facts: list[person.WeekFact]) -> dict[str, Any]:
     """The day's new facts asked in their probe wordings before the night, as the person's
     chat asks them (the memory's notes given); the conversations are deleted after."""
-    per_fact = {}
-    for fact in facts:
-        hits = 0
-        for probe in fact.probes:
-            _, conversation, text, _ = daemon.ask(probe, 24)
-            daemon.forget(conversation)
-            hits += fact.keyword in text.lower()
-        per_fact[fact.keyword] = f"{hits}/{len(fact.probes)}"
-    hits = sum(int(v.split("/")[0]) for v in per_fact.values())
-    probes = sum(len(f.probes) for f in facts)
-    return {"hits": hits, "probes": probes, "per_fact": per_fact}
+
+    def ask(question: str) -> str:
+        _, conversation, text, _ = daemon.ask(question, 24)
+        daemon.forget(conversation)
+        return text
+
+    return probe_recall(facts, ask)
 
 
 def _record(day: Day, measured: dict[str, Any]) -> None:

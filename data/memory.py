@@ -209,17 +209,20 @@ class Memory:
         those the champion has not learned first (what the night may have taught), then
         those it has (whether the candidate kept them); newest first within each. A note
         past the limit counts as not learned by the candidate: it stays given to the model."""
-        learned = self.learned_notes(champion_id)
+        learned = Note.id.in_(
+            select(NoteCheck.note_id).where(
+                NoteCheck.adapter_id == champion_id, NoteCheck.answered_right
+            )
+        )
         with self.read_session() as session:
-            notes = list(
+            return list(
                 session.scalars(
                     select(Note)
                     .where(Note.status == "active", Note.question.is_not(None))
-                    .order_by(Note.created_at.desc(), Note.id.desc())
+                    .order_by(learned, Note.created_at.desc(), Note.id.desc())
+                    .limit(max(0, limit))
                 )
             )
-        notes.sort(key=lambda note: note.id in learned)  # stable: newest first in each
-        return notes[: max(0, limit)]
 
     def relevant_notes(
         self,

@@ -150,8 +150,15 @@ def _speed(started: float, stamps: list[float]) -> dict[str, Any]:
     }
 
 
-def static_run(decoder: Any, prompt: list[int], new_tokens: int) -> dict[str, Any]:
+def static_run(
+    decoder: Any, prompt: list[int], new_tokens: int, *, kept: bool = False
+) -> dict[str, Any]:
+    """Greedy tokens, TTFT and tokens/s of the static decoder; the prompt prefilled whole
+    unless `kept` (then from where the last run's kept cache allows)."""
     import torch
+
+    if not kept:
+        decoder.forget()
 
     stamps: list[float] = []
     tokens: list[int] = []
@@ -164,8 +171,8 @@ def static_run(decoder: Any, prompt: list[int], new_tokens: int) -> dict[str, An
     torch.cuda.synchronize()
     started = time.perf_counter()
     with torch.inference_mode():
-        decoder.run(prompt, new_tokens, lambda logits: logits.argmax(-1), emit)
-    return {"tokens": tokens, **_speed(started, stamps)}
+        cached = decoder.run(prompt, new_tokens, lambda logits: logits.argmax(-1), emit)
+    return {"tokens": tokens, "cached_tokens": cached, **_speed(started, stamps)}
 
 
 def agreement(decoder: Any, prompt: list[int], reference: dict[str, Any]) -> dict[str, Any]:
@@ -184,6 +191,7 @@ def agreement(decoder: Any, prompt: list[int], reference: dict[str, Any]) -> dic
         seen.append(logits.float().cpu())
         return torch.tensor([next(forced)], device=logits.device)
 
+    decoder.forget()
     with torch.inference_mode():
         decoder.run(prompt, len(reference["tokens"]), pick, lambda token: True)
     mine = torch.cat(seen)
@@ -636,6 +644,47 @@ def by_context(
     return rows
 
 
+def conversation(engine: Any, turns: int, turn_tokens: int, new_tokens: int) -> dict[str, Any]:
+    """A scripted chat through the Engine (the worker's path: chat template, output parsing):
+    each turn the person pastes about `turn_tokens` tokens of new text; the answer is greedy,
+    at most `new_tokens`. Each turn is answered twice: with the cache the last turn left, then
+    prefilled whole (the cache forgotten). TTFT of each, the tokens the cache gave, and
+    whether the two answers are the same."""
+    from production.engine import Sampling
+
+    greedy = Sampling(temperature=0, max_tokens=new_tokens)
+    repeats = max(1, turn_tokens // max(1, engine.count(PROMPT + " ")))
+    messages: list[dict[str, Any]] = []
+    rows = []
+    for turn in range(1, turns + 1):
+        text = f"Part {turn} of my notes. " + " ".join([PROMPT] * repeats)
+        messages.append({"role": "user", "content": text})
+        prompt = engine.prompt_ids(messages, None)
+        if len(prompt) + new_tokens > engine.context_window:
+            break
+        kept = engine.stream(prompt, greedy, lambda d: None, lambda: False)
+        engine.forget_prompts()
+        fresh = engine.stream(prompt, greedy, lambda d: None, lambda: False)
+        row = {
+            "turn": turn,
+            "prompt_tokens": len(prompt),
+            "cached_tokens": kept.cached_tokens,
+            "ttft_kept_s": round(kept.ttft_s, 4),
+            "ttft_fresh_s": round(fresh.ttft_s, 4),
+            "same_answer": (kept.text, kept.reasoning) == (fresh.text, fresh.reasoning),
+        }
+        rows.append(row)
+        print(json.dumps({"conversation": row}), flush=True)
+        messages.append({"role": "assistant", "content": kept.text})
+    first = rows[0]["ttft_kept_s"]
+    return {
+        "turns": rows,
+        "worst_kept_of_first": round(max(r["ttft_kept_s"] for r in rows) / first, 2),
+        "last_fresh_of_kept": round(rows[-1]["ttft_fresh_s"] / rows[-1]["ttft_kept_s"], 2),
+        "all_same": all(r["same_answer"] for r in rows),
+    }
+
+
 def part_nf4(
     shape: str,
     workdir: Path,
@@ -644,6 +693,8 @@ def part_nf4(
     bandwidth: float,
     profile: bool,
     contexts: list[int],
+    turns: int = 0,
+    turn_tokens: int = 800,
 ) -> dict[str, Any]:
     import torch
 
@@ -713,6 +764,8 @@ def part_nf4(
         rows = by_context(fast, contexts, new_tokens, bound)
         result["static"]["by_context"] = rows
         result["static"]["window_prompt"] = rows[-1]
+        if turns:
+            result["static"]["conversation"] = conversation(fast, turns, turn_tokens, new_tokens)
         memory["steady"] = memory_stage(card, "steady")
         if profile:
             result["static"]["profile"] = profile_step(fast.static, prompt)
@@ -745,6 +798,10 @@ def main(argv: list[str] | None = None) -> int:
         default="256,4096,16384,32768",
         help="nf4: prompt lengths to decode after (clamped to the serving window)",
     )
+    parser.add_argument(
+        "--turns", type=int, default=10, help="nf4: a scripted chat's turns (0: none)"
+    )
+    parser.add_argument("--turn-tokens", type=int, default=800, help="new text per turn")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     from production.model.device_pin import use_serving_allocator
@@ -785,6 +842,8 @@ def main(argv: list[str] | None = None) -> int:
                 results["bandwidth_gbs"],
                 args.profile,
                 [int(c) for c in args.contexts.split(",") if c],
+                args.turns,
+                args.turn_tokens,
             )
         else:
             raise SystemExit(f"unknown part {part!r}: bf16 or nf4")

@@ -644,11 +644,16 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="whetstone-bench-") as tmp:
         home = Path(tmp) / "home"
         (home / "models").mkdir(parents=True)
+        # The kept prompt cache off: every request repeats one prompt, and TTFT is compared
+        # with generate() prefilling it whole (benchmarks.moe_decode measures the cache).
+        server = "[server]\nprompt_cache = false\n"
         if args.model_dir:
             (home / "config.toml").write_text(
-                f'[model]\npreset = "custom"\nbase_model = "{model_dir}"\nmin_vram_gb = 0.1\n'
+                f'[model]\npreset = "custom"\nbase_model = "{model_dir}"\nmin_vram_gb = 0.1\n\n'
+                + server
             )
         else:
+            (home / "config.toml").write_text(server)
             (home / "models" / model_dir.name).symlink_to(model_dir, target_is_directory=True)
         registry = Registry(home / "candidates")
         for seed, candidate in enumerate(LORAS):

@@ -231,6 +231,16 @@ class Server(_Section):
         "else 'generate'. static: StaticCache, adapter merged (GPT-OSS experts: unmerged, on "
         "expert kernels), CUDA-graph step on CUDA (eager on CPU).",
     )
+    # A chat sends the whole conversation each turn; without the kept cache every turn
+    # re-reads it from the first token. Kept, the worker holds one conversation's keys and
+    # values (those it already reserves on the static path; on generate() they grow with
+    # the conversation: ~23 KB a token on the embedded model) and answers exactly as a fresh
+    # prefill up to floating-point order (tests/test_prompt_cache.py).
+    prompt_cache: bool = Field(
+        True,
+        description="Keep the last conversation's cache: a request that starts with the same "
+        "tokens (same adapter) prefills only what is new.",
+    )
 
     @property
     def local_url(self) -> str:

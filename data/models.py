@@ -149,6 +149,8 @@ class Message(Base):
     generation: Mapped[dict[str, Any] | None] = mapped_column()
     prompt_tokens: Mapped[int | None] = mapped_column(Integer)
     completion_tokens: Mapped[int | None] = mapped_column(Integer)
+    # Of prompt_tokens, those the worker's kept conversation cache held (null: before 0009).
+    cached_tokens: Mapped[int | None] = mapped_column(Integer)
     latency_ms: Mapped[float | None] = mapped_column(Float)
     ttft_ms: Mapped[float | None] = mapped_column(Float)
     finish_reason: Mapped[str | None] = mapped_column(String(16))

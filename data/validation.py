@@ -23,6 +23,7 @@ MESSAGE_FIELDS = frozenset(
         "generation",
         "prompt_tokens",
         "completion_tokens",
+        "cached_tokens",
         "latency_ms",
         "ttft_ms",
         "finish_reason",
@@ -105,7 +106,7 @@ def check_message_fields(fields: Mapping[str, Any]) -> None:
     """The optional fields of a message (MESSAGE_FIELDS) each hold what its column takes."""
     for name in ("reasoning", "adapter_id", "base_model"):
         check_text(name, fields.get(name))
-    for name in ("prompt_tokens", "completion_tokens"):
+    for name in ("prompt_tokens", "completion_tokens", "cached_tokens"):
         check_number(name, fields.get(name), integer=True)
     for name in ("latency_ms", "ttft_ms"):
         check_number(name, fields.get(name), integer=False)

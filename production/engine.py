@@ -30,7 +30,12 @@ from production.chat.formats import chat_format
 from production.chat.output import OutputProcessor
 from production.chat.tool_calls import ToolCall
 from production.decode import decode_attention, moe_decode
-from production.decode.static_decode import AdapterMergeError, MergedAdapters, StaticDecoder
+from production.decode.static_decode import (
+    AdapterMergeError,
+    MergedAdapters,
+    StaticDecoder,
+    common_prefix,
+)
 from production.decode.steering import Grammars, Steering, SteeringSpec
 from production.model import gpu_memory
 from production.model.loading import load_model
@@ -73,6 +78,17 @@ class Outcome:
     settings: dict[str, Any] = field(default_factory=dict)
     tool_calls: list[ToolCall] = field(default_factory=list)
     logprobs: list[Any] | None = None  # steering.TokenLogprob per generated token
+    cached_tokens: int = 0  # the prompt's tokens read from the kept cache, not prefilled
+
+
+@dataclass
+class PromptCacheStats:
+    """How the kept conversation cache served (GET /v1/status)."""
+
+    requests: int = 0
+    hits: int = 0  # requests that started after a kept prefix
+    reused_tokens: int = 0  # prompt tokens read from the cache
+    prefilled_tokens: int = 0  # prompt tokens computed
 
 
 class _TokenSink(BaseStreamer):
@@ -188,6 +204,10 @@ class Engine:
         self.loaded: set[str] = set()
         self.merged: MergedAdapters | None = None
         self.static: StaticDecoder | None = None
+        # generate()'s kept cache and the tokens it holds (the static decoder keeps its own).
+        self._kept_cache: Any = None
+        self._kept_tokens: list[int] = []
+        self.prompt_cache = PromptCacheStats()
         if self.decode == "static":
             self.model.requires_grad_(False)
             self.merged = MergedAdapters(self.model)
@@ -196,7 +216,12 @@ class Engine:
             # static cache reserves the whole window) and lets sliding layers keep a ring.
             ring = decode_attention.install(self.model)
             self.static = StaticDecoder(
-                self.model, self.context_window, device, graphs, ring_sliding=ring
+                self.model,
+                self.context_window,
+                device,
+                graphs,
+                ring_sliding=ring,
+                keep_prompts=settings.server.prompt_cache,
             )
             try:
                 self._warm_up_static(settings, device, graphs, ring)
@@ -246,7 +271,13 @@ class Engine:
                 self.context_window,
             )
             torch.compiler.reset()
-            self.static = StaticDecoder(self.model, self.context_window, device, graphs)
+            self.static = StaticDecoder(
+                self.model,
+                self.context_window,
+                device,
+                graphs,
+                keep_prompts=settings.server.prompt_cache,
+            )
             self._warm_up()
 
     def _warm_up(self) -> None:
@@ -331,8 +362,15 @@ class Engine:
                 raise AdapterLoadError(str(exc)) from exc
         elif adapter_id is not None:
             self.model.set_adapter(adapter_id)
+        self.forget_prompts()
         self.adapter_id = adapter_id
         self.adapter_loaded_at = datetime.now(UTC)
+
+    def forget_prompts(self) -> None:
+        """Drop the kept conversation cache: the served weights changed."""
+        if self.static is not None:
+            self.static.forget()
+        self._kept_cache, self._kept_tokens = None, []
 
     def unload_adapter(self, adapter_id: str) -> None:
         if adapter_id not in self.loaded or adapter_id == self.adapter_id:
@@ -436,7 +474,7 @@ class Engine:
                 return token not in stop_tokens and not stop_now()
 
             with torch.inference_mode():
-                self.static.run(
+                cached = self.static.run(
                     prompt,
                     sampling.max_tokens,
                     self._picker(sampling, steering),
@@ -444,7 +482,11 @@ class Engine:
                     overlap=not sampling.steering.needs_each_token,
                 )
         else:
-            self._generate(prompt, sampling, on_token, stop_now, steering)
+            cached = self._generate(prompt, sampling, on_token, stop_now, steering)
+        self.prompt_cache.requests += 1
+        self.prompt_cache.hits += bool(cached)
+        self.prompt_cache.reused_tokens += cached
+        self.prompt_cache.prefilled_tokens += len(prompt) - cached
         for delta in output.flush():
             on_delta(delta)
         return Outcome(
@@ -459,6 +501,7 @@ class Engine:
             settings=self.resolved_settings(sampling),
             tool_calls=output.tool_calls,
             logprobs=None if sampling.steering.logprobs is None else steering.logprobs,
+            cached_tokens=cached,
         )
 
     def _generate(
@@ -468,7 +511,8 @@ class Engine:
         on_token: Callable[[int], None],
         stop_now: Callable[[], bool],
         steering: Steering | None = None,
-    ) -> None:
+    ) -> int:
+        """generate() over PEFT; returns how many prompt tokens came from the kept cache."""
         from transformers import LogitsProcessorList
 
         input_ids = torch.tensor([prompt], device=self.device)
@@ -476,17 +520,49 @@ class Engine:
         processors = LogitsProcessorList([_Steer(steering, len(prompt))] if steering else [])
         if self.token_count < self.vocab_size:
             processors.insert(0, _TokensOnly(self.token_count))
+        cache, cached = self._cache_for(prompt)
+        answer: list[int] = []
+
+        def keep(token: int) -> None:
+            answer.append(token)
+            on_token(token)
+
         with torch.inference_mode(), self._adapter_context():
             self.model.generate(
                 input_ids=input_ids,
                 attention_mask=torch.ones_like(input_ids),
                 eos_token_id=self.stop_ids,
                 pad_token_id=self.tokenizer.pad_token_id or self.stop_ids[0],
-                streamer=_TokenSink(on_token),
+                streamer=_TokenSink(keep),
                 stopping_criteria=StoppingCriteriaList([_StopWhen(stop_now)]),
                 logits_processor=processors,
+                past_key_values=cache,
                 **self._generation_kwargs(sampling),
             )
+        if cache is not None:
+            # The cache holds every token fed: the prompt and the answer but its last token.
+            self._kept_cache = cache
+            self._kept_tokens = (prompt + answer)[: cache.get_seq_length()]
+        return cached
+
+    def _cache_for(self, prompt: list[int]) -> tuple[Any | None, int]:
+        """The kept cache cut back to the longest prefix it shares with `prompt` (less one
+        token: generate() needs one to start from), or a new one. A cache with sliding-window
+        layers is only extended: once past the window such a layer cannot be cut back."""
+        from transformers import DynamicCache
+
+        kept, held = self._kept_cache, self._kept_tokens
+        self._kept_cache, self._kept_tokens = None, []  # until this generation ends
+        if self.backend != "transformers" or not self.settings.server.prompt_cache:
+            return None, 0  # Unsloth's generate() brings its own cache
+        if kept is not None:
+            target = min(common_prefix(held, prompt), len(prompt) - 1)
+            slides = any(getattr(layer, "is_sliding", False) for layer in kept.layers)
+            if target > 0 and (target == len(held) or not slides):
+                if target < len(held):
+                    kept.crop(target - len(held))
+                return kept, target
+        return DynamicCache(config=self.base.config), 0
 
     def _picker(
         self, sampling: Sampling, steering: Steering | None = None

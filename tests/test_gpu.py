@@ -37,7 +37,10 @@ def _greedy(
     """Answers of the product's serving engine with `adapter` active (greedy, 16 tokens). With
     decode "static" also: the base model's answers after swapping the adapter out, the
     adapter's after swapping it back in, and how many graphs were compiled after warm-up."""
-    overrides = {"model": {"backend": backend}, "server": {"decode": decode}}
+    # The kept prompt cache off: the engines are compared token for token (see
+    # _small_gpt_oss_engine); the cache has its own test.
+    server = {"decode": decode, "prompt_cache": False}
+    overrides = {"model": {"backend": backend}, "server": server}
     code = f"""
 import json, sys
 from pathlib import Path
@@ -333,9 +336,13 @@ def test_moe_static_decode_on_bf16_gpt_oss_is_generate_up_to_numerics(tmp_path: 
     assert static["hot_swap"]["new_compiles"] == 0
 
 
-def _small_gpt_oss_engine(tmp_path: Path) -> Any:
+def _small_gpt_oss_engine(tmp_path: Path, prompt_cache: bool = False) -> Any:
     """The product's Engine on the small GPT-OSS in the person's 4-bit layout, under the
-    gpt-oss-20b preset (static CUDA-graph decode with the expert kernels)."""
+    gpt-oss-20b preset (static CUDA-graph decode with the expert kernels).
+
+    The kept prompt cache is off unless asked for: these tests compare repeated answers
+    token for token, and in bf16 a prompt prefilled in two parts differs from one prefilled
+    whole by rounding (random weights have near-ties everywhere)."""
     from benchmarks.gpt_oss_checkpoint import build
     from common.config import load_settings
     from production.engine import Engine
@@ -344,9 +351,43 @@ def _small_gpt_oss_engine(tmp_path: Path) -> Any:
     home = tmp_path / "home"
     home.mkdir()
     (home / "config.toml").write_text(
-        f'[model]\npreset = "gpt-oss-20b"\nbase_model = "{model_dir}"\n'
+        f'[model]\npreset = "gpt-oss-20b"\nbase_model = "{model_dir}"\n\n'
+        f"[server]\nprompt_cache = {str(prompt_cache).lower()}\n"
     )
     return Engine(load_settings(home), "cuda:0")
+
+
+def test_kept_conversation_cache_on_the_cuda_graph_decoder_matches_a_fresh_prefill(
+    tmp_path: Path,
+) -> None:
+    """A harmony conversation on the person's layout with the cache kept: each turn reads the
+    earlier turns from the cache (the sliding layers' rings restart from their copy of the
+    last prompt's end), and the first answer token's distribution is a fresh prefill's up to
+    bf16 rounding."""
+    from production.decode.steering import SteeringSpec
+    from production.engine import Sampling
+
+    engine = _small_gpt_oss_engine(tmp_path, prompt_cache=True)
+    assert engine.static is not None and engine.static.rings
+    probe = Sampling(temperature=0, max_tokens=48, steering=SteeringSpec(logprobs=5))
+    messages: list[dict] = []
+    last: list[int] = []
+    for turn, text in enumerate(["Tell me a story.", "Make it longer.", "Now a poem."]):
+        messages.append({"role": "user", "content": text * (40 * (turn + 1))})
+        prompt = engine.prompt_ids(messages, None)
+        kept = engine.stream(prompt, probe, lambda d: None, lambda: False)
+        engine.forget_prompts()
+        fresh = engine.stream(prompt, probe, lambda d: None, lambda: False)
+        if turn:
+            assert len(last) - 2 <= kept.cached_tokens < len(prompt)
+        top_kept = dict(kept.logprobs[0].top)
+        top_fresh = dict(fresh.logprobs[0].top)
+        shared = top_kept.keys() & top_fresh.keys()
+        assert len(shared) >= 4, (top_kept, top_fresh)
+        assert max(abs(top_kept[t] - top_fresh[t]) for t in shared) < 0.1
+        messages.append({"role": "assistant", "content": kept.text})
+        last = prompt
+    assert engine.prompt_cache.hits >= 2
 
 
 def test_moe_static_decode_serves_4bit_gpt_oss_adapters_and_swaps_under_load(

@@ -557,3 +557,32 @@ def test_harmony_streams_end_with_the_answer_and_match_the_stored_and_whole_answ
             (c["function"]["name"], c["function"]["arguments"]) for c in stored.tool_calls or []
         ]
         assert streamed_calls == whole_calls == stored_calls
+
+
+def test_a_follow_up_turn_reads_the_conversation_so_far_from_the_kept_cache(
+    client: openai.OpenAI, served: ServerProcess
+) -> None:
+    """What the worker kept of the last turn shows in usage (OpenAI's cached_tokens) and in
+    /v1/status; the follow-up prefills only its new tokens."""
+    first = [{"role": "user", "content": "What is the capital of Italy?"}]
+    answer = client.chat.completions.create(
+        model="whetstone", messages=first, max_tokens=12, temperature=0
+    )
+    before = httpx.get(f"{served.url}/v1/status").json()["prompt_cache"]
+    follow_up = [
+        *first,
+        {"role": "assistant", "content": answer.choices[0].message.content},
+        {"role": "user", "content": "And of Spain?"},
+    ]
+    second = client.chat.completions.create(
+        model="whetstone", messages=follow_up, max_tokens=12, temperature=0
+    )
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert answer.usage.prompt_tokens <= cached < second.usage.prompt_tokens
+    after = httpx.get(f"{served.url}/v1/status").json()["prompt_cache"]
+    assert after["enabled"] is True
+    assert after["requests"] == before["requests"] + 1 and after["hits"] == before["hits"] + 1
+    assert after["reused_tokens"] - before["reused_tokens"] == cached
+    assert after["prefilled_tokens"] - before["prefilled_tokens"] == (
+        second.usage.prompt_tokens - cached
+    )

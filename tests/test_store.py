@@ -70,9 +70,9 @@ def test_migration_creates_schema_in_wal_mode(store: Store, db_path: Path) -> No
     names = {row[0] for row in raw(db_path, "SELECT name FROM sqlite_master WHERE type='table'")}
     assert names >= TABLES | {"alembic_version"}
     assert raw(db_path, "PRAGMA journal_mode") == [("wal",)]
-    assert store.schema_revision == "0008" == head_revision()
-    assert schema_version(store.engine) == "0008"
-    assert raw(db_path, "SELECT version_num FROM alembic_version") == [("0008",)]
+    assert store.schema_revision == "0009" == head_revision()
+    assert schema_version(store.engine) == "0009"
+    assert raw(db_path, "SELECT version_num FROM alembic_version") == [("0009",)]
 
 
 def test_engine_pragmas(db_path: Path) -> None:
@@ -97,8 +97,8 @@ def test_migrate_is_idempotent_on_reopen(db_path: Path) -> None:
     with Store(url) as first:
         conversation = first.create_conversation(title="kept")
     with Store(url) as second:
-        assert second.schema_revision == "0008"
-        assert migrate(second.engine) == "0008"
+        assert second.schema_revision == "0009"
+        assert migrate(second.engine) == "0009"
         assert second.get_conversation(conversation.id).title == "kept"
     assert raw(db_path, "SELECT count(*) FROM alembic_version") == [(1,)]
 
@@ -119,7 +119,7 @@ def test_newer_schema_is_refused_and_left_untouched(db_path: Path) -> None:
             opener()
         message = str(error.value)
         assert "0042_from_the_future" in message
-        assert "0008" in message
+        assert "0009" in message
         assert "upgrade whetstone" in message
 
     assert raw(db_path, "SELECT version_num FROM alembic_version") == [("0042_from_the_future",)]
@@ -147,7 +147,7 @@ def test_alembic_cli_with_shipped_ini(tmp_path: Path) -> None:
         timeout=60,
     )
     assert result.returncode == 0, result.stderr
-    assert raw(db_file, "SELECT version_num FROM alembic_version") == [("0008",)]
+    assert raw(db_file, "SELECT version_num FROM alembic_version") == [("0009",)]
 
 
 def _upgrade(db_file: Path, revision: str) -> None:
@@ -191,7 +191,7 @@ def test_upgrade_from_0001_keeps_every_message_and_takes_tool_turns(tmp_path: Pa
     connection.close()
 
     with Store(f"sqlite:///{db_file}") as store:
-        assert store.schema_revision == "0008"
+        assert store.schema_revision == "0009"
         conversation = store.get_conversation("conv_1")
         assert [(m.role, m.content) for m in conversation.messages] == [
             ("user", "user said"),
@@ -250,7 +250,7 @@ def test_upgrade_to_0003_keeps_every_answer_in_the_split_it_had(tmp_path: Path) 
     assert dict(rows)["msg_unrated"] is None
 
     with Store(url) as store:
-        assert store.schema_revision == "0008"
+        assert store.schema_revision == "0009"
         # No run used it: 0004 places it as the first low rating of the home.
         assert store.get_message("msg_0123456789abcdef").placement == spread_placement(0)
         store.add_feedback("msg_unrated", rating=1)

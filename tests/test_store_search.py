@@ -244,7 +244,7 @@ def test_an_old_home_upgrades_and_its_messages_are_found(tmp_path: Path) -> None
     connection.close()
 
     with Store(f"sqlite:///{db_file}") as store:
-        assert store.schema_revision == "0008"
+        assert store.schema_revision == "0009"
         assert found(store, "prune winter") == ["conv_1"]
         assert found(store, "old") == ["conv_1"]  # the title
         (hit,) = store.search_conversations("tree")

@@ -132,7 +132,13 @@ def tiny_llama(
 
 
 def tiny_gpt_oss(
-    out: Path, *, hidden: int = 128, layers: int = 2, experts: int = 4, seed: int = 0
+    out: Path,
+    *,
+    hidden: int = 128,
+    layers: int = 2,
+    experts: int = 4,
+    seed: int = 0,
+    sliding_window: int = 128,
 ) -> Path:
     """A random GPT-OSS-shaped model (mixture of experts, sliding + full attention) with the
     harmony tokenizer, saved in `out`."""
@@ -152,7 +158,7 @@ def tiny_gpt_oss(
         num_local_experts=experts,
         num_experts_per_tok=2,
         max_position_embeddings=4096,
-        sliding_window=128,
+        sliding_window=sliding_window,
         layer_types=["sliding_attention", "full_attention"] * (layers // 2)
         + ["sliding_attention"] * (layers % 2),
         eos_token_id=tokenizer.eos_token_id,

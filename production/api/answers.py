@@ -33,11 +33,12 @@ def finish(outcome: Outcome) -> str:
     return "stop"
 
 
-def usage(outcome: Outcome) -> dict[str, int]:
+def usage(outcome: Outcome) -> dict[str, Any]:
     return {
         "prompt_tokens": outcome.prompt_tokens,
         "completion_tokens": outcome.completion_tokens,
         "total_tokens": outcome.prompt_tokens + outcome.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": outcome.cached_tokens},
     }
 
 
@@ -136,6 +137,7 @@ class Recorder:
                 adapter_id=outcome.adapter_id,
                 prompt_tokens=outcome.prompt_tokens,
                 completion_tokens=outcome.completion_tokens,
+                cached_tokens=outcome.cached_tokens,
                 latency_ms=round(outcome.seconds * 1000, 1),
                 ttft_ms=None if outcome.ttft_s is None else round(outcome.ttft_s * 1000, 1),
                 tool_calls=calls,

@@ -163,6 +163,16 @@ class LastPromotion(Answer):
     created_at: str
 
 
+class PromptCache(Answer):
+    """The kept conversation cache since the worker started (server.prompt_cache)."""
+
+    enabled: bool
+    requests: int
+    hits: int  # requests that reused a kept prefix
+    reused_tokens: int  # prompt tokens read from the cache
+    prefilled_tokens: int  # prompt tokens computed
+
+
 class Status(Answer):
     """GET /v1/status: this worker, then the daemon and training (orchestrator.status)."""
 
@@ -181,6 +191,7 @@ class Status(Answer):
     started_at: str
     uptime_s: float
     context_window: int
+    prompt_cache: PromptCache
     gpu_memory: GpuMemory | None  # null on the CPU
     # The supervising daemon's run/daemon.json (schedule, device plan, running job, recent
     # errors); null when this worker runs alone (`whetstone serve`).
@@ -379,10 +390,15 @@ class Imported(Answer):
 # --- OpenAI's completion answers ----------------------------------------------------------
 
 
+class PromptTokensDetails(Answer):
+    cached_tokens: int  # read from the kept conversation cache, not prefilled
+
+
 class Usage(Answer):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
 
 
 class ToolCallFunction(Answer):
@@ -524,8 +540,8 @@ class FunctionCallItem(Answer):
 
 
 class InputTokensDetails(Answer):
-    cached_tokens: int  # 0: there is no prompt cache
-    cache_write_tokens: int  # 0
+    cached_tokens: int  # read from the kept conversation cache (0 for answers before it)
+    cache_write_tokens: int  # 0: the cache is kept without a write step
 
 
 class OutputTokensDetails(Answer):

@@ -503,6 +503,7 @@ class _Answer:
     adapter_id: str | None
     model: str
     generation: dict[str, Any]
+    cached_tokens: int = 0  # the kept cache's share of the prompt
 
 
 def _status(finish_reason: str | None) -> str:
@@ -598,7 +599,10 @@ def _body(
         reasoning_tokens = service.engine.count(answer.reasoning) if answer.reasoning else 0
         usage = {
             "input_tokens": answer.prompt_tokens,
-            "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+            "input_tokens_details": {
+                "cached_tokens": answer.cached_tokens,
+                "cache_write_tokens": 0,
+            },
             "output_tokens": answer.completion_tokens,
             "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
             "total_tokens": answer.prompt_tokens + answer.completion_tokens,
@@ -666,6 +670,7 @@ def _from_message(message: Message) -> _Answer:
         adapter_id=adapter,
         model=f"whetstone/{adapter}" if adapter else (message.base_model or ""),
         generation=message.generation or {},
+        cached_tokens=message.cached_tokens or 0,
     )
 
 
@@ -685,6 +690,7 @@ def _from_outcome(started: Started, prepared: Prepared, outcome: Any) -> _Answer
         adapter_id=adapter,
         model=f"whetstone/{adapter}" if adapter else started.model,
         generation=generation,
+        cached_tokens=outcome.cached_tokens,
     )
 
 

@@ -4,6 +4,7 @@ what `current` points to now)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from datetime import UTC, datetime
 
 from fastapi import APIRouter
@@ -59,6 +60,10 @@ async def status(service: ServiceDep) -> Status:
         "started_at": service.started_at.isoformat(),
         "uptime_s": round((datetime.now(UTC) - service.started_at).total_seconds(), 1),
         "context_window": engine.context_window,
+        "prompt_cache": {
+            "enabled": service.settings.server.prompt_cache,
+            **dataclasses.asdict(engine.prompt_cache),
+        },
         "gpu_memory": gpu_memory.snapshot(engine.device, service.settings.devices.memory_limit_gb),
     }
     # The daemon, the training run, the last run and promotion, the recipe: what `whetstone

@@ -262,17 +262,26 @@ def _every_layer_full(config: Any) -> Any:
     return full
 
 
-def _ring_layer(window: int) -> Any:
+def _ring_layer(window: int, slack: int = 16) -> Any:
     """A sliding-window layer's cache of `window` slots, position p written at p % window:
     the last `window` positions, all a sliding layer attends to (transformers keeps a key
     while kv_idx > q_idx - window). Its slots are out of position order, which only an
     attention that ignores order and masks (production.decode.decode_attention) may read: softmax
-    is order-free and RoPE is already in the keys. A prompt (from position 0) gets its own
-    keys back, in order, and leaves its last `window` in the ring."""
+    is order-free and RoPE is already in the keys.
+
+    A prompt starts where the ring stands (`cumulative_length`, 0 on a fresh cache): it gets
+    back keys in position order (index = position; those before the window are never read)
+    and leaves its last `window` in the ring. Each prompt also keeps an ordered copy of its
+    last `window + slack` positions, so a later prompt may restart anywhere in the last
+    `slack` positions of this one after the answer's steps moved the ring on (`rewind`)."""
     from transformers.cache_utils import StaticLayer
 
     class RingLayer(StaticLayer):
         is_sliding = True
+
+        def __init__(self) -> None:
+            super().__init__(max_cache_len=window)
+            self.kept: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (start, k, v)
 
         def update(
             self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
@@ -286,16 +295,77 @@ def _ring_layer(window: int) -> Any:
                 self.values.index_copy_(2, slot, value_states)
                 self.cumulative_length.add_(1)
                 return self.keys, self.values
-            if int(self.cumulative_length) != 0:  # a prompt is not captured: syncing is fine
-                raise ValueError("a ring layer's prompt must start at position 0")
-            kept = min(length, window)
-            slots = torch.arange(length - kept, length, device=self.device) % window
-            self.keys.index_copy_(2, slots, key_states[:, :, -kept:])
-            self.values.index_copy_(2, slots, value_states[:, :, -kept:])
+            start = int(self.cumulative_length)  # a prompt is not captured: syncing is fine
+            end = start + length
+            if start:
+                keys, values = self._ordered(start, length, key_states, value_states)
+            else:
+                keys, values = key_states, value_states
+            kept = min(end, window)
+            slots = torch.arange(end - kept, end, device=self.device) % window
+            self.keys.index_copy_(2, slots, keys[:, :, -kept:])
+            self.values.index_copy_(2, slots, values[:, :, -kept:])
             self.cumulative_length.add_(length)
-            return key_states, value_states
+            # Only positions this prompt wrote or the ring held are set in `keys`.
+            first = max(0, end - window - slack, start - min(start, window))
+            self.kept = (first, keys[:, :, first:].clone(), values[:, :, first:].clone())
+            return keys, values
 
-    return RingLayer(max_cache_len=window)
+        def _ordered(
+            self, start: int, length: int, key_states: torch.Tensor, value_states: torch.Tensor
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            """Keys and values by position for 0..start+length: the ring's last `window`
+            before `start`, then the new ones (earlier slots are left unset: never read)."""
+            held = min(start, window)
+            slots = torch.arange(start - held, start, device=self.device) % window
+            shape = (*key_states.shape[:2], start + length, key_states.shape[-1])
+            keys = key_states.new_empty(shape)
+            values = value_states.new_empty((*shape[:3], value_states.shape[-1]))
+            keys[:, :, start - held : start] = self.keys.index_select(2, slots)
+            values[:, :, start - held : start] = self.values.index_select(2, slots)
+            keys[:, :, start:] = key_states
+            values[:, :, start:] = value_states
+            return keys, values
+
+        def restart_range(self) -> tuple[int, int]:
+            """The positions a prompt may start from besides the ring's own: those whose
+            `window` positions before are in the last prompt's kept copy."""
+            if self.kept is None:
+                return (0, 0)
+            first, keys, _ = self.kept
+            end = first + keys.shape[2]
+            return (first + window if first else 0, end)
+
+        def rewind(self, position: int) -> None:
+            """Stand at `position`: the ring as it was then, from the kept copy (or as it is)."""
+            if position == int(self.cumulative_length):
+                return
+            low, high = self.restart_range()
+            if not low <= position <= high:
+                raise ValueError(f"a ring cannot restart at {position} (kept {low}..{high})")
+            first, keys, values = self.kept
+            held = min(position, window)
+            slots = torch.arange(position - held, position, device=self.device) % window
+            offsets = torch.arange(position - held - first, position - first, device=self.device)
+            self.keys.index_copy_(2, slots, keys.index_select(2, offsets))
+            self.values.index_copy_(2, slots, values.index_select(2, offsets))
+            self.cumulative_length.fill_(position)
+
+        def reset(self) -> None:
+            super().reset()
+            self.kept = None
+
+    return RingLayer()
+
+
+def common_prefix(first: list[int], second: list[int]) -> int:
+    """How many leading tokens the two sequences share."""
+    same = 0
+    for a, b in zip(first, second, strict=False):
+        if a != b:
+            break
+        same += 1
+    return same
 
 
 class StaticDecoder:
@@ -311,6 +381,7 @@ class StaticDecoder:
         graphs: bool,
         *,
         ring_sliding: bool = False,
+        keep_prompts: bool = True,
     ) -> None:
         from transformers import StaticCache
 
@@ -325,6 +396,12 @@ class StaticDecoder:
             for index, kind in enumerate(types):
                 if kind == "sliding_attention":
                     self.cache.layers[index] = _ring_layer(window)
+        self.rings = [layer for layer in self.cache.layers if hasattr(layer, "rewind")]
+        # The tokens whose keys and values the cache holds, by position: the last prompt and
+        # the answer's tokens the steps wrote. A next prompt that starts with them (the same
+        # conversation, one turn on) prefills only what is new. `forget` on a weight change.
+        self.keep_prompts = keep_prompts
+        self.held: list[int] = []
         self.ids = torch.zeros((1, 1), dtype=torch.long, device=self.device)
         self.pos = torch.zeros((1,), dtype=torch.long, device=self.device)
         self.host_token = torch.zeros((1,), dtype=torch.long, pin_memory=self.cuda)
@@ -346,6 +423,27 @@ class StaticDecoder:
         )
         return out.logits[:, -1, :]
 
+    def forget(self) -> None:
+        """The served weights changed: what the cache holds no longer answers for them."""
+        self.held = []
+
+    def restart_at(self, prompt: list[int]) -> int:
+        """Where `prompt`'s prefill may start: after the longest prefix of it that the cache
+        still holds (the last conversation's tokens, prompt and answer), less one token (the
+        first step needs a prompt token's logits). Sliding layers' rings can stand at the
+        end of what is held or late in the last prompt (production.decode.static_decode's
+        `_ring_layer`); past those, at that prompt's end; before them, from the start."""
+        same = common_prefix(self.held, prompt)
+        # A one-token prefill runs as a step, which leaves the rings' kept copy as the last
+        # prompt's: with rings, at least two tokens, so the copy always matches what is held.
+        target = min(same, len(prompt) - (2 if self.rings else 1))
+        if target <= 0 or not self.rings or target == len(self.held):
+            return max(target, 0)
+        low, high = self.rings[0].restart_range()
+        if low <= target <= high:
+            return target
+        return high if low <= high < target else 0
+
     def run(
         self,
         prompt: list[int],
@@ -354,20 +452,30 @@ class StaticDecoder:
         emit: Callable[[int], bool],
         *,
         overlap: bool = True,
-    ) -> None:
+    ) -> int:
         """Prefill `prompt`, then decode up to `max_new` tokens; `pick` turns logits [1, V]
-        into a token [1] on the device; `emit(token)` returns False to stop.
+        into a token [1] on the device; `emit(token)` returns False to stop. Returns how many
+        of the prompt's tokens came from the cache (kept from the run before) unread.
 
         `overlap` launches the next step before the host has read this token (the GPU never
         waits for Python). A `pick` that needs `emit` to have seen the previous token (a
         grammar's state) turns it off: each step then waits for the one before."""
         if len(prompt) + max_new > self.max_len:
             raise ValueError(f"{len(prompt)} + {max_new} tokens exceed the cache ({self.max_len})")
-        self.cache.reset()
+        start = self.restart_at(prompt) if self.keep_prompts else 0
+        self.held = []  # until this run ends: an error leaves nothing to reuse
+        if start:
+            for layer in self.cache.layers:
+                if hasattr(layer, "rewind"):
+                    layer.rewind(start)
+                else:
+                    layer.cumulative_length.fill_(start)
+        else:
+            self.cache.reset()
         n = len(prompt)
-        positions = torch.arange(n, device=self.device)
+        positions = torch.arange(start, n, device=self.device)
         logits = self.model(
-            input_ids=torch.tensor([prompt], device=self.device),
+            input_ids=torch.tensor([prompt[start:]], device=self.device),
             position_ids=positions.view(1, -1),
             cache_position=positions,
             past_key_values=self.cache,
@@ -375,16 +483,25 @@ class StaticDecoder:
             logits_to_keep=1,
         ).logits[:, -1, :]
         token = pick(logits)
+        emitted: list[int] = []
+        fed = 0  # the answer's tokens the steps have written into the cache
         for i in range(max_new):
             ready = self._to_host(token)
             more = i + 1 < max_new
             if more and overlap:  # launch the next step before waiting for this token
                 following = self._next(token, n + i, pick)
+                fed += 1
             if ready is not None:
                 ready.synchronize()
-            if not emit(int(self.host_token[0])) or not more:
-                return
-            token = following if overlap else self._next(token, n + i, pick)
+            emitted.append(int(self.host_token[0]))
+            if not emit(emitted[-1]) or not more:
+                break
+            if not overlap:
+                following = self._next(token, n + i, pick)
+                fed += 1
+            token = following
+        self.held = prompt + emitted[:fed]
+        return start
 
     def _next(
         self, token: torch.Tensor, position: int, pick: Callable[[torch.Tensor], torch.Tensor]

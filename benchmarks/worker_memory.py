@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--prompt-tokens", type=int, default=1900, help="the long prompt's length, at most"
     )
+    parser.add_argument(
+        "--prefill-chunk", type=int, default=None, help="server.prefill_chunk (default: its own)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
@@ -105,8 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     engine_module.load_model, moe_decode.prepare, Engine._warm_up = loading, stacking, warming
     home = args.workdir / "home"
     home.mkdir(parents=True, exist_ok=True)
+    chunk = args.prefill_chunk
+    server = "" if chunk is None else f"\n[server]\nprefill_chunk = {chunk}\n"
     (home / "config.toml").write_text(
-        f'[model]\npreset = "gpt-oss-20b"\nbase_model = "{args.model_dir}"\n'
+        f'[model]\npreset = "gpt-oss-20b"\nbase_model = "{args.model_dir}"\n' + server
     )
     engine = Engine(load_settings(home), args.device)
     mark("engine ready")

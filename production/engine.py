@@ -222,6 +222,7 @@ class Engine:
                 graphs,
                 ring_sliding=ring,
                 keep_prompts=settings.server.prompt_cache,
+                prefill_chunk=settings.server.prefill_chunk,
             )
             try:
                 self._warm_up_static(settings, device, graphs, ring)
@@ -277,6 +278,7 @@ class Engine:
                 device,
                 graphs,
                 keep_prompts=settings.server.prompt_cache,
+                prefill_chunk=settings.server.prefill_chunk,
             )
             self._warm_up()
 

@@ -117,3 +117,21 @@ def test_harmony_turns_restart_from_the_sliding_layers_kept_copy(tmp_path: Path)
     assert rewound, "no turn restarted inside what was held"
     again, _ = _kept_and_fresh(engine, last_prompt)
     assert again.cached_tokens == len(last_prompt) - 2
+
+
+def test_a_prompt_prefilled_in_chunks_answers_as_in_one_forward(tmp_path: Path) -> None:
+    """server.prefill_chunk bounds a long prompt's memory: prefilled 7 tokens at a time (the
+    rings' window is 8, so chunks start inside it), the answer is the one forward's."""
+    model = tiny_gpt_oss(tmp_path / "model", hidden=64, layers=4, sliding_window=8)
+    engine = _engine(model_home(tmp_path / "home", model, chat_format="harmony"), "static")
+    assert engine.static is not None and engine.settings.server.prefill_chunk == 8192
+    messages = [{"role": "user", "content": " ".join(TURNS * 3)}]
+    prompt = engine.prompt_ids(messages, None)
+    answers = []
+    for chunk in (0, 7, 0):
+        engine.static.prefill_chunk = chunk
+        engine.forget_prompts()
+        answers.append(engine.stream(prompt, GREEDY, lambda d: None, lambda: False))
+    assert len(prompt) > 50
+    assert answers[0].text == answers[1].text == answers[2].text
+    assert answers[0].reasoning == answers[1].reasoning

@@ -27,6 +27,7 @@ server.decode = "generate".
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 import time
@@ -368,6 +369,17 @@ def common_prefix(first: list[int], second: list[int]) -> int:
     return same
 
 
+def prefill_chunks(start: int, end: int, chunk: int) -> list[tuple[int, int]]:
+    """[start, end) in forwards of at most `chunk` tokens (0: one), none of one token alone
+    but a one-token prompt: a single token runs as a step, which the rings do not keep."""
+    if chunk <= 0 or end - start <= chunk:
+        return [(start, end)]
+    bounds = [*range(start, end, chunk), end]
+    if bounds[-1] - bounds[-2] < 2:
+        del bounds[-2]
+    return list(itertools.pairwise(bounds))
+
+
 class StaticDecoder:
     """One sequence at a time on a StaticCache of `max_len` positions. With `ring_sliding`
     (the model attends through production.decode.decode_attention), sliding-window layers keep only
@@ -382,6 +394,7 @@ class StaticDecoder:
         *,
         ring_sliding: bool = False,
         keep_prompts: bool = True,
+        prefill_chunk: int = 0,
     ) -> None:
         from transformers import StaticCache
 
@@ -401,6 +414,7 @@ class StaticDecoder:
         # the answer's tokens the steps wrote. A next prompt that starts with them (the same
         # conversation, one turn on) prefills only what is new. `forget` on a weight change.
         self.keep_prompts = keep_prompts
+        self.prefill_chunk = prefill_chunk  # 0: a prompt in one forward
         self.held: list[int] = []
         self.ids = torch.zeros((1, 1), dtype=torch.long, device=self.device)
         self.pos = torch.zeros((1,), dtype=torch.long, device=self.device)
@@ -473,15 +487,16 @@ class StaticDecoder:
         else:
             self.cache.reset()
         n = len(prompt)
-        positions = torch.arange(start, n, device=self.device)
-        logits = self.model(
-            input_ids=torch.tensor([prompt[start:]], device=self.device),
-            position_ids=positions.view(1, -1),
-            cache_position=positions,
-            past_key_values=self.cache,
-            use_cache=True,
-            logits_to_keep=1,
-        ).logits[:, -1, :]
+        for begin, end in prefill_chunks(start, n, self.prefill_chunk):
+            positions = torch.arange(begin, end, device=self.device)
+            logits = self.model(
+                input_ids=torch.tensor([prompt[begin:end]], device=self.device),
+                position_ids=positions.view(1, -1),
+                cache_position=positions,
+                past_key_values=self.cache,
+                use_cache=True,
+                logits_to_keep=1,
+            ).logits[:, -1, :]
         token = pick(logits)
         emitted: list[int] = []
         fed = 0  # the answer's tokens the steps have written into the cache

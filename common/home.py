@@ -70,6 +70,12 @@ class Home:
         return self.root / "run"
 
     @property
+    def compile_cache_dir(self) -> Path:
+        """torch.compile's and Triton's caches of the API worker: a restart (a crash, a reboot,
+        systemd's private /tmp) finds its compiled decode step here instead of compiling it."""
+        return self.root / "cache" / "compile"
+
+    @property
     def server_file(self) -> Path:
         """Where a running API worker records its address, so the CLI and TUI find it."""
         return self.run_dir / "server.json"

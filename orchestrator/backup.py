@@ -11,8 +11,9 @@ A backup is a folder laid out like the part of a home it holds:
     candidates/<id>/      the `current` and `previous` adapters, their links and the history
 
 Not in it: models/ (prepared base models: large, `whetstone doctor` makes them again),
-logs/, run/, exports/, reports/, backups/, the other candidates, and the API token (a
-secret; `whetstone token` makes a new one).
+cache/ (compiled kernels, made again at the next start), logs/, run/, exports/, reports/,
+backups/, the other candidates, and the API token (a secret; `whetstone token` makes a new
+one).
 
 Both directions build in a temp folder beside the destination and rename it into place:
 a reader, or a kill -9, finds the old state or the new one. A killed run's temp folder

@@ -347,3 +347,28 @@ def test_the_daemon_and_the_chat_reach_the_worker_at_a_url_httpx_accepts(
     assert supervisor.url == locate() == url
     # An IPv6 loopback bind used to give http://::1:8321, which httpx refuses.
     assert httpx.URL(supervisor.url + "/health").port == 8321
+
+
+def test_the_api_worker_keeps_its_compiled_step_in_the_home(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A restart of the worker (a crash, a reboot, systemd's private /tmp) finds torch.compile's
+    and Triton's caches in the home, not in a /tmp that may be gone; the environment wins."""
+    from production.model.device_pin import pin_device
+
+    for name in (
+        "TORCHINDUCTOR_CACHE_DIR",
+        "TRITON_CACHE_DIR",
+        "CUDA_VISIBLE_DEVICES",
+        "WHETSTONE_WORKER_DEVICE",
+        "PYTORCH_CUDA_ALLOC_CONF",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    settings = load_settings(tmp_path / "home", {"devices": {"production": "cpu"}})
+    assert pin_device(settings, "production") == "cpu"
+    compiled = tmp_path / "home" / "cache" / "compile"
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(compiled / "inductor")
+    assert os.environ["TRITON_CACHE_DIR"] == str(compiled / "triton")
+    monkeypatch.setenv("TRITON_CACHE_DIR", "/elsewhere")
+    pin_device(settings, "production")
+    assert os.environ["TRITON_CACHE_DIR"] == "/elsewhere"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from pathlib import Path
 
 from common import gpus
 from common.config import Settings, device_plan
@@ -29,6 +30,7 @@ def pin_device(settings: Settings, role: str) -> str:
         _yield_cpu_to_serving()
     if role == "production":
         use_serving_allocator()
+        use_compile_cache(settings.paths.compile_cache_dir)
     _import_unsloth_first(settings, inside, role)
     return inside
 
@@ -44,6 +46,13 @@ def use_serving_allocator() -> None:
     """Before CUDA starts in this process: the API worker's allocator settings, unless
     PYTORCH_CUDA_ALLOC_CONF says otherwise."""
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", SERVING_ALLOCATOR)
+
+
+def use_compile_cache(folder: Path) -> None:
+    """Before torch starts in this process: keep inductor's and Triton's compiled artifacts
+    in `folder` (the home's), not in /tmp, unless the environment already says where."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(folder / "inductor"))
+    os.environ.setdefault("TRITON_CACHE_DIR", str(folder / "triton"))
 
 
 # A GPU training job needs few CPU threads. Measured with benchmarks/two_gpus.py on 2x H200

@@ -338,6 +338,17 @@ def test_a_correction_is_answered_in_the_next_request_and_never_trained_as_a_not
         helped = ask("Tell me the name of my cat.")
         assert "mochi" in helped.choices[0].message.content.lower(), helped
         assert helped.model_extra["memory_notes"] == [note["id"]]
+        # The Responses API says so too, made and read back.
+        response = client.responses.create(
+            model="whetstone",
+            input="Tell me the name of my cat.",
+            temperature=0,
+            max_output_tokens=24,
+        )
+        assert "mochi" in response.output_text.lower(), response
+        assert response.model_extra["memory_notes"] == [note["id"]]
+        again = client.responses.retrieve(response.id)
+        assert again.model_extra["memory_notes"] == [note["id"]]
         # `memory: false` asks the adapter alone (what the benchmarks measure as learned).
         alone = client.chat.completions.create(
             model="whetstone",

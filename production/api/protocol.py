@@ -606,3 +606,5 @@ class ResponseObject(Answer):
     prompt_cache_key: str | None  # as asked: kept and shown, it changes no answer
     adapter_id: str | None  # the adapter that answered (null: the base model)
     conversation_id: str  # the stored conversation it joined
+    # The ids of the notes given to the model; sent only with memory.enabled.
+    memory_notes: list[str] | MISSING = MISSING

@@ -651,6 +651,8 @@ def _body(
         "adapter_id": answer.adapter_id,
         "conversation_id": answer.conversation_id,
     }
+    if service.settings.memory.enabled:  # as on a chat completion
+        body["memory_notes"] = generation.get("memory_notes", [])
     # Through the model: a key or type gone astray fails here, not in a client.
     return ResponseObject.model_validate(body).model_dump()
 

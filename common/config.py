@@ -1096,6 +1096,46 @@ def load_settings(
     return settings
 
 
+def set_in_config(home: Path | str, key: str, value: Any) -> None:
+    """Set the dotted `key` in <home>/config.toml to `value`, keeping the person's comments
+    and order (tomlkit). The new file is read as load_settings reads it before it replaces the
+    old one (write temp, then rename): a value the config refuses leaves the file as it was.
+    A WHETSTONE_* variable that sets the same key would win over the file, so it is refused."""
+    import tomlkit
+
+    variable = ENV_PREFIX + key.upper().replace(".", "__")
+    if variable in os.environ:
+        raise ConfigError(
+            f"{key} is set by {variable} in the environment, which wins over config.toml: "
+            "unset it to change the setting here"
+        )
+    home_path = _resolve_home(home)
+    path = Home(home_path).config_file
+    try:
+        document = tomlkit.parse(path.read_text(encoding="utf-8") if path.exists() else "")
+    except (tomlkit.exceptions.ParseError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    *tables, name = key.split(".")
+    table: Any = document
+    for part in tables:
+        if part not in table:
+            table[part] = tomlkit.table()
+        table = table[part]
+    table[name] = value
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temp.write_text(tomlkit.dumps(document), encoding="utf-8")
+    token = _toml_path.set(temp)
+    try:
+        Settings(home=home_path)
+    except ValidationError as exc:
+        temp.unlink()
+        data = tomllib.loads(tomlkit.dumps(document))
+        raise ConfigError(_describe(exc, {}, data, path)) from None
+    finally:
+        _toml_path.reset(token)
+    os.replace(temp, path)
+
+
 def _refuse_unknown_env() -> None:
     # pydantic-settings ignores unknown prefixed variables; a typo there must not pass silently.
     known = {name.upper() for name in Settings.model_fields}

@@ -342,10 +342,42 @@ def import_cmd(
         console.print(f"{result.already_imported} conversations were imported before: skipped")
 
 
+def switch_memory(settings: Settings, enabled: bool) -> str:
+    """memory.enabled in config.toml; a running API worker writes it and follows at once."""
+    from common.config import set_in_config
+    from orchestrator.promotion import running_server
+
+    state = "on" if enabled else "off"
+    server = running_server(settings)
+    if server is None:
+        try:
+            set_in_config(settings.home, "memory.enabled", enabled)
+        except ConfigError as exc:
+            raise fail(str(exc)) from None
+        return f"memory {state} (memory.enabled = {str(enabled).lower()} in config.toml)"
+    import httpx
+
+    token = settings.bearer_token()
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        answer = httpx.patch(
+            f"{server['url']}/v1/memory", json={"enabled": enabled}, headers=headers, timeout=30
+        )
+    except httpx.HTTPError as exc:
+        raise fail(f"the API worker at {server['url']} did not answer: {exc}") from None
+    if answer.status_code != 200:
+        raise fail(f"the API worker refused: {answer.json()['error']['message']}")
+    return (
+        f"memory {state} (memory.enabled = {str(enabled).lower()} in config.toml); "
+        f"the API worker at {server['url']} follows from the next message"
+    )
+
+
 @app.command(cls=_Command)
 def memory(
     action: Annotated[
-        str, typer.Argument(metavar="ACTION", help="list (the notes), or forget ID.")
+        str,
+        typer.Argument(metavar="ACTION", help="list (the notes), forget ID, on, or off."),
     ] = "list",
     note_id: Annotated[
         str | None, typer.Argument(metavar="ID", help="The note to forget (forget only).")
@@ -355,17 +387,25 @@ def memory(
     as_json: JsonOpt = False,
 ) -> None:
     """The memory: notes made from your corrections, given to the model from the next
-    message on while memory.enabled is true. `forget ID` removes a note's text for good."""
+    message on while memory.enabled is true. `forget ID` removes a note's text for good;
+    `on`/`off` sets memory.enabled in config.toml (a running worker follows at once)."""
     from data.errors import NotFound
     from data.views import note_view
 
-    if action not in ("list", "forget"):
-        raise fail(f"unknown action {action!r}: list, or forget ID", 2)
+    if action not in ("list", "forget", "on", "off"):
+        raise fail(f"unknown action {action!r}: list, forget ID, on, or off", 2)
     if action == "forget" and note_id is None:
         raise fail("forget needs the note's ID (`whetstone memory list` shows them)", 2)
-    if action == "list" and note_id is not None:
-        raise fail("list takes no ID", 2)
+    if action != "forget" and note_id is not None:
+        raise fail(f"{action} takes no ID", 2)
     settings = settings_for(home, set_)
+    if action in ("on", "off"):
+        said = switch_memory(settings, action == "on")
+        if as_json:
+            console.print_json(data={"enabled": action == "on"})
+        else:
+            console.print(said, highlight=False)
+        return
     store = open_store(settings, existing_home=True)
     try:
         if action == "forget":

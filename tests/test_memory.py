@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from common.config import ConfigError, load_settings, set_in_config
 from data.db import head_revision
 from data.store import Store
 from production.api.memory import with_notes
@@ -204,6 +205,42 @@ def test_the_cli_lists_and_forgets_notes(home: Path) -> None:
         assert store.list_notes() == []
 
 
+def test_memory_on_and_off_edit_the_config_and_keep_its_comments(home: Path) -> None:
+    """`whetstone memory on|off` with no worker running: memory.enabled in config.toml,
+    the person's comments and other keys kept; a WHETSTONE_ variable that would win over
+    the file is refused by name and nothing is written."""
+    config = home / "config.toml"
+    config.write_text("# my settings\n[server]\nport = 9123  # not the default\n")
+    on = run_cli("memory", "on", "--home", str(home))
+    assert on.returncode == 0, on.stderr
+    assert "memory on (memory.enabled = true in config.toml)" in on.stdout
+    assert "# my settings" in config.read_text() and "port = 9123  # not the default" in (
+        config.read_text()
+    )
+    listed = run_cli("memory", "list", "--home", str(home), "--json")
+    assert json.loads(listed.stdout)["enabled"] is True
+    off = run_cli("memory", "off", "--home", str(home), "--json")
+    assert json.loads(off.stdout) == {"enabled": False}
+    assert load_settings(home).memory.enabled is False and load_settings(home).server.port == 9123
+    written = config.read_text()
+    shadowed = run_cli(
+        "memory", "on", "--home", str(home), env={"WHETSTONE_MEMORY__ENABLED": "false"}
+    )
+    assert shadowed.returncode == 1 and "WHETSTONE_MEMORY__ENABLED" in shadowed.stderr
+    assert config.read_text() == written
+    bad = run_cli("memory", "off", "x", "--home", str(home))
+    assert bad.returncode == 2 and "off takes no ID" in bad.stderr
+
+
+def test_a_value_the_config_refuses_leaves_the_file_as_it_was(home: Path) -> None:
+    config = home / "config.toml"
+    config.write_text("[memory]\nmax_notes = 2  # two\n")
+    with pytest.raises(ConfigError, match="max_notes"):
+        set_in_config(home, "memory.max_notes", 0)
+    assert config.read_text() == "[memory]\nmax_notes = 2  # two\n"
+    assert not [p for p in home.iterdir() if p.name.endswith(".tmp")]
+
+
 def test_a_note_the_serving_adapter_learned_is_retired_and_a_rollback_restores_it(
     store: Store, db_path: Path
 ) -> None:
@@ -362,6 +399,20 @@ def test_a_correction_is_answered_in_the_next_request_and_never_trained_as_a_not
         unrelated = ask("What is the capital of France?")
         assert unrelated.model_extra["memory_notes"] == []
         assert "paris" in unrelated.choices[0].message.content.lower()
+
+        # Off from the CLI while the worker runs: the worker follows from the next message.
+        off = run_cli("memory", "off", "--home", str(home))
+        assert off.returncode == 0 and "follows from the next message" in off.stdout, off
+        assert "enabled = false" in (home / "config.toml").read_text()
+        without = ask("Tell me the name of my cat.")
+        assert "memory_notes" not in without.model_extra
+        assert "mochi" not in without.choices[0].message.content.lower()
+        assert httpx.get(f"{server.url}/v1/memory").json()["enabled"] is False
+        refused = httpx.patch(f"{server.url}/v1/memory", json={"enabled": "yes"})
+        assert refused.status_code == 400 and "enabled" in refused.text
+        assert httpx.patch(f"{server.url}/v1/memory", json={"enabled": True}).json() == {
+            "enabled": True
+        }
 
         # Stored as asked: the note was in the prompt only. Rated, the answer is a training
         # row whose context is the person's one question.

@@ -59,6 +59,13 @@ class MemoryRequest(BaseModel):
     question: str | None = None
 
 
+class MemorySwitch(BaseModel):
+    """PATCH /v1/memory: the memory on or off (memory.enabled, kept in config.toml)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    enabled: bool
+
+
 class PromoteRequest(BaseModel):
     """POST /v1/candidates/{id}/promote (the body is optional)."""
 
@@ -375,6 +382,12 @@ class Note(Answer):
 class NoteList(Answer):
     data: list[Note]  # newest first
     enabled: bool  # memory.enabled: whether notes are given to the model
+
+
+class MemoryState(Answer):
+    """PATCH /v1/memory: whether notes are given to the model from now on."""
+
+    enabled: bool
 
 
 class Imported(Answer):

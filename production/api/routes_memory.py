@@ -7,10 +7,18 @@ import asyncio
 
 from fastapi import APIRouter
 
+from common.config import ConfigError, set_in_config
 from data.errors import InvalidInput
 from data.views import note_view
 from production.api.errors import ApiError, sends
-from production.api.protocol import Forgotten, MemoryRequest, Note, NoteList
+from production.api.protocol import (
+    Forgotten,
+    MemoryRequest,
+    MemoryState,
+    MemorySwitch,
+    Note,
+    NoteList,
+)
 from production.api.service import ServiceDep
 
 router = APIRouter()
@@ -42,6 +50,20 @@ async def add_note(body: MemoryRequest, service: ServiceDep) -> Note:
         param = field if field in ("text", "question") else None
         raise ApiError(400, str(exc), param=param) from None
     return Note(**note_view(note))
+
+
+@router.patch("/v1/memory", responses=sends(400, 409, 503))
+async def switch(body: MemorySwitch, service: ServiceDep) -> MemoryState:
+    """The memory on or off: written to config.toml (kept across restarts) and used by this
+    worker from the next message on; the nightly evaluation reads it at its next run."""
+    try:
+        await asyncio.to_thread(
+            set_in_config, service.settings.home, "memory.enabled", body.enabled
+        )
+    except ConfigError as exc:
+        raise ApiError(409, str(exc), param="enabled") from None
+    service.settings.memory.enabled = body.enabled
+    return MemoryState(enabled=body.enabled)
 
 
 # Forgetting is idempotent, as for conversations: a forgotten note is forgotten again.

@@ -13,7 +13,7 @@ from common.config import load_settings
 from production.engine import Engine, Outcome, Sampling
 from tests.tiny_models import model_home, tiny_gpt_oss
 
-GREEDY = Sampling(temperature=0, max_tokens=24)
+GREEDY = Sampling(temperature=0, max_tokens=16)
 TURNS = ("What is the capital of France?", "And of Germany?", "Name three colours.")
 
 

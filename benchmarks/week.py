@@ -683,7 +683,9 @@ def full_cycles(nights: list[dict[str, Any]]) -> list[float]:
 # 2026-12-06 found the base wrong on two of them and those of 2026-12-07 right, and every
 # adapter of seed 0 (six variants) "lost" the same three. The next smallest gap among the
 # base's right answers is 0.375 nats ("How many legs does a cat have?"); bf16 logits of this
-# size are 0.125 apart.
+# size are 0.125 apart. The tie itself depends on the CPU's bf16 kernels: on the VM of
+# 2026-12-08 the square's two tokens were 0.25 apart (a tie on the VM before). A gap of at
+# most TIE_NATS is a tie.
 TIE_NATS = 0.25
 
 
@@ -692,7 +694,7 @@ def base_margins(settings: Settings, knowledge: tuple[tuple[str, str], ...]) -> 
     dtype and chat format; 96 tokens, as asked through the daemon) and its margin: the least
     gap in nats between the likeliest and the next token over the answer up to the token that
     completes the keyword (over all of it when the keyword never comes). A right answer with a
-    margin under TIE_NATS is a coin flip, not knowledge (see above)."""
+    margin of at most TIE_NATS is a coin flip, not knowledge (see above)."""
     import torch
 
     from production.chat.formats import chat_format
@@ -729,7 +731,7 @@ def base_margins(settings: Settings, knowledge: tuple[tuple[str, str], ...]) -> 
         margins[question] = {
             "right": right,
             "margin_nats": round(min(gaps), 4),
-            "knows": right and min(gaps) >= TIE_NATS,
+            "knows": right and min(gaps) > TIE_NATS,
             "answer": text,
         }
     del model

@@ -363,7 +363,10 @@ def test_the_api_worker_keeps_its_compiled_step_in_the_home(
         "WHETSTONE_WORKER_DEVICE",
         "PYTORCH_CUDA_ALLOC_CONF",
     ):
-        monkeypatch.delenv(name, raising=False)
+        # setenv first: pytest then restores the variable's absence after the test, where
+        # delenv of a missing variable records nothing and pin_device's values would leak.
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
     settings = load_settings(tmp_path / "home", {"devices": {"production": "cpu"}})
     assert pin_device(settings, "production") == "cpu"
     compiled = tmp_path / "home" / "cache" / "compile"

@@ -345,7 +345,7 @@ def import_cmd(
 def switch_memory(settings: Settings, enabled: bool) -> str:
     """memory.enabled in config.toml; a running API worker writes it and follows at once."""
     from common.config import set_in_config
-    from orchestrator.promotion import running_server
+    from orchestrator.promotion import running_server, worker_headers
 
     state = "on" if enabled else "off"
     server = running_server(settings)
@@ -357,11 +357,12 @@ def switch_memory(settings: Settings, enabled: bool) -> str:
         return f"memory {state} (memory.enabled = {str(enabled).lower()} in config.toml)"
     import httpx
 
-    token = settings.bearer_token()
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
         answer = httpx.patch(
-            f"{server['url']}/v1/memory", json={"enabled": enabled}, headers=headers, timeout=30
+            f"{server['url']}/v1/memory",
+            json={"enabled": enabled},
+            headers=worker_headers(settings),
+            timeout=30,
         )
     except httpx.HTTPError as exc:
         raise fail(f"the API worker at {server['url']} did not answer: {exc}") from None

@@ -71,6 +71,12 @@ def candidate_rows(store: Store, registry: Registry) -> list[dict[str, Any]]:
     return [candidate_row(store, candidate) for candidate in registry.list()]
 
 
+def worker_headers(settings: Settings) -> dict[str, str]:
+    """The headers a CLI request to this home's API worker carries (its bearer token)."""
+    token = settings.bearer_token()
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 def notify_worker(settings: Settings) -> str:
     """Ask a running API worker to load the new `current`; say what happened."""
     server = running_server(settings)
@@ -78,12 +84,10 @@ def notify_worker(settings: Settings) -> str:
         return "no API worker is running; it will load the new adapter when it starts"
     import httpx
 
-    headers = {}
-    token = settings.bearer_token()
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
     try:
-        resp = httpx.post(f"{server['url']}/admin/reload", headers=headers, timeout=120)
+        resp = httpx.post(
+            f"{server['url']}/admin/reload", headers=worker_headers(settings), timeout=120
+        )
         resp.raise_for_status()
     except httpx.HTTPError as exc:
         return f"the API worker at {server['url']} did not reload: {exc}"

@@ -241,8 +241,10 @@ class Server(_Section):
         description="Keep the last conversation's cache: a request that starts with the same "
         "tokens (same adapter) prefills only what is new.",
     )
-    # A prompt's activations grow with its length (on GPT-OSS-20B a 32k prompt in one forward
-    # took the worker from 15.2 to 19.1 GiB on the card); in chunks they are bounded by the
+    # A prompt's activations grow with its length (the GPT-OSS-20B shape on an H100: a 32k
+    # prompt in one forward took the worker from 15.2 to 19.1 GiB per nvidia-smi, torch's peak
+    # 17.93 GiB allocated; benchmarks/results/worker-memory-h100-20b-*-window-32k.json); in
+    # chunks they are bounded by the
     # chunk. Smaller chunks cost time on 4-bit experts: each forward dequantizes the experts
     # its tokens hit.
     prefill_chunk: int = Field(
